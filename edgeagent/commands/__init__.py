@@ -1,0 +1,1 @@
+"""Subcommands of the edgeagent CLI, one module each (see edgeagent/cli.py)."""

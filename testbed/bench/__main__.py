@@ -1,0 +1,45 @@
+"""Dispatcher for ``python -m testbed.bench NAME ...`` (see package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+BENCHMARKS = {
+    "gossip": "simulated SWIM/Lifeguard cluster: detection, false deaths, dissemination, bandwidth",
+    "ipam": "overlay address allocation under partitions and churn (simulated)",
+    "footprint": "RSS and CPU of one real agent in a 100-member cluster",
+    "detection-real": "crash detection on real sockets in the network-namespace testbed (root)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testbed.bench", description="edgeagent benchmarks")
+    sub = parser.add_subparsers(dest="bench", metavar="NAME", required=True)
+    modules = {}
+    for name, help_text in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(f"testbed.bench.{name.replace('-', '_')}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"testbed.bench.{name.replace('-', '_')}":
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        module.add_arguments(p)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    result = modules[args.bench].run(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        width = max(len(k) for k in result)
+        for key in sorted(result):
+            print(f"{key:<{width}}  {result[key]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
