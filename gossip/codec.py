@@ -1,0 +1,573 @@
+"""Wire codec: messages <-> msgpack bytes, with a bounded, total decoder.
+
+Wire format (plaintext; the core seals it with the keyring, AAD = cluster name)::
+
+    datagram = version byte (PROTOCOL_VERSION) | msgpack array of messages
+    frame    = version byte (PROTOCOL_VERSION) | one msgpack message (a PushPull)
+    message  = msgpack array [type_code, field, ...]   (positional, compact)
+
+Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
+
+    1 Ping          seq, target, source, source_addr
+    2 Ack           seq, source
+    3 Nack          seq, source
+    4 PingReq       seq, target, target_addr, source, source_addr, nack bool
+    5 Alive         name, incarnation, addr, meta bin
+    6 Suspect       name, incarnation, sender
+    7 Dead          name, incarnation, sender
+    8 StateUpdate   owner, version, key, value, deleted bool
+    9 UserBroadcast origin, seq, payload bin
+   10 PushPull      source, join bool, reply bool,
+                    [[name, addr, incarnation, state int, meta bin], ...],
+                    [[owner, [[key, version, value, deleted bool], ...]], ...]
+
+PushPull travels only in stream frames (it is far larger than a datagram); the
+stream driver adds its own length prefix around the sealed frame.
+
+The decoder faces the network, so it is bounded and total: it returns messages
+or raises :class:`~gossip.errors.DecodeError`, nothing else. msgpack itself is
+run with length limits (no string, array or map can be larger than any valid
+message needs, extension types are refused), then every field is checked
+exactly: types by identity (``True`` is not an integer), integers within
+uint64, ports within 0..65535, names, hosts and keys non-empty and short,
+replicated values shallow and small. The limits are below; each says why.
+
+The encoder checks the same rules, so ``decode(encode(x)) == x`` for every
+message it accepts. Local misuse raises:
+
+- :class:`ValueError` for a malformed message: wrong type, out-of-range number,
+  empty or over-long name/host/key, value nested too deep or with a non-str
+  map key, a NaN, a PushPull in a datagram, a tombstone carrying a value;
+- :class:`~gossip.errors.BroadcastTooLarge` for content that is well formed but
+  too big: meta, payload or a replicated value over its limit, too many
+  messages, members or entries, or an encoded datagram over the input bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import msgpack
+
+from .config import MAX_META_BYTES
+from .errors import BroadcastTooLarge, DecodeError
+from .messages import (
+    Ack,
+    Address,
+    Alive,
+    Dead,
+    MemberRecord,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    StateEntry,
+    StateUpdate,
+    StateValue,
+    Suspect,
+    UserBroadcast,
+)
+
+PROTOCOL_VERSION = 1
+
+# Type codes (first element of every message array).
+PING = 1
+ACK = 2
+NACK = 3
+PING_REQ = 4
+ALIVE = 5
+SUSPECT = 6
+DEAD = 7
+STATE_UPDATE = 8
+USER_BROADCAST = 9
+PUSH_PULL = 10
+
+# --- Limits -----------------------------------------------------------------
+# Largest UDP payload (RFC 768 length field); nothing bigger can be a datagram.
+MAX_DATAGRAM_INPUT_BYTES = 65_535
+# A 1400-byte datagram holds at most ~280 of the smallest messages (5 bytes);
+# 1024 leaves headroom and keeps the array header at 3 bytes (msgpack array16).
+MAX_MESSAGES_PER_DATAGRAM = 1024
+# Version byte + worst-case array header (array16: 0xdc + 2-byte length).
+DATAGRAM_HEADER_BYTES = 1 + 3
+MAX_UINT64 = 2**64 - 1  # seq, incarnation, version: memberlist uses uint32/uint64
+MIN_INT64 = -(2**63)  # msgpack's signed range, for integers inside replicated values
+MAX_PORT = 65_535
+MAX_NAME_BYTES = 128  # member names (memberlist has none; Consul caps node names near this)
+# IPv6 text (45) + "%" + interface name (IFNAMSIZ 16) fits; a DNS name must be short.
+MAX_HOST_BYTES = 64
+MAX_KEY_BYTES = 128  # replicated-state keys and map keys inside values
+MAX_META_BYTES_WIRE = MAX_META_BYTES  # memberlist MetaMaxSize (512)
+# A user broadcast must fit one 1400-byte sealed datagram with a maximal origin:
+# 1400 - 29 (keyring) - 4 (header) - 144 (type, origin, seq, headers) = 1223.
+MAX_PAYLOAD_BYTES = 1024
+# One str/bin inside a replicated value: never more than a node's whole map
+# budget (GossipConfig.max_state_bytes default 4096).
+MAX_VALUE_BYTES = 4096
+MAX_VALUE_DEPTH = 8  # nested lists/maps inside one replicated value
+MAX_CONTAINER_ITEMS = 1024  # items of one list/map inside a replicated value
+# Push-pull: one record per member; well above GossipConfig.max_members (10 000).
+MAX_PUSHPULL_MEMBERS = 65_535
+MAX_PUSHPULL_OWNERS = 65_535  # one replicated map per member
+# Entries of one owner's map: a 4096-byte map holds at most ~680 minimal entries.
+MAX_STATE_ENTRIES = 1024
+
+_DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
+    "max_str_len": MAX_VALUE_BYTES,
+    "max_bin_len": MAX_VALUE_BYTES,
+    "max_array_len": max(MAX_MESSAGES_PER_DATAGRAM, MAX_CONTAINER_ITEMS),
+    "max_map_len": MAX_CONTAINER_ITEMS,
+    "max_ext_len": 0,
+}
+_FRAME_UNPACK_LIMITS: dict[str, int] = {
+    **_DATAGRAM_UNPACK_LIMITS,
+    "max_array_len": max(MAX_PUSHPULL_MEMBERS, MAX_PUSHPULL_OWNERS, MAX_CONTAINER_ITEMS),
+}
+
+
+class _TooLarge(ValueError):
+    """Internal: a size limit was exceeded (BroadcastTooLarge on encode)."""
+
+
+def _fail(what: str) -> NoReturn:
+    raise ValueError(what)
+
+
+# --- Field checks, shared by encoder and decoder ------------------------------
+
+
+def _uint(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_UINT64:
+        _fail(f"{what} must be an int in 0..2**64-1")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        _fail(f"{what} must be a bool")
+    return value
+
+
+def _text(value: object, what: str, limit: int) -> str:
+    if type(value) is not str or not value:
+        _fail(f"{what} must be a non-empty str")
+    if len(value) > limit or len(value.encode()) > limit:
+        _fail(f"{what} longer than {limit} bytes")
+    return value
+
+
+def _blob(value: object, what: str, limit: int) -> bytes:
+    if type(value) is not bytes:
+        _fail(f"{what} must be bytes")
+    if len(value) > limit:
+        raise _TooLarge(f"{what} longer than {limit} bytes")
+    return value
+
+
+def _addr(value: object, what: str) -> Address:
+    if not (type(value) is tuple or type(value) is list) or len(value) != 2:
+        _fail(f"{what} must be a (host, port) pair")
+    host: object = value[0]
+    port: object = value[1]
+    if type(port) is not int or not 0 <= port <= MAX_PORT:
+        _fail(f"{what} port must be an int in 0..65535")
+    return (_text(host, f"{what} host", MAX_HOST_BYTES), port)
+
+
+def _value(value: object, depth: int = 0) -> StateValue:
+    """Check one replicated value (the structure is returned unchanged)."""
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int:
+        if not MIN_INT64 <= value <= MAX_UINT64:
+            _fail("integer in value outside msgpack's range")
+        return value
+    if type(value) is float:
+        if math.isnan(value):
+            _fail("NaN in value (it is not equal to itself, so changes could not be detected)")
+        return value
+    if type(value) is str:
+        if len(value.encode()) > MAX_VALUE_BYTES:
+            raise _TooLarge(f"string in value longer than {MAX_VALUE_BYTES} bytes")
+        return value
+    if type(value) is bytes:
+        return _blob(value, "bytes in value", MAX_VALUE_BYTES)
+    if type(value) is list or type(value) is dict:
+        if depth >= MAX_VALUE_DEPTH:
+            _fail(f"value nested deeper than {MAX_VALUE_DEPTH}")
+        if len(value) > MAX_CONTAINER_ITEMS:
+            raise _TooLarge(f"container in value has more than {MAX_CONTAINER_ITEMS} items")
+        if type(value) is list:
+            for item in value:
+                _value(item, depth + 1)
+        elif type(value) is dict:
+            for key, item in value.items():
+                if type(key) is not str or len(key.encode()) > MAX_KEY_BYTES:
+                    _fail(f"map key in value must be a str of at most {MAX_KEY_BYTES} bytes")
+                _value(item, depth + 1)
+        return value
+    _fail(f"type {type(value).__name__} not allowed in a replicated value")
+
+
+def _tombstone(deleted: object, value: object) -> bool:
+    flag = _bool(deleted, "deleted")
+    if flag and value is not None:
+        _fail("a tombstone (deleted=True) must carry value None")
+    return flag
+
+
+# --- Encoding -----------------------------------------------------------------
+
+
+def _wire_addr(addr: object, what: str) -> list[object]:
+    if type(addr) is not tuple:
+        _fail(f"{what} must be a tuple (host, port)")
+    host, port = _addr(addr, what)
+    return [host, port]
+
+
+def _wire_record(rec: object) -> list[object]:
+    if type(rec) is not MemberRecord:
+        _fail("push-pull members must be MemberRecord")
+    if type(rec.state) is not MemberState:
+        _fail("MemberRecord.state must be a MemberState")
+    return [
+        _text(rec.name, "member name", MAX_NAME_BYTES),
+        _wire_addr(rec.addr, "member addr"),
+        _uint(rec.incarnation, "incarnation"),
+        int(rec.state),
+        _blob(rec.meta, "meta", MAX_META_BYTES_WIRE),
+    ]
+
+
+def _wire_entry(entry: object) -> list[object]:
+    if type(entry) is not StateEntry:
+        _fail("push-pull state entries must be StateEntry")
+    return [
+        _text(entry.key, "state key", MAX_KEY_BYTES),
+        _uint(entry.version, "version"),
+        _value(entry.value),
+        _tombstone(entry.deleted, entry.value),
+    ]
+
+
+def _wire_states(states: object) -> list[object]:
+    if type(states) is not tuple:
+        _fail("PushPull.states must be a tuple")
+    if len(states) > MAX_PUSHPULL_OWNERS:
+        raise _TooLarge(f"push-pull with more than {MAX_PUSHPULL_OWNERS} owners")
+    out: list[object] = []
+    for pair in states:
+        if type(pair) is not tuple or len(pair) != 2 or type(pair[1]) is not tuple:
+            _fail("PushPull.states items must be (owner, tuple of StateEntry)")
+        owner, entries = pair
+        if len(entries) > MAX_STATE_ENTRIES:
+            raise _TooLarge(f"push-pull owner with more than {MAX_STATE_ENTRIES} entries")
+        out.append(
+            [_text(owner, "state owner", MAX_NAME_BYTES), [_wire_entry(e) for e in entries]]
+        )
+    return out
+
+
+def _to_wire(msg: Message) -> list[object]:
+    """The positional array for one message, after checking every field."""
+    kind = type(msg)
+    if kind is Ping:
+        assert isinstance(msg, Ping)
+        return [
+            PING,
+            _uint(msg.seq, "seq"),
+            _text(msg.target, "target", MAX_NAME_BYTES),
+            _text(msg.source, "source", MAX_NAME_BYTES),
+            _wire_addr(msg.source_addr, "source_addr"),
+        ]
+    if kind is Ack or kind is Nack:
+        assert isinstance(msg, (Ack, Nack))
+        code = ACK if kind is Ack else NACK
+        return [code, _uint(msg.seq, "seq"), _text(msg.source, "source", MAX_NAME_BYTES)]
+    if kind is PingReq:
+        assert isinstance(msg, PingReq)
+        return [
+            PING_REQ,
+            _uint(msg.seq, "seq"),
+            _text(msg.target, "target", MAX_NAME_BYTES),
+            _wire_addr(msg.target_addr, "target_addr"),
+            _text(msg.source, "source", MAX_NAME_BYTES),
+            _wire_addr(msg.source_addr, "source_addr"),
+            _bool(msg.nack, "nack"),
+        ]
+    if kind is Alive:
+        assert isinstance(msg, Alive)
+        return [
+            ALIVE,
+            _text(msg.name, "name", MAX_NAME_BYTES),
+            _uint(msg.incarnation, "incarnation"),
+            _wire_addr(msg.addr, "addr"),
+            _blob(msg.meta, "meta", MAX_META_BYTES_WIRE),
+        ]
+    if kind is Suspect or kind is Dead:
+        assert isinstance(msg, (Suspect, Dead))
+        return [
+            SUSPECT if kind is Suspect else DEAD,
+            _text(msg.name, "name", MAX_NAME_BYTES),
+            _uint(msg.incarnation, "incarnation"),
+            _text(msg.sender, "sender", MAX_NAME_BYTES),
+        ]
+    if kind is StateUpdate:
+        assert isinstance(msg, StateUpdate)
+        return [
+            STATE_UPDATE,
+            _text(msg.owner, "owner", MAX_NAME_BYTES),
+            _uint(msg.version, "version"),
+            _text(msg.key, "state key", MAX_KEY_BYTES),
+            _value(msg.value),
+            _tombstone(msg.deleted, msg.value),
+        ]
+    if kind is UserBroadcast:
+        assert isinstance(msg, UserBroadcast)
+        return [
+            USER_BROADCAST,
+            _text(msg.origin, "origin", MAX_NAME_BYTES),
+            _uint(msg.seq, "seq"),
+            _blob(msg.payload, "payload", MAX_PAYLOAD_BYTES),
+        ]
+    if kind is PushPull:
+        assert isinstance(msg, PushPull)
+        if type(msg.members) is not tuple:
+            _fail("PushPull.members must be a tuple")
+        if len(msg.members) > MAX_PUSHPULL_MEMBERS:
+            raise _TooLarge(f"push-pull with more than {MAX_PUSHPULL_MEMBERS} members")
+        return [
+            PUSH_PULL,
+            _text(msg.source, "source", MAX_NAME_BYTES),
+            _bool(msg.join, "join"),
+            _bool(msg.reply, "reply"),
+            [_wire_record(r) for r in msg.members],
+            _wire_states(msg.states),
+        ]
+    _fail(f"not a gossip message: {kind.__name__}")
+
+
+def _packb(obj: object) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def _encoding(fn: Callable[[], bytes]) -> bytes:
+    """Run an encoder, turning internal size failures into BroadcastTooLarge."""
+    try:
+        return fn()
+    except _TooLarge as exc:
+        raise BroadcastTooLarge(str(exc)) from None
+
+
+def encoded_size(msg: Message) -> int:
+    """Bytes ``msg`` adds inside a datagram's message array.
+
+    Pack a datagram with ``DATAGRAM_HEADER_BYTES + sum(encoded_size(m)) +
+    keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
+    """
+    return len(_encoding(lambda: _packb(_to_wire(msg))))
+
+
+def encode_datagram(msgs: Sequence[Message]) -> bytes:
+    """Encode 1..MAX_MESSAGES_PER_DATAGRAM messages (no PushPull) as one plaintext datagram."""
+
+    def build() -> bytes:
+        if not msgs:
+            _fail("a datagram needs at least one message")
+        if len(msgs) > MAX_MESSAGES_PER_DATAGRAM:
+            raise _TooLarge(f"more than {MAX_MESSAGES_PER_DATAGRAM} messages in one datagram")
+        if any(type(m) is PushPull for m in msgs):
+            _fail("PushPull travels in stream frames, not datagrams")
+        data = bytes((PROTOCOL_VERSION,)) + _packb([_to_wire(m) for m in msgs])
+        if len(data) > MAX_DATAGRAM_INPUT_BYTES:
+            raise _TooLarge(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
+        return data
+
+    return _encoding(build)
+
+
+def encode_frame(msg: PushPull) -> bytes:
+    """Encode one PushPull as a plaintext stream frame (no length prefix)."""
+
+    def build() -> bytes:
+        if type(msg) is not PushPull:
+            _fail("stream frames carry only PushPull")
+        return bytes((PROTOCOL_VERSION,)) + _packb(_to_wire(msg))
+
+    return _encoding(build)
+
+
+# --- Decoding -----------------------------------------------------------------
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"msgpack extension type {code} not allowed")
+
+
+def _unpack(data: bytes, limits: dict[str, int]) -> Any:
+    if len(data) < 2:
+        raise DecodeError("input too short")
+    if data[0] != PROTOCOL_VERSION:
+        raise DecodeError(f"unknown protocol version {data[0]}")
+    try:
+        return msgpack.unpackb(
+            data[1:],
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_ext,
+            **limits,
+        )
+    except Exception as exc:  # msgpack raises a grab-bag (ValueError, StackError, ...)
+        raise DecodeError(f"malformed msgpack: {exc}") from None
+
+
+def _fields(raw: object, count: int) -> list[Any]:
+    if type(raw) is not list or len(raw) != count:
+        _fail(f"message must have {count} elements")
+    return raw
+
+
+def _record(raw: object) -> MemberRecord:
+    name, addr, incarnation, state, meta = _fields(raw, 5)
+    if type(state) is not int or state not in _MEMBER_STATES:
+        _fail("unknown member state")
+    return MemberRecord(
+        name=_text(name, "member name", MAX_NAME_BYTES),
+        addr=_addr(addr, "member addr"),
+        incarnation=_uint(incarnation, "incarnation"),
+        state=MemberState(state),
+        meta=_blob(meta, "meta", MAX_META_BYTES_WIRE),
+    )
+
+
+_MEMBER_STATES = frozenset(int(s) for s in MemberState)
+
+
+def _entry(raw: object) -> StateEntry:
+    key, version, value, deleted = _fields(raw, 4)
+    return StateEntry(
+        key=_text(key, "state key", MAX_KEY_BYTES),
+        version=_uint(version, "version"),
+        value=_value(value),
+        deleted=_tombstone(deleted, value),
+    )
+
+
+def _owner_states(raw: object) -> tuple[str, tuple[StateEntry, ...]]:
+    owner, entries = _fields(raw, 2)
+    if type(entries) is not list or len(entries) > MAX_STATE_ENTRIES:
+        _fail(f"owner entries must be a list of at most {MAX_STATE_ENTRIES}")
+    return (_text(owner, "state owner", MAX_NAME_BYTES), tuple(_entry(e) for e in entries))
+
+
+def _from_wire(raw: object) -> Message:
+    if type(raw) is not list or not raw:
+        _fail("message must be a non-empty array")
+    code = raw[0]
+    if type(code) is not int:
+        _fail("type code must be an int")
+    if code == PING:
+        _, seq, target, source, addr = _fields(raw, 5)
+        return Ping(
+            seq=_uint(seq, "seq"),
+            target=_text(target, "target", MAX_NAME_BYTES),
+            source=_text(source, "source", MAX_NAME_BYTES),
+            source_addr=_addr(addr, "source_addr"),
+        )
+    if code == ACK or code == NACK:
+        _, seq, source = _fields(raw, 3)
+        cls = Ack if code == ACK else Nack
+        return cls(seq=_uint(seq, "seq"), source=_text(source, "source", MAX_NAME_BYTES))
+    if code == PING_REQ:
+        _, seq, target, target_addr, source, source_addr, nack = _fields(raw, 7)
+        return PingReq(
+            seq=_uint(seq, "seq"),
+            target=_text(target, "target", MAX_NAME_BYTES),
+            target_addr=_addr(target_addr, "target_addr"),
+            source=_text(source, "source", MAX_NAME_BYTES),
+            source_addr=_addr(source_addr, "source_addr"),
+            nack=_bool(nack, "nack"),
+        )
+    if code == ALIVE:
+        _, name, incarnation, addr, meta = _fields(raw, 5)
+        return Alive(
+            name=_text(name, "name", MAX_NAME_BYTES),
+            incarnation=_uint(incarnation, "incarnation"),
+            addr=_addr(addr, "addr"),
+            meta=_blob(meta, "meta", MAX_META_BYTES_WIRE),
+        )
+    if code == SUSPECT or code == DEAD:
+        _, name, incarnation, sender = _fields(raw, 4)
+        kind = Suspect if code == SUSPECT else Dead
+        return kind(
+            name=_text(name, "name", MAX_NAME_BYTES),
+            incarnation=_uint(incarnation, "incarnation"),
+            sender=_text(sender, "sender", MAX_NAME_BYTES),
+        )
+    if code == STATE_UPDATE:
+        _, owner, version, key, value, deleted = _fields(raw, 6)
+        return StateUpdate(
+            owner=_text(owner, "owner", MAX_NAME_BYTES),
+            version=_uint(version, "version"),
+            key=_text(key, "state key", MAX_KEY_BYTES),
+            value=_value(value),
+            deleted=_tombstone(deleted, value),
+        )
+    if code == USER_BROADCAST:
+        _, origin, seq, payload = _fields(raw, 4)
+        return UserBroadcast(
+            origin=_text(origin, "origin", MAX_NAME_BYTES),
+            seq=_uint(seq, "seq"),
+            payload=_blob(payload, "payload", MAX_PAYLOAD_BYTES),
+        )
+    if code == PUSH_PULL:
+        _, source, join, reply, members, states = _fields(raw, 6)
+        if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
+            _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
+        if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
+            _fail(f"states must be a list of at most {MAX_PUSHPULL_OWNERS}")
+        return PushPull(
+            source=_text(source, "source", MAX_NAME_BYTES),
+            join=_bool(join, "join"),
+            reply=_bool(reply, "reply"),
+            members=tuple(_record(m) for m in members),
+            states=tuple(_owner_states(s) for s in states),
+        )
+    _fail(f"unknown message type {code}")
+
+
+def decode_datagram(data: bytes) -> list[Message]:
+    """Decode a plaintext datagram; raise :class:`DecodeError` on anything invalid."""
+    if len(data) > MAX_DATAGRAM_INPUT_BYTES:
+        raise DecodeError(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
+    raw = _unpack(data, _DATAGRAM_UNPACK_LIMITS)
+    if type(raw) is not list or not 1 <= len(raw) <= MAX_MESSAGES_PER_DATAGRAM:
+        raise DecodeError(f"datagram must hold 1..{MAX_MESSAGES_PER_DATAGRAM} messages")
+    try:
+        msgs = [_from_wire(item) for item in raw]
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
+    if any(type(m) is PushPull for m in msgs):
+        raise DecodeError("PushPull is not allowed in a datagram")
+    return msgs
+
+
+def decode_frame(data: bytes, max_bytes: int) -> PushPull:
+    """Decode a plaintext stream frame of at most ``max_bytes``; raise :class:`DecodeError`."""
+    if len(data) > max_bytes:
+        raise DecodeError(f"frame larger than {max_bytes} bytes")
+    raw = _unpack(data, _FRAME_UNPACK_LIMITS)
+    try:
+        msg = _from_wire(raw)
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
+    if type(msg) is not PushPull:
+        raise DecodeError("a stream frame must carry a PushPull")
+    return msg
