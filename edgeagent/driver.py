@@ -1,0 +1,526 @@
+"""The gossip driver: a thin asyncio adapter around the sans-IO membership core, on its own thread.
+
+How it works. :meth:`GossipDriver.start` spawns one thread running its own event loop. That
+loop alone owns the core and two sockets bound to the same port: a non-blocking UDP socket for
+datagrams and a TCP listener for push-pull streams. Every input (a datagram batch, a stream, a
+timer, a command) ends in :meth:`GossipDriver._after_input`, which sends the datagrams the core
+queued, opens the streams it asked for, hands its events to the application and re-arms the one
+timer at ``core.get_timer()``.
+
+Datagrams: the reader callback drains every readable datagram (up to :data:`MAX_DRAIN`) before
+it returns, so a timer that fell due meanwhile runs after the inbox is empty: a probe never
+times out while its ack waits in the socket buffer.
+
+Streams: a frame is a 4-byte big-endian length followed by that many bytes (one sealed
+push-pull message), bounded by ``max_stream_bytes``. A connection carries one request frame and
+one reply frame. Connecting, and reading a whole frame, are each bounded by ``stream_timeout``,
+so a peer that sends half a frame (slowloris) is cut off, and at most
+:data:`MAX_INBOUND_STREAMS` inbound connections are served at once.
+
+Threads (DESIGN principle 2): the application's loop never touches the core. It sends commands
+(callables run on the gossip thread with ``(core, now)``) through a thread-safe queue, woken by
+``call_soon_threadsafe``, and gets the result back in a ``concurrent.futures.Future``; the
+driver hands events and immutable :class:`View` snapshots to the application's loop with
+``call_soon_threadsafe``. Nothing mutable is shared, so a blocked application loop delays only
+the application: probes, acks and timers keep running here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar
+
+from gossip.errors import RemoteError
+from gossip.events import Event, Member
+from gossip.messages import Address
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
+MAX_INBOUND_STREAMS = 32  # concurrent push-pull connections served (hostile-peer bound)
+STREAM_TIMEOUT = 10.0  # connect / read-a-frame deadline: memberlist DefaultLANConfig TCPTimeout
+VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
+FRAME_HEADER = struct.Struct(">I")  # push-pull frame: 4-byte big-endian length prefix
+UDP_BUFFER_BYTES = 1 << 20  # SO_RCVBUF / SO_SNDBUF request; the kernel may cap it
+
+
+class Core(Protocol):
+    """What the driver needs from a membership core (``gossip.core.Membership``)."""
+
+    def receive(self, data: bytes, src: Address, now: float) -> None: ...
+    def handle_stream(self, data: bytes, src: Address, now: float) -> bytes | None: ...
+    def receive_stream_reply(self, data: bytes, src: Address, now: float) -> None: ...
+    def stream_failed(self, dst: Address, now: float) -> None: ...
+    def handle_timeout(self, now: float) -> None: ...
+    def get_timer(self) -> float | None: ...
+    def datagrams_to_send(self) -> list[tuple[Address, bytes]]: ...
+    def streams_to_send(self) -> list[tuple[Address, bytes]]: ...
+    def next_event(self) -> Event | None: ...
+    def members(self) -> Iterable[Member]: ...
+
+    @property
+    def local_member(self) -> Member: ...
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def health_score(self) -> int: ...
+    @property
+    def pending_broadcasts(self) -> int: ...
+    @property
+    def stats(self) -> Any: ...
+
+
+CoreFactory = Callable[[Address, float], Core]
+"""Builds the core on the gossip thread from the bound address and the thread's ``now``."""
+
+
+class DriverStopped(RuntimeError):
+    """A command was sent to a driver that is not running."""
+
+
+@dataclass(slots=True)
+class DriverStats:
+    """Counters kept by the driver itself (the core counts what it decodes)."""
+
+    datagrams_oversized: int = 0  # longer than max_datagram_bytes: dropped unread
+    send_errors: int = 0  # sendto failed (buffer full, unreachable)
+    streams_in: int = 0
+    streams_out: int = 0
+    streams_rejected: int = 0  # over MAX_INBOUND_STREAMS
+    stream_errors: int = 0  # timeouts, resets, short or oversized frames
+    frames_oversized: int = 0  # length prefix above max_stream_bytes
+    remote_errors: int = 0  # RemoteError raised by the core (normally it counts them itself)
+    internal_errors: int = 0  # any other exception from the core: a bug, logged
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """An immutable snapshot of the core, taken on the gossip thread."""
+
+    local: Member
+    members: tuple[Member, ...]
+    incarnation: int
+    health_score: int
+    pending_broadcasts: int
+    core_stats: Mapping[str, int]
+    driver_stats: Mapping[str, int]
+    taken_at: float  # the gossip loop's clock (time.monotonic)
+
+
+def _stats_dict(stats: Any) -> dict[str, int]:
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int | float)}
+    if isinstance(stats, Mapping):
+        return {str(k): v for k, v in stats.items() if isinstance(v, int | float)}
+    return {}
+
+
+def take_view(core: Core, driver_stats: DriverStats, now: float) -> View:
+    """Snapshot ``core`` (call on the gossip thread only)."""
+    return View(
+        local=core.local_member,
+        members=tuple(core.members()),
+        incarnation=core.incarnation,
+        health_score=core.health_score,
+        pending_broadcasts=core.pending_broadcasts,
+        core_stats=MappingProxyType(_stats_dict(core.stats)),
+        driver_stats=MappingProxyType(dataclasses.asdict(driver_stats)),
+        taken_at=now,
+    )
+
+
+class FrameError(Exception):
+    """A stream frame was short, oversized or late."""
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Read one length-prefixed frame; raise :class:`FrameError` if longer than ``limit``."""
+    try:
+        header = await reader.readexactly(FRAME_HEADER.size)
+        (length,) = FRAME_HEADER.unpack(header)
+        if length > limit:
+            raise FrameError(f"frame of {length} bytes exceeds {limit}")
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise FrameError("connection closed inside a frame") from exc
+
+
+def encode_frame(data: bytes) -> bytes:
+    """Prefix ``data`` with its 4-byte big-endian length."""
+    return FRAME_HEADER.pack(len(data)) + data
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+class GossipDriver:
+    """Runs a membership core on real UDP and TCP sockets, on a dedicated thread.
+
+    ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
+    and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics).
+    """
+
+    def __init__(
+        self,
+        make_core: CoreFactory,
+        bind: Address,
+        *,
+        main_loop: asyncio.AbstractEventLoop,
+        on_update: Callable[[tuple[Event, ...], View], None],
+        advertise: Address | None = None,
+        max_datagram_bytes: int = 1400,
+        max_stream_bytes: int = 8 * 1024 * 1024,
+        stream_timeout: float = STREAM_TIMEOUT,
+    ) -> None:
+        self._make_core = make_core
+        self._bind = bind
+        self._advertise = advertise
+        self._main_loop = main_loop
+        self._on_update = on_update
+        self._max_datagram = max_datagram_bytes
+        self._max_stream = max_stream_bytes
+        self._stream_timeout = stream_timeout
+        self._commands: queue.SimpleQueue[
+            tuple[Callable[[Core, float], Any], concurrent.futures.Future[Any]]
+        ] = queue.SimpleQueue()
+        self._stats = DriverStats()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        # Owned by the gossip thread once started:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: Core | None = None
+        self._udp: socket.socket | None = None
+        self._server: asyncio.Server | None = None
+        self._stopping: asyncio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inbound = 0
+        self._address: Address | None = None
+
+    # -- application side (any thread) -------------------------------------------------------
+
+    @property
+    def address(self) -> Address:
+        """The address the core advertises (known once :meth:`start` returned)."""
+        if self._address is None:
+            raise DriverStopped("driver not started")
+        return self._address
+
+    def start(self, timeout: float = 10.0) -> Address:
+        """Bind the sockets, build the core and start the thread; return the advertised address.
+
+        Raises ``OSError`` if the port cannot be bound.
+        """
+        self._thread = threading.Thread(target=self._thread_main, name="gossip", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("gossip thread did not start")
+        if self._start_error is not None:
+            self._thread.join(timeout)
+            raise self._start_error
+        return self.address
+
+    def call(self, fn: Callable[[Core, float], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn(core, now)`` on the gossip thread; its result must be immutable."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            future.set_exception(DriverStopped("gossip driver is not running"))
+            return future
+        self._commands.put((fn, future))
+        try:
+            loop.call_soon_threadsafe(self._run_commands)
+        except RuntimeError:
+            future.set_exception(DriverStopped("gossip driver is not running"))
+        return future
+
+    async def acall(self, fn: Callable[[Core, float], T]) -> T:
+        """Await :meth:`call` from an asyncio loop."""
+        return await asyncio.wrap_future(self.call(fn))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the sockets and end the thread (no leave: send one first if wanted)."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- gossip thread ---------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced to start() if it happens before ready
+            if not self._ready.is_set():
+                self._start_error = exc
+                self._ready.set()
+            else:
+                log.exception("gossip thread crashed")
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        udp, tcp = self._bind_sockets()
+        self._udp = udp
+        port = udp.getsockname()[1]
+        if self._advertise is not None:
+            self._address = self._advertise
+        else:
+            self._address = (self._bind[0], port)
+        self._core = self._make_core(self._address, loop.time())
+        self._server = await asyncio.start_server(self._serve_stream, sock=tcp)
+        loop.add_reader(udp.fileno(), self._on_readable)
+        self._ready.set()
+        periodic = loop.call_later(VIEW_INTERVAL, self._publish_periodic)
+        self._after_input()
+        try:
+            await self._stopping.wait()
+        finally:
+            periodic.cancel()
+            loop.remove_reader(udp.fileno())
+            if self._timer is not None:
+                self._timer.cancel()
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            udp.close()
+            self._fail_pending_commands()
+
+    def _bind_sockets(self) -> tuple[socket.socket, socket.socket]:
+        host, port = self._bind
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # With port 0 the kernel picks the UDP port; retry if TCP cannot have the same one.
+        for _ in range(16 if port == 0 else 1):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for sock, opt in ((udp, socket.SO_RCVBUF), (udp, socket.SO_SNDBUF)):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER_BYTES)
+                    except OSError:
+                        pass
+                udp.setblocking(False)
+                udp.bind((host, port))
+                bound = udp.getsockname()[1]
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((host, bound))
+                tcp.listen(64)
+                tcp.setblocking(False)
+                return udp, tcp
+            except OSError:
+                udp.close()
+                tcp.close()
+                if port != 0:
+                    raise
+        raise OSError(f"no port free for both UDP and TCP on {host}")
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
+        """Run one core input; a RemoteError is counted, anything else is a logged bug."""
+        try:
+            return fn()
+        except RemoteError:
+            self._stats.remote_errors += 1
+        except Exception:
+            self._stats.internal_errors += 1
+            log.exception("gossip core failed in %s", what)
+        return None
+
+    def _on_readable(self) -> None:
+        assert self._udp is not None and self._core is not None
+        core, udp, limit = self._core, self._udp, self._max_datagram
+        for _ in range(MAX_DRAIN):
+            try:
+                data, src = udp.recvfrom(limit + 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. ICMP port unreachable reported on the socket
+                continue
+            if len(data) > limit:
+                self._stats.datagrams_oversized += 1
+                continue
+            now = self._now()
+            self._guard("receive", lambda d=data, s=src[:2], n=now: core.receive(d, s, n))
+        self._after_input()
+
+    def _on_timer(self) -> None:
+        assert self._core is not None
+        self._timer = None
+        self._timer_deadline = None
+        core, now = self._core, self._now()
+        self._guard("handle_timeout", lambda: core.handle_timeout(now))
+        self._after_input()
+
+    def _run_commands(self) -> None:
+        assert self._core is not None
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self._core, self._now()))
+            except BaseException as exc:
+                future.set_exception(exc)
+        self._after_input()
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(DriverStopped("gossip driver stopped"))
+
+    def _after_input(self) -> None:
+        """Flush every output of the core, then re-arm the timer."""
+        core, loop = self._core, self._loop
+        assert core is not None and loop is not None and self._udp is not None
+        for dst, data in core.datagrams_to_send():
+            try:
+                self._udp.sendto(data, dst)
+            except OSError:
+                self._stats.send_errors += 1
+        for dst, data in core.streams_to_send():
+            self._spawn(self._push_pull(dst, data))
+        events: list[Event] = []
+        while (event := core.next_event()) is not None:
+            events.append(event)
+        if events:
+            self._publish(tuple(events))
+        deadline = core.get_timer()
+        if deadline != self._timer_deadline or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_deadline = deadline
+            if deadline is not None:
+                self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _publish(self, events: tuple[Event, ...]) -> None:
+        assert self._core is not None
+        view = take_view(self._core, self._stats, self._now())
+        try:
+            self._main_loop.call_soon_threadsafe(self._on_update, events, view)
+        except RuntimeError:  # the application loop is closed: we are shutting down
+            pass
+
+    def _publish_periodic(self) -> None:
+        assert self._loop is not None
+        self._publish(())
+        self._loop.call_later(VIEW_INTERVAL, self._publish_periodic)
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        core = self._core
+        assert core is not None
+        if self._inbound >= MAX_INBOUND_STREAMS:
+            self._stats.streams_rejected += 1
+            writer.close()
+            return
+        self._inbound += 1
+        self._stats.streams_in += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            peer = writer.get_extra_info("peername")
+            src: Address = (peer[0], peer[1]) if peer else ("", 0)
+            try:
+                frame = await asyncio.wait_for(
+                    read_frame(reader, self._max_stream), self._stream_timeout
+                )
+            except FrameError as exc:
+                if "exceeds" in str(exc):
+                    self._stats.frames_oversized += 1
+                self._stats.stream_errors += 1
+                return
+            except (TimeoutError, OSError):
+                self._stats.stream_errors += 1
+                return
+            reply = self._guard(
+                "handle_stream", lambda: core.handle_stream(frame, src, self._now())
+            )
+            self._after_input()
+            if reply is not None:
+                writer.write(encode_frame(reply))
+                try:
+                    await asyncio.wait_for(writer.drain(), self._stream_timeout)
+                except (TimeoutError, OSError):
+                    self._stats.stream_errors += 1
+        finally:
+            self._inbound -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _push_pull(self, dst: Address, data: bytes) -> None:
+        core = self._core
+        assert core is not None
+        self._stats.streams_out += 1
+        host = self._bind[0]
+        local_addr = None if _is_wildcard(host) else (host, 0)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(dst[0], dst[1], local_addr=local_addr), self._stream_timeout
+            )
+            writer.write(encode_frame(data))
+            reply = await asyncio.wait_for(
+                self._drain_and_read(reader, writer), self._stream_timeout
+            )
+        except (FrameError, TimeoutError, OSError):
+            self._stats.stream_errors += 1
+            self._guard("stream_failed", lambda: core.stream_failed(dst, self._now()))
+        else:
+            self._guard(
+                "receive_stream_reply", lambda: core.receive_stream_reply(reply, dst, self._now())
+            )
+        finally:
+            if writer is not None:
+                writer.close()
+        self._after_input()
+
+    async def _drain_and_read(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes:
+        await writer.drain()
+        return await read_frame(reader, self._max_stream)
