@@ -1,0 +1,518 @@
+"""The multi-host testbed: one real agent process per network namespace, and its faults.
+
+How it works. ``Testbed(hosts=5).up()`` picks a fresh id and a work dir
+``<root>/<id>/`` (root: ``$EDGEAGENT_TESTBED_DIR`` or ``/tmp/edgeagent-testbed``), builds the
+network (:mod:`testbed.netns`), writes one cluster key and one generated TOML config per host
+(``<workdir>/hN/agent.toml``), and starts ``ip netns exec ea-ID-hN python -m edgeagent run -c
+agent.toml`` for each, logging to ``<workdir>/hN/agent.log`` with its state dir in
+``<workdir>/hN/state``.
+
+Everything created is recorded in ``<workdir>/state.json`` *as it is created* (namespaces,
+PIDs with their kernel start times), so ``down`` removes exactly that - the processes (by PID,
+checked against the start time so a reused PID is never touched, plus anything left inside our
+own namespaces), the namespaces (and with them the bridge, veths and nftables rules) and the
+work dir - and nothing else, even after a crash halfway through ``up``. ``down`` is idempotent.
+
+The command line (``python -m testbed``) and pytest fixtures drive the same class; the CLI
+finds a running testbed again with :meth:`Testbed.load`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import netns
+from .netns import HostNet, NetnsError, Network
+
+DEFAULT_ROOT = Path("/tmp/edgeagent-testbed")
+ROOT_ENV = "EDGEAGENT_TESTBED_DIR"
+STATE_FILE = "state.json"
+KEY_FILE = "cluster.key"
+GOSSIP_PORT = 7946  # edgeagent's default; each host has its own address, so all share it
+STOP_TIMEOUT = 10.0  # seconds a SIGTERMed agent gets to leave gracefully before SIGKILL
+EXIT_POLL = 0.05  # seconds between checks that a killed process is gone
+EXIT_TIMEOUT = 10.0  # a SIGKILLed process is gone well within this
+
+T = TypeVar("T")
+
+
+class TestbedError(Exception):
+    """A testbed operation failed; the message is one line for a person."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+def default_root() -> Path:
+    """Where testbeds keep their work dirs."""
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel start time of a process (clock ticks since boot), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2 (comm) may contain spaces; the fields after its closing parenthesis are fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None  # a zombie is as good as gone
+    return int(fields[19])  # field 22 overall: starttime
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    return process_start_time(pid) == start_time
+
+
+class Testbed:
+    """Agents on a network-namespace testbed (root only). A context manager: up, then down.
+
+    ``hosts``: number of hosts (h1..hN). ``preset``: gossip preset (lan, wan, local).
+    ``mdns``: agents find each other by mDNS; with ``seeds`` as well (or only, if mdns is off)
+    each agent joins h1 (h1 joins h2). ``extra_args``: more ``edgeagent run`` flags for all.
+    ``root``: parent of the work dir. ``start_agents``: False builds only the network.
+    """
+
+    __test__ = False
+
+    def __init__(
+        self,
+        hosts: int = 5,
+        *,
+        preset: str = "lan",
+        mdns: bool = True,
+        seeds: bool = False,
+        extra_args: Sequence[str] = (),
+        root: Path | None = None,
+        start_agents: bool = True,
+        python: str = sys.executable,
+    ) -> None:
+        if not mdns and not seeds and hosts > 1:
+            raise TestbedError("agents need mDNS or seeds to find each other")
+        self.hosts_count = hosts
+        self.preset = preset
+        self.mdns = mdns
+        self.seeds = seeds
+        self.extra_args = list(extra_args)
+        self.root = Path(root) if root is not None else default_root()
+        self.start_agents = start_agents
+        self.python = python
+        self.id = ""
+        self.workdir = Path()
+        self.network: Network | None = None
+        self.state: dict[str, Any] = {}
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Testbed:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the network and start one agent per host."""
+        if not netns.is_root():
+            raise TestbedError("the namespace testbed needs root (network namespaces)")
+        if shutil.which("nft") is None:
+            raise TestbedError("nft not found: apt-get install -y nftables")
+        self.root.mkdir(parents=True, exist_ok=True)
+        existing = netns.list_netns()
+        while True:
+            self.id = secrets.token_hex(2)
+            prefix = f"{netns.NS_PREFIX}{self.id}-"
+            if not (self.root / self.id).exists() and not any(n.startswith(prefix) for n in existing):
+                break
+        self.workdir = self.root / self.id
+        self.workdir.mkdir()
+        octet = netns.pick_subnet_octet(int(self.id, 16) % 256, avoid=_octets_in_use(self.root))
+        self.state = {
+            "id": self.id,
+            "workdir": str(self.workdir),
+            "hosts": self.hosts_count,
+            "subnet_octet": octet,
+            "preset": self.preset,
+            "mdns": self.mdns,
+            "seeds": self.seeds,
+            "extra_args": self.extra_args,
+            "python": self.python,
+            "namespaces": [],
+            "agents": {},
+        }
+        self._save()
+        self.network = Network(self.id, self.hosts_count, octet)
+        self.network.create(self._record_netns)
+        (self.workdir / KEY_FILE).write_text(_new_key_text())
+        (self.workdir / KEY_FILE).chmod(0o600)
+        for host in self.network.hosts:
+            self._write_config(host)
+        if self.start_agents:
+            for host in self.network.hosts:
+                self.start(host.name)
+
+    def down(self) -> None:
+        """Remove every process, namespace and file this testbed created. Safe to repeat."""
+        if not self.state:
+            return
+        for name in list(self.state["agents"]):
+            self._kill_recorded(name)
+        for ns in reversed(self.state["namespaces"]):
+            for pid in netns.netns_pids(ns):
+                # Only processes inside our own namespace: we started them (agents or exec).
+                _signal(pid, signal.SIGKILL)
+            netns.delete_netns(ns)
+        for child in self._children.values():
+            child.wait()
+        self._children.clear()
+        if self.workdir.is_dir():
+            shutil.rmtree(self.workdir)
+        self.state = {}
+
+    @classmethod
+    def load(cls, testbed_id: str | None = None, *, root: Path | None = None) -> Testbed:
+        """Find a testbed started earlier (by id, or the only one under ``root``)."""
+        root = Path(root) if root is not None else default_root()
+        ids = list_ids(root)
+        if testbed_id is None:
+            if not ids:
+                raise TestbedError(f"no testbed is up (nothing in {root}); start one with 'up'")
+            if len(ids) > 1:
+                raise TestbedError(f"several testbeds are up ({', '.join(ids)}); pass --id")
+            testbed_id = ids[0]
+        if testbed_id not in ids:
+            raise TestbedError(f"no testbed {testbed_id!r} in {root}")
+        state = json.loads((root / testbed_id / STATE_FILE).read_text())
+        tb = cls(
+            state["hosts"],
+            preset=state["preset"],
+            mdns=state["mdns"],
+            seeds=state["seeds"],
+            extra_args=state["extra_args"],
+            root=root,
+            python=state["python"],
+        )
+        tb.id = testbed_id
+        tb.workdir = root / testbed_id
+        tb.state = state
+        tb.network = Network(testbed_id, state["hosts"], state["subnet_octet"])
+        return tb
+
+    # -- agents -------------------------------------------------------------------------------
+
+    @property
+    def subnet(self) -> str:
+        """The private test subnet, e.g. ``10.213.7.0/24``."""
+        return self._net.subnet
+
+    @property
+    def hosts(self) -> list[HostNet]:
+        """The hosts, h1 first."""
+        return self._net.hosts
+
+    def host(self, name: str | int) -> HostNet:
+        """A host by name (``"h2"``), number string (``"2"``) or number (``2``)."""
+        try:
+            return self._net.host(str(name))
+        except KeyError as exc:
+            raise TestbedError(str(exc.args[0])) from None
+
+    def host_dir(self, name: str | int) -> Path:
+        return self.workdir / self.host(name).name
+
+    def state_dir(self, name: str | int) -> Path:
+        """The agent's ``--state-dir`` (its control socket lives there)."""
+        return self.host_dir(name) / "state"
+
+    def log_path(self, name: str | int) -> Path:
+        return self.host_dir(name) / "agent.log"
+
+    def pid(self, name: str | int) -> int | None:
+        """The PID of the host's agent if it is running."""
+        record = self.state["agents"].get(self.host(name).name)
+        if record and _alive(record["pid"], record["start_time"]):
+            return int(record["pid"])
+        return None
+
+    def start(self, name: str | int) -> int:
+        """Start the host's agent (it must not be running); return its PID."""
+        host = self.host(name)
+        if self.pid(host.name) is not None:
+            raise TestbedError(f"{host.name} is already running")
+        argv = self._net.exec_argv(host, self.agent_argv(host))
+        log_path = self.log_path(host.name)
+        with open(log_path, "ab") as log:
+            log.write(f"--- testbed: start {time.strftime('%H:%M:%S')} ---\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the CLI; never gets the terminal's ^C
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        start_time = process_start_time(proc.pid)
+        if start_time is None:
+            proc.wait()
+            raise TestbedError(f"{host.name}: agent exited at once; see {log_path}")
+        self._children[proc.pid] = proc
+        with self._locked():
+            self.state["agents"][host.name] = {"pid": proc.pid, "start_time": start_time}
+            self._save()
+        return proc.pid
+
+    def kill(self, name: str | int) -> None:
+        """SIGKILL the host's agent (a crash) and wait until it is gone."""
+        host = self.host(name)
+        if not self._kill_recorded(host.name):
+            raise TestbedError(f"{host.name} is not running")
+
+    def stop(self, name: str | int, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the host's agent (graceful leave); SIGKILL it after ``timeout``."""
+        host = self.host(name)
+        pid = self.pid(host.name)
+        if pid is None:
+            raise TestbedError(f"{host.name} is not running")
+        _signal(pid, signal.SIGTERM)
+        record = self.state["agents"][host.name]
+        if not self._wait_gone(pid, record["start_time"], timeout):
+            self._kill_recorded(host.name)
+
+    def restart(self, name: str | int) -> int:
+        """Kill the host's agent if it runs (SIGKILL), then start it again with the same state."""
+        host = self.host(name)
+        if self.pid(host.name) is not None:
+            self.kill(host.name)
+        return self.start(host.name)
+
+    def agent_argv(self, host: HostNet) -> list[str]:
+        """The agent's command line (inside its namespace)."""
+        return [
+            self.python, "-m", "edgeagent", "run",
+            "-c", str(self.host_dir(host.name) / "agent.toml"),
+            *self.extra_args,
+        ]
+
+    def _write_config(self, host: HostNet) -> None:
+        hdir = self.host_dir(host.name)
+        (hdir / "state").mkdir(parents=True, exist_ok=True)
+        join: list[str] = []
+        if self.seeds and len(self.hosts) > 1:
+            seed = self.hosts[1] if host.index == 1 else self.hosts[0]
+            join = [f"{seed.ip}:{GOSSIP_PORT}"]
+        lines = [
+            "# Generated by testbed.cluster for one host of the namespace testbed.",
+            f"name = {_toml_str(host.name)}",
+            f"bind = {_toml_str(f'{host.ip}:{GOSSIP_PORT}')}",
+            f"advertise = {_toml_str(f'{host.ip}:{GOSSIP_PORT}')}",
+            f"join = [{', '.join(_toml_str(j) for j in join)}]",
+            f"cluster = {_toml_str(f'testbed-{self.id}')}",
+            f"key_file = {_toml_str(str(self.workdir / KEY_FILE))}",
+            f"state_dir = {_toml_str(str(hdir / 'state'))}",
+            "log_format = \"text\"",
+            "log_level = \"info\"",
+            f"mdns = {'true' if self.mdns else 'false'}",
+            "metrics = false",
+            "dns = false",
+            "",
+            "[gossip]",
+            f"preset = {_toml_str(self.preset)}",
+            "",
+        ]
+        (hdir / "agent.toml").write_text("\n".join(lines))
+
+    # -- observing ----------------------------------------------------------------------------
+
+    def members(self, name: str | int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The host's membership list (``edgeagent members --json``); TestbedError if down."""
+        from edgeagent.control import ControlClient, socket_path
+        from edgeagent.errors import AgentUnavailable
+
+        host = self.host(name)
+        try:
+            result = ControlClient(socket_path(self.state_dir(host.name)), timeout=timeout).call("members")
+        except AgentUnavailable as exc:
+            raise TestbedError(f"{host.name}: {exc}") from None
+        return list(result)
+
+    def states(self, name: str | int) -> dict[str, str]:
+        """The host's view: member name -> state (alive, suspect, dead, left); {} if down."""
+        try:
+            return {m["name"]: m["state"] for m in self.members(name)}
+        except TestbedError:
+            return {}
+
+    def views(self, names: Sequence[str | int] | None = None) -> dict[str, dict[str, str]]:
+        """:meth:`states` of several hosts (default: all that run)."""
+        chosen = [self.host(n).name for n in names] if names is not None else [
+            h.name for h in self.hosts if self.pid(h.name) is not None
+        ]
+        return {n: self.states(n) for n in chosen}
+
+    def wait_until(
+        self, predicate: Callable[[], T], timeout: float, interval: float = 0.5, what: str = "condition"
+    ) -> T:
+        """Poll ``predicate`` until it returns something truthy; TestbedError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise TestbedError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(interval)
+
+    def status(self) -> dict[str, Any]:
+        """Per host: address, PID, faults and what its agent sees (counts by state)."""
+        faults = self._net.faults()
+        hosts = {}
+        for host in self.hosts:
+            pid = self.pid(host.name)
+            view = self.states(host.name) if pid is not None else {}
+            counts: dict[str, int] = {}
+            for state in view.values():
+                counts[state] = counts.get(state, 0) + 1
+            hosts[host.name] = {
+                "ip": host.ip,
+                "netns": host.netns,
+                "pid": pid,
+                "members": counts,
+                **faults[host.name],
+            }
+        return {"id": self.id, "subnet": self._net.subnet, "workdir": str(self.workdir), "hosts": hosts}
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def partition(self, groups: Sequence[Sequence[str | int]], *, oneway: bool = False) -> None:
+        """Cut the network between groups of hosts (see :meth:`Network.partition`)."""
+        self._net.partition([[self.host(n) for n in g] for g in groups], oneway=oneway)
+
+    def heal(self) -> None:
+        """Remove partitions and bring every link up (loss stays; ``loss(host, 0)`` clears it)."""
+        self._net.heal_partitions()
+        for host in self.hosts:
+            self._net.set_link(host, True)
+
+    def loss(self, name: str | int, percent: int) -> None:
+        """Drop ``percent`` % of the host's frames in each direction (0: no loss)."""
+        self._net.set_loss(self.host(name), percent)
+
+    def isolate(self, name: str | int) -> None:
+        """Take the host's link down (it reaches and hears no one until :meth:`heal`)."""
+        self._net.set_link(self.host(name), False)
+
+    def exec_argv(self, name: str | int, argv: Sequence[str]) -> list[str]:
+        """A command line that runs ``argv`` inside the host's namespace."""
+        return self._net.exec_argv(self.host(name), argv)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _net(self) -> Network:
+        if self.network is None:
+            raise TestbedError("the testbed is not up")
+        return self.network
+
+    def _record_netns(self, name: str) -> None:
+        with self._locked():
+            self.state["namespaces"].append(name)
+            self._save()
+
+    def _kill_recorded(self, name: str) -> bool:
+        """SIGKILL a recorded agent if it still runs; wait until gone. True if it was running."""
+        record = self.state["agents"].get(name)
+        if not record or not _alive(record["pid"], record["start_time"]):
+            return False
+        _signal(record["pid"], signal.SIGKILL)
+        if not self._wait_gone(record["pid"], record["start_time"], EXIT_TIMEOUT):
+            raise TestbedError(f"{name}: PID {record['pid']} survived SIGKILL")
+        return True
+
+    def _wait_gone(self, pid: int, start_time: int, timeout: float) -> bool:
+        child = self._children.get(pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                del self._children[pid]
+                return True
+            if child is None and not _alive(pid, start_time):
+                return True
+            time.sleep(EXIT_POLL)
+        return False
+
+    def _save(self) -> None:
+        tmp = self.workdir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.workdir / STATE_FILE)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise state-file updates between concurrent CLI invocations."""
+        with open(self.workdir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.workdir / STATE_FILE
+                if current.exists():
+                    on_disk = json.loads(current.read_text())
+                    # Another invocation may have started or restarted agents meanwhile.
+                    self.state["agents"] = {**on_disk.get("agents", {}), **self.state["agents"]}
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def list_ids(root: Path | None = None) -> list[str]:
+    """Ids of the testbeds that have a state file under ``root``."""
+    root = Path(root) if root is not None else default_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+
+
+def _octets_in_use(root: Path) -> set[int]:
+    octets = set()
+    for tid in list_ids(root):
+        try:
+            octets.add(int(json.loads((root / tid / STATE_FILE).read_text())["subnet_octet"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return octets
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _new_key_text() -> str:
+    """A fresh cluster key in the form ``--key-file`` reads (base64 of 32 random bytes)."""
+    import base64
+
+    return base64.b64encode(os.urandom(32)).decode() + "\n"
+
+
+__all__ = ["NetnsError", "Testbed", "TestbedError", "default_root", "list_ids"]
