@@ -267,9 +267,7 @@ def _wire_states(states: object) -> list[object]:
         owner, entries = pair
         if len(entries) > MAX_STATE_ENTRIES:
             raise _TooLarge(f"push-pull owner with more than {MAX_STATE_ENTRIES} entries")
-        out.append(
-            [_text(owner, "state owner", MAX_NAME_BYTES), [_wire_entry(e) for e in entries]]
-        )
+        out.append([_text(owner, "state owner", MAX_NAME_BYTES), [_wire_entry(e) for e in entries]])
     return out
 
 
@@ -430,7 +428,7 @@ def _unpack(data: bytes, limits: dict[str, int]) -> Any:
 
 def _fields(raw: object, count: int) -> list[Any]:
     if type(raw) is not list or len(raw) != count:
-        _fail(f"message must have {count} elements")
+        _fail(f"array must have {count} elements")
     return raw
 
 
