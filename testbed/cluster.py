@@ -2,7 +2,8 @@
 
 How it works. ``Testbed(hosts=5).up()`` picks a fresh id and a work dir
 ``<root>/<id>/`` (root: ``$EDGEAGENT_TESTBED_DIR`` or ``/tmp/edgeagent-testbed``), builds the
-network (:mod:`testbed.netns`), writes one cluster key and one generated TOML config per host
+network (:mod:`testbed.netns`), generates one cluster key, gives every host its own copy of the
+keyring in its state dir (as a deployed node has) and a generated TOML config
 (``<workdir>/hN/agent.toml``), and starts ``ip netns exec ea-ID-hN python -m edgeagent run -c
 agent.toml`` for each, logging to ``<workdir>/hN/agent.log`` with its state dir in
 ``<workdir>/hN/state``.
@@ -19,6 +20,7 @@ finds a running testbed again with :meth:`Testbed.load`.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -39,8 +41,9 @@ from .netns import HostNet, NetnsError, Network
 DEFAULT_ROOT = Path("/tmp/edgeagent-testbed")
 ROOT_ENV = "EDGEAGENT_TESTBED_DIR"
 STATE_FILE = "state.json"
-KEY_FILE = "cluster.key"
+KEYRING_FILE = "keyring"  # edgeagent's default key file name inside the state dir
 GOSSIP_PORT = 7946  # edgeagent's default; each host has its own address, so all share it
+KEY_BYTES = 32  # AES-256, gossip.keyring.KEY_SIZE
 STOP_TIMEOUT = 10.0  # seconds a SIGTERMed agent gets to leave gracefully before SIGKILL
 EXIT_POLL = 0.05  # seconds between checks that a killed process is gone
 EXIT_TIMEOUT = 10.0  # a SIGKILLed process is gone well within this
@@ -160,10 +163,9 @@ class Testbed:
         self._save()
         self.network = Network(self.id, self.hosts_count, octet)
         self.network.create(self._record_netns)
-        (self.workdir / KEY_FILE).write_text(_new_key_text())
-        (self.workdir / KEY_FILE).chmod(0o600)
+        key = base64.b64encode(os.urandom(KEY_BYTES)).decode()
         for host in self.network.hosts:
-            self._write_config(host)
+            self._write_config(host, key)
         if self.start_agents:
             for host in self.network.hosts:
                 self.start(host.name)
@@ -311,9 +313,13 @@ class Testbed:
             *self.extra_args,
         ]
 
-    def _write_config(self, host: HostNet) -> None:
+    def _write_config(self, host: HostNet, key: str) -> None:
         hdir = self.host_dir(host.name)
-        (hdir / "state").mkdir(parents=True, exist_ok=True)
+        state_dir = hdir / "state"
+        state_dir.mkdir(parents=True, mode=0o700)
+        keyring = state_dir / KEYRING_FILE
+        keyring.touch(mode=0o600)
+        keyring.write_text(json.dumps([key]) + "\n")  # a JSON array of base64 keys, primary first
         join: list[str] = []
         if self.seeds and len(self.hosts) > 1:
             seed = self.hosts[1] if host.index == 1 else self.hosts[0]
@@ -325,7 +331,6 @@ class Testbed:
             f"advertise = {_toml_str(f'{host.ip}:{GOSSIP_PORT}')}",
             f"join = [{', '.join(_toml_str(j) for j in join)}]",
             f"cluster = {_toml_str(f'testbed-{self.id}')}",
-            f"key_file = {_toml_str(str(self.workdir / KEY_FILE))}",
             f"state_dir = {_toml_str(str(hdir / 'state'))}",
             "log_format = \"text\"",
             "log_level = \"info\"",
@@ -506,13 +511,6 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def _new_key_text() -> str:
-    """A fresh cluster key in the form ``--key-file`` reads (base64 of 32 random bytes)."""
-    import base64
-
-    return base64.b64encode(os.urandom(32)).decode() + "\n"
 
 
 __all__ = ["NetnsError", "Testbed", "TestbedError", "default_root", "list_ids"]
