@@ -65,7 +65,7 @@ def lan(**overrides: Any) -> GossipConfig:
 
 def wan(**overrides: Any) -> GossipConfig:
     """memberlist DefaultWANConfig: higher latency and loss."""
-    base = dict(
+    base: dict[str, Any] = dict(
         probe_interval=5.0,  # memberlist WAN ProbeInterval
         probe_timeout=3.0,  # memberlist WAN ProbeTimeout
         suspicion_mult=6,  # memberlist WAN SuspicionMult
@@ -81,7 +81,7 @@ def wan(**overrides: Any) -> GossipConfig:
 
 def local(**overrides: Any) -> GossipConfig:
     """memberlist DefaultLocalConfig: loopback / one host, fast timing."""
-    base = dict(
+    base: dict[str, Any] = dict(
         probe_interval=1.0,  # memberlist Local ProbeInterval
         probe_timeout=0.2,  # memberlist Local ProbeTimeout
         suspicion_mult=3,  # memberlist Local SuspicionMult

@@ -1,23 +1,1037 @@
-"""The membership core: SWIM + Lifeguard, sans-IO.
+"""The membership core: SWIM + Lifeguard, sans-IO (memberlist semantics).
 
-API SKETCH (to be implemented): the shape is aioquic's / foca's.
+Theory of operation
+-------------------
+Inputs are datagrams (``receive``), push-pull stream frames
+(``handle_stream`` / ``receive_stream_reply`` / ``stream_failed``), timers
+(``handle_timeout``) and commands (``join``, ``leave``, ``set_meta``,
+``set_state``, ``delete_state``, ``broadcast``). Outputs are sealed datagrams
+and stream frames to send, events, and the next deadline. Time is always the
+caller's ``now``; randomness comes from the injected ``random.Random``. Timers
+are data: a heap of ``(deadline, counter, kind, arg)``; a timer that no longer
+matches the state it was armed for is ignored when it fires.
 
-    m = Membership(name, addr, config, rng, now, keyring=kr, incarnation=0, meta=b"")
-    m.join(seeds, now)              # -> push-pull stream requests to the seeds
-    m.receive(data, src, now)       # one encrypted datagram from the network
-    reply = m.handle_stream(data, src, now)  # one encrypted stream frame (push-pull
-                                    # request) -> encrypted reply frame or None
-    m.receive_stream_reply(data, src, now)   # the reply to a request we sent
-    m.stream_failed(dst, now)       # our stream request to dst could not connect
-    m.handle_timeout(now)           # run every timer due at or before now
-    m.leave(now); m.set_meta(meta, now); m.set_state(key, value, now)
-    m.delete_state(key, now); m.broadcast(payload, now)
-    m.datagrams_to_send() -> list[(addr, bytes)]   # drained; each <= max_datagram_bytes
-    m.streams_to_send()   -> list[(addr, bytes)]   # drained; each expects one reply
-    m.next_event() -> Event | None
-    m.get_timer() -> float | None   # earliest deadline
-    m.members(), m.member(name), m.health_score, m.incarnation, m.stats
+Members and their states (memberlist state.go)::
 
-The core never reads a clock, never touches a socket, never uses global random:
-time comes in as ``now`` and randomness from the injected ``random.Random``.
+    ALIVE --probe fails / Suspect--> SUSPECT --suspicion timeout / Dead--> DEAD
+    SUSPECT --Alive with higher incarnation--> ALIVE        (refuted)
+    any --Dead sent by the member itself--> LEFT              (graceful leave)
+    DEAD / LEFT --Alive with higher incarnation--> ALIVE      (restart / rejoin)
+    DEAD / LEFT --dead_member_ttl--> forgotten                (reaped)
+
+Only a member raises its own incarnation: to refute a Suspect or Dead about
+itself, or to announce new metadata. An update about a member applies only if
+its incarnation is newer (Alive) or not older (Suspect, Dead) than what we
+hold; LEFT is never turned into DEAD.
+
+Failure detection (SWIM 4.1-4.3 with Lifeguard): every ``probe_interval`` the
+next member of a shuffled round-robin list is pinged (with the Suspect
+piggybacked if it is suspect: the buddy system). No ack within the probe
+timeout -> PingReq through ``indirect_checks`` random alive members, asking for
+nacks. No ack by the end of the probe interval -> Suspect. Both waits are
+stretched by the Local Health Multiplier (``awareness.py``), which the probe's
+outcome moves exactly as memberlist probeNode does. A suspicion lasts between
+``min`` and ``max`` and shrinks with independent confirmations
+(``suspicion.py``); then the member is declared DEAD.
+
+Dissemination: every change is queued in a transmit-limited broadcast queue
+(``broadcast_queue.py``) and piggybacked on every datagram we send, within the
+byte budget; every ``gossip_interval`` the queue is also sent to
+``gossip_nodes`` random members. User broadcasts have their own queue, fill the
+space membership updates leave, and are re-broadcast by every receiver once.
+
+Anti-entropy: push-pull (full member list plus every replicated map) with a
+random alive member every scaled ``push_pull_interval``; Serf-style reconnect
+with a random DEAD member (and the join seeds when we are alone) every
+``reconnect_interval``, so partitions heal with no operator.
 """
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from .awareness import Awareness
+from .broadcast_queue import (
+    PRIORITY_MEMBERSHIP,
+    PRIORITY_STATE,
+    PRIORITY_USER,
+    BroadcastQueue,
+    retransmit_limit,
+)
+from .codec import (
+    DATAGRAM_HEADER_BYTES,
+    decode_datagram,
+    decode_frame,
+    encode_datagram,
+    encode_frame,
+    encoded_size,
+)
+from .config import GossipConfig
+from .errors import BroadcastTooLarge, DecryptError, LocalError, RemoteError
+from .events import (
+    Event,
+    Member,
+    MemberAlive,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    MemberSuspected,
+    MemberUpdated,
+    StateChanged,
+    UserMessage,
+)
+from .keyring import OVERHEAD, Keyring
+from .messages import (
+    Ack,
+    Address,
+    Alive,
+    Dead,
+    MemberRecord,
+    MemberState,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    StateEntry,
+    StateUpdate,
+    StateValue,
+    Suspect,
+    UserBroadcast,
+)
+from .state_store import StateStore
+from .suspicion import Suspicion, suspicion_timeout
+
+PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
+USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
+
+# Alives learned from a push-pull are re-broadcast (memberlist mergeState -> aliveNode)
+# but after everything else: they are rarely news to anyone but us, and a join
+# merges the whole cluster at once.
+PRIORITY_MERGED = PRIORITY_USER + 1
+
+ALIVE = MemberState.ALIVE
+SUSPECT = MemberState.SUSPECT
+DEAD = MemberState.DEAD
+LEFT = MemberState.LEFT
+
+# Timer kinds (third element of a heap entry).
+_T_PROBE_TICK = 0
+_T_PROBE_TIMEOUT = 1  # arg: probe seq; the direct ping got no ack in time
+_T_PROBE_END = 2  # arg: probe seq; the probe interval is over
+_T_RELAY_TIMEOUT = 3  # arg: our seq of a relayed ping; nack the origin if still unanswered
+_T_GOSSIP = 4
+_T_PUSH_PULL = 5
+_T_RECONNECT = 6
+_T_SUSPICION = 7  # arg: (node, suspicion)
+_T_REAP = 8  # arg: (node, state_change at death)
+
+
+class InvalidArgument(LocalError, ValueError):
+    """A command argument is malformed (e.g. a state value msgpack cannot carry)."""
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters, mutable. Read as attributes or ``stats["name"]``.
+
+    ``bytes_in`` / ``bytes_out`` count everything sealed (datagrams and stream
+    frames); ``stream_bytes_*`` is the stream part of it.
+    """
+
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    streams_in: int = 0  # push-pull requests handled
+    streams_out: int = 0  # push-pull requests sent
+    stream_replies_in: int = 0
+    stream_bytes_in: int = 0
+    stream_bytes_out: int = 0
+    stream_failures: int = 0
+    decode_errors: int = 0
+    decrypt_errors: int = 0
+    dropped: int = 0  # decoded but unusable: misdirected, unexpected, over a limit
+    state_rejected: int = 0  # remote replicated-state entries / maps over budget
+    probes: int = 0
+    probe_failures: int = 0
+    refutes: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        value: int = getattr(self, name)
+        return value
+
+    def as_dict(self) -> dict[str, int]:
+        """All counters as a plain dict."""
+        return asdict(self)
+
+
+class _Node:
+    """Our mutable record of one member (``Member`` is its frozen snapshot)."""
+
+    __slots__ = ("name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index")
+
+    def __init__(self, name: str, addr: Address, incarnation: int, state: MemberState, meta: bytes, now: float):
+        self.name = name
+        self.addr = addr
+        self.incarnation = incarnation
+        self.state = state
+        self.meta = meta
+        self.state_change = now
+        self.suspicion: Suspicion | None = None
+        self.index = -1  # position in Membership._nodes; -1 for ourselves or once reaped
+
+    def snapshot(self) -> Member:
+        return Member(self.name, self.addr, self.incarnation, self.state, self.meta, self.state_change)
+
+
+class _Probe:
+    """The probe in flight (one at a time)."""
+
+    __slots__ = ("node", "seq", "expected_nacks", "nacks")
+
+    def __init__(self, node: _Node, seq: int) -> None:
+        self.node = node
+        self.seq = seq
+        self.expected_nacks = 0
+        self.nacks = 0
+
+
+class _Relay:
+    """A ping we send for someone else's PingReq: forward the ack, or nack."""
+
+    __slots__ = ("origin", "origin_seq", "nack")
+
+    def __init__(self, origin: Address, origin_seq: int, nack: bool) -> None:
+        self.origin = origin
+        self.origin_seq = origin_seq
+        self.nack = nack
+
+
+def push_pull_scale(interval: float, n: int) -> float:
+    """memberlist pushPullScale: stretch the push-pull interval for clusters above 32."""
+    if n <= PUSH_PULL_SCALE_THRESHOLD:
+        return interval
+    multiplier = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1
+    return interval * multiplier
+
+
+class Membership:
+    """One member of a SWIM + Lifeguard cluster, sans-IO. See the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        addr: Address,
+        config: GossipConfig,
+        rng: random.Random,
+        now: float,
+        *,
+        keyring: Keyring,
+        incarnation: int = 0,
+        meta: bytes = b"",
+        state_version: int = 0,
+    ) -> None:
+        if len(meta) > config.max_meta_bytes:
+            raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {config.max_meta_bytes}")
+        self.name = name
+        self.addr = addr
+        self.config = config
+        self.stats = Stats()
+        self._rng = rng
+        self._keyring = keyring
+        self._aad = config.cluster_name.encode()
+        # Plaintext bytes the messages of one datagram may take.
+        self._budget = config.max_datagram_bytes - OVERHEAD - DATAGRAM_HEADER_BYTES
+        self._lifeguard = config.lifeguard
+        self._awareness = Awareness(config.awareness_max_multiplier)
+
+        self._me = _Node(name, addr, incarnation, ALIVE, meta, now)
+        self._by_name: dict[str, _Node] = {name: self._me}
+        self._nodes: list[_Node] = []  # everyone but us, for random picks
+        self._counts = [0, 0, 0, 0]  # others, by MemberState
+        self._probe_list: list[_Node] = []
+        self._probe_index = 0
+        self._probe: _Probe | None = None
+        self._probe_pending = False  # a probe tick came while a probe was running
+        self._acks: dict[int, _Probe | _Relay] = {}
+        self._seq = 0
+        self._left = False
+
+        self._queue = BroadcastQueue(config.max_broadcast_queue)
+        self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
+        self._limit_cache: tuple[int, int] = (-1, 0)
+        self._suspicion_cache: dict[int, float] = {}
+        self._store = StateStore(name, config.max_state_bytes, state_version)
+        self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
+        self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+        self._seeds: list[Address] = []
+        self._pending_streams: dict[Address, int] = {}
+        self._timers: list[tuple[float, int, int, object]] = []
+        self._timer_seq = itertools.count()
+        self._datagrams: list[tuple[Address, bytes]] = []
+        self._streams: list[tuple[Address, bytes]] = []
+        self._events: deque[Event] = deque()
+        self._handlers: dict[type, Callable[[Message, Address, float], None]] = {
+            Ping: self._on_ping,  # type: ignore[dict-item]
+            Ack: self._on_ack,  # type: ignore[dict-item]
+            Nack: self._on_nack,  # type: ignore[dict-item]
+            PingReq: self._on_ping_req,  # type: ignore[dict-item]
+            Alive: self._on_alive_msg,  # type: ignore[dict-item]
+            Suspect: self._on_suspect_msg,  # type: ignore[dict-item]
+            Dead: self._on_dead_msg,  # type: ignore[dict-item]
+            StateUpdate: self._on_state_update,  # type: ignore[dict-item]
+            UserBroadcast: self._on_user_broadcast,  # type: ignore[dict-item]
+        }
+
+        # Announce ourselves: the first datagrams to any peer carry it.
+        self._enqueue(Alive(name, incarnation, addr, meta), name, PRIORITY_MEMBERSHIP)
+        # memberlist staggers each ticker randomly so members do not synchronise.
+        self._schedule(now + rng.random() * config.probe_interval, _T_PROBE_TICK, None)
+        self._schedule(now + rng.random() * config.gossip_interval, _T_GOSSIP, None)
+        self._schedule(now + rng.random() * config.push_pull_interval, _T_PUSH_PULL, None)
+        self._schedule(now + rng.random() * config.reconnect_interval, _T_RECONNECT, None)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def incarnation(self) -> int:
+        """Our own incarnation number."""
+        return self._me.incarnation
+
+    @property
+    def health_score(self) -> int:
+        """Lifeguard Local Health Multiplier score, 0 .. awareness_max_multiplier - 1."""
+        return self._awareness.score
+
+    @property
+    def num_alive(self) -> int:
+        """Members in state ALIVE, ourselves included (unless we left)."""
+        return self._counts[ALIVE] + (0 if self._left else 1)
+
+    @property
+    def local_member(self) -> Member:
+        """Our own record."""
+        return self._me.snapshot()
+
+    @property
+    def pending_broadcasts(self) -> int:
+        """Updates still waiting to be (re)transmitted; a leaving driver waits for 0."""
+        return len(self._queue) + len(self._user_queue)
+
+    def members(self) -> list[Member]:
+        """Every member we know, ourselves included, dead and left ones until reaped."""
+        return [n.snapshot() for n in self._by_name.values()]
+
+    def member(self, name: str) -> Member | None:
+        """One member by name, or None."""
+        node = self._by_name.get(name)
+        return node.snapshot() if node is not None else None
+
+    def state_of(self, owner: str) -> dict[str, StateValue]:
+        """``owner``'s replicated map as known here."""
+        return self._store.values(owner)
+
+    # ----------------------------------------------------------------- outputs
+
+    def datagrams_to_send(self) -> list[tuple[Address, bytes]]:
+        """Drain the sealed datagrams to send, each <= ``max_datagram_bytes``."""
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def streams_to_send(self) -> list[tuple[Address, bytes]]:
+        """Drain the sealed push-pull requests to send; each expects one reply."""
+        out, self._streams = self._streams, []
+        return out
+
+    def next_event(self) -> Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """The earliest pending deadline (possibly of a timer that turns out stale)."""
+        return self._timers[0][0] if self._timers else None
+
+    # ---------------------------------------------------------------- commands
+
+    def join(self, seeds: Iterable[Address], now: float) -> None:
+        """Push-pull (join) with every seed; seeds are retried while we are alone."""
+        for seed in seeds:
+            seed = (seed[0], seed[1])
+            if seed == self.addr:
+                continue
+            if seed not in self._seeds:
+                self._seeds.append(seed)
+            self._request_push_pull(seed, join=True)
+
+    def leave(self, now: float) -> None:
+        """Leave gracefully: broadcast Dead about ourselves, sent by ourselves (LEFT everywhere)."""
+        if self._left:
+            return
+        self._left = True
+        me = self._me
+        me.state = LEFT
+        me.state_change = now
+        self._finish_probe()
+        self._enqueue(Dead(me.name, me.incarnation, me.name), me.name, PRIORITY_MEMBERSHIP)
+
+    def set_meta(self, meta: bytes, now: float) -> None:
+        """Change our metadata (raises BroadcastTooLarge beyond ``max_meta_bytes``)."""
+        if len(meta) > self.config.max_meta_bytes:
+            raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {self.config.max_meta_bytes}")
+        me = self._me
+        me.incarnation += 1
+        me.meta = meta
+        self._enqueue(Alive(me.name, me.incarnation, me.addr, meta), me.name, PRIORITY_MEMBERSHIP)
+
+    def set_state(self, key: str, value: StateValue, now: float) -> None:
+        """Set a key of our replicated map and spread it.
+
+        Raises BroadcastTooLarge if the map would exceed ``max_state_bytes`` or
+        the entry can never fit a datagram, InvalidArgument for a value the
+        wire cannot carry.
+        """
+        self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value))
+        update = self._store.set_local(key, value)
+        self._enqueue(update, ("s", key), PRIORITY_STATE)
+
+    def delete_state(self, key: str, now: float) -> None:
+        """Delete a key of our replicated map (a tombstone spreads)."""
+        update = self._store.delete_local(key)
+        if update is not None:
+            self._enqueue(update, ("s", key), PRIORITY_STATE)
+
+    def broadcast(self, payload: bytes, now: float) -> None:
+        """Spread ``payload`` to every member once (UserMessage events there, not here)."""
+        msg = UserBroadcast(self.name, self._user_seq, payload)
+        size = self._check_fits(msg)
+        self._user_seq += 1
+        self._remember_user((msg.origin, msg.seq))
+        self._user_queue.push(msg, key=(msg.origin, msg.seq), priority=PRIORITY_USER, size=size)
+
+    def _check_fits(self, msg: Message) -> int:
+        try:
+            size = encoded_size(msg)
+        except ValueError as exc:  # BroadcastTooLarge is a LocalError and passes through
+            raise InvalidArgument(str(exc)) from None
+        if size > self._budget:
+            raise BroadcastTooLarge(f"{type(msg).__name__} of {size} bytes can never fit a datagram")
+        return size
+
+    # ------------------------------------------------------------------ inputs
+
+    def receive(self, data: bytes, src: Address, now: float) -> None:
+        """One sealed datagram from ``src``. Bad input is dropped and counted."""
+        stats = self.stats
+        stats.datagrams_in += 1
+        stats.bytes_in += len(data)
+        try:
+            msgs = decode_datagram(self._keyring.decrypt(data, self._aad))
+        except RemoteError as exc:
+            self._count_error(exc)
+            return
+        pings: list[Message] = []
+        handlers = self._handlers
+        for msg in msgs:
+            # Answer pings last so the ack carries whatever this datagram made us
+            # say (a refutation of a piggybacked Suspect, most of all).
+            if type(msg) is Ping:
+                pings.append(msg)
+            else:
+                handlers[type(msg)](msg, src, now)
+        for msg in pings:
+            self._on_ping(msg, src, now)  # type: ignore[arg-type]
+
+    def handle_stream(self, data: bytes, src: Address, now: float) -> bytes | None:
+        """A sealed push-pull request; returns the sealed reply (None if it was bad)."""
+        self.stats.streams_in += 1
+        self.stats.bytes_in += len(data)
+        self.stats.stream_bytes_in += len(data)
+        remote = self._open_frame(data)
+        if remote is None:
+            return None
+        if remote.reply:
+            self.stats.dropped += 1
+            return None
+        # Merge before answering (memberlist answers first): a member we held as
+        # dead then refutes at once, and the reply already carries the refutation.
+        self._merge(remote, now)
+        reply = self._keyring.encrypt(encode_frame(self._local_state(join=remote.join, reply=True)), self._aad)
+        self.stats.bytes_out += len(reply)
+        self.stats.stream_bytes_out += len(reply)
+        return reply
+
+    def receive_stream_reply(self, data: bytes, src: Address, now: float) -> None:
+        """The sealed reply to a push-pull request we sent to ``src``."""
+        self.stats.stream_replies_in += 1
+        self.stats.bytes_in += len(data)
+        self.stats.stream_bytes_in += len(data)
+        if not self._end_stream(src):
+            self.stats.dropped += 1
+            return
+        remote = self._open_frame(data)
+        if remote is None:
+            return
+        if not remote.reply:
+            self.stats.dropped += 1
+            return
+        self._merge(remote, now)
+
+    def stream_failed(self, dst: Address, now: float) -> None:
+        """Our push-pull request to ``dst`` could not be delivered (or got no reply)."""
+        if self._end_stream(dst):
+            self.stats.stream_failures += 1
+
+    def handle_timeout(self, now: float) -> None:
+        """Run every timer due at or before ``now``."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, kind, arg = heapq.heappop(timers)
+            if kind == _T_PROBE_TICK:
+                self._on_probe_tick(deadline, now)
+            elif kind == _T_PROBE_TIMEOUT:
+                self._on_probe_timeout(arg, now)  # type: ignore[arg-type]
+            elif kind == _T_PROBE_END:
+                self._on_probe_end(arg, now)  # type: ignore[arg-type]
+            elif kind == _T_RELAY_TIMEOUT:
+                self._on_relay_timeout(arg)  # type: ignore[arg-type]
+            elif kind == _T_GOSSIP:
+                self._on_gossip_tick(deadline, now)
+            elif kind == _T_PUSH_PULL:
+                self._on_push_pull_tick(deadline, now)
+            elif kind == _T_RECONNECT:
+                self._on_reconnect_tick(deadline, now)
+            elif kind == _T_SUSPICION:
+                self._on_suspicion_timeout(arg, now)  # type: ignore[arg-type]
+            elif kind == _T_REAP:
+                self._on_reap(arg, now)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ plumbing
+
+    def _schedule(self, deadline: float, kind: int, arg: object) -> None:
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), kind, arg))
+
+    def _next_tick(self, deadline: float, interval: float, now: float) -> float:
+        # A ticker drops the ticks it missed (Go time.Ticker).
+        nxt = deadline + interval
+        if nxt <= now:
+            nxt += math.ceil((now - nxt) / interval + 1e-9) * interval
+        return nxt
+
+    def _count_error(self, exc: RemoteError) -> None:
+        if isinstance(exc, DecryptError):
+            self.stats.decrypt_errors += 1
+        else:
+            self.stats.decode_errors += 1
+
+    def _open_frame(self, data: bytes) -> PushPull | None:
+        try:
+            return decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
+        except RemoteError as exc:
+            self._count_error(exc)
+            return None
+
+    def _end_stream(self, addr: Address) -> bool:
+        pending = self._pending_streams.get(addr, 0)
+        if pending <= 0:
+            return False
+        if pending == 1:
+            del self._pending_streams[addr]
+        else:
+            self._pending_streams[addr] = pending - 1
+        return True
+
+    def _n_estimate(self) -> int:
+        """Cluster size as memberlist estimates it: members not dead or left, us included."""
+        return 1 + self._counts[ALIVE] + self._counts[SUSPECT]
+
+    def _retransmit_limit(self) -> int:
+        n = self._n_estimate()
+        cached_n, limit = self._limit_cache
+        if cached_n != n:
+            limit = retransmit_limit(self.config.retransmit_mult, n)
+            self._limit_cache = (n, limit)
+        return limit
+
+    def _enqueue(self, msg: Message, key: object, priority: int) -> None:
+        self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg))
+
+    def _take_broadcasts(self, budget: int) -> list[Message]:
+        limit = self._retransmit_limit()
+        msgs: list[Message] = self._queue.take(budget, limit) if self._queue else []
+        if self._user_queue:
+            # User broadcasts fill what membership and state updates leave.
+            budget -= sum(encoded_size(m) for m in msgs)
+            msgs.extend(self._user_queue.take(budget, limit))
+        return msgs
+
+    def _send(self, addr: Address, msgs: list[Message]) -> None:
+        """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for ``addr``."""
+        used = sum(encoded_size(m) for m in msgs)
+        if used < self._budget:
+            msgs.extend(self._take_broadcasts(self._budget - used))
+        self._seal(addr, msgs)
+
+    def _seal(self, addr: Address, msgs: list[Message]) -> None:
+        sealed = self._keyring.encrypt(encode_datagram(msgs), self._aad)
+        self._datagrams.append((addr, sealed))
+        self.stats.datagrams_out += 1
+        self.stats.bytes_out += len(sealed)
+
+    def _request_push_pull(self, addr: Address, join: bool) -> None:
+        frame = self._keyring.encrypt(encode_frame(self._local_state(join=join, reply=False)), self._aad)
+        self._streams.append((addr, frame))
+        self._pending_streams[addr] = self._pending_streams.get(addr, 0) + 1
+        self.stats.streams_out += 1
+        self.stats.bytes_out += len(frame)
+        self.stats.stream_bytes_out += len(frame)
+
+    def _local_state(self, join: bool, reply: bool) -> PushPull:
+        members = tuple(
+            MemberRecord(n.name, n.addr, n.incarnation, n.state, n.meta) for n in self._by_name.values()
+        )
+        return PushPull(self.name, join, reply, members, self._store.snapshot())
+
+    def _k_random(self, k: int, accept: Callable[[_Node], bool]) -> list[_Node]:
+        """Up to ``k`` distinct random members passing ``accept`` (memberlist kRandomNodes)."""
+        nodes = self._nodes
+        n = len(nodes)
+        picked: list[_Node] = []
+        if n == 0 or k <= 0:
+            return picked
+        rand = self._rng.random
+        for _ in range(3 * n):
+            if len(picked) >= k:
+                break
+            node = nodes[int(rand() * n)]
+            if node in picked or not accept(node):
+                continue
+            picked.append(node)
+        return picked
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    # ------------------------------------------------------------ node table
+
+    def _set_state(self, node: _Node, state: MemberState, now: float) -> None:
+        if node is not self._me:
+            self._counts[node.state] -= 1
+            self._counts[state] += 1
+        node.state = state
+        node.state_change = now
+
+    def _add_node(self, a: Alive, now: float) -> _Node | None:
+        if len(self._by_name) >= self.config.max_members:
+            self.stats.dropped += 1
+            return None
+        node = _Node(a.name, a.addr, a.incarnation, ALIVE, a.meta, now)
+        self._by_name[a.name] = node
+        node.index = len(self._nodes)
+        self._nodes.append(node)
+        self._counts[ALIVE] += 1
+        # Insert at a random place in the probe list (memberlist aliveNode):
+        # appending would put every new member at the end of the round.
+        plist = self._probe_list
+        plist.append(node)
+        offset = int(self._rng.random() * len(plist))
+        plist[offset], plist[-1] = plist[-1], plist[offset]
+        return node
+
+    def _remove_node(self, node: _Node) -> None:
+        del self._by_name[node.name]
+        last = self._nodes.pop()
+        if last is not node:
+            self._nodes[node.index] = last
+            last.index = node.index
+        node.index = -1
+        self._counts[node.state] -= 1
+        self._store.forget(node.name)
+
+    def _on_reap(self, arg: tuple[_Node, float], now: float) -> None:
+        node, stamp = arg
+        if node.index < 0 or node.state_change != stamp or node.state not in (DEAD, LEFT):
+            return
+        self._remove_node(node)
+        self._emit(MemberReaped(node.snapshot()))
+
+    # ------------------------------------------------------------ failure detection
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _on_probe_tick(self, deadline: float, now: float) -> None:
+        if self._left:
+            return
+        self._schedule(self._next_tick(deadline, self.config.probe_interval, now), _T_PROBE_TICK, None)
+        if self._probe is not None:
+            self._probe_pending = True  # Go's ticker buffers one tick
+            return
+        self._start_probe(now)
+
+    def _next_probe_target(self) -> _Node | None:
+        plist = self._probe_list
+        for _ in range(2 * len(plist) + 2):
+            if self._probe_index >= len(plist):
+                # End of a round: reshuffle the members worth probing.
+                plist = self._probe_list = [n for n in self._nodes if n.state <= SUSPECT]
+                self._rng.shuffle(plist)
+                self._probe_index = 0
+                if not plist:
+                    return None
+            node = plist[self._probe_index]
+            self._probe_index += 1
+            if node.index >= 0 and node.state <= SUSPECT:
+                return node
+        return None
+
+    def _start_probe(self, now: float) -> None:
+        node = self._next_probe_target()
+        if node is None:
+            return
+        config = self.config
+        scale = self._awareness.scale if self._lifeguard else _unscaled
+        probe = self._probe = _Probe(node, self._next_seq())
+        self._acks[probe.seq] = probe
+        self.stats.probes += 1
+        msgs: list[Message] = [Ping(probe.seq, node.name, self.name, self.addr)]
+        if node.state == SUSPECT and self._lifeguard:
+            # Buddy system: tell the suspect so it can refute at once.
+            msgs.append(Suspect(node.name, node.incarnation, self.name))
+        self._send(node.addr, msgs)
+        self._schedule(now + scale(config.probe_timeout), _T_PROBE_TIMEOUT, probe.seq)
+        self._schedule(now + scale(config.probe_interval), _T_PROBE_END, probe.seq)
+
+    def _on_probe_timeout(self, seq: int, now: float) -> None:
+        probe = self._probe
+        if probe is None or probe.seq != seq:
+            return
+        target = probe.node
+        relays = self._k_random(
+            self.config.indirect_checks, lambda n: n is not target and n.state == ALIVE
+        )
+        nack = self._lifeguard
+        for relay in relays:
+            self._send(relay.addr, [PingReq(seq, target.name, target.addr, self.name, self.addr, nack)])
+        probe.expected_nacks = len(relays) if nack else 0
+
+    def _on_probe_end(self, seq: int, now: float) -> None:
+        probe = self._probe
+        if probe is None or probe.seq != seq:
+            return
+        self.stats.probe_failures += 1
+        if self._lifeguard:
+            # memberlist probeNode: missing nacks mean *we* may be the problem.
+            if probe.expected_nacks > 0:
+                self._awareness.apply_delta(max(0, probe.expected_nacks - probe.nacks))
+            else:
+                self._awareness.apply_delta(1)
+        self._finish_probe()
+        node = probe.node
+        if node.index >= 0:
+            self._on_suspect(Suspect(node.name, node.incarnation, self.name), now)
+        self._resume_probing(now)
+
+    def _finish_probe(self) -> None:
+        if self._probe is not None:
+            self._acks.pop(self._probe.seq, None)
+            self._probe = None
+
+    def _resume_probing(self, now: float) -> None:
+        if self._probe_pending and not self._left:
+            self._probe_pending = False
+            self._start_probe(now)
+
+    def _on_ping(self, msg: Ping, src: Address, now: float) -> None:
+        if msg.target != self.name:
+            self.stats.dropped += 1  # meant for whoever had this address before us
+            return
+        self._send(src, [Ack(msg.seq, self.name)])
+
+    def _on_ack(self, msg: Ack, src: Address, now: float) -> None:
+        handler = self._acks.pop(msg.seq, None)
+        if handler is None:
+            return  # late or unknown
+        if isinstance(handler, _Probe):
+            if self._lifeguard:
+                self._awareness.apply_delta(-1)
+            self._probe = None
+            self._resume_probing(now)
+        else:
+            self._send(handler.origin, [Ack(handler.origin_seq, self.name)])
+
+    def _on_nack(self, msg: Nack, src: Address, now: float) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == msg.seq and probe.nacks < probe.expected_nacks:
+            probe.nacks += 1
+
+    def _on_ping_req(self, msg: PingReq, src: Address, now: float) -> None:
+        seq = self._next_seq()
+        self._acks[seq] = _Relay(src, msg.seq, msg.nack)
+        self._send(msg.target_addr, [Ping(seq, msg.target, self.name, self.addr)])
+        self._schedule(now + self.config.probe_timeout, _T_RELAY_TIMEOUT, seq)
+
+    def _on_relay_timeout(self, seq: int) -> None:
+        relay = self._acks.get(seq)
+        if not isinstance(relay, _Relay):
+            return
+        del self._acks[seq]
+        if relay.nack:
+            self._send(relay.origin, [Nack(relay.origin_seq, self.name)])
+
+    # ------------------------------------------------------------ membership updates
+
+    def _on_alive_msg(self, msg: Alive, src: Address, now: float) -> None:
+        if not self._left:
+            self._on_alive(msg, now, PRIORITY_MEMBERSHIP)
+
+    def _on_suspect_msg(self, msg: Suspect, src: Address, now: float) -> None:
+        if not self._left:
+            self._on_suspect(msg, now)
+
+    def _on_dead_msg(self, msg: Dead, src: Address, now: float) -> None:
+        if not self._left:
+            self._on_dead(msg, now)
+
+    def _refute(self, accused: int) -> None:
+        """Beat an accusation about ourselves with a higher incarnation (memberlist refute)."""
+        me = self._me
+        inc = me.incarnation + 1
+        if accused >= inc:
+            inc = accused + 1
+        me.incarnation = inc
+        self.stats.refutes += 1
+        if self._lifeguard:
+            self._awareness.apply_delta(1)  # being accused is a sign we are the slow one
+        self._enqueue(Alive(me.name, inc, me.addr, me.meta), me.name, PRIORITY_MEMBERSHIP)
+
+    def _on_alive(self, a: Alive, now: float, priority: int) -> None:
+        node = self._by_name.get(a.name)
+        if node is None:
+            node = self._add_node(a, now)
+            if node is not None:
+                self._enqueue(a, a.name, priority)
+                self._emit(MemberJoined(node.snapshot()))
+            return
+        if node is self._me:
+            if a.incarnation < node.incarnation or self._left:
+                return
+            if a.incarnation == node.incarnation and a.meta == node.meta and a.addr == node.addr:
+                return
+            self._refute(a.incarnation)  # someone speaks for us (an earlier life): outbid it
+            return
+        if a.incarnation <= node.incarnation:
+            return
+        node.suspicion = None
+        old_state, old_meta, old_addr = node.state, node.meta, node.addr
+        node.incarnation = a.incarnation
+        node.meta = a.meta
+        node.addr = a.addr
+        self._enqueue(a, a.name, priority)
+        if old_state != ALIVE:
+            self._set_state(node, ALIVE, now)
+        if old_state in (DEAD, LEFT):
+            self._emit(MemberJoined(node.snapshot()))
+            return
+        if old_state == SUSPECT:
+            self._emit(MemberAlive(node.snapshot()))
+        if old_meta != a.meta or old_addr != a.addr:
+            self._emit(MemberUpdated(node.snapshot()))
+
+    def _suspicion_min(self, n: int) -> float:
+        cached = self._suspicion_cache.get(n)
+        if cached is None:
+            cached = suspicion_timeout(self.config.suspicion_mult, n, self.config.probe_interval)
+            self._suspicion_cache[n] = cached
+        return cached
+
+    def _on_suspect(self, s: Suspect, now: float) -> None:
+        node = self._by_name.get(s.name)
+        if node is None or s.incarnation < node.incarnation:
+            return
+        if node.suspicion is not None:
+            # Already suspect: count an independent confirmation, and pass it on
+            # so confirmations flow even to members that already suspect.
+            susp = node.suspicion
+            if susp.confirm(s.sender, now):
+                self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
+                self._schedule(susp.deadline, _T_SUSPICION, (node, susp))
+            return
+        if node.state != ALIVE:
+            return
+        if node is self._me:
+            self._refute(s.incarnation)
+            return
+        self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
+        node.incarnation = s.incarnation
+        self._set_state(node, SUSPECT, now)
+        n = self._n_estimate()
+        # k: confirmations expected; the nominal timeout is hit two probe
+        # periods short of the multiplier (memberlist suspectNode).
+        k = self.config.suspicion_mult - 2 if self._lifeguard else 0
+        if n - 2 < k:
+            k = 0
+        min_timeout = self._suspicion_min(n)
+        max_timeout = self.config.suspicion_max_timeout_mult * min_timeout
+        susp = node.suspicion = Suspicion(s.sender, k, min_timeout, max_timeout, now)
+        self._schedule(susp.deadline, _T_SUSPICION, (node, susp))
+        self._emit(MemberSuspected(node.snapshot()))
+
+    def _on_suspicion_timeout(self, arg: tuple[_Node, Suspicion], now: float) -> None:
+        node, susp = arg
+        if node.suspicion is not susp or node.state != SUSPECT or susp.deadline > now:
+            return
+        self._on_dead(Dead(node.name, node.incarnation, self.name), now)
+
+    def _on_dead(self, d: Dead, now: float) -> None:
+        node = self._by_name.get(d.name)
+        if node is None or d.incarnation < node.incarnation:
+            return
+        node.suspicion = None
+        graceful = d.sender == d.name
+        if node.state == LEFT:
+            return
+        if node.state == DEAD:
+            if graceful and node is not self._me:
+                # It left while we held it dead: record the leave, never the death.
+                self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
+                node.incarnation = d.incarnation
+                self._mark_gone(node, LEFT, now)
+            return
+        if node is self._me:
+            self._refute(d.incarnation)  # we are not leaving (leave() marks us LEFT)
+            return
+        self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
+        node.incarnation = d.incarnation
+        self._mark_gone(node, LEFT if graceful else DEAD, now)
+
+    def _mark_gone(self, node: _Node, state: MemberState, now: float) -> None:
+        self._set_state(node, state, now)
+        self._schedule(now + self.config.dead_member_ttl, _T_REAP, (node, now))
+        self._emit(MemberLeft(node.snapshot()) if state == LEFT else MemberFailed(node.snapshot()))
+
+    # ------------------------------------------------------------ replicated state and user messages
+
+    def _on_state_update(self, msg: StateUpdate, src: Address, now: float) -> None:
+        if self._left:
+            return
+        if msg.owner == self.name:
+            entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted)
+            self._assert_own_state((entry,))
+            return
+        if msg.owner not in self._by_name:
+            self.stats.dropped += 1  # we will learn its map by push-pull once we know it
+            return
+        rejected = self._store.rejected
+        if self._store.apply(msg):
+            self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
+            self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
+        self.stats.state_rejected += self._store.rejected - rejected
+
+    def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
+        for update in self._store.reconcile_own(entries):
+            self._enqueue(update, ("s", update.key), PRIORITY_STATE)
+
+    def _remember_user(self, key: tuple[str, int]) -> None:
+        seen = self._user_seen
+        seen[key] = None
+        if len(seen) > USER_DEDUP_CAPACITY:
+            seen.popitem(last=False)
+
+    def _on_user_broadcast(self, msg: UserBroadcast, src: Address, now: float) -> None:
+        key = (msg.origin, msg.seq)
+        if self._left or key in self._user_seen:
+            return
+        self._remember_user(key)
+        if msg.origin == self.name:
+            return
+        self._emit(UserMessage(msg.origin, msg.payload))
+        self._user_queue.push(msg, key=key, priority=PRIORITY_USER, size=encoded_size(msg))
+
+    # ------------------------------------------------------------ dissemination and anti-entropy
+
+    def _on_gossip_tick(self, deadline: float, now: float) -> None:
+        config = self.config
+        self._schedule(self._next_tick(deadline, config.gossip_interval, now), _T_GOSSIP, None)
+        if not self._queue and not self._user_queue:
+            return
+        dead_horizon = now - config.gossip_to_the_dead_time
+
+        def worth_gossip(n: _Node) -> bool:
+            return n.state <= SUSPECT or (n.state == DEAD and n.state_change >= dead_horizon)
+
+        for node in self._k_random(config.gossip_nodes, worth_gossip):
+            msgs = self._take_broadcasts(self._budget)
+            if not msgs:
+                return
+            self._seal(node.addr, msgs)
+
+    def _on_push_pull_tick(self, deadline: float, now: float) -> None:
+        if self._left:
+            return
+        interval = push_pull_scale(self.config.push_pull_interval, self._n_estimate())
+        self._schedule(self._next_tick(deadline, interval, now), _T_PUSH_PULL, None)
+        peers = self._k_random(1, lambda n: n.state == ALIVE)
+        if peers:
+            self._request_push_pull(peers[0].addr, join=False)
+
+    def _on_reconnect_tick(self, deadline: float, now: float) -> None:
+        if self._left:
+            return
+        self._schedule(self._next_tick(deadline, self.config.reconnect_interval, now), _T_RECONNECT, None)
+        counts = self._counts
+        if counts[ALIVE] + counts[SUSPECT] == 0:
+            for seed in self._seeds:
+                self._request_push_pull(seed, join=True)
+        num_dead = counts[DEAD]
+        if num_dead == 0:
+            return
+        # Serf reconnect: try a random failed member with probability dead / alive.
+        if self._rng.random() > num_dead / (counts[ALIVE] + counts[SUSPECT] + 1):
+            return
+        picked = self._k_random(1, lambda n: n.state == DEAD)
+        if picked:
+            self._request_push_pull(picked[0].addr, join=False)
+
+    def _merge(self, remote: PushPull, now: float) -> None:
+        """Merge a remote full state (memberlist mergeState, plus replicated maps)."""
+        if self._left:
+            return
+        by_name = self._by_name
+        me = self._me
+        for r in remote.members:
+            node = by_name.get(r.name)
+            if r.state == ALIVE:
+                if node is not None and node is not me and r.incarnation <= node.incarnation:
+                    continue  # nothing new: skip building the message
+                self._on_alive(Alive(r.name, r.incarnation, r.addr, r.meta), now, PRIORITY_MERGED)
+            elif node is None:
+                continue  # never heard of it, and it is not alive: ignore
+            elif r.state == LEFT:
+                self._on_dead(Dead(r.name, r.incarnation, r.name), now)
+            else:
+                # A remote DEAD is only a suspicion here (memberlist mergeState).
+                self._on_suspect(Suspect(r.name, r.incarnation, self.name), now)
+        rejected = self._store.rejected
+        for owner, entries in remote.states:
+            if owner == self.name:
+                self._assert_own_state(entries)
+            elif owner in by_name:
+                for e in self._store.merge(owner, entries):
+                    self._emit(StateChanged(owner, e.key, e.value, e.version, e.deleted))
+            else:
+                self.stats.dropped += 1
+        self.stats.state_rejected += self._store.rejected - rejected
+
+
+def _unscaled(timeout: float) -> float:
+    return timeout
