@@ -13,6 +13,7 @@ of one) and raises :class:`ControlError` for a clean refusal.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import inspect
@@ -194,6 +195,24 @@ def _read_line(sock: socket.socket) -> bytes:
             raise ConnectionError("reply too long")
 
 
+def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--state-dir`` option of every command that talks to a running agent."""
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="state dir of the agent to talk to (default: /var/lib/edgeagent as root, "
+        "else $XDG_STATE_HOME/edgeagent)",
+    )
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    """The state dir named by ``--state-dir``, or the default one."""
+    from .config import default_state_dir
+
+    given = getattr(args, "state_dir", None)
+    return Path(given).expanduser() if given else default_state_dir()
+
+
 def call_agent(state_dir: Path, cmd: str, **args: Any) -> Any:
     """CLI helper: call the agent of ``state_dir``.
 
@@ -207,6 +226,8 @@ def call_agent(state_dir: Path, cmd: str, **args: Any) -> Any:
 
 __all__ = [
     "ControlClient",
+    "add_state_dir_argument",
+    "state_dir_of",
     "ControlError",
     "ControlServer",
     "Handler",

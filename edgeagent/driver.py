@@ -171,6 +171,8 @@ class GossipDriver:
 
     ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
     and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics).
+    ``advertise`` is the address the core announces (port 0: the bound port); by default the
+    bind address with the bound port.
     """
 
     def __init__(
@@ -253,6 +255,10 @@ class GossipDriver:
         """Await :meth:`call` from an asyncio loop."""
         return await asyncio.wrap_future(self.call(fn))
 
+    async def snapshot(self) -> View:
+        """A fresh :class:`View`, taken on the gossip thread."""
+        return await self.acall(lambda core, now: take_view(core, self._stats, now))
+
     def stop(self, timeout: float = 5.0) -> None:
         """Close the sockets and end the thread (no leave: send one first if wanted)."""
         loop, stopping = self._loop, self._stopping
@@ -286,10 +292,8 @@ class GossipDriver:
         udp, tcp = self._bind_sockets()
         self._udp = udp
         port = udp.getsockname()[1]
-        if self._advertise is not None:
-            self._address = self._advertise
-        else:
-            self._address = (self._bind[0], port)
+        host, adv_port = self._advertise if self._advertise is not None else (self._bind[0], 0)
+        self._address = (host, adv_port or port)
         self._core = self._make_core(self._address, loop.time())
         self._server = await asyncio.start_server(self._serve_stream, sock=tcp)
         loop.add_reader(udp.fileno(), self._on_readable)

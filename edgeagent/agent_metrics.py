@@ -1,0 +1,117 @@
+"""Feeds the agent's Prometheus metrics from gossip-thread snapshots.
+
+The core and the driver keep plain cumulative counters on the gossip thread; they reach this
+(the application's) loop inside each immutable :class:`~edgeagent.driver.View`. :meth:`update`
+turns the growth since the previous view into counter increments and sets the gauges, so the
+gossip thread never touches the registry. Imported only when ``--metrics`` is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+
+from gossip.messages import Address, MemberState
+
+from .driver import View
+from .metrics import AgentMetrics, Registry, agent_metrics, serve_metrics
+
+CLOSE_TIMEOUT = 2.0
+
+# (counter attribute, labels, counter source) where the source is (stats dict, key[, minus key]).
+# UDP traffic is the sealed total minus its stream part; TCP is the push-pull streams.
+_TRAFFIC = (
+    ("packets_received", "udp", ("core", "datagrams_in", None)),
+    ("packets_received", "tcp", ("core", "streams_in", None)),
+    ("packets_received", "tcp", ("core", "stream_replies_in", None)),
+    ("packets_sent", "udp", ("core", "datagrams_out", None)),
+    ("packets_sent", "tcp", ("core", "streams_out", None)),
+    ("bytes_received", "udp", ("core", "bytes_in", "stream_bytes_in")),
+    ("bytes_received", "tcp", ("core", "stream_bytes_in", None)),
+    ("bytes_sent", "udp", ("core", "bytes_out", "stream_bytes_out")),
+    ("bytes_sent", "tcp", ("core", "stream_bytes_out", None)),
+)
+# packets_dropped{reason}: core decode/decrypt failures, unusable messages, driver-side drops.
+_DROPS = (
+    ("decode", "core", "decode_errors"),
+    ("decrypt", "core", "decrypt_errors"),
+    ("unusable", "core", "dropped"),
+    ("state_over_budget", "core", "state_rejected"),
+    ("oversize", "driver", "datagrams_oversized"),
+    ("oversize", "driver", "frames_oversized"),
+    ("stream_error", "driver", "stream_errors"),
+    ("stream_limit", "driver", "streams_rejected"),
+    ("send_error", "driver", "send_errors"),
+)
+
+
+class MetricsFeed:
+    """The agent's metrics registry, its HTTP endpoint, and the View-to-metrics update."""
+
+    def __init__(self, registry: Registry, metrics: AgentMetrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self._server: asyncio.Server | None = None
+        self._last: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    async def serve(
+        cls, where: Address, *, node: str, cluster: str, profile: str, version: str
+    ) -> MetricsFeed:
+        """Register the metrics and listen on ``where`` (OSError if it cannot)."""
+        registry = Registry()
+        feed = cls(registry, agent_metrics(registry))
+        feed.metrics.info.labels(node=node, cluster=cluster, profile=profile, version=version).set(
+            1
+        )
+        feed._server = await serve_metrics(registry, where[0], where[1])
+        return feed
+
+    @property
+    def address(self) -> Address | None:
+        """Where the endpoint listens (the real port when 0 was asked)."""
+        if self._server is None or not self._server.sockets:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (str(host), int(port))
+
+    def update(self, view: View) -> None:
+        """Bring every metric up to date with ``view``."""
+        m = self.metrics
+        sources: Mapping[str, Mapping[str, int]] = {
+            "core": view.core_stats,
+            "driver": view.driver_stats,
+        }
+        counts = {state: 0 for state in MemberState}
+        for member in view.members:
+            counts[member.state] += 1
+        for state, n in counts.items():
+            m.members.labels(state=state.name.lower()).set(n)
+        for attr, transport, (src, key, minus) in _TRAFFIC:
+            stats = sources[src]
+            value = stats.get(key, 0) - (stats.get(minus, 0) if minus else 0)
+            self._grow(getattr(m, attr).labels(transport=transport), (attr, transport, key), value)
+        for reason, src, key in _DROPS:
+            self._grow(
+                m.packets_dropped.labels(reason=reason),
+                ("drop", reason, key),
+                sources[src].get(key, 0),
+            )
+        m.local_health.set(view.health_score)
+        m.incarnation.set(view.incarnation)
+
+    def _grow(self, child: object, key: tuple[str, str, str], value: float) -> None:
+        flat = (key[0] + "/" + key[1], key[2])
+        delta = value - self._last.get(flat, 0.0)
+        if delta > 0:
+            child.inc(delta)  # type: ignore[attr-defined]
+            self._last[flat] = value
+
+    async def close(self) -> None:
+        """Stop serving scrapes."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT)
+            self._server = None
