@@ -32,6 +32,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,7 +61,7 @@ log = logging.getLogger("edgeagent")
 
 LEAVE_SPREAD_TIMEOUT = 2.0  # seconds to let a graceful leave spread before exiting
 LEAVE_POLL_INTERVAL = 0.05
-DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-block (tests only)
+DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* commands (tests only)
 MAX_DEBUG_BLOCK_S = 60.0
 KEYS_STATE_KEY = "keys"  # replicated state: this node's key fingerprints, primary first
 KEY_OP_PREFIX = b"edgeagent/keys\0"  # user-broadcast payloads carrying a keyring operation
@@ -321,6 +322,7 @@ class Agent:
         server.register("keys", self._cmd_keys)
         if self._debug_commands:
             server.register("debug-block", self._cmd_debug_block)
+            server.register("debug-modules", lambda request: sorted(sys.modules))
 
     @property
     def control(self) -> ControlServer:
@@ -356,7 +358,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "state_dir": str(config.state_dir),
             "mdns": self._mdns is not None,
-            "metrics": format_addr(config.metrics) if config.metrics else None,
+            "metrics": format_addr(self._metrics.address) if self._metrics else None,
             "pid": os.getpid(),
         }
 

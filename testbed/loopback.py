@@ -7,6 +7,10 @@ the same freshly generated cluster key, and the first few agents as seeds. Each 
 ``python -m edgeagent run --no-mdns --preset local ...``: the real daemon on real sockets.
 The harness talks to each agent through its control socket, exactly as the CLI does.
 
+Options: ``seeds=False`` and ``mdns=True`` make agents find each other by mDNS alone (only
+inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "netns",
+"exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands.
+
 Used by the real-socket tests, the README demo and the benchmarks::
 
     with LoopbackCluster(5) as cluster:
@@ -198,6 +202,9 @@ class LoopbackCluster:
         debug_commands: bool = False,
         name_prefix: str = "node",
         rng: random.Random | None = None,
+        seeds: bool = True,
+        mdns: bool = False,
+        wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
         self._own_dir = base_dir is None
@@ -211,7 +218,7 @@ class LoopbackCluster:
         env["PYTHONUNBUFFERED"] = "1"
         if debug_commands:
             env[DEBUG_COMMANDS_ENV] = "1"
-        seeds = [f"{h}:{self.port}" for h in hosts[:MAX_SEEDS]]
+        seed_addrs = [f"{h}:{self.port}" for h in hosts[:MAX_SEEDS]] if seeds else []
         self.agents: list[LoopbackAgent] = []
         for i, host in enumerate(hosts):
             name = f"{name_prefix}{i + 1}"
@@ -219,16 +226,18 @@ class LoopbackCluster:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             save_keyring(state_dir / "keyring", [self.key])
             argv = [
+                *wrapper,
                 sys.executable, "-m", "edgeagent", "run",
                 "--name", name,
                 "--bind", f"{host}:{self.port}",
                 "--state-dir", str(state_dir),
                 "--cluster", cluster,
                 "--preset", preset,
-                "--no-mdns",
                 "--metrics", "off",
             ]  # fmt: skip
-            for seed in seeds:
+            if not mdns:
+                argv.append("--no-mdns")
+            for seed in seed_addrs:
                 if seed != f"{host}:{self.port}":
                     argv += ["--join", seed]
             argv += list(extra_args)
