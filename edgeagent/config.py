@@ -11,6 +11,7 @@ settings leave here as a finished :class:`~gossip.config.GossipConfig`.
 How the layers combine
 ----------------------
 * Scalars (name, bind, cluster, ...): the highest layer that sets one wins.
+  Lists are replaced, not merged: ``--join`` replaces the file's ``join``.
 * Gossip timing: the highest layer that names a ``preset`` picks the base
   preset, and only the overrides from that layer and the layers above it
   apply (choosing ``--preset wan`` gives plain WAN timing, not WAN mixed with
@@ -160,6 +161,11 @@ class AgentConfig:
 
 def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``edgeagent run`` flags. Every flag defaults to None ("not given")."""
+    if parser.epilog is None:
+        parser.epilog = (
+            "Settings come from built-in defaults < the firmware profile < the -c FILE < these flags. "
+            "The file is TOML; an annotated example ships as edgeagent/example-config.toml."
+        )
     add = parser.add_argument
     add(
         "-c",
@@ -189,7 +195,11 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="firmware profile (default: detected from /proc/device-tree/model, else generic-x86_64; see 'edgeagent profiles')",
     )
-    add("--preset", choices=sorted(PRESETS), help="gossip timing preset (default: the profile's)")
+    add(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="gossip timing preset, memberlist's (default: the profile's, lan in all shipped ones)",
+    )
     add(
         "--cluster",
         metavar="NAME",
@@ -203,24 +213,24 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--state-dir",
         metavar="DIR",
-        help="where identity, keys and state live (default: /var/lib/edgeagent as root, else $XDG_STATE_HOME/edgeagent)",
+        help="where identity, keys and state live (default: /var/lib/edgeagent as root, else $XDG_STATE_HOME/edgeagent or ~/.local/state/edgeagent)",
     )
     add(
         "--no-mdns",
         dest="mdns",
         action="store_false",
         default=None,
-        help="do not advertise or browse mDNS (default: the profile's; on)",
+        help="do not advertise or browse _edgeagent._udp by mDNS (default: mDNS on in every shipped profile)",
     )
     add(
         "--metrics",
         metavar="HOST:PORT",
-        help=f"serve Prometheus metrics here; 'off' disables (default: the profile's; off, or {DEFAULT_LOCAL_HOST}:{DEFAULT_METRICS_PORT} when on)",
+        help=f"serve Prometheus metrics at http://HOST:PORT/metrics, or 'off' (default: off, unless the profile turns it on at {DEFAULT_LOCAL_HOST}:{DEFAULT_METRICS_PORT})",
     )
     add(
         "--dns",
         metavar="HOST:PORT",
-        help=f"serve mesh DNS here; 'off' disables (default: the profile's; off, or {DEFAULT_LOCAL_HOST}:{DEFAULT_DNS_PORT} when on)",
+        help=f"serve mesh DNS (SERVICE.mesh, NODE.node.mesh) on HOST:PORT, or 'off' (default: off, unless the profile turns it on at {DEFAULT_LOCAL_HOST}:{DEFAULT_DNS_PORT})",
     )
     add(
         "--log-format",

@@ -26,8 +26,10 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,15 @@ from typing import Any
 from gossip.keyring import KEY_SIZE, Keyring
 
 from .errors import ConfigError
+from .logs import fields
 
 IDENTITY_FILE = "identity.json"
 IDENTITY_VERSION = 1
 NODE_ID_BYTES = 16  # 128 random bits: collisions are negligible at any mesh size
 STATE_DIR_MODE = 0o700
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024  # refuse to read anything larger (a corrupt or wrong file)
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
@@ -265,7 +270,19 @@ def load_keyring(path: str | os.PathLike[str]) -> list[bytes]:
             keys.append(key)
     if not keys:
         raise ConfigError(f"{target}: expected at least one key in the keyring")
+    _warn_if_readable_by_others(target)
     return keys
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    """Keys readable by other users defeat the encryption; say so (the operator may want 0640 for a group)."""
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o007:
+            log.warning(
+                "keyring file is readable by other users; chmod 600 it",
+                extra=fields(path=str(path), mode=oct(mode)),
+            )
 
 
 def save_keyring(path: str | os.PathLike[str], keys: list[bytes]) -> None:

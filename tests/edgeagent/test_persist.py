@@ -151,3 +151,15 @@ def test_unusable_state_dir_is_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match="state dir"):
         load_or_create_identity(blocker / "sub", "n")
+
+
+def test_world_readable_keyring_logs_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "k"
+    save_keyring(path, [os.urandom(32)])
+    load_keyring(path)
+    assert not caplog.records
+    path.chmod(0o644)
+    load_keyring(path)
+    assert any("readable by other users" in r.getMessage() for r in caplog.records)
