@@ -98,6 +98,9 @@ DEVICE_MODEL_PATH = Path("/proc/device-tree/model")
 MEMINFO_PATH = Path("/proc/meminfo")
 MAX_NAME_CHARS = 128  # node and cluster names travel in every alive message
 MAX_UDP_PAYLOAD = 65507  # IPv4 UDP payload limit (RFC 791 total length minus headers)
+MIN_DATAGRAM_BYTES = (
+    508  # RFC 791: every host accepts 576-byte datagrams; minus 60 IP + 8 UDP header
+)
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -796,10 +799,10 @@ def load_config(
         raise ConfigError(
             f"{src}gossip.probe_timeout: expected less than gossip.probe_interval ({gossip.probe_interval:g} s), got {gossip.probe_timeout:g}"
         )
-    if gossip.max_datagram_bytes > MAX_UDP_PAYLOAD:
+    if not MIN_DATAGRAM_BYTES <= gossip.max_datagram_bytes <= MAX_UDP_PAYLOAD:
         src = _source_of(layers[start:], ("max_datagram_bytes",))
         raise ConfigError(
-            f"{src}gossip.max_datagram_bytes: expected at most {MAX_UDP_PAYLOAD}, got {gossip.max_datagram_bytes}"
+            f"{src}gossip.max_datagram_bytes: expected {MIN_DATAGRAM_BYTES}..{MAX_UDP_PAYLOAD}, got {gossip.max_datagram_bytes}"
         )
 
     prefix: str = pick("overlay_prefix", DEFAULT_OVERLAY_PREFIX)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgeagent.config import (
     DEFAULT_GOSSIP_PORT,
@@ -240,6 +242,10 @@ def test_file_value_error_names_file_key_and_expectation(tmp_path: Path) -> None
         ),
         ("[gossip]\nmax_members = 5\n", "gossip.max_members: set it as limits.max_members"),
         ("[gossip]\ncluster_name = 'x'\n", "gossip.cluster_name: set it as cluster"),
+        (
+            "[gossip]\nmax_datagram_bytes = 100\n",
+            "gossip.max_datagram_bytes: expected 508..65507, got 100",
+        ),
         ("[limits]\nmax_members = -1\n", "limits.max_members: expected a positive integer, got -1"),
         ('[overlay]\nprefix = "10.99.0.1/16"\n', "overlay.prefix: expected an IP network"),
         (
@@ -306,3 +312,10 @@ def test_metrics_flag_rejects_words_other_than_off() -> None:
         error_of("--metrics", "on")
         == '--metrics: expected HOST:PORT with HOST an IP address, or off, got "on"'
     )
+
+
+@given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(0, 65535))
+def test_any_ip_and_port_round_trips_through_parse_hostport(address: object, port: int) -> None:
+    host = str(address)
+    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    assert parse_hostport(text, allow_port_zero=True, ip_only=True) == (host, port)
