@@ -163,3 +163,44 @@ def test_world_readable_keyring_logs_a_warning(
     path.chmod(0o644)
     load_keyring(path)
     assert any("readable by other users" in r.getMessage() for r in caplog.records)
+
+
+WRITER = """
+import sys
+from edgeagent.persist import save_json
+path = sys.argv[1]
+n = 1
+save_json(path, {"n": n, "pad": "x" * 4096})
+print("ready", flush=True)
+while True:
+    n += 1
+    save_json(path, {"n": n, "pad": "x" * 4096})
+"""
+
+
+def test_kill_9_during_writes_leaves_a_complete_file(tmp_path: Path) -> None:
+    """A real SIGKILL at arbitrary points of a write loop: the file always parses, never half-written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    path = tmp_path / "state.json"
+    seen = []
+    for delay in (0.05, 0.11, 0.2, 0.37):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(delay)  # let it write for a while; when exactly it dies does not matter
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        doc = load_json(path, None)
+        assert doc is not None and doc["pad"] == "x" * 4096
+        seen.append(doc["n"])
+    assert all(n >= 1 for n in seen)
