@@ -1,0 +1,85 @@
+"""The real CLI (``python -m edgeagent ...``) against a running agent, and without one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.loopback import LoopbackCluster
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    with LoopbackCluster(3) as c:
+        c.wait_converged(60.0)
+        yield c
+
+
+def test_members_json_lists_every_member_with_the_documented_fields(cluster: LoopbackCluster) -> None:
+    out = cli("members", "--json", "--state-dir", str(cluster.agents[0].state_dir))
+    assert out.returncode == 0, out.stderr
+    members = json.loads(out.stdout)
+    assert {m["name"] for m in members} == {a.name for a in cluster.agents}
+    for m in members:
+        assert set(m) >= {"name", "address", "state", "incarnation", "meta"}
+        assert m["state"] == "alive" and m["incarnation"] >= 1
+        assert m["address"] == cluster.agent(m["name"]).address
+
+
+def test_members_table_is_aligned(cluster: LoopbackCluster) -> None:
+    out = cli("members", "--state-dir", str(cluster.agents[0].state_dir))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "ADDRESS", "STATE", "INCARNATION"]
+    assert len(lines) == 4
+    column = lines[0].index("STATE")
+    assert all(line[column:].startswith("alive") for line in lines[1:])
+
+
+def test_status_reports_identity_and_member_counts(cluster: LoopbackCluster) -> None:
+    agent = cluster.agents[1]
+    out = cli("status", "--json", "--state-dir", str(agent.state_dir))
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    identity = json.loads((agent.state_dir / "identity.json").read_text())
+    assert status["name"] == agent.name and status["node_id"] == identity["node_id"]
+    assert status["address"] == agent.address
+    assert status["incarnation"] == identity["incarnation"]
+    assert status["cluster"] == "loopback" and status["preset"] == "local"
+    assert status["members"] == {"alive": 3, "suspect": 0, "dead": 0, "left": 0}
+    assert status["health_score"] == 0 and status["uptime_s"] >= 0
+    text = cli("status", "--state-dir", str(agent.state_dir))
+    assert text.returncode == 0 and "name:" in text.stdout and agent.address in text.stdout
+
+
+def test_leave_stops_the_agent_and_peers_record_left(cluster: LoopbackCluster) -> None:
+    leaver = cluster.agents[2]
+    out = cli("leave", "--state-dir", str(leaver.state_dir))
+    assert out.returncode == 0, out.stderr
+    assert leaver.process is not None and leaver.process.wait(30) == 0
+    cluster.wait_for(
+        lambda: all(a.state_of(leaver.name) == "left" for a in cluster.running()), 60.0, "left"
+    )
+
+
+@pytest.mark.parametrize("command", ["members", "status", "leave", "keys list"])
+def test_no_agent_is_one_line_and_exit_1(command: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="ea-") as empty:
+        out = cli(*command.split(), "--state-dir", empty)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr == f"edgeagent: error: no agent running at {Path(empty) / 'control.sock'}\n"
