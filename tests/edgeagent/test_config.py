@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,14 @@ def test_any_ip_and_port_round_trips_through_parse_hostport(address: object, por
     host = str(address)
     text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     assert parse_hostport(text, allow_port_zero=True, ip_only=True) == (host, port)
+
+
+def test_example_config_documents_every_key() -> None:
+    """The annotated example names every key the loader accepts (commented out or not)."""
+    from edgeagent.config import FILE_KEYS, OVERLAY_KEYS
+
+    text = EXAMPLE.read_text()
+    for key in FILE_KEYS:
+        assert re.search(rf"^(# )?{key} = |^\[{key}\]", text, re.M), key
+    for key in OVERLAY_KEYS:
+        assert re.search(rf"^{key} = ", text, re.M), key
