@@ -9,7 +9,9 @@ The harness talks to each agent through its control socket, exactly as the CLI d
 
 Options: ``seeds=False`` and ``mdns=True`` make agents find each other by mDNS alone (only
 inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "netns",
-"exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands.
+"exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands; ``metrics=True``
+serves each agent's metrics on its own address (port picked by the kernel;
+:meth:`LoopbackAgent.scrape_metrics` reads them).
 
 Used by the real-socket tests, the README demo and the benchmarks::
 
@@ -22,6 +24,7 @@ Used by the real-socket tests, the README demo and the benchmarks::
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import shutil
@@ -172,6 +175,25 @@ class LoopbackAgent:
     def status(self) -> dict[str, Any]:
         return dict(self.call("status"))
 
+    def scrape_metrics(self, timeout: float = 10.0) -> dict[str, float]:
+        """The agent's Prometheus samples, ``{'name{labels}': value}`` (needs ``metrics=True``)."""
+        where = self.status().get("metrics")
+        if not where:
+            raise RuntimeError(f"{self.name} serves no metrics (start the cluster with metrics=True)")
+        host, port = where.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
     def rss_kb(self) -> int | None:
         """Resident set size from /proc, in KiB (None if not running)."""
         if not self.running or self.pid is None:
@@ -204,6 +226,7 @@ class LoopbackCluster:
         rng: random.Random | None = None,
         seeds: bool = True,
         mdns: bool = False,
+        metrics: bool = False,
         wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
@@ -233,7 +256,7 @@ class LoopbackCluster:
                 "--state-dir", str(state_dir),
                 "--cluster", cluster,
                 "--preset", preset,
-                "--metrics", "off",
+                "--metrics", f"{host}:0" if metrics else "off",
             ]  # fmt: skip
             if not mdns:
                 argv.append("--no-mdns")

@@ -1,0 +1,160 @@
+"""Hostile datagrams and streams sent to a running agent (DESIGN principle 3).
+
+Malformed, truncated, oversized, wrong-key and other-cluster datagrams and TCP streams
+(garbage, a huge length prefix, a slowloris partial frame, a connection flood) go to one real
+agent. It must keep running and serving, count every kind in its metrics, and keep its
+member list exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gossip.codec import encode_datagram
+from gossip.keyring import Keyring
+from gossip.messages import Ping
+from testbed.loopback import LoopbackAgent, LoopbackCluster
+
+pytestmark = pytest.mark.slow
+
+CLUSTER = "loopback"
+STREAM_CUTOFF_WAIT = 40.0  # the agent's stream timeout is 10 s; the machine is shared
+FLOOD_CONNECTIONS = 40  # above the driver's MAX_INBOUND_STREAMS (32)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    with LoopbackCluster(2, cluster=CLUSTER, metrics=True) as c:
+        c.wait_converged(60.0)
+        yield c
+
+
+def dropped(agent: LoopbackAgent, reason: str) -> float:
+    return agent.scrape_metrics().get(f'edgeagent_packets_dropped_total{{reason="{reason}"}}', 0.0)
+
+
+def membership(agent: LoopbackAgent) -> list[tuple[str, str, str, int]]:
+    return sorted((m["name"], m["address"], m["state"], m["incarnation"]) for m in agent.members())
+
+
+def sealed(key: bytes, plaintext: bytes, cluster: str = CLUSTER) -> bytes:
+    return Keyring([key]).encrypt(plaintext, cluster.encode())
+
+
+def frame(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def send_stream(target: tuple[str, int], data: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; return what comes back before the agent closes."""
+    with socket.create_connection(target, timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_hostile_datagrams_are_dropped_and_counted(cluster: LoopbackCluster) -> None:
+    target_agent, peer = cluster.agents
+    target = (target_agent.host, target_agent.port)
+    before = membership(target_agent)
+    decrypt0, decode0, oversize0, unusable0 = (
+        dropped(target_agent, r) for r in ("decrypt", "decode", "oversize", "unusable")
+    )
+    key = cluster.key
+    valid = encode_datagram([Ping(seq=1, target="node1", source="x", source_addr=("127.0.0.9", 1))])
+    misdirected = encode_datagram([Ping(seq=2, target="nobody", source="x", source_addr=("127.0.0.9", 1))])
+    decrypt_failures = [
+        b"",  # empty
+        os.urandom(9),  # shorter than the AEAD overhead
+        os.urandom(600),  # garbage
+        sealed(key, valid)[:-7],  # truncated: the tag no longer matches
+        sealed(Keyring.generate_key(), valid),  # wrong key
+        sealed(key, valid, cluster="another-site"),  # other cluster (associated data differs)
+        b"\x02" + sealed(key, valid)[1:],  # unknown encryption version
+    ]
+    decode_failures = [
+        sealed(key, b"\x01\x00\x00\x00garbage"),  # right key, not our codec
+        sealed(key, os.urandom(300)),
+        sealed(key, valid[: len(valid) // 2]),  # truncated plaintext
+    ]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for data in decrypt_failures + decode_failures:
+            sock.sendto(data, target)
+        sock.sendto(os.urandom(5000), target)  # oversized: above max_datagram_bytes
+        sock.sendto(sealed(key, misdirected), target)  # decodes, but names another member
+
+    cluster.wait_for(
+        lambda: dropped(target_agent, "decrypt") >= decrypt0 + len(decrypt_failures)
+        and dropped(target_agent, "decode") >= decode0 + len(decode_failures)
+        and dropped(target_agent, "oversize") >= oversize0 + 1
+        and dropped(target_agent, "unusable") >= unusable0 + 1,
+        30.0,
+        "every hostile datagram counted",
+    )
+    assert target_agent.running
+    assert membership(target_agent) == before
+    assert peer.state_of(target_agent.name) == "alive"
+
+
+def test_hostile_streams_are_dropped_and_counted(cluster: LoopbackCluster) -> None:
+    target_agent, peer = cluster.agents
+    target = (target_agent.host, target_agent.port)
+    before = membership(target_agent)
+    decrypt0, decode0, oversize0 = (dropped(target_agent, r) for r in ("decrypt", "decode", "oversize"))
+    key = cluster.key
+
+    assert send_stream(target, frame(os.urandom(2000))) == b""  # garbage frame
+    assert send_stream(target, frame(sealed(Keyring.generate_key(), b"x" * 100))) == b""  # wrong key
+    assert send_stream(target, frame(sealed(key, b"x" * 100, cluster="another-site"))) == b""
+    assert send_stream(target, frame(sealed(key, os.urandom(100)))) == b""  # right key, garbage
+    assert send_stream(target, struct.pack(">I", 0xFFFFFFF0)) == b""  # huge length prefix
+    assert send_stream(target, os.urandom(3)) == b""  # truncated header
+
+    cluster.wait_for(
+        lambda: dropped(target_agent, "decrypt") >= decrypt0 + 3
+        and dropped(target_agent, "decode") >= decode0 + 1
+        and dropped(target_agent, "oversize") >= oversize0 + 1,
+        30.0,
+        "every hostile stream counted",
+    )
+    assert membership(target_agent) == before
+    assert peer.state_of(target_agent.name) == "alive"
+
+
+def test_slowloris_and_connection_flood_do_not_stall_the_agent(cluster: LoopbackCluster) -> None:
+    target_agent, peer = cluster.agents
+    target = (target_agent.host, target_agent.port)
+    before = membership(target_agent)
+    limit0 = dropped(target_agent, "stream_limit")
+
+    slow = socket.create_connection(target, timeout=STREAM_CUTOFF_WAIT)
+    slow.sendall(struct.pack(">I", 1000) + b"partial")  # and then nothing
+    flood = [socket.create_connection(target, timeout=10) for _ in range(FLOOD_CONNECTIONS)]
+    try:
+        # While the hostile connections hang, the agent answers and gossips normally.
+        assert target_agent.status()["members"]["alive"] == 2
+        time.sleep(2.0)
+        assert peer.state_of(target_agent.name) == "alive"
+        started = time.monotonic()
+        assert slow.recv(100) == b""  # cut off by the agent's stream timeout
+        assert time.monotonic() - started < STREAM_CUTOFF_WAIT
+    finally:
+        slow.close()
+        for sock in flood:
+            sock.close()
+    cluster.wait_for(
+        lambda: dropped(target_agent, "stream_limit") > limit0, 30.0, "flood connections refused"
+    )
+    assert dropped(target_agent, "stream_error") >= 1
+    assert target_agent.running
+    assert membership(target_agent) == before
+    assert peer.state_of(target_agent.name) == "alive"
