@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into something that closed early (`... --json | head`): not an error.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
