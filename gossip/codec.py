@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from .config import MAX_META_BYTES
+from .config import MAX_META_BYTES  # memberlist MetaMaxSize (512)
 from .errors import BroadcastTooLarge, DecodeError
 from .messages import (
     Ack,
@@ -94,14 +94,15 @@ MAX_DATAGRAM_INPUT_BYTES = 65_535
 MAX_MESSAGES_PER_DATAGRAM = 1024
 # Version byte + worst-case array header (array16: 0xdc + 2-byte length).
 DATAGRAM_HEADER_BYTES = 1 + 3
-MAX_UINT64 = 2**64 - 1  # seq, incarnation, version: memberlist uses uint32/uint64
+MAX_UINT64 = 2**64 - 1  # seq, incarnation, version: msgpack's unsigned maximum
 MIN_INT64 = -(2**63)  # msgpack's signed range, for integers inside replicated values
 MAX_PORT = 65_535
-MAX_NAME_BYTES = 128  # member names (memberlist has none; Consul caps node names near this)
+# Member names: room for a hostname, UUID or MAC-based id; memberlist sets no limit,
+# but a hostile name must not fill a datagram.
+MAX_NAME_BYTES = 128
 # IPv6 text (45) + "%" + interface name (IFNAMSIZ 16) fits; a DNS name must be short.
 MAX_HOST_BYTES = 64
 MAX_KEY_BYTES = 128  # replicated-state keys and map keys inside values
-MAX_META_BYTES_WIRE = MAX_META_BYTES  # memberlist MetaMaxSize (512)
 # A user broadcast must fit one 1400-byte sealed datagram with a maximal origin:
 # 1400 - 29 (keyring) - 4 (header) - 144 (type, origin, seq, headers) = 1223.
 MAX_PAYLOAD_BYTES = 1024
@@ -240,7 +241,7 @@ def _wire_record(rec: object) -> list[object]:
         _wire_addr(rec.addr, "member addr"),
         _uint(rec.incarnation, "incarnation"),
         int(rec.state),
-        _blob(rec.meta, "meta", MAX_META_BYTES_WIRE),
+        _blob(rec.meta, "meta", MAX_META_BYTES),
     ]
 
 
@@ -273,81 +274,73 @@ def _wire_states(states: object) -> list[object]:
 
 def _to_wire(msg: Message) -> list[object]:
     """The positional array for one message, after checking every field."""
-    kind = type(msg)
-    if kind is Ping:
-        assert isinstance(msg, Ping)
-        return [
-            PING,
-            _uint(msg.seq, "seq"),
-            _text(msg.target, "target", MAX_NAME_BYTES),
-            _text(msg.source, "source", MAX_NAME_BYTES),
-            _wire_addr(msg.source_addr, "source_addr"),
-        ]
-    if kind is Ack or kind is Nack:
-        assert isinstance(msg, (Ack, Nack))
-        code = ACK if kind is Ack else NACK
-        return [code, _uint(msg.seq, "seq"), _text(msg.source, "source", MAX_NAME_BYTES)]
-    if kind is PingReq:
-        assert isinstance(msg, PingReq)
-        return [
-            PING_REQ,
-            _uint(msg.seq, "seq"),
-            _text(msg.target, "target", MAX_NAME_BYTES),
-            _wire_addr(msg.target_addr, "target_addr"),
-            _text(msg.source, "source", MAX_NAME_BYTES),
-            _wire_addr(msg.source_addr, "source_addr"),
-            _bool(msg.nack, "nack"),
-        ]
-    if kind is Alive:
-        assert isinstance(msg, Alive)
-        return [
-            ALIVE,
-            _text(msg.name, "name", MAX_NAME_BYTES),
-            _uint(msg.incarnation, "incarnation"),
-            _wire_addr(msg.addr, "addr"),
-            _blob(msg.meta, "meta", MAX_META_BYTES_WIRE),
-        ]
-    if kind is Suspect or kind is Dead:
-        assert isinstance(msg, (Suspect, Dead))
-        return [
-            SUSPECT if kind is Suspect else DEAD,
-            _text(msg.name, "name", MAX_NAME_BYTES),
-            _uint(msg.incarnation, "incarnation"),
-            _text(msg.sender, "sender", MAX_NAME_BYTES),
-        ]
-    if kind is StateUpdate:
-        assert isinstance(msg, StateUpdate)
-        return [
-            STATE_UPDATE,
-            _text(msg.owner, "owner", MAX_NAME_BYTES),
-            _uint(msg.version, "version"),
-            _text(msg.key, "state key", MAX_KEY_BYTES),
-            _value(msg.value),
-            _tombstone(msg.deleted, msg.value),
-        ]
-    if kind is UserBroadcast:
-        assert isinstance(msg, UserBroadcast)
-        return [
-            USER_BROADCAST,
-            _text(msg.origin, "origin", MAX_NAME_BYTES),
-            _uint(msg.seq, "seq"),
-            _blob(msg.payload, "payload", MAX_PAYLOAD_BYTES),
-        ]
-    if kind is PushPull:
-        assert isinstance(msg, PushPull)
-        if type(msg.members) is not tuple:
-            _fail("PushPull.members must be a tuple")
-        if len(msg.members) > MAX_PUSHPULL_MEMBERS:
-            raise _TooLarge(f"push-pull with more than {MAX_PUSHPULL_MEMBERS} members")
-        return [
-            PUSH_PULL,
-            _text(msg.source, "source", MAX_NAME_BYTES),
-            _bool(msg.join, "join"),
-            _bool(msg.reply, "reply"),
-            [_wire_record(r) for r in msg.members],
-            _wire_states(msg.states),
-        ]
-    _fail(f"not a gossip message: {kind.__name__}")
+    match msg:
+        case Ping():
+            return [
+                PING,
+                _uint(msg.seq, "seq"),
+                _text(msg.target, "target", MAX_NAME_BYTES),
+                _text(msg.source, "source", MAX_NAME_BYTES),
+                _wire_addr(msg.source_addr, "source_addr"),
+            ]
+        case Ack() | Nack():
+            code = ACK if isinstance(msg, Ack) else NACK
+            return [code, _uint(msg.seq, "seq"), _text(msg.source, "source", MAX_NAME_BYTES)]
+        case PingReq():
+            return [
+                PING_REQ,
+                _uint(msg.seq, "seq"),
+                _text(msg.target, "target", MAX_NAME_BYTES),
+                _wire_addr(msg.target_addr, "target_addr"),
+                _text(msg.source, "source", MAX_NAME_BYTES),
+                _wire_addr(msg.source_addr, "source_addr"),
+                _bool(msg.nack, "nack"),
+            ]
+        case Alive():
+            return [
+                ALIVE,
+                _text(msg.name, "name", MAX_NAME_BYTES),
+                _uint(msg.incarnation, "incarnation"),
+                _wire_addr(msg.addr, "addr"),
+                _blob(msg.meta, "meta", MAX_META_BYTES),
+            ]
+        case Suspect() | Dead():
+            return [
+                SUSPECT if isinstance(msg, Suspect) else DEAD,
+                _text(msg.name, "name", MAX_NAME_BYTES),
+                _uint(msg.incarnation, "incarnation"),
+                _text(msg.sender, "sender", MAX_NAME_BYTES),
+            ]
+        case StateUpdate():
+            return [
+                STATE_UPDATE,
+                _text(msg.owner, "owner", MAX_NAME_BYTES),
+                _uint(msg.version, "version"),
+                _text(msg.key, "state key", MAX_KEY_BYTES),
+                _value(msg.value),
+                _tombstone(msg.deleted, msg.value),
+            ]
+        case UserBroadcast():
+            return [
+                USER_BROADCAST,
+                _text(msg.origin, "origin", MAX_NAME_BYTES),
+                _uint(msg.seq, "seq"),
+                _blob(msg.payload, "payload", MAX_PAYLOAD_BYTES),
+            ]
+        case PushPull():
+            if type(msg.members) is not tuple:
+                _fail("PushPull.members must be a tuple")
+            if len(msg.members) > MAX_PUSHPULL_MEMBERS:
+                raise _TooLarge(f"push-pull with more than {MAX_PUSHPULL_MEMBERS} members")
+            return [
+                PUSH_PULL,
+                _text(msg.source, "source", MAX_NAME_BYTES),
+                _bool(msg.join, "join"),
+                _bool(msg.reply, "reply"),
+                [_wire_record(r) for r in msg.members],
+                _wire_states(msg.states),
+            ]
+    _fail(f"not a gossip message: {type(msg).__name__}")
 
 
 def _packb(obj: object) -> bytes:
@@ -441,7 +434,7 @@ def _record(raw: object) -> MemberRecord:
         addr=_addr(addr, "member addr"),
         incarnation=_uint(incarnation, "incarnation"),
         state=MemberState(state),
-        meta=_blob(meta, "meta", MAX_META_BYTES_WIRE),
+        meta=_blob(meta, "meta", MAX_META_BYTES),
     )
 
 
@@ -499,7 +492,7 @@ def _from_wire(raw: object) -> Message:
             name=_text(name, "name", MAX_NAME_BYTES),
             incarnation=_uint(incarnation, "incarnation"),
             addr=_addr(addr, "addr"),
-            meta=_blob(meta, "meta", MAX_META_BYTES_WIRE),
+            meta=_blob(meta, "meta", MAX_META_BYTES),
         )
     if code == SUSPECT or code == DEAD:
         _, name, incarnation, sender = _fields(raw, 4)
