@@ -1,0 +1,126 @@
+"""Cluster-wide key rotation through the real CLI, across three real agents, without downtime."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from edgeagent.persist import load_keyring
+from testbed.loopback import LoopbackCluster
+
+WAIT = 60.0
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def key_rows(cluster: LoopbackCluster, index: int) -> dict[str, dict[str, Any]]:
+    out = cli("keys", "list", "--json", "--state-dir", str(cluster.agents[index].state_dir))
+    assert out.returncode == 0, out.stderr
+    return {row["fingerprint"]: row for row in json.loads(out.stdout)["keys"]}
+
+
+def fingerprint_of(cluster: LoopbackCluster, key_b64: str) -> str:
+    rows = key_rows(cluster, 0)
+    return next(fp for fp, row in rows.items() if row["key"] == key_b64)
+
+
+class LivenessWatch:
+    """Polls every agent's view in the background; records any non-alive state seen."""
+
+    def __init__(self, cluster: LoopbackCluster) -> None:
+        self.cluster = cluster
+        self.bad: list[tuple[str, str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LivenessWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for agent in self.cluster.running():
+                for name, state in agent.states().items():
+                    if state != "alive":
+                        self.bad.append((agent.name, name, state))
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_rotation_across_three_agents_keeps_membership() -> None:
+    with LoopbackCluster(3) as cluster:
+        cluster.wait_converged(WAIT)
+        old = base64.b64encode(cluster.key).decode()
+        new = cli("keys", "generate").stdout.strip()
+        state_dir = str(cluster.agents[0].state_dir)
+        with LivenessWatch(cluster) as watch:
+            refused = cli("keys", "use", new, "--state-dir", state_dir)
+            assert refused.returncode == 2
+            assert "installed on 0 of 3 alive members" in refused.stderr
+            assert refused.stderr.count("\n") == 1
+
+            assert cli("keys", "install", new, "--state-dir", state_dir).returncode == 0
+            new_fp = fingerprint_of(cluster, new)
+            cluster.wait_for(
+                lambda: all(key_rows(cluster, i)[new_fp]["installed"] == 3 for i in range(3)),
+                WAIT,
+                "new key installed everywhere",
+            )
+            refused = cli("keys", "remove", old, "--state-dir", state_dir)
+            assert refused.returncode == 2 and "still the primary on 3 members" in refused.stderr
+
+            assert cli("keys", "use", new, "--state-dir", state_dir).returncode == 0
+            cluster.wait_for(
+                lambda: all(key_rows(cluster, i)[new_fp]["primary"] == 3 for i in range(3)),
+                WAIT,
+                "new key primary everywhere",
+            )
+            assert cli("keys", "remove", old, "--state-dir", state_dir).returncode == 0
+            cluster.wait_for(
+                lambda: all(
+                    load_keyring(a.state_dir / "keyring") == [base64.b64decode(new)]
+                    for a in cluster.agents
+                ),
+                WAIT,
+                "every keyring file holds only the new key",
+            )
+            time.sleep(2.0)  # gossip on the new key alone for a while
+            assert cluster.views_agree({a.name: "alive" for a in cluster.agents})
+        assert watch.bad == []
+
+        # The rotated keyring survives a crash: the restarted agent rejoins on the new key.
+        cluster.agents[1].restart()
+        cluster.wait_converged(WAIT)
+        rows = key_rows(cluster, 1)
+        assert list(rows) == [new_fp] and rows[new_fp]["installed"] == 3
+
+
+def test_generate_prints_a_fresh_base64_aes256_key() -> None:
+    first, second = cli("keys", "generate").stdout.strip(), cli("keys", "generate").stdout.strip()
+    assert len(base64.b64decode(first, validate=True)) == 32
+    assert first != second
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [("not*base64", "KEY: expected base64"), ("c2hvcnQ=", "KEY: expected base64 of 32 bytes")],
+)
+def test_bad_key_is_one_line_and_exit_2(key: str, message: str) -> None:
+    out = cli("keys", "install", key, "--state-dir", "/nonexistent-edgeagent")
+    assert out.returncode == 2
+    assert out.stderr.startswith("edgeagent: error: " + message) and out.stderr.count("\n") == 1
