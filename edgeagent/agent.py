@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -503,7 +504,7 @@ class Agent:
             driver.call(lambda core, now: core.join([peer.addr], now))
 
         bind_host = self.config.bind[0]
-        self._mdns = MdnsDiscovery(
+        mdns = MdnsDiscovery(
             node_name=identity.name,
             node_id=identity.node_id,
             cluster=self.config.cluster,
@@ -511,7 +512,14 @@ class Agent:
             on_peer=on_peer,
             interfaces=None if is_wildcard(bind_host) else [bind_host],
         )
-        await self._mdns.start()
+        try:
+            await mdns.start()
+        except Exception as exc:  # no multicast-capable interface, port 5353 refused, ...
+            log.warning("mdns unavailable; join by seeds only", extra=fields(reason=repr(exc)))
+            with contextlib.suppress(Exception):
+                await mdns.stop()
+            return
+        self._mdns = mdns
 
     async def _start_metrics(self, where: Address) -> None:
         from importlib.metadata import PackageNotFoundError, version

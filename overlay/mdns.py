@@ -148,6 +148,7 @@ class MdnsDiscovery:
         )
         self._aiozc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
+        self._registered = False
         self._lookups: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -157,21 +158,27 @@ class MdnsDiscovery:
         else:
             self._aiozc = AsyncZeroconf(interfaces=self._interfaces, ip_version=IPVersion.V4Only)
         await (await self._aiozc.async_register_service(self._info, allow_name_change=True))
+        self._registered = True
         self._browser = AsyncServiceBrowser(
             self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
 
     async def stop(self) -> None:
-        """Send the goodbye, stop browsing and close the sockets."""
+        """Send the goodbye, stop browsing and close the sockets (also after a failed start)."""
         if self._aiozc is None:
             return
         for task in self._lookups.values():
             task.cancel()
-        if self._browser is not None:
-            await self._browser.async_cancel()
-        await (await self._aiozc.async_unregister_service(self._info))
-        await self._aiozc.async_close()
-        self._aiozc = None
+        try:
+            if self._browser is not None:
+                await self._browser.async_cancel()
+                self._browser = None
+            if self._registered:
+                self._registered = False
+                await (await self._aiozc.async_unregister_service(self._info))
+        finally:
+            await self._aiozc.async_close()
+            self._aiozc = None
 
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from edgeagent.control import ControlClient, socket_path
+from edgeagent.errors import AgentUnavailable
 from testbed.loopback import LoopbackCluster
 
 pytestmark = pytest.mark.slow
@@ -83,3 +90,54 @@ def test_no_agent_is_one_line_and_exit_1(command: str) -> None:
     assert out.returncode == 1
     assert out.stdout == ""
     assert out.stderr == f"edgeagent: error: no agent running at {Path(empty) / 'control.sock'}\n"
+
+
+@pytest.fixture
+def private_netns() -> Iterator[str]:
+    """A fresh network namespace with only loopback (no multicast): nothing leaves it."""
+    name = f"ea-run-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def wait_status(state_dir: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, "agent exited at start-up"
+        try:
+            return dict(ControlClient(socket_path(state_dir)).call("status"))
+        except AgentUnavailable:
+            assert time.monotonic() < deadline, "agent not ready"
+            time.sleep(0.1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the agent in a network namespace")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig: int) -> None:
+    # Everything default but the state dir (root's default is /var/lib/edgeagent): name from
+    # the hostname, 0.0.0.0:7946, detected profile, mDNS on (unavailable here: logged, not
+    # fatal), a cluster key generated on first start.
+    with tempfile.TemporaryDirectory(prefix="ea-") as tmp:
+        state_dir = Path(tmp)
+        argv = ["ip", "netns", "exec", private_netns, sys.executable, "-m", "edgeagent", "run"]
+        proc = subprocess.Popen(
+            [*argv, "--state-dir", tmp], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            status = wait_status(state_dir, proc)
+            assert status["name"] == socket.gethostname()
+            assert status["address"].endswith(":7946")
+            assert status["members"]["alive"] == 1
+            assert (state_dir / "keyring").exists() and (state_dir / "identity.json").exists()
+            proc.send_signal(sig)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out = proc.communicate()[0].decode()
+        assert 'msg="left the cluster"' in out
+        assert not (state_dir / "control.sock").exists()
