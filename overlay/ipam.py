@@ -24,6 +24,10 @@ owner (alive or suspect, or not yet in the member list) that is earlier, it has
 lost: it picks a new block, publishes a new claim and emits :class:`Renumbered`.
 The winner does nothing; everyone else just watches. Both sides of a healed
 partition decide alike because the order is a property of the claims alone.
+After a burst of arrivals (members back from DEAD or LEFT, or several new ones:
+a heal), every node re-publishes its claim once, so the two sides learn each
+other's claims by gossip within about a second instead of waiting for
+anti-entropy.
 
 Restarts: a node restarted from its persisted state claims its old block again at
 once, with a fresh timestamp. While it was away its block was quarantined, so
@@ -74,11 +78,19 @@ DEFAULT_SETTLE_S = 2.0
 # as separate gossip updates; 5 LAN gossip intervals (memberlist GossipInterval 200 ms)
 # cover the gap with room to spare.
 DEFAULT_REVIVE_GRACE_S = 1.0
+# After a burst of arrivals (a member back from DEAD/LEFT, or two new members within
+# this window: a healed partition), re-publish our own claim once, this long after the
+# burst began, so one heal costs one update per node. The gossip core spreads what
+# anti-entropy merges only every push-pull interval (30 s); a fresh update reaches
+# the whole mesh by piggybacking in about a second. A single join does not trigger it:
+# the joiner gets every claim in its join exchange.
+DEFAULT_REANNOUNCE_DELAY_S = 0.5
 FIRST_HOST_OFFSET = 1  # the node's own address: the first usable address of its block
 MAX_LOCAL_ADDRESSES = 64  # named local allocations kept (persisted state stays small)
 MAX_NAME_LEN = 64
 MAX_NODE_ID_LEN = 128
 MAX_BLOCK_TEXT_LEN = 64  # longest IPv6 network text is 43 characters
+PARSE_CACHE_SIZE = 4096  # block texts remembered; cleared when full (bounded memory)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -255,6 +267,8 @@ class Allocator:
             "exhausted": 0,
         }
         self._clock = HybridClock()
+        self._parsed: dict[str, int | None] = {}  # block text -> index (parsing is slow)
+        self._blocks: dict[int, IPNetwork] = {}  # index -> network
         self._own: Claim | None = None
         self._claims: dict[str, Claim] = {}  # other owners' claims
         self._by_index: dict[int, set[str]] = {}  # block index -> owners claiming it
@@ -271,6 +285,8 @@ class Allocator:
         self._exhausted = False
         self._decide_at: float | None = None
         self._settle_at: float | None = now + settle_s
+        self._reannounce_at: float | None = None
+        self._arrival_window_end: float | None = None  # a second new member soon is a burst
         if persisted is not None:
             self._restore(persisted, now)
 
@@ -337,6 +353,9 @@ class Allocator:
             MemberState.LEFT,
         ):
             self._grace_until[name] = now + self.revive_grace_s
+            self._arrival(now, burst=True)
+        elif previous is None and state in (MemberState.ALIVE, MemberState.SUSPECT):
+            self._arrival(now, burst=False)
         self._wake(now)
 
     def on_reaped(self, name: str, now: float) -> None:
@@ -375,6 +394,10 @@ class Allocator:
                 del self._grace_until[owner]
         self._decide_at = None
         self._quarantine_check_at = None
+        if self._reannounce_at is not None and self._reannounce_at <= now:
+            self._reannounce_at = None
+            if self._own is not None and self._publish is None:
+                self._publish = ClaimUpdate(self._own.to_value())
         if self._own is None:
             if self._synced or (self._settle_at is not None and now >= self._settle_at):
                 self._settled = True
@@ -392,7 +415,12 @@ class Allocator:
 
     def get_timer(self) -> float | None:
         """The earliest time :meth:`handle_timeout` has work to do, or None."""
-        candidates = (self._decide_at, self._settle_at, self._quarantine_check_at)
+        candidates = (
+            self._decide_at,
+            self._settle_at,
+            self._quarantine_check_at,
+            self._reannounce_at,
+        )
         deadlines = [t for t in candidates if t is not None]
         if self._grace_until and self._own is not None:
             deadlines.append(min(self._grace_until.values()))
@@ -457,6 +485,17 @@ class Allocator:
         if self._decide_at is None or now < self._decide_at:
             self._decide_at = now
 
+    def _arrival(self, now: float, burst: bool) -> None:
+        """A member arrived (new, or back): schedule a re-publish if it is a burst."""
+        if self._own is None or self._reannounce_at is not None:
+            return
+        window = self._arrival_window_end
+        if burst or (window is not None and now <= window):
+            self._reannounce_at = now + DEFAULT_REANNOUNCE_DELAY_S
+            self._arrival_window_end = None
+        else:
+            self._arrival_window_end = now + DEFAULT_REANNOUNCE_DELAY_S
+
     def _restore(self, persisted: dict[str, Any], now: float) -> None:
         if not isinstance(persisted, dict) or persisted.get("v") != PERSIST_VERSION:
             return
@@ -486,6 +525,15 @@ class Allocator:
         """Block index of ``text`` in our prefix, None if absent or another geometry."""
         if not isinstance(text, str) or len(text) > MAX_BLOCK_TEXT_LEN:
             return None
+        cache = self._parsed
+        if text in cache:
+            return cache[text]
+        if len(cache) >= PARSE_CACHE_SIZE:
+            cache.clear()
+        index = cache[text] = self._parse_block_text(text)
+        return index
+
+    def _parse_block_text(self, text: str) -> int | None:
         try:
             block = ipaddress.ip_network(text, strict=True)
         except ValueError:
@@ -524,8 +572,13 @@ class Allocator:
         return Claim(owner, node_id, self._block_at(index), index, time)
 
     def _block_at(self, index: int) -> IPNetwork:
-        first = int(self.prefix.network_address) + index * self._block_size
-        return ipaddress.ip_network((first, self.block_prefixlen))
+        block = self._blocks.get(index)
+        if block is None:
+            if len(self._blocks) >= PARSE_CACHE_SIZE:
+                self._blocks.clear()
+            first = int(self.prefix.network_address) + index * self._block_size
+            block = self._blocks[index] = ipaddress.ip_network((first, self.block_prefixlen))
+        return block
 
     def _address_at(self, offset: int) -> IPAddress | None:
         return self._own.block[offset] if self._own is not None else None

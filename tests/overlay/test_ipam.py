@@ -371,6 +371,7 @@ def test_revived_member_with_stale_earlier_claim_wins_after_grace() -> None:
     b.on_member("a", MemberState.ALIVE, 20.0)
     b.handle_timeout(20.0)
     assert str(b.block) == block  # within grace
+    b.handle_timeout(20.9)
     assert b.get_timer() == 21.0
     b.handle_timeout(21.0)
     assert str(b.block) != block
@@ -559,3 +560,37 @@ def test_claims_lists_rows_with_node_block_address_state() -> None:
         "state": "quarantined",
         "member_state": "dead",
     }
+
+
+def test_member_comeback_makes_node_republish_its_claim_once() -> None:
+    a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
+    a.synced(0.0)
+    a.handle_timeout(0.0)
+    first = a.claim_to_publish()
+    for name in ("x", "y"):
+        a.on_member(name, MemberState.DEAD, 1.0)
+    a.handle_timeout(1.0)
+    assert a.claim_to_publish() is None
+    a.on_member("x", MemberState.ALIVE, 5.0)
+    a.on_member("y", MemberState.ALIVE, 5.2)
+    a.handle_timeout(5.2)
+    assert a.claim_to_publish() is None  # batched: one re-publish per burst
+    a.handle_timeout(5.5)
+    again = a.claim_to_publish()
+    assert again is not None and first is not None and again.value == first.value
+    a.handle_timeout(6.5)
+    assert a.claim_to_publish() is None
+
+
+def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() -> None:
+    a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
+    a.synced(0.0)
+    a.handle_timeout(0.0)
+    a.claim_to_publish()
+    a.on_member("solo", MemberState.ALIVE, 10.0)
+    a.handle_timeout(12.0)
+    assert a.claim_to_publish() is None
+    a.on_member("p", MemberState.ALIVE, 20.0)
+    a.on_member("q", MemberState.ALIVE, 20.1)
+    a.handle_timeout(20.6)
+    assert a.claim_to_publish() is not None

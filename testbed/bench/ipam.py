@@ -1,0 +1,568 @@
+"""Benchmark: overlay address allocation under partitions and churn (``python -m testbed.bench ipam``).
+
+Every node of a :class:`testbed.sim.Simulator` runs a real gossip core plus an
+:class:`overlay.ipam.Allocator`, glued by :class:`IpamMesh` the way the daemon
+glues them: core events feed the allocator; the allocator's claim goes back into
+the core's replicated state under ``"ipam"``; its persisted state survives a crash.
+Each run is seeded with ``"{seed}:{run}"``. The prefix is deliberately tight
+(``--prefix``, default a /20 of /28 blocks: 256 blocks for 50-70 claims), so hash
+starts collide and probes race. One run:
+
+1. Bootstrap, not measured: ``--nodes`` nodes join 10 ms apart (each joins up to
+   3 earlier nodes); run until the membership converged and every node knows
+   every claim (``settled``, below).
+2. Claim time, on the converged mesh: ``--probes`` new nodes join one at a time,
+   10 s apart, each through one random member. A probe's claim time is from its
+   join to the moment the last live node learned the claim it holds at the end
+   of the phase (so a probe that had to move is measured to its final claim),
+   and only if that claim overlaps no other live claim. ``claim_time_p99_s``
+   is the nearest-rank 99th percentile over all probes of all runs.
+3. Partition and churn: the live nodes split at random into two groups (a few
+   one-way blocks across the cut on top, i.e. asymmetric links). During the
+   ``--partition-s`` partition, ``--churn`` events happen at random times:
+   new nodes join either side (half of them named so that their hash start
+   equals that of a joiner on the other side: a guaranteed race), random nodes
+   crash, restart from their persisted claim, or leave gracefully. The
+   quarantine is ``--quarantine-s`` (short, so the sides reuse each other's
+   dead blocks and collide at the heal).
+4. Heal at ``t_heal``; run until settled or ``--settle-timeout`` s.
+   ``settled``: every running node sees exactly the running nodes alive, every
+   running node's view of every other running node's claim is that node's
+   current claim, and no allocator has a decision pending.
+   ``duplicates_after_convergence``: pairs of running nodes holding the same
+   block at that point, summed over runs (target 0); ``unsettled_runs`` counts
+   runs that did not settle in time (their duplicates are counted all the same);
+   ``unclaimed_after_convergence`` counts running nodes without a block.
+   ``unexplained_renumbers``: block changes without a lost conflict (a
+   ``Renumbered`` whose winner really published an earlier claim on that block);
+   must be 0.
+5. ``conflict_resolution_p99_s`` (after the heal): for each ``Renumbered`` at
+   or after ``t_heal``, from the moment the loser could know it lost (the later
+   of: it learned the winner's claim, it saw the winner alive) to the moment
+   the last running node learned the loser's new claim. This is the allocator's
+   share. ``heal_to_resolved_p99_s`` is from ``t_heal`` to that same moment: it
+   adds SWIM's own partition healing (dead members are re-joined every
+   ``reconnect_interval``, 10 s), reported for honesty.
+6. ``renumbered_nodes``: ``Renumbered`` events over all runs (each is one node
+   moving once); ``renumbered_per_run`` the mean. ``conflicts_forced`` counts
+   cross-partition same-hash joiner pairs.
+
+``sim_wall_s`` is the wall-clock time of all runs together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gossip.config import GossipConfig, preset
+from gossip.events import (
+    Event,
+    MemberAlive,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    MemberSuspected,
+    MemberUpdated,
+    StateChanged,
+)
+from gossip.messages import MemberState
+from overlay.ipam import (
+    STATE_KEY,
+    Allocator,
+    BlockClaimed,
+    IpamEvent,
+    Renumbered,
+)
+from testbed.sim import Simulator
+
+BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
+BOOTSTRAP_SEEDS = 3  # each new node joins this many random earlier nodes
+PROBE_SPACING = 10.0  # seconds between claim-time probes
+ASYMMETRIC_BLOCKS = 3  # one-way blocks across the partition cut, on top of it
+
+_MEMBER_EVENTS = (
+    MemberJoined,
+    MemberUpdated,
+    MemberSuspected,
+    MemberAlive,
+    MemberFailed,
+    MemberLeft,
+)
+
+
+@dataclass
+class Change:
+    """One Renumbered, with what the harness knew around it."""
+
+    at: float
+    node: str
+    event: Renumbered
+    new_time: Any  # the loser's new claim timestamp (None if exhausted)
+    could_know: float  # when the loser could first know it lost
+
+
+@dataclass
+class IpamMesh:
+    """Allocators on simulated gossip cores, glued like the daemon glues them."""
+
+    sim: Simulator
+    prefix: str = "10.99.0.0/20"
+    block_prefixlen: int = 28
+    quarantine_s: float = 600.0
+    settle_s: float = 2.0
+    revive_grace_s: float = 1.0
+    allocs: dict[str, Allocator] = field(default_factory=dict)
+    persisted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    published: set[tuple[str, str, Any]] = field(default_factory=set)  # (owner, block, time)
+    last_block: dict[str, str | None] = field(default_factory=dict)
+    learned: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
+    alive_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    events: list[tuple[float, str, IpamEvent]] = field(default_factory=list)
+    _armed: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sim.on_event(self._on_event)
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def _new_allocator(self, name: str) -> Allocator:
+        return Allocator(
+            name,
+            f"id-{name}",
+            self.prefix,
+            self.block_prefixlen,
+            self.quarantine_s,
+            self.sim.now,
+            self.persisted.get(name),
+            settle_s=self.settle_s,
+            revive_grace_s=self.revive_grace_s,
+        )
+
+    def add(self, name: str, join: list[str], group: int | None = None) -> None:
+        """Start a node with a fresh allocator (no persisted state) joining ``join``.
+
+        ``group``: the partition group to start in (default: the simulator's group 0).
+        """
+        self.allocs[name] = self._new_allocator(name)
+        self._armed.pop(name, None)
+        node = self.sim.add_node(name)
+        if group is not None:
+            node.group = group
+        seeds = [self.sim.nodes[s].addr for s in join]
+        if seeds:
+            self.sim.call(name, lambda core, now: core.join(seeds, now))
+        self._pump(name)
+
+    def crash(self, name: str) -> None:
+        self.sim.crash(name)
+
+    def restart(self, name: str, join: list[str] | None = None) -> None:
+        """Restart a stopped node from its persisted allocator state."""
+        self.allocs[name] = self._new_allocator(name)
+        self._armed.pop(name, None)
+        self.sim.restart(name, join=join)
+        self._pump(name)
+
+    def leave(self, name: str) -> None:
+        self.sim.leave(name)
+
+    # ---- glue -----------------------------------------------------------------------
+
+    def _on_event(self, now: float, name: str, event: Event) -> None:
+        alloc = self.allocs.get(name)
+        if alloc is None:
+            return
+        if isinstance(event, StateChanged):
+            if event.key != STATE_KEY:
+                return
+            value = None if event.deleted else event.value
+            alloc.on_claim(event.owner, value, now)
+            self.learned[(name, event.owner)] = (now, value)
+        elif isinstance(event, _MEMBER_EVENTS):
+            member = event.member
+            alloc.on_member(member.name, member.state, now)
+            if member.state in (MemberState.ALIVE, MemberState.SUSPECT):
+                self.alive_seen.setdefault((name, member.name), now)
+            else:
+                self.alive_seen.pop((name, member.name), None)
+            if isinstance(event, MemberJoined) and member.name != name:
+                alloc.synced(now)
+        elif isinstance(event, MemberReaped):
+            alloc.on_reaped(event.member.name, now)
+        else:
+            return
+        self._arm(name, now)
+
+    def _arm(self, name: str, at: float) -> None:
+        armed = self._armed.get(name)
+        if armed is not None and armed <= at:
+            return
+        self._armed[name] = at
+        alloc = self.allocs[name]
+        self.sim.schedule(at, lambda: self._fire(name, alloc, at))
+
+    def _fire(self, name: str, alloc: Allocator, at: float) -> None:
+        if self.allocs.get(name) is not alloc or self._armed.get(name) != at:
+            return  # replaced by a restart, or superseded by an earlier pump
+        del self._armed[name]
+        self._pump(name)
+
+    def _pump(self, name: str) -> None:
+        """Run the allocator's due decisions and hand its outputs to the core."""
+        node = self.sim.nodes[name]
+        alloc = self.allocs[name]
+        if not node.alive:
+            return
+        now = self.sim.now
+        timer = alloc.get_timer()
+        if timer is not None and timer <= now:
+            alloc.handle_timeout(now)
+        saved = alloc.state_to_persist()
+        if saved is not None:  # persist before publishing, as the daemon must
+            self.persisted[name] = saved
+        drained: list[IpamEvent] = []
+        while (ev := alloc.next_event()) is not None:
+            drained.append(ev)
+            self.events.append((now, name, ev))
+        update = alloc.claim_to_publish()
+        if update is not None:
+            self._check_change(name, update.value, drained, now)
+            value = update.value
+            self.sim.call(name, lambda core, t: core.set_state(STATE_KEY, value, t))
+        timer = alloc.get_timer()
+        if timer is not None:
+            self._arm(name, max(timer, now))
+
+    def _check_change(
+        self, name: str, value: dict[str, Any] | None, drained: list[IpamEvent], now: float
+    ) -> None:
+        """Record the claim; a changed block must come with a lost conflict."""
+        block = value["block"] if value is not None else None
+        if value is not None:
+            self.published.add((name, block, tuple(value["t"])))
+        previous = self.last_block.get(name)
+        self.last_block[name] = block
+        if previous is None or previous == block:
+            return
+        renumbers = [e for e in drained if isinstance(e, Renumbered)]
+        claimed = [e for e in drained if isinstance(e, BlockClaimed)]
+        if not renumbers or renumbers[-1].old_block != previous:
+            self.violations.append(
+                f"{now:.3f} {name}: {previous} -> {block} without a lost conflict"
+            )
+            return
+        ev = renumbers[-1]
+        winner_key = (ev.because, ev.old_block, tuple(ev.winner_time.to_value()))
+        if winner_key not in self.published:
+            self.violations.append(f"{now:.3f} {name}: lost {previous} to a claim never made: {ev}")
+        learned = self.learned.get((name, ev.because), (now, None))[0]
+        seen = self.alive_seen.get((name, ev.because), now)
+        self.changes.append(
+            Change(now, name, ev, claimed[-1].time if claimed else None, max(learned, seen))
+        )
+
+    # ---- queries --------------------------------------------------------------------
+
+    def running(self) -> list[str]:
+        """Nodes up (not crashed, not leaving or left)."""
+        return [n.name for n in self.sim.nodes.values() if n.alive and n.status == "up"]
+
+    def duplicates(self) -> list[tuple[str, str]]:
+        """Pairs of running nodes holding the same block."""
+        holders: dict[str, list[str]] = {}
+        for name in self.running():
+            block = self.allocs[name].block
+            if block is not None:
+                holders.setdefault(str(block), []).append(name)
+        return [(h[0], other) for h in holders.values() for other in h[1:]]
+
+    def unclaimed(self) -> list[str]:
+        return [n for n in self.running() if self.allocs[n].block is None]
+
+    def views_agree(self) -> bool:
+        """Every running node knows every other running node's current claim."""
+        running = self.running()
+        current = {n: self.allocs[n].claim for n in running}
+        for observer in running:
+            claims = self.allocs[observer]._claims
+            for owner in running:
+                if owner == observer:
+                    continue
+                mine, seen = current[owner], claims.get(owner)
+                if mine is None or seen is None or seen.time != mine.time:
+                    return False
+        return True
+
+    def settled(self) -> bool:
+        if not self.sim.converged() or not self.views_agree():
+            return False
+        now = self.sim.now
+        for name in self.running():
+            timer = self.allocs[name]._decide_at
+            if timer is not None and timer <= now:
+                return False
+        return True
+
+    def run_until_settled(self, timeout: float, step: float = 0.5) -> bool:
+        end = self.sim.now + timeout
+        while not self.settled():
+            if self.sim.now >= end:
+                return False
+            self.sim.run_until(min(end, self.sim.now + step))
+        return True
+
+    def known_everywhere_at(self, owner: str) -> float | None:
+        """When the last running node learned ``owner``'s current claim (None: not all)."""
+        claim = self.allocs[owner].claim
+        if claim is None:
+            return None
+        latest = 0.0
+        for observer in self.running():
+            if observer == owner:
+                continue
+            at, value = self.learned.get((observer, owner), (None, None))
+            if (
+                at is None
+                or not isinstance(value, dict)
+                or tuple(value.get("t", ())) != tuple(claim.time.to_value())
+            ):
+                return None
+            latest = max(latest, at)
+        return latest
+
+
+def start_index(node_id: str, num_blocks: int) -> int:
+    """The allocator's hash start for ``node_id`` (same function as overlay.ipam)."""
+    digest = hashlib.blake2b(node_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_blocks
+
+
+def twin_name(base: str, num_blocks: int, taken: set[str], tag: str) -> str:
+    """A fresh node name whose hash start equals ``base``'s."""
+    target = start_index(f"id-{base}", num_blocks)
+    for i in range(1_000_000):
+        name = f"{tag}{i}"
+        if name not in taken and start_index(f"id-{name}", num_blocks) == target:
+            return name
+    raise RuntimeError("no twin name found")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class RunResult:
+    duplicates: int
+    unclaimed: int
+    settled: bool
+    violations: list[str]
+    claim_times: list[float]
+    claim_failures: int
+    resolution: list[float]
+    heal_to_resolved: list[float]
+    renumbered: int
+    forced: int
+
+
+def one_run(
+    seed: str,
+    nodes: int,
+    config: GossipConfig,
+    *,
+    prefix: str,
+    block_prefixlen: int,
+    quarantine_s: float,
+    probes: int,
+    churn: int,
+    partition_s: float,
+    settle_timeout: float,
+    loss: float = 0.0,
+) -> RunResult:
+    """One bootstrap + claim-time probes + partition/churn + heal run (see module doc)."""
+    sim = Simulator(seed, config, loss=loss)
+    mesh = IpamMesh(sim, prefix=prefix, block_prefixlen=block_prefixlen, quarantine_s=quarantine_s)
+    rng = random.Random(f"{seed}:scenario")
+    names: set[str] = set()
+
+    def add(name: str, seeds: list[str], group: int | None = None) -> None:
+        names.add(name)
+        mesh.add(name, seeds, group)
+
+    for i in range(nodes):
+        if i:
+            sim.run_until(sim.now + BOOTSTRAP_SPACING)
+        earlier = mesh.running()
+        add(f"n{i:03d}", rng.sample(earlier, min(BOOTSTRAP_SEEDS, len(earlier))))
+    mesh.run_until_settled(settle_timeout)
+
+    # Claim-time probes on the converged mesh.
+    claim_times: list[float] = []
+    claim_failures = 0
+    for p in range(probes):
+        name = f"p{p:03d}"
+        joined_at = sim.now
+        add(name, [rng.choice(mesh.running())])
+        sim.run_for(PROBE_SPACING)
+        at = mesh.known_everywhere_at(name)
+        if at is None or any(name in pair for pair in mesh.duplicates()):
+            claim_failures += 1
+        else:
+            claim_times.append(at - joined_at)
+
+    # Partition and churn.
+    changes_before = len(mesh.changes)
+    running = mesh.running()
+    rng.shuffle(running)
+    side_a = set(running[: len(running) // 2])
+    side_b = set(running[len(running) // 2 :])
+    sim.partition([side_a, side_b])
+    for _ in range(ASYMMETRIC_BLOCKS):
+        sim.block(rng.choice(sorted(side_a)), rng.choice(sorted(side_b)))
+    forced = 0
+    crashed: list[str] = []
+    start = sim.now
+    times = sorted(start + rng.uniform(0.0, partition_s * 0.8) for _ in range(churn))
+    num_blocks = 1 << (block_prefixlen - int(prefix.split("/")[1]))
+    for k, at in enumerate(times):
+        sim.run_until(at)
+        kind = rng.choice(["join", "join", "twin", "crash", "restart", "leave"])
+        live_a = [n for n in mesh.running() if n in side_a]
+        live_b = [n for n in mesh.running() if n in side_b]
+        if kind == "twin" and live_a and live_b:
+            base = f"j{k}a"
+            twin = twin_name(base, num_blocks, names, f"j{k}b")
+            side_a.add(base)
+            side_b.add(twin)
+            add(base, [rng.choice(live_a)], sim.nodes[live_a[0]].group)
+            add(twin, [rng.choice(live_b)], sim.nodes[live_b[0]].group)
+            forced += 1
+        elif kind in ("join", "twin"):
+            side, live = (side_a, live_a) if rng.random() < 0.5 else (side_b, live_b)
+            if not live:
+                continue
+            name = f"j{k}"
+            side.add(name)
+            add(name, [rng.choice(live)], sim.nodes[live[0]].group)
+        elif kind == "crash" and len(mesh.running()) > 4:
+            victim = rng.choice(mesh.running())
+            mesh.crash(victim)
+            crashed.append(victim)
+        elif kind == "restart" and crashed:
+            name = crashed.pop(rng.randrange(len(crashed)))
+            side = side_a if name in side_a else side_b
+            live = [n for n in mesh.running() if n in side]
+            if not live:
+                continue
+            mesh.restart(name, join=[rng.choice(live)])
+        elif kind == "leave" and len(mesh.running()) > 4:
+            mesh.leave(rng.choice(mesh.running()))
+    sim.run_until(start + partition_s)
+    heal_at = sim.now
+    sim.heal()
+    settled = mesh.run_until_settled(settle_timeout)
+
+    resolution: list[float] = []
+    heal_to_resolved: list[float] = []
+    running_now = set(mesh.running())
+    for change in mesh.changes[changes_before:]:
+        if change.at < heal_at or change.node not in running_now:
+            continue
+        claim = mesh.allocs[change.node].claim
+        if claim is None or claim.time != change.new_time:
+            continue  # it moved again later: its last move is measured instead
+        done = mesh.known_everywhere_at(change.node)
+        if done is None:
+            continue
+        resolution.append(done - change.could_know)
+        heal_to_resolved.append(done - heal_at)
+    return RunResult(
+        duplicates=len(mesh.duplicates()),
+        unclaimed=len(mesh.unclaimed()),
+        settled=settled,
+        violations=mesh.violations,
+        claim_times=claim_times,
+        claim_failures=claim_failures,
+        resolution=resolution,
+        heal_to_resolved=heal_to_resolved,
+        renumbered=len(mesh.changes),
+        forced=forced,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=50, help="bootstrap cluster size")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seed", default="1")
+    parser.add_argument("--preset", default="lan", help="gossip timing preset")
+    parser.add_argument(
+        "--prefix", default="10.99.0.0/20", help="overlay prefix (tight on purpose)"
+    )
+    parser.add_argument("--block-prefixlen", type=int, default=28)
+    parser.add_argument("--quarantine-s", type=float, default=15.0)
+    parser.add_argument("--probes", type=int, default=2, help="claim-time joins per run")
+    parser.add_argument("--churn", type=int, default=12, help="churn events per partition")
+    parser.add_argument("--partition-s", type=float, default=40.0)
+    parser.add_argument("--settle-timeout", type=float, default=90.0)
+    parser.add_argument("--loss", type=float, default=0.0, help="datagram loss probability")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    config = preset(args.preset)
+    started = time.perf_counter()
+    results = [
+        one_run(
+            f"{args.seed}:{r}",
+            args.nodes,
+            config,
+            prefix=args.prefix,
+            block_prefixlen=args.block_prefixlen,
+            quarantine_s=args.quarantine_s,
+            probes=args.probes,
+            churn=args.churn,
+            partition_s=args.partition_s,
+            settle_timeout=args.settle_timeout,
+            loss=args.loss,
+        )
+        for r in range(args.runs)
+    ]
+    claim_times = [t for r in results for t in r.claim_times]
+    resolution = [t for r in results for t in r.resolution]
+    heal = [t for r in results for t in r.heal_to_resolved]
+    renumbered = sum(r.renumbered for r in results)
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 3)
+
+    return {
+        "nodes": args.nodes,
+        "runs": args.runs,
+        "duplicates_after_convergence": sum(r.duplicates for r in results),
+        "unclaimed_after_convergence": sum(r.unclaimed for r in results),
+        "unsettled_runs": sum(not r.settled for r in results),
+        "unexplained_renumbers": sum(len(r.violations) for r in results),
+        "claim_time_p50_s": rounded(percentile(claim_times, 50)),
+        "claim_time_p99_s": rounded(percentile(claim_times, 99)),
+        "claim_probes_failed": sum(r.claim_failures for r in results),
+        "conflict_resolution_p50_s": rounded(percentile(resolution, 50)),
+        "conflict_resolution_p99_s": rounded(percentile(resolution, 99)),
+        "heal_to_resolved_p99_s": rounded(percentile(heal, 99)),
+        "conflicts_after_heal": len(resolution),
+        "conflicts_forced": sum(r.forced for r in results),
+        "renumbered_nodes": renumbered,
+        "renumbered_per_run": round(renumbered / max(1, len(results)), 2),
+        "sim_wall_s": round(time.perf_counter() - started, 1),
+    }
