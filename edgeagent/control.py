@@ -33,6 +33,7 @@ SOCKET_NAME = "control.sock"
 SOCKET_MODE = 0o600
 MAX_LINE_BYTES = 64 * 1024  # one request or reply line; requests are small
 CLIENT_TIMEOUT = 30.0  # seconds; a graceful leave answers within a few
+CLOSE_GRACE = 2.0  # seconds a closing server gives requests in progress to answer
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -53,6 +54,7 @@ class ControlServer:
         self.path = Path(path)
         self._handlers: dict[str, Handler] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._busy: set[asyncio.Task[Any]] = set()  # connections inside a request
 
     def register(self, name: str, handler: Handler) -> None:
         """Serve ``{"cmd": name, ...}`` with ``handler(request)``."""
@@ -81,10 +83,12 @@ class ControlServer:
         os.chmod(self.path, SOCKET_MODE)
 
     async def close(self) -> None:
-        """Stop listening and remove the socket file."""
+        """Stop listening, let requests in progress answer (briefly), remove the socket file."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=CLOSE_GRACE)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -98,7 +102,13 @@ class ControlServer:
                     return
                 if not line:
                     return
-                await self._reply(writer, await self.dispatch(line))
+                task = asyncio.current_task()
+                assert task is not None
+                self._busy.add(task)
+                try:
+                    await self._reply(writer, await self.dispatch(line))
+                finally:
+                    self._busy.discard(task)
         except (ConnectionError, OSError):
             return
         finally:
