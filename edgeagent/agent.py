@@ -37,7 +37,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gossip import events as ev
 from gossip.events import Member
@@ -46,7 +46,7 @@ from gossip.messages import Address, MemberState
 
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
-from .driver import Core, GossipDriver, View
+from .driver import GossipDriver, View
 from .errors import ConfigError
 from .logs import fields
 from .persist import (
@@ -57,6 +57,9 @@ from .persist import (
     save_identity,
     save_keyring,
 )
+
+if TYPE_CHECKING:
+    from gossip.core import Membership
 
 log = logging.getLogger("edgeagent")
 
@@ -146,7 +149,7 @@ class Agent:
         self._left = asyncio.Event()
         self._identity: NodeIdentity | None = None
         self._saved_incarnation = 0
-        self._driver: GossipDriver | None = None
+        self._driver: GossipDriver[Membership] | None = None
         self._view: View | None = None
         self._keyring: Keyring | None = None  # owned by the gossip thread: use in commands only
         self._started_at = time.monotonic()
@@ -208,7 +211,7 @@ class Agent:
 
     def _make_driver(
         self, loop: asyncio.AbstractEventLoop, identity: NodeIdentity, keys: Sequence[bytes]
-    ) -> GossipDriver:
+    ) -> GossipDriver[Membership]:
         config = self.config
         advertise = config.advertise
         if advertise is None and is_wildcard(config.bind[0]):
@@ -217,7 +220,7 @@ class Agent:
             {"id": identity.node_id, "profile": config.profile}, separators=(",", ":")
         ).encode()
 
-        def make_core(addr: Address, now: float) -> Core:
+        def make_core(addr: Address, now: float) -> Membership:
             from gossip.core import Membership
 
             keyring = Keyring(keys)
@@ -331,7 +334,7 @@ class Agent:
         return self._control
 
     @property
-    def driver(self) -> GossipDriver:
+    def driver(self) -> GossipDriver[Membership]:
         """The gossip driver, for features that send commands to the core."""
         if self._driver is None:
             raise RuntimeError("agent not started")

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from gossip.errors import RemoteError
 from gossip.events import Event, Member
@@ -82,8 +82,7 @@ class Core(Protocol):
     def stats(self) -> Any: ...
 
 
-CoreFactory = Callable[[Address, float], Core]
-"""Builds the core on the gossip thread from the bound address and the thread's ``now``."""
+C = TypeVar("C", bound=Core)
 
 
 class DriverStopped(RuntimeError):
@@ -121,9 +120,9 @@ class View:
 
 def _stats_dict(stats: Any) -> dict[str, int]:
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
-        return {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int | float)}
+        return {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int)}
     if isinstance(stats, Mapping):
-        return {str(k): v for k, v in stats.items() if isinstance(v, int | float)}
+        return {str(k): v for k, v in stats.items() if isinstance(v, int)}
     return {}
 
 
@@ -166,8 +165,11 @@ def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
-class GossipDriver:
+class GossipDriver(Generic[C]):
     """Runs a membership core on real UDP and TCP sockets, on a dedicated thread.
+
+    ``make_core(addr, now)`` builds the core on the gossip thread from the advertised address
+    and that thread's clock.
 
     ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
     and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics).
@@ -177,7 +179,7 @@ class GossipDriver:
 
     def __init__(
         self,
-        make_core: CoreFactory,
+        make_core: Callable[[Address, float], C],
         bind: Address,
         *,
         main_loop: asyncio.AbstractEventLoop,
@@ -196,7 +198,7 @@ class GossipDriver:
         self._max_stream = max_stream_bytes
         self._stream_timeout = stream_timeout
         self._commands: queue.SimpleQueue[
-            tuple[Callable[[Core, float], Any], concurrent.futures.Future[Any]]
+            tuple[Callable[[C, float], Any], concurrent.futures.Future[Any]]
         ] = queue.SimpleQueue()
         self._stats = DriverStats()
         self._thread: threading.Thread | None = None
@@ -204,7 +206,7 @@ class GossipDriver:
         self._start_error: BaseException | None = None
         # Owned by the gossip thread once started:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._core: Core | None = None
+        self._core: C | None = None
         self._udp: socket.socket | None = None
         self._server: asyncio.Server | None = None
         self._stopping: asyncio.Event | None = None
@@ -237,7 +239,7 @@ class GossipDriver:
             raise self._start_error
         return self.address
 
-    def call(self, fn: Callable[[Core, float], T]) -> concurrent.futures.Future[T]:
+    def call(self, fn: Callable[[C, float], T]) -> concurrent.futures.Future[T]:
         """Run ``fn(core, now)`` on the gossip thread; its result must be immutable."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         loop = self._loop
@@ -251,7 +253,7 @@ class GossipDriver:
             future.set_exception(DriverStopped("gossip driver is not running"))
         return future
 
-    async def acall(self, fn: Callable[[Core, float], T]) -> T:
+    async def acall(self, fn: Callable[[C, float], T]) -> T:
         """Await :meth:`call` from an asyncio loop."""
         return await asyncio.wrap_future(self.call(fn))
 
@@ -347,15 +349,15 @@ class GossipDriver:
         assert self._loop is not None
         return self._loop.time()
 
-    def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T | None:
         """Run one core input; a RemoteError is counted, anything else is a logged bug."""
         try:
-            return fn()
+            return fn(*args)
         except RemoteError:
             self._stats.remote_errors += 1
         except Exception:
             self._stats.internal_errors += 1
-            log.exception("gossip core failed in %s", what)
+            log.exception("gossip core failed in %s", getattr(fn, "__name__", fn))
         return None
 
     def _on_readable(self) -> None:
@@ -372,7 +374,7 @@ class GossipDriver:
                 self._stats.datagrams_oversized += 1
                 continue
             now = self._now()
-            self._guard("receive", lambda d=data, s=src[:2], n=now: core.receive(d, s, n))
+            self._guard(core.receive, data, (src[0], src[1]), now)
         self._after_input()
 
     def _on_timer(self) -> None:
@@ -380,7 +382,7 @@ class GossipDriver:
         self._timer = None
         self._timer_deadline = None
         core, now = self._core, self._now()
-        self._guard("handle_timeout", lambda: core.handle_timeout(now))
+        self._guard(core.handle_timeout, now)
         self._after_input()
 
     def _run_commands(self) -> None:
@@ -480,9 +482,7 @@ class GossipDriver:
             except (TimeoutError, OSError):
                 self._stats.stream_errors += 1
                 return
-            reply = self._guard(
-                "handle_stream", lambda: core.handle_stream(frame, src, self._now())
-            )
+            reply = self._guard(core.handle_stream, frame, src, self._now())
             self._after_input()
             if reply is not None:
                 writer.write(encode_frame(reply))
@@ -504,20 +504,19 @@ class GossipDriver:
         local_addr = None if _is_wildcard(host) else (host, 0)
         writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, connected = await asyncio.wait_for(
                 asyncio.open_connection(dst[0], dst[1], local_addr=local_addr), self._stream_timeout
             )
-            writer.write(encode_frame(data))
+            writer = connected
+            connected.write(encode_frame(data))
             reply = await asyncio.wait_for(
-                self._drain_and_read(reader, writer), self._stream_timeout
+                self._drain_and_read(reader, connected), self._stream_timeout
             )
         except (FrameError, TimeoutError, OSError):
             self._stats.stream_errors += 1
-            self._guard("stream_failed", lambda: core.stream_failed(dst, self._now()))
+            self._guard(core.stream_failed, dst, self._now())
         else:
-            self._guard(
-                "receive_stream_reply", lambda: core.receive_stream_reply(reply, dst, self._now())
-            )
+            self._guard(core.receive_stream_reply, reply, dst, self._now())
         finally:
             if writer is not None:
                 writer.close()

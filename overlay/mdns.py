@@ -21,6 +21,7 @@ never be sent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -189,7 +190,10 @@ class MdnsDiscovery:
             return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._lookups[name] = task
-        task.add_done_callback(lambda _t, n=name: self._lookups.pop(n, None))
+        task.add_done_callback(functools.partial(self._lookup_done, name))
+
+    def _lookup_done(self, name: str, task: asyncio.Task[None]) -> None:
+        self._lookups.pop(name, None)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         if self._aiozc is None:
