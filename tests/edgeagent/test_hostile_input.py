@@ -158,3 +158,21 @@ def test_slowloris_and_connection_flood_do_not_stall_the_agent(cluster: Loopback
     assert target_agent.running
     assert membership(target_agent) == before
     assert peer.state_of(target_agent.name) == "alive"
+
+
+def test_metrics_report_members_traffic_and_health(cluster: LoopbackCluster) -> None:
+    agent = cluster.agents[1]
+    first = agent.scrape_metrics()
+    assert first['edgeagent_members{state="alive"}'] == 2
+    assert first['edgeagent_members{state="dead"}'] == 0
+    assert first["edgeagent_local_health_score"] == 0
+    assert first["edgeagent_incarnation"] == agent.status()["incarnation"]
+    time.sleep(3.0)  # a few probe rounds
+    later = agent.scrape_metrics()
+    for name in (
+        'edgeagent_packets_received_total{transport="udp"}',
+        'edgeagent_packets_sent_total{transport="udp"}',
+        'edgeagent_received_bytes_total{transport="udp"}',
+        'edgeagent_sent_bytes_total{transport="udp"}',
+    ):
+        assert later[name] > first[name], name
