@@ -83,6 +83,23 @@ def test_leave_stops_the_agent_and_peers_record_left(cluster: LoopbackCluster) -
     )
 
 
+def test_second_agent_on_a_live_state_dir_is_refused(cluster: LoopbackCluster) -> None:
+    agent = cluster.agents[0]
+    out = cli("run", "--state-dir", str(agent.state_dir), "--bind", "127.0.0.1:0", "--no-mdns")
+    assert out.returncode == 2
+    assert out.stderr == f"edgeagent: error: an agent is already running at {agent.state_dir / 'control.sock'}\n"
+    assert agent.status()["name"] == agent.name  # the running agent kept its socket
+
+
+def test_gossip_port_in_use_is_one_line_and_exit_2(cluster: LoopbackCluster) -> None:
+    with tempfile.TemporaryDirectory(prefix="ea-") as tmp:
+        out = cli("run", "--state-dir", tmp, "--bind", cluster.agents[0].address, "--no-mdns")
+        assert not (Path(tmp) / "control.sock").exists()
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"edgeagent: error: bind {cluster.agents[0].address}: cannot bind")
+    assert out.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["members", "status", "leave", "keys list"])
 def test_no_agent_is_one_line_and_exit_1(command: str) -> None:
     with tempfile.TemporaryDirectory(prefix="ea-") as empty:
