@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -249,8 +250,9 @@ class GossipDriver(Generic[C]):
         self._commands.put((fn, future))
         try:
             loop.call_soon_threadsafe(self._run_commands)
-        except RuntimeError:
-            future.set_exception(DriverStopped("gossip driver is not running"))
+        except RuntimeError:  # closed meanwhile; the closing thread may have failed it already
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(DriverStopped("gossip driver is not running"))
         return future
 
     async def acall(self, fn: Callable[[C, float], T]) -> T:
@@ -287,6 +289,7 @@ class GossipDriver(Generic[C]):
                 log.exception("gossip thread crashed")
         finally:
             loop.close()
+            self._fail_pending_commands()  # commands queued while the loop was closing
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -406,8 +409,9 @@ class GossipDriver(Generic[C]):
                 _, future = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if future.set_running_or_notify_cancel():
-                future.set_exception(DriverStopped("gossip driver stopped"))
+            with contextlib.suppress(concurrent.futures.InvalidStateError, RuntimeError):
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(DriverStopped("gossip driver stopped"))
 
     def _after_input(self) -> None:
         """Flush every output of the core, then re-arm the timer."""
