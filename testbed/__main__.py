@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--id", help="which testbed (needed only when several are up)")
     common.add_argument("--root", type=Path, help=f"work dir parent (default: ${{EDGEAGENT_TESTBED_DIR}} or {default_root()})")
     parser = _Parser(prog="python -m testbed", description="Multi-host testbed on Linux network namespaces (root).")

@@ -82,7 +82,7 @@ def used_subnet_octets() -> set[int]:
     """Third octets X of 10.213.X.0/24 that overlap a route or address in the root namespace."""
     taken: set[int] = set()
     candidates = {x: ipaddress.ip_network(f"{SUBNET_BASE}.{x}.0/24") for x in range(256)}
-    nets: list[ipaddress.IPv4Network] = []
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for cmd in (["ip", "-j", "-4", "route"], ["ip", "-j", "-4", "addr"]):
         out = run(cmd, check=False).strip()
         for entry in json.loads(out) if out else []:

@@ -205,7 +205,7 @@ class _Story:
     def cell(self, name: str, views: dict[str, dict[str, Any]]) -> str:
         seen = [v.get(name, {}).get("state", "-") for o, v in views.items() if o != name]
         if not seen:  # no other observer: the member's own view of itself, if it runs
-            return views.get(name, {}).get(name, {}).get("state", "-")
+            return str(views.get(name, {}).get(name, {}).get("state", "-"))
         worst = max(seen, key=lambda s: SEVERITY.get(s, 0))
         count = seen.count(worst)
         return worst if count == len(seen) else f"{worst} {count}/{len(seen)}"
