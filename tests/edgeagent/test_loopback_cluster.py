@@ -6,6 +6,8 @@ broken build can hang; what is asserted is the logical outcome (states, incarnat
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections.abc import Iterator
 
@@ -76,7 +78,9 @@ def test_sigkilled_agent_is_dead_everywhere_then_rejoins_with_higher_incarnation
 def test_sigterm_leaves_gracefully_and_peers_record_left(cluster: LoopbackCluster) -> None:
     leaver = cluster.agents[4]
     assert leaver.terminate() == 0
-    cluster.wait_for(lambda: seen_by_all(cluster, leaver, "left"), DETECT_TIMEOUT, "left everywhere")
+    cluster.wait_for(
+        lambda: seen_by_all(cluster, leaver, "left"), DETECT_TIMEOUT, "left everywhere"
+    )
     time.sleep(3.0)  # long enough for a wrong suspicion to have turned it DEAD
     assert seen_by_all(cluster, leaver, "left")
 
@@ -87,3 +91,36 @@ def test_agent_without_mdns_never_imports_zeroconf(cluster: LoopbackCluster) -> 
     assert "zeroconf" not in modules
     assert "overlay.mdns" not in modules
     assert "edgeagent.metrics" not in modules  # --metrics off
+
+
+def test_refuted_incarnation_is_persisted_and_a_restart_goes_above_it(
+    cluster: LoopbackCluster,
+) -> None:
+    victim = cluster.agents[1]
+    assert victim.process is not None
+    start_incarnation = victim.status()["incarnation"]
+    victim.process.send_signal(signal.SIGSTOP)  # frozen: probes to it fail, peers suspect it
+    try:
+        cluster.wait_for(
+            lambda: any(
+                o.state_of(victim.name) in ("suspect", "dead") for o in others(cluster, victim)
+            ),
+            DETECT_TIMEOUT,
+            "victim suspected",
+        )
+    finally:
+        victim.process.send_signal(signal.SIGCONT)
+    # It refutes with a higher incarnation, which the agent saves for its next start.
+    cluster.wait_for(lambda: victim.status()["incarnation"] > start_incarnation, DETECT_TIMEOUT)
+    cluster.wait_for(
+        lambda: (
+            json.loads((victim.state_dir / "identity.json").read_text())["incarnation"]
+            == victim.status()["incarnation"]
+        ),
+        30.0,
+        "refuted incarnation saved",
+    )
+    refuted = victim.status()["incarnation"]
+    victim.restart()
+    assert victim.status()["incarnation"] > refuted
+    cluster.wait_converged(CONVERGE_TIMEOUT)
