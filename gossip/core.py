@@ -112,9 +112,12 @@ from .suspicion import Suspicion, suspicion_timeout
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
 
-# Alives learned from a push-pull are re-broadcast (memberlist mergeState -> aliveNode)
-# but after everything else: they are rarely news to anyone but us, and a join
-# merges the whole cluster at once.
+# Alives learned from a push-pull are re-broadcast as memberlist does (they may be
+# news: the other side's refutations after a partition), but after everything
+# else. One exception: in a *join* exchange only the joiner itself is news;
+# memberlist re-broadcasts every member the joiner learns, so each join gossips
+# the whole cluster (N updates x RetransmitMult*log10 N sends) to nodes that
+# already know it.
 PRIORITY_MERGED = PRIORITY_USER + 1
 
 ALIVE = MemberState.ALIVE
@@ -814,12 +817,13 @@ class Membership:
             self._awareness.apply_delta(1)  # being accused is a sign we are the slow one
         self._enqueue(Alive(me.name, inc, me.addr, me.meta), me.name, PRIORITY_MEMBERSHIP)
 
-    def _on_alive(self, a: Alive, now: float, priority: int) -> None:
+    def _on_alive(self, a: Alive, now: float, priority: int, spread_new: bool = True) -> None:
         node = self._by_name.get(a.name)
         if node is None:
             node = self._add_node(a, now)
             if node is not None:
-                self._enqueue(a, a.name, priority)
+                if spread_new:
+                    self._enqueue(a, a.name, priority)
                 self._emit(MemberJoined(node.snapshot()))
             return
         if node is self._me:
@@ -1008,12 +1012,14 @@ class Membership:
             return
         by_name = self._by_name
         me = self._me
+        spread_new = not remote.join
         for r in remote.members:
             node = by_name.get(r.name)
             if r.state == ALIVE:
                 if node is not None and node is not me and r.incarnation <= node.incarnation:
                     continue  # nothing new: skip building the message
-                self._on_alive(Alive(r.name, r.incarnation, r.addr, r.meta), now, PRIORITY_MERGED)
+                alive = Alive(r.name, r.incarnation, r.addr, r.meta)
+                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread_new or r.name == remote.source)
             elif node is None:
                 continue  # never heard of it, and it is not alive: ignore
             elif r.state == LEFT:

@@ -1,0 +1,125 @@
+"""Anti-entropy: push-pull merge rules and healing after partitions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gossip.codec import decode_frame, encode_frame
+from gossip.config import lan
+from gossip.core import Membership, push_pull_scale
+from gossip.events import MemberFailed
+from gossip.messages import Dead, MemberRecord, MemberState, PushPull
+
+from .netsim import NetSim, drain_events, make_keyring, seal, sent
+
+SRC = ("10.0.9.9", 7946)
+
+
+def make_core(name: str = "a", host: str = "10.0.0.1") -> Membership:
+    return Membership(name, (host, 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+
+
+def push_pull_from(core: Membership, members: list[MemberRecord], now: float = 1.0) -> PushPull:
+    ring = make_keyring(random.Random(2))
+    frame = ring.encrypt(encode_frame(PushPull("r", False, False, tuple(members), ())), b"edgeagent")
+    reply = core.handle_stream(frame, SRC, now)
+    assert reply is not None
+    return decode_frame(ring.decrypt(reply, b"edgeagent"), 1 << 20)
+
+
+def test_push_pull_scale_matches_memberlist() -> None:
+    assert push_pull_scale(30.0, 32) == 30.0
+    assert push_pull_scale(30.0, 33) == 60.0
+    assert push_pull_scale(30.0, 64) == 60.0
+    assert push_pull_scale(30.0, 100) == 90.0
+    assert push_pull_scale(30.0, 1000) == 180.0
+
+
+def test_remote_dead_about_a_live_member_only_makes_it_suspect() -> None:
+    core = make_core()
+    push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 3, MemberState.ALIVE, b"")])
+    reply = push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 3, MemberState.DEAD, b"")])
+    assert core.member("b").state == MemberState.SUSPECT
+    assert {r.name: r.state for r in reply.members} == {"a": MemberState.ALIVE, "b": MemberState.SUSPECT}
+
+
+def test_remote_dead_about_us_is_refuted_and_the_reply_carries_it() -> None:
+    core = make_core()
+    reply = push_pull_from(core, [MemberRecord("a", ("10.0.0.1", 7946), 4, MemberState.DEAD, b"")])
+    assert core.incarnation == 5
+    assert [(r.incarnation, r.state) for r in reply.members if r.name == "a"] == [(5, MemberState.ALIVE)]
+
+
+def test_remote_left_is_recorded_left_and_unknown_dead_members_are_ignored() -> None:
+    core = make_core()
+    push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 1, MemberState.ALIVE, b"")])
+    push_pull_from(core, [
+        MemberRecord("b", ("10.0.0.2", 7946), 1, MemberState.LEFT, b""),
+        MemberRecord("ghost", ("10.0.0.3", 7946), 1, MemberState.DEAD, b""),
+    ])
+    assert core.member("b").state == MemberState.LEFT
+    assert core.member("ghost") is None
+
+
+def test_stale_alive_in_a_push_pull_does_not_revive_a_dead_member() -> None:
+    core = make_core()
+    push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 2, MemberState.ALIVE, b"")])
+    core.receive(seal([Dead("b", 2, "c")]), SRC, 2.0)
+    push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 2, MemberState.ALIVE, b"")], now=3.0)
+    assert core.member("b").state == MemberState.DEAD
+
+
+def test_unsolicited_stream_reply_is_dropped() -> None:
+    core = make_core()
+    other = make_core("b", "10.0.0.2")
+    other.join([core.addr], 0.0)
+    (_, request), = other.streams_to_send()
+    reply = core.handle_stream(request, other.addr, 0.0)
+    assert reply is not None
+    other.receive_stream_reply(reply, other.addr, 0.1)  # from the wrong address: not asked
+    assert other.stats.dropped == 1 and other.member("a") is None
+    other.receive_stream_reply(reply, core.addr, 0.1)
+    assert other.member("a") is not None
+    drain_events(other)
+    sent(other)
+
+
+def test_join_seeds_are_retried_while_we_are_alone() -> None:
+    sim = NetSim(seed=41)
+    sim.add("n0")
+    sim.add("n1")
+    sim.partition(["n0"], ["n1"])
+    sim.join("n1", ["n0"])
+    sim.run(15.0)
+    assert sim.nodes["n1"].member("n0") is None
+    sim.heal()
+    assert sim.run_until(lambda: sim.converged(["n0", "n1"]), 25.0)
+
+
+@pytest.mark.parametrize("seed", [42, 43, 44])
+def test_partition_longer_than_suspicion_heals_within_60_s(seed: int) -> None:
+    sim = NetSim(seed=seed, loss=0.01)
+    names = sim.cluster(8)
+    left, right = names[:4], names[4:]
+    sim.partition(left, right)
+    assert sim.run_until(
+        lambda: all(sim.view(a)[b] == MemberState.DEAD for a in left for b in right)
+        and all(sim.view(b)[a] == MemberState.DEAD for a in left for b in right),
+        limit=120.0,
+    )
+    sim.run(30.0)
+    sim.heal()
+    assert sim.run_until(lambda: sim.converged(names), limit=60.0)
+
+
+def test_a_broken_link_is_bridged_by_indirect_probes() -> None:
+    sim = NetSim(seed=45)
+    names = sim.cluster(6)
+    sim.blocked = {("n0", "n5"), ("n5", "n0")}
+    sim.run(60.0)
+    assert sim.converged(names)
+    assert not any(e.member.name == "n5" for e in sim.events_of("n0", MemberFailed))
+
+

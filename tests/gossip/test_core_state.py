@@ -1,0 +1,173 @@
+"""Replicated per-node state through the core: gossip, push-pull, restart, limits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gossip.config import lan
+from gossip.core import InvalidArgument, Membership
+from gossip.errors import BroadcastTooLarge
+from gossip.events import StateChanged
+from gossip.messages import Alive, StateEntry, StateUpdate
+from gossip.state_store import StateStore
+
+from .netsim import NetSim, drain_events, make_keyring, seal, sent
+
+SRC = ("10.0.9.9", 7946)
+
+
+def test_set_state_reaches_every_member_with_one_event_each() -> None:
+    sim = NetSim(seed=11, loss=0.05)
+    names = sim.cluster(8)
+    sim.call("n3", lambda m: m.set_state("svc", {"port": 5683}, sim.now))
+    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n3") == {"svc": {"port": 5683}} for n in names), 10.0)
+    sim.run(10.0)
+    for name in names:
+        if name != "n3":
+            changes = [e for e in sim.events_of(name, StateChanged) if e.owner == "n3"]
+            assert len(changes) == 1 and changes[0].key == "svc" and changes[0].version == 1
+
+
+def test_delete_state_spreads_a_tombstone() -> None:
+    sim = NetSim(seed=12)
+    names = sim.cluster(4)
+    sim.call("n1", lambda m: m.set_state("a", 1, sim.now))
+    sim.call("n1", lambda m: m.set_state("b", 2, sim.now))
+    sim.run(5.0)
+    sim.call("n1", lambda m: m.delete_state("a", sim.now))
+    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n1") == {"b": 2} for n in names), 10.0)
+    deletions = [e for e in sim.events_of("n0", StateChanged) if e.deleted]
+    assert [(e.owner, e.key, e.version) for e in deletions] == [("n1", "a", 3)]
+
+
+def test_push_pull_brings_a_joining_node_every_map() -> None:
+    sim = NetSim(seed=13)
+    names = sim.cluster(4)
+    for name in names:
+        sim.call(name, lambda m, name=name: m.set_state("who", name, sim.now))
+    sim.run(10.0)  # the gossip has died out: only push-pull can teach a newcomer
+    late = sim.add("late")
+    sim.join("late", ["n0"])
+    sim.run(0.1)
+    assert all(late.state_of(n) == {"who": n} for n in names)
+
+
+def test_restarted_owner_reasserts_its_map_over_what_the_cluster_remembers() -> None:
+    sim = NetSim(seed=14)
+    names = sim.cluster(4)
+    sim.call("n2", lambda m: m.set_state("old", "x", sim.now))
+    sim.call("n2", lambda m: m.set_state("keep", "v1", sim.now))
+    sim.call("n2", lambda m: m.set_state("keep", "v2", sim.now))
+    sim.run(5.0)
+    sim.crash("n2")
+    sim.run(1.0)
+    incarnation = sim.nodes["n2"].incarnation
+    fresh = sim.add("n2", incarnation=incarnation + 1)  # state_version starts at 0 again
+    sim.call("n2", lambda m: m.set_state("keep", "new", sim.now))
+    sim.join("n2", ["n0"])
+    want = {"keep": "new"}
+    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n2") == want for n in names), 20.0)
+    assert fresh.state_of("n2") == want
+    assert fresh._store.version > 3
+
+
+def test_state_over_budget_is_refused_locally() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(max_state_bytes=200), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    core.set_state("k1", "x" * 100, 0.0)
+    with pytest.raises(BroadcastTooLarge):
+        core.set_state("k2", "y" * 120, 0.0)
+    assert core.state_of("a") == {"k1": "x" * 100}
+
+
+def test_state_entry_too_big_for_a_datagram_is_refused() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    with pytest.raises(BroadcastTooLarge):
+        core.set_state("big", "z" * 1500, 0.0)
+    assert core.state_of("a") == {}
+
+
+def test_state_value_the_wire_cannot_carry_is_a_local_error() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    with pytest.raises(InvalidArgument):
+        core.set_state("k", {1: "non-str map key"}, 0.0)  # type: ignore[dict-item]
+
+
+def test_remote_update_over_budget_is_rejected_and_counted() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(max_state_bytes=200), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 1, "k", "x" * 100)]), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 2, "j", "y" * 150)]), SRC, 0.2)
+    assert core.state_of("b") == {"k": "x" * 100}
+    assert core.stats.state_rejected == 1
+
+
+def test_stale_and_duplicate_updates_change_nothing() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 5, "k", "new")]), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 3, "k", "old"), StateUpdate("b", 5, "k", "new")]), SRC, 0.2)
+    assert core.state_of("b") == {"k": "new"}
+    assert [e for e in drain_events(core) if isinstance(e, StateChanged)] == [StateChanged("b", "k", "new", 5, False)]
+
+
+def test_update_about_an_unknown_owner_is_dropped() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
+    assert core.state_of("ghost") == {}
+    assert core.stats.dropped == 1
+
+
+def test_update_about_us_from_an_earlier_life_is_overridden() -> None:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
+                      keyring=make_keyring(random.Random(1)))
+    core.set_state("k", "mine", 0.0)
+    sent(core)
+    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
+    core.receive(seal([StateUpdate("a", 7, "gone", "ghost")]), SRC, 0.1)
+    assert core.state_of("a") == {"k": "mine"}
+    assert core._store.version == 9  # jumped past 7, re-stamped "k" (8) and tombstoned "gone" (9)
+    core.handle_timeout(1.0)
+    updates = [m for _, msgs in sent(core) for m in msgs if isinstance(m, StateUpdate)]
+    assert StateUpdate("a", 8, "k", "mine") in updates
+    assert StateUpdate("a", 9, "gone", None, True) in updates
+
+
+class TestStateStore:
+    def test_newest_version_wins_per_key_in_any_order(self) -> None:
+        entries = [StateEntry("k", v, f"v{v}") for v in (3, 1, 4, 2)]
+        a = StateStore("a", 4096)
+        b = StateStore("b", 4096)
+        a.merge("o", entries)
+        b.merge("o", list(reversed(entries)))
+        assert a.values("o") == b.values("o") == {"k": "v4"}
+
+    def test_whole_remote_map_over_budget_is_rejected(self) -> None:
+        store = StateStore("a", 100)
+        assert store.merge("o", [StateEntry(f"k{i}", i + 1, "x" * 20) for i in range(5)]) == []
+        assert store.rejected == 1 and store.values("o") == {}
+
+    def test_tombstone_blocks_an_older_value(self) -> None:
+        store = StateStore("a", 4096)
+        store.merge("o", [StateEntry("k", 2, None, True)])
+        store.merge("o", [StateEntry("k", 1, "resurrected")])
+        assert store.values("o") == {}
+
+    def test_own_entry_echoed_back_needs_no_correction(self) -> None:
+        store = StateStore("a", 4096)
+        update = store.set_local("k", [1, 2])
+        assert store.reconcile_own([StateEntry("k", update.version, [1, 2])]) == []
+        assert store.reconcile_own([StateEntry("k", update.version, (1, 2))]) == []  # tuple == list on the wire
+
+    def test_forget_drops_a_reaped_owner(self) -> None:
+        store = StateStore("a", 4096)
+        store.merge("o", [StateEntry("k", 1, 1)])
+        store.forget("o")
+        assert store.values("o") == {} and store.snapshot() == ()

@@ -1,0 +1,158 @@
+"""Fuzz the core's network inputs: nothing escapes, and bad input changes nothing.
+
+Hypothesis draws a seed and a raw blob per example; each example feeds a batch
+of inputs to a live member: the blob itself (sealed and unsealed), and
+mutations (bit flips, byte changes, truncation, insertion, deletion, splices of
+two inputs) of valid plaintext datagrams and push-pull frames, sealed with the
+right key so they reach the decoder, plus some unsealed or resealed under
+another cluster name. After every input: no exception, the member table is
+internally consistent, and an input that was counted as undecodable left the
+member list exactly as it was. The total fed is asserted >= 100,000.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gossip.codec import encode_datagram, encode_frame
+from gossip.config import lan
+from gossip.core import Membership
+from gossip.messages import (
+    Ack,
+    Alive,
+    Dead,
+    MemberRecord,
+    MemberState,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    StateEntry,
+    StateUpdate,
+    Suspect,
+    UserBroadcast,
+)
+
+from .netsim import AAD, make_keyring
+
+BATCH = 240  # inputs per hypothesis example
+EXAMPLES = 440  # 440 x (240 + 2) > 100,000
+MIN_FED = 100_000
+PEERS = [(f"p{i}", (f"10.0.1.{i}", 7946)) for i in range(6)]
+
+
+def corpus() -> tuple[list[bytes], list[bytes]]:
+    """Valid plaintext datagrams and frames to mutate."""
+    p0, a0 = PEERS[0]
+    p1, a1 = PEERS[1]
+    datagrams = [
+        [Ping(1, "me", p0, a0)],
+        [Ack(1, p0), Nack(2, p1)],
+        [PingReq(3, p1, a1, p0, a0, True)],
+        [Alive(p0, 2, a0, b"meta"), Suspect(p1, 1, p0), Dead(p1, 1, p0)],
+        [Suspect("me", 0, p0), Dead("me", 3, p1)],
+        [Alive("newcomer", 1, ("10.0.2.1", 7946), b"")],
+        [StateUpdate(p0, 1, "svc", {"port": 5683, "tags": ["a", "b"]}), StateUpdate(p1, 2, "k", None, True)],
+        [UserBroadcast(p0, 7, b"hello"), Dead(p0, 9, p0)],
+    ]
+    frames = [
+        PushPull(p0, True, False,
+                 tuple(MemberRecord(n, a, 1, MemberState(i % 4), b"m") for i, (n, a) in enumerate(PEERS)),
+                 ((p0, (StateEntry("k", 1, [1, 2.5, "x"]), StateEntry("d", 2, None, True))),)),
+        PushPull(p1, False, False, (MemberRecord("me", ("10.0.0.1", 7946), 5, MemberState.DEAD, b""),), ()),
+    ]
+    return [encode_datagram(d) for d in datagrams], [encode_frame(f) for f in frames]
+
+
+def mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        if op == 0 and buf:  # flip a bit
+            i = rng.randrange(len(buf))
+            buf[i] ^= 1 << rng.randrange(8)
+        elif op == 1 and buf:  # set a byte to an interesting value
+            buf[rng.randrange(len(buf))] = rng.choice([0x00, 0x7F, 0x80, 0xC0, 0xC1, 0xDC, 0xDD, 0xFF, rng.randrange(256)])
+        elif op == 2 and buf:  # truncate
+            del buf[rng.randrange(len(buf)):]
+        elif op == 3:  # insert random bytes
+            i = rng.randrange(len(buf) + 1)
+            buf[i:i] = rng.randbytes(rng.randint(1, 8))
+        elif op == 4 and buf:  # delete a run
+            i = rng.randrange(len(buf))
+            del buf[i:i + rng.randint(1, 8)]
+        else:  # splice with another input
+            i, j = rng.randrange(len(buf) + 1), rng.randrange(len(other) + 1)
+            buf = buf[:i] + other[j:]
+    return bytes(buf)
+
+
+def table_is_consistent(core: Membership) -> None:
+    members = core.members()
+    names = [m.name for m in members]
+    assert len(names) == len(set(names))
+    me = core.local_member
+    assert me.name == "me" and me.state == MemberState.ALIVE
+    assert core.num_alive == sum(m.state == MemberState.ALIVE for m in members)
+    assert 0 <= core.health_score < core.config.awareness_max_multiplier
+    # the core's private index (random picks) agrees with its table
+    nodes = core._nodes
+    assert sorted(n.name for n in nodes) == sorted(set(names) - {"me"})
+    assert all(nodes[i].index == i for i in range(len(nodes)))
+
+
+def test_fuzzed_datagrams_and_frames_never_escape_and_bad_ones_change_nothing() -> None:
+    rng0 = random.Random(0)
+    ring = make_keyring(rng0)
+    # A small member limit keeps the table (and each snapshot) small while mutated
+    # Alives keep inventing members, and exercises the limit.
+    config = lan(max_members=48)
+    core = Membership("me", ("10.0.0.1", 7946), config, random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+    core.receive(ring.encrypt(encode_datagram([Alive(n, 1, a, b"") for n, a in PEERS]), AAD), PEERS[0][1], 0.0)
+    datagrams, frames = corpus()
+    inputs = datagrams + frames
+    clock = {"now": 0.0, "fed": 0}
+
+    def feed(data: bytes, stream: bool) -> None:
+        before = core.members()
+        errors = core.stats.decode_errors + core.stats.decrypt_errors
+        if stream:
+            core.handle_stream(data, PEERS[1][1], clock["now"])
+        else:
+            core.receive(data, PEERS[0][1], clock["now"])
+        clock["fed"] += 1
+        if core.stats.decode_errors + core.stats.decrypt_errors > errors:
+            assert core.members() == before
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(seed=st.integers(0, 2**32 - 1), blob=st.binary(max_size=1500))
+    def batch(seed: int, blob: bytes) -> None:
+        rng = random.Random(seed)
+        feed(blob, stream=bool(seed & 1))
+        feed(ring.encrypt(blob, AAD), stream=bool(seed & 2))
+        for _ in range(BATCH):
+            base = rng.choice(inputs)
+            data = mutate(rng, base, rng.choice(inputs))
+            roll = rng.random()
+            if roll < 0.85:
+                data = ring.encrypt(data, AAD)
+            elif roll < 0.92:
+                data = ring.encrypt(data, b"another-cluster")
+            elif roll < 0.96:
+                data = ring.encrypt(base, AAD)[: rng.randrange(40)] + data  # sealed prefix, garbage after
+            feed(data, stream=base in frames and rng.random() < 0.8)
+        clock["now"] += 0.25
+        core.handle_timeout(clock["now"])
+        core.datagrams_to_send()
+        core.streams_to_send()
+        while core.next_event() is not None:
+            pass
+        table_is_consistent(core)
+
+    batch()
+    assert clock["fed"] >= MIN_FED
+    assert core.stats.decode_errors > 0 and core.stats.decrypt_errors > 0
