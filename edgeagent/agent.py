@@ -515,14 +515,14 @@ class Agent:
             on_peer=on_peer,
             interfaces=None if is_wildcard(bind_host) else [bind_host],
         )
+        self._mdns = mdns  # announcing takes a second or two; status already says "on"
         try:
             await mdns.start()
         except Exception as exc:  # no multicast-capable interface, port 5353 refused, ...
             log.warning("mdns unavailable; join by seeds only", extra=fields(reason=repr(exc)))
+            self._mdns = None
             with contextlib.suppress(Exception):
                 await mdns.stop()
-            return
-        self._mdns = mdns
 
     async def _start_metrics(self, where: Address) -> None:
         from importlib.metadata import PackageNotFoundError, version
