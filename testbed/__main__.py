@@ -165,8 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "heal":
         tb.heal()
         return 0
-    actions = {"kill": tb.kill, "stop": tb.stop, "start": tb.start, "restart": tb.restart,
-               "isolate": tb.isolate}
+    if args.command == "start":
+        tb.start(args.host)
+        tb.wait_ready(args.host)
+        return 0
+    actions = {"kill": tb.kill, "stop": tb.stop, "restart": tb.restart, "isolate": tb.isolate}
     actions[args.command](args.host)
     return 0
 

@@ -44,6 +44,7 @@ STATE_FILE = "state.json"
 KEYRING_FILE = "keyring"  # edgeagent's default key file name inside the state dir
 GOSSIP_PORT = 7946  # edgeagent's default; each host has its own address, so all share it
 KEY_BYTES = 32  # AES-256, gossip.keyring.KEY_SIZE
+READY_TIMEOUT = 30.0  # seconds for a started agent to answer on its control socket
 STOP_TIMEOUT = 10.0  # seconds a SIGTERMed agent gets to leave gracefully before SIGKILL
 EXIT_POLL = 0.05  # seconds between checks that a killed process is gone
 EXIT_TIMEOUT = 10.0  # a SIGKILLed process is gone well within this
@@ -169,6 +170,8 @@ class Testbed:
         if self.start_agents:
             for host in self.network.hosts:
                 self.start(host.name)
+            for host in self.network.hosts:
+                self.wait_ready(host.name)
 
     def down(self) -> None:
         """Remove every process, namespace and file this testbed created. Safe to repeat."""
@@ -281,6 +284,22 @@ class Testbed:
             self._save()
         return proc.pid
 
+    def wait_ready(self, name: str | int, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the host's agent answers on its control socket; TestbedError if it died."""
+        host = self.host(name)
+
+        def ready() -> bool:
+            if self.pid(host.name) is None:
+                tail = self.log_path(host.name).read_text(errors="replace").strip().splitlines()[-1:]
+                raise TestbedError(f"{host.name}: agent exited ({' '.join(tail)}); log {self.log_path(host.name)}")
+            try:
+                self.members(host.name)
+            except TestbedError:
+                return False
+            return True
+
+        self.wait_until(ready, timeout, EXIT_POLL * 2, f"{host.name}'s agent to answer")
+
     def kill(self, name: str | int) -> None:
         """SIGKILL the host's agent (a crash) and wait until it is gone."""
         host = self.host(name)
@@ -299,11 +318,13 @@ class Testbed:
             self._kill_recorded(host.name)
 
     def restart(self, name: str | int) -> int:
-        """Kill the host's agent if it runs (SIGKILL), then start it again with the same state."""
+        """Kill the host's agent if it runs (SIGKILL), start it again with the same state, wait."""
         host = self.host(name)
         if self.pid(host.name) is not None:
             self.kill(host.name)
-        return self.start(host.name)
+        pid = self.start(host.name)
+        self.wait_ready(host.name)
+        return pid
 
     def agent_argv(self, host: HostNet) -> list[str]:
         """The agent's command line (inside its namespace)."""

@@ -70,6 +70,30 @@ def _all_alive(tb: Testbed) -> bool:
     return _sees(tb, names, names, "alive")
 
 
+def test_down_after_a_crash_halfway_through_up_removes_what_was_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run = netns.run
+    addresses = 0
+
+    def failing_run(argv: list[str], **kwargs: object) -> str:
+        nonlocal addresses
+        if "addr" in argv and "add" in argv:
+            addresses += 1
+            if addresses == 2:  # h2's address: h1 and h2 exist, h3 does not yet
+                raise netns.NetnsError("injected failure")
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(netns, "run", failing_run)
+    tb = Testbed(hosts=3, preset="local", mdns=False, seeds=True, root=tmp_path / "testbeds")
+    with pytest.raises(netns.NetnsError, match="injected"):
+        with tb:
+            pass
+    prefix = f"{netns.NS_PREFIX}{tb.id}-"
+    assert tb.id and [ns for ns in netns.list_netns() if ns.startswith(prefix)] == []
+    assert not tb.workdir.exists()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line contains ``text`` (zombies and vanished ones excluded)."""
     found = []
