@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gossip import events as ev
@@ -157,6 +157,7 @@ class Agent:
         self._mdns: Any = None
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[Callable[[tuple[ev.Event, ...], View], None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -299,6 +300,19 @@ class Agent:
             save_identity(self.config.state_dir, identity)
         if self._metrics is not None:
             self._metrics.update(view)
+        for listener in self._listeners:
+            try:
+                listener(events, view)
+            except Exception:  # one feature's bug must not stop the others hearing events
+                log.exception("update listener failed")
+
+    def add_listener(self, listener: Callable[[tuple[ev.Event, ...], View], None]) -> None:
+        """Call ``listener(events, view)`` on this loop after every update from the gossip thread.
+
+        For features built on membership (addresses, services, mesh DNS): they read the
+        immutable snapshot and send changes back with :attr:`driver` commands.
+        """
+        self._listeners.append(listener)
 
     @staticmethod
     def _log_event(event: ev.Event) -> None:
