@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from testbed.loopback import LoopbackAgent, LoopbackCluster
 
 POLL = 0.2  # seconds between looks at the agents' views
+# Hang bounds (seconds) for the LOCAL and LAN presets; WAN timing is about 5x slower.
 CONVERGE_TIMEOUT = 60.0
 DETECT_TIMEOUT = 60.0
 REJOIN_TIMEOUT = 60.0
 LEAVE_TIMEOUT = 30.0
+SLOWER = {"local": 1.0, "lan": 1.0, "wan": 5.0}
 COLUMN = 13  # characters per member column
 # When observers disagree, the cell shows the most telling state (a crash shows as soon as one
 # observer notices it); "-" is a member an observer does not know yet.
@@ -56,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     from testbed.loopback import LoopbackCluster
 
     cluster = LoopbackCluster(args.nodes, preset=args.preset, cluster="demo")
-    story = _Story(cluster)
+    story = _Story(cluster, SLOWER[args.preset])
     print(f"edgeagent demo: {args.nodes} agents on loopback ({cluster.agents[0].host[:-2]}.x), "
           f"{args.preset.upper()} timing, no root, no mDNS.")
     print("Each cell: how the other running agents see that member "
@@ -73,8 +75,9 @@ def main(args: argparse.Namespace) -> int:
 class _Story:
     """Drives the cluster through the story and prints the table as it changes."""
 
-    def __init__(self, cluster: LoopbackCluster) -> None:
+    def __init__(self, cluster: LoopbackCluster, slower: float) -> None:
         self.cluster = cluster
+        self.slower = slower
         self.names = [a.name for a in cluster.agents]
         self.started = time.monotonic()
         self.last_row: list[str] = []
@@ -177,8 +180,8 @@ class _Story:
                 views = {a.name: views[a.name] for a in observers if a.name in views}
             if done(views):
                 return time.monotonic() - start
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            if time.monotonic() - start > timeout * self.slower:
+                raise TimeoutError(f"timed out after {timeout * self.slower:g} s waiting for {what}")
             time.sleep(POLL)
 
     def terminate(self, agents: list[LoopbackAgent]) -> list[int]:
