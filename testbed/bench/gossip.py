@@ -6,12 +6,14 @@ starved set for the same ``--seed``). A run goes:
 
 1. Bootstrap, not measured: ``--nodes`` nodes are added 10 ms apart with no
    loss, each joining up to 3 random nodes added before it; the simulator runs
-   until every node sees every node ALIVE (checked each simulated second, at
-   most ``--converge-timeout`` s), then ``--settle`` more seconds so the join
-   broadcasts drain. ``t0`` is the end of this; ``converge_s`` is bootstrap
+   until every node sees every node ALIVE (checked every 2 simulated s, at
+   most ``--converge-timeout`` s; a node whose view is still incomplete at a
+   check push-pulls with one random node, which the periodic push-pull would
+   do later anyway), then ``--settle`` more seconds so the join broadcasts
+   drain. ``t0`` is the end of this; ``converge_s`` is bootstrap
    start to full view.
 2. At ``t0`` the global datagram loss becomes ``--loss`` and ``--starved``
-   (a fraction of the nodes, rounded, picked at random) start reading their
+   (a fraction of the nodes, rounded up, picked at random) start reading their
    datagrams 0.5-2.5 s late (drawn per packet); their timers stay on time.
    Every failure-detector event from here on counts.
 3. Steady-state window ``[t0, t0 + W)``, ``W = duration / 3``: nothing is
@@ -56,6 +58,7 @@ from testbed.sim import Simulator
 
 BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
 BOOTSTRAP_SEEDS = 3  # each new node joins this many random earlier nodes
+REPAIR_EVERY = 2.0  # seconds between bootstrap view checks / repair push-pulls
 CRASH_AFTER_UPDATE = 5.0  # seconds between the state update and the crash
 STATE_KEY = "bench"
 PER_RUN_ARRAYS_MAX = 20  # per-run arrays appear in the output for at most this many runs
@@ -98,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def starved_count(fraction: float, nodes: int) -> int:
+    """How many nodes ``--starved`` means: the fraction of ``nodes``, rounded up."""
+    return math.ceil(fraction * nodes - 1e-9)
+
+
 def nearest_rank(values: list[float], pct: float) -> float | None:
     """The nearest-rank percentile of ``values`` (None when empty)."""
     if not values:
@@ -123,6 +131,27 @@ class RunResult:
     max_datagram_bytes: int
     sim_seconds: float
     datagrams_lost: int
+
+
+def bootstrap(sim: Simulator, nodes: int, timeout: float) -> bool:
+    """Run until every node sees all ``nodes`` ALIVE, at most ``timeout`` s.
+
+    Joins that overlap can miss each other's Alive broadcasts; the periodic
+    push-pull (every 30 s scaled up with N) repairs that eventually. To get
+    there sooner, every :data:`REPAIR_EVERY` s each node with an incomplete view
+    push-pulls (joins) with one random node.
+    """
+    end = sim.now + timeout
+    while not sim.converged():
+        if sim.now >= end:
+            return False
+        sim.run_until(min(end, sim.now + REPAIR_EVERY))
+        live = sim.live_nodes()
+        for node in live:
+            if node.core.num_alive < nodes:  # type: ignore[attr-defined]
+                peer = sim.rng.choice(live).addr
+                sim.call(node.name, lambda core, now, peer=peer: core.join([peer], now))
+    return True
 
 
 def run_once(
@@ -166,7 +195,7 @@ def run_once(
 
     sim.on_event(on_event)
     sim.add_cluster(nodes, seeds=BOOTSTRAP_SEEDS, spacing=BOOTSTRAP_SPACING)
-    converged = sim.run_until_converged(converge_timeout)
+    converged = bootstrap(sim, nodes, converge_timeout)
     converge_s = sim.now if converged else None
     sim.run_for(settle)
 
@@ -174,7 +203,7 @@ def run_once(
     measuring = True
     sim.loss = loss
     names = list(sim.nodes)
-    starved_names = set(pick.sample(names, round(starved * nodes)))
+    starved_names = set(pick.sample(names, starved_count(starved, nodes)))
     for name in sorted(starved_names):
         sim.starve(name)
     healthy = [n for n in names if n not in starved_names]
@@ -260,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "nodes": args.nodes,
         "runs": args.runs,
         "loss": args.loss,
-        "starved": round(args.starved * args.nodes),
+        "starved": starved_count(args.starved, args.nodes),
         "seed": args.seed,
         "lifeguard": args.lifeguard,
         "preset": args.preset,
