@@ -78,6 +78,8 @@ class ControlServer:
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=MAX_LINE_BYTES
             )
+        except OSError as exc:  # e.g. a path longer than sun_path (108 bytes on Linux)
+            raise UsageError(f"{self.path}: cannot listen on the control socket: {exc}") from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, SOCKET_MODE)

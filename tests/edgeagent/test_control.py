@@ -109,3 +109,10 @@ def test_duplicate_registration_is_a_bug(state_dir: Path) -> None:
     srv.register("members", lambda req: [])
     with pytest.raises(ValueError):
         srv.register("members", lambda req: [])
+
+
+async def test_unusable_socket_path_is_a_one_line_usage_error(state_dir: Path) -> None:
+    deep = state_dir / ("d" * 120)
+    deep.mkdir()
+    with pytest.raises(UsageError, match="cannot listen on the control socket"):
+        await ControlServer(socket_path(deep)).start()
