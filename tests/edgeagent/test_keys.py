@@ -36,7 +36,10 @@ def fingerprint_of(cluster: LoopbackCluster, key_b64: str) -> str:
 
 
 class LivenessWatch:
-    """Polls every agent's view in the background; records any non-alive state seen."""
+    """Polls every agent's view in the background; records any member seen dead or left.
+
+    (A passing suspicion on a loaded machine is not a lost member; a death would be.)
+    """
 
     def __init__(self, cluster: LoopbackCluster) -> None:
         self.cluster = cluster
@@ -56,7 +59,7 @@ class LivenessWatch:
         while not self._stop.is_set():
             for agent in self.cluster.running():
                 for name, state in agent.states().items():
-                    if state != "alive":
+                    if state in ("dead", "left"):
                         self.bad.append((agent.name, name, state))
             time.sleep(0.3)
 
