@@ -19,8 +19,10 @@ Rotation (memberlist's order, checked by the agent):
 
 Each member publishes the fingerprints of its keys (a SHA-256 prefix, never the key) in its
 replicated state, which is how ``list`` counts them and how ``use`` / ``remove`` check safety.
-A member that was down during a step gets the key the same way the others did: run the step
-again (install and use are idempotent).
+A member that was down during a step missed its broadcast, and once the others encrypt with
+the new key it cannot read their gossip any more: run ``keys install NEWKEY`` (then ``use``)
+on that member itself; the operation is applied locally first, and install and use are
+idempotent everywhere else.
 """
 
 from __future__ import annotations
