@@ -73,26 +73,26 @@ def test_crashed_node_is_declared_dead_by_every_live_node() -> None:
             return f"views of {victim}: {views}"
         return None
 
-    check_seeds(range(12), check)
+    check_seeds(range(30), check)
 
 
 def test_loss_alone_never_kills_a_live_member() -> None:
     def check(seed: int) -> str | None:
         loss = (0.01, 0.03, 0.05)[seed % 3]
-        sim, rec = cluster(seed, 8, loss=loss)
-        sim.run_for(60)
+        sim, rec = cluster(seed, 10, loss=loss)
+        sim.run_for(90)
         deaths = [e for e in rec.events if e[3] is MemberFailed]
         if deaths:
             return f"loss {loss}: false deaths {deaths[:5]}"
         return None
 
-    check_seeds(range(9), check)
+    check_seeds(range(15), check)
 
 
 def test_graceful_leave_is_recorded_left_everywhere_never_dead() -> None:
     def check(seed: int) -> str | None:
         n = 4 + seed % 3
-        sim, rec = cluster(seed, n)
+        sim, rec = cluster(seed, n, loss=(0.0, 0.01, 0.03, 0.05)[seed % 4])
         leaver = sim.rng.choice(list(sim.nodes))
         left_at = sim.now
         sim.leave(leaver)
@@ -136,7 +136,7 @@ def test_partition_longer_than_suspicion_timeout_heals_within_a_minute() -> None
             return f"not one view {HEAL_TARGET} s after heal; non-alive per node: {views}"
         return None if sim.now - healed <= HEAL_TARGET else "converged too late"
 
-    check_seeds(range(4), check)
+    check_seeds(range(8), check)
 
 
 def test_restarted_node_rejoins_alive_everywhere_with_higher_incarnation() -> None:
@@ -168,4 +168,4 @@ def test_restarted_node_rejoins_alive_everywhere_with_higher_incarnation() -> No
             return f"an event carried the old incarnation: {dict(noticed)}"
         return None
 
-    check_seeds(range(8), check)
+    check_seeds(range(16), check)
