@@ -385,3 +385,45 @@ def test_virtual_addresses_are_unique_and_never_loopback() -> None:
     addrs = {n.addr for n in nodes}
     assert len(addrs) == 300
     assert all(a[0].startswith("10.") for a in addrs)
+
+
+def test_gossip_bench_reports_every_documented_number_for_a_small_cluster() -> None:
+    import argparse
+
+    from testbed.bench import gossip as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--nodes", "8", "--duration", "45", "--settle", "2", "--loss", "0.01"]
+    )
+    out = bench.run(args)
+    for key in (
+        "nodes",
+        "runs",
+        "detection_p50_s",
+        "detection_p99_s",
+        "undetected",
+        "false_deaths",
+        "false_suspicions",
+        "dissemination_p99_s",
+        "dissemination_max_s",
+        "bytes_per_node_s",
+        "max_datagram_bytes",
+        "sim_wall_s",
+    ):
+        assert key in out, key
+    assert out["nodes"] == 8 and out["undetected"] == 0
+    assert 0 < out["detection_p50_s"] <= out["detection_p99_s"] < 30
+    assert 0 < out["dissemination_p99_s"] <= out["dissemination_max_s"] < 5
+    assert 0 < out["bytes_per_node_s"] and 0 < out["max_datagram_bytes"] <= 1400
+
+
+def test_nearest_rank_percentile() -> None:
+    from testbed.bench.gossip import nearest_rank
+
+    values = [float(v) for v in range(1, 101)]
+    assert nearest_rank(values, 50) == 50.0
+    assert nearest_rank(values, 99) == 99.0
+    assert nearest_rank([3.0, 1.0, 2.0], 50) == 2.0
+    assert nearest_rank([], 50) is None
