@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from gossip.events import MemberFailed, MemberJoined, MemberLeft, MemberReaped
-from gossip.messages import MemberState
+import random
 
-from .netsim import NetSim
+from gossip.config import lan
+from gossip.core import Membership
+from gossip.events import (
+    MemberAlive,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    MemberSuspected,
+)
+from gossip.messages import Ack, Alive, Dead, MemberState, Ping, Suspect
+
+from .netsim import NetSim, drain_events, make_keyring, seal, sent
 
 
 def test_nodes_joining_through_one_seed_all_see_each_other_alive() -> None:
@@ -85,3 +96,81 @@ def test_dead_members_are_reaped_after_the_ttl() -> None:
     assert [e.member.name for e in sim.events_of("n0", MemberReaped)] == ["n1"]
     assert sim.now - died >= 20.0
     assert names
+
+
+def _core_with_peer() -> tuple[Membership, tuple[str, int]]:
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+    addr = ("10.0.0.2", 7946)
+    core.receive(seal([Alive("b", 3, addr, b"")]), addr, 0.0)
+    drain_events(core)
+    return core, addr
+
+
+def test_left_member_is_never_turned_dead_by_later_suspect_or_dead() -> None:
+    core, addr = _core_with_peer()
+    core.receive(seal([Dead("b", 3, "b")]), addr, 1.0)
+    assert core.member("b").state == MemberState.LEFT
+    core.receive(seal([Suspect("b", 3, "c"), Dead("b", 3, "c"), Dead("b", 4, "c")]), addr, 2.0)
+    assert core.member("b").state == MemberState.LEFT
+    assert [type(e) for e in drain_events(core)] == [MemberLeft]
+
+
+def test_member_held_dead_that_announces_its_leave_is_recorded_left() -> None:
+    core, addr = _core_with_peer()
+    core.receive(seal([Dead("b", 3, "c")]), addr, 1.0)
+    core.receive(seal([Dead("b", 3, "b")]), addr, 2.0)
+    assert core.member("b").state == MemberState.LEFT
+    assert [type(e) for e in drain_events(core)] == [MemberFailed, MemberLeft]
+
+
+def test_alive_with_higher_incarnation_revives_a_left_member_as_a_join() -> None:
+    core, addr = _core_with_peer()
+    core.receive(seal([Dead("b", 3, "b")]), addr, 1.0)
+    core.receive(seal([Alive("b", 3, addr, b"")]), addr, 2.0)  # same incarnation: still left
+    assert core.member("b").state == MemberState.LEFT
+    core.receive(seal([Alive("b", 4, ("10.0.0.9", 7946), b"")]), addr, 3.0)
+    b = core.member("b")
+    assert (b.state, b.incarnation, b.addr) == (MemberState.ALIVE, 4, ("10.0.0.9", 7946))
+    assert [type(e) for e in drain_events(core)] == [MemberLeft, MemberJoined]
+
+
+def test_suspect_refuted_by_the_member_emits_member_alive() -> None:
+    core, addr = _core_with_peer()
+    core.receive(seal([Suspect("b", 3, "c")]), addr, 1.0)
+    core.receive(seal([Alive("b", 4, addr, b"")]), addr, 1.5)
+    assert core.member("b").state == MemberState.ALIVE
+    assert [type(e) for e in drain_events(core)] == [MemberSuspected, MemberAlive]
+    core.handle_timeout(100.0)  # the old suspicion timer is stale
+    assert core.member("b").state == MemberState.ALIVE
+
+
+def test_stale_suspect_with_lower_incarnation_is_ignored() -> None:
+    core, addr = _core_with_peer()
+    core.receive(seal([Suspect("b", 2, "c"), Dead("b", 2, "c")]), addr, 1.0)
+    assert core.member("b").state == MemberState.ALIVE
+    assert drain_events(core) == []
+
+
+def test_after_leaving_we_stop_probing_but_still_answer_pings() -> None:
+    core, addr = _core_with_peer()
+    core.leave(0.5)
+    assert core.local_member.state == MemberState.LEFT and core.num_alive == 1
+    core.handle_timeout(5.0)
+    out = sent(core)
+    assert not any(isinstance(m, Ping) for _, msgs in out for m in msgs)
+    assert any(Dead("a", 0, "a") in msgs for _, msgs in out)
+    core.receive(seal([Ping(9, "a", "b", addr), Suspect("a", 0, "b")]), addr, 5.1)
+    (dst, msgs), = sent(core)
+    assert dst == addr and msgs[0] == Ack(9, "a")
+    assert core.incarnation == 0  # a leaving member does not refute
+
+
+def test_stats_count_what_goes_in_and_out() -> None:
+    core, addr = _core_with_peer()
+    core.handle_timeout(3.0)
+    out = core.datagrams_to_send()
+    assert core.stats.datagrams_out == len(out) > 0
+    assert core.stats.bytes_out == sum(len(d) for _, d in out)
+    assert core.stats["datagrams_in"] == 1
+    core.receive(b"\x01garbage-not-sealed-properly-at-all", addr, 3.1)
+    assert core.stats.as_dict()["decrypt_errors"] == 1
