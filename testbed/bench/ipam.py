@@ -57,6 +57,7 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,10 @@ from testbed.sim import Simulator
 BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
 BOOTSTRAP_SEEDS = 3  # each new node joins this many random earlier nodes
 PROBE_SPACING = 10.0  # seconds between claim-time probes
-ASYMMETRIC_BLOCKS = 3  # one-way blocks across the partition cut, on top of it
+ASYMMETRIC_BLOCKS = 2  # one-way blocks inside each side of a split, on top of it
+# How the mesh is cut: two or three groups, or one-way (side 0 cannot reach side 1).
+PARTITION_MODES = ("split", "split3", "oneway")
+CHURN_KINDS = ("join", "join", "twin", "crash", "restart", "leave")
 
 _MEMBER_EVENTS = (
     MemberJoined,
@@ -120,7 +124,7 @@ class IpamMesh:
     revive_grace_s: float = 1.0
     allocs: dict[str, Allocator] = field(default_factory=dict)
     persisted: dict[str, dict[str, Any]] = field(default_factory=dict)
-    published: set[tuple[str, str, Any]] = field(default_factory=set)  # (owner, block, time)
+    published: set[tuple[str, Any, Any]] = field(default_factory=set)  # (owner, block, time)
     last_block: dict[str, str | None] = field(default_factory=dict)
     learned: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
     alive_seen: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -147,16 +151,17 @@ class IpamMesh:
             revive_grace_s=self.revive_grace_s,
         )
 
-    def add(self, name: str, join: list[str], group: int | None = None) -> None:
+    def add(self, name: str, join: list[str], prepare: Callable[[str], None] | None = None) -> None:
         """Start a node with a fresh allocator (no persisted state) joining ``join``.
 
-        ``group``: the partition group to start in (default: the simulator's group 0).
+        ``prepare(name)`` runs between creating the node and joining it (to put it
+        in a partition group or block its links first).
         """
         self.allocs[name] = self._new_allocator(name)
         self._armed.pop(name, None)
-        node = self.sim.add_node(name)
-        if group is not None:
-            node.group = group
+        self.sim.add_node(name)
+        if prepare is not None:
+            prepare(name)
         seeds = [self.sim.nodes[s].addr for s in join]
         if seeds:
             self.sim.call(name, lambda core, now: core.join(seeds, now))
@@ -391,6 +396,7 @@ def one_run(
     partition_s: float,
     settle_timeout: float,
     loss: float = 0.0,
+    cycles: int = 1,
 ) -> RunResult:
     """One bootstrap + claim-time probes + partition/churn + heal run (see module doc)."""
     sim = Simulator(seed, config, loss=loss)
@@ -398,15 +404,12 @@ def one_run(
     rng = random.Random(f"{seed}:scenario")
     names: set[str] = set()
 
-    def add(name: str, seeds: list[str], group: int | None = None) -> None:
-        names.add(name)
-        mesh.add(name, seeds, group)
-
     for i in range(nodes):
         if i:
             sim.run_until(sim.now + BOOTSTRAP_SPACING)
         earlier = mesh.running()
-        add(f"n{i:03d}", rng.sample(earlier, min(BOOTSTRAP_SEEDS, len(earlier))))
+        names.add(f"n{i:03d}")
+        mesh.add(f"n{i:03d}", rng.sample(earlier, min(BOOTSTRAP_SEEDS, len(earlier))))
     mesh.run_until_settled(settle_timeout)
 
     # Claim-time probes on the converged mesh.
@@ -415,7 +418,8 @@ def one_run(
     for p in range(probes):
         name = f"p{p:03d}"
         joined_at = sim.now
-        add(name, [rng.choice(mesh.running())])
+        names.add(name)
+        mesh.add(name, [rng.choice(mesh.running())])
         sim.run_for(PROBE_SPACING)
         at = mesh.known_everywhere_at(name)
         if at is None or any(name in pair for pair in mesh.duplicates()):
@@ -423,56 +427,18 @@ def one_run(
         else:
             claim_times.append(at - joined_at)
 
-    # Partition and churn.
+    # Partition and churn, then heal.
     changes_before = len(mesh.changes)
-    running = mesh.running()
-    rng.shuffle(running)
-    side_a = set(running[: len(running) // 2])
-    side_b = set(running[len(running) // 2 :])
-    sim.partition([side_a, side_b])
-    for _ in range(ASYMMETRIC_BLOCKS):
-        sim.block(rng.choice(sorted(side_a)), rng.choice(sorted(side_b)))
-    forced = 0
-    crashed: list[str] = []
-    start = sim.now
-    times = sorted(start + rng.uniform(0.0, partition_s * 0.8) for _ in range(churn))
     num_blocks = 1 << (block_prefixlen - int(prefix.split("/")[1]))
-    for k, at in enumerate(times):
-        sim.run_until(at)
-        kind = rng.choice(["join", "join", "twin", "crash", "restart", "leave"])
-        live_a = [n for n in mesh.running() if n in side_a]
-        live_b = [n for n in mesh.running() if n in side_b]
-        if kind == "twin" and live_a and live_b:
-            base = f"j{k}a"
-            twin = twin_name(base, num_blocks, names, f"j{k}b")
-            side_a.add(base)
-            side_b.add(twin)
-            add(base, [rng.choice(live_a)], sim.nodes[live_a[0]].group)
-            add(twin, [rng.choice(live_b)], sim.nodes[live_b[0]].group)
-            forced += 1
-        elif kind in ("join", "twin"):
-            side, live = (side_a, live_a) if rng.random() < 0.5 else (side_b, live_b)
-            if not live:
-                continue
-            name = f"j{k}"
-            side.add(name)
-            add(name, [rng.choice(live)], sim.nodes[live[0]].group)
-        elif kind == "crash" and len(mesh.running()) > 4:
-            victim = rng.choice(mesh.running())
-            mesh.crash(victim)
-            crashed.append(victim)
-        elif kind == "restart" and crashed:
-            name = crashed.pop(rng.randrange(len(crashed)))
-            side = side_a if name in side_a else side_b
-            live = [n for n in mesh.running() if n in side]
-            if not live:
-                continue
-            mesh.restart(name, join=[rng.choice(live)])
-        elif kind == "leave" and len(mesh.running()) > 4:
-            mesh.leave(rng.choice(mesh.running()))
-    sim.run_until(start + partition_s)
+    crashed: list[str] = []
+    forced = 0
     heal_at = sim.now
-    sim.heal()
+    for cycle in range(cycles):
+        forced += partition_cycle(
+            mesh, rng, names, crashed, f"c{cycle}", num_blocks, churn, partition_s
+        )
+        heal_at = sim.now
+        sim.heal()
     settled = mesh.run_until_settled(settle_timeout)
 
     resolution: list[float] = []
@@ -503,6 +469,82 @@ def one_run(
     )
 
 
+def partition_cycle(
+    mesh: IpamMesh,
+    rng: random.Random,
+    names: set[str],
+    crashed: list[str],
+    tag: str,
+    num_blocks: int,
+    churn: int,
+    partition_s: float,
+) -> int:
+    """Cut the mesh (a random PARTITION_MODES), churn for ``partition_s``; return the
+    number of forced twin joins. The caller heals."""
+    sim = mesh.sim
+    mode = rng.choice(PARTITION_MODES)
+    running = mesh.running()
+    rng.shuffle(running)
+    count = 3 if mode == "split3" else 2
+    sides = [set(running[i::count]) for i in range(count)]
+    if mode == "oneway":
+        for a in sides[0]:
+            for b in sides[1]:
+                sim.block(a, b)
+    else:
+        sim.partition(sides)
+        for side in sides:  # asymmetric links inside each side, on top
+            members = sorted(side)
+            for _ in range(ASYMMETRIC_BLOCKS if len(members) > 2 else 0):
+                a, b = rng.sample(members, 2)
+                sim.block(a, b)
+
+    def join_side(name: str, i: int, seed_pool: list[str]) -> None:
+        sides[i].add(name)
+        names.add(name)
+        group = sim.nodes[seed_pool[0]].group
+
+        def prepare(node_name: str) -> None:
+            sim.nodes[node_name].group = group
+            if mode == "oneway":
+                for other in sides[1 - i]:
+                    sim.block(*((node_name, other) if i == 0 else (other, node_name)))
+
+        mesh.add(name, [rng.choice(seed_pool)], prepare)
+
+    forced = 0
+    start = sim.now
+    times = sorted(start + rng.uniform(0.0, partition_s * 0.8) for _ in range(churn))
+    for k, at in enumerate(times):
+        sim.run_until(at)
+        kind = rng.choice(CHURN_KINDS)
+        live = [[n for n in mesh.running() if n in side] for side in sides]
+        if kind == "twin":
+            i, j = rng.sample(range(count), 2)
+            if live[i] and live[j]:
+                base = f"{tag}j{k}a"
+                join_side(base, i, live[i])
+                join_side(twin_name(base, num_blocks, names, f"{tag}j{k}b"), j, live[j])
+                forced += 1
+        elif kind == "join":
+            i = rng.randrange(count)
+            if live[i]:
+                join_side(f"{tag}j{k}", i, live[i])
+        elif kind == "crash" and len(mesh.running()) > 4:
+            victim = rng.choice(mesh.running())
+            mesh.crash(victim)
+            crashed.append(victim)
+        elif kind == "restart" and crashed:
+            name = crashed.pop(rng.randrange(len(crashed)))
+            pool = next((p for p, side in zip(live, sides, strict=True) if name in side), [])
+            if pool:
+                mesh.restart(name, join=[rng.choice(pool)])
+        elif kind == "leave" and len(mesh.running()) > 4:
+            mesh.leave(rng.choice(mesh.running()))
+    sim.run_until(start + partition_s)
+    return forced
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=50, help="bootstrap cluster size")
     parser.add_argument("--runs", type=int, default=10)
@@ -518,6 +560,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition-s", type=float, default=40.0)
     parser.add_argument("--settle-timeout", type=float, default=90.0)
     parser.add_argument("--loss", type=float, default=0.0, help="datagram loss probability")
+    parser.add_argument("--cycles", type=int, default=1, help="partition/churn/heal cycles per run")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -536,6 +579,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             partition_s=args.partition_s,
             settle_timeout=args.settle_timeout,
             loss=args.loss,
+            cycles=args.cycles,
         )
         for r in range(args.runs)
     ]

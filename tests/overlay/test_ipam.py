@@ -11,6 +11,8 @@ import pytest
 from gossip.messages import MemberState
 from overlay.hlc import MAX_DRIFT_MS, HybridClock, Timestamp
 from overlay.ipam import (
+    DEFAULT_CLAIM_REPEAT_S,
+    DEFAULT_REANNOUNCE_AGAIN_S,
     MAX_LOCAL_ADDRESSES,
     AddressExhausted,
     Allocator,
@@ -562,11 +564,13 @@ def test_claims_lists_rows_with_node_block_address_state() -> None:
     }
 
 
-def test_member_comeback_makes_node_republish_its_claim_once() -> None:
+def test_member_comeback_makes_node_republish_its_claim_once_per_burst_then_again() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
     a.handle_timeout(0.0)
     first = a.claim_to_publish()
+    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
+    assert a.claim_to_publish() == first  # every new claim goes out twice
     for name in ("x", "y"):
         a.on_member(name, MemberState.DEAD, 1.0)
     a.handle_timeout(1.0)
@@ -580,12 +584,18 @@ def test_member_comeback_makes_node_republish_its_claim_once() -> None:
     assert again is not None and first is not None and again.value == first.value
     a.handle_timeout(6.5)
     assert a.claim_to_publish() is None
+    assert a.get_timer() == 5.5 + DEFAULT_REANNOUNCE_AGAIN_S  # once more, for late learners
+    a.handle_timeout(5.5 + DEFAULT_REANNOUNCE_AGAIN_S)
+    assert a.claim_to_publish() is not None
+    assert a.get_timer() is None
 
 
 def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
     a.handle_timeout(0.0)
+    a.claim_to_publish()
+    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
     a.claim_to_publish()
     a.on_member("solo", MemberState.ALIVE, 10.0)
     a.handle_timeout(12.0)
@@ -594,3 +604,14 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     a.on_member("q", MemberState.ALIVE, 20.1)
     a.handle_timeout(20.6)
     assert a.claim_to_publish() is not None
+
+
+def test_new_claim_is_published_again_after_repeat_delay_only_once() -> None:
+    a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
+    a.synced(0.0)
+    a.handle_timeout(0.0)
+    first = a.claim_to_publish()
+    assert a.get_timer() == DEFAULT_CLAIM_REPEAT_S
+    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
+    assert a.claim_to_publish() == first
+    assert a.get_timer() is None
