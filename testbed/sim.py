@@ -82,6 +82,7 @@ class CoreLike(Protocol):
 
 CoreFactory = Callable[..., CoreLike]
 EventHook = Callable[[float, str, Event], None]
+WireTap = Callable[[float, str, Address, bytes, str], None]
 
 
 class SimulationError(RuntimeError):
@@ -189,6 +190,7 @@ class Simulator:
         self._heap: list[tuple[Any, ...]] = []
         self._seq = 0
         self._hooks: list[EventHook] = []
+        self._taps: list[WireTap] = []
         self._links: dict[tuple[int, int], Link] = {}
         self._blocked: set[tuple[int, int]] = set()
 
@@ -197,6 +199,14 @@ class Simulator:
     def on_event(self, callback: EventHook) -> None:
         """Call ``callback(now, node_name, event)`` for every event of every core."""
         self._hooks.append(callback)
+
+    def on_datagram(self, callback: WireTap) -> None:
+        """Call ``callback(now, src_name, dst_addr, sealed, fate)`` for every datagram sent.
+
+        ``fate`` is "delivered" (scheduled for delivery), "lost", "blocked" or
+        "undeliverable". For debugging cores: open ``sealed`` with ``sim.key``.
+        """
+        self._taps.append(callback)
 
     def schedule(self, at: float, fn: Callable[[], Any]) -> None:
         """Run ``fn()`` at virtual time ``at`` (read ``sim.now`` inside it)."""
@@ -541,9 +551,13 @@ class Simulator:
         dst = self._by_addr.get(addr)
         if dst is None or not dst.alive:
             self.datagrams_undeliverable += 1
+            if self._taps:
+                self._tap(src, addr, data, "undeliverable")
             return
         if src.group != dst.group or (self._blocked and (src.index, dst.index) in self._blocked):
             self.datagrams_blocked += 1
+            if self._taps:
+                self._tap(src, addr, data, "blocked")
             return
         loss, latency, jitter = self.loss, self.latency, self.jitter
         if self._links:
@@ -555,6 +569,8 @@ class Simulator:
         rng = self.rng
         if loss > 0.0 and rng.random() < loss:
             self.datagrams_lost += 1
+            if self._taps:
+                self._tap(src, addr, data, "lost")
             return
         delay = latency
         if jitter > 0.0:
@@ -566,6 +582,12 @@ class Simulator:
             delay += lo + (hi - lo) * rng.random()
         self._seq += 1
         heapq.heappush(self._heap, (now + delay, self._seq, _DGRAM, dst, src.addr, data))
+        if self._taps:
+            self._tap(src, addr, data, "delivered")
+
+    def _tap(self, src: SimNode, addr: Address, data: bytes, fate: str) -> None:
+        for tap in self._taps:
+            tap(self.now, src.name, addr, data, fate)
 
     def _reachable_both_ways(self, a: SimNode, b: SimNode) -> bool:
         if a.group != b.group:

@@ -427,3 +427,23 @@ def test_nearest_rank_percentile() -> None:
     assert nearest_rank(values, 99) == 99.0
     assert nearest_rank([3.0, 1.0, 2.0], 50) == 2.0
     assert nearest_rank([], 50) is None
+
+
+def test_wiretap_sees_every_datagram_with_its_fate() -> None:
+    sim, trace = make_sim(1, loss=0.5)
+    fates: dict[str, int] = {}
+    sim.on_datagram(
+        lambda now, src, dst, data, fate: fates.__setitem__(fate, fates.get(fate, 0) + 1)
+    )
+    sim.add_node("a")
+    sim.add_node("b", join=["a"])
+    sim.run_for(0.5)
+    sim.block("b", "a")
+    sim.run_for(20)
+    sim.crash("b")
+    sim.run_for(5)
+    assert fates["blocked"] == sim.datagrams_blocked >= 19
+    assert fates["lost"] == sim.datagrams_lost > 0
+    assert fates["undeliverable"] == sim.datagrams_undeliverable >= 4
+    assert fates["delivered"] == sim.totals()["datagrams_received"] > 0
+    assert sum(fates.values()) == sim.totals()["datagrams_sent"]
