@@ -37,11 +37,14 @@ starts collide and probes race. One run:
    ``Renumbered`` whose winner really published an earlier claim on that block);
    must be 0.
 5. ``conflict_resolution_p99_s`` (after the heal): for each ``Renumbered`` at
-   or after ``t_heal``, from the moment the loser could know it lost (the later
-   of: it learned the winner's claim, it saw the winner alive) to the moment
-   the last running node learned the loser's new claim. This is the allocator's
-   share. ``heal_to_resolved_p99_s`` is from ``t_heal`` to that same moment: it
-   adds SWIM's own partition healing (dead members are re-joined every
+   or after ``t_heal`` (the loser's last move), from the moment the loser could
+   know it lost (the later of: it learned the winner's claim, it saw the winner
+   alive) to the moment the last running node that had seen the losing claim
+   saw the loser's new one (the conflict is gone from every view that held
+   it; nodes that never saw the losing claim had no conflict to clear). This
+   is the allocator's share, plus gossip dissemination of one update.
+   ``heal_to_resolved_p99_s`` is from ``t_heal`` to that same moment: it adds
+   SWIM's own partition healing (dead members are re-joined every
    ``reconnect_interval``, 10 s), reported for honesty.
 6. ``renumbered_nodes``: ``Renumbered`` events over all runs (each is one node
    moving once); ``renumbered_per_run`` the mean. ``conflicts_forced`` counts
@@ -108,6 +111,7 @@ class Change:
     at: float
     node: str
     event: Renumbered
+    old_time: Any  # the loser's losing claim timestamp, as published
     new_time: Any  # the loser's new claim timestamp (None if exhausted)
     could_know: float  # when the loser could first know it lost
 
@@ -127,6 +131,8 @@ class IpamMesh:
     published: set[tuple[str, Any, Any]] = field(default_factory=set)  # (owner, block, time)
     last_block: dict[str, str | None] = field(default_factory=dict)
     learned: dict[tuple[str, str], tuple[float, Any]] = field(default_factory=dict)
+    first_seen: dict[tuple[str, str, Any], float] = field(default_factory=dict)
+    last_time: dict[str, Any] = field(default_factory=dict)  # node -> last published claim t
     alive_seen: dict[tuple[str, str], float] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -191,7 +197,10 @@ class IpamMesh:
                 return
             value = None if event.deleted else event.value
             alloc.on_claim(event.owner, value, now)
-            self.learned[(name, event.owner)] = (now, value)
+            previous = self.learned.get((name, event.owner))
+            if previous is None or _claim_time(previous[1]) != _claim_time(value):
+                self.learned[(name, event.owner)] = (now, value)  # first sight of this claim
+                self.first_seen.setdefault((name, event.owner, _claim_time(value)), now)
         elif isinstance(event, _MEMBER_EVENTS):
             member = event.member
             alloc.on_member(member.name, member.state, now)
@@ -256,6 +265,8 @@ class IpamMesh:
             self.published.add((name, block, tuple(value["t"])))
         previous = self.last_block.get(name)
         self.last_block[name] = block
+        old_time = self.last_time.get(name)
+        self.last_time[name] = _claim_time(value)
         if previous is None or previous == block:
             return
         renumbers = [e for e in drained if isinstance(e, Renumbered)]
@@ -272,7 +283,14 @@ class IpamMesh:
         learned = self.learned.get((name, ev.because), (now, None))[0]
         seen = self.alive_seen.get((name, ev.because), now)
         self.changes.append(
-            Change(now, name, ev, claimed[-1].time if claimed else None, max(learned, seen))
+            Change(
+                now,
+                name,
+                ev,
+                old_time,
+                tuple(claimed[-1].time.to_value()) if claimed else None,
+                max(learned, seen),
+            )
         )
 
     # ---- queries --------------------------------------------------------------------
@@ -325,6 +343,21 @@ class IpamMesh:
             self.sim.run_until(min(end, self.sim.now + step))
         return True
 
+    def resolved_at(self, change: Change) -> float | None:
+        """When the last running node that had seen the losing claim saw the new one.
+
+        None if one of them never did; ``change.at`` if no other node had seen it.
+        """
+        loser, latest = change.node, change.at
+        for observer in self.running():
+            if observer == loser or (observer, loser, change.old_time) not in self.first_seen:
+                continue
+            at = self.first_seen.get((observer, loser, change.new_time))
+            if at is None:
+                return None
+            latest = max(latest, at)
+        return latest
+
     def known_everywhere_at(self, owner: str) -> float | None:
         """When the last running node learned ``owner``'s current claim (None: not all)."""
         claim = self.allocs[owner].claim
@@ -343,6 +376,11 @@ class IpamMesh:
                 return None
             latest = max(latest, at)
         return latest
+
+
+def _claim_time(value: Any) -> Any:
+    """The timestamp identifying a claim value (a re-publication keeps it), or None."""
+    return tuple(value["t"]) if isinstance(value, dict) and "t" in value else None
 
 
 def start_index(node_id: str, num_blocks: int) -> int:
@@ -448,9 +486,9 @@ def one_run(
         if change.at < heal_at or change.node not in running_now:
             continue
         claim = mesh.allocs[change.node].claim
-        if claim is None or claim.time != change.new_time:
+        if claim is None or tuple(claim.time.to_value()) != change.new_time:
             continue  # it moved again later: its last move is measured instead
-        done = mesh.known_everywhere_at(change.node)
+        done = mesh.resolved_at(change)
         if done is None:
             continue
         resolution.append(done - change.could_know)

@@ -19,7 +19,7 @@ SETTLE_TIMEOUT = 150.0  # virtual seconds: covers SWIM's reconnect and a push-pu
 
 
 def scenario(seed: str, nodes: int, **overrides: float) -> None:
-    params: dict[str, float] = dict(quarantine_s=4.0, probes=1, churn=6, partition_s=15.0, cycles=1)
+    params: dict[str, float] = dict(quarantine_s=4.0, probes=0, churn=6, partition_s=15.0, cycles=1)
     params.update(overrides)
     result = one_run(
         seed,
