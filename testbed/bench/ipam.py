@@ -59,6 +59,7 @@ import argparse
 import hashlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -599,13 +600,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle-timeout", type=float, default=90.0)
     parser.add_argument("--loss", type=float, default=0.0, help="datagram loss probability")
     parser.add_argument("--cycles", type=int, default=1, help="partition/churn/heal cycles per run")
+    parser.add_argument("--progress", action="store_true", help="one line per run on stderr")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     config = preset(args.preset)
     started = time.perf_counter()
-    results = [
-        one_run(
+    results: list[RunResult] = []
+    for r in range(args.runs):
+        result = one_run(
             f"{args.seed}:{r}",
             args.nodes,
             config,
@@ -619,8 +622,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             loss=args.loss,
             cycles=args.cycles,
         )
-        for r in range(args.runs)
-    ]
+        results.append(result)
+        if args.progress:
+            print(
+                f"run {r + 1}/{args.runs}: duplicates={result.duplicates} "
+                f"settled={result.settled} renumbered={result.renumbered} "
+                f"violations={len(result.violations)} t={time.perf_counter() - started:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     claim_times = [t for r in results for t in r.claim_times]
     resolution = [t for r in results for t in r.resolution]
     heal = [t for r in results for t in r.heal_to_resolved]
