@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import dns.rcode
 import pytest
 
 from edgeagent.agent import Agent
+from edgeagent.cli import main as cli_main
 from edgeagent.config import add_agent_arguments, load_config
 from edgeagent.control import ControlClient, socket_path
 from edgeagent.errors import AgentUnavailable
@@ -99,7 +101,16 @@ def everyone_knows_everyone(agents: list[Running]) -> bool:
     return True
 
 
-async def test_five_loopback_agents_hold_distinct_addresses_and_dns_answers(base_dir: Path) -> None:
+async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """Run the real CLI (its blocking control client) off the event loop."""
+    capsys.readouterr()
+    rc = await asyncio.to_thread(cli_main, list(argv))
+    return rc, capsys.readouterr().out
+
+
+async def test_five_loopback_agents_hold_distinct_addresses_and_dns_answers(
+    base_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = await start(base_dir, "a0", None, dns_on=True)
     seed = f"127.0.0.1:{first.agent.driver.address[1]}"
     agents = [first] + [await start(base_dir, f"a{i}", seed) for i in range(1, 5)]
@@ -123,9 +134,21 @@ async def test_five_loopback_agents_hold_distinct_addresses_and_dns_answers(base
         reply = await dns.asyncquery.udp(query, host, port=port, timeout=TIMEOUT)
         assert reply.rcode() == dns.rcode.NXDOMAIN
 
+        rc, out = await cli(capsys, "addresses", "--json", "--state-dir", str(base_dir / "a1"))
+        assert rc == 0
+        listed = json.loads(out)
+        assert {(r["node"], r["block"], r["address"]) for r in listed} == {
+            (r.agent.config.name, str(r.service.alloc.block), str(r.service.alloc.address))
+            for r in agents
+        }
+
         got = await call(base_dir / "a2", "address", op="allocate", name="camera")
         assert ipaddress.ip_address(got["address"]) in agents[2].service.alloc.block  # type: ignore[operator]
         assert await call(base_dir / "a2", "address", op="list") == {"camera": got["address"]}
+        rc, out = await cli(
+            capsys, "address", "allocate", "camera", "--state-dir", str(base_dir / "a2")
+        )
+        assert (rc, out.strip()) == (0, got["address"])
     finally:
         for r in reversed(agents):
             await stop(r)
