@@ -138,10 +138,10 @@ def test_random_and_mutated_input_never_raises() -> None:
         if rng.random() < 0.5:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
         else:
-            data = bytearray(good)
+            mutated = bytearray(good)
             for _ in range(rng.randrange(1, 6)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            data = bytes(data[: rng.randrange(len(data) + 1)])
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = bytes(mutated[: rng.randrange(len(mutated) + 1)])
         reply = server.handle(data)
         assert reply is None or isinstance(reply, bytes)
     assert server.stats["malformed"] > 0
