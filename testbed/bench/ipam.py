@@ -17,15 +17,17 @@ starts collide and probes race. One run:
    of the phase (so a probe that had to move is measured to its final claim),
    and only if that claim overlaps no other live claim. ``claim_time_p99_s``
    is the nearest-rank 99th percentile over all probes of all runs.
-3. Partition and churn: the live nodes split at random into two groups (a few
-   one-way blocks across the cut on top, i.e. asymmetric links). During the
-   ``--partition-s`` partition, ``--churn`` events happen at random times:
-   new nodes join either side (half of them named so that their hash start
-   equals that of a joiner on the other side: a guaranteed race), random nodes
-   crash, restart from their persisted claim, or leave gracefully. The
-   quarantine is ``--quarantine-s`` (short, so the sides reuse each other's
-   dead blocks and collide at the heal).
-4. Heal at ``t_heal``; run until settled or ``--settle-timeout`` s.
+3. Partition and churn (``--cycles`` times, back to back): the running nodes are
+   cut one of three ways, picked at random per cycle: two groups, three groups
+   (each with a few one-way blocks inside it: asymmetric links), or one-way
+   (group 0 cannot reach group 1, the reverse works). During ``--partition-s``,
+   ``--churn`` events happen at random times, each one of: a join on a random
+   side (two kinds in three), a *twin* join (two new nodes on two sides whose
+   hash starts are equal: a forced race), a crash, a restart of a node crashed
+   in this cycle (from its persisted claim), a graceful leave. The quarantine is
+   ``--quarantine-s`` (short, so sides reuse each other's dead blocks and
+   collide at the heal). Then every cut is healed.
+4. ``t_heal`` is the last heal; run until settled or ``--settle-timeout`` s.
    ``settled``: every running node sees exactly the running nodes alive, every
    running node's view of every other running node's claim is that node's
    current claim, and no allocator has a decision pending.
@@ -50,7 +52,12 @@ starts collide and probes race. One run:
    moving once); ``renumbered_per_run`` the mean. ``conflicts_forced`` counts
    cross-partition same-hash joiner pairs.
 
-``sim_wall_s`` is the wall-clock time of all runs together.
+``sim_wall_s`` is the wall-clock time of all runs together. ``duplicates`` and
+``unexplained_renumbers`` are what the property test (tests/overlay/test_ipam_sim.py)
+asserts to be zero; the rest are measurements.
+
+Example: ``python -m testbed.bench ipam --nodes 20 --runs 500 --probes 1 --churn 8
+--partition-s 20 --quarantine-s 10 --seed 500 --json`` (the 500-run duplicate check).
 """
 
 from __future__ import annotations
