@@ -450,6 +450,8 @@ class Allocator:
         if not name or len(name) > MAX_NAME_LEN:
             raise IpamError(f"address name must be 1..{MAX_NAME_LEN} characters")
         if self._own is None:
+            if self._exhausted:
+                raise AddressExhausted(f"overlay prefix {self.prefix} is exhausted: no block here")
             raise NoBlock("this node holds no address block yet")
         if name in self._local:
             return self._address_or_fail(self._local[name])

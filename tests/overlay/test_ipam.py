@@ -400,6 +400,12 @@ def test_exhausted_prefix_gives_event_and_no_block_never_a_duplicate() -> None:
     assert a.block is None
     assert a.next_event() == PrefixExhausted("10.99.0.0/28")
     assert a.claim_to_publish() is None
+    with pytest.raises(AddressExhausted, match="exhausted"):
+        a.allocate("svc")
+
+
+def test_allocate_before_first_claim_raises_no_block() -> None:
+    a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     with pytest.raises(NoBlock):
         a.allocate("svc")
 
