@@ -47,7 +47,7 @@ def remaining_suspicion_time(n: int, k: int, elapsed: float, min_timeout: float,
 class Suspicion:
     """One member's suspicion: who has confirmed it and when it expires."""
 
-    __slots__ = ("k", "min_timeout", "max_timeout", "start", "n", "deadline", "_confirmations")
+    __slots__ = ("k", "min_timeout", "max_timeout", "start", "n", "deadline", "rechecked", "_confirmations")
 
     def __init__(self, sender: str, k: int, min_timeout: float, max_timeout: float, now: float) -> None:
         self.k = k
@@ -58,6 +58,7 @@ class Suspicion:
         # The sender that started the suspicion is not a confirmation.
         self._confirmations = {sender}
         self.deadline = now + (max_timeout if k >= 1 else min_timeout)
+        self.rechecked = False  # the core's last direct ping before expiry was sent
 
     def confirm(self, sender: str, now: float) -> bool:
         """Count ``sender``'s confirmation; True if it was new (the deadline may have moved).

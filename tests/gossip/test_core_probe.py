@@ -226,3 +226,41 @@ def test_probe_round_robin_visits_every_member_once_per_round(lifeguard: bool) -
         targets.append(msgs[0].target)
         core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now)
     assert sorted(targets[:5]) == sorted(targets[5:]) == [f"p{i}" for i in range(5)]
+
+
+def test_suspecting_member_pings_the_suspect_once_just_before_declaring_it_dead() -> None:
+    core = make_core(peers=4)
+    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
+    sent(core)
+    clock = Clock(core)
+    rechecks = []
+    while core.member("p1").state == MemberState.SUSPECT and clock.now < 60.0:
+        susp = core._by_name["p1"].suspicion
+        assert susp is not None
+        for dst, msgs in clock.step(0.005):
+            if dst == peer_addr(1) and isinstance(msgs[0], Ping) and Suspect("p1", 1, "a") in msgs:
+                if abs(clock.now - (susp.deadline - core.config.probe_timeout)) < 0.01:
+                    rechecks.append(clock.now)
+            elif isinstance(msgs[0], Ping):
+                core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now)
+        if rechecks:
+            break
+    assert len(rechecks) == 1 and susp.rechecked
+    # p1 had refuted long ago; its ack carries the Alive we missed
+    core.receive(seal([Ack(999, "p1"), Alive("p1", 2, peer_addr(1), b"")]), peer_addr(1), clock.now)
+    clock.step(1.0)
+    assert core.member("p1").state == MemberState.ALIVE
+
+
+def test_ping_carrying_a_stale_accusation_is_answered_with_our_current_alive() -> None:
+    core = make_core(peers=1)
+    core.receive(seal([Suspect("a", 0, "p0")]), SRC, 0.1)  # refuted: incarnation 1
+    sent(core)
+    Clock(core, 0.1).step(5.0)  # the refutation has been gossiped and retired
+    core.receive(seal([Ping(5, "a", "p0", peer_addr(0)), Suspect("a", 0, "p0")]), peer_addr(0), 5.2)
+    (dst, msgs), = sent(core)
+    assert msgs[0] == Ack(5, "a") and Alive("a", 1, ("10.0.0.1", 7946), b"") in msgs
+    assert core.incarnation == 1  # nothing new to refute
+    core.receive(seal([Ping(6, "a", "p0", peer_addr(0))]), peer_addr(0), 5.3)
+    (dst, msgs), = sent(core)
+    assert msgs == [Ack(6, "a")]
