@@ -44,6 +44,20 @@ Anti-entropy: push-pull (full member list plus every replicated map) with a
 random alive member every scaled ``push_pull_interval``; Serf-style reconnect
 with a random DEAD member (and the join seeds when we are alone) every
 ``reconnect_interval``, so partitions heal with no operator.
+
+Where we differ from memberlist, on purpose:
+
+- the probe timeout is stretched by the LHM too (memberlist stretches only the
+  probe interval), as in the Lifeguard paper;
+- buddy re-check: a probe timeout before a suspicion expires we ping the
+  suspect once more, carrying the Suspect; a member answering a Suspect or
+  Dead about an incarnation it already refuted puts its current Alive on the
+  ack. Without it, a member that missed every copy of a refutation declares a
+  live member dead (seen at 5% loss);
+- a push-pull merges before it replies, so the reply carries any refutation;
+  a DEAD member that announces its leave is recorded LEFT;
+- in a join exchange only the joiner is re-broadcast, not every member the
+  joiner learns; the push-pull period is jittered +-50%.
 """
 
 from __future__ import annotations
@@ -298,7 +312,9 @@ class Membership:
         }
 
         # Announce ourselves: the first datagrams to any peer carry it.
-        self._enqueue(Alive(name, incarnation, addr, meta), name, PRIORITY_MEMBERSHIP)
+        announce = Alive(name, incarnation, addr, meta)
+        self._check_fits(announce)  # a bad name or address is the caller's error
+        self._enqueue(announce, name, PRIORITY_MEMBERSHIP)
         # memberlist staggers each ticker randomly so members do not synchronise.
         self._schedule(now + rng.random() * config.probe_interval, _T_PROBE_TICK, None)
         self._schedule(now + rng.random() * config.gossip_interval, _T_GOSSIP, None)
@@ -393,9 +409,11 @@ class Membership:
         if len(meta) > self.config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {self.config.max_meta_bytes}")
         me = self._me
+        announce = Alive(me.name, me.incarnation + 1, me.addr, meta)
+        self._check_fits(announce)
         me.incarnation += 1
         me.meta = meta
-        self._enqueue(Alive(me.name, me.incarnation, me.addr, meta), me.name, PRIORITY_MEMBERSHIP)
+        self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
 
     def set_state(self, key: str, value: StateValue, now: float) -> None:
         """Set a key of our replicated map and spread it.

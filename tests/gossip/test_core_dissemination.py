@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gossip.config import lan
-from gossip.core import Membership
+from gossip.core import InvalidArgument, Membership
 from gossip.errors import BroadcastTooLarge
 from gossip.events import MemberUpdated, UserMessage
 from gossip.messages import Ack, Alive, Ping, StateUpdate, Suspect, UserBroadcast
@@ -133,3 +133,14 @@ def test_meta_over_the_limit_is_refused_and_a_change_bumps_incarnation() -> None
     assert sim.run_until(lambda: sim.nodes["n2"].member("n1").meta == b"role=gw", 5.0)
     updated = sim.events_of("n2", MemberUpdated)
     assert updated and updated[-1].member.meta == b"role=gw"
+
+
+def test_bad_arguments_are_local_errors_and_change_nothing() -> None:
+    with pytest.raises(InvalidArgument):
+        Membership("", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+    core = make_core(peers=0)
+    with pytest.raises(InvalidArgument):
+        core.set_meta("not bytes", 0.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        core.set_state("", 1, 0.0)
+    assert core.incarnation == 0 and core.state_of("a") == {}
