@@ -38,6 +38,7 @@ from overlay.ipam import (
 )
 
 from .control import ControlError
+from .errors import ConfigError
 from .logs import fields
 from .persist import load_json, save_json
 
@@ -99,7 +100,10 @@ class IpamService:
         """Serve mesh DNS on UDP ``host:port`` (``NODE.node.mesh`` -> overlay address)."""
         from overlay.dns import MeshDNS, serve_dns
 
-        self._dns_transport = await serve_dns(MeshDNS(self.resolve_node), host, port)
+        try:
+            self._dns_transport = await serve_dns(MeshDNS(self.resolve_node), host, port)
+        except OSError as exc:
+            raise ConfigError(f"dns {host}:{port}: cannot listen: {exc.strerror or exc}") from None
         log.info("mesh dns listening", extra=fields(addr=f"{host}:{port}"))
 
     @property

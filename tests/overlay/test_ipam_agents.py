@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from edgeagent.agent import Agent
 from edgeagent.cli import main as cli_main
 from edgeagent.config import add_agent_arguments, load_config
 from edgeagent.control import ControlClient, socket_path
-from edgeagent.errors import AgentUnavailable
+from edgeagent.errors import AgentUnavailable, ConfigError
 from edgeagent.ipam_service import IpamService
 
 TIMEOUT = 60.0  # generous: the machine is shared
@@ -171,3 +172,20 @@ async def test_agent_restart_keeps_its_block_and_named_addresses(base_dir: Path)
     finally:
         await stop(second)
         await stop(first)
+
+
+async def test_dns_port_in_use_is_one_clear_config_error(base_dir: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        state_dir = base_dir / "c0"
+        state_dir.mkdir()
+        agent = make_agent(state_dir, "c0", None, dns_on=False)
+        task = asyncio.create_task(agent.run())
+        await call(state_dir, "status")
+        service = await IpamService.attach(agent, agent._identity)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(ConfigError, match=f"dns 127.0.0.1:{port}: cannot listen"):
+                await service.start_dns("127.0.0.1", port)
+        finally:
+            await stop(Running(agent, task, service))
