@@ -56,8 +56,8 @@ Where we differ from memberlist, on purpose:
   live member dead (seen at 5% loss);
 - a push-pull merges before it replies, so the reply carries any refutation;
   a DEAD member that announces its leave is recorded LEFT;
-- in a join exchange only the joiner is re-broadcast, not every member the
-  joiner learns; the push-pull period is jittered +-50%.
+- of the members a push-pull teaches us, at most ``MERGE_REBROADCAST_MAX`` are
+  re-broadcast (memberlist: all); the push-pull period is jittered +-50%.
 """
 
 from __future__ import annotations
@@ -128,11 +128,15 @@ USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each use
 
 # Alives learned from a push-pull are re-broadcast as memberlist does (they may be
 # news: the other side's refutations after a partition), but after everything
-# else. One exception: in a *join* exchange only the joiner itself is news;
-# memberlist re-broadcasts every member the joiner learns, so each join gossips
-# the whole cluster (N updates x RetransmitMult*log10 N sends) to nodes that
-# already know it.
+# else.
 PRIORITY_MERGED = PRIORITY_USER + 1
+# memberlist also re-broadcasts every member that is merely new to *us*: a joiner
+# re-gossips the whole cluster (N updates x RetransmitMult*log10 N sends). That
+# flood is what repairs joins that overlapped and missed each other's Alive, but
+# at N = 1000 it dwarfs everything else. We re-broadcast the push-pull's sender
+# and a random sample of at most this many of the others: identical to
+# memberlist up to this size, bounded beyond.
+MERGE_REBROADCAST_MAX = 32
 
 ALIVE = MemberState.ALIVE
 SUSPECT = MemberState.SUSPECT
@@ -1078,14 +1082,17 @@ class Membership:
             return
         by_name = self._by_name
         me = self._me
-        spread_new = not remote.join
+        fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
             if r.state == ALIVE:
                 if node is not None and node is not me and r.incarnation <= node.incarnation:
                     continue  # nothing new: skip building the message
                 alive = Alive(r.name, r.incarnation, r.addr, r.meta)
-                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread_new or r.name == remote.source)
+                spread = node is not None or r.name == remote.source
+                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread)
+                if not spread and r.name in by_name:
+                    fresh.append(alive)
             elif node is None:
                 continue  # never heard of it, and it is not alive: ignore
             elif r.state == LEFT:
@@ -1093,6 +1100,10 @@ class Membership:
             else:
                 # A remote DEAD is only a suspicion here (memberlist mergeState).
                 self._on_suspect(Suspect(r.name, r.incarnation, self.name), now)
+        if len(fresh) > MERGE_REBROADCAST_MAX:
+            fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
+        for alive in fresh:
+            self._enqueue(alive, alive.name, PRIORITY_MERGED)
         rejected = self._store.rejected
         for owner, entries in remote.states:
             if owner == self.name:
