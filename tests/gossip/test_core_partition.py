@@ -8,7 +8,7 @@ import pytest
 
 from gossip.codec import decode_frame, encode_frame
 from gossip.config import lan
-from gossip.core import Membership, push_pull_scale
+from gossip.core import MERGE_REBROADCAST_MAX, Membership, push_pull_scale
 from gossip.events import MemberFailed
 from gossip.messages import Dead, MemberRecord, MemberState, PushPull
 
@@ -123,3 +123,14 @@ def test_a_broken_link_is_bridged_by_indirect_probes() -> None:
     assert not any(e.member.name == "n5" for e in sim.events_of("n0", MemberFailed))
 
 
+
+
+def test_members_learned_by_push_pull_are_rebroadcast_up_to_a_bound() -> None:
+    small, large = make_core(), make_core()
+    few = [MemberRecord(f"m{i}", (f"10.0.3.{i}", 7946), 1, MemberState.ALIVE, b"") for i in range(5)]
+    many = [MemberRecord(f"m{i}", (f"10.0.3.{i}", 7946), 1, MemberState.ALIVE, b"") for i in range(100)]
+    push_pull_from(small, few)
+    push_pull_from(large, many)
+    assert len(small.members()) == 6 and len(large.members()) == 101
+    assert small.pending_broadcasts == 1 + 5  # our own Alive, and every new member
+    assert large.pending_broadcasts == 1 + MERGE_REBROADCAST_MAX
