@@ -5,8 +5,8 @@ Every node of a :class:`testbed.sim.Simulator` runs a real gossip core plus an
 glues them: core events feed the allocator; the allocator's claim goes back into
 the core's replicated state under ``"ipam"``; its persisted state survives a crash.
 Each run is seeded with ``"{seed}:{run}"``. The prefix is deliberately tight
-(``--prefix``, default a /20 of /28 blocks: 256 blocks for 50-70 claims), so hash
-starts collide and probes race. One run:
+(``--prefix``; default about 2.5 /28 blocks per node, at least 128: a /21 for 50
+nodes, a /19 for 200), so hash starts collide and probes race. One run:
 
 1. Bootstrap, not measured: ``--nodes`` nodes join 10 ms apart (each joins up to
    3 earlier nodes); run until the membership converged and every node knows
@@ -407,6 +407,16 @@ def twin_name(base: str, num_blocks: int, taken: set[str], tag: str) -> str:
     raise RuntimeError("no twin name found")
 
 
+def prefix_for(nodes: int, block_prefixlen: int = 28) -> str:
+    """A tight prefix: about 2.5 blocks per node, at least 128 (a /21 of /28 for 50
+    nodes), so hash starts collide often and probes race, yet joins and quarantined
+    blocks do not exhaust it."""
+    blocks = 128
+    while blocks < 2.5 * nodes:
+        blocks *= 2
+    return f"10.99.0.0/{block_prefixlen - blocks.bit_length() + 1}"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile, None for no values."""
     if not values:
@@ -597,7 +607,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", default="1")
     parser.add_argument("--preset", default="lan", help="gossip timing preset")
     parser.add_argument(
-        "--prefix", default="10.99.0.0/20", help="overlay prefix (tight on purpose)"
+        "--prefix", default=None, help="overlay prefix (default: tight, ~2.5 blocks per node)"
     )
     parser.add_argument("--block-prefixlen", type=int, default=28)
     parser.add_argument("--quarantine-s", type=float, default=15.0)
@@ -619,7 +629,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.seed}:{r}",
             args.nodes,
             config,
-            prefix=args.prefix,
+            prefix=args.prefix or prefix_for(args.nodes, args.block_prefixlen),
             block_prefixlen=args.block_prefixlen,
             quarantine_s=args.quarantine_s,
             probes=args.probes,

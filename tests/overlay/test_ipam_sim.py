@@ -11,7 +11,7 @@ import pytest
 
 from gossip.config import preset
 from overlay.ipam import Renumbered
-from testbed.bench.ipam import IpamMesh, one_run, start_index
+from testbed.bench.ipam import IpamMesh, one_run, prefix_for, start_index
 from testbed.sim import Simulator
 
 SEEDS = range(20)
@@ -25,7 +25,7 @@ def scenario(seed: str, nodes: int, **overrides: float) -> None:
         seed,
         nodes,
         preset("lan"),
-        prefix="10.99.0.0/21",  # 128 blocks for ~60 claims: hash starts collide often
+        prefix=prefix_for(nodes),
         block_prefixlen=28,
         quarantine_s=params["quarantine_s"],
         probes=int(params["probes"]),
