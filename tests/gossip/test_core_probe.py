@@ -264,3 +264,12 @@ def test_ping_carrying_a_stale_accusation_is_answered_with_our_current_alive() -
     core.receive(seal([Ping(6, "a", "p0", peer_addr(0))]), peer_addr(0), 5.3)
     (dst, msgs), = sent(core)
     assert msgs == [Ack(6, "a")]
+
+
+@pytest.mark.parametrize(("lifeguard", "expected"), [(False, 4.0), (True, 24.0)])
+def test_suspicion_lasts_min_without_lifeguard_and_max_with_it_unconfirmed(lifeguard: bool, expected: float) -> None:
+    # N = 5: min = 4 * max(1, log10 5) * 1 s = 4 s; Lifeguard starts at max = 6 * min (k = 2 <= N - 2)
+    core = make_core(peers=4, lifeguard=lifeguard)
+    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 10.0)
+    susp = core._by_name["p1"].suspicion
+    assert susp is not None and susp.deadline == pytest.approx(10.0 + expected)
