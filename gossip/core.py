@@ -428,13 +428,13 @@ class Membership:
         """
         self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value))
         update = self._store.set_local(key, value)
-        self._enqueue(update, ("s", key), PRIORITY_STATE)
+        self._enqueue(update, (self.name, key), PRIORITY_STATE)
 
     def delete_state(self, key: str, now: float) -> None:
         """Delete a key of our replicated map (a tombstone spreads)."""
         update = self._store.delete_local(key)
         if update is not None:
-            self._enqueue(update, ("s", key), PRIORITY_STATE)
+            self._enqueue(update, (self.name, key), PRIORITY_STATE)
 
     def broadcast(self, payload: bytes, now: float) -> None:
         """Spread ``payload`` to every member once (UserMessage events there, not here)."""
@@ -1009,7 +1009,7 @@ class Membership:
 
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
         for update in self._store.reconcile_own(entries):
-            self._enqueue(update, ("s", update.key), PRIORITY_STATE)
+            self._enqueue(update, (self.name, update.key), PRIORITY_STATE)
 
     def _remember_user(self, key: tuple[str, int]) -> None:
         seen = self._user_seen
