@@ -447,3 +447,20 @@ def test_wiretap_sees_every_datagram_with_its_fate() -> None:
     assert fates["undeliverable"] == sim.datagrams_undeliverable >= 4
     assert fates["delivered"] == sim.totals()["datagrams_received"] > 0
     assert sum(fates.values()) == sim.totals()["datagrams_sent"]
+
+
+def test_real_core_cluster_replays_identically_from_its_seed() -> None:
+    def run(seed: int) -> tuple[list[tuple[float, str, str]], dict[str, int]]:
+        sim = Simulator(seed, lan(), loss=0.05)
+        events: list[tuple[float, str, str]] = []
+        sim.on_event(lambda now, name, e: events.append((now, name, repr(e))))
+        sim.add_cluster(6, seeds=2, spacing=0.1)
+        sim.run_for(10)
+        sim.crash("n002")
+        sim.run_for(20)
+        return events, sim.totals()
+
+    first, second, other = run(11), run(11), run(12)
+    assert first == second
+    assert first[0] != other[0]
+    assert any("MemberFailed" in e[2] for e in first[0])
