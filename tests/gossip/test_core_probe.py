@@ -9,7 +9,7 @@ import pytest
 
 from gossip.config import lan
 from gossip.core import Membership
-from gossip.events import MemberSuspected
+from gossip.events import MemberAlive, MemberSuspected
 from gossip.messages import Ack, Alive, Dead, MemberState, Nack, Ping, PingReq, Suspect
 
 from .netsim import drain_events, make_keyring, seal, sent
@@ -228,7 +228,7 @@ def test_probe_round_robin_visits_every_member_once_per_round(lifeguard: bool) -
     assert sorted(targets[:5]) == sorted(targets[5:]) == [f"p{i}" for i in range(5)]
 
 
-def test_suspecting_member_pings_the_suspect_once_just_before_declaring_it_dead() -> None:
+def test_suspecting_member_pings_the_suspect_once_halfway_through_the_minimum_timeout() -> None:
     core = make_core(peers=4)
     core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
     sent(core)
@@ -239,16 +239,16 @@ def test_suspecting_member_pings_the_suspect_once_just_before_declaring_it_dead(
         assert susp is not None
         for dst, msgs in clock.step(0.005):
             if dst == peer_addr(1) and isinstance(msgs[0], Ping) and Suspect("p1", 1, "a") in msgs:
-                if abs(clock.now - (susp.deadline - core.config.probe_timeout)) < 0.01:
+                if abs(clock.now - (susp.start + susp.min_timeout / 2)) < 0.01:
                     rechecks.append(clock.now)
             elif isinstance(msgs[0], Ping):
                 core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now)
         if rechecks:
             break
     assert len(rechecks) == 1 and susp.rechecked
+    assert clock.now < susp.deadline - 1.0  # time left for a slow member's answer
     # p1 had refuted long ago; its ack carries the Alive we missed
     core.receive(seal([Ack(999, "p1"), Alive("p1", 2, peer_addr(1), b"")]), peer_addr(1), clock.now)
-    clock.step(1.0)
     assert core.member("p1").state == MemberState.ALIVE
 
 
@@ -273,3 +273,15 @@ def test_suspicion_lasts_min_without_lifeguard_and_max_with_it_unconfirmed(lifeg
     core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 10.0)
     susp = core._by_name["p1"].suspicion
     assert susp is not None and susp.deadline == pytest.approx(10.0 + expected)
+
+
+def test_suspect_at_a_higher_incarnation_restarts_the_suspicion() -> None:
+    core = make_core(peers=4)
+    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
+    old = core._by_name["p1"].suspicion
+    core.receive(seal([Suspect("p1", 2, "p3")]), SRC, 5.0)  # p1 refuted 1; we missed its Alive
+    new = core._by_name["p1"].suspicion
+    assert new is not None and new is not old and new.start == 5.0
+    assert core.member("p1").incarnation == 2
+    assert new.deadline == pytest.approx(5.0 + 24.0)  # a fresh, unconfirmed suspicion
+    assert [type(e) for e in drain_events(core)] == [MemberSuspected, MemberAlive, MemberSuspected]
