@@ -16,7 +16,9 @@ nodes, a /19 for 200), so hash starts collide and probes race. One run:
    join to the moment the last live node learned the claim it holds at the end
    of the phase (so a probe that had to move is measured to its final claim),
    and only if that claim overlaps no other live claim. ``claim_time_p99_s``
-   is the nearest-rank 99th percentile over all probes of all runs.
+   is the nearest-rank 99th percentile over all probes of all runs; a probe whose
+   claim was not known everywhere within the 10 s counts as infinitely slow
+   (``claim_probes_failed``; a percentile that lands on one is null).
 3. Partition and churn (``--cycles`` times, back to back): the running nodes are
    cut one of three ways, picked at random per cycle: two groups, three groups
    (each with a few one-way blocks inside it: asymmetric links), or one-way
@@ -648,13 +650,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
+    # A probe not known everywhere within PROBE_SPACING counts as infinitely slow.
     claim_times = [t for r in results for t in r.claim_times]
+    claim_times += [math.inf] * sum(r.claim_failures for r in results)
     resolution = [t for r in results for t in r.resolution]
     heal = [t for r in results for t in r.heal_to_resolved]
     renumbered = sum(r.renumbered for r in results)
 
     def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 3)
+        return None if value is None or math.isinf(value) else round(value, 3)
 
     return {
         "nodes": args.nodes,
