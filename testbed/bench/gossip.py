@@ -42,9 +42,9 @@ starved set for the same ``--seed``). A run goes:
 ``max_datagram_bytes`` is the largest sealed datagram any node sent (bootstrap
 included); ``sim_wall_s`` is the wall-clock time of all runs together,
 ``sim_cpu_s`` the CPU time of this process over them (steadier than wall time
-on a shared machine), ``bootstrap_cpu_s`` the part of it spent in step 1
-(at N=1,000 the join storm dominates: every Alive reaches every node), and ``sim_seconds`` the virtual time one run covers,
-bootstrap included.
+on a shared machine), ``bootstrap_cpu_s`` the part of it spent in step 1 (at
+N=1,000 the join storm dominates: every Alive reaches every node), and
+``sim_seconds`` the virtual time one run covers, bootstrap included.
 """
 
 from __future__ import annotations
