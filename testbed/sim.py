@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gossip.config import GossipConfig
-from gossip.events import Event
+from gossip.events import Event, Member
 from gossip.keyring import Keyring
 from gossip.messages import Address, MemberState
 
@@ -65,8 +65,10 @@ _STOP = 6  # a = generation (end of a graceful leave)
 class CoreLike(Protocol):
     """The part of ``gossip.core.Membership`` the simulator drives."""
 
-    incarnation: int
+    @property
+    def incarnation(self) -> int: ...
 
+    def members(self) -> list[Member]: ...
     def join(self, seeds: Sequence[Address], now: float) -> Any: ...
     def leave(self, now: float) -> Any: ...
     def receive(self, data: bytes, src: Address, now: float) -> Any: ...
@@ -412,7 +414,7 @@ class Simulator:
 
     def view(self, name: str) -> dict[str, MemberState]:
         """Member name -> state, as ``name``'s core sees it."""
-        return {m.name: m.state for m in self.nodes[name].core.members()}  # type: ignore[attr-defined]
+        return {m.name: m.state for m in self.nodes[name].core.members()}
 
     def converged(self) -> bool:
         """Every running node sees exactly the running nodes as ALIVE (itself included)."""
@@ -423,7 +425,7 @@ class Simulator:
             if getattr(node.core, "num_alive", count) not in (count, count - 1):
                 return False
         for node in running:
-            alive = {m.name for m in node.core.members() if m.state == MemberState.ALIVE}  # type: ignore[attr-defined]
+            alive = {m.name for m in node.core.members() if m.state == MemberState.ALIVE}
             alive.add(node.name)
             if alive != live:
                 return False

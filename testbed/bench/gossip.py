@@ -53,10 +53,12 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from gossip.config import GossipConfig, preset
 from gossip.events import Event, MemberFailed, MemberSuspected, StateChanged
+from gossip.messages import Address
 from testbed.sim import Simulator
 
 BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
@@ -137,6 +139,10 @@ class RunResult:
     bootstrap_cpu_s: float
 
 
+def _join_one(peer: Address, core: Any, now: float) -> None:
+    core.join([peer], now)
+
+
 def bootstrap(sim: Simulator, nodes: int, timeout: float) -> bool:
     """Run until every node sees all ``nodes`` ALIVE, at most ``timeout`` s.
 
@@ -154,7 +160,7 @@ def bootstrap(sim: Simulator, nodes: int, timeout: float) -> bool:
         for node in live:
             if node.core.num_alive < nodes:  # type: ignore[attr-defined]
                 peer = sim.rng.choice(live).addr
-                sim.call(node.name, lambda core, now, peer=peer: core.join([peer], now))
+                sim.call(node.name, partial(_join_one, peer))
     return True
 
 
