@@ -27,9 +27,9 @@ partition decide alike because the order is a property of the claims alone.
 After a burst of arrivals (members back from DEAD or LEFT, or several new ones:
 a heal), every node re-publishes its claim (twice, seconds apart), so the sides
 learn each other's claims by gossip within seconds instead of waiting for
-anti-entropy. Every new claim is also published a second time
-``DEFAULT_CLAIM_REPEAT_S`` later, for nodes that got the first copy before they
-knew the claimant (the gossip core drops state of members it does not know).
+anti-entropy. Every new claim is also published again at the offsets in
+``DEFAULT_CLAIM_REPEATS_S``, for nodes that got the first copy before they knew
+the claimant (the gossip core drops state of members it does not know).
 
 Restarts: a node restarted from its persisted state claims its old block again at
 once, with a fresh timestamp. While it was away its block was quarantined, so
@@ -91,11 +91,12 @@ DEFAULT_REANNOUNCE_DELAY_S = 0.5
 # it does not know yet, and after a heal some members learn of others only seconds
 # later (measured: up to ~10 s in the simulator at N=50 on the LAN preset).
 DEFAULT_REANNOUNCE_AGAIN_S = 8.0
-# Every new claim is published a second time this long after the first: a joiner's
+# Every new claim is published again this long after the first (seconds): a joiner's
 # first claim races its own Alive through the mesh, and a node that gets the claim
 # before it knows the member drops it (the core keeps no state for unknown members).
-# 2 s is ~10 LAN gossip rounds, enough for the Alive to reach a few hundred nodes.
-DEFAULT_CLAIM_REPEAT_S = 2.0
+# 1 s (5 LAN gossip rounds) catches most stragglers and keeps the claim time near 1 s;
+# 3 s catches the Alive's slowest receivers in a few hundred nodes.
+DEFAULT_CLAIM_REPEATS_S = (1.0, 3.0)
 FIRST_HOST_OFFSET = 1  # the node's own address: the first usable address of its block
 MAX_LOCAL_ADDRESSES = 64  # named local allocations kept (persisted state stays small)
 MAX_NAME_LEN = 64
@@ -297,7 +298,7 @@ class Allocator:
         self._decide_at: float | None = None
         self._settle_at: float | None = now + settle_s
         self._reannounce: list[float] = []  # pending re-publish times, ascending
-        self._repeat_at: float | None = None  # second publication of a new claim
+        self._repeats: list[float] = []  # re-publications of a new claim, ascending
         self._arrival_window_end: float | None = None  # a second new member soon is a burst
         if persisted is not None:
             self._restore(persisted, now)
@@ -406,9 +407,10 @@ class Allocator:
                 del self._grace_until[owner]
         self._decide_at = None
         self._quarantine_check_at = None
-        republish = self._repeat_at is not None and self._repeat_at <= now
-        if republish:
-            self._repeat_at = None
+        republish = False
+        while self._repeats and self._repeats[0] <= now:
+            self._repeats.pop(0)
+            republish = True
         while self._reannounce and self._reannounce[0] <= now:
             self._reannounce.pop(0)
             republish = True
@@ -436,7 +438,7 @@ class Allocator:
             self._settle_at,
             self._quarantine_check_at,
             self._reannounce[0] if self._reannounce else None,
-            self._repeat_at,
+            self._repeats[0] if self._repeats else None,
         )
         deadlines = [t for t in candidates if t is not None]
         if self._grace_until and self._own is not None:
@@ -718,7 +720,7 @@ class Allocator:
         time = self._clock.tick(now + self.wall_offset)
         self._own = Claim(self.node, self.node_id, self._block_at(index), index, time)
         self._publish = ClaimUpdate(self._own.to_value())
-        self._repeat_at = now + DEFAULT_CLAIM_REPEAT_S
+        self._repeats = [now + delay for delay in DEFAULT_CLAIM_REPEATS_S]
         self._persist_due = True
         address = self._own.block[FIRST_HOST_OFFSET]
         self._events.append(BlockClaimed(str(self._own.block), str(address), time))

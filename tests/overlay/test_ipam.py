@@ -11,7 +11,7 @@ import pytest
 from gossip.messages import MemberState
 from overlay.hlc import MAX_DRIFT_MS, HybridClock, Timestamp
 from overlay.ipam import (
-    DEFAULT_CLAIM_REPEAT_S,
+    DEFAULT_CLAIM_REPEATS_S,
     DEFAULT_REANNOUNCE_AGAIN_S,
     MAX_LOCAL_ADDRESSES,
     AddressExhausted,
@@ -575,11 +575,10 @@ def test_member_comeback_makes_node_republish_its_claim_once_per_burst_then_agai
     a.synced(0.0)
     a.handle_timeout(0.0)
     first = a.claim_to_publish()
-    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
-    assert a.claim_to_publish() == first  # every new claim goes out twice
+    drain_repeats(a, 0.0)
     for name in ("x", "y"):
-        a.on_member(name, MemberState.DEAD, 1.0)
-    a.handle_timeout(1.0)
+        a.on_member(name, MemberState.DEAD, 4.0)
+    a.handle_timeout(4.0)
     assert a.claim_to_publish() is None
     a.on_member("x", MemberState.ALIVE, 5.0)
     a.on_member("y", MemberState.ALIVE, 5.2)
@@ -601,8 +600,7 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     a.synced(0.0)
     a.handle_timeout(0.0)
     a.claim_to_publish()
-    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
-    a.claim_to_publish()
+    drain_repeats(a, 0.0)
     a.on_member("solo", MemberState.ALIVE, 10.0)
     a.handle_timeout(12.0)
     assert a.claim_to_publish() is None
@@ -612,12 +610,21 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     assert a.claim_to_publish() is not None
 
 
-def test_new_claim_is_published_again_after_repeat_delay_only_once() -> None:
+def drain_repeats(a: Allocator, claimed_at: float) -> None:
+    """Run the re-publications of a claim made at ``claimed_at``; each is the claim."""
+    claim = a.claim
+    assert claim is not None
+    for delay in DEFAULT_CLAIM_REPEATS_S:
+        assert a.get_timer() == claimed_at + delay
+        a.handle_timeout(claimed_at + delay)
+        update = a.claim_to_publish()
+        assert update is not None and update.value == claim.to_value()
+
+
+def test_new_claim_is_published_again_at_each_repeat_offset_then_stops() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
     a.handle_timeout(0.0)
-    first = a.claim_to_publish()
-    assert a.get_timer() == DEFAULT_CLAIM_REPEAT_S
-    a.handle_timeout(DEFAULT_CLAIM_REPEAT_S)
-    assert a.claim_to_publish() == first
+    assert a.claim_to_publish() is not None
+    drain_repeats(a, 0.0)
     assert a.get_timer() is None
