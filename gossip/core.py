@@ -127,6 +127,9 @@ from .suspicion import Suspicion, suspicion_timeout
 
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
+# leave() sends the leave straight to this many random live members besides
+# queueing it (ours; memberlist relies on the queue and a broadcast timeout).
+LEAVE_DIRECT_FANOUT = 8
 
 # Alives learned from a push-pull are re-broadcast as memberlist does (they may be
 # news: the other side's refutations after a partition), but after everything
@@ -408,7 +411,14 @@ class Membership:
         me.state = LEFT
         me.state_change = now
         self._finish_probe()
-        self._enqueue(Dead(me.name, me.incarnation, me.name), me.name, PRIORITY_MEMBERSHIP)
+        leave = Dead(me.name, me.incarnation, me.name)
+        self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
+        # Tell up to LEAVE_DIRECT_FANOUT live members at once, not only the next
+        # gossip targets: when several members leave together, piggybacking
+        # alone can hand every copy to members that are themselves stopping,
+        # and the one that stays records the leavers DEAD instead of LEFT.
+        for node in self._k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT):
+            self._send(node.addr, [leave])
 
     def set_meta(self, meta: bytes, now: float) -> None:
         """Change our metadata (raises BroadcastTooLarge beyond ``max_meta_bytes``)."""
@@ -837,7 +847,9 @@ class Membership:
             self._on_suspect(msg, now)
 
     def _on_dead_msg(self, msg: Dead, src: Address, now: float) -> None:
-        if not self._left:
+        # A member that is leaving still records and forwards other members'
+        # leaves, so simultaneous leaves carry each other's news.
+        if not self._left or (msg.sender == msg.name != self.name):
             self._on_dead(msg, now)
 
     def _refute(self, accused: int) -> None:

@@ -169,3 +169,26 @@ def test_restarted_node_rejoins_alive_everywhere_with_higher_incarnation() -> No
         return None
 
     check_seeds(range(16), check)
+
+
+def test_simultaneous_leaves_are_recorded_left_by_the_member_that_stays() -> None:
+    # Agents stop soon after leave() (once their queue drains); several stopping at
+    # once must still reach the member that stays, never leaving them alive or DEAD.
+    def check(seed: int) -> str | None:
+        sim, rec = cluster(seed, 5, loss=(0.0, 0.01)[seed % 2])
+        names = sorted(sim.nodes)
+        stayer = sim.rng.choice(names)
+        leavers = [n for n in names if n != stayer]
+        left_at = sim.now
+        for name in leavers:
+            sim.leave(name, linger=0.3)
+        sim.run_for(30)
+        view = sim.view(stayer)
+        wrong = {n: view.get(n) for n in leavers if view.get(n) != MemberState.LEFT}
+        if wrong:
+            return f"{stayer} holds {wrong} after all others left at {left_at:.1f}"
+        if rec.about(stayer, MemberFailed, left_at):
+            return "someone recorded the stayer dead"
+        return None
+
+    check_seeds(range(100), check)
