@@ -156,6 +156,7 @@ class Agent:
         self._control = ControlServer(socket_path(config.state_dir))
         self._mdns: Any = None
         self._metrics: Any = None
+        self._ipam: Any = None  # edgeagent.ipam_service.IpamService once started
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Callable[[tuple[ev.Event, ...], View], None]] = []
 
@@ -175,6 +176,9 @@ class Agent:
             keys = load_or_create_keyring(config.keyring_path)
             self._driver = self._make_driver(loop, identity, keys)
             await self._start_driver()
+            from .ipam_service import IpamService  # overlay addresses (and mesh DNS when on)
+
+            self._ipam = await IpamService.attach(self, identity)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             if config.metrics is not None:
@@ -201,10 +205,17 @@ class Agent:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            if self._ipam is not None:
+                self._ipam.close()
             if self._driver is not None:
                 self._driver.stop()
             await self._control.close()
         return 0
+
+    @property
+    def ipam(self) -> Any:
+        """The overlay address service (``edgeagent.ipam_service.IpamService``), once started."""
+        return self._ipam
 
     def request_stop(self) -> None:
         """Begin a graceful leave and exit (signal handlers, ``edgeagent leave``)."""
@@ -378,6 +389,7 @@ class Agent:
             "mdns": self._mdns is not None,
             "metrics": format_addr(self._metrics.address) if self._metrics else None,
             "pid": os.getpid(),
+            **(self._ipam.status_fields() if self._ipam is not None else {}),
         }
 
     async def _cmd_leave(self, request: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
                 ("name", status["name"]),
                 ("node id", status["node_id"]),
                 ("address", status["address"]),
+                ("overlay", f"{status.get('overlay_address') or 'none yet'} "
+                 f"(block {status.get('overlay_block') or 'none yet'})"),
                 ("incarnation", status["incarnation"]),
                 ("cluster", status["cluster"]),
                 ("profile", f"{status['profile']} (gossip preset {status.get('preset')})"),

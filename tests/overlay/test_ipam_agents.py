@@ -68,13 +68,12 @@ async def start(base: Path, name: str, join: str | None, dns_on: bool = False) -
     agent = make_agent(state_dir, name, join, dns_on)
     task = asyncio.create_task(agent.run())
     await call(state_dir, "status")  # the driver is up once the control socket answers
-    service = await IpamService.attach(agent, agent._identity)  # type: ignore[arg-type]
-    return Running(agent, task, service)
+    await wait_for(lambda: agent.ipam is not None, "the agent to start its address service")
+    return Running(agent, task, agent.ipam)
 
 
 async def stop(r: Running) -> None:
-    r.service.close()
-    r.agent.request_stop()
+    r.agent.request_stop()  # the agent closes its address service on the way out
     assert await asyncio.wait_for(r.task, TIMEOUT) == 0
 
 
@@ -183,7 +182,8 @@ async def test_dns_port_in_use_is_one_clear_config_error(base_dir: Path) -> None
         agent = make_agent(state_dir, "c0", None, dns_on=False)
         task = asyncio.create_task(agent.run())
         await call(state_dir, "status")
-        service = await IpamService.attach(agent, agent._identity)  # type: ignore[arg-type]
+        await wait_for(lambda: agent.ipam is not None, "the agent to start its address service")
+        service = agent.ipam
         try:
             with pytest.raises(ConfigError, match=f"dns 127.0.0.1:{port}: cannot listen"):
                 await service.start_dns("127.0.0.1", port)
