@@ -291,6 +291,8 @@ class Membership:
         self._acks: dict[int, _Probe | _Relay] = {}
         self._seq = 0
         self._left = False
+        # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
+        self._reaped: dict[str, None] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
 
         self._queue = BroadcastQueue(config.max_broadcast_queue)
@@ -688,6 +690,12 @@ class Membership:
         plist[offset], plist[-1] = plist[-1], plist[offset]
         return node
 
+    def _add_gone(self, r: MemberRecord, now: float) -> None:
+        """Record a member first heard of as DEAD or LEFT (from a push-pull)."""
+        node = self._add_node(Alive(r.name, r.incarnation, r.addr, r.meta), now)
+        if node is not None:
+            self._mark_gone(node, LEFT if r.state == LEFT else DEAD, now)
+
     def _remove_node(self, node: _Node) -> None:
         del self._by_name[node.name]
         last = self._nodes.pop()
@@ -703,6 +711,9 @@ class Membership:
         if node.index < 0 or node.state_change != stamp or node.state not in (DEAD, LEFT):
             return
         self._remove_node(node)
+        self._reaped[node.name] = None
+        if len(self._reaped) > self.config.max_members:
+            del self._reaped[next(iter(self._reaped))]
         self._emit(MemberReaped(node.snapshot()))
 
     # ------------------------------------------------------------ failure detection
@@ -1124,7 +1135,14 @@ class Membership:
                 if not spread and r.name in by_name:
                     fresh.append(alive)
             elif node is None:
-                continue  # never heard of it, and it is not alive: ignore
+                # memberlist ignores a dead member it never knew. We record it
+                # (DEAD or LEFT, reaped after dead_member_ttl) so that a node
+                # joining while a member is down still learns its replicated
+                # state: the overlay address allocator must see a dead owner's
+                # block to keep it in quarantine. One we reaped ourselves is
+                # not taken back, so a forgotten member does not circulate.
+                if r.name not in self._reaped and r.name != self.name:
+                    self._add_gone(r, now)
             elif r.state == LEFT:
                 self._on_dead(Dead(r.name, r.incarnation, r.name), now)
             else:

@@ -52,14 +52,30 @@ def test_remote_dead_about_us_is_refuted_and_the_reply_carries_it() -> None:
     assert [(r.incarnation, r.state) for r in reply.members if r.name == "a"] == [(5, MemberState.ALIVE)]
 
 
-def test_remote_left_is_recorded_left_and_unknown_dead_members_are_ignored() -> None:
+def test_remote_left_is_recorded_left_and_unknown_gone_members_are_recorded() -> None:
+    # Unlike memberlist, a member first heard of as DEAD or LEFT is recorded, so a
+    # node that joins while it is down still holds its replicated state.
     core = make_core()
     push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 1, MemberState.ALIVE, b"")])
     push_pull_from(core, [
         MemberRecord("b", ("10.0.0.2", 7946), 1, MemberState.LEFT, b""),
         MemberRecord("ghost", ("10.0.0.3", 7946), 1, MemberState.DEAD, b""),
+        MemberRecord("gone", ("10.0.0.4", 7946), 2, MemberState.LEFT, b""),
     ])
     assert core.member("b").state == MemberState.LEFT
+    assert core.member("ghost").state == MemberState.DEAD
+    assert core.member("gone").state == MemberState.LEFT
+    assert core.num_alive == 1  # only ourselves: recorded gone members are never counted alive
+
+
+def test_a_reaped_member_is_not_learned_again_from_a_push_pull() -> None:
+    core = make_core()
+    ghost = MemberRecord("ghost", ("10.0.0.3", 7946), 1, MemberState.DEAD, b"")
+    push_pull_from(core, [ghost])
+    later = 1.0 + core.config.dead_member_ttl + 1.0
+    core.handle_timeout(later)
+    assert core.member("ghost") is None
+    push_pull_from(core, [ghost], now=later + 1.0)
     assert core.member("ghost") is None
 
 

@@ -108,12 +108,6 @@ def test_restart_within_quarantine_keeps_block_in_simulation() -> None:
     assert mesh.duplicates() == [] and mesh.violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gossip core gap: a node that joins after a member died never learns that member "
-    "or its state (push-pull merge ignores unknown non-alive members, as memberlist does), "
-    "so it cannot see the quarantined claim; the returning owner then loses and renumbers",
-)
 def test_node_joining_during_quarantine_does_not_take_dead_owners_block() -> None:
     mesh = small_mesh("quarantine", quarantine_s=600.0)
     sim = mesh.sim
