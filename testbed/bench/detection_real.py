@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import random
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+from testbed.bench.stats import nearest_rank
 from testbed.cluster import Testbed, TestbedError
 from testbed.netns import is_root
 
@@ -43,15 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="victim choice (default 1)")
     parser.add_argument("--detect-timeout", type=float, default=60.0,
                         help="seconds after a kill before an observer counts as undetected (default 60)")
-
-
-def nearest_rank(values: list[float], percent: float) -> float | None:
-    """The nearest-rank percentile: the smallest value with at least ``percent`` % at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(percent / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def parse_failed(line: str) -> tuple[float, str] | None:

@@ -59,6 +59,7 @@ from typing import Any
 from gossip.config import GossipConfig, preset
 from gossip.events import Event, MemberFailed, MemberSuspected, StateChanged
 from gossip.messages import Address
+from testbed.bench.stats import nearest_rank
 from testbed.sim import Simulator
 
 BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
@@ -109,15 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def starved_count(fraction: float, nodes: int) -> int:
     """How many nodes ``--starved`` means: the fraction of ``nodes``, rounded up."""
     return math.ceil(fraction * nodes - 1e-9)
-
-
-def nearest_rank(values: list[float], pct: float) -> float | None:
-    """The nearest-rank percentile of ``values`` (None when empty)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass

@@ -94,6 +94,7 @@ from overlay.ipam import (
     IpamEvent,
     Renumbered,
 )
+from testbed.bench.stats import nearest_rank
 from testbed.sim import Simulator
 
 BOOTSTRAP_SPACING = 0.01  # seconds between node starts during bootstrap
@@ -419,14 +420,6 @@ def prefix_for(nodes: int, block_prefixlen: int = 28) -> str:
     return f"10.99.0.0/{block_prefixlen - blocks.bit_length() + 1}"
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile, None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 @dataclass
 class RunResult:
     duplicates: int
@@ -667,12 +660,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unclaimed_after_convergence": sum(r.unclaimed for r in results),
         "unsettled_runs": sum(not r.settled for r in results),
         "unexplained_renumbers": sum(len(r.violations) for r in results),
-        "claim_time_p50_s": rounded(percentile(claim_times, 50)),
-        "claim_time_p99_s": rounded(percentile(claim_times, 99)),
+        "claim_time_p50_s": rounded(nearest_rank(claim_times, 50)),
+        "claim_time_p99_s": rounded(nearest_rank(claim_times, 99)),
         "claim_probes_failed": sum(r.claim_failures for r in results),
-        "conflict_resolution_p50_s": rounded(percentile(resolution, 50)),
-        "conflict_resolution_p99_s": rounded(percentile(resolution, 99)),
-        "heal_to_resolved_p99_s": rounded(percentile(heal, 99)),
+        "conflict_resolution_p50_s": rounded(nearest_rank(resolution, 50)),
+        "conflict_resolution_p99_s": rounded(nearest_rank(resolution, 99)),
+        "heal_to_resolved_p99_s": rounded(nearest_rank(heal, 99)),
         "conflicts_after_heal": len(resolution),
         "conflicts_forced": sum(r.forced for r in results),
         "renumbered_nodes": renumbered,

@@ -420,7 +420,7 @@ def test_gossip_bench_reports_every_documented_number_for_a_small_cluster() -> N
 
 
 def test_nearest_rank_percentile() -> None:
-    from testbed.bench.gossip import nearest_rank
+    from testbed.bench.stats import nearest_rank
 
     values = [float(v) for v in range(1, 101)]
     assert nearest_rank(values, 50) == 50.0
