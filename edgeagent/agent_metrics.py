@@ -54,6 +54,7 @@ class MetricsFeed:
         self.metrics = metrics
         self._server: asyncio.Server | None = None
         self._last: dict[tuple[str, str], float] = {}
+        self._rtts_seen = 0  # last probe RTT sample number observed
 
     @classmethod
     async def serve(
@@ -98,6 +99,11 @@ class MetricsFeed:
                 ("drop", reason, key),
                 sources[src].get(key, 0),
             )
+        for number, rtt in view.probe_rtts:
+            if number > self._rtts_seen:
+                m.probe_rtt.observe(rtt)
+        if view.probe_rtts:
+            self._rtts_seen = max(self._rtts_seen, view.probe_rtts[-1][0])
         m.local_health.set(view.health_score)
         m.incarnation.set(view.incarnation)
 

@@ -80,6 +80,8 @@ class Core(Protocol):
     @property
     def pending_broadcasts(self) -> int: ...
     @property
+    def recent_probe_rtts(self) -> tuple[tuple[int, float], ...]: ...
+    @property
     def stats(self) -> Any: ...
 
 
@@ -115,6 +117,7 @@ class View:
     health_score: int
     pending_broadcasts: int
     core_stats: Mapping[str, int]
+    probe_rtts: tuple[tuple[int, float], ...]  # (sample number, seconds), see Membership
     driver_stats: Mapping[str, int]
     taken_at: float  # the gossip loop's clock (time.monotonic)
 
@@ -136,6 +139,7 @@ def take_view(core: Core, driver_stats: DriverStats, now: float) -> View:
         health_score=core.health_score,
         pending_broadcasts=core.pending_broadcasts,
         core_stats=MappingProxyType(_stats_dict(core.stats)),
+        probe_rtts=core.recent_probe_rtts,
         driver_stats=MappingProxyType(dataclasses.asdict(driver_stats)),
         taken_at=now,
     )

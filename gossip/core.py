@@ -130,6 +130,7 @@ USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each use
 # leave() sends the leave straight to this many random live members besides
 # queueing it (ours; memberlist relies on the queue and a broadcast timeout).
 LEAVE_DIRECT_FANOUT = 8
+PROBE_RTT_SAMPLES = 64  # recent probe round-trip times kept for metrics
 
 # Alives learned from a push-pull are re-broadcast as memberlist does (they may be
 # news: the other side's refutations after a partition), but after everything
@@ -222,11 +223,12 @@ class _Node:
 class _Probe:
     """The probe in flight (one at a time)."""
 
-    __slots__ = ("node", "seq", "expected_nacks", "nacks")
+    __slots__ = ("node", "seq", "sent_at", "expected_nacks", "nacks")
 
-    def __init__(self, node: _Node, seq: int) -> None:
+    def __init__(self, node: _Node, seq: int, sent_at: float) -> None:
         self.node = node
         self.seq = seq
+        self.sent_at = sent_at
         self.expected_nacks = 0
         self.nacks = 0
 
@@ -291,6 +293,9 @@ class Membership:
         self._acks: dict[int, _Probe | _Relay] = {}
         self._seq = 0
         self._left = False
+        # Round-trip times of successful probes, numbered so a reader can tell new from seen.
+        self._rtts: deque[tuple[int, float]] = deque(maxlen=PROBE_RTT_SAMPLES)
+        self._rtt_count = 0
         # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
         self._reaped: dict[str, None] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
@@ -348,6 +353,15 @@ class Membership:
     def num_alive(self) -> int:
         """Members in state ALIVE, ourselves included (unless we left)."""
         return self._counts[ALIVE] + (0 if self._left else 1)
+
+    @property
+    def recent_probe_rtts(self) -> tuple[tuple[int, float], ...]:
+        """The last successful probes' round-trip times as ``(sample number, seconds)``.
+
+        Sample numbers only grow; a reader keeps the last one it saw and takes
+        the newer ones (at most ``PROBE_RTT_SAMPLES`` are kept).
+        """
+        return tuple(self._rtts)
 
     @property
     def local_member(self) -> Member:
@@ -753,7 +767,7 @@ class Membership:
             return
         config = self.config
         scale = self._awareness.scale if self._lifeguard else _unscaled
-        probe = self._probe = _Probe(node, self._next_seq())
+        probe = self._probe = _Probe(node, self._next_seq(), now)
         self._acks[probe.seq] = probe
         self.stats.probes += 1
         msgs: list[Message] = [Ping(probe.seq, node.name, self.name, self.addr)]
@@ -821,6 +835,8 @@ class Membership:
         if handler is None:
             return  # late or unknown
         if isinstance(handler, _Probe):
+            self._rtt_count += 1
+            self._rtts.append((self._rtt_count, now - handler.sent_at))
             if self._lifeguard:
                 self._awareness.apply_delta(-1)
             self._probe = None

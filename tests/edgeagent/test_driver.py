@@ -85,6 +85,7 @@ class ScriptedCore:
     incarnation = 1
     health_score = 0
     pending_broadcasts = 0
+    recent_probe_rtts = ((1, 0.002),)
 
     @property
     def stats(self) -> dict[str, int]:

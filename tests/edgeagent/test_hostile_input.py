@@ -176,3 +176,6 @@ def test_metrics_report_members_traffic_and_health(cluster: LoopbackCluster) -> 
         'edgeagent_sent_bytes_total{transport="udp"}',
     ):
         assert later[name] > first[name], name
+    # Probes succeeded in those rounds, so their round-trip times were recorded.
+    assert later["edgeagent_probe_rtt_seconds_count"] > first.get("edgeagent_probe_rtt_seconds_count", 0)
+    assert 0 < later["edgeagent_probe_rtt_seconds_sum"] < later["edgeagent_probe_rtt_seconds_count"]

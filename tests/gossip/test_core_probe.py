@@ -285,3 +285,16 @@ def test_suspect_at_a_higher_incarnation_restarts_the_suspicion() -> None:
     assert core.member("p1").incarnation == 2
     assert new.deadline == pytest.approx(5.0 + 24.0)  # a fresh, unconfirmed suspicion
     assert [type(e) for e in drain_events(core)] == [MemberSuspected, MemberAlive, MemberSuspected]
+
+
+
+def test_successful_probes_record_numbered_round_trip_times() -> None:
+    core = make_core()
+    clock = Clock(core)
+    assert core.recent_probe_rtts == ()
+    dst, msgs = clock.until_ping()
+    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now + 0.004)
+    ((number, rtt),) = core.recent_probe_rtts
+    assert number == 1 and 0.004 <= rtt < 0.05  # the clock steps a little past the send
+    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now + 0.2)  # duplicate ack
+    assert len(core.recent_probe_rtts) == 1
