@@ -59,7 +59,13 @@ Where we differ from memberlist, on purpose:
 - a push-pull merges before it replies, so the reply carries any refutation;
   a DEAD member that announces its leave is recorded LEFT;
 - of the members a push-pull teaches us, at most ``MERGE_REBROADCAST_MAX`` are
-  re-broadcast (memberlist: all); the push-pull period is jittered +-50%.
+  re-broadcast (memberlist: all); the push-pull period is jittered +-50%;
+- a leave is also sent straight to ``LEAVE_DIRECT_FANOUT`` live members, and a
+  member that is itself leaving still records and forwards others' leaves
+  (several members stopped at once were otherwise recorded DEAD);
+- a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
+  ignores it) so a joiner learns a down member's replicated state; names we
+  reaped are remembered and not taken back.
 """
 
 from __future__ import annotations
