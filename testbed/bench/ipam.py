@@ -341,8 +341,13 @@ class IpamMesh:
             return False
         now = self.sim.now
         for name in self.running():
-            timer = self.allocs[name]._decide_at
+            alloc = self.allocs[name]
+            timer = alloc._decide_at
             if timer is not None and timer <= now:
+                return False
+            # A member that just came back is judged only after its revive grace:
+            # until then a conflict with it is pending, not settled.
+            if alloc._own is not None and alloc._grace_until:
                 return False
         return True
 
