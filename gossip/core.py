@@ -434,13 +434,14 @@ class Membership:
         me.state_change = now
         self._finish_probe()
         leave = Dead(me.name, me.incarnation, me.name)
-        self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
         # Tell up to LEAVE_DIRECT_FANOUT live members at once, not only the next
         # gossip targets: when several members leave together, piggybacking
         # alone can hand every copy to members that are themselves stopping,
         # and the one that stays records the leavers DEAD instead of LEFT.
+        # Queued only afterwards, so these datagrams do not carry it twice.
         for node in self._k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT):
             self._send(node.addr, [leave])
+        self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
 
     def set_meta(self, meta: bytes, now: float) -> None:
         """Change our metadata (raises BroadcastTooLarge beyond ``max_meta_bytes``)."""
