@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (`make lint` checks the rules).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,9 +17,12 @@ demo: $(BIN)/edgeagent
 test: $(BIN)/edgeagent
 	$(BIN)/python -m pytest -q
 
+# ruff; mypy (strict on gossip and overlay, see pyproject.toml); the rules a machine checks:
+# the import contract and the function-length limit (tests/test_rules.py, also in `make test`).
 lint: $(BIN)/edgeagent
 	$(BIN)/ruff check .
-	$(BIN)/mypy gossip
+	$(BIN)/mypy gossip overlay
+	$(BIN)/python -m pytest -q tests/test_rules.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
