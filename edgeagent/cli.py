@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="edgeagent",
         description=(
-            "Edge mesh agent: SWIM-gossip membership, overlay addresses, service discovery "
-            "and encrypted CoAP/MQTT routing between devices."
+            "Edge mesh agent: SWIM-gossip membership, overlay addresses and service discovery; "
+            "encrypted CoAP/MQTT routing between devices is in progress."
         ),
         epilog="Run 'edgeagent COMMAND --help' for the options of one command.",
     )
