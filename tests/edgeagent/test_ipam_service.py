@@ -1,4 +1,4 @@
-"""Real agents on loopback (in-process, real sockets) with the IPAM service attached."""
+"""edgeagent's IPAM service: real agents on loopback (in-process, real sockets) with it on."""
 
 from __future__ import annotations
 
