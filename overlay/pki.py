@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -133,8 +133,8 @@ def load_cert_pem(data: bytes) -> x509.Certificate:
     """One certificate from PEM, bounded; anything else is PkiError."""
     _bounded(data, MAX_PEM_BYTES, "certificate")
     try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
+        return _parsed(x509.load_pem_x509_certificate(data))
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise PkiError(f"certificate: not a PEM certificate ({exc})") from None
 
 
@@ -142,8 +142,8 @@ def load_cert_der(data: bytes) -> x509.Certificate:
     """One certificate from DER, bounded; anything else is PkiError."""
     _bounded(data, MAX_DER_BYTES, "certificate")
     try:
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+        return _parsed(x509.load_der_x509_certificate(data))
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise PkiError(f"certificate: not a DER certificate ({exc})") from None
 
 
@@ -156,9 +156,19 @@ def load_csr_der(data: bytes) -> x509.CertificateSigningRequest:
     """One certificate request from DER, bounded; anything else is PkiError."""
     _bounded(data, MAX_DER_BYTES, "certificate request")
     try:
-        return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+        csr = x509.load_der_x509_csr(data)
+        _ = (csr.subject, csr.extensions, csr.public_key(), csr.is_signature_valid)
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise PkiError(f"certificate request: not a DER request ({exc})") from None
+    return csr
+
+
+def _parsed(cert: x509.Certificate) -> x509.Certificate:
+    """``cert`` after touching every field we use: ``cryptography`` parses lazily, and a
+    malformed field must fail here (as PkiError), not later in a caller."""
+    _ = (cert.issuer, cert.subject, cert.extensions, cert.public_key())
+    _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    return cert
 
 
 def _bounded(data: bytes, limit: int, what: str) -> None:
@@ -264,6 +274,15 @@ def check_csr(csr: x509.CertificateSigningRequest, node_name: str, node_id: str)
     """Raise PkiError unless ``csr`` is signed by its own P-256 key and names exactly this node."""
     _check_name(node_name, "node name")
     _check_node_id(node_id)
+    try:
+        _check_csr(csr, node_name, node_id)
+    except PkiError:
+        raise
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a malformed field, parsed lazily
+        raise PkiError(f"certificate request: malformed ({exc})") from None
+
+
+def _check_csr(csr: x509.CertificateSigningRequest, node_name: str, node_id: str) -> None:
     if not csr.is_signature_valid:
         raise PkiError("certificate request: bad signature")
     key = csr.public_key()
@@ -312,7 +331,9 @@ def issue_node_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(node_san(node_name, node_id), critical=False)
@@ -333,13 +354,24 @@ def verify_node_cert(
     not yet valid or expired, bad signature or constraints, not a node
     certificate (no node id, CA rights, wrong key usage).
     """
+    at = _utc(now)
     if isinstance(cert, bytes):
         cert = load_cert_pem(cert) if cert.startswith(b"-----") else load_cert_der(cert)
-    at = _utc(now)
+    try:
+        return _verify(ca_cert, cert, at)
+    except PkiError:
+        raise
+    except (ValueError, UnsupportedAlgorithm) as exc:  # a malformed field, parsed lazily
+        raise PkiError(f"certificate: malformed ({exc})") from None
+
+
+def _verify(ca_cert: x509.Certificate, cert: x509.Certificate, at: dt.datetime) -> CertIdentity:
     if cert.issuer != ca_cert.subject:
         raise PkiError(f"certificate issued by another CA ({cert.issuer.rfc4514_string()})")
     if at < cert.not_valid_before_utc:
-        raise PkiError(f"certificate not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        raise PkiError(
+            f"certificate not valid before {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
     if at > cert.not_valid_after_utc:
         raise PkiError(f"certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
     try:
@@ -367,8 +399,11 @@ def _node_identity(cert: x509.Certificate) -> CertIdentity:
     if not {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku):
         raise PkiError("not a node certificate: not for TLS client and server")
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith(NODE_URI_PREFIX)]
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith(NODE_URI_PREFIX)
+    ]
     if len(cns) != 1 or len(uris) != 1:
         raise PkiError("not a node certificate: expected one node name and one node id")
     name = cns[0].value
