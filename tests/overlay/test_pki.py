@@ -33,9 +33,7 @@ def test_issued_node_cert_verifies_and_names_the_node(ca) -> None:
     assert (identity.name, identity.node_id) == ("pi-1", NODE_ID)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["pi-1.node.mesh"]
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "edgeagent:node:" + NODE_ID
-    ]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["edgeagent:node:" + NODE_ID]
 
 
 def test_ca_is_pathlen_zero_ca_and_node_cert_is_not_a_ca(ca) -> None:
@@ -80,9 +78,7 @@ def test_expired_and_not_yet_valid_certs_are_refused(ca) -> None:
 def test_node_cert_never_outlives_its_ca() -> None:
     ca_key, ca_cert = pki.create_ca("short", NOW, validity=dt.timedelta(days=10))
     key = pki.new_node_key()
-    cert = pki.issue_node_cert(
-        ca_key, ca_cert, pki.make_csr(key, "n", NODE_ID), "n", NODE_ID, NOW
-    )
+    cert = pki.issue_node_cert(ca_key, ca_cert, pki.make_csr(key, "n", NODE_ID), "n", NODE_ID, NOW)
     assert cert.not_valid_after_utc == ca_cert.not_valid_after_utc
 
 
@@ -145,8 +141,10 @@ def test_bad_names_and_ids_are_refused() -> None:
 def test_ca_fingerprint_is_sha256_of_spki_as_openssl_computes_it(ca) -> None:
     import hashlib
 
-    spki = ca[1].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    spki = (
+        ca[1]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     assert pki.ca_fingerprint(ca[1]) == "sha256:" + hashlib.sha256(spki).hexdigest()
     assert len(pki.ca_pin(ca[1])) == 32
