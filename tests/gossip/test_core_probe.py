@@ -11,8 +11,7 @@ from gossip.config import lan
 from gossip.core import Membership
 from gossip.events import MemberAlive, MemberSuspected
 from gossip.messages import Ack, Alive, Dead, MemberState, Nack, Ping, PingReq, Suspect
-
-from .netsim import drain_events, make_keyring, seal, sent
+from testbed.sim import drain_events, make_keyring, seal, sent
 
 SRC = ("10.0.9.9", 7946)
 

@@ -35,8 +35,8 @@ from gossip.messages import (
     Suspect,
     UserBroadcast,
 )
-
-from .netsim import AAD, make_keyring
+from testbed.sim import TEST_AAD as AAD
+from testbed.sim import make_keyring
 
 BATCH = 240  # inputs per hypothesis example
 EXAMPLES = 440  # 440 x (240 + 2) > 100,000

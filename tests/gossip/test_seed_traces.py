@@ -27,7 +27,6 @@ import pytest
 
 from gossip.config import GossipConfig, lan
 from gossip.events import Event
-from gossip.keyring import Keyring
 from testbed.sim import Simulator
 
 TRACES = Path(__file__).with_name("traces")
@@ -59,13 +58,6 @@ class Trace:
             out.append(f"   state {[(m.name, node.core.state_of(m.name)) for m in members]!r}")
         out.append(f"== totals {sim.totals()!r}")
         return "\n".join(out) + "\n"
-
-
-def _keyring(trace: Trace, name: str) -> Keyring:
-    # The simulator builds each node's keyring; the rotation scenario reaches it
-    # through the core (the core holds the same object its driver would).
-    ring: Keyring = trace.sim.nodes[name].core._keyring
-    return ring
 
 
 def converge() -> Trace:
@@ -169,15 +161,15 @@ def key_rotation() -> Trace:
     old_key = t.sim.key
     t.mark("install")
     for name in t.sim.nodes:
-        _keyring(t, name).install(new_key)
+        t.sim.nodes[name].keyring.install(new_key)
     t.sim.run_for(5.0)
     t.mark("use")
     for name in t.sim.nodes:
-        _keyring(t, name).use(new_key)
+        t.sim.nodes[name].keyring.use(new_key)
     t.sim.run_for(5.0)
     t.mark("remove")
     for name in t.sim.nodes:
-        _keyring(t, name).remove(old_key)
+        t.sim.nodes[name].keyring.remove(old_key)
     t.sim.run_for(20.0)
     return t
 
