@@ -94,6 +94,36 @@ def leave_and_reap() -> Trace:
     return t
 
 
+def leave_in_partition() -> Trace:
+    """A member leaves while the other side holds it DEAD; after healing it is LEFT there too."""
+    t = Trace(9, lan())
+    t.sim.add_cluster(8)
+    t.sim.run_for(10.0)
+    names = list(t.sim.nodes)
+    t.mark("partition")
+    t.sim.partition([names[:4], names[4:]])
+    t.sim.run_for(40.0)
+    t.mark("leave n001")
+    t.sim.leave("n001")
+    t.sim.run_for(10.0)
+    t.mark("heal")
+    t.sim.heal()
+    t.sim.run_for(40.0)
+    return t
+
+
+def simultaneous_leaves() -> Trace:
+    """Three members leave at the same instant; the rest record all three LEFT."""
+    t = Trace(10, lan(), loss=0.02)
+    t.sim.add_cluster(8)
+    t.sim.run_for(10.0)
+    t.mark("leave n002 n004 n006")
+    for name in ("n002", "n004", "n006"):
+        t.sim.leave(name)
+    t.sim.run_for(20.0)
+    return t
+
+
 def partition_heal() -> Trace:
     """A partition splits the view in two; healing merges it back (reconnect, push-pull)."""
     t = Trace(4, lan(), loss=0.01)
@@ -176,8 +206,8 @@ def key_rotation() -> Trace:
 
 SCENARIOS: dict[str, Callable[[], Trace]] = {
     f.__name__: f
-    for f in (converge, crash_restart, leave_and_reap, partition_heal, replicated_state, starved,
-              user_broadcasts, key_rotation)
+    for f in (converge, crash_restart, leave_and_reap, leave_in_partition, simultaneous_leaves,
+              partition_heal, replicated_state, starved, user_broadcasts, key_rotation)
 }
 
 
