@@ -174,6 +174,7 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
 
+
 class InvalidArgument(LocalError, ValueError):
     """A command argument is malformed (e.g. a state value msgpack cannot carry)."""
 
@@ -605,9 +606,6 @@ class Membership:
 
     # ------------------------------------------------------------ node table
 
-    def _set_state(self, node: Node, state: MemberState, now: float) -> None:
-        self._table.set_state(node, state, now)
-
     def _add_node(self, a: Alive, now: float) -> Node | None:
         if len(self._table) >= self.config.max_members:
             self.stats.dropped += 1
@@ -686,7 +684,7 @@ class Membership:
         node.addr = a.addr
         self._enqueue(a, a.name, priority)
         if old_state != ALIVE:
-            self._set_state(node, ALIVE, now)
+            self._table.set_state(node, ALIVE, now)
         if old_state in (DEAD, LEFT):
             self._emit(MemberJoined(node.snapshot()))
             return
@@ -724,14 +722,14 @@ class Membership:
             # one and so can declare a member dead that refuted.
             node.suspicion = None
             node.incarnation = s.incarnation
-            self._set_state(node, ALIVE, now)
+            self._table.set_state(node, ALIVE, now)
             self._emit(MemberAlive(node.snapshot()))
         self._start_suspicion(node, s, now)
 
     def _start_suspicion(self, node: Node, s: Suspect, now: float) -> None:
         self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
         node.incarnation = s.incarnation
-        self._set_state(node, SUSPECT, now)
+        self._table.set_state(node, SUSPECT, now)
         n = self._table.n_estimate()
         # k: confirmations expected; the nominal timeout is hit two probe
         # periods short of the multiplier (memberlist suspectNode).
@@ -771,7 +769,7 @@ class Membership:
         self._mark_gone(node, state, now)
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
-        self._set_state(node, state, now)
+        self._table.set_state(node, state, now)
         self._timers.schedule(now + self.config.dead_member_ttl, Reap(node, now))
         self._emit(MemberLeft(node.snapshot()) if state == LEFT else MemberFailed(node.snapshot()))
 
