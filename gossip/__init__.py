@@ -5,7 +5,7 @@ clocks or global randomness inside. The entry point is :class:`Membership`.
 """
 
 from .config import GossipConfig, lan, local, preset, wan
-from .core import InvalidArgument, Membership, Stats
+from .core import InvalidArgument, Membership
 from .errors import (
     BroadcastTooLarge,
     DecodeError,
@@ -30,6 +30,7 @@ from .events import (
 )
 from .keyring import Keyring
 from .messages import Address, MemberState, StateValue
+from .stats import Stats
 
 __all__ = [
     "Address",

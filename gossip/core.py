@@ -8,8 +8,17 @@ Inputs are datagrams (``receive``), push-pull stream frames
 ``set_state``, ``delete_state``, ``broadcast``). Outputs are sealed datagrams
 and stream frames to send, events, and the next deadline. Time is always the
 caller's ``now``; randomness comes from the injected ``random.Random``. Timers
-are data: a heap of ``(deadline, counter, kind, arg)``; a timer that no longer
-matches the state it was armed for is ignored when it fires.
+are data (``timers.py``): one frozen type per kind on one heap, dispatched by
+type; a timer that no longer matches the state it was armed for is ignored
+when it fires.
+
+The core is a few concepts, one module each: the member table and the one
+rule for which news about a member wins (``members.py``), probing
+(``probe.py``), timers (``timers.py``), suspicion (``suspicion.py``), local
+health (``awareness.py``), the broadcast queue (``broadcast_queue.py``) and
+replicated state (``state_store.py``). This module wires them: it decodes
+input, applies membership news through ``members.can_change``, disseminates
+and runs anti-entropy.
 
 Members and their states (memberlist state.go)::
 
@@ -20,11 +29,12 @@ Members and their states (memberlist state.go)::
     DEAD / LEFT --dead_member_ttl--> forgotten                (reaped)
 
 Only a member raises its own incarnation: to refute a Suspect or Dead about
-itself, or to announce new metadata. An update about a member applies only if
-its incarnation is newer (Alive) or not older (Suspect, Dead) than what we
-hold; LEFT is never turned into DEAD.
+itself, or to announce new metadata. Whether an update about another member
+applies is decided in one place, ``members.can_change`` (its docstring has the
+table): newer (Alive) or not older (Suspect, Dead) than what we hold; LEFT is
+never turned into DEAD.
 
-Failure detection (SWIM 4.1-4.3 with Lifeguard): every ``probe_interval`` the
+Failure detection (SWIM 4.1-4.3 with Lifeguard, ``probe.py``): every ``probe_interval`` the
 next member of a shuffled round-robin list is pinged (with the Suspect
 piggybacked if it is suspect: the buddy system). No ack within the probe
 timeout -> PingReq through ``indirect_checks`` random alive members, asking for
@@ -70,13 +80,10 @@ Where we differ from memberlist, on purpose:
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
 
 from .awareness import Awareness
 from .broadcast_queue import (
@@ -110,6 +117,7 @@ from .events import (
     UserMessage,
 )
 from .keyring import OVERHEAD, Keyring
+from .members import ALIVE, DEAD, LEFT, SUSPECT, MemberTable, Node, can_change
 from .messages import (
     Ack,
     Address,
@@ -128,15 +136,31 @@ from .messages import (
     Suspect,
     UserBroadcast,
 )
+from .probe import Prober
 from .state_store import StateStore
+from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
+from .timers import (
+    GossipTick,
+    ProbeEnd,
+    ProbeTick,
+    ProbeTimeout,
+    PushPullTick,
+    Reap,
+    Recheck,
+    ReconnectTick,
+    RelayTimeout,
+    SuspicionTimeout,
+    Timer,
+    TimerHeap,
+    next_tick,
+)
 
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
 # leave() sends the leave straight to this many random live members besides
 # queueing it (ours; memberlist relies on the queue and a broadcast timeout).
 LEAVE_DIRECT_FANOUT = 8
-PROBE_RTT_SAMPLES = 64  # recent probe round-trip times kept for metrics
 
 # Alives learned from a push-pull are re-broadcast as memberlist does (they may be
 # news: the other side's refutations after a partition), but after everything
@@ -150,104 +174,9 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
 
-ALIVE = MemberState.ALIVE
-SUSPECT = MemberState.SUSPECT
-DEAD = MemberState.DEAD
-LEFT = MemberState.LEFT
-
-# Timer kinds (third element of a heap entry).
-_T_PROBE_TICK = 0
-_T_PROBE_TIMEOUT = 1  # arg: probe seq; the direct ping got no ack in time
-_T_PROBE_END = 2  # arg: probe seq; the probe interval is over
-_T_RELAY_TIMEOUT = 3  # arg: our seq of a relayed ping; nack the origin if still unanswered
-_T_GOSSIP = 4
-_T_PUSH_PULL = 5
-_T_RECONNECT = 6
-_T_SUSPICION = 7  # arg: (node, suspicion)
-_T_REAP = 8  # arg: (node, state_change at death)
-_T_RECHECK = 9  # arg: (node, suspicion); last direct ping before the suspicion expires
-
 
 class InvalidArgument(LocalError, ValueError):
     """A command argument is malformed (e.g. a state value msgpack cannot carry)."""
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters, mutable. Read as attributes or ``stats["name"]``.
-
-    ``bytes_in`` / ``bytes_out`` count everything sealed (datagrams and stream
-    frames); ``stream_bytes_*`` is the stream part of it.
-    """
-
-    datagrams_in: int = 0
-    datagrams_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    streams_in: int = 0  # push-pull requests handled
-    streams_out: int = 0  # push-pull requests sent
-    stream_replies_in: int = 0
-    stream_bytes_in: int = 0
-    stream_bytes_out: int = 0
-    stream_failures: int = 0
-    decode_errors: int = 0
-    decrypt_errors: int = 0
-    dropped: int = 0  # decoded but unusable: misdirected, unexpected, over a limit
-    state_rejected: int = 0  # remote replicated-state entries / maps over budget
-    probes: int = 0
-    probe_failures: int = 0
-    refutes: int = 0
-
-    def __getitem__(self, name: str) -> int:
-        value: int = getattr(self, name)
-        return value
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters as a plain dict."""
-        return asdict(self)
-
-
-class _Node:
-    """Our mutable record of one member (``Member`` is its frozen snapshot)."""
-
-    __slots__ = ("name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index")
-
-    def __init__(self, name: str, addr: Address, incarnation: int, state: MemberState, meta: bytes, now: float):
-        self.name = name
-        self.addr = addr
-        self.incarnation = incarnation
-        self.state = state
-        self.meta = meta
-        self.state_change = now
-        self.suspicion: Suspicion | None = None
-        self.index = -1  # position in Membership._nodes; -1 for ourselves or once reaped
-
-    def snapshot(self) -> Member:
-        return Member(self.name, self.addr, self.incarnation, self.state, self.meta, self.state_change)
-
-
-class _Probe:
-    """The probe in flight (one at a time)."""
-
-    __slots__ = ("node", "seq", "sent_at", "expected_nacks", "nacks")
-
-    def __init__(self, node: _Node, seq: int, sent_at: float) -> None:
-        self.node = node
-        self.seq = seq
-        self.sent_at = sent_at
-        self.expected_nacks = 0
-        self.nacks = 0
-
-
-class _Relay:
-    """A ping we send for someone else's PingReq: forward the ack, or nack."""
-
-    __slots__ = ("origin", "origin_seq", "nack")
-
-    def __init__(self, origin: Address, origin_seq: int, nack: bool) -> None:
-        self.origin = origin
-        self.origin_seq = origin_seq
-        self.nack = nack
 
 
 def push_pull_scale(interval: float, n: int) -> float:
@@ -288,20 +217,20 @@ class Membership:
         self._lifeguard = config.lifeguard
         self._awareness = Awareness(config.awareness_max_multiplier)
 
-        self._me = _Node(name, addr, incarnation, ALIVE, meta, now)
-        self._by_name: dict[str, _Node] = {name: self._me}
-        self._nodes: list[_Node] = []  # everyone but us, for random picks
-        self._counts = [0, 0, 0, 0]  # others, by MemberState
-        self._probe_list: list[_Node] = []
-        self._probe_index = 0
-        self._probe: _Probe | None = None
-        self._probe_pending = False  # a probe tick came while a probe was running
-        self._acks: dict[int, _Probe | _Relay] = {}
-        self._seq = 0
+        self._me = Node(name, addr, incarnation, ALIVE, meta, now)
+        self._table = MemberTable(self._me)
+        self._timers = TimerHeap()
+        self._prober = Prober(
+            config,
+            self._table,
+            self._awareness,
+            rng,
+            self.stats,
+            send=self._send,
+            schedule=self._timers.schedule,
+            suspect=self._on_suspect,
+        )
         self._left = False
-        # Round-trip times of successful probes, numbered so a reader can tell new from seen.
-        self._rtts: deque[tuple[int, float]] = deque(maxlen=PROBE_RTT_SAMPLES)
-        self._rtt_count = 0
         # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
         self._reaped: dict[str, None] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
@@ -316,32 +245,20 @@ class Membership:
 
         self._seeds: list[Address] = []
         self._pending_streams: dict[Address, int] = {}
-        self._timers: list[tuple[float, int, int, object]] = []
-        self._timer_seq = itertools.count()
         self._datagrams: list[tuple[Address, bytes]] = []
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
-        self._handlers: dict[type, Callable[[Message, Address, float], None]] = {
-            Ping: self._on_ping,  # type: ignore[dict-item]
-            Ack: self._on_ack,  # type: ignore[dict-item]
-            Nack: self._on_nack,  # type: ignore[dict-item]
-            PingReq: self._on_ping_req,  # type: ignore[dict-item]
-            Alive: self._on_alive_msg,  # type: ignore[dict-item]
-            Suspect: self._on_suspect_msg,  # type: ignore[dict-item]
-            Dead: self._on_dead_msg,  # type: ignore[dict-item]
-            StateUpdate: self._on_state_update,  # type: ignore[dict-item]
-            UserBroadcast: self._on_user_broadcast,  # type: ignore[dict-item]
-        }
 
         # Announce ourselves: the first datagrams to any peer carry it.
         announce = Alive(name, incarnation, addr, meta)
         self._check_fits(announce)  # a bad name or address is the caller's error
         self._enqueue(announce, name, PRIORITY_MEMBERSHIP)
         # memberlist staggers each ticker randomly so members do not synchronise.
-        self._schedule(now + rng.random() * config.probe_interval, _T_PROBE_TICK, None)
-        self._schedule(now + rng.random() * config.gossip_interval, _T_GOSSIP, None)
-        self._schedule(now + rng.random() * config.push_pull_interval, _T_PUSH_PULL, None)
-        self._schedule(now + rng.random() * config.reconnect_interval, _T_RECONNECT, None)
+        schedule = self._timers.schedule
+        schedule(now + rng.random() * config.probe_interval, ProbeTick())
+        schedule(now + rng.random() * config.gossip_interval, GossipTick())
+        schedule(now + rng.random() * config.push_pull_interval, PushPullTick())
+        schedule(now + rng.random() * config.reconnect_interval, ReconnectTick())
 
     # ------------------------------------------------------------------ reading
 
@@ -358,16 +275,16 @@ class Membership:
     @property
     def num_alive(self) -> int:
         """Members in state ALIVE, ourselves included (unless we left)."""
-        return self._counts[ALIVE] + (0 if self._left else 1)
+        return self._table.counts[ALIVE] + (0 if self._left else 1)
 
     @property
     def recent_probe_rtts(self) -> tuple[tuple[int, float], ...]:
         """The last successful probes' round-trip times as ``(sample number, seconds)``.
 
         Sample numbers only grow; a reader keeps the last one it saw and takes
-        the newer ones (at most ``PROBE_RTT_SAMPLES`` are kept).
+        the newer ones (at most ``probe.PROBE_RTT_SAMPLES`` are kept).
         """
-        return tuple(self._rtts)
+        return tuple(self._prober.rtts)
 
     @property
     def local_member(self) -> Member:
@@ -381,11 +298,11 @@ class Membership:
 
     def members(self) -> list[Member]:
         """Every member we know, ourselves included, dead and left ones until reaped."""
-        return [n.snapshot() for n in self._by_name.values()]
+        return [n.snapshot() for n in self._table.by_name.values()]
 
     def member(self, name: str) -> Member | None:
         """One member by name, or None."""
-        node = self._by_name.get(name)
+        node = self._table.get(name)
         return node.snapshot() if node is not None else None
 
     def state_of(self, owner: str) -> dict[str, StateValue]:
@@ -410,7 +327,7 @@ class Membership:
 
     def get_timer(self) -> float | None:
         """The earliest pending deadline (possibly of a timer that turns out stale)."""
-        return self._timers[0][0] if self._timers else None
+        return self._timers.next_deadline()
 
     # ---------------------------------------------------------------- commands
 
@@ -432,14 +349,14 @@ class Membership:
         me = self._me
         me.state = LEFT
         me.state_change = now
-        self._finish_probe()
+        self._prober.stop()
         leave = Dead(me.name, me.incarnation, me.name)
         # Tell up to LEAVE_DIRECT_FANOUT live members at once, not only the next
         # gossip targets: when several members leave together, piggybacking
         # alone can hand every copy to members that are themselves stopping,
         # and the one that stays records the leavers DEAD instead of LEFT.
         # Queued only afterwards, so these datagrams do not carry it twice.
-        for node in self._k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT):
+        for node in self._table.k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT, self._rng):
             self._send(node.addr, [leave])
         self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
 
@@ -500,18 +417,47 @@ class Membership:
         except RemoteError as exc:
             self._count_error(exc)
             return
-        pings: list[Message] = []
-        handlers = self._handlers
+        pings: list[Ping] = []
         for msg in msgs:
             # Answer pings last so the ack carries whatever this datagram made us
             # say (a refutation of a piggybacked Suspect, most of all).
             if type(msg) is Ping:
                 pings.append(msg)
             else:
-                handlers[type(msg)](msg, src, now)
-        for msg in pings:
-            self._on_ping(msg, src, now)  # type: ignore[arg-type]
+                self._dispatch(msg, src, now)
+        for ping in pings:
+            self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
+
+    def _dispatch(self, msg: Message, src: Address, now: float) -> None:
+        # Pings are answered by ``receive``, last; the decoder yields no PushPull.
+        match msg:
+            case Ack():
+                self._prober.on_ack(msg, now)
+            case Nack():
+                self._prober.on_nack(msg)
+            case PingReq():
+                self._prober.on_ping_req(msg, src, now)
+            case Alive():
+                if not self._left:
+                    self._on_alive(msg, now, PRIORITY_MEMBERSHIP)
+            case Suspect():
+                if not self._left:
+                    self._on_suspect(msg, now)
+            case Dead():
+                self._on_dead_msg(msg, now)
+            case StateUpdate():
+                self._on_state_update(msg)
+            case UserBroadcast():
+                self._on_user_broadcast(msg)
+
+    def _current_alive(self) -> Alive | None:
+        """Our Alive, to put on an ack when the pinger still accuses an incarnation
+        we already refuted: it missed our Alive (memberlist ignores this)."""
+        if self._stale_accusation and self._lifeguard and not self._left:
+            me = self._me
+            return Alive(me.name, me.incarnation, me.addr, me.meta)
+        return None
 
     def handle_stream(self, data: bytes, src: Address, now: float) -> bytes | None:
         """A sealed push-pull request; returns the sealed reply (None if it was bad)."""
@@ -555,41 +501,35 @@ class Membership:
 
     def handle_timeout(self, now: float) -> None:
         """Run every timer due at or before ``now``."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            deadline, _, kind, arg = heapq.heappop(timers)
-            if kind == _T_PROBE_TICK:
-                self._on_probe_tick(deadline, now)
-            elif kind == _T_PROBE_TIMEOUT:
-                self._on_probe_timeout(arg, now)  # type: ignore[arg-type]
-            elif kind == _T_PROBE_END:
-                self._on_probe_end(arg, now)  # type: ignore[arg-type]
-            elif kind == _T_RELAY_TIMEOUT:
-                self._on_relay_timeout(arg)  # type: ignore[arg-type]
-            elif kind == _T_GOSSIP:
+        while (due := self._timers.pop_due(now)) is not None:
+            deadline, timer = due
+            self._fire(timer, deadline, now)
+
+    def _fire(self, timer: Timer, deadline: float, now: float) -> None:
+        prober = self._prober
+        match timer:
+            case ProbeTick():
+                prober.on_tick(deadline, now)
+            case ProbeTimeout(seq):
+                prober.on_timeout(seq, now)
+            case ProbeEnd(seq):
+                prober.on_end(seq, now)
+            case RelayTimeout(seq):
+                prober.on_relay_timeout(seq)
+            case GossipTick():
                 self._on_gossip_tick(deadline, now)
-            elif kind == _T_PUSH_PULL:
+            case PushPullTick():
                 self._on_push_pull_tick(deadline, now)
-            elif kind == _T_RECONNECT:
+            case ReconnectTick():
                 self._on_reconnect_tick(deadline, now)
-            elif kind == _T_SUSPICION:
-                self._on_suspicion_timeout(arg, now)  # type: ignore[arg-type]
-            elif kind == _T_REAP:
-                self._on_reap(arg, now)  # type: ignore[arg-type]
-            elif kind == _T_RECHECK:
-                self._on_recheck(arg, now)  # type: ignore[arg-type]
+            case SuspicionTimeout(node, susp):
+                self._on_suspicion_timeout(node, susp, now)
+            case Reap(node, stamp):
+                self._on_reap(node, stamp)
+            case Recheck(node, susp):
+                prober.on_recheck(node, susp, now)
 
     # ------------------------------------------------------------ plumbing
-
-    def _schedule(self, deadline: float, kind: int, arg: object) -> None:
-        heapq.heappush(self._timers, (deadline, next(self._timer_seq), kind, arg))
-
-    def _next_tick(self, deadline: float, interval: float, now: float) -> float:
-        # A ticker drops the ticks it missed (Go time.Ticker).
-        nxt = deadline + interval
-        if nxt <= now:
-            nxt += math.ceil((now - nxt) / interval + 1e-9) * interval
-        return nxt
 
     def _count_error(self, exc: RemoteError) -> None:
         if isinstance(exc, DecryptError):
@@ -614,12 +554,8 @@ class Membership:
             self._pending_streams[addr] = pending - 1
         return True
 
-    def _n_estimate(self) -> int:
-        """Cluster size as memberlist estimates it: members not dead or left, us included."""
-        return 1 + self._counts[ALIVE] + self._counts[SUSPECT]
-
     def _retransmit_limit(self) -> int:
-        n = self._n_estimate()
+        n = self._table.n_estimate()
         cached_n, limit = self._limit_cache
         if cached_n != n:
             limit = retransmit_limit(self.config.retransmit_mult, n)
@@ -661,54 +597,21 @@ class Membership:
 
     def _local_state(self, join: bool, reply: bool) -> PushPull:
         members = tuple(
-            MemberRecord(n.name, n.addr, n.incarnation, n.state, n.meta) for n in self._by_name.values()
+            MemberRecord(n.name, n.addr, n.incarnation, n.state, n.meta) for n in self._table.by_name.values()
         )
         return PushPull(self.name, join, reply, members, self._store.snapshot())
-
-    def _k_random(self, k: int, accept: Callable[[_Node], bool]) -> list[_Node]:
-        """Up to ``k`` distinct random members passing ``accept`` (memberlist kRandomNodes)."""
-        nodes = self._nodes
-        n = len(nodes)
-        picked: list[_Node] = []
-        if n == 0 or k <= 0:
-            return picked
-        rand = self._rng.random
-        for _ in range(3 * n):
-            if len(picked) >= k:
-                break
-            node = nodes[int(rand() * n)]
-            if node in picked or not accept(node):
-                continue
-            picked.append(node)
-        return picked
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
     # ------------------------------------------------------------ node table
 
-    def _set_state(self, node: _Node, state: MemberState, now: float) -> None:
-        if node is not self._me:
-            self._counts[node.state] -= 1
-            self._counts[state] += 1
-        node.state = state
-        node.state_change = now
-
-    def _add_node(self, a: Alive, now: float) -> _Node | None:
-        if len(self._by_name) >= self.config.max_members:
+    def _add_node(self, a: Alive, now: float) -> Node | None:
+        if len(self._table) >= self.config.max_members:
             self.stats.dropped += 1
             return None
-        node = _Node(a.name, a.addr, a.incarnation, ALIVE, a.meta, now)
-        self._by_name[a.name] = node
-        node.index = len(self._nodes)
-        self._nodes.append(node)
-        self._counts[ALIVE] += 1
-        # Insert at a random place in the probe list (memberlist aliveNode):
-        # appending would put every new member at the end of the round.
-        plist = self._probe_list
-        plist.append(node)
-        offset = int(self._rng.random() * len(plist))
-        plist[offset], plist[-1] = plist[-1], plist[offset]
+        node = self._table.add(a.name, a.addr, a.incarnation, a.meta, now)
+        self._prober.add(node)
         return node
 
     def _add_gone(self, r: MemberRecord, now: float) -> None:
@@ -717,170 +620,19 @@ class Membership:
         if node is not None:
             self._mark_gone(node, LEFT if r.state == LEFT else DEAD, now)
 
-    def _remove_node(self, node: _Node) -> None:
-        del self._by_name[node.name]
-        last = self._nodes.pop()
-        if last is not node:
-            self._nodes[node.index] = last
-            last.index = node.index
-        node.index = -1
-        self._counts[node.state] -= 1
-        self._store.forget(node.name)
-
-    def _on_reap(self, arg: tuple[_Node, float], now: float) -> None:
-        node, stamp = arg
+    def _on_reap(self, node: Node, stamp: float) -> None:
         if node.index < 0 or node.state_change != stamp or node.state not in (DEAD, LEFT):
             return
-        self._remove_node(node)
+        self._table.remove(node)
+        self._store.forget(node.name)
         self._reaped[node.name] = None
         if len(self._reaped) > self.config.max_members:
             del self._reaped[next(iter(self._reaped))]
         self._emit(MemberReaped(node.snapshot()))
 
-    # ------------------------------------------------------------ failure detection
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def _on_probe_tick(self, deadline: float, now: float) -> None:
-        if self._left:
-            return
-        self._schedule(self._next_tick(deadline, self.config.probe_interval, now), _T_PROBE_TICK, None)
-        if self._probe is not None:
-            self._probe_pending = True  # Go's ticker buffers one tick
-            return
-        self._start_probe(now)
-
-    def _next_probe_target(self) -> _Node | None:
-        plist = self._probe_list
-        for _ in range(2 * len(plist) + 2):
-            if self._probe_index >= len(plist):
-                # End of a round: reshuffle the members worth probing.
-                plist = self._probe_list = [n for n in self._nodes if n.state <= SUSPECT]
-                self._rng.shuffle(plist)
-                self._probe_index = 0
-                if not plist:
-                    return None
-            node = plist[self._probe_index]
-            self._probe_index += 1
-            if node.index >= 0 and node.state <= SUSPECT:
-                return node
-        return None
-
-    def _start_probe(self, now: float) -> None:
-        node = self._next_probe_target()
-        if node is None:
-            return
-        config = self.config
-        scale = self._awareness.scale if self._lifeguard else _unscaled
-        probe = self._probe = _Probe(node, self._next_seq(), now)
-        self._acks[probe.seq] = probe
-        self.stats.probes += 1
-        msgs: list[Message] = [Ping(probe.seq, node.name, self.name, self.addr)]
-        if node.state == SUSPECT and self._lifeguard:
-            # Buddy system: tell the suspect so it can refute at once.
-            msgs.append(Suspect(node.name, node.incarnation, self.name))
-        self._send(node.addr, msgs)
-        self._schedule(now + scale(config.probe_timeout), _T_PROBE_TIMEOUT, probe.seq)
-        self._schedule(now + scale(config.probe_interval), _T_PROBE_END, probe.seq)
-
-    def _on_probe_timeout(self, seq: int, now: float) -> None:
-        probe = self._probe
-        if probe is None or probe.seq != seq:
-            return
-        target = probe.node
-        relays = self._k_random(
-            self.config.indirect_checks, lambda n: n is not target and n.state == ALIVE
-        )
-        nack = self._lifeguard
-        for relay in relays:
-            self._send(relay.addr, [PingReq(seq, target.name, target.addr, self.name, self.addr, nack)])
-        probe.expected_nacks = len(relays) if nack else 0
-
-    def _on_probe_end(self, seq: int, now: float) -> None:
-        probe = self._probe
-        if probe is None or probe.seq != seq:
-            return
-        self.stats.probe_failures += 1
-        if self._lifeguard:
-            # memberlist probeNode: missing nacks mean *we* may be the problem.
-            if probe.expected_nacks > 0:
-                self._awareness.apply_delta(max(0, probe.expected_nacks - probe.nacks))
-            else:
-                self._awareness.apply_delta(1)
-        self._finish_probe()
-        node = probe.node
-        if node.index >= 0:
-            self._on_suspect(Suspect(node.name, node.incarnation, self.name), now)
-        self._resume_probing(now)
-
-    def _finish_probe(self) -> None:
-        if self._probe is not None:
-            self._acks.pop(self._probe.seq, None)
-            self._probe = None
-
-    def _resume_probing(self, now: float) -> None:
-        if self._probe_pending and not self._left:
-            self._probe_pending = False
-            self._start_probe(now)
-
-    def _on_ping(self, msg: Ping, src: Address, now: float) -> None:
-        if msg.target != self.name:
-            self.stats.dropped += 1  # meant for whoever had this address before us
-            return
-        reply: list[Message] = [Ack(msg.seq, self.name)]
-        if self._stale_accusation and self._lifeguard and not self._left:
-            # The pinger still suspects an incarnation we already refuted: it
-            # missed our Alive. Answer with it directly (memberlist ignores it).
-            me = self._me
-            reply.append(Alive(me.name, me.incarnation, me.addr, me.meta))
-        self._send(src, reply)
-
-    def _on_ack(self, msg: Ack, src: Address, now: float) -> None:
-        handler = self._acks.pop(msg.seq, None)
-        if handler is None:
-            return  # late or unknown
-        if isinstance(handler, _Probe):
-            self._rtt_count += 1
-            self._rtts.append((self._rtt_count, now - handler.sent_at))
-            if self._lifeguard:
-                self._awareness.apply_delta(-1)
-            self._probe = None
-            self._resume_probing(now)
-        else:
-            self._send(handler.origin, [Ack(handler.origin_seq, self.name)])
-
-    def _on_nack(self, msg: Nack, src: Address, now: float) -> None:
-        probe = self._probe
-        if probe is not None and probe.seq == msg.seq and probe.nacks < probe.expected_nacks:
-            probe.nacks += 1
-
-    def _on_ping_req(self, msg: PingReq, src: Address, now: float) -> None:
-        seq = self._next_seq()
-        self._acks[seq] = _Relay(src, msg.seq, msg.nack)
-        self._send(msg.target_addr, [Ping(seq, msg.target, self.name, self.addr)])
-        self._schedule(now + self.config.probe_timeout, _T_RELAY_TIMEOUT, seq)
-
-    def _on_relay_timeout(self, seq: int) -> None:
-        relay = self._acks.get(seq)
-        if not isinstance(relay, _Relay):
-            return
-        del self._acks[seq]
-        if relay.nack:
-            self._send(relay.origin, [Nack(relay.origin_seq, self.name)])
-
     # ------------------------------------------------------------ membership updates
 
-    def _on_alive_msg(self, msg: Alive, src: Address, now: float) -> None:
-        if not self._left:
-            self._on_alive(msg, now, PRIORITY_MEMBERSHIP)
-
-    def _on_suspect_msg(self, msg: Suspect, src: Address, now: float) -> None:
-        if not self._left:
-            self._on_suspect(msg, now)
-
-    def _on_dead_msg(self, msg: Dead, src: Address, now: float) -> None:
+    def _on_dead_msg(self, msg: Dead, now: float) -> None:
         # A member that is leaving still records and forwards other members'
         # leaves, so simultaneous leaves carry each other's news.
         if not self._left or (msg.sender == msg.name != self.name):
@@ -898,8 +650,21 @@ class Membership:
             self._awareness.apply_delta(1)  # being accused is a sign we are the slow one
         self._enqueue(Alive(me.name, inc, me.addr, me.meta), me.name, PRIORITY_MEMBERSHIP)
 
+    def _about_me(self, state: MemberState, incarnation: int, a: Alive | None = None) -> None:
+        """News about ourselves never replaces our record: refute what needs it."""
+        me = self._me
+        if incarnation < me.incarnation:
+            if state != ALIVE:
+                self._stale_accusation = True
+            return
+        if me.state == LEFT:
+            return  # leave() marked us LEFT; we are not coming back in this life
+        if a is not None and incarnation == me.incarnation and a.meta == me.meta and a.addr == me.addr:
+            return  # our own Alive, echoed back
+        self._refute(incarnation)  # an accusation, or an earlier life speaking for us: outbid it
+
     def _on_alive(self, a: Alive, now: float, priority: int, spread_new: bool = True) -> None:
-        node = self._by_name.get(a.name)
+        node = self._table.get(a.name)
         if node is None:
             node = self._add_node(a, now)
             if node is not None:
@@ -908,13 +673,9 @@ class Membership:
                 self._emit(MemberJoined(node.snapshot()))
             return
         if node is self._me:
-            if a.incarnation < node.incarnation or self._left:
-                return
-            if a.incarnation == node.incarnation and a.meta == node.meta and a.addr == node.addr:
-                return
-            self._refute(a.incarnation)  # someone speaks for us (an earlier life): outbid it
+            self._about_me(ALIVE, a.incarnation, a)
             return
-        if a.incarnation <= node.incarnation:
+        if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
             return
         node.suspicion = None
         old_state, old_meta, old_addr = node.state, node.meta, node.addr
@@ -923,7 +684,7 @@ class Membership:
         node.addr = a.addr
         self._enqueue(a, a.name, priority)
         if old_state != ALIVE:
-            self._set_state(node, ALIVE, now)
+            self._table.set_state(node, ALIVE, now)
         if old_state in (DEAD, LEFT):
             self._emit(MemberJoined(node.snapshot()))
             return
@@ -940,40 +701,36 @@ class Membership:
         return cached
 
     def _on_suspect(self, s: Suspect, now: float) -> None:
-        node = self._by_name.get(s.name)
+        node = self._table.get(s.name)
         if node is None:
             return
-        if s.incarnation < node.incarnation:
-            if node is self._me:
-                self._stale_accusation = True
-            return
-        if node.suspicion is not None:
-            if s.incarnation > node.incarnation:
-                # A Suspect at a higher incarnation implies the member refuted
-                # the suspicion we hold (we missed its Alive): that one is void,
-                # this is a new one. memberlist counts it as a confirmation of
-                # the old one and so can declare a member dead that refuted.
-                node.suspicion = None
-                node.incarnation = s.incarnation
-                self._set_state(node, ALIVE, now)
-                self._emit(MemberAlive(node.snapshot()))
-            else:
-                # Already suspect: count an independent confirmation, and pass it
-                # on so confirmations flow even to members that already suspect.
-                susp = node.suspicion
-                if susp.confirm(s.sender, now):
-                    self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
-                    self._arm_suspicion(node, susp, now)
-                return
-        if node.state != ALIVE:
-            return
         if node is self._me:
-            self._refute(s.incarnation)
+            self._about_me(SUSPECT, s.incarnation)
             return
+        if not can_change(node.state, node.incarnation, SUSPECT, s.incarnation):
+            susp = node.suspicion
+            if susp is not None and s.incarnation == node.incarnation and susp.confirm(s.sender, now):
+                # Already suspect: an independent confirmation. Pass it on so
+                # confirmations flow even to members that already suspect.
+                self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
+                self._arm_suspicion(node, susp, now)
+            return
+        if node.state == SUSPECT:
+            # A Suspect at a higher incarnation implies the member refuted the
+            # suspicion we hold (we missed its Alive): that one is void, this
+            # is a new one. memberlist counts it as a confirmation of the old
+            # one and so can declare a member dead that refuted.
+            node.suspicion = None
+            node.incarnation = s.incarnation
+            self._table.set_state(node, ALIVE, now)
+            self._emit(MemberAlive(node.snapshot()))
+        self._start_suspicion(node, s, now)
+
+    def _start_suspicion(self, node: Node, s: Suspect, now: float) -> None:
         self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
         node.incarnation = s.incarnation
-        self._set_state(node, SUSPECT, now)
-        n = self._n_estimate()
+        self._table.set_state(node, SUSPECT, now)
+        n = self._table.n_estimate()
         # k: confirmations expected; the nominal timeout is hit two probe
         # periods short of the multiplier (memberlist suspectNode).
         k = self.config.suspicion_mult - 2 if self._lifeguard else 0
@@ -985,84 +742,47 @@ class Membership:
         self._arm_suspicion(node, susp, now)
         self._emit(MemberSuspected(node.snapshot()))
 
-    def _arm_suspicion(self, node: _Node, susp: Suspicion, now: float) -> None:
-        self._schedule(susp.deadline, _T_SUSPICION, (node, susp))
+    def _arm_suspicion(self, node: Node, susp: Suspicion, now: float) -> None:
+        self._timers.schedule(susp.deadline, SuspicionTimeout(node, susp))
         if self._lifeguard:
-            self._schedule(max(now, self._recheck_time(susp)), _T_RECHECK, (node, susp))
+            self._timers.schedule(max(now, self._prober.recheck_time(susp)), Recheck(node, susp))
 
-    def _recheck_time(self, susp: Suspicion) -> float:
-        # Halfway through the shortest possible suspicion: late enough for the
-        # refutation epidemic to have passed us by, early enough for a slow
-        # member's answer to arrive in time. Never after the deadline itself.
-        halfway = susp.start + susp.min_timeout / 2
-        return min(halfway, susp.deadline - self.config.probe_timeout)
-
-    def _on_recheck(self, arg: tuple[_Node, Suspicion], now: float) -> None:
-        """Buddy re-check (our addition to memberlist): one direct ping, carrying the
-        suspicion, halfway through the shortest suspicion timeout.
-
-        A member that already refuted answers with its current Alive on the ack
-        (see ``_on_ping``). This catches the one case the epidemic misses: a
-        member that heard the Suspect but none of the refutation's
-        ``RetransmitMult * log10 N`` copies (about e**-7.5 per member at 5% loss
-        and N < 100) would otherwise declare a live member dead.
-        """
-        node, susp = arg
-        if node.suspicion is not susp or node.state != SUSPECT or susp.rechecked:
-            return
-        if self._recheck_time(susp) > now:
-            return  # a stale re-check timer; the live one comes later
-        susp.rechecked = True
-        ping = Ping(self._next_seq(), node.name, self.name, self.addr)
-        self._send(node.addr, [ping, Suspect(node.name, node.incarnation, self.name)])
-
-    def _on_suspicion_timeout(self, arg: tuple[_Node, Suspicion], now: float) -> None:
-        node, susp = arg
+    def _on_suspicion_timeout(self, node: Node, susp: Suspicion, now: float) -> None:
         if node.suspicion is not susp or node.state != SUSPECT or susp.deadline > now:
             return
         self._on_dead(Dead(node.name, node.incarnation, self.name), now)
 
     def _on_dead(self, d: Dead, now: float) -> None:
-        node = self._by_name.get(d.name)
+        node = self._table.get(d.name)
         if node is None:
             return
-        if d.incarnation < node.incarnation:
-            if node is self._me:
-                self._stale_accusation = True
+        if node is self._me:
+            self._about_me(DEAD, d.incarnation)  # we are not leaving (leave() marks us LEFT)
+            return
+        # A Dead sent by the member itself is its graceful leave.
+        state = LEFT if d.sender == d.name else DEAD
+        if not can_change(node.state, node.incarnation, state, d.incarnation):
             return
         node.suspicion = None
-        graceful = d.sender == d.name
-        if node.state == LEFT:
-            return
-        if node.state == DEAD:
-            if graceful and node is not self._me:
-                # It left while we held it dead: record the leave, never the death.
-                self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
-                node.incarnation = d.incarnation
-                self._mark_gone(node, LEFT, now)
-            return
-        if node is self._me:
-            self._refute(d.incarnation)  # we are not leaving (leave() marks us LEFT)
-            return
         self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
         node.incarnation = d.incarnation
-        self._mark_gone(node, LEFT if graceful else DEAD, now)
+        self._mark_gone(node, state, now)
 
-    def _mark_gone(self, node: _Node, state: MemberState, now: float) -> None:
-        self._set_state(node, state, now)
-        self._schedule(now + self.config.dead_member_ttl, _T_REAP, (node, now))
+    def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
+        self._table.set_state(node, state, now)
+        self._timers.schedule(now + self.config.dead_member_ttl, Reap(node, now))
         self._emit(MemberLeft(node.snapshot()) if state == LEFT else MemberFailed(node.snapshot()))
 
     # ------------------------------------------------------------ replicated state and user messages
 
-    def _on_state_update(self, msg: StateUpdate, src: Address, now: float) -> None:
+    def _on_state_update(self, msg: StateUpdate) -> None:
         if self._left:
             return
         if msg.owner == self.name:
             entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted)
             self._assert_own_state((entry,))
             return
-        if msg.owner not in self._by_name:
+        if msg.owner not in self._table.by_name:
             self.stats.dropped += 1  # we will learn its map by push-pull once we know it
             return
         rejected = self._store.rejected
@@ -1081,7 +801,7 @@ class Membership:
         if len(seen) > USER_DEDUP_CAPACITY:
             seen.popitem(last=False)
 
-    def _on_user_broadcast(self, msg: UserBroadcast, src: Address, now: float) -> None:
+    def _on_user_broadcast(self, msg: UserBroadcast) -> None:
         key = (msg.origin, msg.seq)
         if self._left or key in self._user_seen:
             return
@@ -1095,15 +815,15 @@ class Membership:
 
     def _on_gossip_tick(self, deadline: float, now: float) -> None:
         config = self.config
-        self._schedule(self._next_tick(deadline, config.gossip_interval, now), _T_GOSSIP, None)
+        self._timers.schedule(next_tick(deadline, config.gossip_interval, now), GossipTick())
         if not self._queue and not self._user_queue:
             return
         dead_horizon = now - config.gossip_to_the_dead_time
 
-        def worth_gossip(n: _Node) -> bool:
+        def worth_gossip(n: Node) -> bool:
             return n.state <= SUSPECT or (n.state == DEAD and n.state_change >= dead_horizon)
 
-        for node in self._k_random(config.gossip_nodes, worth_gossip):
+        for node in self._table.k_random(config.gossip_nodes, worth_gossip, self._rng):
             msgs = self._take_broadcasts(self._budget)
             if not msgs:
                 return
@@ -1112,21 +832,21 @@ class Membership:
     def _on_push_pull_tick(self, deadline: float, now: float) -> None:
         if self._left:
             return
-        interval = push_pull_scale(self.config.push_pull_interval, self._n_estimate())
+        interval = push_pull_scale(self.config.push_pull_interval, self._table.n_estimate())
         # Jittered +-50% (average unchanged): members started together would
         # otherwise push-pull in lockstep bursts for ever (memberlist relies on
         # start times differing).
         interval *= 0.5 + self._rng.random()
-        self._schedule(self._next_tick(deadline, interval, now), _T_PUSH_PULL, None)
-        peers = self._k_random(1, lambda n: n.state == ALIVE)
+        self._timers.schedule(next_tick(deadline, interval, now), PushPullTick())
+        peers = self._table.k_random(1, lambda n: n.state == ALIVE, self._rng)
         if peers:
             self._request_push_pull(peers[0].addr, join=False)
 
     def _on_reconnect_tick(self, deadline: float, now: float) -> None:
         if self._left:
             return
-        self._schedule(self._next_tick(deadline, self.config.reconnect_interval, now), _T_RECONNECT, None)
-        counts = self._counts
+        self._timers.schedule(next_tick(deadline, self.config.reconnect_interval, now), ReconnectTick())
+        counts = self._table.counts
         if counts[ALIVE] + counts[SUSPECT] == 0:
             for seed in self._seeds:
                 self._request_push_pull(seed, join=True)
@@ -1136,7 +856,7 @@ class Membership:
         # Serf reconnect: try a random failed member with probability dead / alive.
         if self._rng.random() > num_dead / (counts[ALIVE] + counts[SUSPECT] + 1):
             return
-        picked = self._k_random(1, lambda n: n.state == DEAD)
+        picked = self._table.k_random(1, lambda n: n.state == DEAD, self._rng)
         if picked:
             self._request_push_pull(picked[0].addr, join=False)
 
@@ -1144,13 +864,15 @@ class Membership:
         """Merge a remote full state (memberlist mergeState, plus replicated maps)."""
         if self._left:
             return
-        by_name = self._by_name
+        by_name = self._table.by_name
         me = self._me
         fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
             if r.state == ALIVE:
-                if node is not None and node is not me and r.incarnation <= node.incarnation:
+                if node is not None and node is not me and not can_change(
+                    node.state, node.incarnation, ALIVE, r.incarnation
+                ):
                     continue  # nothing new: skip building the message
                 alive = Alive(r.name, r.incarnation, r.addr, r.meta)
                 spread = node is not None or r.name == remote.source
@@ -1186,6 +908,3 @@ class Membership:
                 self.stats.dropped += 1
         self.stats.state_rejected += self._store.rejected - rejected
 
-
-def _unscaled(timeout: float) -> float:
-    return timeout

@@ -13,7 +13,14 @@ the node's generation, bumped on crash / restart).
 
 Everything is derived from one seed: the network RNG, each core's own
 ``random.Random``, each keyring's nonce source and the cluster key. Same seed,
-same calls -> the same event trace, byte for byte.
+same calls -> the same event trace, byte for byte (``tests/gossip/
+test_seed_traces.py`` holds the core to it).
+
+For tests: ``record_events=True`` keeps every node's events (``events_of``);
+``wait_for(cond, timeout)`` runs until a condition holds; ``converged(names)``
+checks a subset; each node's keyring is ``sim.nodes[name].keyring`` (key
+rotation). The single-core helpers at the end (``make_keyring``, ``seal``,
+``sent``, ``drain_events``) talk to one core with hand-made datagrams.
 
 Network model:
 
@@ -42,10 +49,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gossip.codec import decode_datagram, encode_datagram
 from gossip.config import GossipConfig
 from gossip.events import Event, Member
 from gossip.keyring import Keyring
-from gossip.messages import Address, MemberState
+from gossip.messages import Address, MemberState, Message
 
 GOSSIP_PORT = 7946  # memberlist's default bind port, used for every virtual address
 DEFAULT_CONNECT_TIMEOUT = 1.0  # seconds before a stream to an unreachable peer fails
@@ -108,6 +116,7 @@ class SimNode:
         "index",
         "addr",
         "core",
+        "keyring",
         "alive",
         "status",
         "generation",
@@ -123,11 +132,12 @@ class SimNode:
         "_refires",
     )
 
-    def __init__(self, name: str, index: int, addr: Address, core: CoreLike) -> None:
+    def __init__(self, name: str, index: int, addr: Address, core: CoreLike, keyring: Keyring) -> None:
         self.name = name
         self.index = index
         self.addr = addr
         self.core = core
+        self.keyring = keyring  # the core's own keyring (install / use / remove rotate keys)
         self.alive = True
         self.status = "up"  # "up" | "leaving" | "left" | "crashed"
         self.generation = 0
@@ -171,6 +181,7 @@ class Simulator:
         loss: float = 0.0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         core_factory: CoreFactory = _default_factory,
+        record_events: bool = False,
     ) -> None:
         self.seed = seed
         self.config = config
@@ -195,6 +206,10 @@ class Simulator:
         self._taps: list[WireTap] = []
         self._links: dict[tuple[int, int], Link] = {}
         self._blocked: set[tuple[int, int]] = set()
+        # Every node's events, in order, when recording (restarts continue the list).
+        self.events: dict[str, list[Event]] = {}
+        if record_events:
+            self.on_event(self._record_event)
 
     # ----------------------------------------------------------------- hooks
 
@@ -236,8 +251,8 @@ class Simulator:
             raise SimulationError(f"node {name!r} already exists")
         index = len(self.nodes)
         addr = (f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}", GOSSIP_PORT)
-        core = self._make_core(name, addr, 0, meta, config)
-        node = SimNode(name, index, addr, core)
+        core, keyring = self._make_core(name, addr, 0, meta, config)
+        node = SimNode(name, index, addr, core, keyring)
         self.nodes[name] = node
         self._by_addr[addr] = node
         self._join(node, join)
@@ -251,14 +266,16 @@ class Simulator:
         seeds: int = 3,
         spacing: float = 0.01,
         meta: bytes = b"",
+        width: int | None = None,
     ) -> list[SimNode]:
         """Add ``count`` nodes, ``spacing`` seconds apart, each joining up to ``seeds``
         random nodes already added (cheap bootstrap for large clusters).
 
-        Names are ``prefix`` + a zero-padded index. Run the simulator afterwards to
-        let the cluster converge.
+        Names are ``prefix`` + the index, zero-padded to ``width`` digits (default:
+        at least 3). Run the simulator afterwards to let the cluster converge.
         """
-        width = max(3, len(str(count - 1)))
+        if width is None:
+            width = max(3, len(str(count - 1)))
         added: list[SimNode] = []
         start = self.now
         end = start
@@ -274,23 +291,40 @@ class Simulator:
         self.run_until(end)
         return added
 
+    def converge_cluster(self, count: int, *, timeout: float = 60.0, **kwargs: Any) -> list[str]:
+        """:meth:`add_cluster` (``kwargs`` go there), then run until :meth:`converged`.
+
+        Returns the names; raises SimulationError if ``timeout`` passes first.
+        """
+        names = [node.name for node in self.add_cluster(count, **kwargs)]
+        if not self.run_until_converged(timeout):
+            raise SimulationError(f"{count} nodes did not converge within {timeout} s")
+        return names
+
     def crash(self, name: str) -> None:
         """Stop a node cold: no timers fire, nothing is delivered to it."""
         node = self._live(name)
         self._stop(node, "crashed")
 
     def restart(
-        self, name: str, *, join: Iterable[str] | None = None, meta: bytes = b""
+        self,
+        name: str,
+        *,
+        join: Iterable[str] | None = None,
+        meta: bytes = b"",
+        incarnation: int | None = None,
     ) -> SimNode:
-        """Replace a stopped node's core: same name and address, incarnation old + 1.
+        """Replace a stopped node's core: same name and address, incarnation old + 1
+        (or ``incarnation``: a restart that lost its own, say).
 
         It joins ``join`` or, by default, one live node picked at random.
         """
         node = self.nodes[name]
         if node.alive:
             raise SimulationError(f"node {name!r} is running; crash or leave it first")
-        incarnation = node.core.incarnation + 1
-        node.core = self._make_core(name, node.addr, incarnation, meta, None)
+        if incarnation is None:
+            incarnation = node.core.incarnation + 1
+        node.core, node.keyring = self._make_core(name, node.addr, incarnation, meta, None)
         node.alive = True
         node.status = "up"
         node.generation += 1
@@ -416,8 +450,17 @@ class Simulator:
         """Member name -> state, as ``name``'s core sees it."""
         return {m.name: m.state for m in self.nodes[name].core.members()}
 
-    def converged(self) -> bool:
-        """Every running node sees exactly the running nodes as ALIVE (itself included)."""
+    def converged(self, names: Iterable[str] | None = None) -> bool:
+        """Every running node sees exactly the running nodes as ALIVE (itself included).
+
+        With ``names``: every named node sees at least the named nodes ALIVE.
+        """
+        if names is not None:
+            want = set(names)
+            return all(
+                want <= {m.name for m in self.nodes[n].core.members() if m.state == MemberState.ALIVE}
+                for n in want
+            )
         running = [n for n in self.nodes.values() if n.alive]
         live = {n.name for n in running}
         count = len(live)
@@ -430,6 +473,23 @@ class Simulator:
             if alive != live:
                 return False
         return True
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float) -> bool:
+        """Run until ``cond()`` holds (checked after each instant at which anything
+        happened) or ``timeout`` elapses; returns the last ``cond()``."""
+        end = self.now + timeout
+        heap = self._heap
+        while not cond():
+            if not heap or heap[0][0] > end:
+                self.run_until(end)
+                return cond()
+            self.run_until(heap[0][0])
+        return True
+
+    def events_of(self, name: str, kind: type | None = None) -> list[Any]:
+        """``name``'s events (of type ``kind``), oldest first; needs ``record_events``."""
+        events = self.events.get(name, [])
+        return [e for e in events if kind is None or isinstance(e, kind)]
 
     def run_until_converged(self, timeout: float, *, step: float = 1.0) -> bool:
         """Run until :meth:`converged` (checked every ``step`` s) or ``timeout`` elapses."""
@@ -468,13 +528,16 @@ class Simulator:
             raise SimulationError(f"node {name!r} is not running ({node.status})")
         return node
 
+    def _record_event(self, now: float, name: str, event: Event) -> None:
+        self.events.setdefault(name, []).append(event)
+
     def _make_core(
         self, name: str, addr: Address, incarnation: int, meta: bytes, config: GossipConfig | None
-    ) -> CoreLike:
+    ) -> tuple[CoreLike, Keyring]:
         core_rng = random.Random(self.rng.getrandbits(64))
         nonces = random.Random(self.rng.getrandbits(64))
         keyring = Keyring([self.key], nonce_source=nonces.randbytes)
-        return self._factory(
+        core = self._factory(
             name,
             addr,
             config or self.config,
@@ -484,6 +547,7 @@ class Simulator:
             incarnation=incarnation,
             meta=meta,
         )
+        return core, keyring
 
     def _join(self, node: SimNode, join: Iterable[str]) -> None:
         seeds = [self.nodes[s].addr for s in join if s != node.name]
@@ -643,3 +707,38 @@ class Simulator:
                 now + self._stream_latency(dst, src), _STREAM_FAIL, src, generation, dst.addr
             )
         self._flush(dst)
+
+
+# --- single-core helpers: talk to one core with hand-made datagrams ------------------
+
+TEST_KEY = bytes(range(32))  # the key of make_keyring's default ring
+TEST_AAD = b"edgeagent"  # GossipConfig.cluster_name, as the keyring's associated data
+
+
+def make_keyring(rng: random.Random, keys: Iterable[bytes] = (TEST_KEY,)) -> Keyring:
+    """A keyring whose nonces come from ``rng`` (deterministic; tests only)."""
+    return Keyring(list(keys), nonce_source=rng.randbytes)
+
+
+def seal(msgs: Sequence[Message], keyring: Keyring | None = None, aad: bytes = TEST_AAD) -> bytes:
+    """A sealed datagram carrying ``msgs``, as a peer would send it."""
+    ring = keyring or make_keyring(random.Random(0))
+    return ring.encrypt(encode_datagram(msgs), aad)
+
+
+def sent(core: Any, keyring: Keyring | None = None) -> list[tuple[Address, list[Message]]]:
+    """Drain a core's datagrams and open them: ``[(dst, [messages])]``."""
+    ring = keyring or make_keyring(random.Random(0))
+    out = []
+    for dst, data in core.datagrams_to_send():
+        assert len(data) <= core.config.max_datagram_bytes
+        out.append((dst, decode_datagram(ring.decrypt(data, TEST_AAD))))
+    return out
+
+
+def drain_events(core: CoreLike) -> list[Event]:
+    """Every event a core has queued, oldest first."""
+    events = []
+    while (event := core.next_event()) is not None:
+        events.append(event)
+    return events

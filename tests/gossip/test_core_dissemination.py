@@ -12,8 +12,7 @@ from gossip.core import InvalidArgument, Membership
 from gossip.errors import BroadcastTooLarge
 from gossip.events import MemberUpdated, UserMessage
 from gossip.messages import Ack, Alive, Ping, StateUpdate, Suspect, UserBroadcast
-
-from .netsim import NetSim, drain_events, make_keyring, seal, sent
+from testbed.sim import Simulator, drain_events, make_keyring, seal, sent
 
 SRC = ("10.0.9.9", 7946)
 
@@ -96,10 +95,10 @@ def test_every_datagram_fits_even_when_the_queues_overflow() -> None:
 
 
 def test_user_broadcast_reaches_everyone_exactly_once_and_not_the_sender() -> None:
-    sim = NetSim(seed=21, loss=0.05)
-    names = sim.cluster(10)
-    sim.call("n4", lambda m: m.broadcast(b"hello", sim.now))
-    sim.run(20.0)
+    sim = Simulator(21, lan(), loss=0.05, record_events=True)
+    names = sim.converge_cluster(10, width=1)
+    sim.call("n4", lambda m, now: m.broadcast(b"hello", now))
+    sim.run_for(20.0)
     for name in names:
         got = [e for e in sim.events_of(name, UserMessage)]
         assert got == ([] if name == "n4" else [UserMessage("n4", b"hello")])
@@ -124,13 +123,13 @@ def test_broadcast_that_can_never_fit_is_refused() -> None:
 
 
 def test_meta_over_the_limit_is_refused_and_a_change_bumps_incarnation() -> None:
-    sim = NetSim(seed=22)
-    sim.cluster(3)
+    sim = Simulator(22, lan(), record_events=True)
+    sim.converge_cluster(3, width=1)
     with pytest.raises(BroadcastTooLarge):
-        sim.nodes["n1"].set_meta(b"m" * 513, sim.now)
-    sim.call("n1", lambda m: m.set_meta(b"role=gw", sim.now))
-    assert sim.nodes["n1"].incarnation == 1
-    assert sim.run_until(lambda: sim.nodes["n2"].member("n1").meta == b"role=gw", 5.0)
+        sim.nodes["n1"].core.set_meta(b"m" * 513, sim.now)
+    sim.call("n1", lambda m, now: m.set_meta(b"role=gw", now))
+    assert sim.nodes["n1"].core.incarnation == 1
+    assert sim.wait_for(lambda: sim.nodes["n2"].core.member("n1").meta == b"role=gw", 5.0)
     updated = sim.events_of("n2", MemberUpdated)
     assert updated and updated[-1].member.meta == b"role=gw"
 

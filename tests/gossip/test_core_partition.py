@@ -11,8 +11,7 @@ from gossip.config import lan
 from gossip.core import MERGE_REBROADCAST_MAX, Membership, push_pull_scale
 from gossip.events import MemberFailed
 from gossip.messages import Dead, MemberRecord, MemberState, PushPull
-
-from .netsim import NetSim, drain_events, make_keyring, seal, sent
+from testbed.sim import Simulator, drain_events, make_keyring, seal, sent
 
 SRC = ("10.0.9.9", 7946)
 
@@ -103,38 +102,39 @@ def test_unsolicited_stream_reply_is_dropped() -> None:
 
 
 def test_join_seeds_are_retried_while_we_are_alone() -> None:
-    sim = NetSim(seed=41)
-    sim.add("n0")
-    sim.add("n1")
-    sim.partition(["n0"], ["n1"])
-    sim.join("n1", ["n0"])
-    sim.run(15.0)
-    assert sim.nodes["n1"].member("n0") is None
+    sim = Simulator(41, lan())
+    sim.add_node("n0")
+    sim.add_node("n1")
+    sim.partition([["n0"], ["n1"]])
+    sim.call("n1", lambda m, now: m.join([sim.nodes["n0"].addr], now))
+    sim.run_for(15.0)
+    assert sim.nodes["n1"].core.member("n0") is None
     sim.heal()
-    assert sim.run_until(lambda: sim.converged(["n0", "n1"]), 25.0)
+    assert sim.wait_for(lambda: sim.converged(["n0", "n1"]), 25.0)
 
 
 @pytest.mark.parametrize("seed", [42, 43, 44])
 def test_partition_longer_than_suspicion_heals_within_60_s(seed: int) -> None:
-    sim = NetSim(seed=seed, loss=0.01)
-    names = sim.cluster(8)
+    sim = Simulator(seed, lan(), loss=0.01)
+    names = sim.converge_cluster(8, width=1)
     left, right = names[:4], names[4:]
-    sim.partition(left, right)
-    assert sim.run_until(
+    sim.partition([left, right])
+    assert sim.wait_for(
         lambda: all(sim.view(a)[b] == MemberState.DEAD for a in left for b in right)
         and all(sim.view(b)[a] == MemberState.DEAD for a in left for b in right),
-        limit=120.0,
+        120.0,
     )
-    sim.run(30.0)
+    sim.run_for(30.0)
     sim.heal()
-    assert sim.run_until(lambda: sim.converged(names), limit=60.0)
+    assert sim.wait_for(lambda: sim.converged(names), 60.0)
 
 
 def test_a_broken_link_is_bridged_by_indirect_probes() -> None:
-    sim = NetSim(seed=45)
-    names = sim.cluster(6)
-    sim.blocked = {("n0", "n5"), ("n5", "n0")}
-    sim.run(60.0)
+    sim = Simulator(45, lan(), record_events=True)
+    names = sim.converge_cluster(6, width=1)
+    sim.block("n0", "n5")
+    sim.block("n5", "n0")
+    sim.run_for(60.0)
     assert sim.converged(names)
     assert not any(e.member.name == "n5" for e in sim.events_of("n0", MemberFailed))
 

@@ -11,8 +11,7 @@ from gossip.config import lan
 from gossip.core import Membership
 from gossip.events import MemberAlive, MemberSuspected
 from gossip.messages import Ack, Alive, Dead, MemberState, Nack, Ping, PingReq, Suspect
-
-from .netsim import drain_events, make_keyring, seal, sent
+from testbed.sim import drain_events, make_keyring, seal, sent
 
 SRC = ("10.0.9.9", 7946)
 
@@ -235,7 +234,7 @@ def test_suspecting_member_pings_the_suspect_once_halfway_through_the_minimum_ti
     clock = Clock(core)
     rechecks = []
     while core.member("p1").state == MemberState.SUSPECT and clock.now < 60.0:
-        susp = core._by_name["p1"].suspicion
+        susp = core._table.by_name["p1"].suspicion
         assert susp is not None
         for dst, msgs in clock.step(0.005):
             if dst == peer_addr(1) and isinstance(msgs[0], Ping) and Suspect("p1", 1, "a") in msgs:
@@ -271,16 +270,16 @@ def test_suspicion_lasts_min_without_lifeguard_and_max_with_it_unconfirmed(lifeg
     # N = 5: min = 4 * max(1, log10 5) * 1 s = 4 s; Lifeguard starts at max = 6 * min (k = 2 <= N - 2)
     core = make_core(peers=4, lifeguard=lifeguard)
     core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 10.0)
-    susp = core._by_name["p1"].suspicion
+    susp = core._table.by_name["p1"].suspicion
     assert susp is not None and susp.deadline == pytest.approx(10.0 + expected)
 
 
 def test_suspect_at_a_higher_incarnation_restarts_the_suspicion() -> None:
     core = make_core(peers=4)
     core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
-    old = core._by_name["p1"].suspicion
+    old = core._table.by_name["p1"].suspicion
     core.receive(seal([Suspect("p1", 2, "p3")]), SRC, 5.0)  # p1 refuted 1; we missed its Alive
-    new = core._by_name["p1"].suspicion
+    new = core._table.by_name["p1"].suspicion
     assert new is not None and new is not old and new.start == 5.0
     assert core.member("p1").incarnation == 2
     assert new.deadline == pytest.approx(5.0 + 24.0)  # a fresh, unconfirmed suspicion

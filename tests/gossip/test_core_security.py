@@ -9,8 +9,7 @@ from gossip.config import lan
 from gossip.core import Membership
 from gossip.events import MemberFailed, MemberSuspected
 from gossip.messages import Alive
-
-from .netsim import KEY, NetSim, make_keyring, seal
+from testbed.sim import Simulator, make_keyring, seal
 
 SRC = ("10.0.9.9", 7946)
 NEW_KEY = bytes(range(100, 132))
@@ -46,33 +45,34 @@ def test_push_pull_from_another_cluster_gets_no_reply() -> None:
 
 
 def test_two_clusters_sharing_a_key_never_merge() -> None:
-    sim = NetSim(seed=31)
-    sim.add("a1")
-    sim.add("b1", config=lan(cluster_name="other"))
-    sim.join("b1", ["a1"])
-    sim.run(30.0)
-    assert [m.name for m in sim.nodes["a1"].members()] == ["a1"]
-    assert [m.name for m in sim.nodes["b1"].members()] == ["b1"]
-    assert sim.nodes["a1"].stats.decrypt_errors >= 1
+    sim = Simulator(31, lan())
+    sim.add_node("a1")
+    sim.add_node("b1", config=lan(cluster_name="other"), join=["a1"])
+    sim.run_for(30.0)
+    a1, b1 = sim.nodes["a1"].core, sim.nodes["b1"].core
+    assert [m.name for m in a1.members()] == ["a1"]
+    assert [m.name for m in b1.members()] == ["b1"]
+    assert a1.stats.decrypt_errors >= 1
 
 
 def test_key_rotation_install_use_remove_keeps_the_cluster_whole() -> None:
-    sim = NetSim(seed=32)
-    names = sim.cluster(5)
-    rings = {n: sim.nodes[n]._keyring for n in names}
+    sim = Simulator(32, lan(), record_events=True)
+    names = sim.converge_cluster(5, width=1)
+    rings = {n: sim.nodes[n].keyring for n in names}
     for ring in rings.values():
         ring.install(NEW_KEY)
-    sim.run(3.0)
+    sim.run_for(3.0)
     for name in names:  # one member at a time, as an operator would
         rings[name].use(NEW_KEY)
-        sim.run(2.0)
+        sim.run_for(2.0)
     for ring in rings.values():
-        ring.remove(KEY)
-    sim.run(30.0)
+        ring.remove(sim.key)
+    sim.run_for(30.0)
     assert sim.converged(names)
     for name in names:
-        assert sim.nodes[name].stats.decrypt_errors == 0
+        assert sim.nodes[name].core.stats.decrypt_errors == 0
         assert not sim.events_of(name, MemberSuspected) and not sim.events_of(name, MemberFailed)
-    old = make_keyring(random.Random(9))
-    sim.nodes["n0"].receive(seal([Alive("late", 1, SRC, b"")], keyring=old), SRC, sim.now)
-    assert sim.nodes["n0"].stats.decrypt_errors == 1
+    old = make_keyring(random.Random(9), keys=[sim.key])
+    n0 = sim.nodes["n0"].core
+    n0.receive(seal([Alive("late", 1, SRC, b"")], keyring=old), SRC, sim.now)
+    assert n0.stats.decrypt_errors == 1

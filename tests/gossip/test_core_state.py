@@ -12,18 +12,17 @@ from gossip.errors import BroadcastTooLarge
 from gossip.events import StateChanged
 from gossip.messages import Alive, StateEntry, StateUpdate
 from gossip.state_store import StateStore
-
-from .netsim import NetSim, drain_events, make_keyring, seal, sent
+from testbed.sim import Simulator, drain_events, make_keyring, seal, sent
 
 SRC = ("10.0.9.9", 7946)
 
 
 def test_set_state_reaches_every_member_with_one_event_each() -> None:
-    sim = NetSim(seed=11, loss=0.05)
-    names = sim.cluster(8)
-    sim.call("n3", lambda m: m.set_state("svc", {"port": 5683}, sim.now))
-    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n3") == {"svc": {"port": 5683}} for n in names), 10.0)
-    sim.run(10.0)
+    sim = Simulator(11, lan(), loss=0.05, record_events=True)
+    names = sim.converge_cluster(8, width=1)
+    sim.call("n3", lambda m, now: m.set_state("svc", {"port": 5683}, now))
+    assert sim.wait_for(lambda: all(sim.nodes[n].core.state_of("n3") == {"svc": {"port": 5683}} for n in names), 10.0)
+    sim.run_for(10.0)
     for name in names:
         if name != "n3":
             changes = [e for e in sim.events_of(name, StateChanged) if e.owner == "n3"]
@@ -31,44 +30,42 @@ def test_set_state_reaches_every_member_with_one_event_each() -> None:
 
 
 def test_delete_state_spreads_a_tombstone() -> None:
-    sim = NetSim(seed=12)
-    names = sim.cluster(4)
-    sim.call("n1", lambda m: m.set_state("a", 1, sim.now))
-    sim.call("n1", lambda m: m.set_state("b", 2, sim.now))
-    sim.run(5.0)
-    sim.call("n1", lambda m: m.delete_state("a", sim.now))
-    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n1") == {"b": 2} for n in names), 10.0)
+    sim = Simulator(12, lan(), record_events=True)
+    names = sim.converge_cluster(4, width=1)
+    sim.call("n1", lambda m, now: m.set_state("a", 1, now))
+    sim.call("n1", lambda m, now: m.set_state("b", 2, now))
+    sim.run_for(5.0)
+    sim.call("n1", lambda m, now: m.delete_state("a", now))
+    assert sim.wait_for(lambda: all(sim.nodes[n].core.state_of("n1") == {"b": 2} for n in names), 10.0)
     deletions = [e for e in sim.events_of("n0", StateChanged) if e.deleted]
     assert [(e.owner, e.key, e.version) for e in deletions] == [("n1", "a", 3)]
 
 
 def test_push_pull_brings_a_joining_node_every_map() -> None:
-    sim = NetSim(seed=13)
-    names = sim.cluster(4)
+    sim = Simulator(13, lan())
+    names = sim.converge_cluster(4, width=1)
     for name in names:
-        sim.call(name, lambda m, name=name: m.set_state("who", name, sim.now))
-    sim.run(10.0)  # the gossip has died out: only push-pull can teach a newcomer
-    late = sim.add("late")
-    sim.join("late", ["n0"])
-    sim.run(0.1)
+        sim.call(name, lambda m, now, name=name: m.set_state("who", name, now))
+    sim.run_for(10.0)  # the gossip has died out: only push-pull can teach a newcomer
+    late = sim.add_node("late", join=["n0"]).core
+    sim.run_for(0.1)
     assert all(late.state_of(n) == {"who": n} for n in names)
 
 
 def test_restarted_owner_reasserts_its_map_over_what_the_cluster_remembers() -> None:
-    sim = NetSim(seed=14)
-    names = sim.cluster(4)
-    sim.call("n2", lambda m: m.set_state("old", "x", sim.now))
-    sim.call("n2", lambda m: m.set_state("keep", "v1", sim.now))
-    sim.call("n2", lambda m: m.set_state("keep", "v2", sim.now))
-    sim.run(5.0)
+    sim = Simulator(14, lan())
+    names = sim.converge_cluster(4, width=1)
+    sim.call("n2", lambda m, now: m.set_state("old", "x", now))
+    sim.call("n2", lambda m, now: m.set_state("keep", "v1", now))
+    sim.call("n2", lambda m, now: m.set_state("keep", "v2", now))
+    sim.run_for(5.0)
     sim.crash("n2")
-    sim.run(1.0)
-    incarnation = sim.nodes["n2"].incarnation
-    fresh = sim.add("n2", incarnation=incarnation + 1)  # state_version starts at 0 again
-    sim.call("n2", lambda m: m.set_state("keep", "new", sim.now))
-    sim.join("n2", ["n0"])
+    sim.run_for(1.0)
+    fresh = sim.restart("n2", join=[]).core  # incarnation + 1; state_version starts at 0 again
+    sim.call("n2", lambda m, now: m.set_state("keep", "new", now))
+    sim.call("n2", lambda m, now: m.join([sim.nodes["n0"].addr], now))
     want = {"keep": "new"}
-    assert sim.run_until(lambda: all(sim.nodes[n].state_of("n2") == want for n in names), 20.0)
+    assert sim.wait_for(lambda: all(sim.nodes[n].core.state_of("n2") == want for n in names), 20.0)
     assert fresh.state_of("n2") == want
     assert fresh._store.version > 3
 

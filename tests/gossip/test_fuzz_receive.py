@@ -35,8 +35,8 @@ from gossip.messages import (
     Suspect,
     UserBroadcast,
 )
-
-from .netsim import AAD, make_keyring
+from testbed.sim import TEST_AAD as AAD
+from testbed.sim import make_keyring
 
 BATCH = 240  # inputs per hypothesis example
 EXAMPLES = 440  # 440 x (240 + 2) > 100,000
@@ -99,7 +99,7 @@ def table_is_consistent(core: Membership) -> None:
     assert core.num_alive == sum(m.state == MemberState.ALIVE for m in members)
     assert 0 <= core.health_score < core.config.awareness_max_multiplier
     # the core's private index (random picks) agrees with its table
-    nodes = core._nodes
+    nodes = core._table.others
     assert sorted(n.name for n in nodes) == sorted(set(names) - {"me"})
     assert all(nodes[i].index == i for i in range(len(nodes)))
 
