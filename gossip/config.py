@@ -38,7 +38,7 @@ from .errors import LocalError
 
 # Hard wire limits (not presets): every datagram, crypto included, fits here.
 MAX_DATAGRAM_BYTES = 1400  # memberlist UDPBufferSize default; safe under a 1500 MTU
-MAX_STREAM_BYTES = 8 * 1024 * 1024  # one push-pull frame (memberlist has no cap; ours is 8 MiB)
+MAX_STREAM_BYTES = 8 * 1024 * 1024  # one push-pull frame (memberlist net.go maxPushStateBytes: 20 MiB)
 MAX_UDP_PAYLOAD = 65507  # IPv4 UDP payload limit (RFC 791 total length minus headers)
 MIN_DATAGRAM_BYTES = 508  # RFC 791: every host accepts 576-byte datagrams; minus 60 IP + 8 UDP
 DEFAULT_CLUSTER_NAME = "edgeagent"  # the AEAD associated data; agents talk only within one

@@ -69,6 +69,7 @@ class Layer:
 
 
 def file_layer(path: Path) -> Layer:
+    """What the TOML file at ``path`` sets; relative paths in it are relative to its directory."""
     reader = TableReader(str(path), read_toml(path))
     data = reader.data
     reader.check_keys(data, FILE_KEYS)
@@ -110,6 +111,7 @@ def file_layer(path: Path) -> Layer:
 
 
 def flag_layer(args: argparse.Namespace) -> Layer:
+    """What the ``run`` flags set (attributes missing from ``args`` count as not given)."""
     def check_flag(option: str, value: object, check: Callable[[object], Any]) -> Any:
         try:
             return check(value)
@@ -153,6 +155,7 @@ def flag_layer(args: argparse.Namespace) -> Layer:
 
 
 def profile_layer(profile: Profile) -> Layer:
+    """What the firmware profile sets: features, a preset with its overrides, and all limits."""
     return Layer(
         source=profile.source,
         mdns=profile.features.mdns,
