@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
+from gossip.config import MAX_DATAGRAM_BYTES, MAX_STREAM_BYTES
 from gossip.errors import RemoteError
 from gossip.events import Event, Member
 from gossip.messages import Address
@@ -190,8 +191,8 @@ class GossipDriver(Generic[C]):
         main_loop: asyncio.AbstractEventLoop,
         on_update: Callable[[tuple[Event, ...], View], None],
         advertise: Address | None = None,
-        max_datagram_bytes: int = 1400,
-        max_stream_bytes: int = 8 * 1024 * 1024,
+        max_datagram_bytes: int = MAX_DATAGRAM_BYTES,
+        max_stream_bytes: int = MAX_STREAM_BYTES,
         stream_timeout: float = STREAM_TIMEOUT,
     ) -> None:
         self._make_core = make_core

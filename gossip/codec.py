@@ -51,7 +51,6 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from .config import MAX_META_BYTES  # memberlist MetaMaxSize (512)
 from .errors import BroadcastTooLarge, DecodeError
 from .messages import (
     Ack,
@@ -87,6 +86,7 @@ USER_BROADCAST = 9
 PUSH_PULL = 10
 
 # --- Limits -----------------------------------------------------------------
+MAX_META_BYTES = 512  # memberlist MetaMaxSize; GossipConfig.max_meta_bytes may only lower it
 # Largest UDP payload (RFC 768 length field); nothing bigger can be a datagram.
 MAX_DATAGRAM_INPUT_BYTES = 65_535
 # A 1400-byte datagram holds at most ~280 of the smallest messages (5 bytes);

@@ -7,23 +7,77 @@ Serf's defaults, shortened where our healing target needs it, and say so.
 
 A setting travels in a straight line: firmware profile TOML -> resolved daemon
 config -> ``GossipConfig`` -> core. Nothing here reads files or the environment.
+
+This module is the one home of every gossip default: the daemon's config
+(``edgeagent.config``) and driver import them from here.
+
+Invariants. ``GossipConfig`` checks itself when built (``__post_init__``), so
+neither the daemon nor a simulator can hold an invalid one; a broken rule
+raises :class:`InvalidConfig` naming the field:
+
+* durations (``*_interval``, ``*_timeout``, ``*_time``, ``*_ttl``) are finite
+  numbers > 0, and ``probe_timeout < probe_interval`` (an ack must be able to
+  arrive before the next probe; memberlist assumes the same);
+* counts, multipliers and sizes are integers >= 1 (``suspicion_max_timeout_mult``
+  multiplies the minimum suspicion timeout, so >= 1 keeps max >= min);
+* ``max_datagram_bytes`` is within ``MIN_DATAGRAM_BYTES..MAX_UDP_PAYLOAD``;
+  ``max_meta_bytes`` and ``max_members`` stay within what the codec decodes
+  (``codec.MAX_META_BYTES``, ``codec.MAX_PUSHPULL_MEMBERS``);
+* ``lifeguard`` is a bool and ``cluster_name`` a string.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from .codec import MAX_META_BYTES, MAX_PUSHPULL_MEMBERS
+from .errors import LocalError
 
 # Hard wire limits (not presets): every datagram, crypto included, fits here.
 MAX_DATAGRAM_BYTES = 1400  # memberlist UDPBufferSize default; safe under a 1500 MTU
-MAX_META_BYTES = 512  # memberlist MetaMaxSize
+MAX_STREAM_BYTES = 8 * 1024 * 1024  # one push-pull frame (memberlist net.go maxPushStateBytes: 20 MiB)
+MAX_UDP_PAYLOAD = 65507  # IPv4 UDP payload limit (RFC 791 total length minus headers)
+MIN_DATAGRAM_BYTES = 508  # RFC 791: every host accepts 576-byte datagrams; minus 60 IP + 8 UDP
+DEFAULT_CLUSTER_NAME = "edgeagent"  # the AEAD associated data; agents talk only within one
+# Bounds against a hostile or oversized cluster (the daemon's [limits] table sets these three).
+DEFAULT_MAX_MEMBERS = 10_000
+DEFAULT_MAX_BROADCAST_QUEUE = 1024  # pending piggyback updates kept; oldest/lowest dropped beyond
+DEFAULT_MAX_STATE_BYTES = 4096  # packed size of one node's replicated key/value map
+
+
+class InvalidConfig(LocalError, ValueError):
+    """A :class:`GossipConfig` field breaks one of its invariants (see the module docstring).
+
+    ``field`` is the offending field, ``value`` its value and ``expected`` what it
+    must be; ``expected`` may name other fields as ``{field_name}`` placeholders,
+    listed in ``others``. :meth:`describe` renders the line with field names
+    spelled by the caller (the daemon says ``gossip.probe_interval``).
+    """
+
+    def __init__(
+        self, field: str, expected: str, value: object, others: tuple[str, ...] = ()
+    ) -> None:
+        self.field = field
+        self.expected = expected
+        self.value = value
+        self.others = others
+        super().__init__(self.describe())
+
+    def describe(self, name: Callable[[str], str] = str) -> str:
+        """``FIELD: expected ..., got VALUE``, each field name passed through ``name``."""
+        expected = self.expected.format_map({o: name(o) for o in self.others})
+        value = f"{self.value:g}" if isinstance(self.value, float) else repr(self.value)
+        return f"{name(self.field)}: expected {expected}, got {value}"
 
 
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
     """Immutable gossip settings. Build one with :func:`lan`, :func:`wan`, :func:`local`."""
 
-    cluster_name: str = "edgeagent"
+    cluster_name: str = DEFAULT_CLUSTER_NAME
     # Failure detection (SWIM section 4, memberlist state.go)
     probe_interval: float = 1.0  # memberlist LAN ProbeInterval
     probe_timeout: float = 0.5  # memberlist LAN ProbeTimeout
@@ -47,15 +101,57 @@ class GossipConfig:
     # Limits (bounded against a hostile or oversized cluster)
     max_datagram_bytes: int = MAX_DATAGRAM_BYTES
     max_meta_bytes: int = MAX_META_BYTES
-    max_members: int = 10_000
-    max_broadcast_queue: int = 1024  # pending piggyback updates kept; oldest/lowest dropped beyond
+    max_members: int = DEFAULT_MAX_MEMBERS
+    max_broadcast_queue: int = DEFAULT_MAX_BROADCAST_QUEUE
     max_user_broadcast_queue: int = 256  # separate budget for user broadcasts
-    max_state_bytes: int = 4096  # packed size of one node's replicated key/value map
-    max_stream_bytes: int = 8 * 1024 * 1024  # one push-pull frame
+    max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
+    max_stream_bytes: int = MAX_STREAM_BYTES
+
+    def __post_init__(self) -> None:
+        """Check every invariant; raise :class:`InvalidConfig` on the first broken one."""
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name), str(f.type))
+        if not self.probe_timeout < self.probe_interval:
+            raise InvalidConfig(
+                "probe_timeout",
+                f"less than {{probe_interval}} ({self.probe_interval:g} s)",
+                self.probe_timeout,
+                ("probe_interval",),
+            )
+        _check_range(
+            "max_datagram_bytes", self.max_datagram_bytes, MIN_DATAGRAM_BYTES, MAX_UDP_PAYLOAD
+        )
+        _check_range("max_meta_bytes", self.max_meta_bytes, 1, MAX_META_BYTES)
+        _check_range("max_members", self.max_members, 1, MAX_PUSHPULL_MEMBERS)
 
     def with_overrides(self, **changes: Any) -> GossipConfig:
         """Return a copy with some fields replaced (unknown names raise TypeError)."""
         return replace(self, **changes)
+
+
+def _check_field(name: str, value: object, kind: str) -> None:
+    """The per-field rules, by the field's annotation (a string under postponed annotations)."""
+    if kind == "str":
+        if not isinstance(value, str):
+            raise InvalidConfig(name, "a string", value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidConfig(name, "true or false", value)
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidConfig(name, "an integer >= 1", value)
+    elif (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidConfig(name, "a positive number of seconds", value)
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidConfig(name, f"{low}..{high}", value)
 
 
 def lan(**overrides: Any) -> GossipConfig:
@@ -103,5 +199,7 @@ def preset(name: str, **overrides: Any) -> GossipConfig:
     try:
         factory = PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown gossip preset {name!r}; expected one of {sorted(PRESETS)}") from None
+        raise ValueError(
+            f"unknown gossip preset {name!r}; expected one of {sorted(PRESETS)}"
+        ) from None
     return factory(**overrides)

@@ -46,7 +46,6 @@ NEGATIVE_TTL = 5  # SOA minimum: how long resolvers cache NXDOMAIN (RFC 2308 sec
 MAX_ANSWERS = 16  # bounded answer set; more instances than this are not all listed
 MAX_QUERY_BYTES = 4096  # a query is a few dozen bytes; anything bigger is not one
 UDP_PAYLOAD = 512  # RFC 1035 4.2.1, unless the query's EDNS advertises more
-DEFAULT_DNS_PORT = 5354  # unprivileged, beside mDNS's 5353
 
 Resolver = Callable[[str], list[str]]
 

@@ -7,6 +7,7 @@ then memory size, then generic-x86_64); ``--profile`` on ``run`` overrides it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -27,12 +28,11 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the profiles; returns 0."""
     from edgeagent import config
-    from edgeagent.profiles import detect_profile, load_profiles
 
-    profiles = load_profiles()
+    profiles = config.load_profiles()
     model = config.read_device_model()
     memory = config.read_memory_mb()
-    matched = detect_profile(model, profiles, memory_mb=memory).name
+    matched = config.detect_profile(model, profiles, memory_mb=memory).name
     rows = [
         {
             "name": p.name,
@@ -41,17 +41,8 @@ def run(args: argparse.Namespace) -> int:
             "matched": p.name == matched,
             "gossip_preset": p.gossip_preset,
             "gossip_overrides": dict(p.gossip_overrides),
-            "limits": {
-                "max_members": p.limits.max_members,
-                "max_broadcast_queue": p.limits.max_broadcast_queue,
-                "max_state_bytes": p.limits.max_state_bytes,
-            },
-            "features": {
-                "mdns": p.features.mdns,
-                "metrics": p.features.metrics,
-                "dns": p.features.dns,
-                "tun": p.features.tun,
-            },
+            "limits": dataclasses.asdict(p.limits),
+            "features": dataclasses.asdict(p.features),
         }
         for p in sorted(profiles.values(), key=lambda p: p.name)
     ]

@@ -331,3 +331,134 @@ def test_example_config_documents_every_key() -> None:
         assert re.search(rf"^(# )?{key} = |^\[{key}\]", text, re.M), key
     for key in OVERLAY_KEYS:
         assert re.search(rf"^{key} = ", text, re.M), key
+
+
+# --------------------------------------------------------------------------- preset rule
+
+
+RPI3 = "Raspberry Pi 3 Model B Rev 1.2"  # profile rpi-3 tunes probe_timeout = 0.8
+
+
+def test_profile_timing_is_kept_when_the_file_names_no_preset(tmp_path: Path) -> None:
+    f = write(tmp_path, "[gossip]\nsuspicion_mult = 5\n")
+    cfg = load("-c", str(f), model=RPI3)
+    assert cfg.gossip.probe_timeout == 0.8 and cfg.gossip.suspicion_mult == 5
+    assert cfg.gossip_dropped == ()
+
+
+def test_file_that_only_names_a_preset_starts_timing_over_and_reports_what_it_dropped(
+    tmp_path: Path,
+) -> None:
+    f = write(tmp_path, '[gossip]\npreset = "lan"\n')
+    cfg = load("-c", str(f), model=RPI3)
+    assert cfg.gossip_preset == "lan" and cfg.gossip.probe_timeout == 0.5
+    assert cfg.gossip_dropped == ("gossip.probe_timeout (firmware_profiles/rpi-3.toml)",)
+
+
+def test_preset_flag_drops_the_file_and_profile_timing_keys_but_not_limits(
+    tmp_path: Path,
+) -> None:
+    f = write(tmp_path, "[gossip]\nsuspicion_mult = 5\n[limits]\nmax_members = 300\n")
+    cfg = load("-c", str(f), "--preset", "wan", model="Raspberry Pi Zero 2 W Rev 1.0")
+    assert cfg.gossip.suspicion_mult == 6 and cfg.gossip.max_members == 300
+    assert cfg.gossip_dropped == (
+        "gossip.probe_timeout (firmware_profiles/rpi-zero-2w.toml)",
+        "gossip.gossip_nodes (firmware_profiles/rpi-zero-2w.toml)",
+        "gossip.push_pull_interval (firmware_profiles/rpi-zero-2w.toml)",
+        f"gossip.suspicion_mult ({f})",
+    )
+
+
+def test_a_key_set_again_above_the_preset_is_not_reported_dropped(tmp_path: Path) -> None:
+    f = write(tmp_path, '[gossip]\npreset = "lan"\nprobe_timeout = 0.7\n')
+    cfg = load("-c", str(f), model=RPI3)
+    assert cfg.gossip.probe_timeout == 0.7 and cfg.gossip_dropped == ()
+
+
+def test_example_config_leaves_the_profile_timing_and_limits_alone() -> None:
+    """Copying the example onto a Pi must not silently replace the profile's tuning."""
+    cfg = load("-c", str(EXAMPLE), model=RPI3)
+    assert cfg.gossip.probe_timeout == 0.8 and cfg.gossip_dropped == ()
+    assert cfg.limits.max_members == 2000  # rpi-3's
+
+
+# --------------------------------------------------------------------------- one schema
+
+
+def test_gossip_invariant_broken_by_limits_names_the_limits_key(tmp_path: Path) -> None:
+    f = write(tmp_path, "[limits]\nmax_members = 70000\n")
+    assert error_of("-c", str(f)) == f"{f}: limits.max_members: expected 1..65535, got 70000"
+
+
+def test_gossip_invariant_broken_against_the_preset_names_the_file(tmp_path: Path) -> None:
+    """The local preset's 0.2 s timeout against the file's 0.1 s interval: the file is named."""
+    f = write(tmp_path, '[gossip]\npreset = "local"\nprobe_interval = 0.1\n')
+    message = error_of("-c", str(f))
+    assert message == (
+        f"{f}: gossip.probe_timeout: expected less than gossip.probe_interval (0.1 s), got 0.2"
+    )
+
+
+def test_tun_switch_is_gone_until_the_l3_data_path_exists(tmp_path: Path) -> None:
+    from edgeagent.config import Features
+
+    assert "tun" not in Features.__dataclass_fields__
+    f = write(tmp_path, "[features]\ntun = true\n")
+    assert error_of("-c", str(f)).startswith(f"{f}: features.tun: unknown key")
+
+
+def test_dns_help_says_service_names_come_with_services() -> None:
+    parser = argparse.ArgumentParser()
+    add_agent_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    assert "NODE.node.mesh now; SERVICE.mesh once services exist" in help_text
+
+
+def test_defaults_shared_with_gossip_are_gossips() -> None:
+    from edgeagent.config import DEFAULT_CLUSTER, Limits
+    from gossip.config import GossipConfig
+
+    gossip = GossipConfig()
+    assert DEFAULT_CLUSTER == gossip.cluster_name
+    assert Limits() == Limits(gossip.max_members, gossip.max_broadcast_queue, gossip.max_state_bytes)
+    assert load().gossip == GossipConfig()
+
+
+def test_config_package_modules_import_each_other_without_a_cycle() -> None:
+    """The import graph inside edgeagent/config/ is acyclic (config and profiles used to import each other)."""
+    import ast
+    import graphlib
+
+    package = Path(__file__).resolve().parents[2] / "edgeagent" / "config"
+    graph: dict[str, set[str]] = {}
+    for source in package.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        graph[source.stem] = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        }
+    graph["__init__"] = set()  # the package re-exports; nothing inside imports it
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+
+
+def test_run_with_a_broken_gossip_invariant_is_one_stderr_line_exit_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    bad = write(tmp_path, "[gossip]\nprobe_interval = 0.5\nprobe_timeout = 0.5\n", "bad.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "run", "-c", str(bad), "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        f"edgeagent: error: {bad}: gossip.probe_timeout: expected less than "
+        "gossip.probe_interval (0.5 s), got 0.5\n"
+    )

@@ -9,8 +9,8 @@ import pytest
 
 from edgeagent import config
 from edgeagent.cli import main
+from edgeagent.config.profiles import Profile, detect_profile, load_profiles, parse_profile
 from edgeagent.errors import ConfigError
-from edgeagent.profiles import Profile, detect_profile, load_profiles, parse_profile
 
 EXPECTED = {"rpi-zero-2w", "rpi-3", "rpi-4", "rpi-5", "generic-x86_64", "constrained"}
 GOOD = """\
@@ -27,7 +27,6 @@ max_state_bytes = 100
 mdns = true
 metrics = false
 dns = false
-tun = false
 """
 
 
@@ -103,7 +102,8 @@ def test_good_profile_text_parses() -> None:
         (lambda t: t.replace("max_members = 10", "max_members = 0"),
          "x/test.toml: limits.max_members: expected a positive integer, got 0"),
         (lambda t: t.replace("max_members = 10\n", ""), "x/test.toml: limits.max_members: missing"),
-        (lambda t: t.replace("tun = false\n", ""), "x/test.toml: features.tun: missing"),
+        (lambda t: t.replace("dns = false\n", ""), "x/test.toml: features.dns: missing"),
+        (lambda t: t + "tun = false\n", "x/test.toml: features.tun: unknown key"),
         (lambda t: t.replace('preset = "lan"', ""), "x/test.toml: gossip.preset: missing"),
         (lambda t: t.replace('match = ["Test Board"]', 'match = "Test Board"'),
          'x/test.toml: match: expected a list of non-empty strings, got "Test Board"'),
@@ -133,7 +133,7 @@ def test_broken_shipped_profile_file_fails_load(
     (package / "bad.toml").write_text(
         GOOD.replace('"test"', '"bad"').replace("mdns = true", "mdns = 1")
     )
-    monkeypatch.setattr("edgeagent.profiles.PROFILE_PACKAGE", "broken_firmware_profiles")
+    monkeypatch.setattr("edgeagent.config.profiles.PROFILE_PACKAGE", "broken_firmware_profiles")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(
         ConfigError,

@@ -9,7 +9,7 @@ A profile is the lowest layer above the built-in defaults (see
     max_memory_mb = 256                   # optional: chosen on unmatched boards this small
     [gossip]    preset = "lan" plus any GossipConfig overrides (as in the config file)
     [limits]    max_members, max_broadcast_queue, max_state_bytes   (all three required)
-    [features]  mdns, metrics, dns, tun                              (all four required)
+    [features]  mdns, metrics, dns                                   (all three required)
 
 Detection: the longest match string contained in the model (case-insensitive)
 wins; else, when the machine's memory is known, the smallest profile whose
@@ -28,11 +28,13 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
-from gossip.config import GossipConfig
+from gossip.config import GossipConfig, InvalidConfig
 from gossip.config import preset as gossip_preset
 
-from .config import DEFAULT_PROFILE, Features, Limits, TableReader, show
-from .errors import ConfigError
+from ..errors import ConfigError
+from .checks import show
+from .reader import TableReader
+from .schema import DEFAULT_PROFILE, Features, Limits, gossip_key
 
 PROFILE_PACKAGE = "firmware_profiles"
 PROFILE_KEYS = ("name", "description", "match", "max_memory_mb", "gossip", "limits", "features")
@@ -111,13 +113,10 @@ def parse_profile(source: str, text: str, expected_name: str | None = None) -> P
         max_memory_mb=memory,
         source=source,
     )
-    gossip = profile.gossip_config()
-    if not gossip.probe_timeout < gossip.probe_interval:
-        raise reader.error(
-            "gossip.probe_timeout",
-            f"less than gossip.probe_interval ({gossip.probe_interval:g} s)",
-            gossip.probe_timeout,
-        )
+    try:
+        profile.gossip_config()
+    except InvalidConfig as exc:
+        raise ConfigError(f"{source}: {exc.describe(gossip_key)}") from None
     return profile
 
 

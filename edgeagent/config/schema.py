@@ -1,0 +1,120 @@
+"""The shape of the agent's configuration: its values, its keys and every default, once.
+
+A default that a lower layer uses lives there and is imported here: gossip
+timing, wire sizes, the cluster name and the three limits come from
+:mod:`gossip.config`, the dead-block quarantine from :mod:`overlay.ipam`.
+The rest (ports, addresses, the overlay prefix, paths) is the daemon's own and
+is written only here. The mesh DNS port stays here rather than in
+:mod:`overlay.dns`, so that reading the config does not import dnspython when
+mesh DNS is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gossip.config import (
+    DEFAULT_CLUSTER_NAME,
+    DEFAULT_MAX_BROADCAST_QUEUE,
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_STATE_BYTES,
+    GossipConfig,
+)
+from overlay.ipam import DEFAULT_QUARANTINE_S
+
+DEFAULT_GOSSIP_PORT = 7946  # memberlist's default bind port; UDP and TCP share it
+DEFAULT_DNS_PORT = 5354  # mesh DNS default: unprivileged, beside mDNS's 5353
+DEFAULT_METRICS_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
+DEFAULT_OVERLAY_PREFIX = "10.99.0.0/16"
+DEFAULT_BLOCK_PREFIXLEN = 28  # 16 addresses per node
+DEFAULT_DEAD_QUARANTINE_S = DEFAULT_QUARANTINE_S
+DEFAULT_BIND_HOST = "0.0.0.0"
+DEFAULT_LOCAL_HOST = "127.0.0.1"  # metrics and mesh DNS listen here unless told otherwise
+DEFAULT_CLUSTER = DEFAULT_CLUSTER_NAME
+DEFAULT_PRESET = "lan"  # memberlist DefaultLANConfig
+DEFAULT_PROFILE = "generic-x86_64"  # the fallback firmware profile
+DEFAULT_LOG_FORMAT = "text"
+DEFAULT_LOG_LEVEL = "info"
+ROOT_STATE_DIR = Path("/var/lib/edgeagent")
+DEVICE_MODEL_PATH = Path("/proc/device-tree/model")
+MEMINFO_PATH = Path("/proc/meminfo")
+MAX_NAME_CHARS = 128  # node and cluster names travel in every alive message
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Keys of the TOML file, and of its [overlay] table.
+FILE_KEYS = (
+    "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
+    "log_format", "log_level", "metrics", "dns", "mdns", "gossip", "limits", "features", "overlay",
+)  # fmt: skip
+OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
+
+# GossipConfig fields that are set elsewhere in the schema, so there is one place for each.
+GOSSIP_FIELDS_ELSEWHERE = {
+    "cluster_name": "cluster",
+    "max_members": "limits.max_members",
+    "max_broadcast_queue": "limits.max_broadcast_queue",
+    "max_state_bytes": "limits.max_state_bytes",
+}
+
+HostPort = tuple[str, int]
+
+
+def gossip_key(field_name: str) -> str:
+    """Where a GossipConfig field is set in the file: ``gossip.X``, ``limits.X`` or ``cluster``."""
+    return GOSSIP_FIELDS_ELSEWHERE.get(field_name, f"gossip.{field_name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one agent tracks (also copied into the GossipConfig)."""
+
+    max_members: int = DEFAULT_MAX_MEMBERS
+    max_broadcast_queue: int = DEFAULT_MAX_BROADCAST_QUEUE
+    max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """Optional subsystems; a feature that is off is never imported."""
+
+    mdns: bool = True
+    metrics: bool = True
+    dns: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything the daemon needs, resolved once at start-up. Build it with :func:`load_config`."""
+
+    name: str  # node name; default: the hostname
+    bind: HostPort  # gossip UDP+TCP bind; default ("0.0.0.0", DEFAULT_GOSSIP_PORT)
+    advertise: HostPort | None  # address peers should use; None: derived from bind
+    join: tuple[HostPort, ...]  # seeds
+    profile: str  # firmware profile name actually used
+    cluster: str  # cluster name (AEAD associated data)
+    key_file: Path | None  # explicit cluster key file; None: <state_dir>/keyring
+    state_dir: Path
+    mdns: bool
+    metrics: HostPort | None  # Prometheus text endpoint; None: off
+    log_format: str  # "text" (key=value) | "json"
+    log_level: str  # "debug" | "info" | "warning" | "error"
+    gossip: GossipConfig
+    dns: HostPort | None = None  # mesh DNS responder; None: off
+    overlay_prefix: str = DEFAULT_OVERLAY_PREFIX
+    block_prefixlen: int = DEFAULT_BLOCK_PREFIXLEN
+    dead_quarantine_s: float = DEFAULT_DEAD_QUARANTINE_S
+    limits: Limits = field(default_factory=Limits)
+    features: Features = field(default_factory=Features)
+    config_file: Path | None = None  # where the file layer came from, for messages
+    gossip_preset: str = DEFAULT_PRESET  # the preset the gossip timing started from
+    # Lower layers' gossip keys that a higher layer's preset replaced, as
+    # "gossip.KEY (SOURCE)"; the daemon logs them once at start.
+    gossip_dropped: tuple[str, ...] = ()
+
+    @property
+    def keyring_path(self) -> Path:
+        """The keyring file: ``key_file`` if given, else ``<state_dir>/keyring``."""
+        return self.key_file if self.key_file is not None else self.state_dir / "keyring"
