@@ -9,10 +9,10 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
    (a feature whose switch is off is not even imported); then join the seeds.
-3. Serve until SIGTERM / SIGINT or ``edgeagent leave``; then stop the features in reverse
-   order and leave gracefully: the core broadcasts the leave and we wait until it has been
-   sent (no pending broadcasts) or :data:`LEAVE_SPREAD_TIMEOUT` passes, so peers record LEFT,
-   not DEAD. Exit 0.
+3. Serve until SIGTERM / SIGINT or ``edgeagent leave``; then run the features' before-leave
+   hooks (the mDNS goodbye) and leave gracefully: the core broadcasts the leave and we wait
+   until it has been sent (no pending broadcasts) or :data:`LEAVE_SPREAD_TIMEOUT` passes, so
+   peers record LEFT, not DEAD. Stop the features in reverse order. Exit 0.
 
 Everything on this (the application's) loop sees the core only through immutable
 :class:`~edgeagent.driver.View` snapshots and events, and changes it only through driver
@@ -259,8 +259,9 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("leaving the cluster")
-        await self._stop_features()
+        await self.host.leaving()
         await self._leave()
+        await self._stop_features()
         self._left.set()
         log.info("left the cluster")
 

@@ -4,7 +4,9 @@ How it works. :class:`~edgeagent.agent.Agent` owns the lifecycle (identity, goss
 control socket, signals, graceful leave). Once the driver runs it calls
 ``await feature.start(host)`` on each enabled feature, in the order of its feature list, with
 one :class:`FeatureHost`; on the way out it calls ``await feature.stop()`` in the reverse
-order, before the leave. A feature module is imported only when its switch is on.
+order, after the leave has spread (so metrics and DNS keep answering while it does). A hook
+registered with ``before_leave`` runs when the leave begins, before it is broadcast (mDNS sends
+its goodbye there). A feature module is imported only when its switch is on.
 
 What a feature gets:
 
@@ -18,7 +20,7 @@ What a feature gets:
 - ``keyring``: the cluster keyring, owned by the gossip thread: touch it only inside
   :meth:`~FeatureHost.call`.
 - Control-API commands: ``register_command(name, handler)``; ``add_status(provider)`` adds
-  fields to ``edgeagent status``.
+  fields to ``edgeagent status``; ``before_leave(hook)``.
 - Events: ``add_listener(fn)`` calls ``fn(events, view)`` on the main loop after every update
   from the gossip thread; ``view`` is the latest immutable snapshot.
 - ``metrics``: the Prometheus registry, or None when metrics are off; ``logger(name)``.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -60,8 +62,11 @@ Resolver = Callable[[str], list[str]]  # lower-cased DNS label -> address texts
 StatusProvider = Callable[[], Mapping[str, Any]]  # extra ``edgeagent status`` fields
 
 
+LeaveHook = Callable[[], Awaitable[None]]
+
+
 class Feature(Protocol):
-    """One feature of the daemon: started with the host, stopped before the leave."""
+    """One feature of the daemon: started once the driver runs, stopped after the leave."""
 
     async def start(self, host: FeatureHost) -> None: ...
 
@@ -89,6 +94,7 @@ class FeatureHost:
         self._view: View | None = None  # set by the first deliver(), before any feature starts
         self._listeners: list[Listener] = []
         self._status: list[StatusProvider] = []
+        self._leave_hooks: list[LeaveHook] = []
         self._node_resolvers: list[Resolver] = []
         self._service_resolvers: list[Resolver] = []
 
@@ -179,6 +185,18 @@ class FeatureHost:
         for provider in self._status:
             fields.update(provider())
         return fields
+
+    def before_leave(self, hook: LeaveHook) -> None:
+        """Await ``hook()`` when the graceful leave begins, before it is broadcast."""
+        self._leave_hooks.append(hook)
+
+    async def leaving(self) -> None:
+        """Run the ``before_leave`` hooks, in order (called by the agent)."""
+        for hook in self._leave_hooks:
+            try:
+                await hook()
+            except Exception:  # a hook's bug must not stop the leave
+                logging.getLogger("edgeagent").exception("before-leave hook failed")
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(events, view)`` on the main loop after every update."""

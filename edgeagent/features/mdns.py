@@ -4,9 +4,9 @@ How it works. :class:`overlay.mdns.MdnsDiscovery` announces us and browses for t
 each peer it accepts (same cluster hash, see :func:`overlay.mdns.parse_peer`) that is not
 already an alive member is joined with ``host.join``. Announcing takes a second or two, so
 :meth:`Mdns.start` runs it in a task and returns at once (``status`` says ``mdns: true`` from
-then on); a LAN with no multicast is a warning and the agent joins by seeds only. On the way
-out the goodbye is sent before the leave, bounded by :data:`GOODBYE_TIMEOUT`. Imported only
-when mDNS is on, so zeroconf is not loaded otherwise.
+then on); a LAN with no multicast is a warning and the agent joins by seeds only. The goodbye
+is sent when the leave begins (a ``before_leave`` hook), before the leave is broadcast, bounded
+by :data:`GOODBYE_TIMEOUT`. Imported only when mDNS is on, so zeroconf is not loaded otherwise.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Mdns:
             interfaces=None if is_wildcard(bind_host) else [bind_host],
         )
         host.add_status(lambda: {"mdns": self._mdns is not None})
+        host.before_leave(self.stop)
         self._starting = asyncio.get_running_loop().create_task(self._announce(self._mdns))
 
     async def _announce(self, mdns: MdnsDiscovery) -> None:
