@@ -50,6 +50,7 @@ async def test_a_feature_adds_commands_state_and_status_and_hears_updates(
     hello = Hello()
     agent = make_agent(state_dir, extra_features={"hello": hello})
     run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.started, "the agent to start its features")
 
     assert await call(state_dir, "hello", who="feature") == "hello feature"
     members = await call(state_dir, "members")
