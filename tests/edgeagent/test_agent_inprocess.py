@@ -6,22 +6,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edgeagent.control import socket_path
 from edgeagent.driver import View
 from edgeagent.host import FeatureHost
 from tests.edgeagent.inprocess import TIMEOUT, call, make_agent, wait_for
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="ea-") as d:  # short: a socket path fits 108 bytes
-        yield Path(d)
 
 
 class Hello:
