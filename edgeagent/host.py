@@ -128,10 +128,6 @@ class FeatureHost:
         """Run ``fn(core, now)`` on the gossip thread and await its (immutable) result."""
         return await self._driver.acall(fn)
 
-    def post(self, fn: Callable[[Membership, float], T]) -> concurrent.futures.Future[T]:
-        """Run ``fn(core, now)`` on the gossip thread without waiting (from sync code)."""
-        return self._driver.call(fn)
-
     def set_state(self, key: str, value: StateValue) -> concurrent.futures.Future[None]:
         """Publish ``value`` under ``key`` in this node's replicated state."""
         return self._driver.call(lambda core, now: core.set_state(key, value, now))

@@ -51,6 +51,10 @@ async def test_a_feature_adds_commands_state_and_status_and_hears_updates(
     assert host is not None and agent.feature("hello") is hello
     assert await host.num_alive() == 1
     assert [(m.name, v) for m, v in await host.member_states("hello")] == [("solo", "world")]
+    await asyncio.wrap_future(host.delete_state("hello"))
+    assert [(m.name, v) for m, v in await host.member_states("hello")] == [("solo", None)]
+    assert [m.name for m in await host.members()] == ["solo"]
+    assert (await host.snapshot()).local.addr == host.address == agent.driver.address
     assert (await call(state_dir, "status"))["hello"] is True
     assert host.resolve_service("web") == ["192.0.2.5"] and host.resolve_service("x") == []
     assert host.state_dir == state_dir and host.metrics is None
