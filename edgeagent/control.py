@@ -225,6 +225,35 @@ def state_dir_of(args: argparse.Namespace) -> Path:
     return Path(given).expanduser() if given else default_state_dir()
 
 
+def add_query_command(
+    subparsers: Any,
+    name: str,
+    render: Callable[[Any], str],
+    *,
+    help: str,
+    description: str,
+    json_help: str | None = None,
+) -> None:
+    """A subcommand that calls the agent's control command ``name`` and prints ``render(result)``.
+
+    With ``json_help`` it takes ``--json``, which prints the result as indented JSON instead.
+    """
+    parser = subparsers.add_parser(name, help=help, description=description)
+    if json_help is not None:
+        parser.add_argument("--json", action="store_true", help=json_help)
+    add_state_dir_argument(parser)
+    parser.set_defaults(func=lambda args: _run_query(args, name, render))
+
+
+def _run_query(args: argparse.Namespace, name: str, render: Callable[[Any], str]) -> int:
+    result = call_agent(state_dir_of(args), name)
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render(result))
+    return 0
+
+
 def call_agent(state_dir: Path, cmd: str, **args: Any) -> Any:
     """CLI helper: call the agent of ``state_dir``.
 
@@ -238,6 +267,7 @@ def call_agent(state_dir: Path, cmd: str, **args: Any) -> Any:
 
 __all__ = [
     "ControlClient",
+    "add_query_command",
     "add_state_dir_argument",
     "state_dir_of",
     "ControlError",

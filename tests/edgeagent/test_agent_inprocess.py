@@ -1,68 +1,103 @@
-"""The Agent class in-process: extension points for later features, and a clean stop."""
+"""The Agent in-process: the feature host a feature starts on, feature switches, a clean stop."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import tempfile
-import time
-from collections.abc import Iterator
+import json
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from edgeagent.agent import Agent
-from edgeagent.config import add_agent_arguments, load_config
-from edgeagent.control import ControlClient, socket_path
+from edgeagent.control import socket_path
 from edgeagent.driver import View
-from edgeagent.errors import AgentUnavailable
+from edgeagent.host import FeatureHost
+from tests.edgeagent.inprocess import TIMEOUT, call, make_agent, wait_for
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="ea-") as d:
-        yield Path(d)
+class Hello:
+    """A feature using the host: a command, a listener, state, a DNS resolver, a status field."""
+
+    def __init__(self) -> None:
+        self.views: list[View] = []
+        self.host: FeatureHost | None = None
+        self.stopped = False
+
+    async def start(self, host: FeatureHost) -> None:
+        self.host = host
+        host.register_command("hello", lambda request: f"hello {request.get('who')}")
+        host.add_listener(lambda events, view: self.views.append(view))
+        host.add_status(lambda: {"hello": True})
+        host.add_service_resolver(lambda label: ["192.0.2.5"] if label == "web" else [])
+        await host.call(lambda core, now: core.set_state("hello", "world", now))
+
+    async def stop(self) -> None:
+        self.stopped = True
 
 
-def make_agent(state_dir: Path) -> Agent:
-    parser = argparse.ArgumentParser()
-    add_agent_arguments(parser)
-    args = parser.parse_args(
-        ["--name", "solo", "--bind", "127.0.0.1:0", "--no-mdns", "--preset", "local",
-         "--state-dir", str(state_dir), "--metrics", "off"]
-    )  # fmt: skip
-    return Agent(load_config(args))
-
-
-async def call(state_dir: Path, cmd: str, **args: Any) -> Any:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await asyncio.to_thread(ControlClient(socket_path(state_dir)).call, cmd, **args)
-        except AgentUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
-async def test_features_add_commands_and_hear_updates_then_stop_cleanly(state_dir: Path) -> None:
-    agent = make_agent(state_dir)
-    views: list[View] = []
-    agent.add_listener(lambda events, view: views.append(view))
-    agent.control.register("hello", lambda request: f"hello {request.get('who')}")
+async def test_a_feature_adds_commands_state_and_status_and_hears_updates(
+    state_dir: Path,
+) -> None:
+    hello = Hello()
+    agent = make_agent(state_dir, extra_features={"hello": hello})
     run = asyncio.create_task(agent.run())
+    await wait_for(lambda: agent.started, "the agent to start its features")
 
     assert await call(state_dir, "hello", who="feature") == "hello feature"
     members = await call(state_dir, "members")
     assert [(m["name"], m["state"]) for m in members] == [("solo", "alive")]
-    deadline = time.monotonic() + 30
-    while not views:
-        assert time.monotonic() < deadline, "no update reached the listener"
-        await asyncio.sleep(0.05)
-    assert views[-1].local.name == "solo"
-    assert await agent.driver.acall(lambda core, now: core.num_alive) == 1
+    await wait_for(lambda: bool(hello.views), "an update to reach the listener")
+    assert hello.views[-1].local.name == "solo"
+    host = hello.host
+    assert host is not None and agent.feature("hello") is hello
+    assert await host.num_alive() == 1
+    assert [(m.name, v) for m, v in await host.member_states("hello")] == [("solo", "world")]
+    await asyncio.wrap_future(host.delete_state("hello"))
+    assert [(m.name, v) for m, v in await host.member_states("hello")] == [("solo", None)]
+    assert [m.name for m in await host.members()] == ["solo"]
+    assert (await host.snapshot()).local.addr == host.address == agent.driver.address
+    assert (await call(state_dir, "status"))["hello"] is True
+    assert host.resolve_service("web") == ["192.0.2.5"] and host.resolve_service("x") == []
+    assert host.state_dir == state_dir and host.metrics is None
 
     agent.request_stop()
-    assert await asyncio.wait_for(run, 30) == 0
+    assert await asyncio.wait_for(run, TIMEOUT) == 0
+    assert hello.stopped
     assert not socket_path(state_dir).exists()
+
+
+# Run in a fresh interpreter: other tests in this process import these modules themselves.
+_SWITCHED_OFF = """
+import asyncio, json, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from tests.edgeagent.inprocess import make_agent
+
+async def main():
+    agent = make_agent(Path({state_dir!r}), "solo", "--dns", "off")
+    run = asyncio.create_task(agent.run())
+    while not agent.started:
+        assert not run.done(), run.result()
+        await asyncio.sleep(0.05)
+    loaded = sorted(sys.modules)
+    agent.request_stop()
+    assert await run == 0
+    print(json.dumps(loaded))
+
+asyncio.run(main())
+"""
+
+
+def test_switched_off_features_are_not_imported(state_dir: Path) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    code = _SWITCHED_OFF.format(root=root, state_dir=str(state_dir))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert out.returncode == 0, out.stderr
+    loaded = set(json.loads(out.stdout))
+    assert {"edgeagent.features.keys", "edgeagent.features.addresses"} <= loaded  # always on
+    for module in ("edgeagent.features.mdns", "overlay.mdns", "zeroconf",
+                   "edgeagent.features.dns", "overlay.dns", "dns",
+                   "edgeagent.features.metrics", "edgeagent.metrics"):  # fmt: skip
+        assert module not in loaded, f"{module} imported although switched off"
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,6 @@ import pytest
 
 from edgeagent.control import ControlClient, ControlError, ControlServer, socket_path
 from edgeagent.errors import AgentUnavailable, UsageError
-
-
-@pytest.fixture
-def state_dir() -> Any:
-    # Short path: a Unix socket path must fit in 108 bytes.
-    with tempfile.TemporaryDirectory(prefix="ea-") as d:
-        yield Path(d)
 
 
 @pytest.fixture

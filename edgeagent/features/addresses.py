@@ -1,33 +1,26 @@
-"""Overlay addresses in the daemon: glue between the agent and :class:`overlay.ipam.Allocator`.
+"""Overlay addresses: glue between the feature host and :class:`overlay.ipam.Allocator`.
 
 How it works. The allocator is sans-IO and lives on the agent's (main) loop. Gossip events
-reach it through ``agent.add_listener``; its claim goes back into the core's replicated
-state (key ``"ipam"``) with a driver command; its timer is one ``loop.call_at``. Its
+reach it through ``host.add_listener``; its claim goes back into the core's replicated
+state (key ``"ipam"``) with ``host.set_state``; its timer is one ``loop.call_at``. Its
 persisted state (the claim, the clock, named local addresses) is written atomically to
 ``<state_dir>/ipam.json`` *before* the claim is published, so a ``kill -9`` at any moment
 restarts with the block the mesh last heard about. Renumbering and exhaustion are logged.
 
 Control commands: ``addresses`` (every claim this node knows, for ``edgeagent addresses``)
 and ``address`` (``op`` = ``allocate`` | ``release`` | ``list`` with ``name``) for
-``edgeagent address ...``. With ``config.dns`` set, the mesh DNS responder answers
-``NODE.node.mesh`` from the same allocator.
-
-Wiring (in ``Agent.run``, after the driver started and before joining the seeds)::
-
-    self._ipam = await IpamService.attach(self, identity)
+``edgeagent address ...``. It registers :meth:`Addresses.resolve_node` with the host, so
+mesh DNS (:mod:`edgeagent.features.dns`, when on) answers ``NODE.node.mesh`` from it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gossip import events as ev
-from gossip.messages import MemberState
 from overlay.ipam import (
     STATE_KEY,
     Allocator,
@@ -37,17 +30,13 @@ from overlay.ipam import (
     Renumbered,
 )
 
-from .control import ControlError
-from .errors import ConfigError
-from .logs import fields
-from .persist import load_json, save_json
+from ..control import ControlError
+from ..driver import View
+from ..host import FeatureHost
+from ..logs import fields
+from ..persist import load_json, save_json
 
-if TYPE_CHECKING:
-    from .agent import Agent
-    from .driver import View
-    from .persist import NodeIdentity
-
-log = logging.getLogger("edgeagent.ipam")
+log = FeatureHost.logger("ipam")
 
 STATE_FILE = "ipam.json"
 _MEMBER_EVENTS = (
@@ -60,19 +49,38 @@ _MEMBER_EVENTS = (
 )
 
 
-class IpamService:
+class Addresses:
     """The allocator of one agent, fed by its gossip events, served on its control socket."""
 
-    def __init__(self, agent: Agent, identity: NodeIdentity) -> None:
-        config = agent.config
-        self.agent = agent
-        self.path = Path(config.state_dir) / STATE_FILE
+    def __init__(self) -> None:
+        self._host: FeatureHost | None = None
+        self._alloc: Allocator | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def alloc(self) -> Allocator:
+        """The allocator (once started)."""
+        if self._alloc is None:
+            raise RuntimeError("addresses feature not started")
+        return self._alloc
+
+    @property
+    def host(self) -> FeatureHost:
+        if self._host is None:
+            raise RuntimeError("addresses feature not started")
+        return self._host
+
+    async def start(self, host: FeatureHost) -> None:
+        """Build the allocator from its saved state, hook it in, catch up with the core."""
+        config = host.config
+        self._host = host
         self._loop = asyncio.get_running_loop()
+        self.path = host.state_dir / STATE_FILE
         now = self._loop.time()
         persisted = load_json(self.path, None)
-        self.alloc = Allocator(
-            identity.name,
-            identity.node_id,
+        self._alloc = Allocator(
+            host.identity.name,
+            host.identity.node_id,
             config.overlay_prefix,
             config.block_prefixlen,
             config.dead_quarantine_s,
@@ -80,48 +88,19 @@ class IpamService:
             persisted if isinstance(persisted, dict) else None,
             wall_offset=time.time() - now,
         )
-        self._timer: asyncio.TimerHandle | None = None
-        self._dns_transport: asyncio.DatagramTransport | None = None
+        host.add_listener(self._on_update)
+        host.register_command("addresses", self.cmd_addresses)
+        host.register_command("address", self.cmd_address)
+        host.add_status(self.status_fields)
+        host.add_node_resolver(self.resolve_node)
+        await self._catch_up()
+        self._pump()
 
-    @classmethod
-    async def attach(cls, agent: Agent, identity: NodeIdentity) -> IpamService:
-        """Build the service, hook it into ``agent`` and catch up with the core's state."""
-        service = cls(agent, identity)
-        agent.add_listener(service._on_update)
-        agent.control.register("addresses", service.cmd_addresses)
-        agent.control.register("address", service.cmd_address)
-        await service._catch_up()
-        if agent.config.dns is not None:
-            await service.start_dns(*agent.config.dns)
-        service._pump()
-        return service
-
-    async def start_dns(self, host: str, port: int) -> None:
-        """Serve mesh DNS on UDP ``host:port`` (``NODE.node.mesh`` -> overlay address)."""
-        from overlay.dns import MeshDNS, serve_dns
-
-        try:
-            self._dns_transport = await serve_dns(MeshDNS(self.resolve_node), host, port)
-        except OSError as exc:
-            raise ConfigError(f"dns {host}:{port}: cannot listen: {exc.strerror or exc}") from None
-        log.info("mesh dns listening", extra=fields(addr=f"{host}:{port}"))
-
-    @property
-    def dns_address(self) -> tuple[str, int] | None:
-        """Where mesh DNS listens (the bound port when configured as 0), or None."""
-        if self._dns_transport is None:
-            return None
-        host, port = self._dns_transport.get_extra_info("sockname")[:2]
-        return str(host), int(port)
-
-    def close(self) -> None:
-        """Stop the timer and the DNS responder."""
+    async def stop(self) -> None:
+        """Stop the timer (the claim stays published and saved)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._dns_transport is not None:
-            self._dns_transport.close()
-            self._dns_transport = None
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -171,21 +150,14 @@ class IpamService:
     # -- gossip events -----------------------------------------------------------------------
 
     async def _catch_up(self) -> None:
-        """Feed the members and claims the core already knows (attached after a join)."""
-
-        def collect(core: Any, now: float) -> tuple[tuple[str, MemberState, Any], ...]:
-            return tuple(
-                (m.name, m.state, (core.state_of(m.name) or {}).get(STATE_KEY))
-                for m in core.members()
-            )
-
+        """Feed the members and claims the core already knows (started after a join)."""
         now = self._loop.time()
-        rows = await self.agent.driver.acall(collect)
-        for name, state, claim in rows:
-            self.alloc.on_member(name, state, now)
+        rows = await self.host.member_states(STATE_KEY)
+        for member, claim in rows:
+            self.alloc.on_member(member.name, member.state, now)
             if claim is not None:
-                self.alloc.on_claim(name, claim, now)
-        if any(name != self.alloc.node for name, _, _ in rows):
+                self.alloc.on_claim(member.name, claim, now)
+        if any(member.name != self.alloc.node for member, _ in rows):
             self.alloc.synced(now)
 
     def _on_update(self, events: tuple[ev.Event, ...], view: View) -> None:
@@ -216,8 +188,7 @@ class IpamService:
             save_json(self.path, saved)
         update = alloc.claim_to_publish()
         if update is not None:
-            value = update.value
-            self.agent.driver.call(lambda core, t: core.set_state(STATE_KEY, value, t))
+            self.host.set_state(STATE_KEY, update.value)
         while (event := alloc.next_event()) is not None:
             self._log_event(event)
         if self._timer is not None:
@@ -228,7 +199,7 @@ class IpamService:
             self._timer = self._loop.call_at(timer, self._pump)
 
     @staticmethod
-    def _log_event(event: Any) -> None:
+    def _log_event(event: object) -> None:
         if isinstance(event, BlockClaimed):
             log.info(
                 "overlay block claimed", extra=fields(block=event.block, address=event.address)

@@ -1,9 +1,11 @@
-"""Feeds the agent's Prometheus metrics from gossip-thread snapshots.
+"""Metrics: the agent's Prometheus endpoint, fed from gossip-thread snapshots.
 
-The core and the driver keep plain cumulative counters on the gossip thread; they reach this
+How it works. The core and the driver keep plain cumulative counters on the gossip thread; they reach this
 (the application's) loop inside each immutable :class:`~edgeagent.driver.View`. :meth:`update`
 turns the growth since the previous view into counter increments and sets the gauges, so the
-gossip thread never touches the registry. Imported only when ``--metrics`` is on.
+gossip thread never touches the registry. The registry is the host's (``host.metrics``, so
+other features can add their own families to it); :class:`Metrics` serves it on
+``config.metrics`` and feeds it every view. Imported only when ``--metrics`` is on.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from collections.abc import Mapping
 
 from gossip.messages import Address, MemberState
 
-from .driver import View
-from .metrics import AgentMetrics, Registry, agent_metrics, serve_metrics
+from ..driver import View
+from ..errors import ConfigError
+from ..host import FeatureHost
+from ..metrics import AgentMetrics, CounterChild, Registry, agent_metrics, serve_metrics
+from ..netaddr import format_addr
 
 CLOSE_TIMEOUT = 2.0
 
@@ -58,10 +63,16 @@ class MetricsFeed:
 
     @classmethod
     async def serve(
-        cls, where: Address, *, node: str, cluster: str, profile: str, version: str
+        cls,
+        registry: Registry,
+        where: Address,
+        *,
+        node: str,
+        cluster: str,
+        profile: str,
+        version: str,
     ) -> MetricsFeed:
         """Register the metrics and listen on ``where`` (OSError if it cannot)."""
-        registry = Registry()
         feed = cls(registry, agent_metrics(registry))
         feed.metrics.info.labels(node=node, cluster=cluster, profile=profile, version=version).set(
             1
@@ -107,11 +118,11 @@ class MetricsFeed:
         m.local_health.set(view.health_score)
         m.incarnation.set(view.incarnation)
 
-    def _grow(self, child: object, key: tuple[str, str, str], value: float) -> None:
+    def _grow(self, child: CounterChild, key: tuple[str, str, str], value: float) -> None:
         flat = (key[0] + "/" + key[1], key[2])
         delta = value - self._last.get(flat, 0.0)
         if delta > 0:
-            child.inc(delta)  # type: ignore[attr-defined]
+            child.inc(delta)
             self._last[flat] = value
 
     async def close(self) -> None:
@@ -121,3 +132,56 @@ class MetricsFeed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT)
             self._server = None
+
+
+class Metrics:
+    """The metrics feature: serve ``host.metrics`` and keep it up to date with every view."""
+
+    def __init__(self) -> None:
+        self._feed: MetricsFeed | None = None
+
+    async def start(self, host: FeatureHost) -> None:
+        """Listen on ``config.metrics``; a port that cannot be had is one ConfigError."""
+        where, registry = host.config.metrics, host.metrics
+        if where is None or registry is None:
+            raise ValueError("the metrics feature needs config.metrics and host.metrics")
+        try:
+            self._feed = await MetricsFeed.serve(
+                registry,
+                where,
+                node=host.identity.name,
+                cluster=host.config.cluster,
+                profile=host.config.profile,
+                version=_agent_version(),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics {format_addr(where)}: cannot listen: {exc.strerror or exc}"
+            ) from None
+        self._feed.update(host.view)
+        host.add_listener(lambda events, view: self._update(view))
+        host.add_status(self.status_fields)
+
+    def _update(self, view: View) -> None:
+        if self._feed is not None:
+            self._feed.update(view)
+
+    def status_fields(self) -> dict[str, str | None]:
+        """Where scrapes go, for ``edgeagent status``."""
+        address = self._feed.address if self._feed is not None else None
+        return {"metrics": format_addr(address) if address is not None else None}
+
+    async def stop(self) -> None:
+        """Stop serving scrapes."""
+        if self._feed is not None:
+            await self._feed.close()
+            self._feed = None
+
+
+def _agent_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgeagent")
+    except PackageNotFoundError:
+        return "unknown"

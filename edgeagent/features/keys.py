@@ -1,0 +1,204 @@
+"""Key rotation, cluster-wide: the ``keys`` control command and its broadcast protocol.
+
+How it works. A key operation (``install`` | ``use`` | ``remove``) is applied to the local
+keyring on the gossip thread (the keyring belongs to the core), saved, and sent to every
+member as a user broadcast prefixed :data:`KEY_OP_PREFIX`; each agent that hears it applies
+and saves it in turn. Each member publishes the fingerprints of its keys (primary first) in
+its replicated state under :data:`KEYS_STATE_KEY`; that is how ``keys list`` counts, on how
+many alive members a key is installed or primary, and how ``use`` and ``remove`` refuse a
+step that would cut members off (unless ``force``). The CLI side and the rotation order are
+in :mod:`edgeagent.commands.keys`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
+
+from gossip import events as ev
+from gossip.errors import KeyringError
+from gossip.keyring import KEY_SIZE
+from gossip.messages import MemberState
+
+from ..control import ControlError
+from ..host import FeatureHost
+from ..logs import fields
+from ..persist import save_keyring
+
+if TYPE_CHECKING:
+    from gossip.core import Membership
+
+KEYS_STATE_KEY = "keys"  # replicated state: this node's key fingerprints, primary first
+KEY_OP_PREFIX = b"edgeagent/keys\0"  # user-broadcast payloads carrying a keyring operation
+KEY_OPS = ("install", "use", "remove")
+FINGERPRINT_BYTES = 8  # of SHA-256: identifies a key without revealing it
+
+log = FeatureHost.logger()  # the agent's logger, as before keys were a feature
+
+
+def fingerprint(key: bytes) -> str:
+    """A short public identifier of a key: the first bytes of its SHA-256, in hex."""
+    return hashlib.sha256(key).hexdigest()[: 2 * FINGERPRINT_BYTES]
+
+
+def decode_key(text: str) -> bytes:
+    """Parse a base64 AES-256 key; raise ControlError with one clear line."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        raise ControlError("expected a base64 key") from None
+    if len(key) != KEY_SIZE:
+        raise ControlError(f"expected a {KEY_SIZE}-byte key (base64 of 32 bytes), got {len(key)}")
+    return key
+
+
+def key_rows(
+    local_keys: tuple[bytes, ...], views: Mapping[str, object]
+) -> list[dict[str, Any]]:
+    """One row per fingerprint: ours (with the key), then those only other members hold."""
+    rows: dict[str, dict[str, Any]] = {}
+    for i, key in enumerate(local_keys):
+        fp = fingerprint(key)
+        rows[fp] = {"fingerprint": fp, "key": base64.b64encode(key).decode(),
+                    "local_primary": i == 0, "installed": 0, "primary": 0}  # fmt: skip
+    for fps in views.values():
+        if not isinstance(fps, list):
+            continue
+        for i, fp in enumerate(fps):
+            row = rows.setdefault(fp, {"fingerprint": fp, "key": None, "local_primary": False,
+                                       "installed": 0, "primary": 0})  # fmt: skip
+            row["installed"] += 1
+            row["primary"] += i == 0
+    return list(rows.values())
+
+
+class Keys:
+    """The ``keys`` command and the keyring operations heard from other members."""
+
+    def __init__(self) -> None:
+        self._host: FeatureHost | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def host(self) -> FeatureHost:
+        if self._host is None:
+            raise RuntimeError("keys feature not started")
+        return self._host
+
+    async def start(self, host: FeatureHost) -> None:
+        """Publish our fingerprints, serve ``keys`` and listen for broadcast key operations."""
+        self._host = host
+        keyring = host.keyring
+        await host.call(
+            lambda core, now: core.set_state(
+                KEYS_STATE_KEY, [fingerprint(k) for k in keyring.keys], now
+            )
+        )
+        host.register_command("keys", self.cmd_keys)
+        host.add_listener(self._on_update)
+
+    async def stop(self) -> None:
+        """Let key operations in progress finish (they are short and save the keyring)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cmd_keys(self, request: Mapping[str, Any]) -> Any:
+        """``op``: list | install KEY | use KEY | remove KEY (``force`` skips the checks)."""
+        op = request.get("op")
+        if op == "list":
+            return await self.listing()
+        if op not in KEY_OPS:
+            raise ControlError(f"op: expected one of list, {', '.join(KEY_OPS)}")
+        key_text = request.get("key")
+        if not isinstance(key_text, str):
+            raise ControlError("key: expected a base64 key")
+        key = decode_key(key_text)
+        if not request.get("force"):
+            await self._check(op, key)
+        keys = await self.apply(op, key)
+        payload = KEY_OP_PREFIX + json.dumps({"op": op, "key": key_text.strip()}).encode()
+        await self.host.broadcast(payload)
+        members = await self.host.num_alive()
+        return {"op": op, "fingerprint": fingerprint(key), "keys": len(keys), "members": members}
+
+    async def listing(self) -> dict[str, Any]:
+        """Our keys and, for every fingerprint, on how many alive members it is installed."""
+        keyring = self.host.keyring
+
+        def collect(core: Membership, now: float) -> tuple[tuple[bytes, ...], dict[str, Any]]:
+            views = {
+                m.name: core.state_of(m.name).get(KEYS_STATE_KEY)
+                for m in core.members()
+                if m.state is MemberState.ALIVE
+            }
+            return tuple(keyring.keys), views
+
+        local_keys, views = await self.host.call(collect)
+        return {"alive": len(views), "keys": key_rows(local_keys, views)}
+
+    async def _check(self, op: str, key: bytes) -> None:
+        """Refuse a rotation step that would cut members off (override with force)."""
+        if op == "install":
+            return
+        listing = await self.listing()
+        fp = fingerprint(key)
+        row = next((r for r in listing["keys"] if r["fingerprint"] == fp), None)
+        alive = listing["alive"]
+        if op == "use":
+            installed = row["installed"] if row else 0
+            if installed < alive:
+                raise ControlError(
+                    f"key {fp} is installed on {installed} of {alive} alive members; "
+                    "install it everywhere first (or use --force)"
+                )
+        elif op == "remove" and row is not None and row["primary"] > 0:
+            raise ControlError(
+                f"key {fp} is still the primary on {row['primary']} members; "
+                "make another key primary first (or use --force)"
+            )
+
+    async def apply(self, op: str, key: bytes) -> tuple[bytes, ...]:
+        """Apply ``op`` to the keyring on the gossip thread, republish, save; the new keys."""
+        keyring = self.host.keyring
+
+        def apply(core: Membership, now: float) -> tuple[bytes, ...]:
+            getattr(keyring, op)(key)
+            core.set_state(KEYS_STATE_KEY, [fingerprint(k) for k in keyring.keys], now)
+            return tuple(keyring.keys)
+
+        try:
+            keys = await self.host.call(apply)
+        except KeyringError as exc:
+            raise ControlError(str(exc)) from None
+        save_keyring(self.host.config.keyring_path, list(keys))
+        log.info(f"keyring {op}", extra=fields(key=fingerprint(key), keys=len(keys)))
+        return keys
+
+    def _on_update(self, events: tuple[ev.Event, ...], view: object) -> None:
+        for event in events:
+            if isinstance(event, ev.UserMessage) and event.payload.startswith(KEY_OP_PREFIX):
+                self._spawn(self._apply_remote(event.origin, event.payload))
+
+    async def _apply_remote(self, origin: str, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload[len(KEY_OP_PREFIX) :])
+            op, key = doc["op"], decode_key(doc["key"])
+            if op not in KEY_OPS:
+                raise ValueError(op)
+            await self.apply(op, key)
+        except ControlError as exc:
+            log.warning(
+                "keyring operation not applied", extra=fields(origin=origin, reason=str(exc))
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            log.warning("malformed keyring operation dropped", extra=fields(origin=origin))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

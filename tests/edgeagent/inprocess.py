@@ -1,0 +1,86 @@
+"""Real agents inside the test's own event loop: real sockets on loopback, no subprocess.
+
+Shared by the tests that need to reach into a running agent (its features, its driver):
+``start`` builds an :class:`~edgeagent.agent.Agent` from command-line flags, runs it as a task
+and returns once its control socket answers; ``stop`` asks for the graceful leave and checks
+the exit code. Import as ``from tests.edgeagent.inprocess import ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeagent.agent import Agent
+from edgeagent.config import add_agent_arguments, load_config
+from edgeagent.control import ControlClient, socket_path
+from edgeagent.errors import AgentUnavailable
+from edgeagent.host import Feature
+
+TIMEOUT = 60.0  # generous: the machine is shared
+
+
+def make_agent(
+    state_dir: Path,
+    name: str = "solo",
+    *flags: str,
+    extra_features: Mapping[str, Feature] | None = None,
+) -> Agent:
+    """An agent on 127.0.0.1 with an ephemeral port, LOCAL timing, mDNS and metrics off."""
+    parser = argparse.ArgumentParser()
+    add_agent_arguments(parser)
+    argv = ["--name", name, "--bind", "127.0.0.1:0", "--no-mdns", "--preset", "local",
+            "--state-dir", str(state_dir), "--metrics", "off", *flags]  # fmt: skip
+    return Agent(load_config(parser.parse_args(argv)), extra_features=extra_features)
+
+
+async def call(state_dir: Path, cmd: str, **args: Any) -> Any:
+    """One control command, retried until the agent's socket answers."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return await asyncio.to_thread(ControlClient(socket_path(state_dir)).call, cmd, **args)
+        except AgentUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll ``predicate`` until it holds; fail the test after :data:`TIMEOUT`."""
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@dataclass(slots=True)
+class Running:
+    """An agent running as a task of the test's loop."""
+
+    agent: Agent
+    task: asyncio.Task[int]
+    state_dir: Path
+
+
+async def start(state_dir: Path, name: str, flags: Sequence[str] = ()) -> Running:
+    """Run an agent in ``state_dir``; return once every feature started."""
+    state_dir.mkdir(exist_ok=True)
+    agent = make_agent(state_dir, name, *flags)
+    task = asyncio.create_task(agent.run())
+    await call(state_dir, "status")  # the control socket answers from the start...
+    await wait_for(lambda: agent.started or task.done(), "the agent's features to start")
+    if task.done():
+        task.result()  # raise the agent's error
+    return Running(agent, task, state_dir)
+
+
+async def stop(running: Running) -> None:
+    """Leave gracefully; the agent must exit 0."""
+    running.agent.request_stop()
+    assert await asyncio.wait_for(running.task, TIMEOUT) == 0
