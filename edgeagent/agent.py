@@ -256,6 +256,11 @@ class Agent:
                 preset=config.gossip_preset,
             ),
         )
+        if config.gossip_dropped:
+            log.info(
+                "gossip preset replaced lower layers' timing",
+                extra=fields(preset=config.gossip_preset, dropped=", ".join(config.gossip_dropped)),
+            )
 
     async def _shutdown(self) -> None:
         log.info("leaving the cluster")
