@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with _counting(method) as counter:
             return _measure(args, method, counter)
+    except KeyboardInterrupt:
+        raise SystemExit("traffic: interrupted (agents stopped, namespace removed)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -585,6 +587,7 @@ class _Tap:
             self.push_pull[f"{kind}_members"] += len(pp.members)
             self.push_pull[f"{kind}_state_entries"] += sum(len(entries) for _, entries in pp.states)
             self.push_pull[f"{kind}_state_bytes"] += _states_size(pp.states)
+            self.push_pull[f"{kind}_member_bytes"] += _members_size(pp.members)
 
     def dump(self, dropped: int) -> dict[str, Any]:
         redundancy = {
@@ -626,6 +629,14 @@ def _states_size(states: Any) -> int:
     import msgpack
 
     wire = [[owner, [[e.key, e.version, e.value, e.deleted] for e in entries]] for owner, entries in states]
+    return len(msgpack.packb(wire, use_bin_type=True))
+
+
+def _members_size(members: Any) -> int:
+    """Encoded size of a push-pull's member records (the codec's documented wire layout)."""
+    import msgpack
+
+    wire = [[m.name, list(m.addr), m.incarnation, int(m.state), m.meta] for m in members]
     return len(msgpack.packb(wire, use_bin_type=True))
 
 
