@@ -42,7 +42,8 @@ the gossip round), where ``<type>`` is ``alive``, ``suspect``, ``dead``, ``user`
 ``tcp:push_pull:join`` / ``request`` / ``reply`` (whole sealed frames with their prefixes) and
 ``tcp:headers`` (every TCP/IP header, handshake and ACK). What the wire cannot say is *why* a
 message was sent (a re-broadcast after a push-pull merge looks like any other Alive):
-``redundancy`` gives, per broadcast type, how many times each distinct update was sent.
+``redundancy`` gives, per broadcast type, how many times each distinct update was sent, and
+for replicated state how many distinct (owner, value) pairs those versions carried.
 
 Baselines (issue 13, LAN preset, same loopback harness): startup 3,519 B/node/s at N=20 and
 6,033 at N=50 (memberlist 296 and 329); settled 406 B/node/s and 0.29 % CPU at N=20
@@ -502,6 +503,7 @@ class _Tap:
         self.buckets: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         self.flows: dict[tuple[bytes, int, bytes, int], bytearray] = {}
         self.sent: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
+        self.values: dict[str, set[tuple[str, str]]] = defaultdict(set)  # state kind -> (owner, value)
         self.push_pull: dict[str, int] = defaultdict(int)
         self.undecodable = 0
 
@@ -547,6 +549,8 @@ class _Tap:
             else:
                 self.add(sec, f"udp:{carrier}:{kind}", 1, size)
                 self.sent[kind][_update_id(msg)] += 1
+                if type(msg).__name__ == "StateUpdate":
+                    self.values[kind].add((msg.owner, json.dumps(msg.value, sort_keys=True)))
         self.add(sec, "udp:overhead", 1, total - used)
 
     def segment(self, src: bytes, dst: bytes, tcp: bytes, total: int, sec: int) -> None:
@@ -590,11 +594,14 @@ class _Tap:
             self.push_pull[f"{kind}_member_bytes"] += _members_size(pp.members)
 
     def dump(self, dropped: int) -> dict[str, Any]:
-        redundancy = {
+        redundancy: dict[str, dict[str, float]] = {
             kind: {"distinct": len(ids), "sent": sum(ids.values()),
                    "sends_per_update": round(sum(ids.values()) / max(len(ids), 1), 1)}
             for kind, ids in sorted(self.sent.items())
         }
+        for kind, values in self.values.items():
+            # Fewer values than versions: an owner re-published a value it had already sent.
+            redundancy[kind]["distinct_values"] = len(values)
         return {
             "buckets": {str(s): dict(k) for s, k in sorted(self.buckets.items())},
             "redundancy": redundancy,

@@ -49,7 +49,9 @@ def test_tap_splits_a_probe_datagram_into_probe_piggyback_and_overhead() -> None
     assert kinds["udp:piggyback:state:ipam"] == [1, encoded_size(claim)]
     assert sum(b for _, b in kinds.values()) == len(packet) - 14  # every IP byte, once
     tap.packet(packet, 1)
-    assert tap.dump(0)["redundancy"]["alive"] == {"distinct": 1, "sent": 2, "sends_per_update": 2.0}
+    redundancy = tap.dump(0)["redundancy"]
+    assert redundancy["alive"] == {"distinct": 1, "sent": 2, "sends_per_update": 2.0}
+    assert redundancy["state:ipam"]["distinct_values"] == 1
 
 
 def test_tap_counts_a_datagram_under_another_key_as_undecodable() -> None:
