@@ -94,7 +94,7 @@ ETH_HEADER_BYTES = 14  # lo has an Ethernet-style header (zeros)
 SO_RCVBUFFORCE = 33  # socket(7): root may exceed rmem_max
 TAP_BUFFER_BYTES = 32 * 1024 * 1024
 TAP_TICKS_PER_S = 10  # the tap's buckets are 0.1 s, so windows start within 0.1 s of their mark
-TCP_SYN, TCP_RST, TCP_FIN, TCP_ACK = 0x02, 0x04, 0x01, 0x10
+TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04  # RFC 9293 3.1 control bits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +155,7 @@ def _measure(args: argparse.Namespace, method: str, counter: Counter) -> dict[st
         marks = {"start": (start, before, start_wall)}
         cluster.start()
         converged = _wait_converged(cluster, args.converge_timeout) - start
-        _take(marks, "startup_begin", counter, start + converged)
+        _take(marks, "startup_begin", counter)
         boundaries = sorted([
             ("startup_end", converged + args.startup_window),
             ("settled_begin", converged + args.settle),
@@ -166,9 +166,7 @@ def _measure(args: argparse.Namespace, method: str, counter: Counter) -> dict[st
             _sleep_until(start + at, cluster)
             if name == "settled_begin":
                 cpu["begin"] = _cpu_seconds(cluster)
-            _take(marks, name, counter, None)
-            if name == "settled_begin":
-                marks[name] = (marks[name][0], marks[name][1], time.time())
+            _take(marks, name, counter)
             if name == "settled_end":
                 cpu["end"] = _cpu_seconds(cluster)
         rss = [r / 1024 for a in cluster.agents if (r := a.rss_kb()) is not None]
@@ -179,8 +177,9 @@ def _measure(args: argparse.Namespace, method: str, counter: Counter) -> dict[st
     return _result(args, method, converged, marks, cpu, rss, alive_views, kinds, start_wall)
 
 
-def _take(marks: dict[str, Any], name: str, counter: Counter, at: float | None) -> None:
-    marks[name] = (at if at is not None else time.monotonic(), counter.read(), time.time())
+def _take(marks: dict[str, Any], name: str, counter: Counter) -> None:
+    """Record (monotonic time, counters, wall time) at a window boundary."""
+    marks[name] = (time.monotonic(), counter.read(), time.time())
 
 
 def _sleep_until(deadline: float, cluster: Any) -> None:
