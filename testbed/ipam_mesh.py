@@ -400,7 +400,10 @@ def one_run(
     loss: float = 0.0,
     cycles: int = 1,
 ) -> RunResult:
-    """One bootstrap + claim-time probes + partition/churn + heal run (phases: testbed.bench.ipam's docstring)."""
+    """One bootstrap + claim-time probes + partition/churn + heal run.
+
+    The phases and what each field of the result measures: :mod:`testbed.bench.ipam`.
+    """
     sim = Simulator(seed, config, loss=loss)
     mesh = IpamMesh(sim, prefix=prefix, block_prefixlen=block_prefixlen, quarantine_s=quarantine_s)
     rng = random.Random(f"{seed}:scenario")

@@ -2,9 +2,10 @@
 
 Each run is one :func:`testbed.ipam_mesh.one_run` on an
 :class:`testbed.ipam_mesh.IpamMesh` (allocators on simulated gossip cores, glued the
-way the daemon glues them); this module aggregates the runs. Each run is seeded with ``"{seed}:{run}"``. The prefix is deliberately tight
-(``--prefix``; default about 2.5 /28 blocks per node, at least 128: a /21 for 50
-nodes, a /19 for 200), so hash starts collide and probes race. One run:
+way the daemon glues them); this module aggregates the runs. Each run is seeded
+with ``"{seed}:{run}"``. The prefix is deliberately tight (``--prefix``; default
+about 2.5 /28 blocks per node, at least 128: a /21 for 50 nodes, a /19 for 200),
+so hash starts collide and probes race. One run:
 
 1. Bootstrap, not measured: ``--nodes`` nodes join 10 ms apart (each joins up to
    3 earlier nodes); run until the membership converged and every node knows
