@@ -93,11 +93,12 @@ async def exchange(
     """One outbound push-pull: send ``data`` to ``dst``, return its reply (None on failure)."""
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, connected = await asyncio.wait_for(
             asyncio.open_connection(dst[0], dst[1], local_addr=local_addr), timeout
         )
-        writer.write(encode_frame(data))
-        return await asyncio.wait_for(_drain_and_read(reader, writer, limit), timeout)
+        writer = connected
+        connected.write(encode_frame(data))
+        return await asyncio.wait_for(_drain_and_read(reader, connected, limit), timeout)
     except (FrameError, TimeoutError, OSError):
         return None
     finally:

@@ -263,7 +263,7 @@ class _Peer:
         await streams.serve_stream(reader, writer, self.answer, self.max_stream, STREAM_TIMEOUT)
 
     def answer(self, frame: bytes, src: tuple[str, int]) -> bytes | None:
-        reply = self.guard(lambda: self.core.handle_stream(frame, src, self.loop.time()))
+        reply: bytes | None = self.guard(lambda: self.core.handle_stream(frame, src, self.loop.time()))
         self.after_input()
         return reply
 
