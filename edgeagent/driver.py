@@ -34,7 +34,6 @@ import dataclasses
 import logging
 import queue
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +45,9 @@ from gossip.errors import RemoteError
 from gossip.events import Event, Member
 from gossip.messages import Address
 
+from . import streams
+from .streams import encode_frame as encode_frame  # re-exported: tests frame by hand
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -54,7 +56,6 @@ MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the
 MAX_INBOUND_STREAMS = 32  # concurrent push-pull connections served (hostile-peer bound)
 STREAM_TIMEOUT = 10.0  # connect / read-a-frame deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
-FRAME_HEADER = struct.Struct(">I")  # push-pull frame: 4-byte big-endian length prefix
 UDP_BUFFER_BYTES = 1 << 20  # SO_RCVBUF / SO_SNDBUF request; the kernel may cap it
 
 
@@ -144,27 +145,6 @@ def take_view(core: Core, driver_stats: DriverStats, now: float) -> View:
         driver_stats=MappingProxyType(dataclasses.asdict(driver_stats)),
         taken_at=now,
     )
-
-
-class FrameError(Exception):
-    """A stream frame was short, oversized or late."""
-
-
-async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """Read one length-prefixed frame; raise :class:`FrameError` if longer than ``limit``."""
-    try:
-        header = await reader.readexactly(FRAME_HEADER.size)
-        (length,) = FRAME_HEADER.unpack(header)
-        if length > limit:
-            raise FrameError(f"frame of {length} bytes exceeds {limit}")
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise FrameError("connection closed inside a frame") from exc
-
-
-def encode_frame(data: bytes) -> bytes:
-    """Prefix ``data`` with its 4-byte big-endian length."""
-    return FRAME_HEADER.pack(len(data)) + data
 
 
 def _is_wildcard(host: str) -> bool:
@@ -465,8 +445,6 @@ class GossipDriver(Generic[C]):
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        core = self._core
-        assert core is not None
         if self._inbound >= MAX_INBOUND_STREAMS:
             self._stats.streams_rejected += 1
             writer.close()
@@ -477,33 +455,23 @@ class GossipDriver(Generic[C]):
         if task is not None:
             self._tasks.add(task)
         try:
-            peer = writer.get_extra_info("peername")
-            src: Address = (peer[0], peer[1]) if peer else ("", 0)
-            try:
-                frame = await asyncio.wait_for(
-                    read_frame(reader, self._max_stream), self._stream_timeout
-                )
-            except FrameError as exc:
-                if "exceeds" in str(exc):
-                    self._stats.frames_oversized += 1
+            served = await streams.serve_stream(
+                reader, writer, self._answer_stream, self._max_stream, self._stream_timeout
+            )
+            if served is streams.Served.OVERSIZED:
+                self._stats.frames_oversized += 1
+            if served is not streams.Served.ANSWERED:
                 self._stats.stream_errors += 1
-                return
-            except (TimeoutError, OSError):
-                self._stats.stream_errors += 1
-                return
-            reply = self._guard(core.handle_stream, frame, src, self._now())
-            self._after_input()
-            if reply is not None:
-                writer.write(encode_frame(reply))
-                try:
-                    await asyncio.wait_for(writer.drain(), self._stream_timeout)
-                except (TimeoutError, OSError):
-                    self._stats.stream_errors += 1
         finally:
             self._inbound -= 1
             if task is not None:
                 self._tasks.discard(task)
-            writer.close()
+
+    def _answer_stream(self, frame: bytes, src: Address) -> bytes | None:
+        assert self._core is not None
+        reply = self._guard(self._core.handle_stream, frame, src, self._now())
+        self._after_input()
+        return reply
 
     async def _push_pull(self, dst: Address, data: bytes) -> None:
         core = self._core
@@ -511,28 +479,12 @@ class GossipDriver(Generic[C]):
         self._stats.streams_out += 1
         host = self._bind[0]
         local_addr = None if _is_wildcard(host) else (host, 0)
-        writer: asyncio.StreamWriter | None = None
-        try:
-            reader, connected = await asyncio.wait_for(
-                asyncio.open_connection(dst[0], dst[1], local_addr=local_addr), self._stream_timeout
-            )
-            writer = connected
-            connected.write(encode_frame(data))
-            reply = await asyncio.wait_for(
-                self._drain_and_read(reader, connected), self._stream_timeout
-            )
-        except (FrameError, TimeoutError, OSError):
+        reply = await streams.exchange(
+            dst, data, local_addr, self._max_stream, self._stream_timeout
+        )
+        if reply is None:
             self._stats.stream_errors += 1
             self._guard(core.stream_failed, dst, self._now())
         else:
             self._guard(core.receive_stream_reply, reply, dst, self._now())
-        finally:
-            if writer is not None:
-                writer.close()
         self._after_input()
-
-    async def _drain_and_read(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bytes:
-        await writer.drain()
-        return await read_frame(reader, self._max_stream)

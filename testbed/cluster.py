@@ -6,7 +6,8 @@ network (:mod:`testbed.netns`), generates one cluster key, gives every host its 
 keyring in its state dir (as a deployed node has) and a generated TOML config
 (``<workdir>/hN/agent.toml``), and starts ``ip netns exec ea-ID-hN python -m edgeagent run -c
 agent.toml`` for each, logging to ``<workdir>/hN/agent.log`` with its state dir in
-``<workdir>/hN/state``.
+``<workdir>/hN/state``. Each agent is an :class:`edgeagent.agent_process.AgentProcess`, the
+same harness the loopback testbed and ``edgeagent demo`` use.
 
 Everything created is recorded in ``<workdir>/state.json`` *as it is created* (namespaces,
 PIDs with their kernel start times), so ``down`` removes exactly that - the processes (by PID,
@@ -27,13 +28,21 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+from edgeagent.agent_process import (
+    READY_TIMEOUT,
+    STOP_TIMEOUT,
+    AgentProcess,
+    AgentProcessError,
+    process_start_time,
+)
+from edgeagent.errors import AgentUnavailable
 
 from . import netns
 from .netns import HostNet, NetnsError, Network
@@ -44,10 +53,6 @@ STATE_FILE = "state.json"
 KEYRING_FILE = "keyring"  # edgeagent's default key file name inside the state dir
 GOSSIP_PORT = 7946  # edgeagent's default; each host has its own address, so all share it
 KEY_BYTES = 32  # AES-256, gossip.keyring.KEY_SIZE
-READY_TIMEOUT = 30.0  # seconds for a started agent to answer on its control socket
-STOP_TIMEOUT = 10.0  # seconds a SIGTERMed agent gets to leave gracefully before SIGKILL
-EXIT_POLL = 0.05  # seconds between checks that a killed process is gone
-EXIT_TIMEOUT = 10.0  # a SIGKILLed process is gone well within this
 
 T = TypeVar("T")
 
@@ -61,23 +66,6 @@ class TestbedError(Exception):
 def default_root() -> Path:
     """Where testbeds keep their work dirs."""
     return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel start time of a process (clock ticks since boot), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 2 (comm) may contain spaces; the fields after its closing parenthesis are fixed.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None  # a zombie is as good as gone
-    return int(fields[19])  # field 22 overall: starttime
-
-
-def _alive(pid: int, start_time: int) -> bool:
-    return process_start_time(pid) == start_time
 
 
 class Testbed:
@@ -117,7 +105,7 @@ class Testbed:
         self.workdir = Path()
         self.network: Network | None = None
         self.state: dict[str, Any] = {}
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._agents: dict[str, AgentProcess] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -178,15 +166,16 @@ class Testbed:
         if not self.state:
             return
         for name in list(self.state["agents"]):
-            self._kill_recorded(name)
+            self._kill(self._agent(name))
         for ns in reversed(self.state["namespaces"]):
             for pid in netns.netns_pids(ns):
                 # Only processes inside our own namespace: we started them (agents or exec).
                 _signal(pid, signal.SIGKILL)
             netns.delete_netns(ns)
-        for child in self._children.values():
-            child.wait()
-        self._children.clear()
+        for agent in self._agents.values():
+            if agent.process is not None:
+                agent.process.wait()  # reap what the namespace sweep killed
+        self._agents.clear()
         if self.workdir.is_dir():
             shutil.rmtree(self.workdir)
         self.state = {}
@@ -251,79 +240,57 @@ class Testbed:
 
     def pid(self, name: str | int) -> int | None:
         """The PID of the host's agent if it is running."""
-        record = self.state["agents"].get(self.host(name).name)
-        if record and _alive(record["pid"], record["start_time"]):
-            return int(record["pid"])
-        return None
+        return self._agent(name).pid
 
     def start(self, name: str | int) -> int:
         """Start the host's agent (it must not be running); return its PID."""
-        host = self.host(name)
-        if self.pid(host.name) is not None:
-            raise TestbedError(f"{host.name} is already running")
-        argv = self._net.exec_argv(host, self.agent_argv(host))
-        log_path = self.log_path(host.name)
-        with open(log_path, "ab") as log:
-            log.write(f"--- testbed: start {time.strftime('%H:%M:%S')} ---\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives the CLI; never gets the terminal's ^C
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        start_time = process_start_time(proc.pid)
-        if start_time is None:
-            proc.wait()
-            raise TestbedError(f"{host.name}: agent exited at once; see {log_path}")
-        self._children[proc.pid] = proc
+        agent = self._agent(name)
+        if agent.running:
+            raise TestbedError(f"{agent.name} is already running")
+        try:
+            pid = agent.start(wait=False)
+        except AgentProcessError:
+            raise TestbedError(f"{agent.name}: agent exited at once; see {agent.log_path}") from None
         with self._locked():
-            self.state["agents"][host.name] = {"pid": proc.pid, "start_time": start_time}
+            self.state["agents"][agent.name] = {"pid": pid, "start_time": agent.start_time}
             self._save()
-        return proc.pid
+        return pid
 
     def wait_ready(self, name: str | int, timeout: float = READY_TIMEOUT) -> None:
         """Wait until the host's agent answers on its control socket; TestbedError if it died."""
-        host = self.host(name)
-
-        def ready() -> bool:
-            if self.pid(host.name) is None:
-                tail = self.log_path(host.name).read_text(errors="replace").strip().splitlines()[-1:]
-                raise TestbedError(f"{host.name}: agent exited ({' '.join(tail)}); log {self.log_path(host.name)}")
-            try:
-                self.members(host.name)
-            except TestbedError:
-                return False
-            return True
-
-        self.wait_until(ready, timeout, EXIT_POLL * 2, f"{host.name}'s agent to answer")
+        agent = self._agent(name)
+        try:
+            agent.wait_ready(timeout)
+        except AgentProcessError:
+            tail = agent.log_tail(1).strip()
+            raise TestbedError(f"{agent.name}: agent exited ({tail}); log {agent.log_path}") from None
+        except TimeoutError:
+            raise TestbedError(
+                f"timed out after {timeout:g} s waiting for {agent.name}'s agent to answer"
+            ) from None
 
     def kill(self, name: str | int) -> None:
         """SIGKILL the host's agent (a crash) and wait until it is gone."""
-        host = self.host(name)
-        if not self._kill_recorded(host.name):
-            raise TestbedError(f"{host.name} is not running")
+        agent = self._agent(name)
+        if not self._kill(agent):
+            raise TestbedError(f"{agent.name} is not running")
 
     def stop(self, name: str | int, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM the host's agent (graceful leave); SIGKILL it after ``timeout``."""
-        host = self.host(name)
-        pid = self.pid(host.name)
-        if pid is None:
-            raise TestbedError(f"{host.name} is not running")
-        _signal(pid, signal.SIGTERM)
-        record = self.state["agents"][host.name]
-        if not self._wait_gone(pid, record["start_time"], timeout):
-            self._kill_recorded(host.name)
+        agent = self._agent(name)
+        if not agent.running:
+            raise TestbedError(f"{agent.name} is not running")
+        try:
+            agent.terminate(timeout)
+        except AgentProcessError as exc:
+            raise TestbedError(str(exc)) from None
 
     def restart(self, name: str | int) -> int:
         """Kill the host's agent if it runs (SIGKILL), start it again with the same state, wait."""
-        host = self.host(name)
-        if self.pid(host.name) is not None:
-            self.kill(host.name)
-        pid = self.start(host.name)
-        self.wait_ready(host.name)
+        agent = self._agent(name)
+        self._kill(agent)
+        pid = self.start(agent.name)
+        self.wait_ready(agent.name)
         return pid
 
     def agent_argv(self, host: HostNet) -> list[str]:
@@ -369,15 +336,11 @@ class Testbed:
 
     def members(self, name: str | int, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The host's membership list (``edgeagent members --json``); TestbedError if down."""
-        from edgeagent.control import ControlClient, socket_path
-        from edgeagent.errors import AgentUnavailable
-
-        host = self.host(name)
+        agent = self._agent(name)
         try:
-            result = ControlClient(socket_path(self.state_dir(host.name)), timeout=timeout).call("members")
+            return agent.members(timeout)
         except AgentUnavailable as exc:
-            raise TestbedError(f"{host.name}: {exc}") from None
-        return list(result)
+            raise TestbedError(f"{agent.name}: {exc}") from None
 
     def states(self, name: str | int) -> dict[str, str]:
         """The host's view: member name -> state (alive, suspect, dead, left); {} if down."""
@@ -462,27 +425,26 @@ class Testbed:
             self.state["namespaces"].append(name)
             self._save()
 
-    def _kill_recorded(self, name: str) -> bool:
-        """SIGKILL a recorded agent if it still runs; wait until gone. True if it was running."""
-        record = self.state["agents"].get(name)
-        if not record or not _alive(record["pid"], record["start_time"]):
-            return False
-        _signal(record["pid"], signal.SIGKILL)
-        if not self._wait_gone(record["pid"], record["start_time"], EXIT_TIMEOUT):
-            raise TestbedError(f"{name}: PID {record['pid']} survived SIGKILL")
-        return True
+    def _agent(self, name: str | int) -> AgentProcess:
+        """The host's agent process, in step with its record (another CLI run may have
+        restarted it)."""
+        host = self.host(name)
+        agent = self._agents.get(host.name)
+        if agent is None:
+            argv = self._net.exec_argv(host, self.agent_argv(host))
+            agent = AgentProcess(host.name, argv, self.state_dir(host.name), self.log_path(host.name))
+            self._agents[host.name] = agent
+        record = self.state.get("agents", {}).get(host.name)
+        if record and (record["pid"], record["start_time"]) != (agent.last_pid, agent.start_time):
+            agent.adopt(record["pid"], record["start_time"])
+        return agent
 
-    def _wait_gone(self, pid: int, start_time: int, timeout: float) -> bool:
-        child = self._children.get(pid)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if child is not None and child.poll() is not None:
-                del self._children[pid]
-                return True
-            if child is None and not _alive(pid, start_time):
-                return True
-            time.sleep(EXIT_POLL)
-        return False
+    def _kill(self, agent: AgentProcess) -> bool:
+        """SIGKILL the agent if it still runs; wait until gone. True if it was running."""
+        try:
+            return agent.kill()
+        except AgentProcessError as exc:
+            raise TestbedError(str(exc)) from None
 
     def _save(self) -> None:
         tmp = self.workdir / (STATE_FILE + ".tmp")
@@ -534,4 +496,4 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-__all__ = ["NetnsError", "Testbed", "TestbedError", "default_root", "list_ids"]
+__all__ = ["NetnsError", "Testbed", "TestbedError", "default_root", "list_ids", "process_start_time"]

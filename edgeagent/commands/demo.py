@@ -1,6 +1,6 @@
 """``edgeagent demo``: five real agents on loopback tell the membership story, then clean up.
 
-How it works. :class:`testbed.loopback.LoopbackCluster` starts ``--nodes`` real
+How it works. :class:`edgeagent.localmesh.LocalMesh` starts ``--nodes`` real
 ``edgeagent run`` processes on 127.A.B.x (no root, no mDNS, no outside service; seeds join
 them). The demo polls every agent's control socket a few times a second and prints a compact
 table - one row each time something changed - where each cell says how the *other* running
@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from testbed.loopback import LoopbackAgent, LoopbackCluster
+    from edgeagent.localmesh import LocalMesh, MeshAgent
 
 POLL = 0.2  # seconds between looks at the agents' views
 # Hang bounds (seconds) for the LOCAL and LAN presets; WAN timing is about 5x slower.
@@ -55,9 +55,9 @@ def main(args: argparse.Namespace) -> int:
 
     if not 3 <= args.nodes <= 20:
         raise UsageError(f"--nodes must be 3..20, not {args.nodes}")
-    from testbed.loopback import LoopbackCluster
+    from edgeagent.localmesh import LocalMesh
 
-    cluster = LoopbackCluster(args.nodes, preset=args.preset, cluster="demo")
+    cluster: LocalMesh[MeshAgent] = LocalMesh(args.nodes, preset=args.preset, cluster="demo")
     story = _Story(cluster, SLOWER[args.preset])
     print(f"edgeagent demo: {args.nodes} agents on loopback ({cluster.agents[0].host[:-2]}.x), "
           f"{args.preset.upper()} timing, no root, no mDNS.")
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
 class _Story:
     """Drives the cluster through the story and prints the table as it changes."""
 
-    def __init__(self, cluster: LoopbackCluster, slower: float) -> None:
+    def __init__(self, cluster: LocalMesh[MeshAgent], slower: float) -> None:
         self.cluster = cluster
         self.slower = slower
         self.names = [a.name for a in cluster.agents]
@@ -166,7 +166,7 @@ class _Story:
         )
 
     def watch(
-        self, done: Any, timeout: float, what: str, observers: list[LoopbackAgent] | None = None
+        self, done: Any, timeout: float, what: str, observers: list[MeshAgent] | None = None
     ) -> float:
         """Print table rows as views change until ``done(views)``; return the seconds taken.
 
@@ -184,7 +184,7 @@ class _Story:
                 raise TimeoutError(f"timed out after {timeout * self.slower:g} s waiting for {what}")
             time.sleep(POLL)
 
-    def terminate(self, agents: list[LoopbackAgent]) -> list[int]:
+    def terminate(self, agents: list[MeshAgent]) -> list[int]:
         """SIGTERM the agents and wait for them; their exit codes."""
         return [agent.terminate() or 0 for agent in agents]
 

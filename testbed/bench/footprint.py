@@ -4,7 +4,8 @@ How it works. The measured process is a real ``python -m edgeagent run --no-mdns
 127.77.0.1. The other members are lightweight but real: one helper process (this module run as
 ``python -m testbed.bench.footprint --peers ...``) holds ``members - 1`` ``gossip.core.Membership``
 instances, each with its own UDP and TCP socket on 127.77.1.N, all driven by one asyncio loop
-with the agent's wire formats (sealed datagrams; push-pull frames with a 4-byte length prefix).
+with the agent's wire formats (sealed datagrams; push-pull streams through the driver's own
+:mod:`edgeagent.streams`).
 Every peer and the agent join peer 1, so the cluster forms by push-pull and gossip alone.
 
 Once the agent sees every member alive, the benchmark waits ``--warmup`` seconds and then
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeagent import streams
+
 AGENT_IP = "127.77.0.1"
 PEER_NET = "127.77.1."  # peer N (1-based) listens on 127.77.1.N; up to 254 peers
 PORT = 7946  # every member has its own address, so all share edgeagent's default port
@@ -40,6 +43,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CONVERGE_TIMEOUT = 180.0  # seconds for the agent to see every member alive
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 60.0  # the peer process binds every socket within this
+STREAM_TIMEOUT = 10.0  # push-pull connect / frame deadline, as edgeagent.driver.STREAM_TIMEOUT
 
 log = logging.getLogger("footprint")
 
@@ -256,39 +260,20 @@ class _Peer:
                 self.timer = self.loop.call_at(deadline, self.on_timer)
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from edgeagent.driver import FrameError, encode_frame, read_frame
+        await streams.serve_stream(reader, writer, self.answer, self.max_stream, STREAM_TIMEOUT)
 
-        try:
-            peer = writer.get_extra_info("peername")
-            frame = await asyncio.wait_for(read_frame(reader, self.max_stream), 10.0)
-            reply = self.guard(lambda: self.core.handle_stream(frame, peer[:2], self.loop.time()))
-            self.after_input()
-            if reply is not None:
-                writer.write(encode_frame(reply))
-                await asyncio.wait_for(writer.drain(), 10.0)
-        except (FrameError, TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
+    def answer(self, frame: bytes, src: tuple[str, int]) -> bytes | None:
+        reply: bytes | None = self.guard(lambda: self.core.handle_stream(frame, src, self.loop.time()))
+        self.after_input()
+        return reply
 
     async def push_pull(self, dst: tuple[str, int], data: bytes) -> None:
-        from edgeagent.driver import FrameError, encode_frame, read_frame
-
-        writer = None
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(dst[0], dst[1], local_addr=(self.core.addr[0], 0)), 10.0
-            )
-            writer.write(encode_frame(data))
-            await writer.drain()
-            reply = await asyncio.wait_for(read_frame(reader, self.max_stream), 10.0)
-        except (FrameError, TimeoutError, OSError):
+        local = (self.core.addr[0], 0)
+        reply = await streams.exchange(dst, data, local, self.max_stream, STREAM_TIMEOUT)
+        if reply is None:
             self.guard(lambda: self.core.stream_failed(dst, self.loop.time()))
         else:
             self.guard(lambda: self.core.receive_stream_reply(reply, dst, self.loop.time()))
-        finally:
-            if writer is not None:
-                writer.close()
         self.after_input()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from gossip.config import preset
 from overlay.ipam import Renumbered
-from testbed.bench.ipam import IpamMesh, one_run, prefix_for, start_index
+from testbed.ipam_mesh import IpamMesh, one_run, prefix_for, start_index
 from testbed.sim import Simulator
 
 SEEDS = range(20)
