@@ -35,6 +35,9 @@ from gossip.events import (
 )
 from gossip.messages import MemberState
 from overlay.ipam import (
+    DEFAULT_QUARANTINE_S,
+    DEFAULT_REVIVE_GRACE_S,
+    DEFAULT_SETTLE_S,
     STATE_KEY,
     Allocator,
     BlockClaimed,
@@ -80,9 +83,9 @@ class IpamMesh:
     sim: Simulator
     prefix: str = "10.99.0.0/20"
     block_prefixlen: int = 28
-    quarantine_s: float = 600.0
-    settle_s: float = 2.0
-    revive_grace_s: float = 1.0
+    quarantine_s: float = DEFAULT_QUARANTINE_S
+    settle_s: float = DEFAULT_SETTLE_S
+    revive_grace_s: float = DEFAULT_REVIVE_GRACE_S
     allocs: dict[str, Allocator] = field(default_factory=dict)
     persisted: dict[str, dict[str, Any]] = field(default_factory=dict)
     published: set[tuple[str, Any, Any]] = field(default_factory=set)  # (owner, block, time)
