@@ -209,11 +209,12 @@ def _read_line(sock: socket.socket) -> bytes:
 
 def add_state_dir_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--state-dir`` option of every command that talks to a running agent."""
+    from .config.schema import STATE_DIR_DEFAULT_TEXT
+
     parser.add_argument(
         "--state-dir",
         metavar="DIR",
-        help="state dir of the agent to talk to (default: /var/lib/edgeagent as root, "
-        "else $XDG_STATE_HOME/edgeagent)",
+        help=f"state dir of the agent to talk to (default: {STATE_DIR_DEFAULT_TEXT})",
     )
 
 

@@ -23,6 +23,7 @@ from .schema import (
     DEFAULT_PROFILE,
     LOG_FORMATS,
     LOG_LEVELS,
+    STATE_DIR_DEFAULT_TEXT,
 )
 
 
@@ -93,7 +94,7 @@ def _add_identity_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--state-dir",
         metavar="DIR",
-        help="where identity, keys and state live (default: /var/lib/edgeagent as root, else $XDG_STATE_HOME/edgeagent or ~/.local/state/edgeagent)",
+        help=f"where identity, keys and state live (default: {STATE_DIR_DEFAULT_TEXT})",
     )
 
 

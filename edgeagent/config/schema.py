@@ -23,6 +23,8 @@ from gossip.config import (
 )
 from overlay.ipam import DEFAULT_QUARANTINE_S
 
+from ..logs import FORMATTERS, LEVELS
+
 DEFAULT_GOSSIP_PORT = 7946  # memberlist's default bind port; UDP and TCP share it
 DEFAULT_DNS_PORT = 5354  # mesh DNS default: unprivileged, beside mDNS's 5353
 DEFAULT_METRICS_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
@@ -37,12 +39,15 @@ DEFAULT_PROFILE = "generic-x86_64"  # the fallback firmware profile
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_LOG_LEVEL = "info"
 ROOT_STATE_DIR = Path("/var/lib/edgeagent")
+STATE_DIR_DEFAULT_TEXT = (  # for --help; machine.default_state_dir is the rule
+    f"{ROOT_STATE_DIR} as root, else $XDG_STATE_HOME/edgeagent or ~/.local/state/edgeagent"
+)
 DEVICE_MODEL_PATH = Path("/proc/device-tree/model")
 MEMINFO_PATH = Path("/proc/meminfo")
 MAX_NAME_CHARS = 128  # node and cluster names travel in every alive message
 
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = tuple(FORMATTERS)  # written once, in edgeagent.logs
+LOG_LEVELS = tuple(LEVELS)
 
 # Keys of the TOML file, and of its [overlay] table.
 FILE_KEYS = (
