@@ -95,6 +95,10 @@ from .broadcast_queue import (
 )
 from .codec import (
     DATAGRAM_HEADER_BYTES,
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
+    MAX_UINT64,
+    counter_step,
     decode_datagram,
     decode_frame,
     encode_datagram,
@@ -102,7 +106,7 @@ from .codec import (
     encoded_size,
 )
 from .config import GossipConfig
-from .errors import BroadcastTooLarge, DecryptError, LocalError, RemoteError
+from .errors import BroadcastTooLarge, CounterExhausted, DecryptError, LocalError, RemoteError
 from .events import (
     Event,
     Member,
@@ -239,7 +243,14 @@ class Membership:
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
-        self._store = StateStore(name, config.max_state_bytes, state_version)
+        self._store = StateStore(
+            name,
+            config.max_state_bytes,
+            state_version,
+            max_memory=config.max_state_memory,
+            max_total_memory=config.max_total_state_memory,
+        )
+        self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
 
@@ -365,6 +376,8 @@ class Membership:
         if len(meta) > self.config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {self.config.max_meta_bytes}")
         me = self._me
+        if me.incarnation >= MAX_COUNTER:
+            raise CounterExhausted("incarnation at its maximum; restart with a new name")
         announce = Alive(me.name, me.incarnation + 1, me.addr, meta)
         self._check_fits(announce)
         me.incarnation += 1
@@ -392,7 +405,7 @@ class Membership:
         """Spread ``payload`` to every member once (UserMessage events there, not here)."""
         msg = UserBroadcast(self.name, self._user_seq, payload)
         size = self._check_fits(msg)
-        self._user_seq += 1
+        self._user_seq = (self._user_seq + 1) & MAX_UINT64
         self._remember_user((msg.origin, msg.seq))
         self._user_queue.push(msg, key=(msg.origin, msg.seq), priority=PRIORITY_USER, size=size)
 
@@ -641,9 +654,7 @@ class Membership:
     def _refute(self, accused: int) -> None:
         """Beat an accusation about ourselves with a higher incarnation (memberlist refute)."""
         me = self._me
-        inc = me.incarnation + 1
-        if accused >= inc:
-            inc = accused + 1
+        inc = counter_step(max(me.incarnation, accused))  # never past what peers accept
         me.incarnation = inc
         self.stats.refutes += 1
         if self._lifeguard:
@@ -656,6 +667,9 @@ class Membership:
         if incarnation < me.incarnation:
             if state != ALIVE:
                 self._stale_accusation = True
+            return
+        if incarnation - me.incarnation > MAX_COUNTER_STEP:
+            self.stats.out_of_range += 1  # forged: peers refuse it too (members.can_change)
             return
         if me.state == LEFT:
             return  # leave() marked us LEFT; we are not coming back in this life
@@ -785,15 +799,22 @@ class Membership:
         if msg.owner not in self._table.by_name:
             self.stats.dropped += 1  # we will learn its map by push-pull once we know it
             return
-        rejected = self._store.rejected
         if self._store.apply(msg):
             self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
-        self.stats.state_rejected += self._store.rejected - rejected
+        self._count_store()
 
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
         for update in self._store.reconcile_own(entries):
             self._enqueue(update, (self.name, update.key), PRIORITY_STATE)
+        self._count_store()
+
+    def _count_store(self) -> None:
+        """Move the store's refusal counters into the stats."""
+        store, stats = self._store, self.stats
+        stats.state_rejected += store.rejected - self._store_seen[0]
+        stats.out_of_range += store.out_of_range - self._store_seen[1]
+        self._store_seen = (store.rejected, store.out_of_range)
 
     def _remember_user(self, key: tuple[str, int]) -> None:
         seen = self._user_seen
@@ -897,7 +918,6 @@ class Membership:
             fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
         for alive in fresh:
             self._enqueue(alive, alive.name, PRIORITY_MERGED)
-        rejected = self._store.rejected
         for owner, entries in remote.states:
             if owner == self.name:
                 self._assert_own_state(entries)
@@ -906,5 +926,5 @@ class Membership:
                     self._emit(StateChanged(owner, e.key, e.value, e.version, e.deleted))
             else:
                 self.stats.dropped += 1
-        self.stats.state_rejected += self._store.rejected - rejected
+        self._count_store()
 

@@ -25,6 +25,12 @@ LEFT        held ALIVE, SUSPECT or DEAD at an incarnation not newer
             (a leave is recorded even over a death, never the reverse)
 ==========  ========================================================
 
+No record replaces ours when its incarnation is more than
+``codec.MAX_COUNTER_STEP`` ahead of the one we hold: honest incarnations move
+by one per refutation, so such a jump is forged, and accepting it would let one
+record spend the incarnation range (``codec.MAX_COUNTER``) that the member
+needs to refute.
+
 Nothing replaces a LEFT but an Alive at a newer incarnation. A SUSPECT
 record at the incarnation of the suspicion we hold does not replace it: the
 core counts it as a confirmation (``suspicion.py``). Records about ourselves
@@ -39,6 +45,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from .codec import MAX_COUNTER_STEP
 from .events import Member
 from .messages import Address, MemberState
 from .suspicion import Suspicion
@@ -54,6 +61,8 @@ def can_change(held: MemberState, held_incarnation: int, incoming: MemberState, 
 
     See the module docstring for the rules.
     """
+    if incarnation - held_incarnation > MAX_COUNTER_STEP:
+        return False
     if incoming == ALIVE:
         return incarnation > held_incarnation
     if incarnation < held_incarnation:

@@ -30,6 +30,9 @@ class Stats:
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
+    # Records about us, or state entries, whose incarnation / version jumps more
+    # than codec.MAX_COUNTER_STEP ahead: forged, refused.
+    out_of_range: int = 0
 
     def __getitem__(self, name: str) -> int:
         value: int = getattr(self, name)

@@ -1,0 +1,147 @@
+"""A misbehaving member holding the cluster key cannot break the others (issue 14).
+
+Each test replays one defect found by fuzzing a live cluster as an insider,
+against the sans-IO core in virtual time: the datagrams are validly sealed, so
+only the core's own limits stand between them and the member.
+"""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from typing import Any
+
+import msgpack
+
+from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
+from gossip.config import lan
+from gossip.core import Membership
+from gossip.members import ALIVE
+from gossip.messages import Alive, StateUpdate
+from testbed.sim import TEST_AAD, make_keyring, seal, sent
+
+A = ("10.0.0.1", 7946)
+B = ("10.0.0.2", 7946)
+EVIL = ("10.0.0.66", 7946)
+
+
+def make_core(name: str = "a", addr: tuple[str, int] = A, **overrides: Any) -> Membership:
+    return Membership(name, addr, lan(**overrides), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+
+
+def sealed_raw(messages: list[list[Any]]) -> bytes:
+    """A sealed datagram from raw wire arrays, bypassing the encoder's checks (as a fuzzer would)."""
+    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(messages, use_bin_type=True)
+    return make_keyring(random.Random(2)).encrypt(plain, TEST_AAD)
+
+
+def with_peer(core: Membership, name: str = "b", addr: tuple[str, int] = B) -> None:
+    core.receive(seal([Alive(name, 1, addr, b"")]), addr, 0.0)
+    assert core.member(name) is not None
+
+
+# --- Defect 1: incarnations out of range ------------------------------------------
+
+
+def test_suspect_about_us_at_uint64_max_is_refused_and_counted() -> None:
+    core = make_core()
+    core.receive(sealed_raw([[6, "a", 2**64 - 1, "zz"]]), EVIL, 1.0)
+    assert core.incarnation == 0
+    assert core.stats.decode_errors == 1
+    core.leave(2.0)  # the graceful leave still works: queued at the incarnation we hold
+    assert core.pending_broadcasts == 1 and core.local_member.incarnation == 0
+
+
+def test_accusation_at_the_ceiling_is_not_refuted_past_it() -> None:
+    core = make_core()
+    for code in (6, 7, 5):  # Suspect, Dead, and an Alive "from an earlier life"
+        raw: list[Any] = [code, "a", MAX_COUNTER, "zz"] if code != 5 else [5, "a", MAX_COUNTER, ["h", 1], b""]
+        core.receive(sealed_raw([raw]), EVIL, 1.0)
+    assert core.incarnation == 0  # a jump this far is forged: refused, not outbid
+    assert core.stats.out_of_range == 3 and core.stats.refutes == 0
+    core.receive(sealed_raw([[6, "a", 7, "zz"]]), EVIL, 2.0)  # a plausible accusation is refuted
+    assert core.incarnation == 8
+
+
+def test_refutation_saturates_at_the_ceiling() -> None:
+    core = make_core()
+    core._me.incarnation = MAX_COUNTER - 1  # as if 2**31 forged jumps had been refuted
+    core.receive(sealed_raw([[6, "a", MAX_COUNTER, "zz"]]), EVIL, 1.0)
+    assert core.incarnation == MAX_COUNTER
+    core.receive(sealed_raw([[6, "a", MAX_COUNTER, "zz"]]), EVIL, 2.0)
+    assert core.incarnation == MAX_COUNTER  # never past what peers accept
+    with_peer(core)
+    core.handle_timeout(5.0)
+    assert sent(core)  # and what it sends still encodes and opens
+
+
+def test_records_about_others_at_the_maximum_do_not_stick() -> None:
+    core = make_core()
+    with_peer(core)
+    core.receive(sealed_raw([[7, "b", 2**64 - 1, "zz"]]), EVIL, 1.0)  # refused by the decoder
+    core.receive(sealed_raw([[7, "b", MAX_COUNTER, "zz"], [5, "b", MAX_COUNTER, ["h", 1], b""]]), EVIL, 1.0)
+    b = core.member("b")
+    assert b is not None and b.state == ALIVE and b.incarnation == 1 and b.addr == B
+    core.receive(seal([Alive("b", 1 + MAX_COUNTER_STEP, B, b"x")]), B, 2.0)  # the limit itself applies
+    b = core.member("b")
+    assert b is not None and b.meta == b"x"
+
+
+# --- Defect 2: state versions out of range ----------------------------------------
+
+
+def test_state_about_us_at_the_maximum_version_does_not_stick() -> None:
+    core = make_core("c")
+    core.set_state("k", 1, 0.0)
+    core.receive(sealed_raw([[8, "c", 2**64 - 1, "zz", None, False]]), EVIL, 1.0)
+    core.receive(sealed_raw([[8, "c", MAX_COUNTER, "zz", None, False]]), EVIL, 1.0)
+    assert core.stats.decode_errors == 1 and core.stats.out_of_range == 1
+    core.set_state("k", 2, 2.0)  # later changes still work, at a small version
+    assert core.state_of("c") == {"k": 2}
+    assert core._store.version == 2
+
+
+def test_state_about_others_far_ahead_is_refused() -> None:
+    core = make_core()
+    with_peer(core)
+    core.receive(seal([StateUpdate("b", MAX_COUNTER, "k", 1)]), EVIL, 1.0)
+    assert core.state_of("b") == {} and core.stats.out_of_range == 1
+    core.receive(seal([StateUpdate("b", 3, "k", 2)]), B, 1.0)
+    assert core.state_of("b") == {"k": 2}
+
+
+# --- Defect 3: memory budgets in memory ---------------------------------------------
+
+FLOOD_DATAGRAMS = 2_000
+# Bound on what the flood may leave behind: the per-member memory budget for each
+# of the 3 known members (3 x 64 KiB), plus slack for the counters and queue.
+FLOOD_MEMORY_BOUND = 3 * 64 * 1024 + 256 * 1024
+
+
+def test_empty_list_bombs_are_refused_at_the_decoder() -> None:
+    core = make_core()
+    with_peer(core)
+    core.receive(sealed_raw([[8, "b", 5, "k0", [[]] * 1000, False]]), EVIL, 1.0)
+    assert core.state_of("b") == {} and core.stats.decode_errors == 1
+
+
+def test_a_flood_of_state_stays_within_its_memory_budget() -> None:
+    core = make_core()
+    for i, name in enumerate(("b", "c", "d")):
+        with_peer(core, name, (f"10.0.0.{10 + i}", 7946))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(FLOOD_DATAGRAMS):
+            owner = ("b", "c", "d")[i % 3]
+            # ~0.4 KB packed, ~26 KB decoded: under the per-value limit, so the
+            # per-member budget is what must hold.
+            core.receive(sealed_raw([[8, owner, i + 1, f"k{i}", [[]] * 400, False]]), EVIL, 1.0)
+            core.datagrams_to_send()
+            while core.next_event() is not None:
+                pass
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < FLOOD_MEMORY_BOUND, grown
+    assert core.stats.state_rejected > FLOOD_DATAGRAMS - 30
