@@ -137,6 +137,11 @@ MAX_PUSHPULL_OWNERS = 65_535  # one replicated map per member
 # Entries of one owner's map: a 4096-byte map holds at most ~680 minimal entries.
 MAX_STATE_ENTRIES = 1024
 
+# A frame's bytes besides its member records and state maps: version byte,
+# message array header, type code, source (str8 header + MAX_NAME_BYTES), two
+# bools and the two list headers (array32: 5 bytes each).
+FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5
+
 _DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": MAX_VALUE_BYTES,
     "max_bin_len": MAX_VALUE_BYTES,
@@ -426,6 +431,16 @@ def encoded_size(msg: Message) -> int:
     keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
     """
     return len(_encoding(lambda: _packb(_to_wire(msg))))
+
+
+def record_size(rec: MemberRecord) -> int:
+    """Bytes one member record adds inside a push-pull frame (raises like :func:`encode_frame`)."""
+    return len(_encoding(lambda: _packb(_wire_record(rec))))
+
+
+def owner_states_size(owner: str, entries: tuple[StateEntry, ...]) -> int:
+    """Bytes one owner's state map adds inside a push-pull frame (raises like :func:`encode_frame`)."""
+    return len(_encoding(lambda: _packb(_wire_states(((owner, entries),))))) - 1  # minus its list header
 
 
 def encode_datagram(msgs: Sequence[Message]) -> bytes:

@@ -95,6 +95,7 @@ from .broadcast_queue import (
 )
 from .codec import (
     DATAGRAM_HEADER_BYTES,
+    FRAME_HEADER_BYTES,
     MAX_COUNTER,
     MAX_COUNTER_STEP,
     MAX_UINT64,
@@ -104,6 +105,8 @@ from .codec import (
     encode_datagram,
     encode_frame,
     encoded_size,
+    owner_states_size,
+    record_size,
 )
 from .config import GossipConfig
 from .errors import BroadcastTooLarge, CounterExhausted, DecryptError, LocalError, RemoteError
@@ -181,6 +184,10 @@ MERGE_REBROADCAST_MAX = 32
 
 class InvalidArgument(LocalError, ValueError):
     """A command argument is malformed (e.g. a state value msgpack cannot carry)."""
+
+
+def _record(node: Node) -> MemberRecord:
+    return MemberRecord(node.name, node.addr, node.incarnation, node.state, node.meta)
 
 
 def push_pull_scale(interval: float, n: int) -> float:
@@ -486,7 +493,7 @@ class Membership:
         # Merge before answering (memberlist answers first): a member we held as
         # dead then refutes at once, and the reply already carries the refutation.
         self._merge(remote, now)
-        reply = self._keyring.encrypt(encode_frame(self._local_state(join=remote.join, reply=True)), self._aad)
+        reply = self._sealed_state(join=remote.join, reply=True)
         self.stats.bytes_out += len(reply)
         self.stats.stream_bytes_out += len(reply)
         return reply
@@ -601,18 +608,52 @@ class Membership:
         self.stats.bytes_out += len(sealed)
 
     def _request_push_pull(self, addr: Address, join: bool) -> None:
-        frame = self._keyring.encrypt(encode_frame(self._local_state(join=join, reply=False)), self._aad)
+        frame = self._sealed_state(join=join, reply=False)
         self._streams.append((addr, frame))
         self._pending_streams[addr] = self._pending_streams.get(addr, 0) + 1
         self.stats.streams_out += 1
         self.stats.bytes_out += len(frame)
         self.stats.stream_bytes_out += len(frame)
 
-    def _local_state(self, join: bool, reply: bool) -> PushPull:
-        members = tuple(
-            MemberRecord(n.name, n.addr, n.incarnation, n.state, n.meta) for n in self._table.by_name.values()
-        )
-        return PushPull(self.name, join, reply, members, self._store.snapshot())
+    def _sealed_state(self, join: bool, reply: bool) -> bytes:
+        """Our full state as a sealed push-pull frame, never over ``max_stream_bytes``.
+
+        Peers refuse a larger frame, so anti-entropy with us would fail for
+        good; over the limit we send a capped frame instead (``_capped_state``).
+        """
+        members = tuple(_record(n) for n in self._table.by_name.values())
+        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot()))
+        limit = self.config.max_stream_bytes - OVERHEAD
+        if len(plain) > limit:
+            self.stats.push_pull_capped += 1
+            plain = encode_frame(self._capped_state(join, reply, limit - FRAME_HEADER_BYTES))
+        return self._keyring.encrypt(plain, self._aad)
+
+    def _capped_state(self, join: bool, reply: bool, budget: int) -> PushPull:
+        """The most important part of our state within ``budget`` bytes of records and maps.
+
+        Us first, then live members before suspect, dead and left ones, each
+        record followed by its owner's map when both fit. Within a state the
+        order is shuffled, so successive capped frames carry different members
+        and anti-entropy still reaches every one of them over time.
+        """
+        others = list(self._table.others)
+        self._rng.shuffle(others)
+        others.sort(key=lambda n: n.state)  # stable: shuffled within each state
+        members: list[MemberRecord] = []
+        states: list[tuple[str, tuple[StateEntry, ...]]] = []
+        for node in [self._me, *others]:
+            rec = _record(node)
+            size = record_size(rec)
+            if size > budget:
+                continue
+            budget -= size
+            members.append(rec)
+            entries = self._store.entries(node.name)
+            if entries and (map_size := owner_states_size(node.name, entries)) <= budget:
+                budget -= map_size
+                states.append((node.name, entries))
+        return PushPull(self.name, join, reply, tuple(members), tuple(states))
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)

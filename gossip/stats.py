@@ -33,6 +33,7 @@ class Stats:
     # Records about us, or state entries, whose incarnation / version jumps more
     # than codec.MAX_COUNTER_STEP ahead: forged, refused.
     out_of_range: int = 0
+    push_pull_capped: int = 0  # our push-pull frames cut to fit max_stream_bytes
 
     def __getitem__(self, name: str) -> int:
         value: int = getattr(self, name)

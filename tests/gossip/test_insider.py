@@ -145,3 +145,51 @@ def test_a_flood_of_state_stays_within_its_memory_budget() -> None:
         tracemalloc.stop()
     assert grown < FLOOD_MEMORY_BOUND, grown
     assert core.stats.state_rejected > FLOOD_DATAGRAMS - 30
+
+
+# --- Defect 4: our own push-pull frame fits what peers accept ------------------------
+
+SMALL_STREAM = 64 * 1024
+BIG_TABLE = 1_500  # ~100 bytes of record and state each: ~150 KB, over SMALL_STREAM
+
+
+def big_core() -> Membership:
+    core = make_core(max_stream_bytes=SMALL_STREAM)
+    for i in range(BIG_TABLE):
+        name, addr = f"m{i:04d}", (f"10.1.{i // 250}.{i % 250}", 7946)
+        core.receive(seal([Alive(name, 1, addr, b"x" * 40), StateUpdate(name, 1, "k", "v" * 20)]), addr, 0.0)
+    core.datagrams_to_send()
+    return core
+
+
+def test_push_pull_reply_and_request_fit_max_stream_bytes() -> None:
+    a = big_core()
+    assert a.stats.dropped == 0 and len(a.members()) == BIG_TABLE + 1
+    b = make_core("b", B, max_stream_bytes=SMALL_STREAM)
+    b.set_state("mine", 1, 0.0)
+    b.join([A], 0.0)
+    ((_, request),) = b.streams_to_send()
+    reply = a.handle_stream(request, B, 1.0)
+    assert reply is not None and len(reply) <= SMALL_STREAM
+    a.join([B], 1.0)
+    ((_, own_request),) = a.streams_to_send()
+    assert len(own_request) <= SMALL_STREAM
+    assert a.stats.push_pull_capped == 2
+    b.receive_stream_reply(reply, A, 1.0)
+    assert b.stats.decode_errors == 0
+    learned = {m.name for m in b.members()}
+    assert "a" in learned and len(learned) > BIG_TABLE // 4
+    assert all(b.state_of(n) == {"k": "v" * 20} for n in learned if n.startswith("m"))
+    assert a.state_of("b") == {"mine": 1}  # the request still delivered b's state
+
+
+def test_capped_push_pulls_still_carry_every_member_over_time() -> None:
+    a = big_core()
+    b = make_core("b", B, max_stream_bytes=SMALL_STREAM)
+    for round_ in range(30):
+        b.join([A], float(round_))
+        ((_, request),) = b.streams_to_send()
+        reply = a.handle_stream(request, B, float(round_))
+        assert reply is not None
+        b.receive_stream_reply(reply, A, float(round_))
+    assert len(b.members()) == BIG_TABLE + 2
