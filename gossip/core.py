@@ -52,8 +52,9 @@ space membership updates leave, and are re-broadcast by every receiver once.
 
 Anti-entropy: push-pull (full member list plus every replicated map) with a
 random alive member every scaled ``push_pull_interval``; Serf-style reconnect
-with a random DEAD member (and the join seeds when we are alone) every
-``reconnect_interval``, so partitions heal with no operator.
+with a random DEAD or LEFT member (and the join seeds when we are alone) every
+``reconnect_interval``, so partitions heal with no operator and a forged leave
+does not stick.
 
 Where we differ from memberlist, on purpose:
 
@@ -912,13 +913,16 @@ class Membership:
         if counts[ALIVE] + counts[SUSPECT] == 0:
             for seed in self._seeds:
                 self._request_push_pull(seed, join=True)
-        num_dead = counts[DEAD]
-        if num_dead == 0:
+        # Left members are re-checked too (Serf reconnects only failed ones): a
+        # forged leave must not stick. A live member answers the push-pull,
+        # sees itself LEFT in it and refutes; a departed one fails the stream.
+        num_gone = counts[DEAD] + counts[LEFT]
+        if num_gone == 0:
             return
-        # Serf reconnect: try a random failed member with probability dead / alive.
-        if self._rng.random() > num_dead / (counts[ALIVE] + counts[SUSPECT] + 1):
+        # Serf reconnect: try a random gone member with probability gone / alive.
+        if self._rng.random() > num_gone / (counts[ALIVE] + counts[SUSPECT] + 1):
             return
-        picked = self._table.k_random(1, lambda n: n.state == DEAD, self._rng)
+        picked = self._table.k_random(1, lambda n: n.state >= DEAD, self._rng)
         if picked:
             self._request_push_pull(picked[0].addr, join=False)
 

@@ -16,8 +16,8 @@ import msgpack
 from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
 from gossip.config import lan
 from gossip.core import Membership
-from gossip.members import ALIVE
-from gossip.messages import Alive, StateUpdate
+from gossip.members import ALIVE, LEFT
+from gossip.messages import Alive, Dead, StateUpdate
 from testbed.sim import TEST_AAD, make_keyring, seal, sent
 
 A = ("10.0.0.1", 7946)
@@ -193,3 +193,37 @@ def test_capped_push_pulls_still_carry_every_member_over_time() -> None:
         assert reply is not None
         b.receive_stream_reply(reply, A, float(round_))
     assert len(b.members()) == BIG_TABLE + 2
+
+
+# --- Defect 7: a forged LEFT does not stick -----------------------------------------
+
+C = ("10.0.0.3", 7946)
+
+
+def test_a_forged_leave_of_a_live_member_is_rechecked_and_refuted() -> None:
+    a = make_core()
+    b = Membership("b", B, lan(), random.Random(2), 0.0, keyring=make_keyring(random.Random(2)), incarnation=1)
+    with_peer(a, "b", B)
+    with_peer(a, "c", C)
+    b.receive(seal([Alive("a", 0, A, b"")]), A, 0.0)
+    a.receive(seal([Dead("b", 1, "b")]), EVIL, 0.5)  # b never left
+    b_view = a.member("b")
+    assert b_view is not None and b_view.state == LEFT
+    healed_at = None
+    for step in range(1, 121):
+        now = float(step)
+        a.handle_timeout(now)
+        for dst, frame in a.streams_to_send():
+            reply = b.handle_stream(frame, A, now) if dst == B else None
+            if reply is None:
+                a.stream_failed(dst, now)
+            else:
+                a.receive_stream_reply(reply, B, now)
+        a.datagrams_to_send()
+        b.datagrams_to_send()
+        b_view = a.member("b")
+        if b_view is not None and b_view.state == ALIVE:
+            healed_at = now
+            break
+    assert healed_at is not None and healed_at <= 6 * lan().reconnect_interval
+    assert b_view is not None and b_view.incarnation > 1 and b.stats.refutes == 1
