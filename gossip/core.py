@@ -163,6 +163,7 @@ from .timers import (
     TimerHeap,
     next_tick,
 )
+from .verify import UNVERIFIED_GONE_TTL, Verifier
 
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
@@ -242,6 +243,7 @@ class Membership:
             schedule=self._timers.schedule,
             suspect=self._on_suspect,
         )
+        self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
         # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
         self._reaped: dict[str, None] = {}
@@ -446,6 +448,8 @@ class Membership:
                 pings.append(msg)
             else:
                 self._dispatch(msg, src, now)
+            if type(msg) is Ping or type(msg) is Ack or type(msg) is Nack or type(msg) is PingReq:
+                self._heard_from(msg.source, src)
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
@@ -461,7 +465,8 @@ class Membership:
                 self._prober.on_ping_req(msg, src, now)
             case Alive():
                 if not self._left:
-                    self._on_alive(msg, now, PRIORITY_MEMBERSHIP)
+                    # An Alive from the member's own address is it speaking: verified.
+                    self._on_alive(msg, now, PRIORITY_MEMBERSHIP, verified=msg.addr == src)
             case Suspect():
                 if not self._left:
                     self._on_suspect(msg, now)
@@ -471,6 +476,12 @@ class Membership:
                 self._on_state_update(msg)
             case UserBroadcast():
                 self._on_user_broadcast(msg)
+
+    def _heard_from(self, name: str, src: Address) -> None:
+        """A message sent by ``name`` from ``src``: if that is its address, it is verified."""
+        node = self._table.get(name)
+        if node is not None and not node.verified and node.addr == src:
+            self._table.verify(node)
 
     def _current_alive(self) -> Alive | None:
         """Our Alive, to put on an ack when the pinger still accuses an incarnation
@@ -493,7 +504,7 @@ class Membership:
             return None
         # Merge before answering (memberlist answers first): a member we held as
         # dead then refutes at once, and the reply already carries the refutation.
-        self._merge(remote, now)
+        self._merge(remote, now, src[0])
         reply = self._sealed_state(join=remote.join, reply=True)
         self.stats.bytes_out += len(reply)
         self.stats.stream_bytes_out += len(reply)
@@ -513,7 +524,7 @@ class Membership:
         if not remote.reply:
             self.stats.dropped += 1
             return
-        self._merge(remote, now)
+        self._merge(remote, now, src[0])
 
     def stream_failed(self, dst: Address, now: float) -> None:
         """Our push-pull request to ``dst`` could not be delivered (or got no reply)."""
@@ -531,6 +542,8 @@ class Membership:
         match timer:
             case ProbeTick():
                 prober.on_tick(deadline, now)
+                if self._verifier and not self._left:
+                    self._verifier.on_tick(now, self._verify_ping, self._drop_unverified)
             case ProbeTimeout(seq):
                 prober.on_timeout(seq, now)
             case ProbeEnd(seq):
@@ -661,13 +674,40 @@ class Membership:
 
     # ------------------------------------------------------------ node table
 
-    def _add_node(self, a: Alive, now: float) -> Node | None:
-        if len(self._table) >= self.config.max_members:
-            self.stats.dropped += 1
+    def _add_node(self, a: Alive, now: float, verified: bool = False) -> Node | None:
+        """Add a member, within the table's ceilings (verify.py has the policy)."""
+        table, stats = self._table, self.stats
+        if not verified and (
+            table.unverified >= max(1, self.config.max_members // 2) or self._verifier.refused(a.name, now)
+        ):
+            stats.unverified_refused += 1
             return None
-        node = self._table.add(a.name, a.addr, a.incarnation, a.meta, now)
+        if len(table) >= self.config.max_members:
+            victim = table.oldest_unverified() if verified else None
+            if victim is None:
+                stats.dropped += 1
+                return None
+            stats.unverified_evicted += 1
+            self._forget(victim)
+        node = table.add(a.name, a.addr, a.incarnation, a.meta, now, verified)
         self._prober.add(node)
+        if not verified:
+            self._verifier.learned(node, now)
         return node
+
+    def _forget(self, node: Node) -> None:
+        """Drop a never-verified member (not remembered as reaped: if real, it comes back)."""
+        self._table.remove(node)
+        self._store.forget(node.name)
+        self._emit(MemberReaped(node.snapshot()))
+
+    def _verify_ping(self, node: Node) -> None:
+        self.stats.verify_pings += 1
+        self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
+
+    def _drop_unverified(self, node: Node) -> None:
+        self.stats.unverified_dropped += 1
+        self._forget(node)
 
     def _add_gone(self, r: MemberRecord, now: float) -> None:
         """Record a member first heard of as DEAD or LEFT (from a push-pull)."""
@@ -719,10 +759,12 @@ class Membership:
             return  # our own Alive, echoed back
         self._refute(incarnation)  # an accusation, or an earlier life speaking for us: outbid it
 
-    def _on_alive(self, a: Alive, now: float, priority: int, spread_new: bool = True) -> None:
+    def _on_alive(
+        self, a: Alive, now: float, priority: int, spread_new: bool = True, verified: bool = False
+    ) -> None:
         node = self._table.get(a.name)
         if node is None:
-            node = self._add_node(a, now)
+            node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
                     self._enqueue(a, a.name, priority)
@@ -731,6 +773,8 @@ class Membership:
         if node is self._me:
             self._about_me(ALIVE, a.incarnation, a)
             return
+        if verified:
+            self._table.verify(node)
         if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
             return
         node.suspicion = None
@@ -742,6 +786,8 @@ class Membership:
         if old_state != ALIVE:
             self._table.set_state(node, ALIVE, now)
         if old_state in (DEAD, LEFT):
+            if not node.verified:
+                self._verifier.learned(node, now)
             self._emit(MemberJoined(node.snapshot()))
             return
         if old_state == SUSPECT:
@@ -826,7 +872,10 @@ class Membership:
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
         self._table.set_state(node, state, now)
-        self._timers.schedule(now + self.config.dead_member_ttl, Reap(node, now))
+        ttl = self.config.dead_member_ttl
+        if not node.verified:
+            ttl = min(ttl, UNVERIFIED_GONE_TTL)  # only heard of: do not keep a phantom 24 h
+        self._timers.schedule(now + ttl, Reap(node, now))
         self._emit(MemberLeft(node.snapshot()) if state == LEFT else MemberFailed(node.snapshot()))
 
     # ------------------------------------------------------------ replicated state and user messages
@@ -926,8 +975,11 @@ class Membership:
         if picked:
             self._request_push_pull(picked[0].addr, join=False)
 
-    def _merge(self, remote: PushPull, now: float) -> None:
-        """Merge a remote full state (memberlist mergeState, plus replicated maps)."""
+    def _merge(self, remote: PushPull, now: float, src_host: str) -> None:
+        """Merge a remote full state (memberlist mergeState, plus replicated maps).
+
+        The sender's own record is verified when it comes from the sender's host.
+        """
         if self._left:
             return
         by_name = self._table.by_name
@@ -935,6 +987,9 @@ class Membership:
         fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
+            direct = r.name == remote.source and r.addr[0] == src_host
+            if direct and node is not None:
+                self._table.verify(node)
             if r.state == ALIVE:
                 if node is not None and node is not me and not can_change(
                     node.state, node.incarnation, ALIVE, r.incarnation
@@ -942,7 +997,7 @@ class Membership:
                     continue  # nothing new: skip building the message
                 alive = Alive(r.name, r.incarnation, r.addr, r.meta)
                 spread = node is not None or r.name == remote.source
-                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread)
+                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread, verified=direct)
                 if not spread and r.name in by_name:
                     fresh.append(alive)
             elif node is None:

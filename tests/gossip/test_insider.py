@@ -16,8 +16,9 @@ import msgpack
 from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
 from gossip.config import lan
 from gossip.core import Membership
-from gossip.members import ALIVE, LEFT
+from gossip.members import ALIVE, LEFT, SUSPECT
 from gossip.messages import Alive, Dead, StateUpdate
+from gossip.verify import UNVERIFIED_GONE_TTL
 from testbed.sim import TEST_AAD, make_keyring, seal, sent
 
 A = ("10.0.0.1", 7946)
@@ -227,3 +228,61 @@ def test_a_forged_leave_of_a_live_member_is_rechecked_and_refuted() -> None:
             break
     assert healed_at is not None and healed_at <= 6 * lan().reconnect_interval
     assert b_view is not None and b_view.incarnation > 1 and b.stats.refutes == 1
+
+
+# --- Defect 5: phantom floods -------------------------------------------------------
+
+FORGED = 50_000
+FORGED_PER_DATAGRAM = 25
+FLOOD_RATE = 4_000  # forged names per second, as in the fuzzing run
+PHANTOMS_GONE_BY = 400.0  # s: grace + 3 pings, 64 per second, for the 5,000 the ceiling admits
+
+
+def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() -> None:
+    a = make_core()
+    c = Membership("c", C, lan(), random.Random(3), 0.0, keyring=make_keyring(random.Random(3)))
+    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # real, but heard of only from a third party
+    limit = a.config.max_members
+    for start in range(0, FORGED, FORGED_PER_DATAGRAM):
+        now = start / FLOOD_RATE
+        batch = [
+            Alive(f"ph{i}", 1, (f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 7946), b"")
+            for i in range(start, start + FORGED_PER_DATAGRAM)
+        ]
+        a.receive(seal(batch), EVIL, now)
+        if start == FORGED // 2:  # a real joiner, mid-flood
+            b = make_core("b", B)
+            b.join([A], now)
+            ((_, request),) = b.streams_to_send()
+            assert a.handle_stream(request, B, now) is not None
+    assert len(a.members()) <= limit
+    assert a.member("b") is not None and a.stats.unverified_refused > 0
+    now = FORGED / FLOOD_RATE
+
+    def run_until(end: float) -> None:
+        nonlocal now
+        while now < end:
+            now += 1.0
+            a.handle_timeout(now)
+            a.streams_to_send()
+            for dst, data in a.datagrams_to_send():
+                if dst == C:  # only the real member answers
+                    c.receive(data, A, now)
+            for dst, data in c.datagrams_to_send():
+                if dst == A:
+                    a.receive(data, C, now)
+            while a.next_event() is not None:
+                pass
+
+    run_until(PHANTOMS_GONE_BY)
+    live = [m for m in a.members() if m.name.startswith("ph") and m.state <= SUSPECT]
+    assert not live, len(live)  # live phantoms failed verification and were dropped
+    assert a.stats.unverified_dropped > 0 and a.stats.verify_pings <= 64 * PHANTOMS_GONE_BY
+    # Phantoms our own probes declared dead first go with the unverified TTL, not 24 h.
+    run_until(PHANTOMS_GONE_BY + UNVERIFIED_GONE_TTL)
+    names = {m.name for m in a.members()}
+    rest = [m for m in a.members() if m.name.startswith("ph")]
+    assert not rest, (len(rest), rest[:3], now)
+    assert {"a", "b", "c"} <= names
+    c_view = a.member("c")
+    assert c_view is not None and c_view.state == ALIVE
