@@ -163,7 +163,7 @@ from .timers import (
     TimerHeap,
     next_tick,
 )
-from .verify import UNVERIFIED_GONE_TTL, Verifier
+from .verify import UNVERIFIED_GONE_TTL, UNVERIFIED_PRESSURE_DIVISOR, Verifier
 
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
@@ -543,7 +543,7 @@ class Membership:
             case ProbeTick():
                 prober.on_tick(deadline, now)
                 if self._verifier and not self._left:
-                    self._verifier.on_tick(now, self._verify_ping, self._drop_unverified)
+                    self._verifier.on_tick(now, self._verify_ping, lambda node: self._unverifiable(node, now))
             case ProbeTimeout(seq):
                 prober.on_timeout(seq, now)
             case ProbeEnd(seq):
@@ -705,9 +705,15 @@ class Membership:
         self.stats.verify_pings += 1
         self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
 
-    def _drop_unverified(self, node: Node) -> None:
-        self.stats.unverified_dropped += 1
-        self._forget(node)
+    def _unverifiable(self, node: Node, now: float) -> None:
+        """``node`` never answered its verification pings: drop it in a flood, else suspect it."""
+        if self._table.unverified > self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR:
+            self.stats.unverified_dropped += 1
+            self._verifier.dropped(node.name, now)
+            self._forget(node)
+        else:
+            self.stats.unverified_suspected += 1
+            self._on_suspect(Suspect(node.name, node.incarnation, self.name), now)
 
     def _add_gone(self, r: MemberRecord, now: float) -> None:
         """Record a member first heard of as DEAD or LEFT (from a push-pull)."""

@@ -18,8 +18,12 @@ core marks it). Members learned only from third parties start unverified:
   we learned of it gets a verification ping (a plain Ping; its ack, from its
   address, verifies it). At most ``VERIFY_PINGS_PER_TICK`` go out per probe
   tick, re-pings first. Still unverified after ``VERIFY_ATTEMPTS`` pings
-  ``VERIFY_TIMEOUT_PROBES`` probe intervals apart, it is dropped (forgotten,
-  not remembered as reaped: if it is real, gossip brings it back);
+  ``VERIFY_TIMEOUT_PROBES`` probe intervals apart, it has failed. Under
+  pressure (more than ``max_members // UNVERIFIED_PRESSURE_DIVISOR``
+  unverified members: a flood) it is dropped (forgotten, not remembered as
+  reaped: if it is real, gossip brings it back); otherwise we suspect it like
+  any member whose probe failed, so a real member that crashed before we heard
+  from it still goes DEAD (MemberFailed, and its address stays quarantined);
 - a name dropped so is not taken back from third parties for
   ``FAILED_VERIFY_MEMORY`` (other members that have not yet dropped it would
   gossip it straight back); it is at once if the member speaks to us itself;
@@ -49,6 +53,11 @@ VERIFY_TIMEOUT_PROBES = 3
 # a forged flood of addresses cannot make us a traffic reflector, and 5,000
 # phantoms are cleared in ~4 minutes.
 VERIFY_PINGS_PER_TICK = 64
+# Unverified members beyond max_members // this mean a flood: failed ones are
+# then dropped at once rather than suspected (1,000 of the default 10,000; an
+# honest cluster has that many unverified members only while one joins a
+# cluster of over 1,000).
+UNVERIFIED_PRESSURE_DIVISOR = 10
 # How long a name that failed verification is refused from third parties: long
 # enough for every member to have run its own verification of it.
 FAILED_VERIFY_MEMORY = 600.0
@@ -86,8 +95,8 @@ class Verifier:
             return False
         return True
 
-    def failed(self, name: str, now: float) -> None:
-        """``name`` failed verification and was dropped."""
+    def dropped(self, name: str, now: float) -> None:
+        """``name`` failed verification and was dropped: refuse it from third parties a while."""
         failed = self._failed
         failed.pop(name, None)
         failed[name] = now + FAILED_VERIFY_MEMORY
@@ -101,8 +110,8 @@ class Verifier:
         """An unverified live member: verify it after the grace period."""
         self._waiting.append((now, node))
 
-    def on_tick(self, now: float, ping: Callable[[Node], None], drop: Callable[[Node], None]) -> None:
-        """Ping what is due, re-ping or drop what did not answer."""
+    def on_tick(self, now: float, ping: Callable[[Node], None], failed: Callable[[Node], None]) -> None:
+        """Ping what is due, re-ping what did not answer, report what failed (``failed``)."""
         budget = VERIFY_PINGS_PER_TICK
         pinged = self._pinged
         for _ in range(len(pinged)):
@@ -113,8 +122,7 @@ class Verifier:
             if not _pending(node):
                 continue
             if attempt >= VERIFY_ATTEMPTS:
-                self.failed(node.name, now)
-                drop(node)
+                failed(node)
                 continue
             ping(node)
             budget -= 1

@@ -16,6 +16,7 @@ import msgpack
 from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
 from gossip.config import lan
 from gossip.core import Membership
+from gossip.events import MemberFailed
 from gossip.members import ALIVE, LEFT, SUSPECT
 from gossip.messages import Alive, Dead, StateUpdate
 from gossip.verify import UNVERIFIED_GONE_TTL
@@ -286,3 +287,25 @@ def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() 
     assert {"a", "b", "c"} <= names
     c_view = a.member("c")
     assert c_view is not None and c_view.state == ALIVE
+
+
+def test_an_unverified_member_that_never_answers_is_suspected_then_forgotten_early() -> None:
+    a = make_core()
+    with_peer(a, "b", B)  # verified: b's Alive came from b's address
+    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # heard of only; c is down
+    failed_at = None
+    now = 0.0
+    while now < 2_000.0:
+        now += 1.0
+        a.handle_timeout(now)
+        a.datagrams_to_send()
+        a.streams_to_send()
+        while (event := a.next_event()) is not None:
+            if isinstance(event, MemberFailed) and event.member.name == "c":
+                failed_at = now
+    # Below flood pressure a failed verification is a failed probe: c goes DEAD
+    # (its address stays quarantined), then is reaped after the unverified TTL.
+    assert a.stats.unverified_suspected + a.stats.probe_failures >= 1 and a.stats.unverified_dropped == 0
+    assert failed_at is not None and failed_at < 120.0
+    assert a.member("c") is None and a.member("b") is not None
+    assert a.stats.verify_pings <= 3
