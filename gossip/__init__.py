@@ -8,6 +8,7 @@ from .config import GossipConfig, lan, local, preset, wan
 from .core import InvalidArgument, Membership
 from .errors import (
     BroadcastTooLarge,
+    CounterExhausted,
     DecodeError,
     DecryptError,
     GossipError,
@@ -35,6 +36,7 @@ from .stats import Stats
 __all__ = [
     "Address",
     "BroadcastTooLarge",
+    "CounterExhausted",
     "DecodeError",
     "DecryptError",
     "Event",

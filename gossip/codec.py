@@ -28,9 +28,12 @@ The decoder faces the network, so it is bounded and total: it returns messages
 or raises :class:`~gossip.errors.DecodeError`, nothing else. msgpack itself is
 run with length limits (no string, array or map can be larger than any valid
 message needs, extension types are refused), then every field is checked
-exactly: types by identity (``True`` is not an integer), integers within
-uint64, ports within 0..65535, names, hosts and keys non-empty and short,
-replicated values shallow and small. The limits are below; each says why.
+exactly: types by identity (``True`` is not an integer), sequence numbers
+within uint64, incarnations and state versions within ``MAX_COUNTER``
+(2**63-1, leaving headroom so that incrementing never leaves the range: see
+``counter_step``), ports within 0..65535, names, hosts and keys non-empty and
+short, replicated values shallow and small in packed bytes *and* in the memory
+they decode to (``value_memory``). The limits are below; each says why.
 
 The encoder checks the same rules, so ``decode(encode(x)) == x`` for every
 message it accepts. Local misuse raises:
@@ -46,6 +49,7 @@ message it accepts. Local misuse raises:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -94,7 +98,17 @@ MAX_DATAGRAM_INPUT_BYTES = 65_535
 MAX_MESSAGES_PER_DATAGRAM = 1024
 # Version byte + worst-case array header (array16: 0xdc + 2-byte length).
 DATAGRAM_HEADER_BYTES = 1 + 3
-MAX_UINT64 = 2**64 - 1  # seq, incarnation, version: msgpack's unsigned maximum
+MAX_UINT64 = 2**64 - 1  # sequence numbers: msgpack's unsigned maximum (they wrap)
+# Incarnations and state versions only grow, by one per refutation, metadata or
+# state change, so an honest one stays far below this. Decoding refuses larger
+# ones, and local arithmetic saturates here (``counter_step``): a member never
+# announces a number its peers would refuse. int64's maximum, so the numbers
+# also fit a signed 64-bit field (JSON, Go) when persisted or exported.
+MAX_COUNTER = 2**63 - 1
+# How far ahead of what a receiver holds one record may move an incarnation or
+# a state version (``members.can_change``, ``state_store``). Honest numbers move
+# by one per event; a forged record must not spend the range in one step.
+MAX_COUNTER_STEP = 2**32
 MIN_INT64 = -(2**63)  # msgpack's signed range, for integers inside replicated values
 MAX_PORT = 65_535
 # Member names: room for a hostname, UUID or MAC-based id; memberlist sets no limit,
@@ -111,11 +125,22 @@ MAX_PAYLOAD_BYTES = 1024
 MAX_VALUE_BYTES = 4096
 MAX_VALUE_DEPTH = 8  # nested lists/maps inside one replicated value
 MAX_CONTAINER_ITEMS = 1024  # items of one list/map inside a replicated value
+# Memory one decoded replicated value may become (``value_memory``: the sum of
+# sys.getsizeof over its objects). Packed bytes do not bound it: ``[[]]*1000``
+# packs to ~1 KB and decodes to ~64 KB. 48 KiB is 12x MAX_VALUE_BYTES: room for
+# a maximal string in UCS-4 (16 KiB), or ~900 short strings in one list; a
+# list of MAX_CONTAINER_ITEMS empty containers (~64 KB) is over it.
+MAX_VALUE_MEMORY = 48 * 1024
 # Push-pull: one record per member; well above GossipConfig.max_members (10 000).
 MAX_PUSHPULL_MEMBERS = 65_535
 MAX_PUSHPULL_OWNERS = 65_535  # one replicated map per member
 # Entries of one owner's map: a 4096-byte map holds at most ~680 minimal entries.
 MAX_STATE_ENTRIES = 1024
+
+# A frame's bytes besides its member records and state maps: version byte,
+# message array header, type code, source (str8 header + MAX_NAME_BYTES), two
+# bools and the two list headers (array32: 5 bytes each).
+FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5
 
 _DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": MAX_VALUE_BYTES,
@@ -145,6 +170,39 @@ def _uint(value: object, what: str) -> int:
     if type(value) is not int or not 0 <= value <= MAX_UINT64:
         _fail(f"{what} must be an int in 0..2**64-1")
     return value
+
+
+def _counter(value: object, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNTER:
+        _fail(f"{what} must be an int in 0..2**63-1")
+    return value
+
+
+def counter_step(value: int) -> int:
+    """``value + 1``, saturating at :data:`MAX_COUNTER` (the most peers accept)."""
+    return value + 1 if value < MAX_COUNTER else MAX_COUNTER
+
+
+def value_memory(value: object) -> int:
+    """Bytes of Python objects a replicated value occupies once decoded.
+
+    The cost model is ``sys.getsizeof`` summed over every object of the value
+    (containers, their items and map keys); ``None`` and booleans are
+    singletons and cost nothing but their slot. Iterative, so any depth is safe.
+    """
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is None or type(item) is bool:
+            continue
+        total += sys.getsizeof(item)
+        if type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return total
 
 
 def _bool(value: object, what: str) -> bool:
@@ -179,8 +237,18 @@ def _addr(value: object, what: str) -> Address:
     return (_text(host, f"{what} host", MAX_HOST_BYTES), port)
 
 
-def _value(value: object, depth: int = 0) -> StateValue:
-    """Check one replicated value (the structure is returned unchanged)."""
+def _value(value: object) -> StateValue:
+    """Check one replicated value, its memory included (returned unchanged)."""
+    checked = _value_shape(value)
+    if type(checked) is list or type(checked) is dict:
+        memory = value_memory(checked)
+        if memory > MAX_VALUE_MEMORY:
+            raise _TooLarge(f"value would take {memory} bytes of memory; at most {MAX_VALUE_MEMORY}")
+    return checked
+
+
+def _value_shape(value: object, depth: int = 0) -> StateValue:
+    """Check one replicated value's types, depth and sizes."""
     if value is None or type(value) is bool:
         return value
     if type(value) is int:
@@ -204,12 +272,12 @@ def _value(value: object, depth: int = 0) -> StateValue:
             raise _TooLarge(f"container in value has more than {MAX_CONTAINER_ITEMS} items")
         if type(value) is list:
             for item in value:
-                _value(item, depth + 1)
+                _value_shape(item, depth + 1)
         elif type(value) is dict:
             for key, item in value.items():
                 if type(key) is not str or len(key.encode()) > MAX_KEY_BYTES:
                     _fail(f"map key in value must be a str of at most {MAX_KEY_BYTES} bytes")
-                _value(item, depth + 1)
+                _value_shape(item, depth + 1)
         return value
     _fail(f"type {type(value).__name__} not allowed in a replicated value")
 
@@ -239,7 +307,7 @@ def _wire_record(rec: object) -> list[object]:
     return [
         _text(rec.name, "member name", MAX_NAME_BYTES),
         _wire_addr(rec.addr, "member addr"),
-        _uint(rec.incarnation, "incarnation"),
+        _counter(rec.incarnation, "incarnation"),
         int(rec.state),
         _blob(rec.meta, "meta", MAX_META_BYTES),
     ]
@@ -250,7 +318,7 @@ def _wire_entry(entry: object) -> list[object]:
         _fail("push-pull state entries must be StateEntry")
     return [
         _text(entry.key, "state key", MAX_KEY_BYTES),
-        _uint(entry.version, "version"),
+        _counter(entry.version, "version"),
         _value(entry.value),
         _tombstone(entry.deleted, entry.value),
     ]
@@ -300,7 +368,7 @@ def _to_wire(msg: Message) -> list[object]:
             return [
                 ALIVE,
                 _text(msg.name, "name", MAX_NAME_BYTES),
-                _uint(msg.incarnation, "incarnation"),
+                _counter(msg.incarnation, "incarnation"),
                 _wire_addr(msg.addr, "addr"),
                 _blob(msg.meta, "meta", MAX_META_BYTES),
             ]
@@ -308,14 +376,14 @@ def _to_wire(msg: Message) -> list[object]:
             return [
                 SUSPECT if isinstance(msg, Suspect) else DEAD,
                 _text(msg.name, "name", MAX_NAME_BYTES),
-                _uint(msg.incarnation, "incarnation"),
+                _counter(msg.incarnation, "incarnation"),
                 _text(msg.sender, "sender", MAX_NAME_BYTES),
             ]
         case StateUpdate():
             return [
                 STATE_UPDATE,
                 _text(msg.owner, "owner", MAX_NAME_BYTES),
-                _uint(msg.version, "version"),
+                _counter(msg.version, "version"),
                 _text(msg.key, "state key", MAX_KEY_BYTES),
                 _value(msg.value),
                 _tombstone(msg.deleted, msg.value),
@@ -363,6 +431,16 @@ def encoded_size(msg: Message) -> int:
     keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
     """
     return len(_encoding(lambda: _packb(_to_wire(msg))))
+
+
+def record_size(rec: MemberRecord) -> int:
+    """Bytes one member record adds inside a push-pull frame (raises like :func:`encode_frame`)."""
+    return len(_encoding(lambda: _packb(_wire_record(rec))))
+
+
+def owner_states_size(owner: str, entries: tuple[StateEntry, ...]) -> int:
+    """Bytes one owner's state map adds inside a push-pull frame (raises like :func:`encode_frame`)."""
+    return len(_encoding(lambda: _packb(_wire_states(((owner, entries),))))) - 1  # minus its list header
 
 
 def encode_datagram(msgs: Sequence[Message]) -> bytes:
@@ -432,7 +510,7 @@ def _record(raw: object) -> MemberRecord:
     return MemberRecord(
         name=_text(name, "member name", MAX_NAME_BYTES),
         addr=_addr(addr, "member addr"),
-        incarnation=_uint(incarnation, "incarnation"),
+        incarnation=_counter(incarnation, "incarnation"),
         state=MemberState(state),
         meta=_blob(meta, "meta", MAX_META_BYTES),
     )
@@ -445,7 +523,7 @@ def _entry(raw: object) -> StateEntry:
     key, version, value, deleted = _fields(raw, 4)
     return StateEntry(
         key=_text(key, "state key", MAX_KEY_BYTES),
-        version=_uint(version, "version"),
+        version=_counter(version, "version"),
         value=_value(value),
         deleted=_tombstone(deleted, value),
     )
@@ -490,7 +568,7 @@ def _from_wire(raw: object) -> Message:
         _, name, incarnation, addr, meta = _fields(raw, 5)
         return Alive(
             name=_text(name, "name", MAX_NAME_BYTES),
-            incarnation=_uint(incarnation, "incarnation"),
+            incarnation=_counter(incarnation, "incarnation"),
             addr=_addr(addr, "addr"),
             meta=_blob(meta, "meta", MAX_META_BYTES),
         )
@@ -499,14 +577,14 @@ def _from_wire(raw: object) -> Message:
         kind = Suspect if code == SUSPECT else Dead
         return kind(
             name=_text(name, "name", MAX_NAME_BYTES),
-            incarnation=_uint(incarnation, "incarnation"),
+            incarnation=_counter(incarnation, "incarnation"),
             sender=_text(sender, "sender", MAX_NAME_BYTES),
         )
     if code == STATE_UPDATE:
         _, owner, version, key, value, deleted = _fields(raw, 6)
         return StateUpdate(
             owner=_text(owner, "owner", MAX_NAME_BYTES),
-            version=_uint(version, "version"),
+            version=_counter(version, "version"),
             key=_text(key, "state key", MAX_KEY_BYTES),
             value=_value(value),
             deleted=_tombstone(deleted, value),

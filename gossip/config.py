@@ -46,6 +46,13 @@ DEFAULT_CLUSTER_NAME = "edgeagent"  # the AEAD associated data; agents talk only
 DEFAULT_MAX_MEMBERS = 10_000
 DEFAULT_MAX_BROADCAST_QUEUE = 1024  # pending piggyback updates kept; oldest/lowest dropped beyond
 DEFAULT_MAX_STATE_BYTES = 4096  # packed size of one node's replicated key/value map
+# Memory (Python objects, state_store.entry_memory) one node's map may take here:
+# 16x the packed budget, room for ~200 small entries; packed bytes alone let a
+# 1 KB entry become 64 KB.
+DEFAULT_MAX_STATE_MEMORY = 64 * 1024
+# Memory every other node's map together may take: 10 000 members (max_members)
+# with ~3 KiB of state each; beyond it new remote entries are refused (counted).
+DEFAULT_MAX_TOTAL_STATE_MEMORY = 32 * 1024 * 1024
 
 
 class InvalidConfig(LocalError, ValueError):
@@ -106,6 +113,8 @@ class GossipConfig:
     max_user_broadcast_queue: int = 256  # separate budget for user broadcasts
     max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
     max_stream_bytes: int = MAX_STREAM_BYTES
+    max_state_memory: int = DEFAULT_MAX_STATE_MEMORY
+    max_total_state_memory: int = DEFAULT_MAX_TOTAL_STATE_MEMORY
 
     def __post_init__(self) -> None:
         """Check every invariant; raise :class:`InvalidConfig` on the first broken one."""

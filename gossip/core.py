@@ -52,8 +52,9 @@ space membership updates leave, and are re-broadcast by every receiver once.
 
 Anti-entropy: push-pull (full member list plus every replicated map) with a
 random alive member every scaled ``push_pull_interval``; Serf-style reconnect
-with a random DEAD member (and the join seeds when we are alone) every
-``reconnect_interval``, so partitions heal with no operator.
+with a random DEAD or LEFT member (and the join seeds when we are alone) every
+``reconnect_interval``, so partitions heal with no operator and a forged leave
+does not stick.
 
 Where we differ from memberlist, on purpose:
 
@@ -95,14 +96,21 @@ from .broadcast_queue import (
 )
 from .codec import (
     DATAGRAM_HEADER_BYTES,
+    FRAME_HEADER_BYTES,
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
+    MAX_UINT64,
+    counter_step,
     decode_datagram,
     decode_frame,
     encode_datagram,
     encode_frame,
     encoded_size,
+    owner_states_size,
+    record_size,
 )
 from .config import GossipConfig
-from .errors import BroadcastTooLarge, DecryptError, LocalError, RemoteError
+from .errors import BroadcastTooLarge, CounterExhausted, DecryptError, LocalError, RemoteError
 from .events import (
     Event,
     Member,
@@ -155,6 +163,7 @@ from .timers import (
     TimerHeap,
     next_tick,
 )
+from .verify import UNVERIFIED_GONE_TTL, UNVERIFIED_PRESSURE_DIVISOR, Verifier
 
 PUSH_PULL_SCALE_THRESHOLD = 32  # memberlist pushPullScaleThreshold: scale push-pull above this size
 USER_DEDUP_CAPACITY = 8192  # (origin, seq) pairs remembered to deliver each user broadcast once
@@ -177,6 +186,10 @@ MERGE_REBROADCAST_MAX = 32
 
 class InvalidArgument(LocalError, ValueError):
     """A command argument is malformed (e.g. a state value msgpack cannot carry)."""
+
+
+def _record(node: Node) -> MemberRecord:
+    return MemberRecord(node.name, node.addr, node.incarnation, node.state, node.meta)
 
 
 def push_pull_scale(interval: float, n: int) -> float:
@@ -230,6 +243,7 @@ class Membership:
             schedule=self._timers.schedule,
             suspect=self._on_suspect,
         )
+        self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
         # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
         self._reaped: dict[str, None] = {}
@@ -239,7 +253,14 @@ class Membership:
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
-        self._store = StateStore(name, config.max_state_bytes, state_version)
+        self._store = StateStore(
+            name,
+            config.max_state_bytes,
+            state_version,
+            max_memory=config.max_state_memory,
+            max_total_memory=config.max_total_state_memory,
+        )
+        self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
 
@@ -365,6 +386,8 @@ class Membership:
         if len(meta) > self.config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {self.config.max_meta_bytes}")
         me = self._me
+        if me.incarnation >= MAX_COUNTER:
+            raise CounterExhausted("incarnation at its maximum; restart with a new name")
         announce = Alive(me.name, me.incarnation + 1, me.addr, meta)
         self._check_fits(announce)
         me.incarnation += 1
@@ -392,7 +415,7 @@ class Membership:
         """Spread ``payload`` to every member once (UserMessage events there, not here)."""
         msg = UserBroadcast(self.name, self._user_seq, payload)
         size = self._check_fits(msg)
-        self._user_seq += 1
+        self._user_seq = (self._user_seq + 1) & MAX_UINT64
         self._remember_user((msg.origin, msg.seq))
         self._user_queue.push(msg, key=(msg.origin, msg.seq), priority=PRIORITY_USER, size=size)
 
@@ -425,6 +448,8 @@ class Membership:
                 pings.append(msg)
             else:
                 self._dispatch(msg, src, now)
+            if type(msg) is Ping or type(msg) is Ack or type(msg) is Nack or type(msg) is PingReq:
+                self._heard_from(msg.source, src)
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
@@ -440,7 +465,8 @@ class Membership:
                 self._prober.on_ping_req(msg, src, now)
             case Alive():
                 if not self._left:
-                    self._on_alive(msg, now, PRIORITY_MEMBERSHIP)
+                    # An Alive from the member's own address is it speaking: verified.
+                    self._on_alive(msg, now, PRIORITY_MEMBERSHIP, verified=msg.addr == src)
             case Suspect():
                 if not self._left:
                     self._on_suspect(msg, now)
@@ -450,6 +476,12 @@ class Membership:
                 self._on_state_update(msg)
             case UserBroadcast():
                 self._on_user_broadcast(msg)
+
+    def _heard_from(self, name: str, src: Address) -> None:
+        """A message sent by ``name`` from ``src``: if that is its address, it is verified."""
+        node = self._table.get(name)
+        if node is not None and not node.verified and node.addr == src:
+            self._table.verify(node)
 
     def _current_alive(self) -> Alive | None:
         """Our Alive, to put on an ack when the pinger still accuses an incarnation
@@ -472,8 +504,8 @@ class Membership:
             return None
         # Merge before answering (memberlist answers first): a member we held as
         # dead then refutes at once, and the reply already carries the refutation.
-        self._merge(remote, now)
-        reply = self._keyring.encrypt(encode_frame(self._local_state(join=remote.join, reply=True)), self._aad)
+        self._merge(remote, now, src[0])
+        reply = self._sealed_state(join=remote.join, reply=True)
         self.stats.bytes_out += len(reply)
         self.stats.stream_bytes_out += len(reply)
         return reply
@@ -492,7 +524,7 @@ class Membership:
         if not remote.reply:
             self.stats.dropped += 1
             return
-        self._merge(remote, now)
+        self._merge(remote, now, src[0])
 
     def stream_failed(self, dst: Address, now: float) -> None:
         """Our push-pull request to ``dst`` could not be delivered (or got no reply)."""
@@ -510,6 +542,8 @@ class Membership:
         match timer:
             case ProbeTick():
                 prober.on_tick(deadline, now)
+                if self._verifier and not self._left:
+                    self._verifier.on_tick(now, self._verify_ping, lambda node: self._unverifiable(node, now))
             case ProbeTimeout(seq):
                 prober.on_timeout(seq, now)
             case ProbeEnd(seq):
@@ -588,31 +622,98 @@ class Membership:
         self.stats.bytes_out += len(sealed)
 
     def _request_push_pull(self, addr: Address, join: bool) -> None:
-        frame = self._keyring.encrypt(encode_frame(self._local_state(join=join, reply=False)), self._aad)
+        frame = self._sealed_state(join=join, reply=False)
         self._streams.append((addr, frame))
         self._pending_streams[addr] = self._pending_streams.get(addr, 0) + 1
         self.stats.streams_out += 1
         self.stats.bytes_out += len(frame)
         self.stats.stream_bytes_out += len(frame)
 
-    def _local_state(self, join: bool, reply: bool) -> PushPull:
-        members = tuple(
-            MemberRecord(n.name, n.addr, n.incarnation, n.state, n.meta) for n in self._table.by_name.values()
-        )
-        return PushPull(self.name, join, reply, members, self._store.snapshot())
+    def _sealed_state(self, join: bool, reply: bool) -> bytes:
+        """Our full state as a sealed push-pull frame, never over ``max_stream_bytes``.
+
+        Peers refuse a larger frame, so anti-entropy with us would fail for
+        good; over the limit we send a capped frame instead (``_capped_state``).
+        """
+        members = tuple(_record(n) for n in self._table.by_name.values())
+        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot()))
+        limit = self.config.max_stream_bytes - OVERHEAD
+        if len(plain) > limit:
+            self.stats.push_pull_capped += 1
+            plain = encode_frame(self._capped_state(join, reply, limit - FRAME_HEADER_BYTES))
+        return self._keyring.encrypt(plain, self._aad)
+
+    def _capped_state(self, join: bool, reply: bool, budget: int) -> PushPull:
+        """The most important part of our state within ``budget`` bytes of records and maps.
+
+        Us first, then live members before suspect, dead and left ones, each
+        record followed by its owner's map when both fit. Within a state the
+        order is shuffled, so successive capped frames carry different members
+        and anti-entropy still reaches every one of them over time.
+        """
+        others = list(self._table.others)
+        self._rng.shuffle(others)
+        others.sort(key=lambda n: n.state)  # stable: shuffled within each state
+        members: list[MemberRecord] = []
+        states: list[tuple[str, tuple[StateEntry, ...]]] = []
+        for node in [self._me, *others]:
+            rec = _record(node)
+            size = record_size(rec)
+            if size > budget:
+                continue
+            budget -= size
+            members.append(rec)
+            entries = self._store.entries(node.name)
+            if entries and (map_size := owner_states_size(node.name, entries)) <= budget:
+                budget -= map_size
+                states.append((node.name, entries))
+        return PushPull(self.name, join, reply, tuple(members), tuple(states))
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
     # ------------------------------------------------------------ node table
 
-    def _add_node(self, a: Alive, now: float) -> Node | None:
-        if len(self._table) >= self.config.max_members:
-            self.stats.dropped += 1
+    def _add_node(self, a: Alive, now: float, verified: bool = False) -> Node | None:
+        """Add a member, within the table's ceilings (verify.py has the policy)."""
+        table, stats = self._table, self.stats
+        if not verified and (
+            table.unverified >= max(1, self.config.max_members // 2) or self._verifier.refused(a.name, now)
+        ):
+            stats.unverified_refused += 1
             return None
-        node = self._table.add(a.name, a.addr, a.incarnation, a.meta, now)
+        if len(table) >= self.config.max_members:
+            victim = table.oldest_unverified() if verified else None
+            if victim is None:
+                stats.dropped += 1
+                return None
+            stats.unverified_evicted += 1
+            self._forget(victim)
+        node = table.add(a.name, a.addr, a.incarnation, a.meta, now, verified)
         self._prober.add(node)
+        if not verified:
+            self._verifier.learned(node, now)
         return node
+
+    def _forget(self, node: Node) -> None:
+        """Drop a never-verified member (not remembered as reaped: if real, it comes back)."""
+        self._table.remove(node)
+        self._store.forget(node.name)
+        self._emit(MemberReaped(node.snapshot()))
+
+    def _verify_ping(self, node: Node) -> None:
+        self.stats.verify_pings += 1
+        self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
+
+    def _unverifiable(self, node: Node, now: float) -> None:
+        """``node`` never answered its verification pings: drop it in a flood, else suspect it."""
+        if self._table.unverified > self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR:
+            self.stats.unverified_dropped += 1
+            self._verifier.dropped(node.name, now)
+            self._forget(node)
+        else:
+            self.stats.unverified_suspected += 1
+            self._on_suspect(Suspect(node.name, node.incarnation, self.name), now)
 
     def _add_gone(self, r: MemberRecord, now: float) -> None:
         """Record a member first heard of as DEAD or LEFT (from a push-pull)."""
@@ -641,9 +742,7 @@ class Membership:
     def _refute(self, accused: int) -> None:
         """Beat an accusation about ourselves with a higher incarnation (memberlist refute)."""
         me = self._me
-        inc = me.incarnation + 1
-        if accused >= inc:
-            inc = accused + 1
+        inc = counter_step(max(me.incarnation, accused))  # never past what peers accept
         me.incarnation = inc
         self.stats.refutes += 1
         if self._lifeguard:
@@ -657,16 +756,21 @@ class Membership:
             if state != ALIVE:
                 self._stale_accusation = True
             return
+        if incarnation - me.incarnation > MAX_COUNTER_STEP:
+            self.stats.out_of_range += 1  # forged: peers refuse it too (members.can_change)
+            return
         if me.state == LEFT:
             return  # leave() marked us LEFT; we are not coming back in this life
         if a is not None and incarnation == me.incarnation and a.meta == me.meta and a.addr == me.addr:
             return  # our own Alive, echoed back
         self._refute(incarnation)  # an accusation, or an earlier life speaking for us: outbid it
 
-    def _on_alive(self, a: Alive, now: float, priority: int, spread_new: bool = True) -> None:
+    def _on_alive(
+        self, a: Alive, now: float, priority: int, spread_new: bool = True, verified: bool = False
+    ) -> None:
         node = self._table.get(a.name)
         if node is None:
-            node = self._add_node(a, now)
+            node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
                     self._enqueue(a, a.name, priority)
@@ -675,6 +779,8 @@ class Membership:
         if node is self._me:
             self._about_me(ALIVE, a.incarnation, a)
             return
+        if verified:
+            self._table.verify(node)
         if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
             return
         node.suspicion = None
@@ -686,6 +792,8 @@ class Membership:
         if old_state != ALIVE:
             self._table.set_state(node, ALIVE, now)
         if old_state in (DEAD, LEFT):
+            if not node.verified:
+                self._verifier.learned(node, now)
             self._emit(MemberJoined(node.snapshot()))
             return
         if old_state == SUSPECT:
@@ -770,7 +878,10 @@ class Membership:
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
         self._table.set_state(node, state, now)
-        self._timers.schedule(now + self.config.dead_member_ttl, Reap(node, now))
+        ttl = self.config.dead_member_ttl
+        if not node.verified:
+            ttl = min(ttl, UNVERIFIED_GONE_TTL)  # only heard of: do not keep a phantom 24 h
+        self._timers.schedule(now + ttl, Reap(node, now))
         self._emit(MemberLeft(node.snapshot()) if state == LEFT else MemberFailed(node.snapshot()))
 
     # ------------------------------------------------------------ replicated state and user messages
@@ -785,15 +896,22 @@ class Membership:
         if msg.owner not in self._table.by_name:
             self.stats.dropped += 1  # we will learn its map by push-pull once we know it
             return
-        rejected = self._store.rejected
         if self._store.apply(msg):
             self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
-        self.stats.state_rejected += self._store.rejected - rejected
+        self._count_store()
 
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
         for update in self._store.reconcile_own(entries):
             self._enqueue(update, (self.name, update.key), PRIORITY_STATE)
+        self._count_store()
+
+    def _count_store(self) -> None:
+        """Move the store's refusal counters into the stats."""
+        store, stats = self._store, self.stats
+        stats.state_rejected += store.rejected - self._store_seen[0]
+        stats.out_of_range += store.out_of_range - self._store_seen[1]
+        self._store_seen = (store.rejected, store.out_of_range)
 
     def _remember_user(self, key: tuple[str, int]) -> None:
         seen = self._user_seen
@@ -850,18 +968,24 @@ class Membership:
         if counts[ALIVE] + counts[SUSPECT] == 0:
             for seed in self._seeds:
                 self._request_push_pull(seed, join=True)
-        num_dead = counts[DEAD]
-        if num_dead == 0:
+        # Left members are re-checked too (Serf reconnects only failed ones): a
+        # forged leave must not stick. A live member answers the push-pull,
+        # sees itself LEFT in it and refutes; a departed one fails the stream.
+        num_gone = counts[DEAD] + counts[LEFT]
+        if num_gone == 0:
             return
-        # Serf reconnect: try a random failed member with probability dead / alive.
-        if self._rng.random() > num_dead / (counts[ALIVE] + counts[SUSPECT] + 1):
+        # Serf reconnect: try a random gone member with probability gone / alive.
+        if self._rng.random() > num_gone / (counts[ALIVE] + counts[SUSPECT] + 1):
             return
-        picked = self._table.k_random(1, lambda n: n.state == DEAD, self._rng)
+        picked = self._table.k_random(1, lambda n: n.state >= DEAD, self._rng)
         if picked:
             self._request_push_pull(picked[0].addr, join=False)
 
-    def _merge(self, remote: PushPull, now: float) -> None:
-        """Merge a remote full state (memberlist mergeState, plus replicated maps)."""
+    def _merge(self, remote: PushPull, now: float, src_host: str) -> None:
+        """Merge a remote full state (memberlist mergeState, plus replicated maps).
+
+        The sender's own record is verified when it comes from the sender's host.
+        """
         if self._left:
             return
         by_name = self._table.by_name
@@ -869,6 +993,9 @@ class Membership:
         fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
+            direct = r.name == remote.source and r.addr[0] == src_host
+            if direct and node is not None:
+                self._table.verify(node)
             if r.state == ALIVE:
                 if node is not None and node is not me and not can_change(
                     node.state, node.incarnation, ALIVE, r.incarnation
@@ -876,7 +1003,7 @@ class Membership:
                     continue  # nothing new: skip building the message
                 alive = Alive(r.name, r.incarnation, r.addr, r.meta)
                 spread = node is not None or r.name == remote.source
-                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread)
+                self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread, verified=direct)
                 if not spread and r.name in by_name:
                     fresh.append(alive)
             elif node is None:
@@ -897,7 +1024,6 @@ class Membership:
             fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
         for alive in fresh:
             self._enqueue(alive, alive.name, PRIORITY_MERGED)
-        rejected = self._store.rejected
         for owner, entries in remote.states:
             if owner == self.name:
                 self._assert_own_state(entries)
@@ -906,5 +1032,5 @@ class Membership:
                     self._emit(StateChanged(owner, e.key, e.value, e.version, e.deleted))
             else:
                 self.stats.dropped += 1
-        self.stats.state_rejected += self._store.rejected - rejected
+        self._count_store()
 

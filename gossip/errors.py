@@ -35,3 +35,7 @@ class KeyringError(LocalError):
 
 class BroadcastTooLarge(LocalError):
     """A broadcast, metadata or state entry can never fit in one datagram or the state budget."""
+
+
+class CounterExhausted(LocalError):
+    """Our incarnation or state version is at ``codec.MAX_COUNTER``: it cannot grow further."""

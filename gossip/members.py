@@ -25,13 +25,20 @@ LEFT        held ALIVE, SUSPECT or DEAD at an incarnation not newer
             (a leave is recorded even over a death, never the reverse)
 ==========  ========================================================
 
+No record replaces ours when its incarnation is more than
+``codec.MAX_COUNTER_STEP`` ahead of the one we hold: honest incarnations move
+by one per refutation, so such a jump is forged, and accepting it would let one
+record spend the incarnation range (``codec.MAX_COUNTER``) that the member
+needs to refute.
+
 Nothing replaces a LEFT but an Alive at a newer incarnation. A SUSPECT
 record at the incarnation of the suspicion we hold does not replace it: the
 core counts it as a confirmation (``suspicion.py``). Records about ourselves
 never replace ours: the core refutes them by raising its own incarnation.
 
 The table keeps every member by name, the others (not us) in a list for O(1)
-random picks, and a count per state for the cluster-size estimate.
+random picks, a count per state for the cluster-size estimate, and a count of
+the members never heard from directly (``verify.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from .codec import MAX_COUNTER_STEP
 from .events import Member
 from .messages import Address, MemberState
 from .suspicion import Suspicion
@@ -54,6 +62,8 @@ def can_change(held: MemberState, held_incarnation: int, incoming: MemberState, 
 
     See the module docstring for the rules.
     """
+    if incarnation - held_incarnation > MAX_COUNTER_STEP:
+        return False
     if incoming == ALIVE:
         return incarnation > held_incarnation
     if incarnation < held_incarnation:
@@ -68,7 +78,9 @@ def can_change(held: MemberState, held_incarnation: int, incoming: MemberState, 
 class Node:
     """Our mutable record of one member (``Member`` is its frozen snapshot)."""
 
-    __slots__ = ("name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index")
+    __slots__ = (
+        "name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index", "verified", "learned",
+    )
 
     def __init__(self, name: str, addr: Address, incarnation: int, state: MemberState, meta: bytes, now: float):
         self.name = name
@@ -79,6 +91,8 @@ class Node:
         self.state_change = now
         self.suspicion: Suspicion | None = None
         self.index = -1  # position in MemberTable.others; -1 for ourselves or once removed
+        self.verified = True  # heard from directly (verify.py); MemberTable.add decides for others
+        self.learned = now  # when we first heard of it
 
     def snapshot(self) -> Member:
         return Member(self.name, self.addr, self.incarnation, self.state, self.meta, self.state_change)
@@ -87,13 +101,14 @@ class Node:
 class MemberTable:
     """Every member we know, ourselves included (``me``), dead and left ones until reaped."""
 
-    __slots__ = ("me", "by_name", "others", "counts")
+    __slots__ = ("me", "by_name", "others", "counts", "unverified")
 
     def __init__(self, me: Node) -> None:
         self.me = me
         self.by_name: dict[str, Node] = {me.name: me}
         self.others: list[Node] = []  # everyone but us, for random picks
         self.counts = [0, 0, 0, 0]  # others, by MemberState
+        self.unverified = 0  # others never heard from directly
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -105,9 +120,13 @@ class MemberTable:
         """Cluster size as memberlist estimates it: members not dead or left, us included."""
         return 1 + self.counts[ALIVE] + self.counts[SUSPECT]
 
-    def add(self, name: str, addr: Address, incarnation: int, meta: bytes, now: float) -> Node:
+    def add(
+        self, name: str, addr: Address, incarnation: int, meta: bytes, now: float, verified: bool = False
+    ) -> Node:
         """Add another member, ALIVE."""
         node = Node(name, addr, incarnation, ALIVE, meta, now)
+        node.verified = verified
+        self.unverified += not verified
         self.by_name[name] = node
         node.index = len(self.others)
         self.others.append(node)
@@ -122,6 +141,19 @@ class MemberTable:
             last.index = node.index
         node.index = -1
         self.counts[node.state] -= 1
+        self.unverified -= not node.verified
+
+    def verify(self, node: Node) -> None:
+        """We heard from ``node`` directly."""
+        if not node.verified:
+            node.verified = True
+            if node.index >= 0:
+                self.unverified -= 1
+
+    def oldest_unverified(self) -> Node | None:
+        """The unverified member to evict first: gone before live, then the oldest learned."""
+        candidates = [n for n in self.others if not n.verified]
+        return min(candidates, key=lambda n: (n.state < DEAD, n.learned), default=None)
 
     def set_state(self, node: Node, state: MemberState, now: float) -> None:
         if node is not self.me:

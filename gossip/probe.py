@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .awareness import Awareness
+from .codec import MAX_UINT64
 from .config import GossipConfig
 from .members import ALIVE, SUSPECT, MemberTable, Node
 from .messages import Ack, Address, Alive, Message, Nack, Ping, PingReq, Suspect
@@ -117,7 +118,7 @@ class Prober:
         plist[offset], plist[-1] = plist[-1], plist[offset]
 
     def next_seq(self) -> int:
-        self._seq += 1
+        self._seq = (self._seq + 1) & MAX_UINT64  # wraps: only recent numbers are awaited
         return self._seq
 
     def stop(self) -> None:

@@ -14,19 +14,40 @@ cluster remembers. When it sees an entry about itself with a version above its
 counter, it jumps the counter past it and re-asserts its current map (each key
 re-stamped, tombstones for keys it no longer has) so its present view wins.
 
-Each owner's map is bounded by ``max_bytes`` (msgpack size of its entries,
-tombstones included); a local change over budget raises, a remote one is
+Each owner's map is bounded twice: by ``max_bytes`` (msgpack size of its
+entries, tombstones included) and by ``max_memory``, the Python objects its
+entries occupy here (:func:`entry_memory`: packed bytes do not bound memory, a
+1 KB entry can decode to 64 KB). Every remote map together is bounded by
+``max_total_memory``. A local change over budget raises, a remote one is
 rejected and counted.
+
+Ranges: versions stay within ``codec.MAX_COUNTER``; stamping saturates there
+(a local change then raises :class:`CounterExhausted`). A remote entry whose
+version is more than ``codec.MAX_COUNTER_STEP`` above the highest we hold for
+its owner (for ourselves: above our counter) is forged and refused, counted in
+``out_of_range``: one record must not spend the owner's version range.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import msgpack
 
-from .errors import BroadcastTooLarge
+from .codec import MAX_COUNTER, MAX_COUNTER_STEP, value_memory
+from .errors import BroadcastTooLarge, CounterExhausted
 from .messages import StateEntry, StateUpdate, StateValue
+
+# Memory of one stored entry besides its key and value: the slotted StateEntry
+# (72 bytes on CPython 3.11+), its version int (32) and its slots in the map's
+# three dicts (entries, sizes, memories: ~50 each with their size ints). Rounded up.
+ENTRY_OVERHEAD = 256
+
+
+def entry_memory(key: str, value: StateValue) -> int:
+    """Bytes of Python objects one stored entry occupies (the memory budgets count this)."""
+    return ENTRY_OVERHEAD + sys.getsizeof(key) + value_memory(value)
 
 
 def entry_size(key: str, version: int, value: StateValue, deleted: bool) -> int:
@@ -43,33 +64,55 @@ def _same(a: StateEntry, b: StateEntry) -> bool:
 
 
 class _OwnerMap:
-    __slots__ = ("entries", "sizes", "total", "max_version")
+    __slots__ = ("entries", "sizes", "memories", "total", "memory", "max_version")
 
     def __init__(self) -> None:
         self.entries: dict[str, StateEntry] = {}
         self.sizes: dict[str, int] = {}
+        self.memories: dict[str, int] = {}
         self.total = 0
+        self.memory = 0
         self.max_version = 0
 
-    def put(self, entry: StateEntry, size: int) -> None:
+    def put(self, entry: StateEntry, size: int, memory: int) -> int:
+        """Store ``entry``; return the change in memory."""
         self.total += size - self.sizes.get(entry.key, 0)
+        grown = memory - self.memories.get(entry.key, 0)
+        self.memory += grown
         self.entries[entry.key] = entry
         self.sizes[entry.key] = size
+        self.memories[entry.key] = memory
         if entry.version > self.max_version:
             self.max_version = entry.version
+        return grown
 
 
 class StateStore:
     """Every owner's map as known here, the local owner's included."""
 
-    __slots__ = ("_local", "_max_bytes", "_maps", "_version", "rejected")
+    __slots__ = (
+        "_local", "_max_bytes", "_max_memory", "_max_total_memory", "_maps", "_version",
+        "remote_memory", "rejected", "out_of_range",
+    )
 
-    def __init__(self, local_owner: str, max_bytes: int, version: int = 0) -> None:
+    def __init__(
+        self,
+        local_owner: str,
+        max_bytes: int,
+        version: int = 0,
+        *,
+        max_memory: int = 64 * 1024,
+        max_total_memory: int = 32 * 1024 * 1024,
+    ) -> None:
         self._local = local_owner
         self._max_bytes = max_bytes
+        self._max_memory = max_memory
+        self._max_total_memory = max_total_memory
         self._maps: dict[str, _OwnerMap] = {local_owner: _OwnerMap()}
-        self._version = version
+        self._version = min(version, MAX_COUNTER)
+        self.remote_memory = 0  # entry_memory of every remote map together
         self.rejected = 0  # remote entries or maps refused for being over budget
+        self.out_of_range = 0  # remote entries refused for a forged version jump
 
     @property
     def version(self) -> int:
@@ -90,13 +133,19 @@ class StateStore:
         return self._stamp(key, None, deleted=True)
 
     def _stamp(self, key: str, value: StateValue, deleted: bool, force: bool = False) -> StateUpdate:
+        if self._version >= MAX_COUNTER:
+            raise CounterExhausted("state version at its maximum")
         version = self._version + 1
         size = entry_size(key, version, value, deleted)
+        memory = entry_memory(key, value)
         own = self._maps[self._local]
-        if not force and own.total - own.sizes.get(key, 0) + size > self._max_bytes:
-            raise BroadcastTooLarge(f"replicated state would exceed {self._max_bytes} bytes")
+        if not force:
+            if own.total - own.sizes.get(key, 0) + size > self._max_bytes:
+                raise BroadcastTooLarge(f"replicated state would exceed {self._max_bytes} bytes")
+            if own.memory - own.memories.get(key, 0) + memory > self._max_memory:
+                raise BroadcastTooLarge(f"replicated state would exceed {self._max_memory} bytes of memory")
         self._version = version
-        own.put(StateEntry(key, version, value, deleted), size)
+        own.put(StateEntry(key, version, value, deleted), size, memory)
         return StateUpdate(self._local, version, key, value, deleted)
 
     def reconcile_own(self, remote: Iterable[StateEntry]) -> list[StateUpdate]:
@@ -106,9 +155,20 @@ class StateStore:
         it and re-stamp our whole map. Any other entry that disagrees with
         ours (a key we no longer have, or an older life's value) is re-stamped
         too, as a tombstone if we do not have the key. Entries equal to ours,
-        or older than ours, need nothing. Never raises: it runs on network input.
+        or older than ours, need nothing. An entry more than MAX_COUNTER_STEP
+        above our counter is forged and ignored (counted). Never raises: it
+        runs on network input.
         """
-        remote = list(remote)
+        try:
+            return self._reconcile(list(remote))
+        except CounterExhausted:
+            self.rejected += 1  # unreachable without ~2**31 forged jumps; refuse, stay up
+            return []
+
+    def _reconcile(self, remote: list[StateEntry]) -> list[StateUpdate]:
+        plausible = [e for e in remote if e.version - self._version <= MAX_COUNTER_STEP]
+        self.out_of_range += len(remote) - len(plausible)
+        remote = plausible
         own = self._maps[self._local]
         updates: list[StateUpdate] = []
         done: set[str] = set()
@@ -148,27 +208,42 @@ class StateStore:
 
         A map whose total size is over budget is rejected whole (counted).
         """
-        sized = [(e, entry_size(e.key, e.version, e.value, e.deleted)) for e in entries]
-        if sum(size for _, size in sized) > self._max_bytes:
-            self.rejected += 1
-            return []
-        return [e for e, size in sized if self._apply(owner, e, size)]
+        entries = list(entries)
+        total = 0
+        for e in entries:
+            total += entry_size(e.key, e.version, e.value, e.deleted)
+            if total > self._max_bytes:
+                self.rejected += 1
+                return []
+        return [e for e in entries if self._apply(owner, e)]
 
-    def _apply(self, owner: str, entry: StateEntry, size: int | None = None) -> bool:
+    def _apply(self, owner: str, entry: StateEntry) -> bool:
         if owner == self._local:
             return False
         owned = self._maps.get(owner)
-        if owned is None:
-            owned = self._maps[owner] = _OwnerMap()
-        current = owned.entries.get(entry.key)
+        current = owned.entries.get(entry.key) if owned is not None else None
         if current is not None and current.version >= entry.version:
             return False
-        if size is None:
-            size = entry_size(entry.key, entry.version, entry.value, entry.deleted)
-        if owned.total - owned.sizes.get(entry.key, 0) + size > self._max_bytes:
+        if entry.version - (owned.max_version if owned is not None else 0) > MAX_COUNTER_STEP:
+            self.out_of_range += 1
+            return False
+        size = entry_size(entry.key, entry.version, entry.value, entry.deleted)
+        memory = entry_memory(entry.key, entry.value)
+        if owned is None:
+            old_size = old_memory = total = held = 0
+        else:
+            old_size, old_memory = owned.sizes.get(entry.key, 0), owned.memories.get(entry.key, 0)
+            total, held = owned.total, owned.memory
+        if (
+            total - old_size + size > self._max_bytes
+            or held - old_memory + memory > self._max_memory
+            or self.remote_memory - old_memory + memory > self._max_total_memory
+        ):
             self.rejected += 1
             return False
-        owned.put(entry, size)
+        if owned is None:
+            owned = self._maps[owner] = _OwnerMap()
+        self.remote_memory += owned.put(entry, size, memory)
         return True
 
     # --- reading ---------------------------------------------------------------
@@ -197,4 +272,6 @@ class StateStore:
     def forget(self, owner: str) -> None:
         """Drop a (reaped) owner's map."""
         if owner != self._local:
-            self._maps.pop(owner, None)
+            owned = self._maps.pop(owner, None)
+            if owned is not None:
+                self.remote_memory -= owned.memory

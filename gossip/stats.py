@@ -30,6 +30,18 @@ class Stats:
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
+    # Records about us, or state entries, whose incarnation / version jumps more
+    # than codec.MAX_COUNTER_STEP ahead: forged, refused.
+    out_of_range: int = 0
+    push_pull_capped: int = 0  # our push-pull frames cut to fit max_stream_bytes
+    # Members never heard from directly (verify.py): refused over the ceiling,
+    # evicted for a verified one, dropped (in a flood) or suspected after
+    # failed verification pings.
+    unverified_refused: int = 0
+    unverified_evicted: int = 0
+    unverified_dropped: int = 0
+    unverified_suspected: int = 0
+    verify_pings: int = 0
 
     def __getitem__(self, name: str) -> int:
         value: int = getattr(self, name)

@@ -14,6 +14,7 @@ from gossip import codec
 from gossip.codec import (
     DATAGRAM_HEADER_BYTES,
     MAX_CONTAINER_ITEMS,
+    MAX_COUNTER,
     MAX_DATAGRAM_INPUT_BYTES,
     MAX_HOST_BYTES,
     MAX_KEY_BYTES,
@@ -24,12 +25,14 @@ from gossip.codec import (
     MAX_STATE_ENTRIES,
     MAX_VALUE_BYTES,
     MAX_VALUE_DEPTH,
+    MAX_VALUE_MEMORY,
     PROTOCOL_VERSION,
     decode_datagram,
     decode_frame,
     encode_datagram,
     encode_frame,
     encoded_size,
+    value_memory,
 )
 from gossip.config import MAX_DATAGRAM_BYTES, MAX_META_BYTES
 from gossip.errors import BroadcastTooLarge, DecodeError
@@ -59,6 +62,7 @@ names = st.text(min_size=1, max_size=MAX_NAME_BYTES // 4)  # <= 4 UTF-8 bytes pe
 hosts = st.text(min_size=1, max_size=MAX_HOST_BYTES // 4)
 keys = st.text(min_size=1, max_size=MAX_KEY_BYTES // 4)
 uint64 = st.integers(min_value=0, max_value=2**64 - 1)
+counters = st.integers(min_value=0, max_value=MAX_COUNTER)  # incarnations, state versions
 addrs = st.tuples(hosts, st.integers(min_value=0, max_value=65_535))
 metas = st.binary(max_size=MAX_META_BYTES)
 
@@ -94,14 +98,14 @@ values = st.recursive(
 def state_updates(draw: st.DrawFn) -> StateUpdate:
     deleted = draw(st.booleans())
     value = None if deleted else draw(values)
-    return StateUpdate(draw(names), draw(uint64), draw(keys), value, deleted)
+    return StateUpdate(draw(names), draw(counters), draw(keys), value, deleted)
 
 
 @st.composite
 def state_entries(draw: st.DrawFn) -> StateEntry:
     deleted = draw(st.booleans())
     value = None if deleted else draw(values)
-    return StateEntry(draw(keys), draw(uint64), value, deleted)
+    return StateEntry(draw(keys), draw(counters), value, deleted)
 
 
 datagram_messages: st.SearchStrategy[Message] = st.one_of(
@@ -109,14 +113,14 @@ datagram_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ack, uint64, names),
     st.builds(Nack, uint64, names),
     st.builds(PingReq, uint64, names, addrs, names, addrs, st.booleans()),
-    st.builds(Alive, names, uint64, addrs, metas),
-    st.builds(Suspect, names, uint64, names),
-    st.builds(Dead, names, uint64, names),
+    st.builds(Alive, names, counters, addrs, metas),
+    st.builds(Suspect, names, counters, names),
+    st.builds(Dead, names, counters, names),
     state_updates(),
     st.builds(UserBroadcast, names, uint64, st.binary(max_size=MAX_PAYLOAD_BYTES)),
 )
 
-member_records = st.builds(MemberRecord, names, addrs, uint64, st.sampled_from(MemberState), metas)
+member_records = st.builds(MemberRecord, names, addrs, counters, st.sampled_from(MemberState), metas)
 push_pulls = st.builds(
     PushPull,
     names,
@@ -192,11 +196,12 @@ def test_decoded_member_state_and_addresses_have_the_dataclass_types() -> None:
 def test_limits_themselves_are_accepted() -> None:
     msgs: list[Message] = [
         Alive(
-            "n" * MAX_NAME_BYTES, 2**64 - 1, ("h" * MAX_HOST_BYTES, 65_535), b"m" * MAX_META_BYTES
+            "n" * MAX_NAME_BYTES, MAX_COUNTER, ("h" * MAX_HOST_BYTES, 65_535), b"m" * MAX_META_BYTES
         ),
         UserBroadcast("o", 0, b"p" * MAX_PAYLOAD_BYTES),
         StateUpdate("o", 1, "k" * MAX_KEY_BYTES, nested(MAX_VALUE_DEPTH)),
-        StateUpdate("o", 1, "k", ["x"] * MAX_CONTAINER_ITEMS),
+        StateUpdate("o", 1, "k", [None] * MAX_CONTAINER_ITEMS),
+        StateUpdate("o", 1, "k", ["x" * 60] * 340),  # ~39 KiB of memory: under MAX_VALUE_MEMORY
         StateUpdate("o", 1, "k", "s" * MAX_VALUE_BYTES),
     ]
     assert decode_datagram(encode_datagram(msgs)) == msgs
@@ -378,6 +383,8 @@ MALFORMED: dict[str, list[Any]] = {
     "bool seq": [Ack(True, "a")],
     "negative seq": [Ack(-1, "a")],
     "seq beyond uint64": [Nack(2**64, "a")],
+    "incarnation beyond MAX_COUNTER": [Suspect("a", MAX_COUNTER + 1, "s")],
+    "version beyond MAX_COUNTER": [StateUpdate("o", MAX_COUNTER + 1, "k", 1)],
     "empty source": [Ack(1, "")],
     "name too long": [Suspect("n" * (MAX_NAME_BYTES + 1), 1, "s")],
     "addr as list": [Alive("n", 1, ["h", 1], b"")],  # type: ignore[arg-type]
@@ -407,6 +414,7 @@ OVERSIZED: dict[str, list[Any]] = {
     "payload": [UserBroadcast("o", 1, b"p" * (MAX_PAYLOAD_BYTES + 1))],
     "value string": [StateUpdate("o", 1, "k", "s" * (MAX_VALUE_BYTES + 1))],
     "value list": [StateUpdate("o", 1, "k", [0] * (MAX_CONTAINER_ITEMS + 1))],
+    "value memory": [StateUpdate("o", 1, "k", [[]] * MAX_CONTAINER_ITEMS)],  # ~1 KB packed
     "message count": [Ack(1, "a")] * (MAX_MESSAGES_PER_DATAGRAM + 1),
     "datagram bytes": [UserBroadcast("o", 1, b"p" * MAX_PAYLOAD_BYTES)] * 64,
 }
@@ -416,6 +424,18 @@ OVERSIZED: dict[str, list[Any]] = {
 def test_encoder_raises_broadcast_too_large_for_oversized_content(msgs: list[Any]) -> None:
     with pytest.raises(BroadcastTooLarge):
         encode_datagram(msgs)
+
+
+def test_value_memory_is_bounded_at_the_decoder() -> None:
+    bomb = [[]] * MAX_CONTAINER_ITEMS  # ~3 KB packed, ~64 KB decoded
+    assert value_memory(bomb) > MAX_VALUE_MEMORY
+    raw = bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "o", 1, "k", bomb, False]])
+    assert len(raw) < 1100
+    with pytest.raises(DecodeError, match="memory"):
+        decode_datagram(raw)
+    deep_but_small = [[[[[]]]]] * 100
+    assert value_memory(deep_but_small) < MAX_VALUE_MEMORY
+    decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "o", 1, "k", deep_but_small, False]]))
 
 
 def test_encoded_size_applies_the_same_checks() -> None:

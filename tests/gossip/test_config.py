@@ -41,6 +41,8 @@ COUNTS = (
     "max_broadcast_queue",
     "max_user_broadcast_queue",
     "max_state_bytes",
+    "max_state_memory",
+    "max_total_state_memory",
     "max_stream_bytes",
 )
 

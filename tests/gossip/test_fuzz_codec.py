@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gossip.codec import (
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
     PROTOCOL_VERSION,
     decode_datagram,
     decode_frame,
@@ -43,6 +45,11 @@ ODD_VALUES: list[Any] = [
     -1,
     2**64 - 1,
     -(2**63),
+    MAX_COUNTER,  # the incarnation / version ceiling, and just past it
+    MAX_COUNTER + 1,
+    MAX_COUNTER_STEP + 1,
+    [[]] * 1000,  # ~1 KB packed, ~64 KB decoded: over MAX_VALUE_MEMORY
+    [[[]]] * 300,
     65_536,
     1.5,
     float("nan"),
@@ -132,7 +139,8 @@ def mutate_tree(node: Any, rng: random.Random, depth: int = 0) -> Any:
             node[i] = rng.choice(ODD_VALUES)
         return node
     if isinstance(node, int) and not isinstance(node, bool) and rng.random() < 0.5:
-        shifted = rng.choice([node + 1, node - 1, -node - 1, 2**64 - 1, 2**63, 0, 1, 10, 11])
+        near_limits = [MAX_COUNTER - 1, MAX_COUNTER, MAX_COUNTER + 1, MAX_COUNTER_STEP, MAX_COUNTER_STEP + 1]
+        shifted = rng.choice([node + 1, node - 1, -node - 1, 2**64 - 1, 2**63, 0, 1, 10, 11, *near_limits])
         return min(max(shifted, -(2**63)), 2**64 - 1)  # stay packable
     return rng.choice(ODD_VALUES)
 

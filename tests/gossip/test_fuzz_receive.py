@@ -8,16 +8,28 @@ right key so they reach the decoder, plus some unsealed or resealed under
 another cluster name. After every input: no exception, the member table is
 internally consistent, and an input that was counted as undecodable left the
 member list exactly as it was. The total fed is asserted >= 100,000.
+
+The corpus includes inputs at the range limits (incarnations and versions at
+and just past ``MAX_COUNTER``, jumps just past ``MAX_COUNTER_STEP``, values
+over the memory limit), packed raw so the encoder's checks do not stop them;
+after every input our incarnation and state version stay within range.
 """
 
 from __future__ import annotations
 
 import random
 
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossip.codec import encode_datagram, encode_frame
+from gossip.codec import (
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
+    PROTOCOL_VERSION,
+    encode_datagram,
+    encode_frame,
+)
 from gossip.config import lan
 from gossip.core import Membership
 from gossip.messages import (
@@ -64,7 +76,16 @@ def corpus() -> tuple[list[bytes], list[bytes]]:
                  ((p0, (StateEntry("k", 1, [1, 2.5, "x"]), StateEntry("d", 2, None, True))),)),
         PushPull(p1, False, False, (MemberRecord("me", ("10.0.0.1", 7946), 5, MemberState.DEAD, b""),), ()),
     ]
-    return [encode_datagram(d) for d in datagrams], [encode_frame(f) for f in frames]
+    top, jump = MAX_COUNTER, MAX_COUNTER_STEP + 1
+    raw_datagrams = [  # past what the encoder allows: packed directly
+        [[6, "me", 2**64 - 1, p0], [7, p1, top + 1, p0]],
+        [[6, "me", top, p0], [5, "me", jump, ["10.0.0.9", 1], b""], [7, p0, jump + 1, p1]],
+        [[8, "me", top, "zz", None, False], [8, p0, jump + 1, "k", 1, False]],
+        [[8, p0, 3, "k0", [[]] * 1000, False], [8, p1, 4, "k1", [[]] * 300, False]],
+        [[5, p0, top, ["10.0.0.9", 1], b""], [6, p1, top - 1, p0]],
+    ]
+    raw = [bytes((PROTOCOL_VERSION,)) + msgpack.packb(d, use_bin_type=True) for d in raw_datagrams]
+    return [encode_datagram(d) for d in datagrams] + raw, [encode_frame(f) for f in frames]
 
 
 def mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
@@ -96,6 +117,10 @@ def table_is_consistent(core: Membership) -> None:
     assert len(names) == len(set(names))
     me = core.local_member
     assert me.name == "me" and me.state == MemberState.ALIVE
+    assert 0 <= me.incarnation <= MAX_COUNTER and 0 <= core._store.version <= MAX_COUNTER
+    table = core._table
+    assert table.unverified == sum(not n.verified for n in table.others)
+    assert table.unverified <= max(1, core.config.max_members // 2)
     assert core.num_alive == sum(m.state == MemberState.ALIVE for m in members)
     assert 0 <= core.health_score < core.config.awareness_max_multiplier
     # the core's private index (random picks) agrees with its table

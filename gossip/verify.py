@@ -1,0 +1,137 @@
+"""Verification of members we heard *of* but never heard *from*.
+
+Why: any key holder can announce members that do not exist (an Alive costs
+one datagram). Taken on trust, 50,000 forged names filled the member table,
+were probed one per second (each checked once per ~10,000 s) and kept 24 h
+once dead; real joiners were refused.
+
+How it works. A member is *verified* once we hear from it directly: a ping,
+ping-req, ack or nack it sends from its own address, an Alive about itself
+from its own address, or a push-pull with it (``members.Node.verified``; the
+core marks it). Members learned only from third parties start unverified:
+
+- the core keeps at most ``max_members // 2`` unverified members; beyond
+  that, new unverified ones are refused (counted), and a new *verified* one
+  (a real joiner, which push-pulls with us) evicts the oldest unverified one
+  when the table is full;
+- an unverified live member that is still unverified ``VERIFY_GRACE`` after
+  we learned of it gets a verification ping (a plain Ping; its ack, from its
+  address, verifies it). At most ``VERIFY_PINGS_PER_TICK`` go out per probe
+  tick, re-pings first. Still unverified after ``VERIFY_ATTEMPTS`` pings
+  ``VERIFY_TIMEOUT_PROBES`` probe intervals apart, it has failed. Under
+  pressure (more than ``max_members // UNVERIFIED_PRESSURE_DIVISOR``
+  unverified members: a flood) it is dropped (forgotten, not remembered as
+  reaped: if it is real, gossip brings it back); otherwise we suspect it like
+  any member whose probe failed, so a real member that crashed before we heard
+  from it still goes DEAD (MemberFailed, and its address stays quarantined);
+- a name dropped so is not taken back from third parties for
+  ``FAILED_VERIFY_MEMORY`` (other members that have not yet dropped it would
+  gossip it straight back); it is at once if the member speaks to us itself;
+- an unverified member that is DEAD or LEFT is reaped after
+  ``UNVERIFIED_GONE_TTL`` instead of ``dead_member_ttl``.
+
+Most honest members verify themselves for free within the grace period (they
+probe us, answer our probes, or push-pull with us), so verification pings are
+rare in a healthy cluster and cost nothing in a steady one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from .members import SUSPECT, Node
+
+# Time a member may stay unverified before we ping it: our own probe round,
+# its probes of us and push-pulls verify most members well within it.
+VERIFY_GRACE = 20.0
+# Pings before an unverified member is dropped, and the wait between them in
+# probe intervals: three round trips all lost is ~1e-3 at 5% loss each way.
+VERIFY_ATTEMPTS = 3
+VERIFY_TIMEOUT_PROBES = 3
+# Verification pings per probe tick: ~64 small datagrams a second at most, so
+# a forged flood of addresses cannot make us a traffic reflector, and 5,000
+# phantoms are cleared in ~4 minutes.
+VERIFY_PINGS_PER_TICK = 64
+# Unverified members beyond max_members // this mean a flood: failed ones are
+# then dropped at once rather than suspected (1,000 of the default 10,000; an
+# honest cluster has that many unverified members only while one joins a
+# cluster of over 1,000).
+UNVERIFIED_PRESSURE_DIVISOR = 10
+# How long a name that failed verification is refused from third parties: long
+# enough for every member to have run its own verification of it.
+FAILED_VERIFY_MEMORY = 600.0
+# Unverified DEAD / LEFT members are forgotten after this (verified ones after
+# dead_member_ttl, 24 h). Longer than the overlay's 10-minute address
+# quarantine (overlay.ipam DEFAULT_QUARANTINE_S), so a joiner that heard of a
+# dead owner only in a push-pull still honours its block until it is free.
+UNVERIFIED_GONE_TTL = 900.0
+
+
+def _pending(node: Node) -> bool:
+    """Still worth verifying: in the table, unverified, not dead or left."""
+    return node.index >= 0 and not node.verified and node.state <= SUSPECT
+
+
+class Verifier:
+    """The verification queue for one core. See the module docstring."""
+
+    __slots__ = ("_timeout", "_waiting", "_pinged", "_failed", "_max_failed")
+
+    def __init__(self, probe_interval: float, max_failed: int) -> None:
+        self._timeout = VERIFY_TIMEOUT_PROBES * probe_interval
+        self._waiting: deque[tuple[float, Node]] = deque()  # (learned at, node), oldest first
+        self._pinged: deque[tuple[float, Node, int]] = deque()  # (answer due, node, attempt)
+        self._failed: dict[str, float] = {}  # name -> refused until, oldest first
+        self._max_failed = max_failed
+
+    def refused(self, name: str, now: float) -> bool:
+        """Whether third-party news of ``name`` is refused (it failed verification lately)."""
+        until = self._failed.get(name)
+        if until is None:
+            return False
+        if until <= now:
+            del self._failed[name]
+            return False
+        return True
+
+    def dropped(self, name: str, now: float) -> None:
+        """``name`` failed verification and was dropped: refuse it from third parties a while."""
+        failed = self._failed
+        failed.pop(name, None)
+        failed[name] = now + FAILED_VERIFY_MEMORY
+        while len(failed) > self._max_failed:
+            del failed[next(iter(failed))]
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._pinged)
+
+    def learned(self, node: Node, now: float) -> None:
+        """An unverified live member: verify it after the grace period."""
+        self._waiting.append((now, node))
+
+    def on_tick(self, now: float, ping: Callable[[Node], None], failed: Callable[[Node], None]) -> None:
+        """Ping what is due, re-ping what did not answer, report what failed (``failed``)."""
+        budget = VERIFY_PINGS_PER_TICK
+        pinged = self._pinged
+        for _ in range(len(pinged)):
+            due, node, attempt = pinged[0]
+            if due > now or budget <= 0:
+                break
+            pinged.popleft()
+            if not _pending(node):
+                continue
+            if attempt >= VERIFY_ATTEMPTS:
+                failed(node)
+                continue
+            ping(node)
+            budget -= 1
+            pinged.append((now + self._timeout, node, attempt + 1))
+        waiting = self._waiting
+        while waiting and budget > 0 and waiting[0][0] + VERIFY_GRACE <= now:
+            _, node = waiting.popleft()
+            if not _pending(node):
+                continue
+            ping(node)
+            budget -= 1
+            pinged.append((now + self._timeout, node, 1))
