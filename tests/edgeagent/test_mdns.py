@@ -23,6 +23,7 @@ from overlay.mdns import (
     txt_record,
 )
 from testbed.loopback import LoopbackCluster
+from tests.host_tools import needs_netns
 
 OWN_ID = "a" * 32
 PEER_ID = "b" * 32
@@ -101,7 +102,7 @@ def multicast_netns() -> Iterator[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a network namespace")
+@needs_netns("ip")
 def test_agents_find_each_other_by_mdns_alone_and_ignore_other_clusters(
     multicast_netns: str,
 ) -> None:
