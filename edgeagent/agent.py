@@ -9,7 +9,9 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
    (a feature whose switch is off is not even imported); then join the seeds.
-3. Serve until SIGTERM / SIGINT or ``edgeagent leave``; then run the features' before-leave
+3. Tell systemd READY=1 (and ping its watchdog from this loop) when ``NOTIFY_SOCKET`` is set
+   (:mod:`edgeagent.systemd`). SIGHUP re-reads the log settings (``reload``), never exits.
+   Serve until SIGTERM / SIGINT or ``edgeagent leave`` (systemd hears STOPPING=1); then run the features' before-leave
    hooks (the mDNS goodbye) and leave gracefully: the core broadcasts the leave and we wait
    until it has been sent (no pending broadcasts) or :data:`LEAVE_SPREAD_TIMEOUT` passes, so
    peers record LEFT, not DEAD. Stop the features in reverse order. Exit 0.
@@ -39,6 +41,7 @@ from gossip import events as ev
 from gossip.keyring import Keyring
 from gossip.messages import Address
 
+from . import systemd
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
@@ -114,8 +117,10 @@ class Agent:
         *,
         debug_commands: bool | None = None,
         extra_features: Mapping[str, Feature] | None = None,
+        reload: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self._reload = reload  # SIGHUP: re-read and apply the log settings
         if debug_commands is None:
             debug_commands = os.environ.get(DEBUG_COMMANDS_ENV) == "1"
         self._debug_commands = debug_commands
@@ -140,9 +145,11 @@ class Agent:
         ensure_state_dir(config.state_dir)
         self._register_commands()
         await self._control.start()
+        watchdog = systemd.start_watchdog()
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self._hangup)
             identity = load_or_create_identity(config.state_dir, config.name).bumped()
             save_identity(config.state_dir, identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
@@ -159,11 +166,15 @@ class Agent:
                 await self._host.call(lambda core, now: core.join(list(config.join), now))
             self._started = True
             self._log_started(identity)
+            systemd.notify("READY=1", f"STATUS=serving as {identity.name}")
             await self._stop.wait()
+            systemd.notify("STOPPING=1")
             await self._shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if watchdog is not None:
+                watchdog.cancel()
             await self._stop_features()
             if self._driver is not None:
                 self._driver.stop()
@@ -173,6 +184,20 @@ class Agent:
     def request_stop(self) -> None:
         """Begin a graceful leave and exit (signal handlers, ``edgeagent leave``)."""
         self._stop.set()
+
+    def _hangup(self) -> None:
+        """SIGHUP (a closed terminal, ``systemctl reload``): re-read the log settings, go on."""
+        try:
+            if self._reload is not None:
+                self._reload()
+        except Exception as exc:  # a broken config file must not take the agent down
+            log.warning("SIGHUP: log settings not re-read", extra=fields(error=str(exc)))
+            return
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        log.info(
+            "SIGHUP: log settings re-read; other settings apply at the next start",
+            extra=fields(level=level),
+        )
 
     @property
     def started(self) -> bool:

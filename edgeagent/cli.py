@@ -32,6 +32,7 @@ COMMANDS = (
     "addresses",
     "address",
     "profiles",
+    "service",
     "demo",
 )
 

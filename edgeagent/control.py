@@ -168,8 +168,15 @@ class ControlClient:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(str(self.path))
+            except PermissionError:
+                raise AgentUnavailable(
+                    f"permission denied: {self.path} (the control socket is the agent's user's "
+                    "only): run as the agent's user or root (sudo)"
+                ) from None
             except OSError:
-                raise AgentUnavailable(f"no agent running at {self.path}") from None
+                raise AgentUnavailable(
+                    f"no agent running at {self.path}{_system_hint(self.path)}"
+                ) from None
             try:
                 sock.sendall(request)
                 reply = _read_line(sock)
@@ -190,6 +197,15 @@ class ControlClient:
         if not answer["ok"]:
             raise ControlError(str(answer.get("error", "unknown error")))
         return answer.get("result")
+
+
+def _system_hint(path: Path) -> str:
+    """Point a normal user at the system agent (root's state dir) when they missed it."""
+    from .config.schema import ROOT_STATE_DIR
+
+    if os.geteuid() == 0 or ROOT_STATE_DIR in path.parents or not ROOT_STATE_DIR.is_dir():
+        return ""
+    return f" (a system agent keeps its socket in {ROOT_STATE_DIR}: run as root, or --state-dir)"
 
 
 def _read_line(sock: socket.socket) -> bytes:

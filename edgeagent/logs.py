@@ -25,12 +25,17 @@ Tracebacks are folded into the same line (``exc="..."`` with escaped
 newlines, or an ``"exc"`` member), so every record is exactly one line. A
 field whose name collides with ts/level/logger/msg/exc is written as
 ``field.NAME``; a ``(host, port)`` address is written ``host:port``.
+
+Under systemd, when stderr is the journal (``JOURNAL_STREAM`` names stderr's device and inode,
+systemd.exec(5)), each line starts with its syslog priority, ``<3>`` error, ``<4>`` warning,
+``<6>`` info, ``<7>`` debug (sd-daemon(3)), so ``journalctl -p warning`` filters by level.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -44,6 +49,15 @@ LEVELS = {
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
+}
+JOURNAL_STREAM_ENV = "JOURNAL_STREAM"  # "DEVICE:INODE" of the stream systemd connected to journald
+# syslog(3) priorities, as sd-daemon(3)'s SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG prefixes.
+JOURNAL_PRIORITIES = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
 }
 _BARE_VALUE = re.compile(r"^[A-Za-z0-9_.:/@+\-\[\],]+$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -148,12 +162,48 @@ class JsonFormatter(logging.Formatter):
 FORMATTERS: dict[str, type[logging.Formatter]] = {"text": KeyValueFormatter, "json": JsonFormatter}
 
 
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (a level between two takes the more severe)."""
+    return next((p for level, p in sorted(JOURNAL_PRIORITIES.items()) if levelno <= level), 2)
+
+
+class JournalFormatter(logging.Formatter):
+    """Another formatter's line behind its journald priority prefix: ``<6>ts=... level=info``."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{journal_priority(record.levelno)}>{self.inner.format(record)}"
+
+
+def is_journal(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:
+    """True if ``stream`` is the journal stream systemd announced in ``JOURNAL_STREAM``.
+
+    The variable is inherited by children whose stderr may go elsewhere, so it is compared with
+    the stream's own device and inode, as systemd.exec(5) advises.
+    """
+    announced = (os.environ if environ is None else environ).get(JOURNAL_STREAM_ENV, "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # io.StringIO and closed streams have no fd
+        return False
+    return announced == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(
-    fmt: str = "text", level: str | int = "info", stream: IO[str] | None = None
+    fmt: str = "text",
+    level: str | int = "info",
+    stream: IO[str] | None = None,
+    *,
+    journal: bool | None = None,
 ) -> logging.Handler:
     """Send all logging to ``stream`` (default stderr) as ``fmt`` ("text" or "json") at ``level``.
 
-    Calling it again replaces the handler it installed before. Returns the handler.
+    ``journal`` adds the journald priority prefixes; None (the default) adds them when the
+    stream is the journal (:func:`is_journal`). Calling it again replaces the handler it
+    installed before. Returns the handler.
     """
     if fmt not in FORMATTERS:
         raise ValueError(f"log format must be one of {sorted(FORMATTERS)}, not {fmt!r}")
@@ -163,8 +213,12 @@ def setup_logging(
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_edgeagent", False)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(FORMATTERS[fmt]())
+    out = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(out)
+    formatter = FORMATTERS[fmt]()
+    if journal if journal is not None else is_journal(out):
+        formatter = JournalFormatter(formatter)
+    handler.setFormatter(formatter)
     handler._edgeagent = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)

@@ -15,7 +15,9 @@ def register(subparsers: Any) -> None:
         description=(
             "Run the agent in the foreground. With no options it uses the defaults and the "
             "detected firmware profile, keeps its identity and a generated cluster key in the "
-            "state dir, and finds peers by mDNS. SIGTERM or SIGINT: graceful leave, exit 0."
+            "state dir, and finds peers by mDNS. SIGTERM or SIGINT: graceful leave, exit 0. "
+            "SIGHUP: re-read log_level and log_format from the config file (flags still win); "
+            "everything else applies at the next start."
         ),
     )
     add_agent_arguments(parser)
@@ -31,4 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_format, config.log_level)
-    return asyncio.run(Agent(config).run())
+
+    def reload_logging() -> None:  # SIGHUP
+        fresh = load_config(args)
+        setup_logging(fresh.log_format, fresh.log_level)
+
+    return asyncio.run(Agent(config, reload=reload_logging).run())

@@ -6,8 +6,9 @@ member as a user broadcast prefixed :data:`KEY_OP_PREFIX`; each agent that hears
 and saves it in turn. Each member publishes the fingerprints of its keys (primary first) in
 its replicated state under :data:`KEYS_STATE_KEY`; that is how ``keys list`` counts, on how
 many alive members a key is installed or primary, and how ``use`` and ``remove`` refuse a
-step that would cut members off (unless ``force``). The CLI side and the rotation order are
-in :mod:`edgeagent.commands.keys`.
+step that would cut members off (unless ``force``). ``use`` and ``remove`` name the key by
+its fingerprint (not a secret) or carry the key; ``install`` always carries it. The CLI side
+and the rotation order are in :mod:`edgeagent.commands.keys`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +79,21 @@ def key_rows(
     return list(rows.values())
 
 
+def _key_or_fingerprint(op: str, request: Mapping[str, Any]) -> tuple[bytes | None, str]:
+    """The request's key (None when named by fingerprint) and its fingerprint."""
+    key_text, fp = request.get("key"), request.get("fingerprint")
+    if isinstance(key_text, str):
+        key = decode_key(key_text)
+        return key, fingerprint(key)
+    if op == "install" or not isinstance(fp, str):
+        raise ControlError(
+            "key: expected a base64 key" + ("" if op == "install" else " or a fingerprint")
+        )
+    if not re.fullmatch(f"[0-9a-f]{{{2 * FINGERPRINT_BYTES}}}", fp.lower()):
+        raise ControlError(f"fingerprint: expected {2 * FINGERPRINT_BYTES} hex digits")
+    return None, fp.lower()
+
+
 class Keys:
     """The ``keys`` command and the keyring operations heard from other members."""
 
@@ -108,23 +125,35 @@ class Keys:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def cmd_keys(self, request: Mapping[str, Any]) -> Any:
-        """``op``: list | install KEY | use KEY | remove KEY (``force`` skips the checks)."""
+        """``op``: list | install ``key`` | use / remove ``key`` or ``fingerprint``.
+
+        ``force`` skips the cluster safety checks.
+        """
         op = request.get("op")
         if op == "list":
             return await self.listing()
         if op not in KEY_OPS:
             raise ControlError(f"op: expected one of list, {', '.join(KEY_OPS)}")
-        key_text = request.get("key")
-        if not isinstance(key_text, str):
-            raise ControlError("key: expected a base64 key")
-        key = decode_key(key_text)
+        key, fp = _key_or_fingerprint(op, request)
         if not request.get("force"):
-            await self._check(op, key)
+            await self._check(op, fp)
+        if key is None:
+            key = await self._local_key(op, fp)
         keys = await self.apply(op, key)
-        payload = KEY_OP_PREFIX + json.dumps({"op": op, "key": key_text.strip()}).encode()
-        await self.host.broadcast(payload)
+        payload = {"op": op, "key": base64.b64encode(key).decode()}
+        await self.host.broadcast(KEY_OP_PREFIX + json.dumps(payload).encode())
         members = await self.host.num_alive()
-        return {"op": op, "fingerprint": fingerprint(key), "keys": len(keys), "members": members}
+        return {"op": op, "fingerprint": fp, "keys": len(keys), "members": members}
+
+    async def _local_key(self, op: str, fp: str) -> bytes:
+        """The key on this agent's keyring with fingerprint ``fp`` (ControlError if none)."""
+        keyring = self.host.keyring
+        local = await self.host.call(lambda core, now: tuple(keyring.keys))
+        key = next((k for k in local if fingerprint(k) == fp), None)
+        if key is None:
+            hint = "install it first" if op == "use" else "give the key itself (stdin or --file)"
+            raise ControlError(f"key {fp} is not on this agent: {hint}")
+        return key
 
     async def listing(self) -> dict[str, Any]:
         """Our keys and, for every fingerprint, on how many alive members it is installed."""
@@ -141,12 +170,11 @@ class Keys:
         local_keys, views = await self.host.call(collect)
         return {"alive": len(views), "keys": key_rows(local_keys, views)}
 
-    async def _check(self, op: str, key: bytes) -> None:
+    async def _check(self, op: str, fp: str) -> None:
         """Refuse a rotation step that would cut members off (override with force)."""
         if op == "install":
             return
         listing = await self.listing()
-        fp = fingerprint(key)
         row = next((r for r in listing["keys"] if r["fingerprint"] == fp), None)
         alive = listing["alive"]
         if op == "use":

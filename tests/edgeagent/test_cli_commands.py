@@ -19,6 +19,7 @@ import pytest
 from edgeagent.control import ControlClient, socket_path
 from edgeagent.errors import AgentUnavailable
 from testbed.loopback import LoopbackCluster
+from tests.host_tools import needs_netns
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +133,7 @@ def wait_status(state_dir: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any
             time.sleep(0.1)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the agent in a network namespace")
+@needs_netns("ip")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig: int) -> None:
     # Everything default but the state dir (root's default is /var/lib/edgeagent): name from

@@ -259,7 +259,7 @@ def test_file_value_error_names_file_key_and_expectation(tmp_path: Path) -> None
         ('name = ""\n', "name: expected a name of 1..128"),
         (
             'profile = "toaster"\n',
-            'profile: expected one of constrained, generic-x86_64, rpi-3, rpi-4, rpi-5, rpi-zero-2w, got "toaster"',
+            'profile: expected one of constrained, generic-x86_64, rpi-1, rpi-2, rpi-3, rpi-4, rpi-5, rpi-zero-2w, got "toaster"',
         ),
         ("gossip = 3\n", "gossip: expected a table, got 3"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,53 @@ def test_client_without_agent_reports_the_socket_path(state_dir: Path) -> None:
     path = socket_path(state_dir)
     with pytest.raises(AgentUnavailable, match=f"no agent running at {path}"):
         ControlClient(path).call("members")
+
+
+NOBODY = 65534  # Debian's "nobody" / "nogroup": a user who is not the agent's
+
+
+def _connect_as(uid: int, path: Path) -> str:
+    """The one-line error a client running as ``uid`` gets (a forked child drops to it)."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # 3.12+ warns on fork with threads; the child only connects
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgid(uid)
+            os.setuid(uid)
+            ControlClient(path, timeout=2).call("echo")
+            message = "connected"
+        except AgentUnavailable as exc:
+            message = str(exc)
+        finally:
+            os.write(write, message.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: drops to another uid")
+async def test_client_as_another_user_says_permission_denied(server: ControlServer) -> None:
+    server.path.parent.chmod(0o755)  # the socket's own 0600 mode is what refuses
+    message = _connect_as(NOBODY, server.path)  # fails at connect: the loop need not run
+    assert message.startswith(f"permission denied: {server.path}")
+    assert "run as the agent's user or root" in message and "no agent running" not in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may open any socket")
+async def test_client_without_access_to_the_socket_says_permission_denied(
+    server: ControlServer,
+) -> None:
+    server.path.chmod(0)
+    with pytest.raises(AgentUnavailable) as exc:
+        await asyncio.to_thread(ControlClient(server.path).call, "echo")
+    assert str(exc.value).startswith(f"permission denied: {server.path}")
+    assert "run as the agent's user or root" in str(exc.value)
 
 
 def test_duplicate_registration_is_a_bug(state_dir: Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import stat
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +21,15 @@ from testbed.loopback import LoopbackCluster
 WAIT = 60.0
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edgeagent", *args], capture_output=True, text=True, timeout=60
-    )
+        [sys.executable, "-m", "edgeagent", *args],
+        input=stdin, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def fingerprint(key_b64: str) -> str:
+    return hashlib.sha256(base64.b64decode(key_b64)).hexdigest()[:16]
 
 
 def key_rows(cluster: LoopbackCluster, index: int) -> dict[str, dict[str, Any]]:
@@ -65,35 +73,40 @@ class LivenessWatch:
 
 
 @pytest.mark.slow
-def test_rotation_across_three_agents_keeps_membership() -> None:
+def test_rotation_across_three_agents_keeps_membership(tmp_path: Path) -> None:
     with LoopbackCluster(3) as cluster:
         cluster.wait_converged(WAIT)
         old = base64.b64encode(cluster.key).decode()
-        new = cli("keys", "generate").stdout.strip()
+        key_file = tmp_path / "new.key"
+        generated = cli("keys", "generate", "--file", str(key_file))
+        new = key_file.read_text().strip()
+        assert generated.stdout.strip() == fingerprint(new)
         state_dir = str(cluster.agents[0].state_dir)
         with LivenessWatch(cluster) as watch:
-            refused = cli("keys", "use", new, "--state-dir", state_dir)
+            refused = cli("keys", "use", "-", "--state-dir", state_dir, stdin=new)
             assert refused.returncode == 2
             assert "installed on 0 of 3 alive members" in refused.stderr
             assert refused.stderr.count("\n") == 1
 
-            assert cli("keys", "install", new, "--state-dir", state_dir).returncode == 0
+            installed = cli("keys", "install", "--file", str(key_file), "--state-dir", state_dir)
+            assert installed.returncode == 0 and fingerprint(new) in installed.stdout
             new_fp = fingerprint_of(cluster, new)
+            assert new_fp == fingerprint(new)
             cluster.wait_for(
                 lambda: all(key_rows(cluster, i)[new_fp]["installed"] == 3 for i in range(3)),
                 WAIT,
                 "new key installed everywhere",
             )
-            refused = cli("keys", "remove", old, "--state-dir", state_dir)
+            refused = cli("keys", "remove", fingerprint(old), "--state-dir", state_dir)
             assert refused.returncode == 2 and "still the primary on 3 members" in refused.stderr
 
-            assert cli("keys", "use", new, "--state-dir", state_dir).returncode == 0
+            assert cli("keys", "use", new_fp, "--state-dir", state_dir).returncode == 0
             cluster.wait_for(
                 lambda: all(key_rows(cluster, i)[new_fp]["primary"] == 3 for i in range(3)),
                 WAIT,
                 "new key primary everywhere",
             )
-            assert cli("keys", "remove", old, "--state-dir", state_dir).returncode == 0
+            assert cli("keys", "remove", "--state-dir", state_dir, "-", stdin=old).returncode == 0
             cluster.wait_for(
                 lambda: all(
                     load_keyring(a.state_dir / "keyring") == [base64.b64decode(new)]
@@ -121,9 +134,60 @@ def test_generate_prints_a_fresh_base64_aes256_key() -> None:
 
 @pytest.mark.parametrize(
     ("key", "message"),
-    [("not*base64", "KEY: expected base64"), ("c2hvcnQ=", "KEY: expected base64 of 32 bytes")],
+    [
+        ("not*base64", "KEY: expected base64 on stdin"),
+        ("c2hvcnQ=", "KEY: expected base64 of 32 bytes on stdin"),
+    ],
 )
-def test_bad_key_is_one_line_and_exit_2(key: str, message: str) -> None:
-    out = cli("keys", "install", key, "--state-dir", "/nonexistent-edgeagent")
+def test_bad_key_on_stdin_is_one_line_and_exit_2(key: str, message: str) -> None:
+    out = cli("keys", "install", "--state-dir", "/nonexistent-edgeagent", stdin=key)
     assert out.returncode == 2
     assert out.stderr.startswith("edgeagent: error: " + message) and out.stderr.count("\n") == 1
+    assert key not in out.stderr  # a key-like secret is never echoed
+
+
+@pytest.mark.parametrize("op", ["install", "use", "remove"])
+def test_a_raw_key_on_argv_is_refused_in_one_line_saying_how_to_pass_it(op: str) -> None:
+    key = cli("keys", "generate").stdout.strip()
+    out = cli("keys", op, key, "--state-dir", "/nonexistent-edgeagent")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "visible to other users" in out.stderr and "--file FILE" in out.stderr
+    assert f"edgeagent keys {op} < FILE" in out.stderr and key not in out.stderr
+
+
+def test_keys_are_read_from_stdin_or_a_file_and_use_takes_a_fingerprint(
+    tmp_path: Path,
+) -> None:
+    # Parsing happens before the agent is called, so an absent agent shows a key was accepted.
+    key = cli("keys", "generate").stdout.strip()
+    (tmp_path / "k").write_text(key + "\n")
+    absent = ("--state-dir", str(tmp_path / "none"))
+    for args, stdin in [
+        (("install",), key),
+        (("install", "-"), key),
+        (("install", "--file", str(tmp_path / "k")), ""),
+        (("use", fingerprint(key)), ""),
+        (("remove", "-"), key),
+    ]:
+        out = cli("keys", *args, *absent, stdin=stdin)
+        assert out.returncode == 1 and "no agent running" in out.stderr, (args, out.stderr)
+    bad = [
+        (("install", fingerprint(key)), "install: expected - or --file FILE"),
+        (("use",), "use: give the key's FINGERPRINT"),
+        (("use", "nothex"), "use: expected a FINGERPRINT, - or --file FILE"),
+        (("install", "-", "--file", str(tmp_path / "k")), "not both"),
+        (("install", "--file", str(tmp_path / "missing")), "cannot read the key"),
+    ]
+    for args, message in bad:
+        out = cli("keys", *args, *absent)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+
+
+def test_generate_to_a_file_is_0600_and_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "new.key"
+    out = cli("keys", "generate", "--file", str(path))
+    assert out.returncode == 0 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert out.stdout.strip() == fingerprint(path.read_text().strip())
+    again = cli("keys", "generate", "--file", str(path))
+    assert again.returncode == 2 and "cannot create the key file" in again.stderr
+    assert out.stdout.strip() == fingerprint(path.read_text().strip())

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from edgeagent.logs import fields, format_value, setup_logging, with_fields
+from edgeagent.logs import fields, format_value, is_journal, setup_logging, with_fields
 
 TEXT_LINE = re.compile(
     r'^ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=\w+ logger=\S+ msg=("([^"\\]|\\.)*"|\S+)( \S+=("([^"\\]|\\.)*"|\S+))*$'
@@ -94,3 +96,46 @@ def test_bad_format_or_level_is_value_error() -> None:
 )
 def test_values_are_quoted_only_when_needed(value: object, text: str) -> None:
     assert format_value(value) == text
+
+
+def test_journal_lines_start_with_their_syslog_priority(stream: io.StringIO) -> None:
+    setup_logging("text", "debug", stream, journal=True)
+    log = logging.getLogger("edgeagent")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    lines = stream.getvalue().splitlines()
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>"]
+    assert all(TEXT_LINE.match(line[3:]) for line in lines)
+
+
+def test_json_lines_get_the_prefix_too(stream: io.StringIO) -> None:
+    setup_logging("json", "info", stream, journal=True)
+    logging.getLogger("gossip").warning("careful")
+    line = stream.getvalue()
+    assert line.startswith("<4>{") and json.loads(line[3:])["msg"] == "careful"
+
+
+def test_journal_is_detected_by_device_and_inode_of_the_stream(tmp_path: Path) -> None:
+    with (tmp_path / "log").open("w") as out, (tmp_path / "other").open("w") as other:
+        st = os.fstat(out.fileno())
+        announced = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert is_journal(out, announced)
+        assert not is_journal(other, announced)  # inherited by a child whose stderr is a file
+        assert not is_journal(out, {})
+        assert not is_journal(io.StringIO(), announced)
+
+
+def test_setup_logging_adds_the_prefix_only_on_the_journal_stream(
+    stream: io.StringIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (tmp_path / "log").open("w") as out:
+        st = os.fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        setup_logging("text", "info", out)
+        logging.getLogger("edgeagent").info("to the journal")
+        setup_logging("text", "info", stream)
+        logging.getLogger("edgeagent").info("to a pipe")
+    assert (tmp_path / "log").read_text().startswith("<6>ts=")
+    assert stream.getvalue().startswith("ts=")

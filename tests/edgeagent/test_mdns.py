@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from testbed.loopback import LoopbackCluster
+from tests.host_tools import needs_netns
 
 
 def test_zeroconf_is_not_imported_when_mdns_is_off() -> None:
@@ -38,7 +39,7 @@ def multicast_netns() -> Iterator[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a network namespace")
+@needs_netns("ip")
 def test_agents_find_each_other_by_mdns_alone_and_ignore_other_clusters(
     multicast_netns: str,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from edgeagent.cli import main
 from edgeagent.config.profiles import Profile, detect_profile, load_profiles, parse_profile
 from edgeagent.errors import ConfigError
 
-EXPECTED = {"rpi-zero-2w", "rpi-3", "rpi-4", "rpi-5", "generic-x86_64", "constrained"}
+EXPECTED = {
+    "rpi-1", "rpi-2", "rpi-zero-2w", "rpi-3", "rpi-4", "rpi-5", "generic-x86_64", "constrained"
+}  # fmt: skip
 GOOD = """\
 name = "test"
 description = "a test profile"
@@ -55,6 +58,12 @@ def test_constrained_profile_is_smaller_and_has_extras_off(profiles: dict[str, P
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
+        ("Raspberry Pi Model B Rev 1", "rpi-1"),
+        ("Raspberry Pi Model B Rev 2", "rpi-1"),
+        ("Raspberry Pi Model B Plus Rev 1.2", "rpi-1"),
+        ("Raspberry Pi Compute Module Rev 1.0", "rpi-1"),
+        ("Raspberry Pi 2 Model B Rev 1.1", "rpi-2"),
+        ("Raspberry Pi 2 Model B Rev 1.2", "rpi-2"),
         ("Raspberry Pi Zero 2 W Rev 1.0", "rpi-zero-2w"),
         ("Raspberry Pi 3 Model B Rev 1.2", "rpi-3"),
         ("Raspberry Pi 3 Model B Plus Rev 1.3", "rpi-3"),
@@ -76,6 +85,21 @@ def test_detection_by_device_tree_model(
     profiles: dict[str, Profile], model: str | None, expected: str
 ) -> None:
     assert detect_profile(model, profiles).name == expected
+
+
+def test_pi_1_and_2_have_their_own_class_limits_and_pi_1_the_constrained_timing(
+    profiles: dict[str, Profile],
+) -> None:
+    pi1, pi2, small = profiles["rpi-1"], profiles["rpi-2"], profiles["constrained"]
+    generic, pi3 = profiles["generic-x86_64"], profiles["rpi-3"]
+    assert small.limits.max_members < pi1.limits.max_members < pi2.limits.max_members
+    assert pi2.limits.max_members <= pi3.limits.max_members < generic.limits.max_members
+    assert pi1.gossip_config() == dataclasses.replace(
+        small.gossip_config(),
+        max_members=pi1.limits.max_members,
+        max_state_bytes=pi1.limits.max_state_bytes,
+    )
+    assert not pi1.features.metrics and not pi1.features.dns and not pi2.features.dns
 
 
 def test_unmatched_small_board_is_constrained_but_model_match_wins(

@@ -8,7 +8,6 @@ nftables counted, nothing left behind), not the cluster's traffic levels.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from gossip.keyring import Keyring
 from gossip.messages import Alive, Ping, StateUpdate
 from testbed import netns
 from testbed.bench import traffic
+from tests.host_tools import needs_netns
 
 PORT = 7946
 KEY = bytes(range(32))
@@ -85,7 +85,7 @@ def _check_common(result: dict[str, object]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+@needs_netns("ip", "nft")
 def test_traffic_in_a_namespace_counts_every_byte_and_cleans_up() -> None:
     before = netns.list_netns()
     result = _bench()

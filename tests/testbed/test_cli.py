@@ -7,7 +7,6 @@ harness's mechanics - namespaces, addresses, fault rules, clean-up - in a few se
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,9 @@ import pytest
 
 import testbed.__main__ as cli
 from testbed import netns
+from tests.host_tools import needs_netns
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+needs_root = needs_netns("ip", "nft")
 
 
 def _run(command: str, *args: str, root: Path) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ when it fails. Timeouts are generous: they bound a hang, they do not measure spe
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +16,10 @@ import pytest
 
 from testbed import netns
 from testbed.cluster import Testbed, process_start_time
+from tests.host_tools import needs_netns
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    needs_netns("ip", "nft"),
     pytest.mark.root,
     pytest.mark.slow,
 ]
