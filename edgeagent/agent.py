@@ -342,6 +342,7 @@ class Agent:
             "mdns": False,  # switched-off features: their own status fields say otherwise
             "metrics": None,
             "pid": os.getpid(),
+            **view.undecryptable.status(view.taken_at),
             **(self._host.status_fields() if self._host is not None else {}),
         }
 
