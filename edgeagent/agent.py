@@ -394,7 +394,7 @@ class Agent:
             log.error(
                 f"node name {event.name} is already held by node {other.node_id or '?'} at "
                 f"{format_addr(event.addr)}: give this node a unique name with --name NAME "
-                f'or name = "NAME" {source}; exiting',
+                f"or name = 'NAME' {source}; exiting",
                 extra=where,
             )
         else:
