@@ -4,7 +4,9 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
 
 1. Claim the control socket (a second agent on the same state dir is refused before it can
    touch anything), load the identity and bump its incarnation, saved *before* joining, so a
-   restart after ``kill -9`` always announces an incarnation the cluster has not seen. Load
+   restart after ``kill -9`` always announces an incarnation the cluster has not seen. An
+   identity created on another machine (a copied state dir, :func:`~edgeagent.persist.is_clone`)
+   becomes a new node first, with a warning, and drops the copied address claim. Load
    the keyring (a new key is generated on first start).
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
@@ -16,6 +18,11 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
    until it has been sent (no pending broadcasts) or :data:`LEAVE_SPREAD_TIMEOUT` passes, so
    peers record LEFT, not DEAD. Stop the features in reverse order. Exit 0.
 
+Another live node claiming our name (:mod:`edgeagent.name_conflict`) ends the run without a
+leave (a leave in our name would mark the other claimant LEFT): exit 2 with one error line
+saying what to set when another node holds the name; when a copy of this very node holds
+it, become a new node and restart the process (:data:`RESTART` by default re-executes it).
+
 Everything on this (the application's) loop sees the core only through immutable
 :class:`~edgeagent.driver.View` snapshots and events, and changes it only through driver
 commands: see DESIGN principle 2. The agent's own control commands are ``members``,
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import os
 import random
@@ -49,12 +55,17 @@ from .driver import GossipDriver, View
 from .errors import ConfigError
 from .host import Feature, FeatureHost
 from .logs import fields
+from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard, routable_host
 from .persist import (
     NodeIdentity,
     ensure_state_dir,
+    is_clone,
     load_or_create_identity,
     load_or_create_keyring,
+    machine_fingerprint,
+    machine_id_paths,
+    renew_identity,
     save_identity,
 )
 
@@ -69,6 +80,17 @@ LEAVE_SPREAD_TIMEOUT = 2.0  # seconds to let a graceful leave spread before exit
 LEAVE_POLL_INTERVAL = 0.05
 DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* commands (tests only)
 MAX_DEBUG_BLOCK_S = 60.0
+EXIT_NAME_CONFLICT = 2  # another live node holds our name (the CLI's "fix your config" code)
+# Files in the state dir that belong to this node's identity, not to the copy it came from:
+# the addresses feature's claim (features/addresses.STATE_FILE), re-claimed fresh.
+NODE_BOUND_FILES = ("ipam.json",)
+
+
+def reexec() -> None:
+    """Restart this process in place (same PID and arguments): the default restart."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +140,11 @@ class Agent:
         debug_commands: bool | None = None,
         extra_features: Mapping[str, Feature] | None = None,
         reload: Callable[[], None] | None = None,
+        restart: Callable[[], None] = reexec,
     ) -> None:
         self.config = config
         self._reload = reload  # SIGHUP: re-read and apply the log settings
+        self._restart = restart
         if debug_commands is None:
             debug_commands = os.environ.get(DEBUG_COMMANDS_ENV) == "1"
         self._debug_commands = debug_commands
@@ -131,6 +155,8 @@ class Agent:
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
         self._started_at = time.monotonic()
+        self._since_ms = int(time.time() * 1000)  # in our meta: who claimed a name first
+        self._verdict: Verdict | None = None  # set when a name conflict ends this run
         self._control = ControlServer(socket_path(config.state_dir))
         self._features = {**build_features(config), **(extra_features or {})}
         self._running: list[Feature] = []  # started and not yet stopped, in start order
@@ -150,7 +176,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._hangup)
-            identity = load_or_create_identity(config.state_dir, config.name).bumped()
+            identity = self._load_identity().bumped()
             save_identity(config.state_dir, identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
             keyring = Keyring(load_or_create_keyring(config.keyring_path))
@@ -169,7 +195,8 @@ class Agent:
             systemd.notify("READY=1", f"STATUS=serving as {identity.name}")
             await self._stop.wait()
             systemd.notify("STOPPING=1")
-            await self._shutdown()
+            if self._verdict is None:
+                await self._shutdown()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -179,6 +206,15 @@ class Agent:
             if self._driver is not None:
                 self._driver.stop()
             await self._control.close()
+        if self._verdict is REFUSE:
+            return EXIT_NAME_CONFLICT
+        if self._verdict is not None:  # RENEW, now that nothing saves the copied claim again
+            assert self._identity is not None
+            renewed = self._renew(self._identity, machine_fingerprint(machine_id_paths()))
+            log.warning(
+                "restarting as a new node", extra=fields(name=renewed.name, node_id=renewed.node_id)
+            )
+            self._restart()
         return 0
 
     def request_stop(self) -> None:
@@ -229,9 +265,7 @@ class Agent:
         advertise = config.advertise
         if advertise is None and is_wildcard(config.bind[0]):
             advertise = (routable_host(), 0)  # port 0: the bound port
-        meta = json.dumps(
-            {"id": identity.node_id, "profile": config.profile}, separators=(",", ":")
-        ).encode()
+        meta = member_meta(identity.node_id, config.profile, self._since_ms)
 
         def make_core(addr: Address, now: float) -> Membership:
             from gossip.core import Membership
@@ -318,14 +352,83 @@ class Agent:
 
     def _on_update(self, events: tuple[ev.Event, ...], view: View) -> None:
         for event in events:
-            _log_event(event)
-        if self._identity is not None and view.incarnation > self._saved_incarnation:
+            if isinstance(event, ev.NameConflict):
+                self._on_name_conflict(event, view)
+            else:
+                _log_event(event)
+        if (
+            self._identity is not None
+            and self._verdict is None
+            and view.incarnation > self._saved_incarnation
+        ):
             # A refutation raised our incarnation: keep the next start above it.
             self._saved_incarnation = view.incarnation
-            identity = NodeIdentity(self._identity.name, self._identity.node_id, view.incarnation)
+            identity = self._identity.with_incarnation(view.incarnation)
             save_identity(self.config.state_dir, identity)
         if self._host is not None:
             self._host.deliver(events, view)
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def _load_identity(self) -> NodeIdentity:
+        """The saved identity (created on first start); a copy made on another machine is
+        made a new node here, before it can announce the original's id or address."""
+        config = self.config
+        machine = machine_fingerprint(machine_id_paths())
+        identity = load_or_create_identity(
+            config.state_dir, config.name, default_name=config.name_is_default, machine=machine
+        )
+        if is_clone(identity, machine):
+            renewed = self._renew(identity, machine)
+            log.warning(
+                "this state dir was created on another machine (a cloned disk?): "
+                "this node becomes a new node",
+                extra=fields(
+                    copied_node_id=identity.node_id, name=renewed.name, node_id=renewed.node_id
+                ),
+            )
+            identity = renewed
+        return identity
+
+    def _renew(self, identity: NodeIdentity, machine: str | None) -> NodeIdentity:
+        """A new node id (and default name) for a copied identity; drop the copied claims."""
+        state_dir = self.config.state_dir
+        renewed = renew_identity(state_dir, identity, self.config.name, machine)
+        for name in NODE_BOUND_FILES:
+            (state_dir / name).unlink(missing_ok=True)
+        return renewed
+
+    def _on_name_conflict(self, event: ev.NameConflict, view: View) -> None:
+        """Another address claims our name: keep it, refuse it (exit 2) or renew (restart)."""
+        identity = self._identity
+        if identity is None or self._verdict is not None:
+            return
+        other = claimant(event.meta, event.addr)
+        decided = verdict(Claimant(identity.node_id, self._since_ms, view.local.addr), other)
+        where = fields(name=event.name, other_addr=event.addr, other_node_id=other.node_id)
+        if decided is KEEP:  # once per address: the core reports each address once
+            log.warning(
+                f"node name {event.name} is also claimed by {format_addr(event.addr)}, which "
+                "started later and gives it up",
+                extra=where,
+            )
+            return
+        self._verdict = decided
+        if decided is REFUSE:
+            source = f"in {self.config.config_file}" if self.config.config_file else "in the config"
+            log.error(
+                f"node name {event.name} is already held by node {other.node_id or '?'} at "
+                f"{format_addr(event.addr)}: give this node a unique name with --name NAME "
+                f"or name = 'NAME' {source}; exiting",
+                extra=where,
+            )
+        else:
+            log.warning(
+                f"this state dir is a copy of the node at {format_addr(event.addr)} (same node "
+                "id): this node becomes a new node and restarts",
+                extra=where,
+            )
+        self._stop.set()  # no leave: it would be in the other claimant's name
 
     # -- control commands --------------------------------------------------------------------
 
@@ -367,6 +470,7 @@ class Agent:
             "mdns": False,  # switched-off features: their own status fields say otherwise
             "metrics": None,
             "pid": os.getpid(),
+            **view.undecryptable.status(view.taken_at),
             **(self._host.status_fields() if self._host is not None else {}),
         }
 
@@ -401,7 +505,7 @@ def _leave_and_count_others(core: Membership, now: float) -> int:
 
 
 def _log_event(event: ev.Event) -> None:
-    if isinstance(event, ev.StateChanged | ev.UserMessage):
+    if isinstance(event, ev.StateChanged | ev.UserMessage | ev.NameConflict):
         log.debug(type(event).__name__, extra=fields(event=repr(event)))
         return
     member = event.member

@@ -47,6 +47,13 @@ from gossip.messages import Address
 
 from . import streams
 from .streams import encode_frame as encode_frame  # re-exported: tests frame by hand
+from .undecryptable import (
+    DATAGRAM,
+    NOTHING_UNDECRYPTABLE,
+    STREAM,
+    UndecryptableLog,
+    UndecryptableReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,7 @@ class View:
     probe_rtts: tuple[tuple[int, float], ...]  # (sample number, seconds), see Membership
     driver_stats: Mapping[str, int]
     taken_at: float  # the gossip loop's clock (time.monotonic)
+    undecryptable: UndecryptableReport = NOTHING_UNDECRYPTABLE  # input that failed to decrypt
 
 
 def _stats_dict(stats: Any) -> dict[str, int]:
@@ -132,7 +140,12 @@ def _stats_dict(stats: Any) -> dict[str, int]:
     return {}
 
 
-def take_view(core: Core, driver_stats: DriverStats, now: float) -> View:
+def take_view(
+    core: Core,
+    driver_stats: DriverStats,
+    now: float,
+    undecryptable: UndecryptableReport = NOTHING_UNDECRYPTABLE,
+) -> View:
     """Snapshot ``core`` (call on the gossip thread only)."""
     return View(
         local=core.local_member,
@@ -144,7 +157,19 @@ def take_view(core: Core, driver_stats: DriverStats, now: float) -> View:
         probe_rtts=core.recent_probe_rtts,
         driver_stats=MappingProxyType(dataclasses.asdict(driver_stats)),
         taken_at=now,
+        undecryptable=undecryptable,
     )
+
+
+def _decrypt_errors(core: Core) -> int:
+    """The core's count of inputs that failed to decrypt (0 for a core that does not count)."""
+    stats = core.stats
+    count = (
+        stats.get("decrypt_errors", 0)
+        if isinstance(stats, Mapping)
+        else getattr(stats, "decrypt_errors", 0)
+    )
+    return int(count)
 
 
 def _is_wildcard(host: str) -> bool:
@@ -187,6 +212,7 @@ class GossipDriver(Generic[C]):
             tuple[Callable[[C, float], Any], concurrent.futures.Future[Any]]
         ] = queue.SimpleQueue()
         self._stats = DriverStats()
+        self._undecryptable = UndecryptableLog()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -246,7 +272,9 @@ class GossipDriver(Generic[C]):
 
     async def snapshot(self) -> View:
         """A fresh :class:`View`, taken on the gossip thread."""
-        return await self.acall(lambda core, now: take_view(core, self._stats, now))
+        return await self.acall(
+            lambda core, now: take_view(core, self._stats, now, self._undecryptable.report())
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the sockets and end the thread (no leave: send one first if wanted)."""
@@ -348,6 +376,17 @@ class GossipDriver(Generic[C]):
             log.exception("gossip core failed in %s", getattr(fn, "__name__", fn))
         return None
 
+    def _feed(
+        self, fn: Callable[[bytes, Address, float], T], data: bytes, src: Address, kind: str
+    ) -> T | None:
+        """Run one core input from ``src``; warn (rate-limited) if it failed to decrypt."""
+        assert self._core is not None
+        before, now = _decrypt_errors(self._core), self._now()
+        result = self._guard(fn, data, src, now)
+        if _decrypt_errors(self._core) != before:
+            self._undecryptable.record(src, kind, now)
+        return result
+
     def _on_readable(self) -> None:
         assert self._udp is not None and self._core is not None
         core, udp, limit = self._core, self._udp, self._max_datagram
@@ -361,8 +400,7 @@ class GossipDriver(Generic[C]):
             if len(data) > limit:
                 self._stats.datagrams_oversized += 1
                 continue
-            now = self._now()
-            self._guard(core.receive, data, (src[0], src[1]), now)
+            self._feed(core.receive, data, (src[0], src[1]), DATAGRAM)
         self._after_input()
 
     def _on_timer(self) -> None:
@@ -425,7 +463,7 @@ class GossipDriver(Generic[C]):
 
     def _publish(self, events: tuple[Event, ...]) -> None:
         assert self._core is not None
-        view = take_view(self._core, self._stats, self._now())
+        view = take_view(self._core, self._stats, self._now(), self._undecryptable.report())
         try:
             self._main_loop.call_soon_threadsafe(self._on_update, events, view)
         except RuntimeError:  # the application loop is closed: we are shutting down
@@ -469,7 +507,7 @@ class GossipDriver(Generic[C]):
 
     def _answer_stream(self, frame: bytes, src: Address) -> bytes | None:
         assert self._core is not None
-        reply = self._guard(self._core.handle_stream, frame, src, self._now())
+        reply = self._feed(self._core.handle_stream, frame, src, STREAM)
         self._after_input()
         return reply
 
@@ -486,5 +524,5 @@ class GossipDriver(Generic[C]):
             self._stats.stream_errors += 1
             self._guard(core.stream_failed, dst, self._now())
         else:
-            self._guard(core.receive_stream_reply, reply, dst, self._now())
+            self._feed(core.receive_stream_reply, reply, dst, STREAM)
         self._after_input()

@@ -14,7 +14,13 @@ regenerated, above all not the identity (a new node id would be a new member).
 Files in the state dir:
 
 ``identity.json``
-    ``{"version": 1, "name": ..., "node_id": <32 hex digits>, "incarnation": N}``.
+    ``{"version": 1, "name": ..., "node_id": <32 hex digits>, "incarnation": N,
+    "default_name": BOOL, "machine": <32 hex digits> | null}``. The last two are optional
+    (files written before them load): ``default_name`` says the name was made up
+    (:func:`default_node_name`) rather than configured; ``machine`` is a fingerprint of the
+    machine that created the identity (:func:`machine_fingerprint`), so a state dir copied to
+    another machine (a cloned SD card) is told apart (:func:`is_clone`) and becomes a new node
+    (:func:`renew_identity`) instead of a second member with the same id and address.
 ``keyring`` (or the configured key file)
     A JSON array of base64 keys, primary first, as Serf's keyring file. A file
     of base64 lines (primary first, ``#`` comments) is read too.
@@ -25,11 +31,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import secrets
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,18 @@ IDENTITY_VERSION = 1
 NODE_ID_BYTES = 16  # 128 random bits: collisions are negligible at any mesh size
 STATE_DIR_MODE = 0o700
 MAX_STATE_FILE_BYTES = 16 * 1024 * 1024  # refuse to read anything larger (a corrupt or wrong file)
+# A default name is the hostname plus this many hex digits of the node id (24 bits: two of
+# 1000 identical images collide with odds of about 3 in 100 000), within the name limit.
+DEFAULT_NAME_ID_DIGITS = 6
+MAX_NODE_NAME_CHARS = 128  # config.schema.MAX_NAME_CHARS (persist must not import the config)
+# machine-id(5): systemd's, then D-Bus's older copy. EDGEAGENT_MACHINE_ID_FILE replaces them
+# (tests; machines without either file then compare nothing and never look cloned).
+MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+MACHINE_ID_ENV = "EDGEAGENT_MACHINE_ID_FILE"
+MAX_MACHINE_ID_BYTES = 256
+# machine-id(5): the id is confidential, so only a keyed hash of it is stored (as systemd's
+# sd_id128_get_machine_app_specific does).
+MACHINE_FINGERPRINT_KEY = b"edgeagent identity machine"
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +159,8 @@ class NodeIdentity:
     """Who this node is across restarts.
 
     ``node_id`` (128 random bits as 32 hex digits) is generated once and never
-    changes; ``incarnation`` is the SWIM incarnation number, which only this
+    changes (unless the state dir turns out to be a copy: :func:`renew_identity`);
+    ``incarnation`` is the SWIM incarnation number, which only this
     node raises. The runtime's start() loads the identity, bumps the
     incarnation by one and saves it *before* joining, so a restart after
     ``kill -9`` always announces a higher incarnation than anything the
@@ -150,13 +172,50 @@ class NodeIdentity:
     name: str
     node_id: str
     incarnation: int
+    default_name: bool = False  # the name was made up (default_node_name), not configured
+    machine: str | None = None  # machine_fingerprint() of the machine that created it
 
     def bumped(self) -> NodeIdentity:
         """The same identity with incarnation + 1."""
-        return NodeIdentity(self.name, self.node_id, self.incarnation + 1)
+        return self.with_incarnation(self.incarnation + 1)
+
+    def with_incarnation(self, incarnation: int) -> NodeIdentity:
+        """The same identity at ``incarnation``."""
+        return dataclasses.replace(self, incarnation=incarnation)
 
 
-def _parse_identity(path: Path, doc: Any) -> NodeIdentity:
+def default_node_name(hostname: str, node_id: str) -> str:
+    """``HOSTNAME-XXXXXX``: unique on a site of identical images (same hostname everywhere)."""
+    suffix = "-" + node_id[:DEFAULT_NAME_ID_DIGITS]
+    return hostname[: MAX_NODE_NAME_CHARS - len(suffix)] + suffix
+
+
+def machine_id_paths(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Where this machine's id is read: :data:`MACHINE_ID_ENV` if set, else :data:`MACHINE_ID_PATHS`."""
+    env = os.environ if environ is None else environ
+    override = env.get(MACHINE_ID_ENV)
+    return (override,) if override else MACHINE_ID_PATHS
+
+
+def machine_fingerprint(paths: Sequence[str | os.PathLike[str]] = MACHINE_ID_PATHS) -> str | None:
+    """A keyed hash of the first non-empty machine id in ``paths``, or None if there is none."""
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_MACHINE_ID_BYTES).strip()
+        except OSError:
+            continue
+        if raw:
+            return hashlib.blake2b(raw, key=MACHINE_FINGERPRINT_KEY, digest_size=16).hexdigest()
+    return None
+
+
+def is_clone(identity: NodeIdentity, machine: str | None) -> bool:
+    """True when ``identity`` was created on another machine than ``machine`` (a copied state dir)."""
+    return identity.machine is not None and machine is not None and identity.machine != machine
+
+
+def _parse_identity(path: Path, doc: Any, hostname: str | None = None) -> NodeIdentity:
     def bad(what: str) -> ConfigError:
         return ConfigError(
             f"{path}: corrupt identity: {what}; restore it from a backup (removing it makes this a new node)"
@@ -167,11 +226,7 @@ def _parse_identity(path: Path, doc: Any) -> NodeIdentity:
     if doc.get("version") != IDENTITY_VERSION:
         raise bad(f"expected version {IDENTITY_VERSION}, got {doc.get('version')!r}")
     node_id = doc.get("node_id")
-    if (
-        not isinstance(node_id, str)
-        or len(node_id) != 2 * NODE_ID_BYTES
-        or not all(c in "0123456789abcdef" for c in node_id)
-    ):
+    if not isinstance(node_id, str) or not _is_hex(node_id, 2 * NODE_ID_BYTES):
         raise bad(f"node_id: expected {2 * NODE_ID_BYTES} lowercase hex digits")
     name = doc.get("name")
     if not isinstance(name, str) or not name:
@@ -179,35 +234,84 @@ def _parse_identity(path: Path, doc: Any) -> NodeIdentity:
     incarnation = doc.get("incarnation")
     if isinstance(incarnation, bool) or not isinstance(incarnation, int) or incarnation < 0:
         raise bad("incarnation: expected a non-negative integer")
-    return NodeIdentity(name=name, node_id=node_id, incarnation=incarnation)
+    # Written before default names were marked: the name is a default one if it is the
+    # hostname (the old default).
+    default_name = doc.get("default_name", name == hostname)
+    if not isinstance(default_name, bool):
+        raise bad("default_name: expected true or false")
+    machine = doc.get("machine")
+    if machine is not None and not _is_hex(machine, 32):
+        raise bad("machine: expected 32 lowercase hex digits or null")
+    return NodeIdentity(name, node_id, incarnation, default_name, machine)
 
 
-def load_identity(state_dir: str | os.PathLike[str]) -> NodeIdentity | None:
-    """The saved identity, or None if there is none yet (corrupt: ConfigError)."""
+def _is_hex(value: object, digits: int) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == digits
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def load_identity(
+    state_dir: str | os.PathLike[str], hostname: str | None = None
+) -> NodeIdentity | None:
+    """The saved identity, or None if there is none yet (corrupt: ConfigError).
+
+    ``hostname``: an identity saved before names were marked default has a default name
+    if it is this hostname.
+    """
     path = Path(state_dir) / IDENTITY_FILE
     doc = load_json(path, None)
-    return None if doc is None else _parse_identity(path, doc)
+    return None if doc is None else _parse_identity(path, doc, hostname)
 
 
-def load_or_create_identity(state_dir: str | os.PathLike[str], name: str) -> NodeIdentity:
+def load_or_create_identity(
+    state_dir: str | os.PathLike[str],
+    name: str,
+    *,
+    default_name: bool = False,
+    machine: str | None = None,
+) -> NodeIdentity:
     """Load the identity from ``state_dir``, creating (and saving) it on first start.
 
-    The node id and incarnation survive a change of ``name``; the new name is
-    saved. Does not bump the incarnation: start() does that (``save_identity(
-    state_dir, identity.bumped())``) before joining.
+    ``name`` is the configured name, or with ``default_name`` the hostname a default name is
+    made from (:func:`default_node_name`) when the identity is created. A configured name
+    replaces the saved one (the node id and incarnation survive a rename); with no name
+    configured the saved name is kept, so an upgrade or a hostname change renames nothing.
+    An identity saved without a machine fingerprint adopts ``machine``; one created on
+    another machine is returned as it is (check :func:`is_clone`). Does not bump the
+    incarnation: start() does that (``save_identity(state_dir, identity.bumped())``)
+    before joining.
     """
     directory = ensure_state_dir(state_dir)
-    identity = load_identity(directory)
-    if identity is None:
-        identity = NodeIdentity(name=name, node_id=secrets.token_hex(NODE_ID_BYTES), incarnation=0)
-    elif identity.name == name:
-        return identity
+    saved = load_identity(directory, name if default_name else None)
+    if saved is None:
+        node_id = secrets.token_hex(NODE_ID_BYTES)
+        chosen = default_node_name(name, node_id) if default_name else name
+        identity = NodeIdentity(chosen, node_id, 0, default_name, machine)
     else:
-        identity = NodeIdentity(
-            name=name, node_id=identity.node_id, incarnation=identity.incarnation
-        )
+        identity = saved
+        if not default_name and saved.name != name:
+            identity = dataclasses.replace(identity, name=name, default_name=False)
+        if identity.machine is None and machine is not None:
+            identity = dataclasses.replace(identity, machine=machine)
+        if identity == saved:
+            return identity
     save_identity(directory, identity)
     return identity
+
+
+def renew_identity(
+    state_dir: str | os.PathLike[str], identity: NodeIdentity, hostname: str, machine: str | None
+) -> NodeIdentity:
+    """Make ``identity`` (a copy of another node's) a new node: new node id, incarnation 0,
+    and a new default name if its name was a default one (from ``hostname``); saved."""
+    node_id = secrets.token_hex(NODE_ID_BYTES)
+    name = default_node_name(hostname, node_id) if identity.default_name else identity.name
+    renewed = NodeIdentity(name, node_id, 0, identity.default_name, machine)
+    save_identity(state_dir, renewed)
+    return renewed
 
 
 def save_identity(state_dir: str | os.PathLike[str], identity: NodeIdentity) -> None:
@@ -217,6 +321,8 @@ def save_identity(state_dir: str | os.PathLike[str], identity: NodeIdentity) -> 
         "name": identity.name,
         "node_id": identity.node_id,
         "incarnation": identity.incarnation,
+        "default_name": identity.default_name,
+        "machine": identity.machine,
     }
     save_json(Path(state_dir) / IDENTITY_FILE, doc)
 

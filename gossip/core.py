@@ -29,7 +29,9 @@ Members and their states (memberlist state.go)::
     DEAD / LEFT --dead_member_ttl--> forgotten                (reaped)
 
 Only a member raises its own incarnation: to refute a Suspect or Dead about
-itself, or to announce new metadata. Whether an update about another member
+itself, or to announce new metadata. An Alive about our name from another
+address is not refuted but reported once per address (``NameConflict``, as
+memberlist's NotifyConflict): the application decides who keeps the name. Whether an update about another member
 applies is decided in one place, ``members.can_change`` (its docstring has the
 table): newer (Alive) or not older (Suspect, Dead) than what we hold; LEFT is
 never turned into DEAD.
@@ -121,6 +123,7 @@ from .events import (
     MemberReaped,
     MemberSuspected,
     MemberUpdated,
+    NameConflict,
     StateChanged,
     UserMessage,
 )
@@ -248,6 +251,7 @@ class Membership:
         # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
         self._reaped: dict[str, None] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
+        self._conflicts: set[Address] = set()  # addresses that claimed our name, reported once
 
         self._queue = BroadcastQueue(config.max_broadcast_queue)
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
@@ -761,7 +765,14 @@ class Membership:
             return
         if me.state == LEFT:
             return  # leave() marked us LEFT; we are not coming back in this life
-        if a is not None and incarnation == me.incarnation and a.meta == me.meta and a.addr == me.addr:
+        if a is not None and a.addr != me.addr:
+            # Another address claims our name (memberlist NotifyConflict). Outbidding it would
+            # make two live claimants flap for ever: report it once, the application decides.
+            if a.addr not in self._conflicts and len(self._conflicts) < self.config.max_members:
+                self._conflicts.add(a.addr)
+                self._emit(NameConflict(a.name, a.addr, a.incarnation, a.meta))
+            return
+        if a is not None and incarnation == me.incarnation and a.meta == me.meta:
             return  # our own Alive, echoed back
         self._refute(incarnation)  # an accusation, or an earlier life speaking for us: outbid it
 

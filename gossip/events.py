@@ -63,6 +63,21 @@ class MemberReaped:
 
 
 @dataclass(frozen=True, slots=True)
+class NameConflict:
+    """Another address claims our name: an Alive (or push-pull record) about us from ``addr``.
+
+    memberlist's NotifyConflict. Emitted once per conflicting address; the core does not
+    refute such an Alive (two live claimants would outbid each other for ever), so the
+    application decides who gives the name up, from ``meta``.
+    """
+
+    name: str
+    addr: Address
+    incarnation: int
+    meta: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """A key of ``owner``'s replicated map changed (``deleted`` for removal)."""
 
@@ -87,6 +102,7 @@ Event = (
     | MemberFailed
     | MemberLeft
     | MemberReaped
+    | NameConflict
     | StateChanged
     | UserMessage
 )
@@ -103,6 +119,7 @@ __all__ = [
     "MemberState",
     "MemberSuspected",
     "MemberUpdated",
+    "NameConflict",
     "StateChanged",
     "UserMessage",
 ]

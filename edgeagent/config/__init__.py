@@ -51,7 +51,7 @@ TOML file schema (see ``edgeagent/example-config.toml`` for an annotated copy)
 ------------------------------------------------------------------------------
 Top level::
 
-    name = "node-1"                   # node name; default: the hostname
+    name = "node-1"                   # node name; default: HOSTNAME-XXXXXX (from the node id)
     bind = "0.0.0.0:7946"             # gossip UDP+TCP; port 0 picks one
     advertise = "192.0.2.10:7946"     # what peers dial; default: from bind
     join = ["192.0.2.11:7946"]        # seeds (a bare host means port 7946)

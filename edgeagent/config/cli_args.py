@@ -47,7 +47,10 @@ def _add_membership_flags(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML config file (default: none; built-in defaults and the firmware profile)",
     )
-    add("--name", help="node name, unique in the cluster (default: the hostname)")
+    add(
+        "--name",
+        help="node name, unique in the cluster (default: HOSTNAME-XXXXXX from the node id, chosen once)",
+    )
     add(
         "--bind",
         metavar="HOST:PORT",

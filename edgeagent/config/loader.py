@@ -107,6 +107,7 @@ def load_config(
         config_file=config_file,
         gossip_preset=preset_name,
         gossip_dropped=dropped,
+        name_is_default=pick("name", None) is None,
     )
 
 
@@ -207,7 +208,8 @@ def _resolve_overlay(layers: Sequence[Layer], file: Layer) -> tuple[str, int]:
 
 
 def _node_name(name: str | None, hostname: str | None) -> str:
-    """The configured name, else the hostname if it is a usable node name."""
+    """The configured name, else the hostname if it is a usable node name (the agent makes
+    a default name from it when the identity is created)."""
     if name is not None:
         return name
     host = hostname if hostname is not None else socket.gethostname()

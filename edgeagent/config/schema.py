@@ -94,7 +94,7 @@ class Features:
 class AgentConfig:
     """Everything the daemon needs, resolved once at start-up. Build it with :func:`load_config`."""
 
-    name: str  # node name; default: the hostname
+    name: str  # node name; default: the hostname, made unique (see name_is_default)
     bind: HostPort  # gossip UDP+TCP bind; default ("0.0.0.0", DEFAULT_GOSSIP_PORT)
     advertise: HostPort | None  # address peers should use; None: derived from bind
     join: tuple[HostPort, ...]  # seeds
@@ -118,6 +118,9 @@ class AgentConfig:
     # Lower layers' gossip keys that a higher layer's preset replaced, as
     # "gossip.KEY (SOURCE)"; the daemon logs them once at start.
     gossip_dropped: tuple[str, ...] = ()
+    # No name configured: ``name`` is the hostname, and a new identity is named
+    # ``HOSTNAME-XXXXXX`` from its node id (persist.default_node_name), once.
+    name_is_default: bool = False
 
     @property
     def keyring_path(self) -> Path:

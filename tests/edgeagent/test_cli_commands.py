@@ -137,7 +137,7 @@ def wait_status(state_dir: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig: int) -> None:
     # Everything default but the state dir (root's default is /var/lib/edgeagent): name from
-    # the hostname, 0.0.0.0:7946, detected profile, mDNS on (unavailable here: logged, not
+    # the hostname and the node id, 0.0.0.0:7946, detected profile, mDNS on (unavailable here: logged, not
     # fatal), a cluster key generated on first start.
     with tempfile.TemporaryDirectory(prefix="ea-") as tmp:
         state_dir = Path(tmp)
@@ -147,7 +147,7 @@ def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig:
         )
         try:
             status = wait_status(state_dir, proc)
-            assert status["name"] == socket.gethostname()
+            assert status["name"] == f"{socket.gethostname()}-{status['node_id'][:6]}"
             assert status["address"].endswith(":7946")
             assert status["members"]["alive"] == 1
             assert (state_dir / "keyring").exists() and (state_dir / "identity.json").exists()

@@ -1,0 +1,78 @@
+"""Who keeps a node name that two live nodes claim: decided alike on both sides, so nothing flaps.
+
+How it works. The gossip core reports a :class:`~gossip.events.NameConflict` when an Alive
+about our own name arrives from another address, and no longer outbids it (two live
+claimants outbidding each other is the flapping: incarnations climbing, the address changing
+twice a second). Every agent puts its node id and its start time (``since``, wall-clock
+milliseconds) in its member meta (:func:`member_meta`), so both claimants see the same two
+facts and reach opposite halves of one :func:`verdict`: the claimant that started later
+gives the name up (equal start times: the larger node id, then the larger address).
+
+- Another node id: two nodes were given one name. The later one logs one error saying what
+  to set (``--name`` or ``name =`` in the config) and exits 2, as Serf leaves when it loses
+  a name; the earlier one logs a warning and keeps the name (:data:`REFUSE` / :data:`KEEP`).
+- The same node id: a state dir copied with an image that kept ``/etc/machine-id`` (the
+  machine fingerprint in the identity cannot tell the copies apart). The later one becomes
+  a new node: new node id, a new default name if its name was a default one, its copied
+  address claim dropped, and restarts (:data:`RENEW`).
+
+A meta that is not ours (no ``since``) counts as started at 0: an older agent, established.
+Known limit: an earlier life of this very node, at another address and with an incarnation
+this life did not save (killed right after a refutation), looks like a copy that started
+earlier; this node then becomes a new node, with the warning.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+from gossip.messages import Address
+
+
+class Verdict(enum.Enum):
+    KEEP = "keep"  # we keep the name; the other claimant gives it up
+    REFUSE = "refuse"  # another node holds the name: exit 2, the operator sets another
+    RENEW = "renew"  # a copy of this very node holds it: become a new node and restart
+
+
+KEEP, REFUSE, RENEW = Verdict.KEEP, Verdict.REFUSE, Verdict.RENEW
+
+
+@dataclass(frozen=True, slots=True)
+class Claimant:
+    """One node claiming a name: what the verdict compares."""
+
+    node_id: str
+    since_ms: int
+    addr: Address
+
+
+def member_meta(node_id: str, profile: str, since_ms: int) -> bytes:
+    """Our member meta: the JSON object every agent gossips about itself."""
+    doc = {"id": node_id, "profile": profile, "since": since_ms}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def claimant(meta: bytes, addr: Address) -> Claimant:
+    """The claimant described by a member's ``meta`` (not ours: no id, started at 0)."""
+    try:
+        doc = json.loads(meta)
+    except (UnicodeDecodeError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {}
+    node_id, since = doc.get("id"), doc.get("since")
+    return Claimant(
+        node_id if isinstance(node_id, str) else "",
+        since if isinstance(since, int) and not isinstance(since, bool) else 0,
+        addr,
+    )
+
+
+def verdict(me: Claimant, other: Claimant) -> Verdict:
+    """What ``me`` does about ``other`` claiming its name (``other`` reaches the opposite)."""
+    if (me.since_ms, me.node_id, me.addr) < (other.since_ms, other.node_id, other.addr):
+        return KEEP
+    return RENEW if me.node_id == other.node_id else REFUSE
