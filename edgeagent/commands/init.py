@@ -38,7 +38,9 @@ def register(subparsers: Any) -> None:
     add("--name", help="node name, unique in the cluster (default: the hostname)")
     add("--cluster", metavar="NAME", help=f"cluster name (default: {DEFAULT_CLUSTER})")
     add("--state-dir", metavar="DIR", help="where the material is written (default: as 'run')")
-    add("--bind", metavar="HOST:PORT", help="the gossip address 'run' will bind (default: as 'run')")
+    add(
+        "--bind", metavar="HOST:PORT", help="the gossip address 'run' will bind (default: as 'run')"
+    )
     add("--advertise", metavar="HOST:PORT", help="the address peers dial (default: from --bind)")
     add_enroll_port_argument(parser)
     add("--ttl", metavar="DURATION", default="24h", help=f"first token's lifetime; {DURATION_HELP}")
@@ -73,13 +75,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"init: {exc}") from None
     ensure_state_dir(state_dir)
     remove_stale_tokens(state_dir)
-    token = TokenStore(state_dir).create(pki.ca_pin(ca.cert), addresses, time.time(), ttl_s, args.uses)
+    token = TokenStore(state_dir).create(
+        pki.ca_pin(ca.cert), addresses, time.time(), ttl_s, args.uses
+    )
     create_cluster(state_dir, config.name, config.cluster, ca=ca)  # the keyring last: committed
     flags = "" if args.state_dir is None else f" --state-dir {state_dir}"
-    print(f"created cluster {config.cluster!r} in {state_dir}: mesh CA (its key stays here, "
-          f"ca.key), node {config.name!r}, keyring")
+    print(
+        f"created cluster {config.cluster!r} in {state_dir}: mesh CA (its key stays here, "
+        f"ca.key), node {config.name!r}, keyring"
+    )
     print(f"start it:        edgeagent run{flags} (with the same --bind/--advertise/-c)")
-    print(f"on a new device: edgeagent join TOKEN   (token {token.token_id}, valid {args.ttl}; "
-          "more with 'edgeagent token create')")
+    print(
+        f"on a new device: edgeagent join TOKEN   (token {token.token_id}, valid {args.ttl}; "
+        "more with 'edgeagent token create')"
+    )
     print(token.text())
     return 0

@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     joined = join_with_token(config.state_dir, config.name, token_text)
     seeds = ", ".join(format_addr(s) for s in joined.seeds) or "none (use --join)"
     flags = "" if args.state_dir is None else f" --state-dir {config.state_dir}"
-    print(f"joined cluster {joined.cluster!r} as {joined.identity.name!r} "
-          f"(node id {joined.identity.node_id}) via {format_addr(joined.issuer)}; seeds: {seeds}")
+    print(
+        f"joined cluster {joined.cluster!r} as {joined.identity.name!r} "
+        f"(node id {joined.identity.node_id}) via {format_addr(joined.issuer)}; seeds: {seeds}"
+    )
     print(f"start it: edgeagent run{flags}")
     return 0

@@ -22,8 +22,7 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)([smhd]))+$")
 _PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 NOT_ISSUER = (
-    "this agent does not hold the mesh CA key: create tokens on the node that ran "
-    "'edgeagent init'"
+    "this agent does not hold the mesh CA key: create tokens on the node that ran 'edgeagent init'"
 )
 
 
