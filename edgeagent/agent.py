@@ -4,13 +4,16 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
 
 1. Claim the control socket (a second agent on the same state dir is refused before it can
    touch anything), load the identity and bump its incarnation, saved *before* joining, so a
-   restart after ``kill -9`` always announces an incarnation the cluster has not seen. An
-   identity created on another machine (a copied state dir, :func:`~edgeagent.persist.is_clone`)
-   becomes a new node first, with a warning, and drops the copied address claim. Load
-   the keyring (a new key is generated on first start).
+   restart after ``kill -9`` always announces an incarnation the cluster has not seen. Before
+   that, load the cluster material (:mod:`edgeagent.onboarding`): the keyring, the saved
+   cluster name and seeds. None is one line and exit 2 (``edgeagent init`` or ``edgeagent
+   join TOKEN`` makes it); a key is never generated here. An identity created on another
+   machine (a copied state dir, :func:`~edgeagent.persist.is_clone`) becomes a new node first,
+   with a warning, and drops the copied address claim.
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
-   (a feature whose switch is off is not even imported); then join the seeds.
+   (a feature whose switch is off is not even imported); then join the seeds (``--join``,
+   else the ones saved at enrollment).
 3. Tell systemd READY=1 (and ping its watchdog from this loop) when ``NOTIFY_SOCKET`` is set
    (:mod:`edgeagent.systemd`). SIGHUP re-reads the log settings (``reload``), never exits.
    Serve until SIGTERM / SIGINT or ``edgeagent leave`` (systemd hears STOPPING=1); then run the features' before-leave
@@ -57,12 +60,12 @@ from .host import Feature, FeatureHost
 from .logs import fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard, routable_host
+from .onboarding import CA_KEY_FILE, apply_material, load_material
 from .persist import (
     NodeIdentity,
     ensure_state_dir,
     is_clone,
     load_or_create_identity,
-    load_or_create_keyring,
     machine_fingerprint,
     machine_id_paths,
     renew_identity,
@@ -107,6 +110,10 @@ def _always(config: AgentConfig) -> bool:
     return True
 
 
+def _holds_ca_key(config: AgentConfig) -> bool:
+    return (config.state_dir / CA_KEY_FILE).exists()
+
+
 # Start order; they stop in reverse. Addresses before DNS only for the log order: DNS consults
 # the resolvers at query time.
 FEATURES: tuple[FeatureSpec, ...] = (
@@ -115,6 +122,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("dns", "edgeagent.features.dns", "Dns", lambda c: c.dns is not None),
     FeatureSpec("metrics", "edgeagent.features.metrics", "Metrics", lambda c: c.metrics is not None),
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),
+    FeatureSpec("enroll", "edgeagent.features.enroll", "Enroll", _holds_ca_key),
 )  # fmt: skip
 
 
@@ -176,10 +184,12 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self._hangup)
+            material = load_material(config)  # none: one line, exit 2 (before any file is made)
+            self.config = config = apply_material(config, material)
             identity = self._load_identity().bumped()
             save_identity(config.state_dir, identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
-            keyring = Keyring(load_or_create_keyring(config.keyring_path))
+            keyring = Keyring(list(material.keys))
             self._driver = self._make_driver(loop, identity, keyring)
             self._host = FeatureHost(
                 config, identity, self._driver, self._control, keyring, _registry(config)

@@ -24,6 +24,9 @@ from .errors import AgentUnavailable, UsageError
 # Order is the order shown by --help. A module missing from the tree is skipped,
 # so partially built trees still run.
 COMMANDS = (
+    "init",
+    "join",
+    "token",
     "run",
     "members",
     "status",

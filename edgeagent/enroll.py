@@ -16,7 +16,8 @@ verify; it authenticates the issuer by the token's pin instead (kubeadm's
         joiner holds the secret and saw *this* server); the request is signed by
         its key and names exactly N and I; the use is saved; the certificate issued.
     issuer -> joiner  {"v": 1, "ok": true, "cert": DER, "ca": DER, "keys": [bytes],
-                       "cluster": name, "time": issuer wall clock}
+                       "cluster": name, "time": issuer wall clock,
+                       "seeds": [[host, port], ...]}  (gossip addresses to join)
                    or {"v": 1, "ok": false, "code": "expired", "error": "token expired"}
 
 Frames are a 4-byte big-endian length and one msgpack map, at most
@@ -39,11 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import logging
 import ssl
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from overlay import pki
-from overlay.tokens import Address, JoinToken, check_proof, format_address, make_proof
+from overlay.tokens import (
+    MAX_ADDRESSES,
+    Address,
+    JoinToken,
+    check_proof,
+    format_address,
+    make_proof,
+)
 
 from .token_store import IssuedToken, Refusal, TokenStore
 
@@ -100,6 +109,11 @@ class Enrollment:
     cluster: str
     issuer: Address
     issuer_time: float  # the issuer's wall clock (seconds) when it answered
+    seeds: tuple[Address, ...] = ()  # the issuer's gossip address(es): what to join
+
+
+KeyringProvider = Callable[[], Sequence[bytes] | Awaitable[Sequence[bytes]]]
+SeedsProvider = Callable[[], Sequence[Address]]
 
 
 def _wall_clock() -> dt.datetime:
@@ -182,8 +196,10 @@ class EnrollmentServer:
     """Issues node certificates to joiners holding a valid token (see the module docstring).
 
     ``cert_file``/``key_file`` are this node's certificate (signed by ``ca_cert``)
-    and key, as saved in the state dir; ``keyring_provider`` returns the keyring
-    to hand out at the time of each enrollment (primary first).
+    and key, as saved in the state dir; ``keyring_provider`` returns (or
+    returns an awaitable of) the keyring to hand out at the time of each
+    enrollment, primary first; ``seeds_provider`` the gossip addresses a joiner
+    should join (at most :data:`~overlay.tokens.MAX_ADDRESSES` are sent).
     """
 
     def __init__(
@@ -193,9 +209,10 @@ class EnrollmentServer:
         cert_file: str | Path,
         key_file: str | Path,
         store: TokenStore,
-        keyring_provider: Callable[[], Sequence[bytes]],
+        keyring_provider: KeyringProvider,
         cluster: str,
         *,
+        seeds_provider: SeedsProvider = tuple,
         clock: Callable[[], dt.datetime] = _wall_clock,
         max_concurrent: int = MAX_CONCURRENT,
         timeout_s: float = EXCHANGE_TIMEOUT_S,
@@ -208,6 +225,7 @@ class EnrollmentServer:
         self._tls = server_tls_context(cert_file, key_file)
         self._store = store
         self._keyring = keyring_provider
+        self._seeds = seeds_provider
         self._cluster = cluster
         self._clock = clock
         self._max = max_concurrent
@@ -216,6 +234,11 @@ class EnrollmentServer:
         self._active = 0
         self._server: asyncio.Server | None = None
         self.counts: Counter[str] = Counter()
+
+    @property
+    def ca_cert(self) -> x509.Certificate:
+        """The mesh CA this server issues for (its pin goes into tokens)."""
+        return self._ca_cert
 
     async def start(self, host: str, port: int) -> Address:
         """Listen on ``host:port`` (port 0: any); return the bound address."""
@@ -285,9 +308,9 @@ class EnrollmentServer:
         used = await asyncio.to_thread(self._store.consume, token_id, now.timestamp())
         if isinstance(used, Refusal):  # revoked or used up by a concurrent enrollment
             return self._refuse(used.name.lower(), used.value, token_id, peer)
-        return self._issue(csr, name, node_id, now, used, peer)
+        return await self._issue(csr, name, node_id, now, used, peer)
 
-    def _issue(
+    async def _issue(
         self,
         csr: x509.CertificateSigningRequest,
         name: str,
@@ -299,15 +322,20 @@ class EnrollmentServer:
         cert = pki.issue_node_cert(
             self._ca_key, self._ca_cert, csr, name, node_id, now, self._validity
         )
+        keys = self._keyring()
+        if inspect.isawaitable(keys):
+            keys = await keys
+        seeds = [[host, port] for host, port in list(self._seeds())[:MAX_ADDRESSES]]
         self.counts["issued"] += 1
         log.info("enrolled node %s (%s) with token %s from %s", name, node_id, used.token_id, peer)
         return {
             "ok": True,
             "cert": pki.cert_der(cert),
             "ca": self._ca_der,
-            "keys": [bytes(k) for k in self._keyring()],
+            "keys": [bytes(k) for k in keys],
             "cluster": self._cluster,
             "time": now.timestamp(),
+            "seeds": seeds,
         }
 
     def _refuse(self, code: str, why: str, token_id: str, peer: object) -> dict[str, Any]:
@@ -441,6 +469,7 @@ def _accept(
         keys = tuple(_field(reply, "keys", list))
         cluster = _field(reply, "cluster", str)
         issuer_time = _field(reply, "time", float)
+        seeds = _seeds(reply.get("seeds", []))
         if pki.cert_der(ca_cert) != _field(reply, "ca", bytes):
             raise EnrollError("protocol", "issuer changed CA certificates mid-exchange")
         if not all(type(k) is bytes and 0 < len(k) <= MAX_KEY_BYTES for k in keys) or not keys:
@@ -452,4 +481,23 @@ def _accept(
         raise EnrollError("protocol", "issuer's certificate names another node")
     if cert.public_key() != key.public_key():
         raise EnrollError("protocol", "issuer's certificate is for another key")
-    return Enrollment(cert, ca_cert, keys, cluster, addr, issuer_time)
+    return Enrollment(cert, ca_cert, keys, cluster, addr, issuer_time, seeds)
+
+
+def _seeds(value: object) -> tuple[Address, ...]:
+    """The reply's gossip seeds: a short list of ``[host, port]`` (FrameError otherwise)."""
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise FrameError(f"frame field 'seeds': expected at most {MAX_ADDRESSES} addresses")
+    seeds: list[Address] = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not 0 < len(item[0]) <= 255
+            or type(item[1]) is not int
+            or not 1 <= item[1] <= 65535
+        ):
+            raise FrameError("frame field 'seeds': expected [host, port] pairs")
+        seeds.append((item[0], item[1]))
+    return tuple(seeds)

@@ -2,8 +2,10 @@
 
 How it works. :class:`LocalMesh` picks a random ``127.A.B.0/24`` (so concurrent meshes on one
 machine do not collide) and one port free on all of it, and gives agent *i* the address
-``127.A.B.(i+1):PORT``, its own state dir (identity, keyring, control socket, ``agent.log``),
-the same freshly generated cluster key, and the first few agents as seeds. Each agent is an
+``127.A.B.(i+1):PORT``, its own state dir (identity, control socket, ``agent.log``) provisioned
+as a member of one fresh cluster (:func:`edgeagent.onboarding.provision_member`: the same keyring,
+a node certificate from a mesh CA held in memory by the mesh, :attr:`LocalMesh.ca`), and the first
+few agents as seeds. Each agent is an
 :class:`edgeagent.agent_process.AgentProcess` running ``python -m edgeagent run --no-mdns
 --preset local ...``: the real daemon on real sockets, talked to through its control socket
 exactly as the CLI does.
@@ -33,10 +35,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar, cast
 
-from gossip.keyring import Keyring
-
 from .agent_process import AgentProcess, agent_env
-from .persist import save_keyring
+from .onboarding import new_ca, provision_member
 
 MAX_SEEDS = 3  # seeds handed to each agent: enough to survive one dead seed
 DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # edgeagent.agent: enables debug-block
@@ -113,15 +113,15 @@ class LocalMesh(Generic[A]):
         a, b = rng.randrange(100, 255), rng.randrange(1, 255)
         hosts = [f"127.{a}.{b}.{i + 1}" for i in range(n)]
         self.port = free_port(hosts)
-        self.key = Keyring.generate_key()
+        self.ca = new_ca(cluster)  # no agent holds the CA key: no enrollment listener
+        self.key = self.ca.keys[0]
         env = agent_env({DEBUG_COMMANDS_ENV: "1"} if debug_commands else None)
         seed_addrs = [f"{h}:{self.port}" for h in hosts[:MAX_SEEDS]] if seeds else []
         self.agents: list[A] = []
         for i, host in enumerate(hosts):
             name = f"{name_prefix}{i + 1}"
             state_dir = self.base_dir / name
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            save_keyring(state_dir / "keyring", [self.key])
+            provision_member(self.ca, state_dir, name)
             argv = [
                 *wrapper,
                 sys.executable, "-m", "edgeagent", "run",

@@ -2,8 +2,10 @@
 
 How it works. ``Testbed(hosts=5).up()`` picks a fresh id and a work dir
 ``<root>/<id>/`` (root: ``$EDGEAGENT_TESTBED_DIR`` or ``/tmp/edgeagent-testbed``), builds the
-network (:mod:`testbed.netns`), generates one cluster key, gives every host its own copy of the
-keyring in its state dir (as a deployed node has) and a generated TOML config
+network (:mod:`testbed.netns`), creates one cluster (a mesh CA held in memory and a keyring),
+provisions every host's state dir as a member of it (keyring, node certificate, cluster name:
+what ``edgeagent join`` would save, via :func:`edgeagent.onboarding.provision_member`) and
+writes a generated TOML config
 (``<workdir>/hN/agent.toml``), and starts ``ip netns exec ea-ID-hN python -m edgeagent run -c
 agent.toml`` for each, logging to ``<workdir>/hN/agent.log`` with its state dir in
 ``<workdir>/hN/state``. Each agent is an :class:`edgeagent.agent_process.AgentProcess`, the
@@ -21,7 +23,6 @@ finds a running testbed again with :meth:`Testbed.load`.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -43,6 +44,7 @@ from edgeagent.agent_process import (
     process_start_time,
 )
 from edgeagent.errors import AgentUnavailable
+from edgeagent.onboarding import ClusterCA, new_ca, provision_member
 
 from . import netns
 from .netns import HostNet, NetnsError, Network
@@ -50,9 +52,7 @@ from .netns import HostNet, NetnsError, Network
 DEFAULT_ROOT = Path("/tmp/edgeagent-testbed")
 ROOT_ENV = "EDGEAGENT_TESTBED_DIR"
 STATE_FILE = "state.json"
-KEYRING_FILE = "keyring"  # edgeagent's default key file name inside the state dir
 GOSSIP_PORT = 7946  # edgeagent's default; each host has its own address, so all share it
-KEY_BYTES = 32  # AES-256, gossip.keyring.KEY_SIZE
 
 T = TypeVar("T")
 
@@ -152,9 +152,9 @@ class Testbed:
         self._save()
         self.network = Network(self.id, self.hosts_count, octet)
         self.network.create(self._record_netns)
-        key = base64.b64encode(os.urandom(KEY_BYTES)).decode()
+        ca = new_ca(f"testbed-{self.id}")
         for host in self.network.hosts:
-            self._write_config(host, key)
+            self._write_config(host, ca)
         if self.start_agents:
             for host in self.network.hosts:
                 self.start(host.name)
@@ -301,13 +301,9 @@ class Testbed:
             *self.extra_args,
         ]
 
-    def _write_config(self, host: HostNet, key: str) -> None:
+    def _write_config(self, host: HostNet, ca: ClusterCA) -> None:
         hdir = self.host_dir(host.name)
-        state_dir = hdir / "state"
-        state_dir.mkdir(parents=True, mode=0o700)
-        keyring = state_dir / KEYRING_FILE
-        keyring.touch(mode=0o600)
-        keyring.write_text(json.dumps([key]) + "\n")  # a JSON array of base64 keys, primary first
+        provision_member(ca, hdir / "state", host.name)
         join: list[str] = []
         if self.seeds and len(self.hosts) > 1:
             seed = self.hosts[1] if host.index == 1 else self.hosts[0]

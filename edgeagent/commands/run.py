@@ -1,4 +1,9 @@
-"""``edgeagent run``: start the agent in the foreground (see :mod:`edgeagent.agent`)."""
+"""``edgeagent run``: start the agent in the foreground (see :mod:`edgeagent.agent`).
+
+``--token TOKEN`` first enrolls, as ``edgeagent join TOKEN`` does, when the state dir has no
+cluster material yet (a device image can carry the same command line from first boot on);
+once enrolled the token is not needed and is ignored.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,20 @@ def register(subparsers: Any) -> None:
         "run",
         help="run the agent in the foreground",
         description=(
-            "Run the agent in the foreground. With no options it uses the defaults and the "
-            "detected firmware profile, keeps its identity and a generated cluster key in the "
-            "state dir, and finds peers by mDNS. SIGTERM or SIGINT: graceful leave, exit 0. "
-            "SIGHUP: re-read log_level and log_format from the config file (flags still win); "
-            "everything else applies at the next start."
+            "Run the agent in the foreground. It needs the cluster material in its state dir: "
+            "run 'edgeagent init' on the first device, 'edgeagent join TOKEN' (or pass --token) "
+            "on the others. It keeps its identity there, joins the seeds saved at enrollment "
+            "when no --join is given, and finds peers by mDNS. SIGTERM or SIGINT: graceful "
+            "leave, exit 0. SIGHUP: re-read log_level and log_format from the config file "
+            "(flags still win); everything else applies at the next start."
         ),
     )
     add_agent_arguments(parser)
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="join token: enroll first if the state dir has no cluster material ('-': stdin)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -33,9 +44,30 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_format, config.log_level)
+    if args.token is not None:
+        _enroll_first(config.state_dir, config.name, args.token)
 
     def reload_logging() -> None:  # SIGHUP
         fresh = load_config(args)
         setup_logging(fresh.log_format, fresh.log_level)
 
     return asyncio.run(Agent(config, reload=reload_logging).run())
+
+
+def _enroll_first(state_dir: Any, name: str, token: str) -> None:
+    import logging
+
+    from edgeagent.logs import fields
+    from edgeagent.netaddr import format_addr
+    from edgeagent.onboarding import existing_material, join_with_token, read_token_text
+
+    log = logging.getLogger("edgeagent")
+    if existing_material(state_dir):
+        log.info("already enrolled: --token ignored", extra=fields(state_dir=str(state_dir)))
+        return
+    joined = join_with_token(state_dir, name, read_token_text(token))
+    log.info(
+        "enrolled",
+        extra=fields(cluster=joined.cluster, issuer=format_addr(joined.issuer),
+                     node_id=joined.identity.node_id),
+    )  # fmt: skip

@@ -41,5 +41,18 @@ def render(status: dict[str, Any]) -> str:
             ("state dir", status["state_dir"]),
             ("mdns", "on" if status.get("mdns") else "off"),
             ("metrics", status.get("metrics") or "off"),
+            ("enrollment", _enroll_text(status.get("enroll"))),
         ]
+    )
+
+
+def _enroll_text(enroll: dict[str, Any] | None) -> str:
+    """``off`` on a node without the CA key, else where it listens and what it did."""
+    if not enroll:
+        return "off (no mesh CA key here)"
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(enroll.items()) if isinstance(v, int)
+                         and k != "tokens_usable")  # fmt: skip
+    return (
+        f"{enroll['address']}, {enroll['tokens_usable']} usable tokens"
+        + (f", {outcomes}" if outcomes else "")
     )

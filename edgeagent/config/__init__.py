@@ -56,7 +56,9 @@ Top level::
     advertise = "192.0.2.10:7946"     # what peers dial; default: from bind
     join = ["192.0.2.11:7946"]        # seeds (a bare host means port 7946)
     cluster = "edgeagent"             # cluster name, the AEAD associated data
-    key_file = "/etc/edgeagent/keyring"  # default: <state_dir>/keyring
+    key_file = "/etc/edgeagent/keyring"  # must exist; default: <state_dir>/keyring
+    enroll_port = 7947                # join-token enrollment (TLS) on the CA holder;
+                                      # default: the bind port + 1; 0 picks one
     state_dir = "/var/lib/edgeagent"
     profile = "rpi-4"                 # default: detected from the device tree
     log_format = "text"               # "text" (key=value) | "json"
@@ -83,7 +85,7 @@ naming the file (or flag), the key and what was expected, e.g.
 from __future__ import annotations
 
 from .checks import parse_hostport, show
-from .cli_args import add_agent_arguments
+from .cli_args import add_agent_arguments, add_enroll_port_argument
 from .loader import load_config
 from .machine import default_state_dir, read_device_model, read_memory_mb
 from .profiles import Profile, detect_profile, load_profiles, parse_profile
@@ -139,6 +141,7 @@ __all__ = [
     "Profile",
     "TableReader",
     "add_agent_arguments",
+    "add_enroll_port_argument",
     "default_state_dir",
     "detect_profile",
     "load_config",

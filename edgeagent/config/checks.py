@@ -132,6 +132,15 @@ def check_positive_int(value: object) -> int:
     return value
 
 
+def check_port(value: object) -> int:
+    """A TCP port 0..65535 (0: any), as a number or (from a flag) its digits."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise Invalid("a port number 0..65535")
+    return value
+
+
 def check_positive_number(value: object) -> float:
     if (
         isinstance(value, bool)

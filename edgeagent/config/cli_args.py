@@ -21,6 +21,7 @@ from .schema import (
     DEFAULT_LOG_LEVEL,
     DEFAULT_METRICS_PORT,
     DEFAULT_PROFILE,
+    ENROLL_PORT_OFFSET,
     LOG_FORMATS,
     LOG_LEVELS,
     STATE_DIR_DEFAULT_TEXT,
@@ -92,7 +93,10 @@ def _add_identity_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--key-file",
         metavar="FILE",
-        help="cluster keyring file (default: STATE_DIR/keyring, generated on first start)",
+        help=(
+            "cluster keyring file; it must exist (default: STATE_DIR/keyring, written by "
+            "'edgeagent init' or 'edgeagent join')"
+        ),
     )
     add(
         "--state-dir",
@@ -101,7 +105,21 @@ def _add_identity_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_enroll_port_argument(parser: argparse.ArgumentParser) -> None:
+    """``--enroll-port``: shared by ``run`` and ``init`` (whose token names the port)."""
+    parser.add_argument(
+        "--enroll-port",
+        metavar="PORT",
+        help=(
+            "TCP port where a node holding the mesh CA key (the one that ran 'edgeagent init') "
+            f"enrolls new devices with join tokens, on the --bind host; 0 picks one (default: the "
+            f"gossip port + {ENROLL_PORT_OFFSET}, {DEFAULT_GOSSIP_PORT + ENROLL_PORT_OFFSET})"
+        ),
+    )
+
+
 def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
+    add_enroll_port_argument(parser)
     add = parser.add_argument
     add(
         "--no-mdns",

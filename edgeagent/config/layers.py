@@ -29,6 +29,7 @@ from .checks import (
     check_name,
     check_path,
     check_peer,
+    check_port,
     check_positive_int,
     check_positive_number,
     check_prefix,
@@ -53,6 +54,7 @@ class Layer:
     key_file: Path | None = None
     state_dir: Path | None = None
     profile: str | None = None
+    enroll_port: int | None = None
     log_format: str | None = None
     log_level: str | None = None
     metrics_on: bool | None = None
@@ -83,6 +85,7 @@ def file_layer(path: Path) -> Layer:
     layer.key_file = reader.get(data, "key_file", lambda v: check_path(v, base))
     layer.state_dir = reader.get(data, "state_dir", lambda v: check_path(v, base))
     layer.profile = reader.get(data, "profile", lambda v: check_name(v, "profile name"))
+    layer.enroll_port = reader.get(data, "enroll_port", check_port)
     layer.log_format = reader.get(data, "log_format", lambda v: check_choice(v, LOG_FORMATS))
     layer.log_level = reader.get(data, "log_level", lambda v: check_choice(v, LOG_LEVELS))
     features = reader.features(reader.table("features"))
@@ -141,6 +144,7 @@ def flag_layer(args: argparse.Namespace) -> Layer:
     layer.key_file = flag("key_file", "--key-file", lambda v: check_path(v, None))
     layer.state_dir = flag("state_dir", "--state-dir", lambda v: check_path(v, None))
     layer.profile = flag("profile", "--profile", lambda v: check_name(v, "profile name"))
+    layer.enroll_port = flag("enroll_port", "--enroll-port", check_port)
     layer.preset = flag("preset", "--preset", lambda v: check_choice(v, sorted(PRESETS)))
     layer.log_format = flag("log_format", "--log-format", lambda v: check_choice(v, LOG_FORMATS))
     layer.log_level = flag("log_level", "--log-level", lambda v: check_choice(v, LOG_LEVELS))

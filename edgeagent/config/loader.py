@@ -41,6 +41,7 @@ from .schema import (
     AgentConfig,
     Features,
     Limits,
+    default_enroll_port,
     gossip_key,
 )
 
@@ -84,9 +85,10 @@ def load_config(
         else None
     )
     dns = pick("dns_addr", (DEFAULT_LOCAL_HOST, DEFAULT_DNS_PORT)) if pick("dns_on", False) else None
+    bind = pick("bind", (DEFAULT_BIND_HOST, DEFAULT_GOSSIP_PORT))
     return AgentConfig(
         name=_node_name(pick("name", None), hostname),
-        bind=pick("bind", (DEFAULT_BIND_HOST, DEFAULT_GOSSIP_PORT)),
+        bind=bind,
         advertise=pick("advertise", None),
         join=pick("join", ()),
         profile=profile.name,
@@ -108,7 +110,16 @@ def load_config(
         gossip_preset=preset_name,
         gossip_dropped=dropped,
         name_is_default=pick("name", None) is None,
+        enroll_port=pick("enroll_port", default_enroll_port(bind[1])),
+        cluster_source=_cluster_source(file, flags),
     )
+
+
+def _cluster_source(file: Layer, flags: Layer) -> str:
+    """Where the cluster name was set, for a conflict message; "" when it is the default."""
+    if flags.cluster is not None:
+        return "--cluster"
+    return f"{file.source}: cluster" if file.cluster is not None else ""
 
 
 def _pick(layers: Sequence[Layer], attr: str, default: Any) -> Any:

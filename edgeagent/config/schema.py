@@ -26,6 +26,9 @@ from overlay.ipam import DEFAULT_QUARANTINE_S
 from ..logs import FORMATTERS, LEVELS
 
 DEFAULT_GOSSIP_PORT = 7946  # memberlist's default bind port; UDP and TCP share it
+# The enrollment (join token) TLS port: the gossip port + this, unless set. Serf and
+# memberlist use only 7946; 7947 is free beside it on every shipped image.
+ENROLL_PORT_OFFSET = 1
 DEFAULT_DNS_PORT = 5354  # mesh DNS default: unprivileged, beside mDNS's 5353
 DEFAULT_METRICS_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
 DEFAULT_OVERLAY_PREFIX = "10.99.0.0/16"
@@ -52,7 +55,7 @@ LOG_LEVELS = tuple(LEVELS)
 # Keys of the TOML file, and of its [overlay] table.
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
-    "log_format", "log_level", "metrics", "dns", "mdns", "gossip", "limits", "features", "overlay",
+    "enroll_port", "log_format", "log_level", "metrics", "dns", "mdns", "gossip", "limits", "features", "overlay",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 
@@ -65,6 +68,13 @@ GOSSIP_FIELDS_ELSEWHERE = {
 }
 
 HostPort = tuple[str, int]
+
+
+def default_enroll_port(gossip_port: int) -> int:
+    """The enrollment port when none is set: beside the gossip port (0 stays 0: any)."""
+    if gossip_port == 0 or gossip_port + ENROLL_PORT_OFFSET > 65535:
+        return 0
+    return gossip_port + ENROLL_PORT_OFFSET
 
 
 def gossip_key(field_name: str) -> str:
@@ -121,6 +131,12 @@ class AgentConfig:
     # No name configured: ``name`` is the hostname, and a new identity is named
     # ``HOSTNAME-XXXXXX`` from its node id (persist.default_node_name), once.
     name_is_default: bool = False
+    # TCP port of the enrollment listener (only on a node holding the CA key); 0: any.
+    # Default: the gossip port + ENROLL_PORT_OFFSET (0 when the gossip port is 0).
+    enroll_port: int = 0
+    # Where the cluster name was set ("--cluster", "FILE: cluster"); "" for the default, so a
+    # state dir enrolled in a named cluster can tell a conflict from a default.
+    cluster_source: str = ""
 
     @property
     def keyring_path(self) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent import streams
+from edgeagent.onboarding import ClusterCA, new_ca, provision_member
 
 AGENT_IP = "127.77.0.1"
 PEER_NET = "127.77.1."  # peer N (1-based) listens on 127.77.1.N; up to 254 peers
@@ -59,13 +59,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the peers and the agent, measure the agent, stop everything."""
     if not 2 <= args.members <= 255:
         raise SystemExit("footprint: --members must be 2..255")
-    key = os.urandom(32)
+    ca = new_ca(CLUSTER)  # the measured agent is a provisioned member; peers share its key
+    key = ca.keys[0]
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-footprint-"))
     peers: subprocess.Popen[str] | None = None
     agent: subprocess.Popen[bytes] | None = None
     try:
         peers = _start_peers(args.members - 1, key, args.preset)
-        agent = _start_agent(workdir, key, args.preset)
+        agent = _start_agent(workdir, ca, args.preset)
         converged_after = _wait_converged(workdir / "state", args.members, agent)
         time.sleep(args.warmup)
         sample = _measure(agent.pid, args.seconds, peers.pid)
@@ -89,14 +90,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # -- the measured agent ---------------------------------------------------------------------
 
 
-def _start_agent(workdir: Path, key: bytes, preset: str) -> subprocess.Popen[bytes]:
-    import base64
-
+def _start_agent(workdir: Path, ca: ClusterCA, preset: str) -> subprocess.Popen[bytes]:
     state = workdir / "state"
-    state.mkdir(mode=0o700)
-    keyring = state / "keyring"
-    keyring.touch(mode=0o600)
-    keyring.write_text(json.dumps([base64.b64encode(key).decode()]) + "\n")
+    provision_member(ca, state, "agent")
     argv = [
         sys.executable, "-m", "edgeagent", "run",
         "--name", "agent",

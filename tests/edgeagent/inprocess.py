@@ -4,6 +4,11 @@ Shared by the tests that need to reach into a running agent (its features, its d
 ``start`` builds an :class:`~edgeagent.agent.Agent` from command-line flags, runs it as a task
 and returns once its control socket answers; ``stop`` asks for the graceful leave and checks
 the exit code. Import as ``from tests.edgeagent.inprocess import ...``.
+
+Each agent's state dir is provisioned as a member of a cluster (what ``edgeagent join`` saves,
+via :func:`edgeagent.onboarding.provision_member`), unless it already holds cluster material.
+Agents given the same ``shared`` directory are members of one cluster (one in-memory CA and
+keyring per directory); without it each agent is its own cluster.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from edgeagent.config import add_agent_arguments, load_config
 from edgeagent.control import ControlClient, socket_path
 from edgeagent.errors import AgentUnavailable
 from edgeagent.host import Feature
+from edgeagent.onboarding import ClusterCA, existing_material, new_ca, provision_member
 
 TIMEOUT = 60.0  # generous: the machine is shared
+_CLUSTERS: dict[Path, ClusterCA] = {}  # shared dir -> its cluster's CA and keyring
 
 
 def make_agent(
@@ -30,13 +37,21 @@ def make_agent(
     name: str = "solo",
     *flags: str,
     extra_features: Mapping[str, Feature] | None = None,
+    shared: Path | None = None,
 ) -> Agent:
     """An agent on 127.0.0.1 with an ephemeral port, LOCAL timing, mDNS and metrics off."""
     parser = argparse.ArgumentParser()
     add_agent_arguments(parser)
     argv = ["--name", name, "--bind", "127.0.0.1:0", "--no-mdns", "--preset", "local",
             "--state-dir", str(state_dir), "--metrics", "off", *flags]  # fmt: skip
-    return Agent(load_config(parser.parse_args(argv)), extra_features=extra_features)
+    config = load_config(parser.parse_args(argv))
+    if config.key_file is None and not existing_material(state_dir):
+        key = (shared or state_dir).absolute()
+        ca = _CLUSTERS.get(key)
+        if ca is None or ca.cluster != config.cluster:
+            ca = _CLUSTERS[key] = new_ca(config.cluster)
+        provision_member(ca, state_dir, config.name)
+    return Agent(config, extra_features=extra_features)
 
 
 async def call(state_dir: Path, cmd: str, **args: Any) -> Any:
@@ -68,10 +83,13 @@ class Running:
     state_dir: Path
 
 
-async def start(state_dir: Path, name: str, flags: Sequence[str] = ()) -> Running:
-    """Run an agent in ``state_dir``; return once every feature started."""
+async def start(
+    state_dir: Path, name: str, flags: Sequence[str] = (), shared: Path | None = None
+) -> Running:
+    """Run an agent in ``state_dir`` (a member of ``shared``'s cluster, if given); return once
+    every feature started."""
     state_dir.mkdir(exist_ok=True)
-    agent = make_agent(state_dir, name, *flags)
+    agent = make_agent(state_dir, name, *flags, shared=shared)
     task = asyncio.create_task(agent.run())
     await call(state_dir, "status")  # the control socket answers from the start...
     await wait_for(lambda: agent.started or task.done(), "the agent's features to start")

@@ -30,9 +30,8 @@ def base_dir() -> Iterator[Path]:
 
 
 async def start(base: Path, name: str, join: str | None, dns_on: bool = False) -> Running:
-    flags = ["--dns", "127.0.0.1:0" if dns_on else "off",
-             "--key-file", str(base / "keyring")]  # fmt: skip
-    return await start_agent(base / name, name, [*flags, *(["--join", join] if join else [])])
+    flags = ["--dns", "127.0.0.1:0" if dns_on else "off", *(["--join", join] if join else [])]
+    return await start_agent(base / name, name, flags, shared=base)  # one cluster per base dir
 
 
 def addresses(r: Running) -> Addresses:

@@ -138,10 +138,13 @@ def wait_status(state_dir: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any
 def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig: int) -> None:
     # Everything default but the state dir (root's default is /var/lib/edgeagent): name from
     # the hostname and the node id, 0.0.0.0:7946, detected profile, mDNS on (unavailable here: logged, not
-    # fatal), a cluster key generated on first start.
+    # fatal), the cluster material made by a plain 'edgeagent init'.
     with tempfile.TemporaryDirectory(prefix="ea-") as tmp:
         state_dir = Path(tmp)
-        argv = ["ip", "netns", "exec", private_netns, sys.executable, "-m", "edgeagent", "run"]
+        ea = ["ip", "netns", "exec", private_netns, sys.executable, "-m", "edgeagent"]
+        init = subprocess.run([*ea, "init", "--state-dir", tmp], capture_output=True, timeout=60)
+        assert init.returncode == 0, init.stderr
+        argv = [*ea, "run"]
         proc = subprocess.Popen(
             [*argv, "--state-dir", tmp], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
