@@ -45,7 +45,7 @@ from edgeagent import streams
 from edgeagent.agent_process import agent_env
 from edgeagent.localmesh import free_port
 from edgeagent.persist import save_keyring
-from gossip.config import preset
+from gossip.config import MAX_STREAM_BYTES, preset
 from gossip.core import Membership
 from gossip.keyring import Keyring
 from testbed.loopback import LoopbackAgent
@@ -223,12 +223,13 @@ def _hold_and_join(target: tuple[str, int], net: str, key: bytes, hold: int, dea
 async def _join(target: tuple[str, int], host: str, key: bytes, deadline: float) -> float:
     loop = asyncio.get_running_loop()
     config = preset("local", cluster_name=CLUSTER)
-    core = Membership(JOINER, (host, target[1]), config, random.Random(), loop.time(), keyring=Keyring([key]))
+    core_keyring = Keyring([key])
+    core = Membership(JOINER, (host, target[1]), config, random.Random(), loop.time(), keyring=core_keyring)
     started = time.monotonic()
     while time.monotonic() - started < deadline:
         core.join([target], loop.time())
         for dst, data in core.streams_to_send():
-            reply = await _push_pull(dst, data, host, config.max_stream_bytes)
+            reply = await _push_pull(dst, data, host, streams.StreamAuth(core_keyring, CLUSTER))
             if reply is None:
                 core.stream_failed(dst, loop.time())
                 continue
@@ -239,8 +240,9 @@ async def _join(target: tuple[str, int], host: str, key: bytes, deadline: float)
     return deadline
 
 
-async def _push_pull(dst: tuple[str, int], data: bytes, host: str, limit: int) -> bytes | None:
-    return await streams.exchange(dst, data, (host, 0), limit, JOIN_TIMEOUT)
+async def _push_pull(dst: tuple[str, int], data: bytes, host: str, auth: streams.StreamAuth) -> bytes | None:
+    settings = streams.StreamSettings(MAX_STREAM_BYTES, JOIN_TIMEOUT)
+    return await streams.exchange(dst, data, (host, 0), auth, settings)
 
 
 def _cpu_seconds(pid: int) -> float:
