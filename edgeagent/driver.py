@@ -48,9 +48,6 @@ from gossip.events import Event, Member
 from gossip.messages import Address
 
 from . import streams
-from .stream_limits import (
-    MAX_INBOUND_STREAMS as MAX_INBOUND_STREAMS,  # re-exported: the hostile-input tests name it
-)
 from .stream_limits import MAX_OUTBOUND_STREAMS, Admission, DropLog, inbound_budget
 from .streams import HEADER_TIMEOUT, Served, StreamAuth, StreamSettings
 
