@@ -71,6 +71,8 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .stream_limits import frame_limit
+from .streams import StreamAuth
 
 if TYPE_CHECKING:
     from gossip.core import Membership
@@ -297,8 +299,9 @@ class Agent:
             advertise=advertise,
             main_loop=loop,
             on_update=self._on_update,
+            stream_auth=StreamAuth(keyring, config.gossip.cluster_name),
             max_datagram_bytes=config.gossip.max_datagram_bytes,
-            max_stream_bytes=config.gossip.max_stream_bytes,
+            max_stream_bytes=frame_limit(config.gossip),
         )
 
     async def _start_driver(self) -> View:

@@ -11,11 +11,13 @@ Datagrams: the reader callback drains every readable datagram (up to :data:`MAX_
 it returns, so a timer that fell due meanwhile runs after the inbox is empty: a probe never
 times out while its ack waits in the socket buffer.
 
-Streams: a frame is a 4-byte big-endian length followed by that many bytes (one sealed
-push-pull message), bounded by ``max_stream_bytes``. A connection carries one request frame and
-one reply frame. Connecting, and reading a whole frame, are each bounded by ``stream_timeout``,
-so a peer that sends half a frame (slowloris) is cut off, and at most
-:data:`MAX_INBOUND_STREAMS` inbound connections are served at once.
+Streams: one push-pull per TCP connection, in the format of :mod:`edgeagent.streams` (a
+sealed header is read and opened before any body, within a short header timeout; the body is
+bounded by the frame limit, ``max_stream_bytes``, and by ``stream_timeout``). Before a byte is
+read, :class:`edgeagent.stream_limits.Admission` decides whether the connection is served
+(per-source and total caps; an idle unauthenticated connection gives its slot to a newcomer);
+request bodies in flight share one budget, and our own push-pulls are capped too. Every drop
+is counted in :class:`DriverStats` and logged, rate-limited, by reason.
 
 Threads (DESIGN principle 2): the application's loop never touches the core. It sends commands
 (callables run on the gossip thread with ``(core, now)``) through a thread-safe queue, woken by
@@ -46,7 +48,8 @@ from gossip.events import Event, Member
 from gossip.messages import Address
 
 from . import streams
-from .streams import encode_frame as encode_frame  # re-exported: tests frame by hand
+from .stream_limits import MAX_OUTBOUND_STREAMS, Admission, DropLog, inbound_budget
+from .streams import HEADER_TIMEOUT, Served, StreamAuth, StreamSettings
 from .undecryptable import (
     DATAGRAM,
     NOTHING_UNDECRYPTABLE,
@@ -60,10 +63,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
-MAX_INBOUND_STREAMS = 32  # concurrent push-pull connections served (hostile-peer bound)
-STREAM_TIMEOUT = 10.0  # connect / read-a-frame deadline: memberlist DefaultLANConfig TCPTimeout
+STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
 UDP_BUFFER_BYTES = 1 << 20  # SO_RCVBUF / SO_SNDBUF request; the kernel may cap it
+
+
+# DriverStats field counting each drop reason (stream_limits.DESCRIPTIONS, streams.Served).
+_DROP_STATS = {
+    "unauthenticated": "stream_headers_rejected",
+    "header_timeout": "stream_headers_late",
+    "oversized": "frames_oversized",
+    "over_budget": "streams_over_budget",
+    "per_source": "streams_per_source",
+    "inbound_limit": "streams_rejected",
+    "evicted": "streams_evicted",
+    "outbound_limit": "streams_out_rejected",
+    "failed": "stream_errors",
+}
 
 
 class Core(Protocol):
@@ -107,11 +123,17 @@ class DriverStats:
 
     datagrams_oversized: int = 0  # longer than max_datagram_bytes: dropped unread
     send_errors: int = 0  # sendto failed (buffer full, unreachable)
-    streams_in: int = 0
-    streams_out: int = 0
-    streams_rejected: int = 0  # over MAX_INBOUND_STREAMS
-    stream_errors: int = 0  # timeouts, resets, short or oversized frames
-    frames_oversized: int = 0  # length prefix above max_stream_bytes
+    streams_in: int = 0  # inbound connections admitted
+    streams_out: int = 0  # our push-pulls started
+    streams_rejected: int = 0  # every inbound slot held an authenticated stream
+    streams_per_source: int = 0  # over MAX_INBOUND_PER_SOURCE from one address
+    streams_evicted: int = 0  # unauthenticated connections closed to make room
+    stream_headers_late: int = 0  # no whole header within the header timeout
+    stream_headers_rejected: int = 0  # the header did not open: no key, other cluster, garbage
+    frames_oversized: int = 0  # the header named a body above the frame limit
+    streams_over_budget: int = 0  # the bytes-in-flight budget could not hold the body
+    streams_out_rejected: int = 0  # over MAX_OUTBOUND_STREAMS of our own
+    stream_errors: int = 0  # short or late bodies, resets, failed outbound push-pulls
     remote_errors: int = 0  # RemoteError raised by the core (normally it counts them itself)
     internal_errors: int = 0  # any other exception from the core: a bug, logged
 
@@ -185,7 +207,9 @@ class GossipDriver(Generic[C]):
     ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
     and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics).
     ``advertise`` is the address the core announces (port 0: the bound port); by default the
-    bind address with the bound port.
+    bind address with the bound port. ``stream_auth`` seals and opens stream headers (the
+    core's own keyring, so a rotation applies to both); ``max_stream_bytes`` is the frame limit
+    (:func:`edgeagent.stream_limits.frame_limit` of the resolved config).
     """
 
     def __init__(
@@ -195,10 +219,12 @@ class GossipDriver(Generic[C]):
         *,
         main_loop: asyncio.AbstractEventLoop,
         on_update: Callable[[tuple[Event, ...], View], None],
+        stream_auth: StreamAuth,
         advertise: Address | None = None,
         max_datagram_bytes: int = MAX_DATAGRAM_BYTES,
         max_stream_bytes: int = MAX_STREAM_BYTES,
         stream_timeout: float = STREAM_TIMEOUT,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self._make_core = make_core
         self._bind = bind
@@ -206,8 +232,11 @@ class GossipDriver(Generic[C]):
         self._main_loop = main_loop
         self._on_update = on_update
         self._max_datagram = max_datagram_bytes
-        self._max_stream = max_stream_bytes
-        self._stream_timeout = stream_timeout
+        self._auth = stream_auth
+        self._stream_settings = StreamSettings(max_stream_bytes, stream_timeout, header_timeout)
+        self._budget = streams.Budget(inbound_budget(max_stream_bytes))
+        self._admission = Admission()
+        self._drops = DropLog(log)
         self._commands: queue.SimpleQueue[
             tuple[Callable[[C, float], Any], concurrent.futures.Future[Any]]
         ] = queue.SimpleQueue()
@@ -225,7 +254,9 @@ class GossipDriver(Generic[C]):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inbound = 0
+        self._connections: dict[int, asyncio.Task[None]] = {}  # admitted, by Admission id
+        self._next_connection = 0
+        self._outbound = 0
         self._address: Address | None = None
 
     # -- application side (any thread) -------------------------------------------------------
@@ -483,27 +514,47 @@ class GossipDriver(Generic[C]):
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self._inbound >= MAX_INBOUND_STREAMS:
-            self._stats.streams_rejected += 1
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        conn = self._next_connection
+        self._next_connection += 1
+        decision = self._admission.admit(conn, source)
+        if not decision.admitted:
+            self._drop(decision.reason or "inbound_limit", source)
             writer.close()
             return
-        self._inbound += 1
-        self._stats.streams_in += 1
+        if decision.evict is not None:
+            self._drop("evicted", decision.evict_source or "")
+            evicted = self._connections.pop(decision.evict, None)
+            if evicted is not None:
+                evicted.cancel()
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        assert task is not None
+        self._connections[conn] = task
+        self._tasks.add(task)
+        self._stats.streams_in += 1
         try:
             served = await streams.serve_stream(
-                reader, writer, self._answer_stream, self._max_stream, self._stream_timeout
+                reader,
+                writer,
+                self._answer_stream,
+                self._auth,
+                self._stream_settings,
+                budget=self._budget,
+                authenticated=lambda: self._admission.authenticated(conn),
             )
-            if served is streams.Served.OVERSIZED:
-                self._stats.frames_oversized += 1
-            if served is not streams.Served.ANSWERED:
-                self._stats.stream_errors += 1
         finally:
-            self._inbound -= 1
-            if task is not None:
-                self._tasks.discard(task)
+            self._admission.release(conn)
+            self._connections.pop(conn, None)
+            self._tasks.discard(task)
+        if served is not Served.ANSWERED:
+            self._drop(served.value, source)
+
+    def _drop(self, reason: str, source: str) -> None:
+        """Count one dropped stream under ``reason`` and log it (rate-limited)."""
+        stat = _DROP_STATS[reason]
+        setattr(self._stats, stat, getattr(self._stats, stat) + 1)
+        self._drops.note(reason, source, self._now())
 
     def _answer_stream(self, frame: bytes, src: Address) -> bytes | None:
         assert self._core is not None
@@ -514,12 +565,21 @@ class GossipDriver(Generic[C]):
     async def _push_pull(self, dst: Address, data: bytes) -> None:
         core = self._core
         assert core is not None
+        if self._outbound >= MAX_OUTBOUND_STREAMS:
+            self._drop("outbound_limit", dst[0])
+            self._guard(core.stream_failed, dst, self._now())
+            self._after_input()
+            return
+        self._outbound += 1
         self._stats.streams_out += 1
         host = self._bind[0]
         local_addr = None if _is_wildcard(host) else (host, 0)
-        reply = await streams.exchange(
-            dst, data, local_addr, self._max_stream, self._stream_timeout
-        )
+        try:
+            reply = await streams.exchange(
+                dst, data, local_addr, self._auth, self._stream_settings
+            )
+        finally:
+            self._outbound -= 1
         if reply is None:
             self._stats.stream_errors += 1
             self._guard(core.stream_failed, dst, self._now())

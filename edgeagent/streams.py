@@ -1,104 +1,263 @@
-"""Push-pull streams: one length-prefixed request frame and one reply frame per TCP connection.
+"""Push-pull streams: a sealed header before any body, one request and one reply per TCP connection.
 
-How it works. A frame is a 4-byte big-endian length followed by that many bytes (one sealed
-push-pull message), bounded by the caller's ``limit`` (``max_stream_bytes``). The side that
-starts a push-pull calls :func:`exchange`: connect, send the request frame, read the reply
-frame. The listening side hands each accepted connection to :func:`serve_stream`, which reads
-the request, asks ``handle`` for the reply and sends it. Connecting, reading a whole frame and
-draining the reply are each bounded by ``timeout``, so a peer that sends half a frame
-(slowloris) is cut off.
+Wire format (stream version 1), in the order the bytes flow on one connection::
 
-Only framing and deadlines live here: the gossip driver (:mod:`edgeagent.driver`) adds its
-counters, its bound on concurrent inbound streams and its core, and the footprint benchmark's
-lightweight peers reuse the same two functions.
+    server -> client   challenge       16 random bytes, sent as soon as the server accepts
+    client -> server   request header  66 bytes, sealed: kind 1 | body length | challenge | nonce
+    client -> server   request body    body-length bytes: the core's sealed push-pull request
+    server -> client   reply header    66 bytes, sealed: kind 2 | body length | nonce | challenge
+    server -> client   reply body      the core's sealed push-pull reply
+
+A header is the plaintext ``kind (1 byte) | length (4, big-endian) | echo (16) | nonce (16)``
+sealed with the cluster keyring (:meth:`gossip.keyring.Keyring.encrypt`: version, AEAD nonce,
+ciphertext, tag; 29 bytes more), the associated data being :data:`HEADER_AAD` plus the cluster
+name, so neither a datagram nor a body can pass for a header. The client's header echoes the
+server's challenge and carries a fresh nonce of its own; the server's reply header echoes that
+nonce. If the core has no reply, the server closes after the request body.
+
+Why a header. The server reads exactly :data:`HEADER_SIZE` bytes within ``header_timeout``
+(short: 2 s), opens them, and only then learns a body length and starts reading it. A peer
+without the key never gets more than the header buffered, and never holds a connection past
+the header timeout; the body length it names is checked against the frame limit and reserved
+from a :class:`Budget` of bytes in flight before one body byte is read.
+
+Why a challenge and not a timestamp. Freshness comes from the server's random challenge, so a
+recorded header cannot be replayed on another connection to make the server buffer a body, and
+no clock is trusted: a Raspberry Pi without a real-time clock boots in 1970 and must still join.
+The client's nonce does the same for the reply.
+
+Deadlines: the header within ``header_timeout`` of the accept; the request body, and draining
+the reply, each within ``timeout``; the client's whole exchange within ``timeout``. Only framing
+and deadlines live here; the driver (:mod:`edgeagent.driver`) adds admission and counting
+(:mod:`edgeagent.stream_limits`), and the footprint benchmark's lightweight peers reuse
+:func:`serve_stream` and :func:`exchange`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from gossip.errors import DecryptError
+from gossip.keyring import OVERHEAD, Keyring
 from gossip.messages import Address
 
-FRAME_HEADER = struct.Struct(">I")  # push-pull frame: 4-byte big-endian length prefix
+STREAM_VERSION = 1  # bump with any change to the layout above
+CHALLENGE_SIZE = 16  # 128 random bits: a challenge never repeats in practice
+HEADER_PLAIN = struct.Struct(">BI16s16s")  # kind, body length, echo, nonce
+HEADER_SIZE = OVERHEAD + HEADER_PLAIN.size  # 66 bytes on the wire
+HEADER_AAD = b"edgeagent stream header v1\x00"  # prefixed to the cluster name
+HEADER_TIMEOUT = 2.0  # accept to whole header: one LAN round trip with a wide margin
+
+
+class Kind(enum.IntEnum):
+    """Which side sealed a header."""
+
+    REQUEST = 1
+    REPLY = 2
 
 
 class FrameError(Exception):
-    """A stream frame was short, oversized or late."""
+    """A stream header or body was short, late, oversized or did not authenticate."""
 
 
 class FrameTooLarge(FrameError):
-    """The frame's length prefix exceeds the limit (the body is never read)."""
+    """The header names a body longer than the limit (the body is never read)."""
+
+
+class HeaderError(FrameError):
+    """A header did not open with the keyring, or is not the one this connection expects."""
 
 
 class Served(enum.Enum):
     """How :func:`serve_stream` ended."""
 
     ANSWERED = "answered"  # request read; the reply (if any) sent
-    OVERSIZED = "oversized"  # the request's length prefix exceeded the limit
-    FAILED = "failed"  # short or late request, or the reply could not be sent
+    HEADER_TIMEOUT = "header_timeout"  # no whole header within header_timeout (idle, slowloris)
+    UNAUTHENTICATED = "unauthenticated"  # the header did not open: no key, other cluster, garbage
+    OVERSIZED = "oversized"  # the header names a body above the frame limit
+    OVER_BUDGET = "over_budget"  # the bytes-in-flight budget cannot hold the body now
+    FAILED = "failed"  # short or late body, closed early, or the reply could not be sent
 
 
-async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """Read one length-prefixed frame; raise :class:`FrameError` if longer than ``limit``."""
-    try:
-        header = await reader.readexactly(FRAME_HEADER.size)
-        (length,) = FRAME_HEADER.unpack(header)
-        if length > limit:
-            raise FrameTooLarge(f"frame of {length} bytes exceeds {limit}")
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise FrameError("connection closed inside a frame") from exc
+@dataclass(frozen=True, slots=True)
+class Header:
+    """One header's plaintext."""
+
+    kind: Kind
+    length: int  # body bytes that follow
+    echo: bytes  # the other side's challenge or nonce
+    nonce: bytes  # this side's challenge or nonce
 
 
-def encode_frame(data: bytes) -> bytes:
-    """Prefix ``data`` with its 4-byte big-endian length."""
-    return FRAME_HEADER.pack(len(data)) + data
+@dataclass(frozen=True, slots=True)
+class StreamAuth:
+    """What seals and opens headers: the cluster keyring (shared, rotated in place) and name."""
+
+    keyring: Keyring
+    cluster: str
+    random: Callable[[int], bytes] = field(default=os.urandom, repr=False)
+
+    @property
+    def aad(self) -> bytes:
+        return HEADER_AAD + self.cluster.encode()
+
+    def seal(self, header: Header) -> bytes:
+        """The header's :data:`HEADER_SIZE` wire bytes."""
+        plain = HEADER_PLAIN.pack(header.kind, header.length, header.echo, header.nonce)
+        return self.keyring.encrypt(plain, self.aad)
+
+    def open(self, data: bytes) -> Header:
+        """Open a header; raise :class:`HeaderError` for anything but a well-formed one."""
+        if len(data) != HEADER_SIZE:
+            raise HeaderError(f"header of {len(data)} bytes, not {HEADER_SIZE}")
+        try:
+            plain = self.keyring.decrypt(data, self.aad)
+        except DecryptError as exc:
+            raise HeaderError(str(exc)) from exc
+        if len(plain) != HEADER_PLAIN.size:
+            raise HeaderError("header plaintext of the wrong size")
+        code, length, echo, nonce = HEADER_PLAIN.unpack(plain)
+        try:
+            kind = Kind(code)
+        except ValueError:
+            raise HeaderError(f"unknown header kind {code}") from None
+        return Header(kind, length, echo, nonce)
+
+    def expect(self, data: bytes, kind: Kind, echo: bytes) -> Header:
+        """Open a header and check it is ``kind`` answering ``echo`` (else HeaderError)."""
+        header = self.open(data)
+        if header.kind is not kind or header.echo != echo:
+            raise HeaderError("header is not for this connection")
+        return header
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """Bounds on one stream: body size and the two deadlines."""
+
+    frame_limit: int  # largest body accepted (see stream_limits.frame_limit)
+    timeout: float  # request body, reply drain; a client's whole exchange
+    header_timeout: float = HEADER_TIMEOUT  # accept to whole request header
+
+
+class Budget:
+    """Bytes of request bodies in flight across every inbound stream, up to ``total``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.in_flight = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) if they do not fit now."""
+        if self.in_flight + n > self.total:
+            return False
+        self.in_flight += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Release ``n`` bytes taken earlier."""
+        self.in_flight -= n
 
 
 async def serve_stream(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     handle: Callable[[bytes, Address], bytes | None],
-    limit: int,
-    timeout: float,
+    auth: StreamAuth,
+    settings: StreamSettings,
+    *,
+    budget: Budget | None = None,
+    authenticated: Callable[[], None] | None = None,
 ) -> Served:
-    """Answer one inbound push-pull: read the request, send ``handle``'s reply, close."""
+    """Answer one inbound push-pull: challenge, header, body, ``handle``'s reply; then close.
+
+    ``authenticated`` is called once the header opened (the connection is then a member's).
+    """
     try:
         peer = writer.get_extra_info("peername")
         src: Address = (peer[0], peer[1]) if peer else ("", 0)
+        challenge = auth.random(CHALLENGE_SIZE)
         try:
-            frame = await asyncio.wait_for(read_frame(reader, limit), timeout)
-        except FrameTooLarge:
-            return Served.OVERSIZED
-        except (FrameError, TimeoutError, OSError):
+            header = await asyncio.wait_for(
+                _read_header(reader, writer, auth, challenge), settings.header_timeout
+            )
+        except TimeoutError:
+            return Served.HEADER_TIMEOUT
+        except HeaderError:
+            return Served.UNAUTHENTICATED
+        except (FrameError, OSError):
             return Served.FAILED
-        reply = handle(frame, src)
-        if reply is not None:
-            writer.write(encode_frame(reply))
-            try:
-                await asyncio.wait_for(writer.drain(), timeout)
-            except (TimeoutError, OSError):
-                return Served.FAILED
-        return Served.ANSWERED
+        if authenticated is not None:
+            authenticated()
+        if header.length > settings.frame_limit:
+            return Served.OVERSIZED
+        if budget is not None and not budget.take(header.length):
+            return Served.OVER_BUDGET
+        try:
+            return await _answer(reader, writer, handle, auth, settings, header, src)
+        finally:
+            if budget is not None:
+                budget.give(header.length)
     finally:
         writer.close()
 
 
+async def _read_header(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, auth: StreamAuth, challenge: bytes
+) -> Header:
+    writer.write(challenge)
+    await writer.drain()
+    return auth.expect(await _read_exactly(reader, HEADER_SIZE), Kind.REQUEST, challenge)
+
+
+async def _answer(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Callable[[bytes, Address], bytes | None],
+    auth: StreamAuth,
+    settings: StreamSettings,
+    header: Header,
+    src: Address,
+) -> Served:
+    try:
+        body = await asyncio.wait_for(_read_exactly(reader, header.length), settings.timeout)
+    except (FrameError, TimeoutError, OSError):
+        return Served.FAILED
+    reply = handle(body, src)
+    if reply is not None:
+        writer.write(auth.seal(Header(Kind.REPLY, len(reply), header.nonce, header.echo)) + reply)
+        try:
+            await asyncio.wait_for(writer.drain(), settings.timeout)
+        except (TimeoutError, OSError):
+            return Served.FAILED
+    return Served.ANSWERED
+
+
 async def exchange(
-    dst: Address, data: bytes, local_addr: Address | None, limit: int, timeout: float
+    dst: Address,
+    data: bytes,
+    local_addr: Address | None,
+    auth: StreamAuth,
+    settings: StreamSettings,
 ) -> bytes | None:
     """One outbound push-pull: send ``data`` to ``dst``, return its reply (None on failure)."""
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, connected = await asyncio.wait_for(
-            asyncio.open_connection(dst[0], dst[1], local_addr=local_addr), timeout
-        )
-        writer = connected
-        connected.write(encode_frame(data))
-        return await asyncio.wait_for(_drain_and_read(reader, connected, limit), timeout)
+        async with asyncio.timeout(settings.timeout):
+            reader, writer = await asyncio.open_connection(dst[0], dst[1], local_addr=local_addr)
+            challenge = await _read_exactly(reader, CHALLENGE_SIZE)
+            nonce = auth.random(CHALLENGE_SIZE)
+            writer.write(auth.seal(Header(Kind.REQUEST, len(data), challenge, nonce)) + data)
+            await writer.drain()
+            header = auth.expect(await _read_exactly(reader, HEADER_SIZE), Kind.REPLY, nonce)
+            if header.length > settings.frame_limit:
+                raise FrameTooLarge(f"reply of {header.length} bytes exceeds {settings.frame_limit}")
+            return await _read_exactly(reader, header.length)
     except (FrameError, TimeoutError, OSError):
         return None
     finally:
@@ -106,8 +265,8 @@ async def exchange(
             writer.close()
 
 
-async def _drain_and_read(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int
-) -> bytes:
-    await writer.drain()
-    return await read_frame(reader, limit)
+async def _read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError as exc:
+        raise FrameError("connection closed inside a header or body") from exc

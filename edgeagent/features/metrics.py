@@ -47,6 +47,12 @@ _DROPS = (
     ("oversize", "driver", "frames_oversized"),
     ("stream_error", "driver", "stream_errors"),
     ("stream_limit", "driver", "streams_rejected"),
+    ("decrypt", "driver", "stream_headers_rejected"),
+    ("stream_per_source", "driver", "streams_per_source"),
+    ("stream_evicted", "driver", "streams_evicted"),
+    ("stream_header_timeout", "driver", "stream_headers_late"),
+    ("stream_budget", "driver", "streams_over_budget"),
+    ("stream_out_limit", "driver", "streams_out_rejected"),
     ("send_error", "driver", "send_errors"),
 )
 

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "footprint": "RSS and CPU of one real agent in a 100-member cluster",
     "detection-real": "crash detection on real sockets in the network-namespace testbed (root)",
     "traffic": "bytes on the wire, CPU and RSS of N real agents started at once on loopback",
+    "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
 }
 
 

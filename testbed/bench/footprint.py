@@ -193,11 +193,12 @@ def _start_peers(count: int, key: bytes, preset: str) -> subprocess.Popen[str]:
 class _Peer:
     """One membership core on its own UDP and TCP sockets, on the shared loop."""
 
-    def __init__(self, core: Any, udp: Any, loop: asyncio.AbstractEventLoop, max_stream: int) -> None:
+    def __init__(self, core: Any, udp: Any, loop: asyncio.AbstractEventLoop, auth: streams.StreamAuth) -> None:
         self.core = core
         self.udp = udp
         self.loop = loop
-        self.max_stream = max_stream
+        self.auth = auth
+        self.settings = streams.StreamSettings(core.config.max_stream_bytes, STREAM_TIMEOUT)
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -256,7 +257,7 @@ class _Peer:
                 self.timer = self.loop.call_at(deadline, self.on_timer)
 
     async def serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await streams.serve_stream(reader, writer, self.answer, self.max_stream, STREAM_TIMEOUT)
+        await streams.serve_stream(reader, writer, self.answer, self.auth, self.settings)
 
     def answer(self, frame: bytes, src: tuple[str, int]) -> bytes | None:
         reply: bytes | None = self.guard(lambda: self.core.handle_stream(frame, src, self.loop.time()))
@@ -265,7 +266,7 @@ class _Peer:
 
     async def push_pull(self, dst: tuple[str, int], data: bytes) -> None:
         local = (self.core.addr[0], 0)
-        reply = await streams.exchange(dst, data, local, self.max_stream, STREAM_TIMEOUT)
+        reply = await streams.exchange(dst, data, local, self.auth, self.settings)
         if reply is None:
             self.guard(lambda: self.core.stream_failed(dst, self.loop.time()))
         else:
@@ -289,9 +290,10 @@ async def _run_peers(count: int, key: bytes, preset: str) -> None:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setblocking(False)
         udp.bind(addr)
+        keyring = Keyring([key])
         core = Membership(f"peer-{n}", addr, config, random.Random(rng.getrandbits(64)), loop.time(),
-                          keyring=Keyring([key]))
-        peer = _Peer(core, udp, loop, config.max_stream_bytes)
+                          keyring=keyring)
+        peer = _Peer(core, udp, loop, streams.StreamAuth(keyring, CLUSTER))
         await asyncio.start_server(peer.serve_stream, addr[0], PORT, reuse_address=True)
         loop.add_reader(udp.fileno(), peer.on_readable)
         peers.append(peer)

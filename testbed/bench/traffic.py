@@ -39,8 +39,8 @@ is ``udp:overhead``: IP/UDP headers, sealing, the datagram's array header): ``ud
 a datagram that carries a probe message), ``udp:gossip:<type>`` (in a datagram without one:
 the gossip round), where ``<type>`` is ``alive``, ``suspect``, ``dead``, ``user`` or
 ``state:<key>`` (``state:ipam`` address claims, ``state:keys`` key fingerprints);
-``tcp:push_pull:join`` / ``request`` / ``reply`` (whole sealed frames with their prefixes) and
-``tcp:headers`` (every TCP/IP header, handshake and ACK). What the wire cannot say is *why* a
+``tcp:push_pull:join`` / ``request`` / ``reply`` (whole sealed bodies with their stream
+headers), ``tcp:stream_header`` (the server's challenges) and ``tcp:headers`` (every TCP/IP header, handshake and ACK). What the wire cannot say is *why* a
 message was sent (a re-broadcast after a push-pull merge looks like any other Alive):
 ``redundancy`` gives, per broadcast type, how many times each distinct update was sent, and
 for replicated state how many distinct (owner, value) pairs those versions carried.
@@ -73,6 +73,8 @@ from types import FrameType
 from typing import Any
 
 CLUSTER = "bench-traffic"
+STREAM_CHALLENGE_BYTES = 16  # edgeagent.streams.CHALLENGE_SIZE (imported lazily by the tap)
+STREAM_HEADER_BYTES = 66  # edgeagent.streams.HEADER_SIZE
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NFT_TABLE = "ea_traffic"
 NFT_PREFIX = "n_"  # "udp" and "tcp" are nft keywords, not counter names
@@ -82,9 +84,10 @@ STOP_TIMEOUT = 10.0
 UDP_HEADER_BYTES = 20 + 8  # IPv4 without options + UDP (RFC 791, RFC 768)
 # Measured in a namespace (tcp_header_bytes_per_push_pull, N=5 and N=20): ten segments per
 # push-pull, SYN and SYN-ACK of 60 bytes (20 IP + 40 TCP with options) and eight of 52 (20 IP +
-# 20 TCP + 12 timestamps): connect, request, reply, their ACKs, FIN both ways; plus the two
-# 4-byte frame length prefixes, which the agents' byte counters leave out.
-TCP_STREAM_OVERHEAD = 2 * 60 + 8 * 52 + 2 * 4
+# 20 TCP + 12 timestamps): connect, request, reply, their ACKs, FIN both ways; plus what the
+# agents' byte counters leave out (edgeagent.streams): the challenge (16 bytes, in one more
+# segment, not re-measured since the header was added) and the two 66-byte sealed headers.
+TCP_STREAM_OVERHEAD = 2 * 60 + 9 * 52 + STREAM_CHALLENGE_BYTES + 2 * STREAM_HEADER_BYTES
 METRIC_BYTES = "edgeagent_sent_bytes_total{{transport=\"{}\"}}"
 METRIC_PACKETS = "edgeagent_packets_sent_total{{transport=\"{}\"}}"
 # AF_PACKET (packet(7)): sll_pkttype of a packet this host sends; lo shows each packet twice.
@@ -493,6 +496,7 @@ class _Tap:
     """Attributes every outgoing packet on ``lo`` to message kinds, per wall-clock tick."""
 
     def __init__(self, port: int, key: bytes, cluster: str) -> None:
+        from edgeagent.streams import StreamAuth
         from gossip.keyring import Keyring
 
         self.port = port
@@ -501,6 +505,8 @@ class _Tap:
         # tick -> kind -> [messages or packets, bytes]
         self.buckets: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         self.flows: dict[tuple[bytes, int, bytes, int], bytearray] = {}
+        self.challenges: set[tuple[bytes, int, bytes, int]] = set()  # flows before their challenge
+        self.auth = StreamAuth(self.keyring, cluster)
         self.sent: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.values: dict[str, set[tuple[str, str]]] = defaultdict(set)  # state kind -> (owner, value)
         self.push_pull: dict[str, int] = defaultdict(int)
@@ -561,31 +567,45 @@ class _Tap:
         key = (src, sport, dst, dport)
         if flags & TCP_SYN:
             self.flows[key] = bytearray()
+            if sport == self.port:  # the server's side opens with its challenge
+                self.challenges.add(key)
         buf = self.flows.get(key)
         if buf is not None and payload:
             buf += payload
-            self.frames(buf, dport == self.port, sec)
+            if key in self.challenges and len(buf) >= STREAM_CHALLENGE_BYTES:
+                self.challenges.discard(key)
+                del buf[:STREAM_CHALLENGE_BYTES]
+                self.add(sec, "tcp:stream_header", 0, STREAM_CHALLENGE_BYTES)
+            if key not in self.challenges:
+                self.frames(buf, dport == self.port, sec)
         if flags & (TCP_FIN | TCP_RST):
+            self.challenges.discard(key)
             leftover = self.flows.pop(key, bytearray())
             if leftover:
                 self.add(sec, "tcp:partial_frame", 0, len(leftover))
 
     def frames(self, buf: bytearray, request: bool, sec: int) -> None:
+        from edgeagent.streams import HEADER_SIZE, HeaderError
         from gossip.codec import decode_frame
 
-        while len(buf) >= 4:
-            (length,) = struct.unpack_from(">I", buf, 0)
-            if len(buf) < 4 + length:
+        while len(buf) >= HEADER_SIZE:
+            try:
+                length = self.auth.open(bytes(buf[:HEADER_SIZE])).length
+            except HeaderError:
+                self.add(sec, "tcp:undecodable", 1, len(buf))
+                buf.clear()
                 return
-            sealed = bytes(buf[4:4 + length])
-            del buf[:4 + length]
+            if len(buf) < HEADER_SIZE + length:
+                return
+            sealed = bytes(buf[HEADER_SIZE:HEADER_SIZE + length])
+            del buf[:HEADER_SIZE + length]
             try:
                 pp = decode_frame(self.keyring.decrypt(sealed, self.aad), 1 << 30)
             except Exception:  # noqa: BLE001 - anything we cannot open is just counted
-                self.add(sec, "tcp:undecodable", 1, 4 + length)
+                self.add(sec, "tcp:undecodable", 1, HEADER_SIZE + length)
                 continue
             kind = "reply" if pp.reply else "join" if pp.join else "request"
-            self.add(sec, f"tcp:push_pull:{kind}", 1, 4 + length)
+            self.add(sec, f"tcp:push_pull:{kind}", 1, HEADER_SIZE + length)
             self.push_pull[f"{kind}_frames"] += 1
             self.push_pull[f"{kind}_members"] += len(pp.members)
             self.push_pull[f"{kind}_state_entries"] += sum(len(entries) for _, entries in pp.states)

@@ -7,19 +7,29 @@ from which thread, and in which order (datagrams drained before due timers).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
 
-from edgeagent.driver import GossipDriver, View, encode_frame
+from edgeagent.driver import GossipDriver, View
+from edgeagent.stream_limits import (
+    MAX_INBOUND_PER_SOURCE,
+    MAX_INBOUND_STREAMS,
+    MAX_OUTBOUND_STREAMS,
+)
+from edgeagent.streams import CHALLENGE_SIZE, HEADER_SIZE, Header, Kind, StreamAuth
 from gossip.events import Member, UserMessage
+from gossip.keyring import Keyring
 from gossip.messages import Address, MemberState
 
 WAIT = 10.0  # generous deadline for anything that should take milliseconds
+AUTH = StreamAuth(Keyring([bytes(range(32))]), "test")
 
 
 class ScriptedCore:
@@ -107,13 +117,22 @@ class Harness:
             self.updates.append((events, view, threading.current_thread().name))
 
         self.driver = GossipDriver(
-            make_core, ("127.0.0.1", 0), main_loop=loop, on_update=on_update, **kwargs
+            make_core,
+            ("127.0.0.1", 0),
+            main_loop=loop,
+            on_update=on_update,
+            stream_auth=AUTH,
+            **kwargs,
         )
         self.addr = self.driver.start()
 
     @property
     def core(self) -> ScriptedCore:
         return self.cores[0]
+
+    def stat(self, name: str) -> int:
+        """The driver counter ``name`` in the latest View published."""
+        return max((v.driver_stats[name] for _, v, _ in self.updates), default=0)
 
 
 async def wait_until(predicate: Any, timeout: float = WAIT) -> None:
@@ -209,15 +228,22 @@ async def test_oversized_datagram_is_dropped_and_counted(harness: Harness) -> No
     )
 
 
-async def read_reply_frame(reader: asyncio.StreamReader) -> bytes:
-    (length,) = struct.unpack(">I", await reader.readexactly(4))
-    return await reader.readexactly(length)
+async def connect(harness: Harness, source: str = "127.0.0.1") -> tuple[Any, Any, bytes]:
+    """Open a stream from ``source``; return reader, writer and the server's challenge."""
+    reader, writer = await asyncio.open_connection(*harness.addr, local_addr=(source, 0))
+    challenge = await asyncio.wait_for(reader.readexactly(CHALLENGE_SIZE), WAIT)
+    return reader, writer, challenge
 
 
-async def test_stream_request_gets_a_framed_reply(harness: Harness) -> None:
-    reader, writer = await asyncio.open_connection(*harness.addr)
-    writer.write(encode_frame(b"state"))
-    reply = await asyncio.wait_for(read_reply_frame(reader), WAIT)
+def request_header(challenge: bytes, length: int, nonce: bytes = b"n" * 16) -> bytes:
+    return AUTH.seal(Header(Kind.REQUEST, length, challenge, nonce))
+
+
+async def test_stream_request_gets_a_sealed_reply(harness: Harness) -> None:
+    reader, writer, challenge = await connect(harness)
+    writer.write(request_header(challenge, 5) + b"state")
+    header = AUTH.expect(await reader.readexactly(HEADER_SIZE), Kind.REPLY, b"n" * 16)
+    reply = await asyncio.wait_for(reader.readexactly(header.length), WAIT)
     writer.close()
     assert reply == b"reply:state"
     assert ("stream", b"state") in harness.core.log
@@ -250,23 +276,142 @@ async def test_unreachable_stream_peer_is_reported_as_failed(harness: Harness) -
     await wait_until(lambda: ("stream_failed", dst) in harness.core.log)
 
 
-async def test_huge_length_prefix_is_refused_without_reading(harness: Harness) -> None:
-    reader, writer = await asyncio.open_connection(*harness.addr)
-    writer.write(struct.pack(">I", 0xFFFFFFFF))
+async def test_a_header_naming_a_huge_body_is_refused_without_reading(harness: Harness) -> None:
+    reader, writer, challenge = await connect(harness)
+    writer.write(request_header(challenge, 0xFFFFFFFF))
     assert await asyncio.wait_for(reader.read(), WAIT) == b""
     writer.close()
     assert not any(kind == "stream" for kind, _ in harness.core.log)
-    await wait_until(
-        lambda: any(v.driver_stats["frames_oversized"] == 1 for _, v, _ in harness.updates)
-    )
+    await wait_until(lambda: harness.stat("frames_oversized") == 1)
 
 
-async def test_partial_frame_is_cut_off_after_the_stream_timeout(harness: Harness) -> None:
-    reader, writer = await asyncio.open_connection(*harness.addr)
-    writer.write(struct.pack(">I", 100) + b"only part")
+async def test_partial_body_is_cut_off_after_the_stream_timeout(harness: Harness) -> None:
+    reader, writer, challenge = await connect(harness)
+    writer.write(request_header(challenge, 100) + b"only part")
     assert await asyncio.wait_for(reader.read(), WAIT) == b""
     writer.close()
     assert not any(kind == "stream" for kind, _ in harness.core.log)
+    await wait_until(lambda: harness.stat("stream_errors") == 1)
+
+
+async def test_a_slowloris_header_is_cut_at_the_header_timeout() -> None:
+    harness = Harness(stream_timeout=WAIT, header_timeout=0.3)
+    try:
+        reader, writer, _ = await connect(harness)
+        writer.write(os.urandom(HEADER_SIZE - 1))  # all but the last byte, then nothing
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        assert time.monotonic() - started < WAIT / 2  # the header deadline, not the stream one
+        writer.close()
+        await wait_until(lambda: harness.stat("stream_headers_late") == 1)
+    finally:
+        harness.driver.stop()
+
+
+async def test_an_unauthenticated_8_mib_stream_is_not_buffered(harness: Harness) -> None:
+    size = 8 * 1024 * 1024
+    data = struct.pack(">I", size) + os.urandom(size)  # the old frame: a length and a body
+
+    def send() -> None:
+        with socket.create_connection(harness.addr, timeout=WAIT) as sock:
+            try:
+                sock.sendall(data)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # reset by the agent: expected
+
+    tracemalloc.start()
+    try:
+        await asyncio.to_thread(send)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024  # a few socket reads at most, never the 8 MiB body
+    await wait_until(lambda: harness.stat("stream_headers_rejected") == 1)
+    assert not any(kind == "stream" for kind, _ in harness.core.log)
+
+
+async def test_connections_from_one_source_are_capped(harness: Harness) -> None:
+    held = [await connect(harness) for _ in range(MAX_INBOUND_PER_SOURCE)]
+    reader, writer = await asyncio.open_connection(*harness.addr)
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed before any challenge
+    writer.close()
+    await wait_until(lambda: harness.stat("streams_per_source") == 1)
+    reader, writer, challenge = await connect(harness, "127.0.0.2")  # another source gets in
+    writer.write(request_header(challenge, 2) + b"ok")
+    assert await asyncio.wait_for(reader.read(), WAIT) != b""
+    for _, w, _ in held:
+        w.close()
+    writer.close()
+
+
+async def test_idle_connections_holding_every_slot_give_way_to_a_member() -> None:
+    harness = Harness(stream_timeout=WAIT, header_timeout=WAIT)
+    per_source = MAX_INBOUND_PER_SOURCE
+    try:
+        held = [
+            await connect(harness, f"127.0.1.{1 + i // per_source}")
+            for i in range(MAX_INBOUND_STREAMS)
+        ]
+        started = time.monotonic()
+        reader, writer, challenge = await connect(harness, "127.0.2.1")
+        writer.write(request_header(challenge, 4) + b"join")
+        assert await asyncio.wait_for(reader.read(), WAIT) != b""
+        assert time.monotonic() - started < 2.0  # not after the idle ones time out
+        assert ("stream", b"join") in harness.core.log
+        await wait_until(lambda: harness.stat("streams_evicted") == 1)
+        for _, w, _ in held:
+            w.close()
+        writer.close()
+    finally:
+        harness.driver.stop()
+
+
+async def test_bodies_in_flight_share_one_budget() -> None:
+    limit = 1000  # the budget is 4 frame limits: 4000 bytes
+    harness = Harness(stream_timeout=WAIT, max_stream_bytes=limit)
+    try:
+        holding = []
+        for i in range(4):  # four authenticated streams, each promising a whole frame
+            reader, writer, challenge = await connect(harness, f"127.0.3.{i + 1}")
+            writer.write(request_header(challenge, limit) + b"x")
+            holding.append(writer)
+        reader, writer, challenge = await connect(harness, "127.0.3.9")
+        writer.write(request_header(challenge, 10) + b"0123456789")
+        assert await asyncio.wait_for(reader.read(), WAIT) == b""  # no room: refused
+        await wait_until(lambda: harness.stat("streams_over_budget") == 1)
+        for w in holding:
+            w.close()
+        writer.close()
+        await wait_until(lambda: harness.stat("stream_errors") == 4)  # budget given back
+        reader, writer, challenge = await connect(harness, "127.0.3.9")
+        writer.write(request_header(challenge, 10) + b"0123456789")
+        assert await asyncio.wait_for(reader.read(), WAIT) != b""
+        writer.close()
+    finally:
+        harness.driver.stop()
+
+
+async def test_outbound_streams_are_capped(harness: Harness) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never sends a challenge: the push-pull hangs until its timeout
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    dst = ("127.0.0.1", int(server.sockets[0].getsockname()[1]))
+    async with server:
+
+        def request(core: Any, now: float) -> None:
+            core.out_streams.extend([(dst, b"pull")] * (MAX_OUTBOUND_STREAMS + 1))
+
+        await harness.driver.acall(request)
+        await wait_until(lambda: ("stream_failed", dst) in harness.core.log, 0.4)  # at once
+        await wait_until(lambda: harness.stat("streams_out_rejected") == 1)
+        await wait_until(lambda: len(accepted) == MAX_OUTBOUND_STREAMS)
+        for w in accepted:
+            w.close()
 
 
 async def test_commands_after_stop_fail_cleanly(harness: Harness) -> None:

@@ -1,8 +1,8 @@
 """Hostile datagrams and streams sent to a running agent (DESIGN principle 3).
 
 Malformed, truncated, oversized, wrong-key and other-cluster datagrams and TCP streams
-(garbage, a huge length prefix, a slowloris partial frame, a connection flood) go to one real
-agent. It must keep running and serving, count every kind in its metrics, and keep its
+(garbage, an unauthenticated header, a header naming a huge body, a slowloris partial header,
+a connection flood) go to one real agent. It must keep running and serving, count every kind in its metrics, and keep its
 member list exactly as it was.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth
 from gossip.codec import encode_datagram
 from gossip.keyring import Keyring
 from gossip.messages import Ping
@@ -24,8 +25,8 @@ from testbed.loopback import LoopbackAgent, LoopbackCluster
 pytestmark = pytest.mark.slow
 
 CLUSTER = "loopback"
-STREAM_CUTOFF_WAIT = 40.0  # the agent's stream timeout is 10 s; the machine is shared
-FLOOD_CONNECTIONS = 40  # above the driver's MAX_INBOUND_STREAMS (32)
+STREAM_CUTOFF_WAIT = 40.0  # the agent's header timeout is 2 s; the machine is shared
+FLOOD_CONNECTIONS = 40  # from one address: above MAX_INBOUND_PER_SOURCE and MAX_INBOUND_STREAMS
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,30 @@ def sealed(key: bytes, plaintext: bytes, cluster: str = CLUSTER) -> bytes:
 
 
 def frame(data: bytes) -> bytes:
+    """The pre-header frame format: a length prefix and the body, no key needed."""
     return struct.pack(">I", len(data)) + data
 
 
-def send_stream(target: tuple[str, int], data: bytes) -> bytes:
-    """Send raw bytes on a fresh connection; return what comes back before the agent closes."""
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (chunk := sock.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+def send_stream(target: tuple[str, int], data: bytes | None = None, *, key: bytes | None = None,
+                body: bytes = b"", length: int | None = None, cluster: str = CLUSTER) -> bytes:
+    """On a fresh connection, read the challenge and send ``data``, or a header sealed with
+    ``key`` naming ``length`` (default: the body's) and ``body``; return what comes back after
+    the challenge before the agent closes."""
     with socket.create_connection(target, timeout=30) as sock:
+        challenge = recv_exactly(sock, CHALLENGE_SIZE)
+        assert len(challenge) == CHALLENGE_SIZE
+        if data is None:
+            assert key is not None
+            auth = StreamAuth(Keyring([key]), cluster)
+            size = len(body) if length is None else length
+            data = auth.seal(Header(Kind.REQUEST, size, challenge, os.urandom(16))) + body
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         chunks = []
@@ -113,14 +132,15 @@ def test_hostile_streams_are_dropped_and_counted(cluster: LoopbackCluster) -> No
     key = cluster.key
 
     assert send_stream(target, frame(os.urandom(2000))) == b""  # garbage frame
-    assert send_stream(target, frame(sealed(Keyring.generate_key(), b"x" * 100))) == b""  # wrong key
-    assert send_stream(target, frame(sealed(key, b"x" * 100, cluster="another-site"))) == b""
-    assert send_stream(target, frame(sealed(key, os.urandom(100)))) == b""  # right key, garbage
-    assert send_stream(target, struct.pack(">I", 0xFFFFFFF0)) == b""  # huge length prefix
+    assert send_stream(target, frame(sealed(key, b"x" * 100))) == b""  # old format: no header
+    assert send_stream(target, key=Keyring.generate_key(), body=b"x" * 100) == b""  # wrong key
+    assert send_stream(target, key=key, body=b"x" * 100, cluster="another-site") == b""
+    assert send_stream(target, key=key, body=sealed(key, os.urandom(100))) == b""  # garbage body
+    assert send_stream(target, key=key, length=0xFFFFFFF0) == b""  # header naming a huge body
     assert send_stream(target, os.urandom(3)) == b""  # truncated header
 
     cluster.wait_for(
-        lambda: dropped(target_agent, "decrypt") >= decrypt0 + 3
+        lambda: dropped(target_agent, "decrypt") >= decrypt0 + 4
         and dropped(target_agent, "decode") >= decode0 + 1
         and dropped(target_agent, "oversize") >= oversize0 + 1,
         30.0,
@@ -134,10 +154,12 @@ def test_slowloris_and_connection_flood_do_not_stall_the_agent(cluster: Loopback
     target_agent, peer = cluster.agents
     target = (target_agent.host, target_agent.port)
     before = membership(target_agent)
-    limit0 = dropped(target_agent, "stream_limit")
+    limit0 = dropped(target_agent, "stream_per_source")
+    late0 = dropped(target_agent, "stream_header_timeout")
 
     slow = socket.create_connection(target, timeout=STREAM_CUTOFF_WAIT)
-    slow.sendall(struct.pack(">I", 1000) + b"partial")  # and then nothing
+    slow.sendall(b"partial header")  # and then nothing
+    assert len(recv_exactly(slow, CHALLENGE_SIZE)) == CHALLENGE_SIZE
     flood = [socket.create_connection(target, timeout=10) for _ in range(FLOOD_CONNECTIONS)]
     try:
         # While the hostile connections hang, the agent answers and gossips normally.
@@ -145,16 +167,18 @@ def test_slowloris_and_connection_flood_do_not_stall_the_agent(cluster: Loopback
         time.sleep(2.0)
         assert peer.state_of(target_agent.name) == "alive"
         started = time.monotonic()
-        assert slow.recv(100) == b""  # cut off by the agent's stream timeout
+        assert slow.recv(100) == b""  # cut off by the agent's header timeout
         assert time.monotonic() - started < STREAM_CUTOFF_WAIT
     finally:
         slow.close()
         for sock in flood:
             sock.close()
     cluster.wait_for(
-        lambda: dropped(target_agent, "stream_limit") > limit0, 30.0, "flood connections refused"
+        lambda: dropped(target_agent, "stream_per_source") > limit0, 30.0, "flood connections refused"
     )
-    assert dropped(target_agent, "stream_error") >= 1
+    cluster.wait_for(
+        lambda: dropped(target_agent, "stream_header_timeout") > late0, 30.0, "slowloris counted"
+    )
     assert target_agent.running
     assert membership(target_agent) == before
     assert peer.state_of(target_agent.name) == "alive"

@@ -61,6 +61,37 @@ def test_tap_counts_a_datagram_under_another_key_as_undecodable() -> None:
     assert list(tap.buckets[0]) == ["udp:undecodable"]
 
 
+def _tcp(sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+    """A TCP header (no options) with ``flags``, then ``payload``."""
+    return struct.pack(">HHIIBBHHH", sport, dport, 0, 0, 5 << 4, flags, 65535, 0, 0) + payload
+
+
+def test_tap_reads_a_push_pull_through_its_challenge_and_sealed_headers() -> None:
+    from edgeagent.streams import CHALLENGE_SIZE, HEADER_SIZE, Header, Kind, StreamAuth
+    from gossip.codec import encode_frame
+    from gossip.messages import PushPull
+
+    keyring = Keyring([KEY])
+    auth = StreamAuth(keyring, "test")
+    request = keyring.encrypt(encode_frame(PushPull("a", True, False, (), ())), b"test")
+    reply = keyring.encrypt(encode_frame(PushPull("b", False, True, (), ())), b"test")
+    challenge, nonce = b"c" * CHALLENGE_SIZE, b"n" * 16
+    client, server = bytes([127, 1, 1, 1]), bytes([127, 1, 1, 2])
+    tap = traffic._Tap(PORT, KEY, "test")
+    tap.segment(client, server, _tcp(40000, PORT, traffic.TCP_SYN), 60, 0)
+    tap.segment(server, client, _tcp(PORT, 40000, traffic.TCP_SYN), 60, 0)
+    tap.segment(server, client, _tcp(PORT, 40000, 0, challenge), 40 + CHALLENGE_SIZE, 0)
+    head = auth.seal(Header(Kind.REQUEST, len(request), challenge, nonce))
+    tap.segment(client, server, _tcp(40000, PORT, 0, head + request), 40 + HEADER_SIZE + len(request), 0)
+    head = auth.seal(Header(Kind.REPLY, len(reply), nonce, challenge))
+    tap.segment(server, client, _tcp(PORT, 40000, 0, head + reply), 40 + HEADER_SIZE + len(reply), 0)
+    cells = tap.buckets[0]
+    assert cells["tcp:push_pull:join"] == [1, HEADER_SIZE + len(request)]
+    assert cells["tcp:push_pull:reply"] == [1, HEADER_SIZE + len(reply)]
+    assert cells["tcp:stream_header"] == [0, CHALLENGE_SIZE]
+    assert "tcp:undecodable" not in cells
+
+
 def _bench(*extra: str) -> dict[str, object]:
     proc = subprocess.run(
         [sys.executable, "-m", "testbed.bench", "traffic", *SHORT, *extra, "--json"],
