@@ -183,6 +183,7 @@ def create_cluster(
     *,
     ca: ClusterCA | None = None,
     now: dt.datetime | None = None,
+    default_name: bool = False,
 ) -> ClusterCA:
     """Make ``state_dir`` the first node of a new cluster (what ``edgeagent init`` writes).
 
@@ -190,7 +191,7 @@ def create_cluster(
     """
     refuse_existing(state_dir, "init")
     ca = ca if ca is not None else new_ca(cluster, now)
-    _write_member(state_dir, name, ca, (), now, ca_key=ca.key)
+    _write_member(state_dir, name, ca, (), now, ca_key=ca.key, default_name=default_name)
     return ca
 
 
@@ -220,8 +221,9 @@ def _write_member(
     now: dt.datetime | None,
     *,
     ca_key: ec.EllipticCurvePrivateKey | None = None,
+    default_name: bool = False,
 ) -> NodeIdentity:
-    identity = load_or_create_identity(state_dir, name)
+    identity = _identity(state_dir, name, default_name)
     key = pki.new_node_key()
     csr = pki.make_csr(key, identity.name, identity.node_id)
     cert = pki.issue_node_cert(ca.key, ca.cert, csr, identity.name, identity.node_id, _now(now))
@@ -345,7 +347,17 @@ def read_token_text(text: str, stdin: Any = None) -> str:
     return line
 
 
-def join_with_token(state_dir: str | os.PathLike[str], name: str, token_text: str) -> Joined:
+def _identity(state_dir: str | os.PathLike[str], name: str, default_name: bool) -> NodeIdentity:
+    """The node's identity, created as the agent creates it (default names, machine id)."""
+    from .persist import machine_fingerprint, machine_id_paths
+
+    machine = machine_fingerprint(machine_id_paths())
+    return load_or_create_identity(state_dir, name, default_name=default_name, machine=machine)
+
+
+def join_with_token(
+    state_dir: str | os.PathLike[str], name: str, token_text: str, *, default_name: bool = False
+) -> Joined:
     """Enroll with the issuer named in the token and save what it sends (``edgeagent join``).
 
     A bad, expired, revoked or forged token, a wrong CA pin or an unreachable issuer is one
@@ -362,7 +374,7 @@ def join_with_token(state_dir: str | os.PathLike[str], name: str, token_text: st
     except TokenError as exc:
         raise UsageError(str(exc)) from None
     refuse_existing(state_dir, "join")
-    identity = load_or_create_identity(state_dir, name)
+    identity = _identity(state_dir, name, default_name)
     key = pki.new_node_key()
     try:
         got = asyncio.run(enroll(token, identity.name, identity.node_id, key))

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     token = TokenStore(state_dir).create(
         pki.ca_pin(ca.cert), addresses, time.time(), ttl_s, args.uses
     )
-    create_cluster(state_dir, config.name, config.cluster, ca=ca)  # the keyring last: committed
+    create_cluster(
+        state_dir, config.name, config.cluster, ca=ca, default_name=config.name_is_default
+    )  # the keyring last: committed
     flags = "" if args.state_dir is None else f" --state-dir {state_dir}"
     print(
         f"created cluster {config.cluster!r} in {state_dir}: mesh CA (its key stays here, "

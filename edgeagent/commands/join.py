@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
     token_text = read_token_text(args.token)
     config = load_config(args)
-    joined = join_with_token(config.state_dir, config.name, token_text)
+    joined = join_with_token(
+        config.state_dir, config.name, token_text, default_name=config.name_is_default
+    )
     seeds = ", ".join(format_addr(s) for s in joined.seeds) or "none (use --join)"
     flags = "" if args.state_dir is None else f" --state-dir {config.state_dir}"
     print(

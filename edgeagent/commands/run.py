@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(config.log_format, config.log_level)
     if args.token is not None:
-        _enroll_first(config.state_dir, config.name, args.token)
+        _enroll_first(config.state_dir, config.name, args.token, config.name_is_default)
 
     def reload_logging() -> None:  # SIGHUP
         fresh = load_config(args)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(Agent(config, reload=reload_logging).run())
 
 
-def _enroll_first(state_dir: Any, name: str, token: str) -> None:
+def _enroll_first(state_dir: Any, name: str, token: str, default_name: bool) -> None:
     import logging
 
     from edgeagent.logs import fields
@@ -65,7 +65,9 @@ def _enroll_first(state_dir: Any, name: str, token: str) -> None:
     if existing_material(state_dir):
         log.info("already enrolled: --token ignored", extra=fields(state_dir=str(state_dir)))
         return
-    joined = join_with_token(state_dir, name, read_token_text(token))
+    joined = join_with_token(
+        state_dir, name, read_token_text(token), default_name=default_name
+    )
     log.info(
         "enrolled",
         extra=fields(cluster=joined.cluster, issuer=format_addr(joined.issuer),

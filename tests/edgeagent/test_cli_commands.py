@@ -93,7 +93,10 @@ def test_second_agent_on_a_live_state_dir_is_refused(cluster: LoopbackCluster) -
 
 
 def test_gossip_port_in_use_is_one_line_and_exit_2(cluster: LoopbackCluster) -> None:
+    from edgeagent.onboarding import create_cluster
+
     with tempfile.TemporaryDirectory(prefix="ea-") as tmp:
+        create_cluster(tmp, "busy", "busy-site")  # material, so the bind is what fails
         out = cli("run", "--state-dir", tmp, "--bind", cluster.agents[0].address, "--no-mdns")
         assert not (Path(tmp) / "control.sock").exists()
     assert out.returncode == 2
