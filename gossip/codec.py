@@ -22,7 +22,8 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
                     [[owner, [[key, version, value, deleted bool], ...]], ...]
 
 PushPull travels only in stream frames (it is far larger than a datagram); the
-stream driver adds its own length prefix around the sealed frame.
+stream layer of the daemon puts a challenge and a small sealed header (kind,
+body length) in front of the sealed frame (edgeagent/streams.py).
 
 The decoder faces the network, so it is bounded and total: it returns messages
 or raises :class:`~gossip.errors.DecodeError`, nothing else. msgpack itself is
