@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import random
 import shutil
 import signal
@@ -34,14 +33,13 @@ from typing import Any
 
 from edgeagent import streams
 from edgeagent.onboarding import ClusterCA, new_ca, provision_member
+from testbed.bench.procs import cpu_seconds, stop_process
 
 AGENT_IP = "127.77.0.1"
 PEER_NET = "127.77.1."  # peer N (1-based) listens on 127.77.1.N; up to 254 peers
 PORT = 7946  # every member has its own address, so all share edgeagent's default port
 CLUSTER = "bench-footprint"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CONVERGE_TIMEOUT = 180.0  # seconds for the agent to see every member alive
-STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 60.0  # the peer process binds every socket within this
 STREAM_TIMEOUT = 10.0  # push-pull connect / frame deadline, as edgeagent.driver.STREAM_TIMEOUT
 
@@ -81,9 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         if agent is not None:
-            _stop(agent)
+            stop_process(agent)
         if peers is not None:
-            _stop(peers)
+            stop_process(peers)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -135,11 +133,6 @@ def _wait_converged(state_dir: Path, members: int, agent: subprocess.Popen[bytes
     raise SystemExit(f"footprint: the agent did not see {members} members alive within {CONVERGE_TIMEOUT:g} s")
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
-
-
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -149,11 +142,11 @@ def _rss_mb(pid: int) -> float:
 
 def _measure(pid: int, seconds: float, peers_pid: int) -> dict[str, float]:
     rss: list[float] = []
-    cpu0, peers0, t0 = _cpu_seconds(pid), _cpu_seconds(peers_pid), time.monotonic()
+    cpu0, peers0, t0 = cpu_seconds(pid), cpu_seconds(peers_pid), time.monotonic()
     while time.monotonic() - t0 < seconds:
         rss.append(_rss_mb(pid))
         time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - t0))))
-    cpu1, peers1, t1 = _cpu_seconds(pid), _cpu_seconds(peers_pid), time.monotonic()
+    cpu1, peers1, t1 = cpu_seconds(pid), cpu_seconds(peers_pid), time.monotonic()
     rss.append(_rss_mb(pid))
     wall = t1 - t0
     return {
@@ -162,16 +155,6 @@ def _measure(pid: int, seconds: float, peers_pid: int) -> dict[str, float]:
         "cpu_percent": round(100 * (cpu1 - cpu0) / wall, 2),
         "peers_process_cpu_percent": round(100 * (peers1 - peers0) / wall, 1),
     }
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the lightweight peers ------------------------------------------------------------------
@@ -185,7 +168,7 @@ def _start_peers(count: int, key: bytes, preset: str) -> subprocess.Popen[str]:
     deadline = time.monotonic() + READY_TIMEOUT
     line = proc.stdout.readline()
     if line.strip() != "ready" or time.monotonic() > deadline:
-        _stop(proc)
+        stop_process(proc)
         raise SystemExit(f"footprint: the peer process failed to start ({line.strip() or proc.returncode})")
     return proc
 

@@ -48,10 +48,10 @@ from edgeagent.persist import save_keyring
 from gossip.config import MAX_STREAM_BYTES, preset
 from gossip.core import Membership
 from gossip.keyring import Keyring
+from testbed.bench.procs import cpu_seconds
 from testbed.loopback import LoopbackAgent
 
 CLUSTER = "bench-hostile"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BODY_BYTES = 8 * 1024 * 1024  # the 8 MiB body of one unauthenticated stream (issue 8)
 STREAM_SOURCES = 4  # source addresses the 8 MiB streams come from
 HOLD_SOURCES = 16  # source addresses the idle connections come from
@@ -245,21 +245,16 @@ async def _push_pull(dst: tuple[str, int], data: bytes, host: str, auth: streams
     return await streams.exchange(dst, data, (host, 0), auth, settings)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
-
-
 def _cpu_percent(agent: LoopbackAgent, seconds: float, load: Any) -> float:
     """The agent's CPU (percent of one core) over ``seconds``, with ``load(end)`` running meanwhile."""
     pid = agent.pid
     assert pid is not None
-    cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
+    cpu0, wall0 = cpu_seconds(pid), time.monotonic()
     end = wall0 + seconds
     if load is not None:
         load(end)
     time.sleep(max(0.0, end - time.monotonic()))
-    return 100 * (_cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+    return 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
 
 
 def _datagram_flood(target: tuple[str, int], pps: int, end: float) -> None:

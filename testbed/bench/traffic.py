@@ -72,15 +72,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from testbed.bench.procs import cpu_seconds, stop_process
+
 CLUSTER = "bench-traffic"
 STREAM_CHALLENGE_BYTES = 16  # edgeagent.streams.CHALLENGE_SIZE (imported lazily by the tap)
 STREAM_HEADER_BYTES = 66  # edgeagent.streams.HEADER_SIZE
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NFT_TABLE = "ea_traffic"
 NFT_PREFIX = "n_"  # "udp" and "tcp" are nft keywords, not counter names
 POLL = 0.5  # seconds between convergence polls (each poll is one control call per agent)
 TAP_READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 UDP_HEADER_BYTES = 20 + 8  # IPv4 without options + UDP (RFC 791, RFC 768)
 # Measured in a namespace (tcp_header_bytes_per_push_pull, N=5 and N=20): ten segments per
 # push-pull, SYN and SYN-ACK of 60 bytes (20 IP + 40 TCP with options) and eight of 52 (20 IP +
@@ -222,11 +222,7 @@ def _wait_converged(cluster: Any, timeout: float) -> float:
 
 
 def _cpu_seconds(cluster: Any) -> list[float]:
-    out = []
-    for agent in cluster.agents:
-        fields = Path(f"/proc/{agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out.append((int(fields[11]) + int(fields[12])) / CLOCK_TICKS)  # utime, stime (14, 15)
-    return out
+    return [cpu_seconds(agent.pid) for agent in cluster.agents]
 
 
 # -- the result -------------------------------------------------------------------------------
@@ -398,7 +394,7 @@ class _Nftables(Counter):
     def finish(self) -> dict[str, Any] | None:
         if self.tap is None:
             return None
-        _stop(self.tap)
+        stop_process(self.tap)
         self.tap = None
         tap = dict(json.loads(self.tap_out.read_text()))
         tap["nft_bytes"] = self.read()["bytes"]  # everything the tap saw, to check it saw all
@@ -406,7 +402,7 @@ class _Nftables(Counter):
 
     def close(self) -> None:
         if self.tap is not None:
-            _stop(self.tap)
+            stop_process(self.tap)
         for pid in _run(["ip", "netns", "pids", self.ns], check=False).split():
             os.kill(int(pid), signal.SIGKILL)  # only our agents and tap live in this namespace
         _run(["ip", "netns", "del", self.ns], check=False)
@@ -477,16 +473,6 @@ def _run(argv: list[str], *, stdin: str | None = None, check: bool = True) -> st
     if check and proc.returncode != 0:
         raise SystemExit(f"traffic: {' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
     return proc.stdout
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- the wiretap (runs inside the namespace) ----------------------------------------------------
