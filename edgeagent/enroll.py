@@ -437,7 +437,7 @@ async def _enroll_found(
 
 
 def mdns_issuers(ca_pin: bytes, browse_s: float) -> IssuerFinder:
-    """The CLI's finder: browse ``_edgeagent-enroll._tcp`` (zeroconf is imported only now)."""
+    """The CLI's finder: browse ``_edgeagent-join._tcp`` (zeroconf is imported only now)."""
     from overlay.mdns import IssuerBrowser, Links, interface_addresses
 
     return IssuerBrowser(ca_pin, Links.of(interface_addresses(), None), browse_s)

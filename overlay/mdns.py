@@ -1,4 +1,4 @@
-"""Discovery over mDNS: agents (``_edgeagent._udp``) and issuers (``_edgeagent-enroll._tcp``).
+"""Discovery over mDNS: agents (``_edgeagent._udp``) and issuers (``_edgeagent-join._tcp``).
 
 How it works
 ------------
@@ -67,7 +67,7 @@ from gossip.messages import Address
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_edgeagent._udp.local."
-ENROLL_SERVICE_TYPE = "_edgeagent-enroll._tcp.local."
+ENROLL_SERVICE_TYPE = "_edgeagent-join._tcp.local."  # RFC 6763: a service name is <= 15 bytes
 TXT_VERSION = "1"
 CLUSTER_HASH_CHARS = 16  # 64 bits of SHA-256: enough to keep clusters apart, short for TXT
 PIN_PREFIX_CHARS = 16  # 64 bits of the CA pin: filters issuers; the full pin is checked by TLS

@@ -15,7 +15,7 @@ A token is one copy-pastable line (``edgeagent init`` prints it)::
   issuer before it holds the CA certificate.
 - addresses: where issuers listen (at most :data:`MAX_ADDRESSES`), tried in order. None at
   all is allowed: the joiner then finds an issuer of the pinned CA by mDNS
-  (``_edgeagent-enroll._tcp``, see :mod:`overlay.mdns`), as it does when none answers.
+  (``_edgeagent-join._tcp``, see :mod:`overlay.mdns`), as it does when none answers.
 - ``check``: the first 4 bytes of SHA-256 of the msgpack bytes, so a token
   damaged by copying is reported as damaged, not as a forged proof later.
 

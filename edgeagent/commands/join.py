@@ -2,7 +2,7 @@
 
 Parses the token (``-`` reads it from stdin), creates this node's identity and key, reaches the
 issuing agent at the token's address(es) or, when the token names none or none answers, at one
-announcing itself by mDNS (``_edgeagent-enroll._tcp``, browsed for a few seconds; ``--no-mdns``
+announcing itself by mDNS (``_edgeagent-join._tcp``, browsed for a few seconds; ``--no-mdns``
 or ``mdns = false`` turns that off), authenticates it by the CA pin in the token, proves
 it holds the token and receives its node certificate, the CA certificate, the cluster keyring,
 the cluster name and the issuer's gossip address(es), saved as seeds (see

@@ -9,7 +9,7 @@ and this node's advertised gossip address followed by those of a few alive membe
 joiner saves as its seeds.
 
 With mDNS on (``mdns``, the default), the listener is also announced as
-``_edgeagent-enroll._tcp.local.`` (:class:`overlay.mdns.EnrollAdvert`: the advertised host,
+``_edgeagent-join._tcp.local.`` (:class:`overlay.mdns.EnrollAdvert`: the advertised host,
 the bound enrollment port and a TXT with a prefix of the CA pin), so a joiner whose token names
 no address, or none that answers, finds it; the announcement starts in a task (it takes a
 second or two) and a LAN without multicast is a warning. zeroconf is imported only then.
