@@ -30,7 +30,12 @@ Outcomes are counted in :attr:`EnrollmentServer.counts` by code.
 
 The joiner tries the token's addresses in order. A refusal by an issuer ends
 the attempt (every address is the same issuer and token store); an unreachable
-address or a wrong pin moves on to the next. A joiner whose clock is behind a
+address or a wrong pin moves on to the next. When the token names no address, or
+none answered, the joiner browses mDNS for issuers of the pinned CA for at most
+``browse_s`` (``find_issuers``: :class:`overlay.mdns.IssuerBrowser` in the CLI, a
+fake in tests) and tries each one found the same way. mDNS is only a hint: an
+announced issuer is authenticated by the full pin like any other, so an impostor
+is refused ("not the one in the token") and the next one is tried. A joiner whose clock is behind a
 certificate's start (a Pi without RTC boots at 1970) judges that certificate at
 its start time instead: the pin already authenticates the CA, and the issuer's
 clock comes back in ``time`` so the caller can step its own forward.
@@ -46,9 +51,10 @@ import ssl
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 from cryptography import x509
@@ -75,6 +81,7 @@ MAX_KEY_BYTES = 64
 MAX_CONCURRENT = 4  # enrollments are rare; more at once is a flood, not a site
 EXCHANGE_TIMEOUT_S = 10.0  # connect + handshake + three frames on a slow Wi-Fi link
 CONNECT_TIMEOUT_S = 5.0  # per issuer address tried by the joiner
+BROWSE_S = 4.0  # how long the joiner browses mDNS for issuers (announcements come in < 1 s)
 _HEADER = struct.Struct("!I")
 _UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": 4096,
@@ -112,6 +119,19 @@ class Enrollment:
     seeds: tuple[Address, ...] = ()  # the issuer's gossip address(es): what to join
 
 
+class IssuerFinder(Protocol):
+    """Issuers announced on the LAN, as they are found (:class:`overlay.mdns.IssuerBrowser`)."""
+
+    async def __aenter__(self) -> IssuerFinder: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def next(self) -> Address | None:
+        """The next issuer address found, or None once the browse time is over."""
+        ...
+
+
+FindIssuers = Callable[[bytes, float], IssuerFinder]  # (CA pin, browse seconds) -> finder
 KeyringProvider = Callable[[], Sequence[bytes] | Awaitable[Sequence[bytes]]]
 SeedsProvider = Callable[[], Sequence[Address]]
 
@@ -355,11 +375,17 @@ async def enroll(
     *,
     clock: Callable[[], dt.datetime] = _wall_clock,
     timeout_s: float = CONNECT_TIMEOUT_S,
+    find_issuers: FindIssuers | None = None,
+    browse_s: float = BROWSE_S,
 ) -> Enrollment:
-    """Enroll with the first issuer in ``token`` that answers; EnrollError says why not."""
+    """Enroll with the first issuer in ``token`` that answers, else with one found by
+    ``find_issuers`` (mDNS; None: do not browse); EnrollError says why not."""
     csr_bytes = pki.csr_der(pki.make_csr(key, node_name, node_id))
     failures: list[str] = []
-    for addr in token.addresses:
+    tried: set[Address] = set()
+
+    async def attempt(addr: Address, how: str) -> Enrollment | None:
+        tried.add(addr)
         try:
             return await _enroll_at(
                 addr, token, csr_bytes, node_name, node_id, key, clock, timeout_s
@@ -367,8 +393,54 @@ async def enroll(
         except EnrollError as exc:
             if exc.code.startswith("refused"):
                 raise
-            failures.append(f"{format_address(addr)}: {exc}")
+            failures.append(f"{format_address(addr)}{how}: {exc}")
+            return None
+
+    for addr in token.addresses:
+        if (got := await attempt(addr, "")) is not None:
+            return got
+    if find_issuers is None:
+        if not token.addresses:
+            failures.append("the token names no issuer address and mDNS browsing is off")
+    else:
+        got, found = await _enroll_found(
+            lambda: find_issuers(token.ca_pin, browse_s), tried, attempt, browse_s
+        )
+        if got is not None:
+            return got
+        if found is not None:
+            failures.append(found)
     raise EnrollError("unreachable", "could not enroll: " + "; ".join(failures))
+
+
+async def _enroll_found(
+    make_finder: Callable[[], IssuerFinder],
+    tried: set[Address],
+    attempt: Callable[[Address, str], Awaitable[Enrollment | None]],
+    browse_s: float,
+) -> tuple[Enrollment | None, str | None]:
+    """Try each issuer ``finder`` finds that was not tried yet: the enrollment, or None and
+    what to report when no issuer was found at all (attempts report their own failures)."""
+    async with AsyncExitStack() as stack:
+        try:
+            found = await stack.enter_async_context(make_finder())
+        except Exception as exc:  # no multicast-capable interface, socket refused, ...
+            return None, f"mDNS unavailable ({exc or type(exc).__name__})"
+        seen = 0
+        while (addr := await found.next()) is not None:
+            seen += 1
+            if addr not in tried and (got := await attempt(addr, " (mDNS)")) is not None:
+                return got, None
+    if seen:
+        return None, None
+    return None, f"no issuer of this CA announced itself on mDNS within {browse_s:g} s"
+
+
+def mdns_issuers(ca_pin: bytes, browse_s: float) -> IssuerFinder:
+    """The CLI's finder: browse ``_edgeagent-join._tcp`` (zeroconf is imported only now)."""
+    from overlay.mdns import IssuerBrowser, Links, interface_addresses
+
+    return IssuerBrowser(ca_pin, Links.of(interface_addresses(), None), browse_s)
 
 
 async def _enroll_at(

@@ -145,6 +145,10 @@ class FeatureHost:
         targets = list(seeds)
         return self._driver.call(lambda core, now: core.join(targets, now))
 
+    def join_once(self, addr: Address) -> concurrent.futures.Future[None]:
+        """Contact ``addr`` to join once; it is not kept as a seed (the caller retries)."""
+        return self._driver.call(lambda core, now: core.join_once(addr, now))
+
     async def members(self) -> tuple[Member, ...]:
         """Every member the core knows, ourselves included."""
         return tuple(await self._driver.acall(lambda core, now: core.members()))

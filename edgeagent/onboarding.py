@@ -356,18 +356,25 @@ def _identity(state_dir: str | os.PathLike[str], name: str, default_name: bool) 
 
 
 def join_with_token(
-    state_dir: str | os.PathLike[str], name: str, token_text: str, *, default_name: bool = False
+    state_dir: str | os.PathLike[str],
+    name: str,
+    token_text: str,
+    *,
+    default_name: bool = False,
+    mdns: bool = True,
 ) -> Joined:
     """Enroll with the issuer named in the token and save what it sends (``edgeagent join``).
 
-    A bad, expired, revoked or forged token, a wrong CA pin or an unreachable issuer is one
-    UsageError line; nothing but the identity is written until enrollment succeeded.
+    With ``mdns``, an issuer of the token's CA is looked for by mDNS when the token names no
+    address or none answers. A bad, expired, revoked or forged token, a wrong CA pin or an
+    unreachable issuer is one UsageError line; nothing but the identity is written until
+    enrollment succeeded.
     """
     import asyncio
 
     from overlay.tokens import TokenError, parse_token
 
-    from .enroll import EnrollError, enroll
+    from .enroll import EnrollError, enroll, mdns_issuers
 
     try:
         token = parse_token(token_text)
@@ -377,7 +384,8 @@ def join_with_token(
     identity = _identity(state_dir, name, default_name)
     key = pki.new_node_key()
     try:
-        got = asyncio.run(enroll(token, identity.name, identity.node_id, key))
+        finder = mdns_issuers if mdns else None
+        got = asyncio.run(enroll(token, identity.name, identity.node_id, key, find_issuers=finder))
     except EnrollError as exc:
         raise UsageError(f"join: {exc}") from None
     save_node_material(state_dir, key, got.cert, got.ca_cert, got.cluster, got.seeds, got.keys)

@@ -366,6 +366,13 @@ class Membership:
                 self._seeds.append(seed)
             self._request_push_pull(seed, join=True)
 
+    def join_once(self, addr: Address, now: float) -> None:
+        """Push-pull (join) with ``addr`` once; unlike :meth:`join` it is not kept as a seed
+        (mDNS discoveries: the caller owns retries and their backoff)."""
+        addr = (addr[0], addr[1])
+        if addr != self.addr:
+            self._request_push_pull(addr, join=True)
+
     def leave(self, now: float) -> None:
         """Leave gracefully: broadcast Dead about ourselves, sent by ourselves (LEFT everywhere)."""
         if self._left:

@@ -13,7 +13,9 @@ A token is one copy-pastable line (``edgeagent init`` prints it)::
 - ``pin``: SHA-256 of the mesh CA's SubjectPublicKeyInfo (``overlay.pki.ca_pin``,
   kubeadm's ``--discovery-token-ca-cert-hash``): how the joiner authenticates an
   issuer before it holds the CA certificate.
-- addresses: where issuers listen (at most :data:`MAX_ADDRESSES`), tried in order.
+- addresses: where issuers listen (at most :data:`MAX_ADDRESSES`), tried in order. None at
+  all is allowed: the joiner then finds an issuer of the pinned CA by mDNS
+  (``_edgeagent-join._tcp``, see :mod:`overlay.mdns`), as it does when none answers.
 - ``check``: the first 4 bytes of SHA-256 of the msgpack bytes, so a token
   damaged by copying is reported as damaged, not as a forged proof later.
 
@@ -164,8 +166,8 @@ def _check(token: JoinToken) -> JoinToken:
         raise TokenError(f"join token: secret must be {SECRET_BYTES} bytes")
     if len(token.ca_pin) != PIN_BYTES:
         raise TokenError(f"join token: CA pin must be {PIN_BYTES} bytes (SHA-256)")
-    if not 1 <= len(token.addresses) <= MAX_ADDRESSES:
-        raise TokenError(f"join token: expected 1..{MAX_ADDRESSES} issuer addresses")
+    if len(token.addresses) > MAX_ADDRESSES:
+        raise TokenError(f"join token: expected at most {MAX_ADDRESSES} issuer addresses")
     for host, port in token.addresses:
         if not host or len(host.encode()) > MAX_HOST_BYTES or not host.isprintable() or " " in host:
             raise TokenError(f"join token: issuer host must be 1..{MAX_HOST_BYTES} bytes")

@@ -21,15 +21,21 @@ dropped frame vanishes on the wire: the sender gets no error, as on a real lossy
 
 Every creation step is reported through a callback before the next one starts, so a caller
 that records them (``testbed.cluster``) can undo a half-finished ``create`` after a crash.
+:func:`scoped_network` is the short-lived form for a test that runs its own processes in the
+hosts: it yields the network and, whatever happens, SIGKILLs every process left inside its
+namespaces (by PID, they can only be ours) and deletes exactly the namespaces it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import secrets
+import signal
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 NS_PREFIX = "ea-"  # every namespace this module creates starts with it
@@ -265,3 +271,24 @@ class Network:
 def _set(hosts: Sequence[HostNet]) -> str:
     """An nftables anonymous set of bridge port names: ``{ "h1", "h2" }``."""
     return "{ " + ", ".join(f'"{h.bridge_port}"' for h in hosts) + " }"
+
+
+@contextlib.contextmanager
+def scoped_network(hosts: int) -> Iterator[Network]:
+    """A fresh network of ``hosts`` hosts for the block; removed afterwards, even on failure."""
+    existing = list_netns()
+    while True:
+        testbed_id = secrets.token_hex(2)
+        if not any(n.startswith(f"{NS_PREFIX}{testbed_id}-") for n in existing):
+            break
+    network = Network(testbed_id, hosts, pick_subnet_octet(int(testbed_id, 16) % 256))
+    created: list[str] = []
+    try:
+        network.create(created.append)
+        yield network
+    finally:
+        for ns in reversed(created):
+            for pid in netns_pids(ns):  # only processes inside our own namespaces
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            delete_netns(ns)

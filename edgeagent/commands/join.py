@@ -1,7 +1,9 @@
 """``edgeagent join TOKEN``: enroll this device in a cluster and save what it receives.
 
 Parses the token (``-`` reads it from stdin), creates this node's identity and key, reaches the
-issuing agent at the token's address(es), authenticates it by the CA pin in the token, proves
+issuing agent at the token's address(es) or, when the token names none or none answers, at one
+announcing itself by mDNS (``_edgeagent-join._tcp``, browsed for a few seconds; ``--no-mdns``
+or ``mdns = false`` turns that off), authenticates it by the CA pin in the token, proves
 it holds the token and receives its node certificate, the CA certificate, the cluster keyring,
 the cluster name and the issuer's gossip address(es), saved as seeds (see
 :mod:`edgeagent.onboarding` for the files). Then ``edgeagent run`` joins without ``--join``.
@@ -30,6 +32,16 @@ def register(subparsers: Any) -> None:
     add("-c", "--config", metavar="FILE", help="TOML config file, as for 'edgeagent run'")
     add("--name", help="node name, unique in the cluster (default: the hostname)")
     add("--state-dir", metavar="DIR", help="where the material is written (default: as 'run')")
+    add(
+        "--no-mdns",
+        dest="mdns",
+        action="store_false",
+        default=None,
+        help=(
+            "do not look for the issuer by mDNS when the token names no address or none "
+            "answers (default: look for a few seconds)"
+        ),
+    )
     parser.set_defaults(func=run)
 
 
@@ -41,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     token_text = read_token_text(args.token)
     config = load_config(args)
     joined = join_with_token(
-        config.state_dir, config.name, token_text, default_name=config.name_is_default
+        config.state_dir,
+        config.name,
+        token_text,
+        default_name=config.name_is_default,
+        mdns=config.mdns,
     )
     seeds = ", ".join(format_addr(s) for s in joined.seeds) or "none (use --join)"
     flags = "" if args.state_dir is None else f" --state-dir {config.state_dir}"

@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(config.log_format, config.log_level)
     if args.token is not None:
-        _enroll_first(config.state_dir, config.name, args.token, config.name_is_default)
+        _enroll_first(
+            config.state_dir, config.name, args.token, config.name_is_default, config.mdns
+        )
 
     def reload_logging() -> None:  # SIGHUP
         fresh = load_config(args)
@@ -54,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(Agent(config, reload=reload_logging).run())
 
 
-def _enroll_first(state_dir: Any, name: str, token: str, default_name: bool) -> None:
+def _enroll_first(
+    state_dir: Any, name: str, token: str, default_name: bool, mdns: bool
+) -> None:
     import logging
 
     from edgeagent.logs import fields
@@ -66,7 +70,7 @@ def _enroll_first(state_dir: Any, name: str, token: str, default_name: bool) -> 
         log.info("already enrolled: --token ignored", extra=fields(state_dir=str(state_dir)))
         return
     joined = join_with_token(
-        state_dir, name, read_token_text(token), default_name=default_name
+        state_dir, name, read_token_text(token), default_name=default_name, mdns=mdns
     )
     log.info(
         "enrolled",

@@ -3,7 +3,8 @@
 Only the node holding the mesh CA key (the one that ran ``edgeagent init``) issues tokens; the
 commands go through its control socket (``token-create``, ``token-list``, ``token-revoke``,
 served by :mod:`edgeagent.features.enroll`), so the token names the address and enrollment
-port the agent actually listens on. ``create`` prints the token as its only stdout line.
+port the agent actually listens on (``--no-address``: none, joiners find the issuer by mDNS).
+``create`` prints the token as its only stdout line.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def register(subparsers: Any) -> None:
     p = ops.add_parser("create", help="print a new join token (its only line of output)")
     p.add_argument("--ttl", metavar="DURATION", default="24h", help=f"lifetime; {DURATION_HELP}")
     p.add_argument("--uses", metavar="N", type=int, help="number of uses (default: unlimited)")
+    p.add_argument(
+        "--no-address",
+        dest="addresses",
+        action="store_false",
+        help=(
+            "name no issuer address in the token: joiners find this issuer by mDNS on the LAN "
+            "(shorter token; survives a change of address)"
+        ),
+    )
     add_state_dir_argument(p)
     p = ops.add_parser("list", help="tokens issued here, with their state")
     p.add_argument("--json", action="store_true", help="print a JSON list")
@@ -66,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         ttl_s = parse_duration(args.ttl, "--ttl")
         if args.uses is not None and args.uses < 1:
             raise UsageError("--uses: expected a positive number")
-        result = _call(state_dir, "token-create", ttl_s=ttl_s, uses=args.uses)
+        result = _call(
+            state_dir, "token-create", ttl_s=ttl_s, uses=args.uses, addresses=args.addresses
+        )
         print(result["token"])
     elif args.op == "list":
         _print_list(_call(state_dir, "token-list"), args.json)

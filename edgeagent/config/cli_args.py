@@ -126,7 +126,7 @@ def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
         dest="mdns",
         action="store_false",
         default=None,
-        help="do not advertise or browse _edgeagent._udp by mDNS (default: mDNS on in every shipped profile)",
+        help="do not advertise or browse _edgeagent._udp by mDNS, nor announce enrollment as _edgeagent-join._tcp (default: mDNS on in every shipped profile)",
     )
     add(
         "--metrics",

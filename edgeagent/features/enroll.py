@@ -8,8 +8,15 @@ gossip thread that owns it (a rotation made with ``edgeagent keys`` is what new 
 and this node's advertised gossip address followed by those of a few alive members, which the
 joiner saves as its seeds.
 
-Control commands: ``token-create`` (``ttl_s``, ``uses``) returns a token naming this node's
-advertised host and the bound enrollment port; ``token-list``; ``token-revoke`` (``id``).
+With mDNS on (``mdns``, the default), the listener is also announced as
+``_edgeagent-join._tcp.local.`` (:class:`overlay.mdns.EnrollAdvert`: the advertised host,
+the bound enrollment port and a TXT with a prefix of the CA pin), so a joiner whose token names
+no address, or none that answers, finds it; the announcement starts in a task (it takes a
+second or two) and a LAN without multicast is a warning. zeroconf is imported only then.
+
+Control commands: ``token-create`` (``ttl_s``, ``uses``, ``addresses``: false for a token
+naming no address, found by mDNS) returns a token naming this node's advertised host and the
+bound enrollment port; ``token-list``; ``token-revoke`` (``id``).
 The tokens live in ``tokens.json`` next to the CA key (:mod:`edgeagent.token_store`).
 ``edgeagent status`` shows an ``enroll`` object (address, tokens usable, outcomes counted);
 with metrics on, ``edgeagent_enrollments_total{outcome}`` counts the same outcomes.
@@ -18,6 +25,7 @@ with metrics on, ``edgeagent_enrollments_total{outcome}`` counts the same outcom
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -31,16 +39,19 @@ from ..control import ControlError
 from ..enroll import EnrollmentServer
 from ..errors import ConfigError, UsageError
 from ..host import FeatureHost
-from ..netaddr import format_addr
+from ..netaddr import format_addr, is_wildcard
 from ..onboarding import NODE_CERT_FILE, NODE_KEY_FILE, load_ca
 from ..token_store import DEFAULT_TTL_S, IssuedToken, TokenStore
 
 if TYPE_CHECKING:
     from gossip.core import Membership
+    from overlay.mdns import EnrollAdvert
 
     from ..metrics import Counter as MetricCounter
 
 log = FeatureHost.logger("enroll")
+
+ADVERT_STOP_TIMEOUT = 2.0  # seconds for the mDNS goodbye at stop
 
 
 class Enroll:
@@ -52,6 +63,8 @@ class Enroll:
         self._store: TokenStore | None = None
         self._address: Address | None = None
         self._exported: Counter[str] = Counter()
+        self._advert: EnrollAdvert | None = None
+        self._advertising: asyncio.Task[None] | None = None
 
     async def start(self, host: FeatureHost) -> None:
         self._host = host
@@ -88,8 +101,42 @@ class Enroll:
             )
             host.metrics.on_collect(lambda: self._export(counter))
         log.info(f"enrollment listening on {format_addr(self._address)}")
+        if config.mdns:
+            self._advertising = asyncio.get_running_loop().create_task(self._advertise(host))
+
+    async def _advertise(self, host: FeatureHost) -> None:
+        """Announce the listener by mDNS (a warning, not an error, when that fails)."""
+        from overlay.mdns import EnrollAdvert
+
+        bind_host = host.config.bind[0]
+        advert = EnrollAdvert(
+            node_name=host.identity.name,
+            node_id=host.identity.node_id,
+            ca_pin=pki.ca_pin(self._require_server().ca_cert),
+            addr=self.token_addresses()[0],
+            interfaces=None if is_wildcard(bind_host) else [bind_host],
+        )
+        self._advert = advert
+        try:
+            await advert.start()
+        except Exception as exc:  # no multicast-capable interface, port 5353 refused, ...
+            log.warning(f"enrollment not announced by mDNS: {exc!r}")
+            self._advert = None
+            with contextlib.suppress(Exception):
+                await advert.stop()
 
     async def stop(self) -> None:
+        if self._advertising is not None:
+            self._advertising.cancel()
+            with contextlib.suppress(BaseException):
+                await self._advertising
+            self._advertising = None
+        advert, self._advert = self._advert, None
+        if advert is not None:
+            try:
+                await asyncio.wait_for(advert.stop(), ADVERT_STOP_TIMEOUT)
+            except Exception:  # a goodbye that cannot be sent must not block the stop
+                log.warning("enrollment mDNS goodbye failed", exc_info=True)
         if self._server is not None:
             await self._server.close()
             self._server = None
@@ -127,6 +174,9 @@ class Enroll:
         store, server = self._require_store(), self._require_server()
         ttl = request.get("ttl_s", DEFAULT_TTL_S)
         uses = request.get("uses")
+        with_addresses = request.get("addresses", True)
+        if not isinstance(with_addresses, bool):
+            raise ControlError("addresses: expected true or false")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
             raise ControlError("ttl_s: expected a number of seconds")
         if uses is not None and (isinstance(uses, bool) or not isinstance(uses, int)):
@@ -134,7 +184,12 @@ class Enroll:
         pin = pki.ca_pin(server.ca_cert)
         try:
             token = await asyncio.to_thread(
-                store.create, pin, self.token_addresses(), time.time(), float(ttl), uses
+                store.create,
+                pin,
+                self.token_addresses() if with_addresses else [],
+                time.time(),
+                float(ttl),
+                uses,
             )
         except UsageError as exc:
             raise ControlError(str(exc)) from None
@@ -163,7 +218,8 @@ class Enroll:
         now = time.time()
         usable = sum(1 for t in store.list() if t.refusal(now) is None)
         address = format_addr(self._address) if self._address is not None else None
-        return {"enroll": {"address": address, "tokens_usable": usable, **dict(server.counts)}}
+        enroll = {"address": address, "tokens_usable": usable, **dict(server.counts)}
+        return {"enroll": enroll, "enroll_mdns": self._advert is not None}
 
     def _export(self, counter: MetricCounter) -> None:
         counts = self._require_server().counts

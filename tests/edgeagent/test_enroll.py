@@ -273,3 +273,96 @@ def test_frame_decoder_only_raises_frame_error_on_random_input() -> None:
 def test_an_oversized_frame_is_not_encoded() -> None:
     with pytest.raises(ValueError):
         en.encode_frame({"keys": [b"x" * 60_000, b"y" * 10_000]})
+
+
+# --------------------------------------------------------------------------- issuers found by mDNS
+
+
+class FakeFinder:
+    """What overlay.mdns.IssuerBrowser gives enroll(): announced issuer addresses, in order."""
+
+    def __init__(self, found, *, fail: Exception | None = None) -> None:
+        self.found = list(found)
+        self.fail = fail
+        self.asked: list[tuple[bytes, float]] = []
+        self.closed = False
+
+    def __call__(self, pin: bytes, browse_s: float) -> FakeFinder:
+        self.asked.append((pin, browse_s))
+        return self
+
+    async def __aenter__(self) -> FakeFinder:
+        if self.fail is not None:
+            raise self.fail
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.closed = True
+
+    async def next(self):
+        return self.found.pop(0) if self.found else None
+
+
+def _closed_port() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[:2]
+
+
+async def _join_found(token: JoinToken, finder: FakeFinder) -> en.Enrollment:
+    return await enroll(
+        token, "pi-2", JOINER_ID, pki.new_node_key(), clock=Clock(), find_issuers=finder
+    )
+
+
+async def test_a_token_without_addresses_enrolls_with_an_issuer_found_by_mdns(issuer) -> None:
+    token = issuer.token()
+    bare = JoinToken(token.token_id, token.secret, token.ca_pin, ())
+    finder = FakeFinder([issuer.addr])
+    got = await _join_found(bare, finder)
+    assert got.issuer == issuer.addr and got.cluster == "home"
+    assert finder.asked == [(token.ca_pin, en.BROWSE_S)] and finder.closed
+
+
+async def test_mdns_is_asked_only_when_no_token_address_answers(issuer) -> None:
+    finder = FakeFinder([issuer.addr])
+    assert (await _join_found(issuer.token(), finder)).issuer == issuer.addr
+    assert finder.asked == []  # the token's address answered
+    token = issuer.token()
+    dead = JoinToken(token.token_id, token.secret, token.ca_pin, (_closed_port(),))
+    assert (await _join_found(dead, finder)).issuer == issuer.addr
+    assert len(finder.asked) == 1
+
+
+async def test_an_announced_impostor_is_refused_by_the_pin_and_the_next_one_tried(
+    tmp_path, issuer
+) -> None:
+    (tmp_path / "impostor").mkdir()
+    impostor = await Issuer(tmp_path / "impostor").start()  # another CA, same protocol
+    try:
+        token = issuer.token()
+        bare = JoinToken(token.token_id, token.secret, token.ca_pin, ())
+        got = await _join_found(bare, FakeFinder([impostor.addr, issuer.addr]))
+        assert got.issuer == issuer.addr
+        with pytest.raises(EnrollError, match="not the one in the token") as info:
+            await _join_found(bare, FakeFinder([impostor.addr]))
+        assert "(mDNS)" in str(info.value) and impostor.server.counts["issued"] == 0
+    finally:
+        await impostor.server.close()
+
+
+async def test_nothing_found_by_mdns_is_one_clear_error(issuer) -> None:
+    token = issuer.token()
+    bare = JoinToken(token.token_id, token.secret, token.ca_pin, ())
+    with pytest.raises(EnrollError, match="no issuer of this CA announced itself on mDNS within 4 s"):
+        await _join_found(bare, FakeFinder([]))
+    with pytest.raises(EnrollError, match=r"mDNS unavailable \(no multicast\)"):
+        await _join_found(bare, FakeFinder([], fail=OSError("no multicast")))
+    with pytest.raises(EnrollError, match="names no issuer address and mDNS browsing is off"):
+        await _join(bare)
+    dead = JoinToken(token.token_id, token.secret, token.ca_pin, (_closed_port(),))
+    with pytest.raises(EnrollError) as info:
+        await _join_found(dead, FakeFinder([]))
+    message = str(info.value)
+    assert message.startswith("could not enroll: 127.0.0.1:") and "on mDNS within" in message
+    assert "\n" not in message

@@ -171,11 +171,18 @@ def test_expired_revoked_forged_and_unreachable_tokens_are_refused(
     forged = JoinToken(real.token_id, bytes(16), real.ca_pin, real.addresses).text()
     one_line_error(cli("join", forged, "--state-dir", str(site.dir("x3"))), "proof does not match")
     pin = JoinToken(real.token_id, real.secret, bytes(32), real.addresses).text()
-    one_line_error(cli("join", pin, "--state-dir", str(site.dir("x4"))), "not the one in the token")
+    # --no-mdns: after the token's address fails, join would browse mDNS on this host's LAN.
+    x4 = cli("join", pin, "--no-mdns", "--state-dir", str(site.dir("x4")))
+    one_line_error(x4, "not the one in the token")
     nowhere = JoinToken(real.token_id, real.secret, real.ca_pin, ((site.hosts[4], 1),)).text()
-    one_line_error(cli("join", nowhere, "--state-dir", str(site.dir("x5"))), "could not enroll")
+    x5 = cli("join", nowhere, "--no-mdns", "--state-dir", str(site.dir("x5")))
+    one_line_error(x5, "could not enroll")
+    bare = parse_token(create_token(issuer, "--no-address"))
+    assert bare.addresses == () and bare.ca_pin == real.ca_pin
+    x7 = cli("join", bare.text(), "--no-mdns", "--state-dir", str(site.dir("x7")))
+    one_line_error(x7, "the token names no issuer address and mDNS browsing is off")
     one_line_error(cli("join", "ea1.nonsense", "--state-dir", str(site.dir("x6"))), "join token")
-    for name in ("x1", "x2", "x3", "x4", "x5"):
+    for name in ("x1", "x2", "x3", "x4", "x5", "x7"):
         assert not (site.dir(name) / KEYRING_FILE).exists()  # nothing half-enrolled
 
 

@@ -82,7 +82,6 @@ def test_a_changed_character_is_reported_as_damaged() -> None:
         (["ABCDEFGH", b"s" * 16, PIN, [["h", 1]]], "id must be"),
         (["abcdefgh", b"s" * 15, PIN, [["h", 1]]], "secret"),
         (["abcdefgh", b"s" * 16, PIN[:31], [["h", 1]]], "pin"),
-        (["abcdefgh", b"s" * 16, PIN, []], "issuer addresses"),
         (["abcdefgh", b"s" * 16, PIN, [["h", 0]]], "port"),
         (["abcdefgh", b"s" * 16, PIN, [["h", True]]], "malformed address"),
         (["abcdefgh", b"s" * 16, PIN, [["a b", 1]]], "host"),
@@ -150,3 +149,11 @@ def test_format_address_brackets_ipv6() -> None:
 def test_token_equality_covers_all_fields() -> None:
     token = tokens.new_token(PIN, ADDRS, _seeded(10))
     assert token != JoinToken(token.token_id, token.secret, PIN, (ADDRS[0],))
+
+
+def test_a_token_without_addresses_round_trips_and_is_shorter() -> None:
+    # No address: the joiner finds an issuer of the pinned CA by mDNS.
+    token = tokens.new_token(PIN, [], _seeded(11))
+    assert token.addresses == ()
+    assert parse_token(token.text()) == token
+    assert len(token.text()) < len(tokens.new_token(PIN, ADDRS, _seeded(11)).text())
