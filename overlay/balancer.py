@@ -13,7 +13,10 @@ Choosing among instances (``ServicePolicy.lb``)
   towards zero as time passes (so a slow instance is re-probed now and then). Its cost is
   ``estimate x (outstanding + 1) / weight``. Two distinct instances are drawn at random and
   the cheaper one is taken. A failed try counts as at least ``per_try_timeout_s`` of latency
-  (a fast-failing instance must not look fast). New instances start at ``default_rtt_s``.
+  (a fast-failing instance must not look fast). A new instance, and one back from an
+  ejection, starts with no estimate (``default_rtt_s``, 0): it costs nothing while idle, so
+  it is probed at once, and :data:`PENALTY` while its first try is out (Finagle's rule), so
+  it gets one request, not a burst, until it has answered.
 - ``round_robin``: in turn, over the usable instances in a stable order.
 - ``weighted``: a random draw in proportion to each instance's weight (a canary split).
 - ``hash``: consistent hashing on the request key over a ring of virtual nodes
@@ -71,6 +74,7 @@ from enum import StrEnum
 
 from .catalog import Catalog, Instance
 
+PENALTY = 1e6  # cost of an instance with no estimate yet and a try out (Finagle's Penalty)
 MAX_TRACKED = 4096  # instance and service records kept before pruning the departed
 MAX_RING_POINTS = 16384  # virtual nodes per ring at most (weights are scaled down to fit)
 MAX_RINGS = 64  # consistent-hash rings cached (one per distinct instance set)
@@ -142,7 +146,7 @@ class ServicePolicy:
     locality: bool = True
     overprovisioning: float = 1.4  # Envoy's overprovisioning factor
     decay_s: float = 10.0  # Finagle PeakEwma decayTime
-    default_rtt_s: float = 0.03  # linkerd's default RTT estimate for a new endpoint
+    default_rtt_s: float = 0.0  # estimate of a fresh endpoint (linkerd: 30 ms; Finagle: 0)
     hash_vnodes: int = 160  # ring points per unit of weight
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -180,6 +184,7 @@ class _Endpoint:
     ejections: int = 0
     ejected_until: float = -math.inf
     back_since: float = -math.inf  # when the last ejection ended (for the decay of ejections)
+    reinstate: bool = False  # ejected; start afresh when the ejection is over
 
     def estimate(self, now: float, decay_s: float) -> float:
         """The RTT estimate now: decayed towards zero since the last observation."""
@@ -255,6 +260,8 @@ class Balancer:
         self.default = default or ServicePolicy()
         self._policies: dict[str, ServicePolicy] = {}
         self._endpoints: dict[str, _Endpoint] = {}
+        self._ejected: dict[str, float] = {}  # key -> until (a subset of _endpoints)
+        self._tiers: dict[str, Tier] = {}  # locality of each instance seen (a cache)
         self._budgets: dict[str, _Budget] = {}
         self._turns: dict[str, int] = {}
         self._rings: dict[tuple[tuple[str, int], ...], tuple[list[int], list[str]]] = {}
@@ -290,7 +297,9 @@ class Balancer:
 
     def ejected(self, now: float) -> frozenset[str]:
         """Keys of the instances ejected at ``now``."""
-        return frozenset(k for k, e in self._endpoints.items() if e.ejected_until > now)
+        for key in [k for k, until in self._ejected.items() if until <= now]:
+            del self._ejected[key]
+        return frozenset(self._ejected)
 
     def usable(self, service: str, now: float) -> list[Instance]:
         """The healthy view: instances on live nodes that are not ejected."""
@@ -322,11 +331,18 @@ class Balancer:
         )
 
     def _tier_of(self, inst: Instance) -> Tier:
-        if inst.node == self.catalog.local:
-            return Tier.NODE
-        if self.site and inst.site == self.site:
-            return Tier.SITE
-        return Tier.ANY
+        tier = self._tiers.get(inst.key)
+        if tier is None:
+            if inst.node == self.catalog.local:
+                tier = Tier.NODE
+            elif self.site and inst.site == self.site:
+                tier = Tier.SITE
+            else:
+                tier = Tier.ANY
+            if len(self._tiers) >= MAX_TRACKED:
+                self._tiers.clear()
+            self._tiers[inst.key] = tier
+        return tier
 
     def _choose_tier(
         self,
@@ -387,6 +403,11 @@ class Balancer:
         """Peak-EWMA load: RTT estimate x (outstanding + 1) / weight."""
         policy = self.policy(inst.name)
         ep = self._endpoint(inst, now)
+        if ep.reinstate and now >= ep.ejected_until:
+            ep.reinstate = False
+            ep.ewma, ep.stamp = policy.default_rtt_s, now
+        if ep.ewma == 0.0 and ep.outstanding:
+            return PENALTY
         return ep.estimate(now, policy.decay_s) * (ep.outstanding + 1) / inst.weight
 
     def _ring_pick(self, policy: ServicePolicy, members: list[Instance], key: str) -> Instance:
@@ -425,6 +446,7 @@ class Balancer:
             k for k, e in self._endpoints.items() if k not in present and not e.outstanding
         ]:
             del self._endpoints[key]
+            self._ejected.pop(key, None)
             self.stats["pruned"] += 1
         services = set(self.catalog.services())
         for table in (self._budgets, self._turns):
@@ -478,7 +500,9 @@ class Balancer:
         ep.ejections += 1
         duration = min(outlier.base_ejection_s * ep.ejections, outlier.max_ejection_s)
         ep.ejected_until = ep.back_since = now + duration
+        self._ejected[inst.key] = ep.ejected_until
         ep.failures = 0
+        ep.reinstate = True
         self.stats["ejections"] += 1
         return True
 

@@ -98,16 +98,15 @@ class Instance:
     weight: int = DEFAULT_WEIGHT
     tags: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs
     node: str = ""
+    # Derived once (the balancer reads them on every pick):
+    endpoint: str = field(init=False, compare=False, repr=False)  # the instance's URI
+    key: str = field(init=False, compare=False, repr=False)  # owner/name/URI: mesh-wide id
 
-    @property
-    def key(self) -> str:
-        """Stable identity across the mesh: the owner and the endpoint."""
-        return f"{self.node}/{self.name}/{self.endpoint}"
-
-    @property
-    def endpoint(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.protocol.value}://{host}:{self.port}{self.path}"
+        endpoint = f"{self.protocol.value}://{host}:{self.port}{self.path}"
+        object.__setattr__(self, "endpoint", endpoint)
+        object.__setattr__(self, "key", f"{self.node}/{self.name}/{endpoint}")
 
     def tag(self, key: str) -> str:
         for k, v in self.tags:
