@@ -210,8 +210,12 @@ class _Budget:
             del self.buckets[second]
         return (sum(b[0] for b in self.buckets.values()), sum(b[1] for b in self.buckets.values()))
 
-    def deposit(self, now: float) -> None:
-        self.buckets.setdefault(math.floor(now), [0, 0])[0] += 1
+    def deposit(self, now: float, ttl: float) -> None:
+        second = math.floor(now)
+        if second not in self.buckets:
+            self._window(now, ttl)  # prune: at most ttl + 1 buckets are ever kept
+            self.buckets[second] = [0, 0]
+        self.buckets[second][0] += 1
 
     def withdraw(self, now: float, policy: RetryPolicy) -> bool:
         requests, retries = self._window(now, policy.budget_ttl_s)
@@ -462,7 +466,7 @@ class Balancer:
                 if len(self._budgets) >= MAX_TRACKED:
                     self._prune()
                 budget = self._budgets[inst.name] = _Budget()
-            budget.deposit(now)
+            budget.deposit(now, self.policy(inst.name).retry.budget_ttl_s)
 
     def on_success(self, inst: Instance, latency: float, now: float) -> None:
         """The try to ``inst`` was answered (any answer but a 5.xx) after ``latency`` s."""

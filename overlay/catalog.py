@@ -269,9 +269,18 @@ def make_instance(
 
 
 def encode_instances(instances: Iterable[Instance]) -> StateValue:
-    """The value a node publishes under STATE_KEY; CatalogError if over the budget."""
+    """The value a node publishes under STATE_KEY; CatalogError if over the budget.
+
+    One instance per (name, endpoint): the same one twice is kept once, two that differ
+    (say in weight) are refused, since a receiver could not tell which is meant.
+    """
+    unique: dict[tuple[str, str], Instance] = {}
+    for inst in instances:
+        held = unique.setdefault((inst.name, inst.endpoint), inst)
+        if held != inst:
+            raise CatalogError(f"{inst.name} at {inst.endpoint} given twice, differently")
     items: list[StateValue] = []
-    for inst in sorted(set(instances), key=lambda i: (i.name, i.endpoint)):
+    for _, inst in sorted(unique.items()):
         tags: dict[str, StateValue] = dict(inst.tags)
         items.append(
             [inst.name, inst.protocol.value, inst.host, inst.port, inst.path, inst.weight, tags]

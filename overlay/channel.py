@@ -274,6 +274,7 @@ class Connection:
             "frames_in": 0,
             "frames_out": 0,
             "violations": 0,
+            "flow_control_violations": 0,
             "unknown_frames": 0,
             "dropped_data_bytes": 0,
             "refused_streams": 0,
@@ -456,7 +457,7 @@ class Connection:
         if send_goaway and not self._goaway_sent:
             self._send_goaway(code, reason)
         self._terminated = True
-        self._in.clear()
+        self._in = bytearray()  # (rebound, not cleared: receive_data may hold a view of it)
         events.append(ConnectionTerminated(code, reason, by_peer))
         return events
 
@@ -482,7 +483,7 @@ class Connection:
         view = memoryview(self._in)
         at = 0
         try:
-            while len(view) - at >= HEADER_SIZE:
+            while len(view) - at >= HEADER_SIZE and not self._terminated:
                 kind, flags, stream_id, length = HEADER.unpack_from(view, at)
                 if length > self.config.max_frame:
                     raise _Violation(ErrorCode.FRAME_SIZE, f"frame of {length} bytes")
@@ -494,12 +495,15 @@ class Connection:
                 self._last_recv = now
                 self._dispatch(kind, flags, stream_id, body, now, events)
         except _Violation as violation:
-            view.release()
             self.stats["violations"] += 1
+            self.stats["flow_control_violations"] += violation.code == ErrorCode.FLOW_CONTROL
             events.extend(self._terminate(violation.code, violation.reason, by_peer=False))
-            return events
-        view.release()
-        del self._in[:at]
+        finally:
+            view.release()
+        if self._terminated:
+            self._in = bytearray()
+        else:
+            del self._in[:at]
         return events
 
     def receive_eof(self) -> list[Event]:

@@ -131,6 +131,15 @@ def test_encode_decode_round_trip_sets_the_owner() -> None:
     assert decode_instances("o", encode_instances([v6]))[0].endpoint == "coap://[::1]:7"
 
 
+def test_encode_keeps_one_per_endpoint() -> None:
+    one = make_instance("t", "coap://h:1")
+    assert len(decode_instances("o", encode_instances([one, one]))) == 1
+    with pytest.raises(CatalogError, match="given twice"):
+        encode_instances([one, make_instance("t", "coap://h:1", weight=2)])
+    both = encode_instances([one, make_instance("u", "coap://h:1")])  # two services, one URI
+    assert len(decode_instances("o", both)) == 2
+
+
 def test_encode_refuses_over_the_budget() -> None:
     with pytest.raises(CatalogError, match="at most 32"):
         encode_instances(_instances(MAX_INSTANCES_PER_NODE + 1))
