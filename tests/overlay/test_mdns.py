@@ -33,7 +33,9 @@ OWN_ID = "a" * 32
 PEER_ID = "b" * 32
 
 
-def announced(cluster: str = "site", node_id: str = PEER_ID, port: int = 7946) -> dict[bytes, bytes]:
+def announced(
+    cluster: str = "site", node_id: str = PEER_ID, port: int = 7946
+) -> dict[bytes, bytes]:
     return {k.encode(): v.encode() for k, v in txt_record(cluster, node_id, port).items()}
 
 
@@ -52,7 +54,13 @@ def test_our_own_announcement_is_ignored() -> None:
 
 
 def test_bad_port_version_or_missing_fields_are_ignored() -> None:
-    for change in ({b"port": b"0"}, {b"port": b"70000"}, {b"port": b"x"}, {b"v": b"2"}, {b"id": b""}):
+    for change in (
+        {b"port": b"0"},
+        {b"port": b"70000"},
+        {b"port": b"x"},
+        {b"v": b"2"},
+        {b"id": b""},
+    ):
         props = {**announced(), **change}
         assert parse_peer(props, ["192.0.2.7"], cluster="site", own_node_id=OWN_ID) is None
     props = announced()
