@@ -17,12 +17,26 @@ from typing import Any
 import msgpack
 import pytest
 
-from gossip.codec import MAX_SIG_BYTES, PROTOCOL_VERSION, decode_datagram, encode_datagram, encode_frame
+from gossip.codec import (
+    MAX_SIG_BYTES,
+    PROTOCOL_VERSION,
+    decode_datagram,
+    encode_datagram,
+    encode_frame,
+)
 from gossip.config import lan
 from gossip.core import HELD_MAX, InvalidArgument, Membership
 from gossip.errors import DecodeError
 from gossip.events import StateChanged
-from gossip.messages import Alive, MemberRecord, MemberState, PushPull, StateEntry, StateUpdate, StateValue
+from gossip.messages import (
+    Alive,
+    MemberRecord,
+    MemberState,
+    PushPull,
+    StateEntry,
+    StateUpdate,
+    StateValue,
+)
 from gossip.signing import CREDENTIAL_KEY, canonical_entry
 from testbed.sim import TEST_AAD, Simulator, drain_events, make_keyring, seal, sent
 
