@@ -264,18 +264,15 @@ class Membership:
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
-        self._store = StateStore(
-            name,
-            config.max_state_bytes,
-            state_version,
-            max_memory=config.max_state_memory,
-            max_total_memory=config.max_total_state_memory,
-            sign=self._sign_entry if signer is not None else None,
-        )
         # Owner-signed state (signing.py): our key, and the trust anchor that checks others'.
         self._signer = signer
         self._state_verifier = verifier
         self._held: deque[StateUpdate] = deque()
+        self._store = StateStore(
+            name, config.max_state_bytes, state_version, max_memory=config.max_state_memory,
+            max_total_memory=config.max_total_state_memory,
+            sign=self._sign_entry if signer is not None else None,
+        )  # fmt: skip
         self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -286,20 +283,25 @@ class Membership:
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
 
-        # Announce ourselves: the first datagrams to any peer carry it.
-        announce = Alive(name, incarnation, addr, meta)
-        self._check_fits(announce)  # a bad name or address is the caller's error
-        self._enqueue(announce, name, PRIORITY_MEMBERSHIP)
-        if signer is not None:
-            # Our credential first: receivers need it to verify everything else we say.
-            update = self._store.set_local(CREDENTIAL_KEY, signer.credential)
-            self._enqueue(update, (name, CREDENTIAL_KEY), PRIORITY_STATE)
+        self._announce()
         # memberlist staggers each ticker randomly so members do not synchronise.
         schedule = self._timers.schedule
         schedule(now + rng.random() * config.probe_interval, ProbeTick())
         schedule(now + rng.random() * config.gossip_interval, GossipTick())
         schedule(now + rng.random() * config.push_pull_interval, PushPullTick())
         schedule(now + rng.random() * config.reconnect_interval, ReconnectTick())
+
+    def _announce(self) -> None:
+        """Announce ourselves: the first datagrams to any peer carry it (and our credential)."""
+        me = self._me
+        announce = Alive(me.name, me.incarnation, me.addr, me.meta)
+        self._check_fits(announce)  # a bad name or address is the caller's error
+        self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
+        if self._signer is not None:
+            # Our credential first: receivers need it to verify everything else we say.
+            update = self._store.set_local(CREDENTIAL_KEY, self._signer.credential)
+            self._check_fits(update)  # it must travel in one datagram too
+            self._enqueue(update, (me.name, CREDENTIAL_KEY), PRIORITY_STATE)
 
     # ------------------------------------------------------------------ reading
 
