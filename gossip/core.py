@@ -58,6 +58,12 @@ with a random DEAD or LEFT member (and the join seeds when we are alone) every
 ``reconnect_interval``, so partitions heal with no operator and a forged leave
 does not stick.
 
+Owner-signed state (``signing.py``): given a ``signer`` the core publishes
+its credential under ``signing.CREDENTIAL_KEY`` and signs every entry it
+stamps; given a ``verifier`` it applies a remote entry only if its owner
+signed it (unknown credential: held, bounded by ``HELD_MAX``), and re-stamps
+its own map only for entries about itself that it signed.
+
 Where we differ from memberlist, on purpose:
 
 - the probe timeout is stretched by the LHM too (memberlist stretches only the
