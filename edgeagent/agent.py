@@ -71,6 +71,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .state_signing import ForgedStateLog, StateSigning, load_state_signing, log_problem
 from .stream_limits import frame_limit
 from .streams import StreamAuth
 
@@ -167,6 +168,7 @@ class Agent:
         self._started_at = time.monotonic()
         self._since_ms = int(time.time() * 1000)  # in our meta: who claimed a name first
         self._verdict: Verdict | None = None  # set when a name conflict ends this run
+        self._forged_log = ForgedStateLog()
         self._control = ControlServer(socket_path(config.state_dir))
         self._features = {**build_features(config), **(extra_features or {})}
         self._running: list[Feature] = []  # started and not yet stopped, in start order
@@ -192,7 +194,10 @@ class Agent:
             save_identity(config.state_dir, identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
             keyring = Keyring(list(material.keys))
-            self._driver = self._make_driver(loop, identity, keyring)
+            signing = load_state_signing(config.state_dir, identity)
+            if signing.problem is not None:
+                log_problem(signing.problem)
+            self._driver = self._make_driver(loop, identity, keyring, signing)
             self._host = FeatureHost(
                 config, identity, self._driver, self._control, keyring, _registry(config)
             )
@@ -271,7 +276,11 @@ class Agent:
         return self._driver
 
     def _make_driver(
-        self, loop: asyncio.AbstractEventLoop, identity: NodeIdentity, keyring: Keyring
+        self,
+        loop: asyncio.AbstractEventLoop,
+        identity: NodeIdentity,
+        keyring: Keyring,
+        signing: StateSigning,
     ) -> GossipDriver[Membership]:
         config = self.config
         advertise = config.advertise
@@ -291,6 +300,8 @@ class Agent:
                 keyring=keyring,
                 incarnation=identity.incarnation,
                 meta=meta,
+                signer=signing.signer,
+                verifier=signing.verifier,
             )
 
         return GossipDriver(
@@ -369,6 +380,7 @@ class Agent:
                 self._on_name_conflict(event, view)
             else:
                 _log_event(event)
+        self._forged_log.observe(view.core_stats, view.taken_at)
         if (
             self._identity is not None
             and self._verdict is None

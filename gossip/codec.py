@@ -15,11 +15,15 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
     5 Alive         name, incarnation, addr, meta bin
     6 Suspect       name, incarnation, sender
     7 Dead          name, incarnation, sender
-    8 StateUpdate   owner, version, key, value, deleted bool
+    8 StateUpdate   owner, version, key, value, deleted bool[, sig bin]
     9 UserBroadcast origin, seq, payload bin
    10 PushPull      source, join bool, reply bool,
                     [[name, addr, incarnation, state int, meta bin], ...],
-                    [[owner, [[key, version, value, deleted bool], ...]], ...]
+                    [[owner, [[key, version, value, deleted bool[, sig bin]], ...]], ...]
+
+``sig`` (the owner's signature, ``gossip/signing.py``) is appended only when
+present, so a cluster that does not sign sends exactly the bytes it sent
+before signing existed; the decoder takes both lengths.
 
 PushPull travels only in stream frames (it is far larger than a datagram); the
 stream layer of the daemon puts a challenge and a small sealed header (kind,
@@ -137,6 +141,9 @@ MAX_PUSHPULL_MEMBERS = 65_535
 MAX_PUSHPULL_OWNERS = 65_535  # one replicated map per member
 # Entries of one owner's map: a 4096-byte map holds at most ~680 minimal entries.
 MAX_STATE_ENTRIES = 1024
+# An owner's signature on one state entry: 64 bytes for ECDSA P-256 as raw r||s
+# (the daemon's encoding), 72 leaves room for the DER form of the same signature.
+MAX_SIG_BYTES = 72
 
 # A frame's bytes besides its member records and state maps: version byte,
 # message array header, type code, source (str8 header + MAX_NAME_BYTES), two
@@ -317,12 +324,22 @@ def _wire_record(rec: object) -> list[object]:
 def _wire_entry(entry: object) -> list[object]:
     if type(entry) is not StateEntry:
         _fail("push-pull state entries must be StateEntry")
-    return [
-        _text(entry.key, "state key", MAX_KEY_BYTES),
-        _counter(entry.version, "version"),
-        _value(entry.value),
-        _tombstone(entry.deleted, entry.value),
-    ]
+    return _signed(
+        [
+            _text(entry.key, "state key", MAX_KEY_BYTES),
+            _counter(entry.version, "version"),
+            _value(entry.value),
+            _tombstone(entry.deleted, entry.value),
+        ],
+        entry.sig,
+    )
+
+
+def _signed(fields: list[object], sig: object) -> list[object]:
+    """``fields`` with the signature appended, when there is one."""
+    if _blob(sig, "sig", MAX_SIG_BYTES):
+        fields.append(sig)
+    return fields
 
 
 def _wire_states(states: object) -> list[object]:
@@ -381,14 +398,17 @@ def _to_wire(msg: Message) -> list[object]:
                 _text(msg.sender, "sender", MAX_NAME_BYTES),
             ]
         case StateUpdate():
-            return [
-                STATE_UPDATE,
-                _text(msg.owner, "owner", MAX_NAME_BYTES),
-                _counter(msg.version, "version"),
-                _text(msg.key, "state key", MAX_KEY_BYTES),
-                _value(msg.value),
-                _tombstone(msg.deleted, msg.value),
-            ]
+            return _signed(
+                [
+                    STATE_UPDATE,
+                    _text(msg.owner, "owner", MAX_NAME_BYTES),
+                    _counter(msg.version, "version"),
+                    _text(msg.key, "state key", MAX_KEY_BYTES),
+                    _value(msg.value),
+                    _tombstone(msg.deleted, msg.value),
+                ],
+                msg.sig,
+            )
         case UserBroadcast():
             return [
                 USER_BROADCAST,
@@ -520,13 +540,21 @@ def _record(raw: object) -> MemberRecord:
 _MEMBER_STATES = frozenset(int(s) for s in MemberState)
 
 
+def _fields_sig(raw: object, count: int) -> tuple[list[Any], bytes]:
+    """``count`` fields, optionally followed by a signature (b"" when absent)."""
+    if type(raw) is list and len(raw) == count + 1:
+        return raw[:count], _blob(raw[count], "sig", MAX_SIG_BYTES)
+    return _fields(raw, count), b""
+
+
 def _entry(raw: object) -> StateEntry:
-    key, version, value, deleted = _fields(raw, 4)
+    (key, version, value, deleted), sig = _fields_sig(raw, 4)
     return StateEntry(
         key=_text(key, "state key", MAX_KEY_BYTES),
         version=_counter(version, "version"),
         value=_value(value),
         deleted=_tombstone(deleted, value),
+        sig=sig,
     )
 
 
@@ -582,13 +610,14 @@ def _from_wire(raw: object) -> Message:
             sender=_text(sender, "sender", MAX_NAME_BYTES),
         )
     if code == STATE_UPDATE:
-        _, owner, version, key, value, deleted = _fields(raw, 6)
+        (_, owner, version, key, value, deleted), sig = _fields_sig(raw, 6)
         return StateUpdate(
             owner=_text(owner, "owner", MAX_NAME_BYTES),
             version=_counter(version, "version"),
             key=_text(key, "state key", MAX_KEY_BYTES),
             value=_value(value),
             deleted=_tombstone(deleted, value),
+            sig=sig,
         )
     if code == USER_BROADCAST:
         _, origin, seq, payload = _fields(raw, 4)

@@ -58,6 +58,12 @@ with a random DEAD or LEFT member (and the join seeds when we are alone) every
 ``reconnect_interval``, so partitions heal with no operator and a forged leave
 does not stick.
 
+Owner-signed state (``signing.py``): given a ``signer`` the core publishes
+its credential under ``signing.CREDENTIAL_KEY`` and signs every entry it
+stamps; given a ``verifier`` it applies a remote entry only if its owner
+signed it (unknown credential: held, bounded by ``HELD_MAX``), and re-stamps
+its own map only for entries about itself that it signed.
+
 Where we differ from memberlist, on purpose:
 
 - the probe timeout is stretched by the LHM too (memberlist stretches only the
@@ -101,6 +107,7 @@ from .codec import (
     FRAME_HEADER_BYTES,
     MAX_COUNTER,
     MAX_COUNTER_STEP,
+    MAX_SIG_BYTES,
     MAX_UINT64,
     counter_step,
     decode_datagram,
@@ -148,6 +155,7 @@ from .messages import (
     UserBroadcast,
 )
 from .probe import Prober
+from .signing import CREDENTIAL_KEY, StateSigner, StateVerifier, canonical_entry
 from .state_store import StateStore
 from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
@@ -185,6 +193,9 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # and a random sample of at most this many of the others: identical to
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
+# State updates held because their owner's credential is not known yet (signing.py):
+# released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
+HELD_MAX = 32
 
 
 class InvalidArgument(LocalError, ValueError):
@@ -218,6 +229,8 @@ class Membership:
         incarnation: int = 0,
         meta: bytes = b"",
         state_version: int = 0,
+        signer: StateSigner | None = None,
+        verifier: StateVerifier | None = None,
     ) -> None:
         if len(meta) > config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {config.max_meta_bytes}")
@@ -257,13 +270,15 @@ class Membership:
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
+        # Owner-signed state (signing.py): our key, and the trust anchor that checks others'.
+        self._signer = signer
+        self._state_verifier = verifier
+        self._held: deque[StateUpdate] = deque()
         self._store = StateStore(
-            name,
-            config.max_state_bytes,
-            state_version,
-            max_memory=config.max_state_memory,
+            name, config.max_state_bytes, state_version, max_memory=config.max_state_memory,
             max_total_memory=config.max_total_state_memory,
-        )
+            sign=self._sign_entry if signer is not None else None,
+        )  # fmt: skip
         self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -274,16 +289,25 @@ class Membership:
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
 
-        # Announce ourselves: the first datagrams to any peer carry it.
-        announce = Alive(name, incarnation, addr, meta)
-        self._check_fits(announce)  # a bad name or address is the caller's error
-        self._enqueue(announce, name, PRIORITY_MEMBERSHIP)
+        self._announce()
         # memberlist staggers each ticker randomly so members do not synchronise.
         schedule = self._timers.schedule
         schedule(now + rng.random() * config.probe_interval, ProbeTick())
         schedule(now + rng.random() * config.gossip_interval, GossipTick())
         schedule(now + rng.random() * config.push_pull_interval, PushPullTick())
         schedule(now + rng.random() * config.reconnect_interval, ReconnectTick())
+
+    def _announce(self) -> None:
+        """Announce ourselves: the first datagrams to any peer carry it (and our credential)."""
+        me = self._me
+        announce = Alive(me.name, me.incarnation, me.addr, me.meta)
+        self._check_fits(announce)  # a bad name or address is the caller's error
+        self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
+        if self._signer is not None:
+            # Our credential first: receivers need it to verify everything else we say.
+            update = self._store.set_local(CREDENTIAL_KEY, self._signer.credential)
+            self._check_fits(update)  # it must travel in one datagram too
+            self._enqueue(update, (me.name, CREDENTIAL_KEY), PRIORITY_STATE)
 
     # ------------------------------------------------------------------ reading
 
@@ -412,15 +436,28 @@ class Membership:
         the entry can never fit a datagram, InvalidArgument for a value the
         wire cannot carry.
         """
-        self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value))
+        self._reserved(key)
+        # Sized with a maximal signature when we sign: the entry must fit a datagram with it.
+        sig = bytes(MAX_SIG_BYTES) if self._signer is not None else b""
+        self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value, sig=sig))
         update = self._store.set_local(key, value)
         self._enqueue(update, (self.name, key), PRIORITY_STATE)
 
     def delete_state(self, key: str, now: float) -> None:
         """Delete a key of our replicated map (a tombstone spreads)."""
+        self._reserved(key)
         update = self._store.delete_local(key)
         if update is not None:
             self._enqueue(update, (self.name, key), PRIORITY_STATE)
+
+    def _reserved(self, key: str) -> None:
+        if key == CREDENTIAL_KEY:
+            raise InvalidArgument(f"state key {CREDENTIAL_KEY!r} is reserved for the credential")
+
+    def _sign_entry(self, key: str, version: int, value: StateValue, deleted: bool) -> bytes:
+        assert self._signer is not None
+        cluster = self.config.cluster_name
+        return self._signer.sign(canonical_entry(cluster, self.name, key, version, value, deleted))
 
     def broadcast(self, payload: bytes, now: float) -> None:
         """Spread ``payload`` to every member once (UserMessage events there, not here)."""
@@ -908,18 +945,132 @@ class Membership:
         if self._left:
             return
         if msg.owner == self.name:
-            entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted)
+            entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted, msg.sig)
             self._assert_own_state((entry,))
             return
         if msg.owner not in self._table.by_name:
             self.stats.dropped += 1  # we will learn its map by push-pull once we know it
             return
+        if self._state_verifier is not None:
+            if not self._store.is_newer(msg.owner, msg.key, msg.version):
+                return  # held already (or older): nothing to verify
+            entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted, msg.sig)
+            verdict = self._authentic(msg.owner, entry, self._credential_of(msg.owner))
+            if verdict is None:
+                self._hold(msg)
+            if not verdict:
+                return
         if self._store.apply(msg):
             self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
+            if msg.key == CREDENTIAL_KEY:
+                self._release(msg.owner)
         self._count_store()
 
+    # --- owner signatures (signing.py)
+
+    def _credential_of(self, owner: str) -> bytes | None:
+        """The credential ``owner`` published, as held here (None: not known yet)."""
+        entry = self._store.get(owner, CREDENTIAL_KEY)
+        if entry is None or type(entry.value) is not bytes:
+            return None
+        return entry.value
+
+    def _authentic(self, owner: str, entry: StateEntry, credential: bytes | None) -> bool | None:
+        """Whether ``owner`` signed ``entry``: checked with the credential the entry carries
+        (the credential entry itself) or else ``credential``. None when there is none yet."""
+        assert self._state_verifier is not None
+        if entry.key == CREDENTIAL_KEY and not entry.deleted:
+            if type(entry.value) is not bytes:
+                self.stats.state_forged += 1
+                return False
+            credential = entry.value
+        if credential is None:
+            return None
+        data = self._canonical(owner, entry)
+        if entry.sig and self._state_verifier.verify(owner, credential, data, entry.sig):
+            return True
+        self.stats.state_forged += 1
+        return False
+
+    def _canonical(self, owner: str, e: StateEntry) -> bytes:
+        return canonical_entry(self.config.cluster_name, owner, e.key, e.version, e.value, e.deleted)
+
+    def _hold(self, msg: StateUpdate) -> None:
+        """Keep an update until its owner's credential arrives (bounded, oldest dropped)."""
+        self.stats.state_unverified += 1
+        held = self._held
+        if len(held) >= HELD_MAX:
+            held.popleft()
+        held.append(msg)
+
+    def _release(self, owner: str) -> None:
+        """``owner``'s credential arrived: try the updates held for it again."""
+        mine = [m for m in self._held if m.owner == owner]
+        if mine:
+            self._held = deque(m for m in self._held if m.owner != owner)
+            for msg in mine:
+                self._on_state_update(msg)
+
+    def _authentic_own(self, entries: Iterable[StateEntry]) -> list[StateEntry]:
+        """The entries about us that may make us re-stamp: those we really signed.
+
+        An echo of an entry we hold (same version and signature) or an older one
+        of a key we hold needs nothing and is left out unverified. The rest is
+        checked with our credential, or with a credential of ours that came in the
+        same batch (an earlier life's, after a re-enrollment). A forged entry about
+        us must not make us re-stamp our map.
+        """
+        store = self._store
+        entries = list(entries)
+        if self._state_verifier is None:
+            return entries
+        credentials = [self._signer.credential] if self._signer is not None else []
+        for e in entries:
+            if e.key == CREDENTIAL_KEY and type(e.value) is bytes and e.value not in credentials:
+                credentials.append(e.value)
+        authentic: list[StateEntry] = []
+        for e in entries:
+            held = store.get(self.name, e.key)
+            if held is not None and (
+                held.version > e.version or (held.version == e.version and held.sig == e.sig)
+            ):
+                continue
+            if self._signed_by_us(e, credentials):
+                authentic.append(e)
+        return authentic
+
+    def _signed_by_us(self, e: StateEntry, credentials: list[bytes]) -> bool:
+        assert self._state_verifier is not None
+        if e.sig:
+            data = self._canonical(self.name, e)
+            if e.key == CREDENTIAL_KEY and not e.deleted:
+                credentials = [e.value] if type(e.value) is bytes else []
+            if any(self._state_verifier.verify(self.name, c, data, e.sig) for c in credentials):
+                return True
+        self.stats.state_forged += 1
+        return False
+
+    def _verified_map(self, owner: str, entries: tuple[StateEntry, ...]) -> list[StateEntry]:
+        """The entries of ``owner``'s map (from a push-pull) that are newer and authentic,
+        its credential first so the rest of the map can be checked with it."""
+        store = self._store
+        fresh = [e for e in entries if store.is_newer(owner, e.key, e.version)]
+        fresh.sort(key=lambda e: e.key != CREDENTIAL_KEY)
+        credential = self._credential_of(owner)
+        out: list[StateEntry] = []
+        for e in fresh:
+            verdict = self._authentic(owner, e, credential)
+            if verdict is None:
+                self.stats.state_unverified += 1
+            elif verdict:
+                out.append(e)
+                if e.key == CREDENTIAL_KEY:
+                    credential = e.value if type(e.value) is bytes else None
+        return out
+
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
+        entries = self._authentic_own(entries)
         for update in self._store.reconcile_own(entries):
             self._enqueue(update, (self.name, update.key), PRIORITY_STATE)
         self._count_store()
@@ -1042,12 +1193,21 @@ class Membership:
             fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
         for alive in fresh:
             self._enqueue(alive, alive.name, PRIORITY_MERGED)
-        for owner, entries in remote.states:
+        self._merge_states(remote.states)
+
+    def _merge_states(self, states: tuple[tuple[str, tuple[StateEntry, ...]], ...]) -> None:
+        by_name = self._table.by_name
+        for owner, entries in states:
             if owner == self.name:
                 self._assert_own_state(entries)
             elif owner in by_name:
-                for e in self._store.merge(owner, entries):
+                checked: Iterable[StateEntry] = entries
+                if self._state_verifier is not None:
+                    checked = self._verified_map(owner, entries)
+                for e in self._store.merge(owner, checked):
                     self._emit(StateChanged(owner, e.key, e.value, e.version, e.deleted))
+                    if e.key == CREDENTIAL_KEY:
+                        self._release(owner)
             else:
                 self.stats.dropped += 1
         self._count_store()

@@ -94,7 +94,8 @@ class Dead:
 class StateUpdate:
     """One key of ``owner``'s replicated map at ``version`` (per-owner Lamport counter).
 
-    ``deleted`` marks a tombstone; ``value`` is then None.
+    ``deleted`` marks a tombstone; ``value`` is then None. ``sig`` is the owner's
+    signature over ``signing.canonical_entry`` (empty when the cluster does not sign).
     """
 
     owner: str
@@ -102,6 +103,7 @@ class StateUpdate:
     key: str
     value: StateValue
     deleted: bool = False
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +126,13 @@ class MemberRecord:
 
 @dataclass(frozen=True, slots=True)
 class StateEntry:
-    """One key of a node's replicated map as carried in a push-pull."""
+    """One key of a node's replicated map as carried in a push-pull (``sig``: see StateUpdate)."""
 
     key: str
     version: int
     value: StateValue
     deleted: bool = False
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,14 @@ entries occupy here (:func:`entry_memory`: packed bytes do not bound memory, a
 ``max_total_memory``. A local change over budget raises, a remote one is
 rejected and counted.
 
+Signatures: with a ``sign`` function (``signing.py`` has the scheme) every
+local entry is signed when it is stamped, and the signature is stored with it
+so push-pulls carry it; remote entries keep the signature they came with.
+Whether a remote entry is authentic is the core's decision, made before it
+reaches :meth:`StateStore.apply` / :meth:`StateStore.merge`; :meth:`StateStore.is_newer`
+lets it verify only entries that would apply. A signature counts in the
+entry's size.
+
 Ranges: versions stay within ``codec.MAX_COUNTER``; stamping saturates there
 (a local change then raises :class:`CounterExhausted`). A remote entry whose
 version is more than ``codec.MAX_COUNTER_STEP`` above the highest we hold for
@@ -31,7 +39,7 @@ its owner (for ourselves: above our counter) is forged and refused, counted in
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgpack
 
@@ -45,15 +53,23 @@ from .messages import StateEntry, StateUpdate, StateValue
 ENTRY_OVERHEAD = 256
 
 
-def entry_memory(key: str, value: StateValue) -> int:
+def entry_memory(key: str, value: StateValue, sig: bytes = b"") -> int:
     """Bytes of Python objects one stored entry occupies (the memory budgets count this)."""
-    return ENTRY_OVERHEAD + sys.getsizeof(key) + value_memory(value)
+    signature = sys.getsizeof(sig) if sig else 0
+    return ENTRY_OVERHEAD + sys.getsizeof(key) + value_memory(value) + signature
 
 
-def entry_size(key: str, version: int, value: StateValue, deleted: bool) -> int:
-    """Bytes one entry counts against its owner's budget (its msgpack size)."""
-    packed: bytes = msgpack.packb([key, version, value, deleted], use_bin_type=True)
+def entry_size(key: str, version: int, value: StateValue, deleted: bool, sig: bytes = b"") -> int:
+    """Bytes one entry counts against its owner's budget (its msgpack size, signature included)."""
+    fields: list[object] = [key, version, value, deleted]
+    if sig:
+        fields.append(sig)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return len(packed)
+
+
+# sign(key, version, value, deleted) -> the owner's signature over that entry.
+EntrySigner = Callable[[str, int, StateValue, bool], bytes]
 
 
 def _same(a: StateEntry, b: StateEntry) -> bool:
@@ -92,7 +108,7 @@ class StateStore:
 
     __slots__ = (
         "_local", "_max_bytes", "_max_memory", "_max_total_memory", "_maps", "_version",
-        "remote_memory", "rejected", "out_of_range",
+        "_sign", "remote_memory", "rejected", "out_of_range",
     )
 
     def __init__(
@@ -103,8 +119,10 @@ class StateStore:
         *,
         max_memory: int = 64 * 1024,
         max_total_memory: int = 32 * 1024 * 1024,
+        sign: EntrySigner | None = None,
     ) -> None:
         self._local = local_owner
+        self._sign = sign
         self._max_bytes = max_bytes
         self._max_memory = max_memory
         self._max_total_memory = max_total_memory
@@ -136,8 +154,9 @@ class StateStore:
         if self._version >= MAX_COUNTER:
             raise CounterExhausted("state version at its maximum")
         version = self._version + 1
-        size = entry_size(key, version, value, deleted)
-        memory = entry_memory(key, value)
+        sig = self._sign(key, version, value, deleted) if self._sign is not None else b""
+        size = entry_size(key, version, value, deleted, sig)
+        memory = entry_memory(key, value, sig)
         own = self._maps[self._local]
         if not force:
             if own.total - own.sizes.get(key, 0) + size > self._max_bytes:
@@ -145,8 +164,8 @@ class StateStore:
             if own.memory - own.memories.get(key, 0) + memory > self._max_memory:
                 raise BroadcastTooLarge(f"replicated state would exceed {self._max_memory} bytes of memory")
         self._version = version
-        own.put(StateEntry(key, version, value, deleted), size, memory)
-        return StateUpdate(self._local, version, key, value, deleted)
+        own.put(StateEntry(key, version, value, deleted, sig), size, memory)
+        return StateUpdate(self._local, version, key, value, deleted, sig)
 
     def reconcile_own(self, remote: Iterable[StateEntry]) -> list[StateUpdate]:
         """Entries about *us* seen in the cluster; return the updates that correct them.
@@ -201,7 +220,15 @@ class StateStore:
 
     def apply(self, update: StateUpdate) -> bool:
         """Merge one remote entry; True if it was newer and now applies."""
-        return self._apply(update.owner, StateEntry(update.key, update.version, update.value, update.deleted))
+        entry = StateEntry(update.key, update.version, update.value, update.deleted, update.sig)
+        return self._apply(update.owner, entry)
+
+    def is_newer(self, owner: str, key: str, version: int) -> bool:
+        """Whether a remote entry at ``version`` is newer than the one held (it may then apply)."""
+        if owner == self._local:
+            return False
+        current = self.get(owner, key)
+        return current is None or current.version < version
 
     def merge(self, owner: str, entries: Iterable[StateEntry]) -> list[StateEntry]:
         """Merge a remote owner's whole map (push-pull); return the entries that applied.
@@ -211,7 +238,7 @@ class StateStore:
         entries = list(entries)
         total = 0
         for e in entries:
-            total += entry_size(e.key, e.version, e.value, e.deleted)
+            total += entry_size(e.key, e.version, e.value, e.deleted, e.sig)
             if total > self._max_bytes:
                 self.rejected += 1
                 return []
@@ -227,8 +254,8 @@ class StateStore:
         if entry.version - (owned.max_version if owned is not None else 0) > MAX_COUNTER_STEP:
             self.out_of_range += 1
             return False
-        size = entry_size(entry.key, entry.version, entry.value, entry.deleted)
-        memory = entry_memory(entry.key, entry.value)
+        size = entry_size(entry.key, entry.version, entry.value, entry.deleted, entry.sig)
+        memory = entry_memory(entry.key, entry.value, entry.sig)
         if owned is None:
             old_size = old_memory = total = held = 0
         else:
@@ -254,6 +281,11 @@ class StateStore:
         if owned is None:
             return {}
         return {k: e.value for k, e in owned.entries.items() if not e.deleted}
+
+    def get(self, owner: str, key: str) -> StateEntry | None:
+        """``owner``'s entry for ``key`` (a tombstone included), or None."""
+        owned = self._maps.get(owner)
+        return owned.entries.get(key) if owned is not None else None
 
     def entries(self, owner: str) -> tuple[StateEntry, ...]:
         """``owner``'s entries, tombstones included."""

@@ -42,6 +42,11 @@ class Stats:
     unverified_dropped: int = 0
     unverified_suspected: int = 0
     verify_pings: int = 0
+    # Owner-signed state (signing.py), only with a verifier: remote entries refused
+    # for a missing or bad signature, and entries whose owner's credential was not
+    # known yet (held until it arrives, or dropped for anti-entropy to repair).
+    state_forged: int = 0
+    state_unverified: int = 0
 
     def __getitem__(self, name: str) -> int:
         value: int = getattr(self, name)

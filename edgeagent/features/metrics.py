@@ -43,6 +43,8 @@ _DROPS = (
     ("decrypt", "core", "decrypt_errors"),
     ("unusable", "core", "dropped"),
     ("state_over_budget", "core", "state_rejected"),
+    ("state_forged", "core", "state_forged"),
+    ("state_unverified", "core", "state_unverified"),
     ("oversize", "driver", "datagrams_oversized"),
     ("oversize", "driver", "frames_oversized"),
     ("stream_error", "driver", "stream_errors"),

@@ -1,0 +1,86 @@
+"""Owner-signed replicated state: the interface the core calls, and the bytes it signs.
+
+How it works
+------------
+Any holder of the cluster key can seal a datagram, so without more a member
+could publish a ``StateUpdate`` about *another* owner (say, an overlay address
+claim) and every receiver would take it. With owner signatures, every entry of
+a replicated map carries ``sig``, made by the owner over :func:`canonical_entry`
+(the cluster name, owner, key, version, value and deleted flag, msgpack-encoded
+here and only here), and a receiver applies a remote entry only if the owner's
+credential verifies it.
+
+The core stays free of cryptography: it is given a :class:`StateSigner` (our
+key) and a :class:`StateVerifier` (the trust anchor) and knows nothing of what
+a credential is. The credential itself travels in the owner's own map, under
+:data:`CREDENTIAL_KEY`, as a state value like any other (for the daemon: the
+node certificate in DER). The entry carrying it is verified with the
+credential it carries, so the verifier accepts it only if the credential is
+trusted for that owner (the certificate chains to the mesh CA and names the
+owner) and the owner's key signed the entry. Every other entry of that owner is
+then verified with the credential the receiver holds for it.
+
+Policy, in the core:
+
+- no verifier: today's behaviour, signatures are neither required nor checked
+  (legacy clusters with a cluster key only);
+- a verifier: every remote entry must verify. Unsigned or badly signed ones
+  are refused (``Stats.state_forged``); entries of an owner whose credential
+  is not known yet are held (at most ``HELD_MAX``, oldest dropped) until the
+  credential arrives, else dropped (``Stats.state_unverified``) for
+  anti-entropy to repair. Entries about ourselves are checked with our own
+  credential before they may make us re-stamp our map.
+
+Each (owner, key, version) is verified at most once when valid: the core asks
+the store whether an entry is newer than what it holds before verifying it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgpack
+
+from .messages import StateValue
+
+# The key under which an owner publishes its credential in its own map. Reserved:
+# applications cannot set it (Membership.set_state refuses it when signing is on).
+CREDENTIAL_KEY = "_cert"
+# Domain separation: these bytes are never a valid signature input for anything else.
+SIGNING_DOMAIN = b"edgeagent-state-v1\x00"
+
+
+class StateSigner(Protocol):
+    """Our side: the credential we publish and the key behind it."""
+
+    @property
+    def credential(self) -> bytes:
+        """Published under :data:`CREDENTIAL_KEY` in our map (a certificate, for the daemon)."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """A signature over ``data`` (bounded by ``codec.MAX_SIG_BYTES``)."""
+        ...
+
+
+class StateVerifier(Protocol):
+    """The trust anchor: whether ``credential`` is trusted for ``owner`` and signed ``data``."""
+
+    def verify(self, owner: str, credential: bytes, data: bytes, sig: bytes) -> bool:
+        """True only if ``credential`` is trusted for ``owner`` and ``sig`` is its signature
+        over ``data``. Must be total on hostile input (never raises)."""
+        ...
+
+
+def canonical_entry(
+    cluster: str, owner: str, key: str, version: int, value: StateValue, deleted: bool
+) -> bytes:
+    """The bytes an owner signs for one entry of its map.
+
+    msgpack is deterministic for the values the codec admits (the smallest
+    encoding for every int, str and container; floats as float64; maps in the
+    order they were built, which decoding preserves), so a receiver rebuilds
+    exactly the sender's bytes from the decoded entry.
+    """
+    packed: bytes = msgpack.packb([cluster, owner, key, version, value, deleted], use_bin_type=True)
+    return SIGNING_DOMAIN + packed
