@@ -51,10 +51,11 @@ from gossip.keyring import Keyring
 from gossip.messages import Address
 
 from . import systemd
+from .bridge import EventsDropped
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
-from .driver import GossipDriver, View
+from .driver import GossipDriver, View, stream_drops
 from .errors import ConfigError
 from .host import Feature, FeatureHost
 from .logs import fields
@@ -62,8 +63,10 @@ from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_met
 from .netaddr import format_addr, is_wildcard, routable_host
 from .onboarding import CA_KEY_FILE, apply_material, load_material
 from .persist import (
+    IDENTITY_FILE,
     NodeIdentity,
     ensure_state_dir,
+    identity_doc,
     is_clone,
     load_or_create_identity,
     machine_fingerprint,
@@ -71,6 +74,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .saver import StateSaver, save_at_start
 from .stream_limits import frame_limit
 from .streams import StreamAuth
 
@@ -171,6 +175,7 @@ class Agent:
         self._features = {**build_features(config), **(extra_features or {})}
         self._running: list[Feature] = []  # started and not yet stopped, in start order
         self._started = False
+        self._saver: StateSaver | None = None  # the state writer, while run() runs
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -188,14 +193,17 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, self._hangup)
             material = load_material(config)  # none: one line, exit 2 (before any file is made)
             self.config = config = apply_material(config, material)
-            identity = self._load_identity().bumped()
-            save_identity(config.state_dir, identity)
+            # Synchronous, before the driver exists: nothing is sent before the bumped
+            # incarnation is on disk. A full disk here is one line (exit 2), not a traceback.
+            identity = save_at_start(config.state_dir, self._boot_identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
             keyring = Keyring(list(material.keys))
+            self._saver = StateSaver()
             self._driver = self._make_driver(loop, identity, keyring)
             self._host = FeatureHost(
-                config, identity, self._driver, self._control, keyring, _registry(config)
-            )
+                config, identity, self._driver, self._control, keyring, _registry(config),
+                saver=self._saver,
+            )  # fmt: skip
             self._host.deliver((), await self._start_driver())  # no listener yet: sets the view
             for feature in self._features.values():
                 self._running.append(feature)
@@ -217,12 +225,15 @@ class Agent:
             await self._stop_features()
             if self._driver is not None:
                 self._driver.stop()
+            if self._saver is not None:  # flush what it can (and say what it could not)
+                await asyncio.to_thread(self._saver.close)
             await self._control.close()
         if self._verdict is REFUSE:
             return EXIT_NAME_CONFLICT
         if self._verdict is not None:  # RENEW, now that nothing saves the copied claim again
             assert self._identity is not None
-            renewed = self._renew(self._identity, machine_fingerprint(machine_id_paths()))
+            identity, machine = self._identity, machine_fingerprint(machine_id_paths())
+            renewed = save_at_start(self.config.state_dir, lambda: self._renew(identity, machine))
             log.warning(
                 "restarting as a new node", extra=fields(name=renewed.name, node_id=renewed.node_id)
             )
@@ -374,14 +385,25 @@ class Agent:
             and self._verdict is None
             and view.incarnation > self._saved_incarnation
         ):
-            # A refutation raised our incarnation: keep the next start above it.
+            # A refutation raised our incarnation (the core announced it at once: it must,
+            # to stay alive): save it so the next start bumps above it. Off this loop and
+            # retried; until it is on disk, a crash restarts at a lower incarnation, which
+            # the first push-pull corrects (the core refutes what peers hold about it).
             self._saved_incarnation = view.incarnation
             identity = self._identity.with_incarnation(view.incarnation)
-            save_identity(self.config.state_dir, identity)
+            if self._saver is not None:
+                path = self.config.state_dir / IDENTITY_FILE
+                self._saver.save_json(path, identity_doc(identity))
         if self._host is not None:
             self._host.deliver(events, view)
 
     # -- identity ----------------------------------------------------------------------------
+
+    def _boot_identity(self) -> NodeIdentity:
+        """The identity with its incarnation bumped, saved (synchronously, at start)."""
+        identity = self._load_identity().bumped()
+        save_identity(self.config.state_dir, identity)
+        return identity
 
     def _load_identity(self) -> NodeIdentity:
         """The saved identity (created on first start); a copy made on another machine is
@@ -484,6 +506,9 @@ class Agent:
             "metrics": None,
             "pid": os.getpid(),
             **view.undecryptable.status(view.taken_at),
+            "stream_drops": stream_drops(view.driver_stats),
+            "events_dropped": view.driver_stats.get("events_dropped", 0),
+            **(self._saver.status().status() if self._saver is not None else {}),
             **(self._host.status_fields() if self._host is not None else {}),
         }
 
@@ -517,7 +542,10 @@ def _leave_and_count_others(core: Membership, now: float) -> int:
     return others
 
 
-def _log_event(event: ev.Event) -> None:
+def _log_event(event: ev.Event | EventsDropped) -> None:
+    if isinstance(event, EventsDropped):  # the bridge warned when it dropped them
+        log.info("gossip events dropped while the main loop stalled", extra=fields(n=event.count))
+        return
     if isinstance(event, ev.StateChanged | ev.UserMessage | ev.NameConflict):
         log.debug(type(event).__name__, extra=fields(event=repr(event)))
         return
