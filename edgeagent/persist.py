@@ -85,9 +85,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         finally:
             os.close(fd)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            exc.filename = str(target)  # name the file saved, not its temporary copy
         raise
     fsync_dir(directory)
 

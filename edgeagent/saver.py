@@ -242,14 +242,14 @@ class StateSaver:
                 entry.failures, entry.backoff, entry.due = 0, 0.0, self._clock()
             self._failing.pop(str(path), None)
             self._cond.notify_all()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if recovered:
+        if recovered:  # before the waiters hear of it: they may look for this line
             log.info(
                 f"state file {path} saved after {recovered} failed attempts",
                 extra=fields(path=str(path)),
             )
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _failed(
         self, path: Path, gen: int, waiters: list[concurrent.futures.Future[None]], exc: OSError
@@ -292,8 +292,8 @@ def save_at_start(state_dir: Path, save: Callable[[], Any]) -> Any:
     try:
         return save()
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
+        what = Path(exc.filename).name if exc.filename else "the agent's state"
         raise ConfigError(
-            f"{state_dir}: cannot save the agent's state{where}: {describe(exc)}; "
+            f"{state_dir}: cannot save {what}: {describe(exc)}; "
             "free space on that filesystem or use another --state-dir"
         ) from None

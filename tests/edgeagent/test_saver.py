@@ -137,10 +137,20 @@ def test_close_flushes_what_it_can(tmp_path: Path) -> None:
 
 def test_a_failed_save_at_start_is_one_line(tmp_path: Path) -> None:
     def full() -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".identity.json.tmp"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "identity.json"))
 
     with pytest.raises(ConfigError) as info:
         save_at_start(tmp_path, full)
     message = str(info.value)
-    assert message.startswith(f"{tmp_path}: cannot save the agent's state")
+    assert message.startswith(f"{tmp_path}: cannot save identity.json: ")
     assert "No space left on device (ENOSPC)" in message and "\n" not in message
+
+
+def test_atomic_write_names_the_target_in_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FlakyDisk(monkeypatch, failures=1, code=errno.ENOSPC)
+    with pytest.raises(OSError) as info:
+        persist.atomic_write(tmp_path / "ipam.json", b"x")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "ipam.json")
+    assert list(tmp_path.iterdir()) == []  # the temporary file was removed
