@@ -9,7 +9,9 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
    cluster name and seeds. None is one line and exit 2 (``edgeagent init`` or ``edgeagent
    join TOKEN`` makes it); a key is never generated here. An identity created on another
    machine (a copied state dir, :func:`~edgeagent.persist.is_clone`) becomes a new node first,
-   with a warning, and drops the copied address claim.
+   with a warning, and drops the files that named the copy: each feature module's
+   ``NODE_BOUND_FILES`` (the address claim, issued tokens) and the node key and certificate
+   (re-issued when the CA key is here, else removed: ``edgeagent join TOKEN`` enrolls again).
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
    (a feature whose switch is off is not even imported); then join the seeds (``--join``,
@@ -61,7 +63,7 @@ from .host import Feature, FeatureHost
 from .logs import fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard, routable_host
-from .onboarding import CA_KEY_FILE, apply_material, load_material
+from .onboarding import CA_KEY_FILE, apply_material, load_material, renew_node_material
 from .persist import (
     IDENTITY_FILE,
     NodeIdentity,
@@ -90,9 +92,6 @@ LEAVE_POLL_INTERVAL = 0.05
 DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* commands (tests only)
 MAX_DEBUG_BLOCK_S = 60.0
 EXIT_NAME_CONFLICT = 2  # another live node holds our name (the CLI's "fix your config" code)
-# Files in the state dir that belong to this node's identity, not to the copy it came from:
-# the addresses feature's claim (features/addresses.STATE_FILE), re-claimed fresh.
-NODE_BOUND_FILES = ("ipam.json",)
 
 
 def reexec() -> None:
@@ -426,12 +425,31 @@ class Agent:
         return identity
 
     def _renew(self, identity: NodeIdentity, machine: str | None) -> NodeIdentity:
-        """A new node id (and default name) for a copied identity; drop the copied claims."""
+        """A new node id (and default name) for a copied identity; drop what named the copy."""
         state_dir = self.config.state_dir
         renewed = renew_identity(state_dir, identity, self.config.name, machine)
-        for name in NODE_BOUND_FILES:
+        for name in self._node_bound_files():
             (state_dir / name).unlink(missing_ok=True)
+        reissued = renew_node_material(state_dir, renewed)
+        if reissued is False:
+            log.warning(
+                "this node's certificate named the copied node id: removed it and its key "
+                "(gossip runs on the cluster keyring); to give the new node a certificate, "
+                f"enroll it again: edgeagent join TOKEN --state-dir {state_dir}",
+                extra=fields(node_id=renewed.node_id),
+            )
+        elif reissued:
+            log.info("new node certificate issued for the new node id (the mesh CA key is here)")
         return renewed
+
+    def _node_bound_files(self) -> list[str]:
+        """The files that name this node, as each enabled feature's module lists them
+        (``NODE_BOUND_FILES``; a switched-off feature is not imported to ask it)."""
+        names: list[str] = []
+        for feature in self._features.values():
+            module = sys.modules.get(type(feature).__module__)
+            names.extend(getattr(module, "NODE_BOUND_FILES", ()))
+        return names
 
     def _on_name_conflict(self, event: ev.NameConflict, view: View) -> None:
         """Another address claims our name: keep it, refuse it (exit 2) or renew (restart)."""

@@ -44,7 +44,7 @@ def render(status: dict[str, Any]) -> str:
             ("mdns", "on" if status.get("mdns") else "off"),
             ("metrics", status.get("metrics") or "off"),
             ("enrollment", _enroll_text(status.get("enroll"))),
-            ("undecryptable", _undecryptable_text(status)),
+            ("undecrypted", _undecryptable_text(status)),
             ("stream drops", _counts_text(status.get("stream_drops"))),
             ("state saves", _saves_text(status)),
         ]

@@ -42,6 +42,8 @@ from ..persist import load_json
 log = FeatureHost.logger("ipam")
 
 STATE_FILE = "ipam.json"
+# Removed when a copied state dir becomes a new node (agent): the copy claims a block afresh.
+NODE_BOUND_FILES = (STATE_FILE,)
 _MEMBER_EVENTS = (
     ev.MemberJoined,
     ev.MemberUpdated,

@@ -120,7 +120,7 @@ async def test_status_shows_stream_drops_by_reason_next_to_undecryptable(tmp_pat
         line = next(row for row in text.splitlines() if row.startswith("stream drops"))
         assert "unauthenticated 1" in line and "header timeout 1" in line
         assert "over budget" not in line  # zero counts are left out
-        undecryptable = next(r for r in text.splitlines() if r.startswith("undecryptable"))
+        undecryptable = next(r for r in text.splitlines() if r.startswith("undecrypted:"))
         assert f"{status['undecryptable_datagrams']} datagrams" in undecryptable
         assert "state saves:" in text and text.rstrip().endswith("ok")
     finally:
