@@ -9,7 +9,9 @@ Lifecycle of :meth:`Agent.run` (the body of ``edgeagent run``):
    cluster name and seeds. None is one line and exit 2 (``edgeagent init`` or ``edgeagent
    join TOKEN`` makes it); a key is never generated here. An identity created on another
    machine (a copied state dir, :func:`~edgeagent.persist.is_clone`) becomes a new node first,
-   with a warning, and drops the copied address claim.
+   with a warning, and drops the files that named the copy: each feature module's
+   ``NODE_BOUND_FILES`` (the address claim, issued tokens) and the node key and certificate
+   (re-issued when the CA key is here, else removed: ``edgeagent join TOKEN`` enrolls again).
 2. Start the gossip driver (its own thread and loop, :mod:`edgeagent.driver`), then every
    enabled feature of :data:`FEATURES` on one :class:`~edgeagent.host.FeatureHost`, in order
    (a feature whose switch is off is not even imported); then join the seeds (``--join``,
@@ -51,19 +53,22 @@ from gossip.keyring import Keyring
 from gossip.messages import Address
 
 from . import systemd
+from .bridge import EventsDropped
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
-from .driver import GossipDriver, View
+from .driver import GossipDriver, View, stream_drops
 from .errors import ConfigError
 from .host import Feature, FeatureHost
 from .logs import fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard, routable_host
-from .onboarding import CA_KEY_FILE, apply_material, load_material
+from .onboarding import CA_KEY_FILE, apply_material, load_material, renew_node_material
 from .persist import (
+    IDENTITY_FILE,
     NodeIdentity,
     ensure_state_dir,
+    identity_doc,
     is_clone,
     load_or_create_identity,
     machine_fingerprint,
@@ -71,6 +76,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .saver import StateSaver, save_at_start
 from .state_signing import ForgedStateLog, StateSigning, load_state_signing, log_problem
 from .stream_limits import frame_limit
 from .streams import StreamAuth
@@ -87,9 +93,6 @@ LEAVE_POLL_INTERVAL = 0.05
 DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* commands (tests only)
 MAX_DEBUG_BLOCK_S = 60.0
 EXIT_NAME_CONFLICT = 2  # another live node holds our name (the CLI's "fix your config" code)
-# Files in the state dir that belong to this node's identity, not to the copy it came from:
-# the addresses feature's claim (features/addresses.STATE_FILE), re-claimed fresh.
-NODE_BOUND_FILES = ("ipam.json",)
 
 
 def reexec() -> None:
@@ -173,6 +176,7 @@ class Agent:
         self._features = {**build_features(config), **(extra_features or {})}
         self._running: list[Feature] = []  # started and not yet stopped, in start order
         self._started = False
+        self._saver: StateSaver | None = None  # the state writer, while run() runs
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,17 +194,20 @@ class Agent:
             loop.add_signal_handler(signal.SIGHUP, self._hangup)
             material = load_material(config)  # none: one line, exit 2 (before any file is made)
             self.config = config = apply_material(config, material)
-            identity = self._load_identity().bumped()
-            save_identity(config.state_dir, identity)
+            # Synchronous, before the driver exists: nothing is sent before the bumped
+            # incarnation is on disk. A full disk here is one line (exit 2), not a traceback.
+            identity = save_at_start(config.state_dir, self._boot_identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
             keyring = Keyring(list(material.keys))
             signing = load_state_signing(config.state_dir, identity)
             if signing.problem is not None:
                 log_problem(signing.problem)
+            self._saver = StateSaver()
             self._driver = self._make_driver(loop, identity, keyring, signing)
             self._host = FeatureHost(
-                config, identity, self._driver, self._control, keyring, _registry(config)
-            )
+                config, identity, self._driver, self._control, keyring, _registry(config),
+                saver=self._saver,
+            )  # fmt: skip
             self._host.deliver((), await self._start_driver())  # no listener yet: sets the view
             for feature in self._features.values():
                 self._running.append(feature)
@@ -222,12 +229,15 @@ class Agent:
             await self._stop_features()
             if self._driver is not None:
                 self._driver.stop()
+            if self._saver is not None:  # flush what it can (and say what it could not)
+                await asyncio.to_thread(self._saver.close)
             await self._control.close()
         if self._verdict is REFUSE:
             return EXIT_NAME_CONFLICT
         if self._verdict is not None:  # RENEW, now that nothing saves the copied claim again
             assert self._identity is not None
-            renewed = self._renew(self._identity, machine_fingerprint(machine_id_paths()))
+            identity, machine = self._identity, machine_fingerprint(machine_id_paths())
+            renewed = save_at_start(self.config.state_dir, lambda: self._renew(identity, machine))
             log.warning(
                 "restarting as a new node", extra=fields(name=renewed.name, node_id=renewed.node_id)
             )
@@ -386,14 +396,25 @@ class Agent:
             and self._verdict is None
             and view.incarnation > self._saved_incarnation
         ):
-            # A refutation raised our incarnation: keep the next start above it.
+            # A refutation raised our incarnation (the core announced it at once: it must,
+            # to stay alive): save it so the next start bumps above it. Off this loop and
+            # retried; until it is on disk, a crash restarts at a lower incarnation, which
+            # the first push-pull corrects (the core refutes what peers hold about it).
             self._saved_incarnation = view.incarnation
             identity = self._identity.with_incarnation(view.incarnation)
-            save_identity(self.config.state_dir, identity)
+            if self._saver is not None:
+                path = self.config.state_dir / IDENTITY_FILE
+                self._saver.save_json(path, identity_doc(identity))
         if self._host is not None:
             self._host.deliver(events, view)
 
     # -- identity ----------------------------------------------------------------------------
+
+    def _boot_identity(self) -> NodeIdentity:
+        """The identity with its incarnation bumped, saved (synchronously, at start)."""
+        identity = self._load_identity().bumped()
+        save_identity(self.config.state_dir, identity)
+        return identity
 
     def _load_identity(self) -> NodeIdentity:
         """The saved identity (created on first start); a copy made on another machine is
@@ -416,12 +437,31 @@ class Agent:
         return identity
 
     def _renew(self, identity: NodeIdentity, machine: str | None) -> NodeIdentity:
-        """A new node id (and default name) for a copied identity; drop the copied claims."""
+        """A new node id (and default name) for a copied identity; drop what named the copy."""
         state_dir = self.config.state_dir
         renewed = renew_identity(state_dir, identity, self.config.name, machine)
-        for name in NODE_BOUND_FILES:
+        for name in self._node_bound_files():
             (state_dir / name).unlink(missing_ok=True)
+        reissued = renew_node_material(state_dir, renewed)
+        if reissued is False:
+            log.warning(
+                "this node's certificate named the copied node id: removed it and its key "
+                "(gossip runs on the cluster keyring); to give the new node a certificate, "
+                f"enroll it again: edgeagent join TOKEN --state-dir {state_dir}",
+                extra=fields(node_id=renewed.node_id),
+            )
+        elif reissued:
+            log.info("new node certificate issued for the new node id (the mesh CA key is here)")
         return renewed
+
+    def _node_bound_files(self) -> list[str]:
+        """The files that name this node, as each enabled feature's module lists them
+        (``NODE_BOUND_FILES``; a switched-off feature is not imported to ask it)."""
+        names: list[str] = []
+        for feature in self._features.values():
+            module = sys.modules.get(type(feature).__module__)
+            names.extend(getattr(module, "NODE_BOUND_FILES", ()))
+        return names
 
     def _on_name_conflict(self, event: ev.NameConflict, view: View) -> None:
         """Another address claims our name: keep it, refuse it (exit 2) or renew (restart)."""
@@ -496,6 +536,9 @@ class Agent:
             "metrics": None,
             "pid": os.getpid(),
             **view.undecryptable.status(view.taken_at),
+            "stream_drops": stream_drops(view.driver_stats),
+            "events_dropped": view.driver_stats.get("events_dropped", 0),
+            **(self._saver.status().status() if self._saver is not None else {}),
             **(self._host.status_fields() if self._host is not None else {}),
         }
 
@@ -529,7 +572,10 @@ def _leave_and_count_others(core: Membership, now: float) -> int:
     return others
 
 
-def _log_event(event: ev.Event) -> None:
+def _log_event(event: ev.Event | EventsDropped) -> None:
+    if isinstance(event, EventsDropped):  # the bridge warned when it dropped them
+        log.info("gossip events dropped while the main loop stalled", extra=fields(n=event.count))
+        return
     if isinstance(event, ev.StateChanged | ev.UserMessage | ev.NameConflict):
         log.debug(type(event).__name__, extra=fields(event=repr(event)))
         return

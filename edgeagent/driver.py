@@ -22,9 +22,11 @@ is counted in :class:`DriverStats` and logged, rate-limited, by reason.
 Threads (DESIGN principle 2): the application's loop never touches the core. It sends commands
 (callables run on the gossip thread with ``(core, now)``) through a thread-safe queue, woken by
 ``call_soon_threadsafe``, and gets the result back in a ``concurrent.futures.Future``; the
-driver hands events and immutable :class:`View` snapshots to the application's loop with
-``call_soon_threadsafe``. Nothing mutable is shared, so a blocked application loop delays only
-the application: probes, acks and timers keep running here.
+driver hands events and immutable :class:`View` snapshots to the application's loop through
+an :class:`edgeagent.bridge.UpdateBridge`: the latest view and a bounded queue of events,
+oldest dropped and counted (``events_dropped``) when the application's loop stalls. Nothing
+mutable is shared, so a blocked application loop delays only the application (and costs
+bounded memory): probes, acks and timers keep running here.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from gossip.events import Event, Member
 from gossip.messages import Address
 
 from . import streams
+from .bridge import UpdateBridge
 from .stream_limits import MAX_OUTBOUND_STREAMS, Admission, DropLog, inbound_budget
 from .streams import HEADER_TIMEOUT, Served, StreamAuth, StreamSettings
 from .undecryptable import (
@@ -80,6 +83,12 @@ _DROP_STATS = {
     "outbound_limit": "streams_out_rejected",
     "failed": "stream_errors",
 }
+
+
+def stream_drops(driver_stats: Mapping[str, int]) -> dict[str, int]:
+    """Dropped push-pull streams by reason (the keys of ``_DROP_STATS``), from a View's
+    ``driver_stats``: what ``edgeagent status`` shows."""
+    return {reason: int(driver_stats.get(stat, 0)) for reason, stat in _DROP_STATS.items()}
 
 
 class Core(Protocol):
@@ -136,6 +145,7 @@ class DriverStats:
     stream_errors: int = 0  # short or late bodies, resets, failed outbound push-pulls
     remote_errors: int = 0  # RemoteError raised by the core (normally it counts them itself)
     internal_errors: int = 0  # any other exception from the core: a bug, logged
+    events_dropped: int = 0  # events the stalled main loop never saw (bridge queue full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +215,9 @@ class GossipDriver(Generic[C]):
     and that thread's clock.
 
     ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
-    and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics).
+    and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics); a
+    stalled main loop gets the latest view and at most ``max_queued_events`` events
+    (:mod:`edgeagent.bridge`; the first may be an ``EventsDropped``).
     ``advertise`` is the address the core announces (port 0: the bound port); by default the
     bind address with the bound port. ``stream_auth`` seals and opens stream headers (the
     core's own keyring, so a rotation applies to both); ``max_stream_bytes`` is the frame limit
@@ -225,12 +237,14 @@ class GossipDriver(Generic[C]):
         max_stream_bytes: int = MAX_STREAM_BYTES,
         stream_timeout: float = STREAM_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
+        max_queued_events: int | None = None,
     ) -> None:
         self._make_core = make_core
         self._bind = bind
         self._advertise = advertise
-        self._main_loop = main_loop
-        self._on_update = on_update
+        self.bridge: UpdateBridge[View] = UpdateBridge(
+            main_loop, on_update, max_events=max_queued_events
+        )
         self._max_datagram = max_datagram_bytes
         self._auth = stream_auth
         self._stream_settings = StreamSettings(max_stream_bytes, stream_timeout, header_timeout)
@@ -495,10 +509,7 @@ class GossipDriver(Generic[C]):
     def _publish(self, events: tuple[Event, ...]) -> None:
         assert self._core is not None
         view = take_view(self._core, self._stats, self._now(), self._undecryptable.report())
-        try:
-            self._main_loop.call_soon_threadsafe(self._on_update, events, view)
-        except RuntimeError:  # the application loop is closed: we are shutting down
-            pass
+        self._stats.events_dropped += self.bridge.put(events, view)
 
     def _publish_periodic(self) -> None:
         assert self._loop is not None

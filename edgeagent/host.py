@@ -24,6 +24,9 @@ What a feature gets:
 - Events: ``add_listener(fn)`` calls ``fn(events, view)`` on the main loop after every update
   from the gossip thread; ``view`` is the latest immutable snapshot.
 - ``metrics``: the Prometheus registry, or None when metrics are off; ``logger(name)``.
+- ``saver``: the state writer (:mod:`edgeagent.saver`): ``saver.save_json(path, doc)``
+  returns a future done once the document is on disk; written off the main loop, retried on
+  disk errors. Act on a saved value (publish it, answer a command) only when it is done.
 - DNS resolvers: ``add_node_resolver`` / ``add_service_resolver``. The mesh DNS feature
   answers ``NODE.node.mesh`` and ``SERVICE.mesh`` from every resolver registered, at query
   time, so the order in which features start does not matter.
@@ -49,6 +52,7 @@ from .config import AgentConfig
 from .control import ControlServer, Handler
 from .driver import GossipDriver, View
 from .persist import NodeIdentity
+from .saver import StateSaver
 
 if TYPE_CHECKING:
     from gossip.core import Membership
@@ -84,8 +88,12 @@ class FeatureHost:
         control: ControlServer,
         keyring: Keyring,
         metrics: Registry | None,
+        *,
+        saver: StateSaver | None = None,
     ) -> None:
         self.config = config
+        # The state writer (off the main loop, retried); a host built without one has its own.
+        self.saver = saver if saver is not None else StateSaver()
         self.identity = identity
         self.keyring = keyring  # owned by the gossip thread: use inside call() only
         self.metrics = metrics

@@ -18,7 +18,9 @@ written *last*: it is the commit marker. ``run`` needs the keyring and nothing e
 operator may also point ``--key-file`` at a keyring kept elsewhere); a crash halfway through
 ``init`` or ``join`` leaves files without a keyring, which ``run`` reports as "no cluster
 material" and which a second ``init``/``join`` overwrites. ``init`` and ``join`` refuse a
-state dir that already has a keyring, a CA key, a node certificate or a cluster file.
+state dir that already has a keyring, a CA key, a node certificate or a cluster file, except
+that ``join`` enrolls again a copied state dir whose node key and certificate the agent
+removed (:func:`renew_node_material`, :func:`needs_reenrollment`).
 
 The seeds are the issuer's gossip address(es) received at enrollment: ``run`` joins them when
 no ``--join`` is given. The cluster name saved here is the one ``run`` uses; a config or flag
@@ -72,6 +74,9 @@ CERT_MODE = 0o644  # certificates are public
 SECRET_MODE = 0o600
 # Files whose presence means "this state dir already belongs to a cluster".
 MATERIAL_FILES = (KEYRING_FILE, CA_KEY_FILE, NODE_CERT_FILE, CLUSTER_FILE)
+# Files that name this node (the certificate's SAN carries the node id): a state dir copied to
+# another machine must not keep them once it becomes a new node (:func:`renew_node_material`).
+NODE_BOUND_FILES = (NODE_KEY_FILE, NODE_CERT_FILE)
 MAX_SEEDS = 8  # overlay.tokens.MAX_ADDRESSES: what an enrollment reply carries
 
 Address = tuple[str, int]
@@ -116,7 +121,13 @@ def existing_material(state_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def refuse_existing(state_dir: str | os.PathLike[str], command: str) -> None:
-    """UsageError (one line) when ``state_dir`` already holds cluster material."""
+    """UsageError (one line) when ``state_dir`` already holds cluster material.
+
+    ``join`` may enroll again a state dir whose node certificate was removed because it was a
+    copy of another node's (:func:`needs_reenrollment`).
+    """
+    if command == "join" and needs_reenrollment(state_dir):
+        return
     found = existing_material(state_dir)
     if found:
         raise UsageError(
@@ -142,6 +153,43 @@ def enroll_addresses(config: AgentConfig) -> list[Address]:
     else:
         host = routable_host()
     return [(host, config.enroll_port)]
+
+
+def needs_reenrollment(state_dir: str | os.PathLike[str]) -> bool:
+    """Enrolled (a cluster file) but without a node certificate or the CA key: a copied state
+    dir whose certificate named the original node (:func:`renew_node_material`)."""
+    directory = Path(state_dir)
+    return (directory / CLUSTER_FILE).exists() and not any(
+        (directory / name).exists() for name in (NODE_CERT_FILE, NODE_KEY_FILE, CA_KEY_FILE)
+    )
+
+
+def renew_node_material(
+    state_dir: str | os.PathLike[str], identity: NodeIdentity, now: dt.datetime | None = None
+) -> bool | None:
+    """After a copied identity became ``identity`` (a new node id): replace or remove the node
+    key and certificate, which name the old node id.
+
+    With the CA key here a new key and certificate are issued for ``identity`` (True). Else
+    both are removed (False): the node runs on the keyring, and ``edgeagent join TOKEN``
+    enrolls it again (:func:`needs_reenrollment`). None: there was no certificate.
+    """
+    directory = Path(state_dir)
+    if not any((directory / name).exists() for name in NODE_BOUND_FILES):
+        return None
+    if (directory / CA_KEY_FILE).exists():
+        ca = load_ca(directory)
+        key = pki.new_node_key()
+        csr = pki.make_csr(key, identity.name, identity.node_id)
+        cert = pki.issue_node_cert(
+            ca.key, ca.cert, csr, identity.name, identity.node_id, _now(now)
+        )
+        atomic_write(directory / NODE_KEY_FILE, pki.key_pem(key), SECRET_MODE)
+        atomic_write(directory / NODE_CERT_FILE, pki.cert_pem(cert), CERT_MODE)
+        return True
+    for name in NODE_BOUND_FILES:
+        (directory / name).unlink(missing_ok=True)
+    return False
 
 
 def remove_stale_tokens(state_dir: str | os.PathLike[str]) -> None:

@@ -85,9 +85,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
         finally:
             os.close(fd)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            exc.filename = str(target)  # name the file saved, not its temporary copy
         raise
     fsync_dir(directory)
 
@@ -145,10 +147,14 @@ def load_json(path: str | os.PathLike[str], default: Any) -> Any:
         raise ConfigError(f"{target}: corrupt: not JSON ({exc}); restore or remove it") from None
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON text every state file holds."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def save_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o600) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_write`)."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, text.encode("utf-8"), mode)
+    atomic_write(path, json_bytes(obj), mode)
 
 
 # --------------------------------------------------------------------------- identity
@@ -316,7 +322,12 @@ def renew_identity(
 
 def save_identity(state_dir: str | os.PathLike[str], identity: NodeIdentity) -> None:
     """Persist ``identity`` atomically to ``<state_dir>/identity.json`` (0600)."""
-    doc = {
+    save_json(Path(state_dir) / IDENTITY_FILE, identity_doc(identity))
+
+
+def identity_doc(identity: NodeIdentity) -> dict[str, Any]:
+    """The JSON document of ``identity.json``."""
+    return {
         "version": IDENTITY_VERSION,
         "name": identity.name,
         "node_id": identity.node_id,
@@ -324,7 +335,6 @@ def save_identity(state_dir: str | os.PathLike[str], identity: NodeIdentity) -> 
         "default_name": identity.default_name,
         "machine": identity.machine,
     }
-    save_json(Path(state_dir) / IDENTITY_FILE, doc)
 
 
 # --------------------------------------------------------------------------- keyring
@@ -393,13 +403,18 @@ def _warn_if_readable_by_others(path: Path) -> None:
 
 def save_keyring(path: str | os.PathLike[str], keys: list[bytes]) -> None:
     """Write ``keys`` (primary first) as a JSON array of base64 strings, atomically, mode 0600."""
+    atomic_write(path, keyring_bytes(keys), 0o600)
+
+
+def keyring_bytes(keys: list[bytes]) -> bytes:
+    """The keyring file's content for ``keys`` (primary first); ValueError on a bad key."""
     if not keys:
         raise ValueError("a keyring needs at least one key")
     for key in keys:
         if len(key) != KEY_SIZE:
             raise ValueError(f"a key must be {KEY_SIZE} bytes")
     text = json.dumps([base64.b64encode(k).decode("ascii") for k in keys], indent=2) + "\n"
-    atomic_write(path, text.encode("ascii"), 0o600)
+    return text.encode("ascii")
 
 
 def load_or_create_keyring(path: str | os.PathLike[str]) -> list[bytes]:

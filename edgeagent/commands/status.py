@@ -15,7 +15,9 @@ def register(subparsers: Any) -> None:
         render,
         help="show this agent's identity and cluster health",
         description="Show the local agent: name, node id, address, incarnation, cluster, "
-        "profile, members by state, local health score (0 is healthy) and uptime.",
+        "profile, members by state, local health score (0 is healthy), uptime, input that "
+        "failed to decrypt, push-pull streams dropped by reason, and state files not yet "
+        "saved (a full or failing disk).",
         json_help="print one JSON object",
     )
 
@@ -42,8 +44,41 @@ def render(status: dict[str, Any]) -> str:
             ("mdns", "on" if status.get("mdns") else "off"),
             ("metrics", status.get("metrics") or "off"),
             ("enrollment", _enroll_text(status.get("enroll"))),
+            ("undecrypted", _undecryptable_text(status)),
+            ("stream drops", _counts_text(status.get("stream_drops"))),
+            ("state saves", _saves_text(status)),
         ]
     )
+
+
+def _undecryptable_text(status: dict[str, Any]) -> str:
+    """``N datagrams, M streams`` and the last source, from the undecryptable_* fields."""
+    text = (
+        f"{status.get('undecryptable_datagrams', 0)} datagrams, "
+        f"{status.get('undecryptable_streams', 0)} streams"
+    )
+    source = status.get("undecryptable_last_source")
+    if source:
+        text += f" (last from {source}, {status.get('undecryptable_last_s_ago')} s ago)"
+    return text
+
+
+def _counts_text(counts: dict[str, int] | None) -> str:
+    """``reason N, ...`` for the non-zero counts (``none``), e.g. the stream drops."""
+    shown = [f"{k.replace('_', ' ')} {v}" for k, v in (counts or {}).items() if v]
+    return ", ".join(shown) or "none"
+
+
+def _saves_text(status: dict[str, Any]) -> str:
+    """``ok``, or how many state files wait and which fail with what."""
+    failing: dict[str, str] = status.get("saves_failing") or {}
+    pending = status.get("saves_pending", 0)
+    if not failing and not pending:
+        return "ok"
+    text = f"{pending} pending"
+    if failing:
+        text += "; failing: " + ", ".join(f"{path} ({error})" for path, error in failing.items())
+    return text
 
 
 def _enroll_text(enroll: dict[str, Any] | None) -> str:

@@ -4,8 +4,10 @@ How it works. The allocator is sans-IO and lives on the agent's (main) loop. Gos
 reach it through ``host.add_listener``; its claim goes back into the core's replicated
 state (key ``"ipam"``) with ``host.set_state``; its timer is one ``loop.call_at``. Its
 persisted state (the claim, the clock, named local addresses) is written atomically to
-``<state_dir>/ipam.json`` *before* the claim is published, so a ``kill -9`` at any moment
-restarts with the block the mesh last heard about. Renumbering and exhaustion are logged.
+``<state_dir>/ipam.json`` by the host's state writer (off the main loop, retried on disk
+errors) and the claim is published only once the save that holds it is on disk, so a
+``kill -9`` at any moment restarts with the block the mesh last heard about (on a full disk
+the claim waits, unpublished, until the write succeeds). Renumbering and exhaustion are logged.
 
 Control commands: ``addresses`` (every claim this node knows, for ``edgeagent addresses``)
 and ``address`` (``op`` = ``allocate`` | ``release`` | ``list`` with ``name``) for
@@ -30,15 +32,18 @@ from overlay.ipam import (
     Renumbered,
 )
 
+from ..bridge import EventsDropped
 from ..control import ControlError
 from ..driver import View
 from ..host import FeatureHost
 from ..logs import fields
-from ..persist import load_json, save_json
+from ..persist import load_json
 
 log = FeatureHost.logger("ipam")
 
 STATE_FILE = "ipam.json"
+# Removed when a copied state dir becomes a new node (agent): the copy claims a block afresh.
+NODE_BOUND_FILES = (STATE_FILE,)
 _MEMBER_EVENTS = (
     ev.MemberJoined,
     ev.MemberUpdated,
@@ -56,6 +61,11 @@ class Addresses:
         self._host: FeatureHost | None = None
         self._alloc: Allocator | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._saves_asked = 0  # saves of ipam.json requested ...
+        self._saves_done = 0  # ... and known to be on disk (a later one covers earlier ones)
+        self._unpublished: Any = None  # the claim update waiting for its save
+        self._unpublished_gen = 0  # the save it waits for
+        self._resyncing: asyncio.Task[None] | None = None  # re-reading claims after a drop
 
     @property
     def alloc(self) -> Allocator:
@@ -101,6 +111,8 @@ class Addresses:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._resyncing is not None:
+            self._resyncing.cancel()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -164,7 +176,9 @@ class Addresses:
         now = self._loop.time()
         alloc = self.alloc
         for event in events:
-            if isinstance(event, ev.StateChanged):
+            if isinstance(event, EventsDropped):  # the main loop stalled: re-read every claim
+                self._resync()
+            elif isinstance(event, ev.StateChanged):
                 if event.key == STATE_KEY:
                     alloc.on_claim(event.owner, None if event.deleted else event.value, now)
             elif isinstance(event, _MEMBER_EVENTS):
@@ -176,6 +190,25 @@ class Addresses:
                 alloc.on_reaped(event.member.name, now)
         self._pump()
 
+    def _resync(self) -> None:
+        if self._resyncing is None or self._resyncing.done():
+            self._resyncing = self._loop.create_task(self._catch_up_and_pump())
+
+    async def _catch_up_and_pump(self) -> None:
+        """After dropped events: what the core holds now replaces what we missed."""
+        rows = await self.host.member_states(STATE_KEY)
+        now, alloc = self._loop.time(), self.alloc
+        known = {member.name: claim for member, claim in rows}
+        for row in alloc.claims():
+            if row.node == alloc.node:
+                continue
+            if row.node not in known:
+                alloc.on_reaped(row.node, now)  # reaped while we were not looking
+            elif known[row.node] is None:
+                alloc.on_claim(row.node, None, now)  # its claim was deleted
+        await self._catch_up()
+        self._pump()
+
     def _pump(self) -> None:
         """Run due decisions; persist, then publish; log events; re-arm the timer."""
         alloc = self.alloc
@@ -185,10 +218,14 @@ class Addresses:
             alloc.handle_timeout(now)
         saved = alloc.state_to_persist()
         if saved is not None:
-            save_json(self.path, saved)
+            self._saves_asked += 1
+            gen, loop = self._saves_asked, self._loop
+            future = self.host.saver.save_json(self.path, saved)
+            future.add_done_callback(lambda f: _call_soon(loop, self._saved, gen, f))
         update = alloc.claim_to_publish()
-        if update is not None:
-            self.host.set_state(STATE_KEY, update.value)
+        if update is not None:  # published once the state holding it is on disk
+            self._unpublished, self._unpublished_gen = update, self._saves_asked
+        self._publish_saved()
         while (event := alloc.next_event()) is not None:
             self._log_event(event)
         if self._timer is not None:
@@ -197,6 +234,17 @@ class Addresses:
         timer = alloc.get_timer()
         if timer is not None:
             self._timer = self._loop.call_at(timer, self._pump)
+
+    def _saved(self, gen: int, future: Any) -> None:
+        if future.exception() is None:  # else abandoned at shutdown: never published
+            self._saves_done = max(self._saves_done, gen)
+            self._publish_saved()
+
+    def _publish_saved(self) -> None:
+        update = self._unpublished
+        if update is not None and self._unpublished_gen <= self._saves_done:
+            self._unpublished = None
+            self.host.set_state(STATE_KEY, update.value)
 
     @staticmethod
     def _log_event(event: object) -> None:
@@ -211,3 +259,11 @@ class Addresses:
             )
         elif isinstance(event, PrefixExhausted):
             log.error("overlay prefix exhausted: no free block", extra=fields(prefix=event.prefix))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    """``fn(*args)`` on ``loop`` from any thread (a closed loop: we are stopping)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass

@@ -41,7 +41,7 @@ from ..errors import ConfigError, UsageError
 from ..host import FeatureHost
 from ..netaddr import format_addr, is_wildcard
 from ..onboarding import NODE_CERT_FILE, NODE_KEY_FILE, load_ca
-from ..token_store import DEFAULT_TTL_S, IssuedToken, TokenStore
+from ..token_store import DEFAULT_TTL_S, TOKENS_FILE, IssuedToken, TokenStore
 
 if TYPE_CHECKING:
     from gossip.core import Membership
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from ..metrics import Counter as MetricCounter
 
 log = FeatureHost.logger("enroll")
+# Removed when a copied state dir becomes a new node (agent): tokens issued by the original
+# are the original's to honour (they name its address), never used twice through a copy.
+NODE_BOUND_FILES = (TOKENS_FILE,)
 
 ADVERT_STOP_TIMEOUT = 2.0  # seconds for the mDNS goodbye at stop
 

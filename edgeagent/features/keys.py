@@ -1,7 +1,8 @@
 """Key rotation, cluster-wide: the ``keys`` control command and its broadcast protocol.
 
 How it works. A key operation (``install`` | ``use`` | ``remove``) is applied to the local
-keyring on the gossip thread (the keyring belongs to the core), saved, and sent to every
+keyring on the gossip thread (the keyring belongs to the core), saved (the command answers
+once the keyring is on disk, or says it is not yet: the host's writer retries), and sent to every
 member as a user broadcast prefixed :data:`KEY_OP_PREFIX`; each agent that hears it applies
 and saves it in turn. Each member publishes the fingerprints of its keys (primary first) in
 its replicated state under :data:`KEYS_STATE_KEY`; that is how ``keys list`` counts, on how
@@ -30,7 +31,7 @@ from gossip.messages import MemberState
 from ..control import ControlError
 from ..host import FeatureHost
 from ..logs import fields
-from ..persist import save_keyring
+from ..persist import keyring_bytes
 
 if TYPE_CHECKING:
     from gossip.core import Membership
@@ -39,6 +40,7 @@ KEYS_STATE_KEY = "keys"  # replicated state: this node's key fingerprints, prima
 KEY_OP_PREFIX = b"edgeagent/keys\0"  # user-broadcast payloads carrying a keyring operation
 KEY_OPS = ("install", "use", "remove")
 FINGERPRINT_BYTES = 8  # of SHA-256: identifies a key without revealing it
+SAVE_WAIT_S = 5.0  # a key operation is answered once the keyring is on disk, or after this
 
 log = FeatureHost.logger()  # the agent's logger, as before keys were a feature
 
@@ -203,8 +205,17 @@ class Keys:
             keys = await self.host.call(apply)
         except KeyringError as exc:
             raise ControlError(str(exc)) from None
-        save_keyring(self.host.config.keyring_path, list(keys))
         log.info(f"keyring {op}", extra=fields(key=fingerprint(key), keys=len(keys)))
+        path = self.host.config.keyring_path
+        saved = asyncio.wrap_future(self.host.saver.save(path, keyring_bytes(list(keys))))
+        try:  # the writer keeps retrying after a timeout: the newest keyring wins on disk
+            await asyncio.wait_for(asyncio.shield(saved), SAVE_WAIT_S)
+        except TimeoutError:
+            failing = self.host.saver.status().failing.get(str(path), "still writing")
+            raise ControlError(
+                f"keyring {op} applied, but {path} is not saved yet ({failing}); "
+                "the agent keeps retrying: see edgeagent status"
+            ) from None
         return keys
 
     def _on_update(self, events: tuple[ev.Event, ...], view: object) -> None:

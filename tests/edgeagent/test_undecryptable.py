@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent.streams import HEADER_SIZE
 from edgeagent.undecryptable import DATAGRAM, STREAM, UndecryptableLog
 from gossip.codec import encode_datagram
 from gossip.keyring import Keyring
@@ -86,5 +87,41 @@ async def test_agent_warns_once_and_status_shows_undecryptable_input(
         assert status["undecryptable_last_source"].startswith("127.0.0.1:")  # type: ignore[union-attr]
         logged = warnings(caplog)
         assert len(logged) == 1 and logged[0].fields["source"] == source  # type: ignore[attr-defined]
+    finally:
+        await stop(running)
+
+
+async def test_status_shows_stream_drops_by_reason_next_to_undecryptable(tmp_path: Path) -> None:
+    from edgeagent.commands.status import render
+
+    running = await start(tmp_path / "a", "a")
+    try:
+        host, port = running.agent.driver.address
+        _, idle = await asyncio.open_connection(host, port)  # never sends a header
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"\x00" * HEADER_SIZE)  # a header that does not open with the cluster key
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+        async def drops() -> dict[str, int]:
+            return (await call(running.state_dir, "status"))["stream_drops"]
+
+        deadline = asyncio.get_running_loop().time() + 30.0
+        while (got := await drops())["header_timeout"] < 1:  # the 2 s header timeout
+            assert asyncio.get_running_loop().time() < deadline, got
+            await asyncio.sleep(0.1)
+        idle.close()
+        status = await call(running.state_dir, "status")
+        assert status["stream_drops"]["unauthenticated"] == 1
+        assert status["stream_drops"]["header_timeout"] == 1
+        assert status["stream_drops"]["over_budget"] == status["stream_drops"]["per_source"] == 0
+        text = render(status)
+        line = next(row for row in text.splitlines() if row.startswith("stream drops"))
+        assert "unauthenticated 1" in line and "header timeout 1" in line
+        assert "over budget" not in line  # zero counts are left out
+        undecryptable = next(r for r in text.splitlines() if r.startswith("undecrypted:"))
+        assert f"{status['undecryptable_datagrams']} datagrams" in undecryptable
+        assert "state saves:" in text and text.rstrip().endswith("ok")
     finally:
         await stop(running)
