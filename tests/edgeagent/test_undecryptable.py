@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from pathlib import Path
 
 import pytest
 
-from edgeagent.streams import HEADER_SIZE
+from edgeagent.streams import HEADER_PLAIN, HEADER_SIZE
 from edgeagent.undecryptable import DATAGRAM, STREAM, UndecryptableLog
 from gossip.codec import encode_datagram
 from gossip.keyring import Keyring
@@ -37,7 +36,10 @@ def test_one_warning_per_source_per_interval_naming_source_and_cause(
     undecryptable.record(B, DATAGRAM, 8.0)
     first = warnings(caplog)
     assert [r.fields["source"] for r in first] == ["10.0.0.5:7946", "10.0.0.6:7946"]  # type: ignore[attr-defined]
-    assert "10.0.0.5:7946" in first[0].getMessage() and "another cluster's key" in first[0].getMessage()
+    assert (
+        "10.0.0.5:7946" in first[0].getMessage()
+        and "another cluster's key" in first[0].getMessage()
+    )
     undecryptable.record(A, DATAGRAM, 61.5)
     again = warnings(caplog)[2]
     assert again.fields["suppressed"] == 5  # type: ignore[attr-defined]
@@ -73,16 +75,23 @@ async def test_agent_warns_once_and_status_shows_undecryptable_input(
                 sock.sendto(foreign, (host, port))
             await wait_for(lambda: len(warnings(caplog)) >= 1, "the warning")
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(struct.pack(">I", len(foreign)) + foreign)
+        # A whole stream header sealed with another cluster's key (streams.HEADER_SIZE bytes).
+        header = Keyring([Keyring.generate_key()]).encrypt(bytes(HEADER_PLAIN.size), b"x")
+        assert len(header) == HEADER_SIZE
+        writer.write(header)
         await writer.drain()
         await reader.read()
         writer.close()
         status = await call(running.state_dir, "status")
         for _ in range(300):  # the stream is answered by the gossip thread: poll for its count
-            if status["undecryptable_streams"] == 1:
+            if status["stream_drops"].get("unauthenticated") == 1:  # type: ignore[union-attr]
                 break
             await asyncio.sleep(0.1)
             status = await call(running.state_dir, "status")
+        # A stream whose sealed header does not open is dropped before any body is read, as
+        # "unauthenticated" (the header check is the decrypt); it never reaches the core.
+        drops = status["stream_drops"]
+        assert drops["unauthenticated"] == 1 and drops["header_timeout"] == 0  # type: ignore[index]
         assert status["undecryptable_datagrams"] == 3
         assert status["undecryptable_last_source"].startswith("127.0.0.1:")  # type: ignore[union-attr]
         logged = warnings(caplog)
