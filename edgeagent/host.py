@@ -24,6 +24,7 @@ What a feature gets:
 - Events: ``add_listener(fn)`` calls ``fn(events, view)`` on the main loop after every update
   from the gossip thread; ``view`` is the latest immutable snapshot.
 - ``metrics``: the Prometheus registry, or None when metrics are off; ``logger(name)``.
+- Other features: ``feature(name)`` is the enabled feature of that name, or None.
 - DNS resolvers: ``add_node_resolver`` / ``add_service_resolver``. The mesh DNS feature
   answers ``NODE.node.mesh`` and ``SERVICE.mesh`` from every resolver registered, at query
   time, so the order in which features start does not matter.
@@ -84,8 +85,10 @@ class FeatureHost:
         control: ControlServer,
         keyring: Keyring,
         metrics: Registry | None,
+        features: Mapping[str, Feature] | None = None,
     ) -> None:
         self.config = config
+        self._features = features if features is not None else {}
         self.identity = identity
         self.keyring = keyring  # owned by the gossip thread: use inside call() only
         self.metrics = metrics
@@ -116,6 +119,15 @@ class FeatureHost:
         if self._view is None:
             raise RuntimeError("no view yet: the driver has not started")
         return self._view
+
+    def feature(self, name: str) -> Any:
+        """The enabled feature called ``name`` (as in ``agent.FEATURES``), or None if it is off.
+
+        Every enabled feature object exists before the first starts; one listed earlier in
+        ``FEATURES`` has started by the time a later one's ``start`` runs (e.g. the CoAP
+        router uses ``host.feature("services")``: its catalog, balancer and ``healthy``).
+        """
+        return self._features.get(name)
 
     @staticmethod
     def logger(name: str = "") -> logging.Logger:

@@ -328,7 +328,7 @@ def test_example_config_documents_every_key() -> None:
 
     text = EXAMPLE.read_text()
     for key in FILE_KEYS:
-        assert re.search(rf"^(# )?{key} = |^\[{key}\]", text, re.M), key
+        assert re.search(rf"^(# )?{key} = |^(# )?\[{key}\]|^(# )?\[\[{key}\]\]", text, re.M), key
     for key in OVERLAY_KEYS:
         assert re.search(rf"^{key} = ", text, re.M), key
 
