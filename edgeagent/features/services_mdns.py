@@ -266,8 +266,12 @@ class ServicesMdns:
                 server=f"{self._label}-coap.local.",
                 parsed_addresses=[self._addr_host],
             )
-            await _awaited(aiozc.async_register_service(info, allow_name_change=True))
-            self._exported[service] = info
+            self._exported[service] = info  # before the await: announced from its first packet
+            try:
+                await _awaited(aiozc.async_register_service(info, allow_name_change=True))
+            except BaseException:
+                self._exported.pop(service, None)
+                raise
             log.info("mdns coap export", extra=fields(service=service, port=self._port))
 
 
