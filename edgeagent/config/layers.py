@@ -72,6 +72,7 @@ class Layer:
     services: tuple[Instance, ...] | None = None
     services_mdns_import: bool | None = None
     services_mdns_export: bool | None = None
+    services_site: str | None = None
 
 
 def file_layer(path: Path) -> Layer:
@@ -119,6 +120,7 @@ def file_layer(path: Path) -> Layer:
     switches = reader.services_table(reader.table("services"))
     layer.services_mdns_import = switches.get("mdns_import")
     layer.services_mdns_export = switches.get("mdns_export")
+    layer.services_site = switches.get("site")
     return layer
 
 

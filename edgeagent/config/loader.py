@@ -115,6 +115,7 @@ def load_config(
         services=pick("services", ()),
         services_mdns_import=pick("services_mdns_import", True),
         services_mdns_export=pick("services_mdns_export", True),
+        services_site=pick("services_site", ""),
     )
 
 

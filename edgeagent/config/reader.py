@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.config import PRESETS
-from overlay.catalog import CatalogError, Instance, encode_instances, make_instance
+from overlay.catalog import CatalogError, Instance, check_tags, encode_instances, make_instance
 
 from ..errors import ConfigError
 from .checks import Invalid, check_bool, check_choice, check_positive_int, gossip_checkers, show
@@ -136,10 +136,16 @@ class TableReader:
             key = _failed_key(str(exc))
             raise ConfigError(f"{self.source}: {where}.{key}: {exc}") from None
 
-    def services_table(self, table: Mapping[str, Any]) -> dict[str, bool]:
-        """Read the ``[services]`` table (the mDNS import / export switches)."""
+    def services_table(self, table: Mapping[str, Any]) -> dict[str, Any]:
+        """Read the ``[services]`` table (this node's site, the mDNS import / export switches)."""
         self.check_keys(table, SERVICES_KEYS, "services.")
-        return {k: self.get(table, k, check_bool, "services.") for k in SERVICES_KEYS if k in table}
+        found = {k: self.get(table, k, check_bool, "services.") for k in SERVICES_KEYS[1:] if k in table}
+        if "site" in table:
+            try:
+                found["site"] = check_tags([("site", table["site"])])[0][1]
+            except CatalogError:
+                raise self.error("services.site", "1-64 printable characters", table["site"]) from None
+        return found
 
 
 def _failed_key(message: str) -> str:

@@ -61,7 +61,7 @@ FILE_KEYS = (
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
-SERVICES_KEYS = ("mdns_import", "mdns_export")  # the [services] table
+SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
 # The port plain mDNS clients are told to use for an exported mesh service when the agent
 # has no CoAP listener setting of its own: CoAP's registered port (RFC 7252).
 DEFAULT_COAP_PORT = 5683
@@ -150,6 +150,9 @@ class AgentConfig:
     # (both also need mdns on).
     services_mdns_import: bool = True
     services_mdns_export: bool = True
+    # [services] site: this node's site, for the balancer's locality (same site first); it
+    # is also the site tag of this node's instances that carry none. "": no site.
+    services_site: str = ""
 
     @property
     def keyring_path(self) -> Path:

@@ -110,6 +110,7 @@ class Services:
         self._lock = asyncio.Lock()
         self._mdns: Any = None  # services_mdns.ServicesMdns when mDNS import/export is on
         self.stats: dict[str, int] = {"publish_failed": 0, "imports_over_budget": 0}
+        self._tasks: set[asyncio.Task[None]] = set()  # republish tasks (kept referenced)
 
     # -- what other features use -------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Services:
         self._host = host
         self.path = host.state_dir / STATE_FILE
         self._catalog = Catalog(host.identity.name)
-        self._balancer = Balancer(self._catalog, random.Random())
+        self._balancer = Balancer(self._catalog, random.Random(), site=host.config.services_site)
         self._registered = self._without_configured(load_registrations(self.path))
         host.add_listener(self._on_update)
         host.register_command("services", lambda request: self.rows())
@@ -189,6 +190,8 @@ class Services:
 
     async def stop(self) -> None:
         """Stop mDNS import and export (the published value stays with the leave)."""
+        for task in list(self._tasks):
+            task.cancel()
         mdns, self._mdns = self._mdns, None
         if mdns is not None:
             await mdns.stop()
@@ -207,6 +210,17 @@ class Services:
 
     def _configured(self) -> tuple[Instance, ...]:
         return self.host.config.services
+
+    def _owned(self, instances: Iterable[Instance]) -> list[Instance]:
+        """As published: owned by this node; the node's site as the site tag of those without."""
+        node, site = self.host.identity.name, self.host.config.services_site
+        published = []
+        for i in instances:
+            tags = i.tags if not site or i.site else tuple(sorted((*i.tags, ("site", site))))
+            published.append(
+                Instance(i.name, i.protocol, i.host, i.port, i.path, i.weight, tags, node)
+            )
+        return published
 
     def _without_configured(self, registered: list[Instance]) -> list[Instance]:
         """Saved registrations minus those the config file now defines (the file wins)."""
@@ -233,7 +247,7 @@ class Services:
         imported = list(self._imported)
         while True:
             try:
-                return encode_instances(_owned(own + imported, self.host.identity.name))
+                return encode_instances(self._owned(own + imported))
             except CatalogError:
                 if not imported:
                     raise
@@ -242,8 +256,11 @@ class Services:
 
     def set_imported(self, instances: Iterable[Instance]) -> None:
         """The mDNS import's current devices (called by services_mdns); republish."""
-        self._imported = list(instances)
-        asyncio.get_running_loop().create_task(self._republish())
+        own = [*self._configured(), *self._registered]
+        self._imported = [i for i in instances if not any(_same_place(i, o) for o in own)]
+        task = asyncio.get_running_loop().create_task(self._republish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _republish(self) -> None:
         async with self._lock:
@@ -308,7 +325,7 @@ class Services:
         """Save ``registered``, then publish; refused (nothing changed) if over the budget."""
         old = self._registered
         try:
-            encode_instances(_owned([*self._configured(), *registered], self.host.identity.name))
+            encode_instances(self._owned([*self._configured(), *registered]))
         except CatalogError as exc:
             raise ControlError(str(exc)) from None
         self._save(registered)
@@ -350,10 +367,3 @@ class Services:
 def _same_place(a: Instance, b: Instance) -> bool:
     """One instance per (name, endpoint): the catalog's identity of an instance on a node."""
     return a.name == b.name and a.endpoint == b.endpoint
-
-
-def _owned(instances: Iterable[Instance], node: str) -> list[Instance]:
-    return [
-        Instance(i.name, i.protocol, i.host, i.port, i.path, i.weight, i.tags, node)
-        for i in instances
-    ]

@@ -104,20 +104,21 @@ class ServicesMdns:
         self._addr_host = host.address[0]
         self._port = export_port(host.config)
         interfaces = None if is_wildcard(self._bind_host) else [self._bind_host]
+        loop = asyncio.get_running_loop()
+        self._bucket = TokenBucket(LOOKUPS_PER_S, LOOKUP_BURST, loop.time())
         try:
             if interfaces is None:
                 self._aiozc = AsyncZeroconf(ip_version=IPVersion.V4Only)
             else:
                 self._aiozc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+            if self._do_import:
+                self._browser = AsyncServiceBrowser(
+                    self._aiozc.zeroconf, COAP_SERVICE_TYPE, handlers=[self._on_change]
+                )
         except Exception as exc:  # no multicast-capable interface, ...
             log.warning("services mdns unavailable", extra=fields(reason=repr(exc)))
+            await self.stop()
             return
-        loop = asyncio.get_running_loop()
-        self._bucket = TokenBucket(LOOKUPS_PER_S, LOOKUP_BURST, loop.time())
-        if self._do_import:
-            self._browser = AsyncServiceBrowser(
-                self._aiozc.zeroconf, COAP_SERVICE_TYPE, handlers=[self._on_change]
-            )
         if self._do_export and self._port is not None:
             self._tasks.append(loop.create_task(self._export_loop()))
             self.catalog_changed()

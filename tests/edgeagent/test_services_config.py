@@ -26,6 +26,7 @@ uri = "coap://[::1]"
 
 [services]
 mdns_export = false
+site = "hall"
 """)  # fmt: skip
     cfg = load("-c", str(f))
     (temp, humid) = cfg.services
@@ -34,7 +35,9 @@ mdns_export = false
     )  # fmt: skip
     assert (humid.endpoint, humid.weight, humid.tags) == ("coap://[::1]:5683", 1, ())
     assert (cfg.services_mdns_import, cfg.services_mdns_export) == (True, False)
+    assert cfg.services_site == "hall"
     assert load().services == () and load().services_mdns_import is True
+    assert load().services_site == ""
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,8 @@ mdns_export = false
          'weight = 2\n', "service: a at coap://h:5683 given twice"),
         ("[services]\nmdns_inport = true\n", 'services.mdns_inport: unknown key (did you mean "mdns_import"?)'),
         ('[services]\nmdns_export = "yes"\n', "services.mdns_export: expected true or false"),
+        ('[services]\nsite = "two words"\n', 'services.site: expected 1-64 printable characters'),
+        ("[services]\nsite = 3\n", "services.site: expected 1-64 printable"),
     ],
 )  # fmt: skip
 def test_bad_service_config_is_one_line_naming_file_and_key(

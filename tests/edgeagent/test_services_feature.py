@@ -168,13 +168,17 @@ async def test_config_services_are_published_and_not_deregistered_by_the_cli(
     config.write_text(
         '[[service]]\nname = "temperature"\nuri = "coap://127.0.0.1:5684/s"\n'
         'tags = { site = "hall" }\n'
+        '[[service]]\nname = "pressure"\nuri = "coap://127.0.0.1:5685"\n'
+        '[services]\nsite = "roof"\n'
     )
     a = await start(base_dir, "c", None, "-c", str(config))
     try:
         rows = await call(base_dir / "c", "services")
         assert [(r["name"], r["node"], r["tags"]) for r in rows] == [
-            ("temperature", "c", {"site": "hall"})
+            ("pressure", "c", {"site": "roof"}),  # the node's site, as it had none
+            ("temperature", "c", {"site": "hall"}),
         ]
+        assert services(a).balancer.site == "roof"
         with pytest.raises(ControlError, match="defined in the config file"):
             await call(base_dir / "c", "service", op="deregister", name="temperature",
                        uri="coap://127.0.0.1:5684/s")  # fmt: skip
