@@ -12,9 +12,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
-from testbed.loopback import LoopbackAgent, LoopbackCluster
+from testbed.loopback import LoopbackAgent, LoopbackCluster, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +49,19 @@ def state_on(agent: LoopbackAgent, service: str, node: str) -> str | None:
     return None
 
 
+def mesh_dns(agent: LoopbackAgent, qname: str) -> tuple[int, list[str]]:
+    host, port = agent.dns  # type: ignore[attr-defined]
+    reply = dns.query.udp(dns.message.make_query(qname, "A"), host, port=port, timeout=10)
+    return reply.rcode(), [rd.to_text() for rrset in reply.answer for rd in rrset]
+
+
 @pytest.fixture
 def cluster() -> Iterator[LoopbackCluster]:
-    with LoopbackCluster(3) as c:
+    c = LoopbackCluster(3)
+    b = c.agents[1]
+    b.dns = (b.host, free_port([b.host]))  # type: ignore[attr-defined]
+    b.argv += ["--dns", f"{b.host}:{b.dns[1]}"]  # type: ignore[attr-defined]
+    with c:
         c.wait_converged(TIMEOUT)
         yield c
 
@@ -67,6 +80,13 @@ def test_register_kill_restart_deregister_across_processes(cluster: LoopbackClus
         "endpoint": "coap://127.0.0.1:5684/sensors", "state": "healthy", "weight": 1,
         "tags": {"site": "hall"},
     }  # fmt: skip
+    cluster.wait_for(lambda: a.status().get("overlay_address") is not None, TIMEOUT, "a's address")
+    address = a.status()["overlay_address"]
+    cluster.wait_for(
+        lambda: mesh_dns(b, "temperature.mesh.") == (dns.rcode.NOERROR, [address]),
+        TIMEOUT, "temperature.mesh answered on b with a's overlay address",
+    )  # fmt: skip
+    assert mesh_dns(b, "nothing.mesh.")[0] == dns.rcode.NXDOMAIN
 
     # Registered, then killed at once: the answer came after the atomic save.
     result = edgeagent("service", "register", "humidity", "coap://127.0.0.1:5685",
@@ -77,6 +97,7 @@ def test_register_kill_restart_deregister_across_processes(cluster: LoopbackClus
         lambda: state_on(b, "temperature", a.name) in ("suspect", "down"), TIMEOUT, "not healthy"
     )
     cluster.wait_for(lambda: state_on(b, "temperature", a.name) == "down", TIMEOUT, "down on b")
+    assert mesh_dns(b, "temperature.mesh.")[0] == dns.rcode.NXDOMAIN  # no healthy instance
 
     a.start()
     cluster.wait_converged(TIMEOUT)
