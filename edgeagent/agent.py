@@ -125,6 +125,7 @@ def _holds_ca_key(config: AgentConfig) -> bool:
 FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("keys", "edgeagent.features.keys", "Keys", _always),
     FeatureSpec("addresses", "edgeagent.features.addresses", "Addresses", _always),
+    FeatureSpec("services", "edgeagent.features.services", "Services", _always),
     FeatureSpec("dns", "edgeagent.features.dns", "Dns", lambda c: c.dns is not None),
     FeatureSpec("metrics", "edgeagent.features.metrics", "Metrics", lambda c: c.metrics is not None),
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),
@@ -206,7 +207,7 @@ class Agent:
             self._driver = self._make_driver(loop, identity, keyring, signing)
             self._host = FeatureHost(
                 config, identity, self._driver, self._control, keyring, _registry(config),
-                saver=self._saver,
+                self._features, saver=self._saver,
             )  # fmt: skip
             self._host.deliver((), await self._start_driver())  # no listener yet: sets the view
             for feature in self._features.values():

@@ -35,6 +35,7 @@ COMMANDS = (
     "addresses",
     "address",
     "profiles",
+    "services",
     "service",
     "demo",
 )

@@ -27,6 +27,7 @@ What a feature gets:
 - ``saver``: the state writer (:mod:`edgeagent.saver`): ``saver.save_json(path, doc)``
   returns a future done once the document is on disk; written off the main loop, retried on
   disk errors. Act on a saved value (publish it, answer a command) only when it is done.
+- Other features: ``feature(name)`` is the enabled feature of that name, or None.
 - DNS resolvers: ``add_node_resolver`` / ``add_service_resolver``. The mesh DNS feature
   answers ``NODE.node.mesh`` and ``SERVICE.mesh`` from every resolver registered, at query
   time, so the order in which features start does not matter.
@@ -88,10 +89,12 @@ class FeatureHost:
         control: ControlServer,
         keyring: Keyring,
         metrics: Registry | None,
+        features: Mapping[str, Feature] | None = None,
         *,
         saver: StateSaver | None = None,
     ) -> None:
         self.config = config
+        self._features = features if features is not None else {}
         # The state writer (off the main loop, retried); a host built without one has its own.
         self.saver = saver if saver is not None else StateSaver()
         self.identity = identity
@@ -124,6 +127,15 @@ class FeatureHost:
         if self._view is None:
             raise RuntimeError("no view yet: the driver has not started")
         return self._view
+
+    def feature(self, name: str) -> Any:
+        """The enabled feature called ``name`` (as in ``agent.FEATURES``), or None if it is off.
+
+        Every enabled feature object exists before the first starts; one listed earlier in
+        ``FEATURES`` has started by the time a later one's ``start`` runs (e.g. the CoAP
+        router uses ``host.feature("services")``: its catalog, balancer and ``healthy``).
+        """
+        return self._features.get(name)
 
     @staticmethod
     def logger(name: str = "") -> logging.Logger:

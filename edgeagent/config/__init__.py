@@ -75,6 +75,13 @@ Tables::
     [features]  mdns, metrics, dns (booleans)
     [overlay]   prefix = "10.99.0.0/16", block_prefixlen = 28,
                 dead_quarantine_s = 600
+    [[service]] one per instance of a mesh service this node serves: name = "temperature",
+                uri = "coap://127.0.0.1:5684/sensors", weight = 1 (1..1000),
+                tags = { site = "hall", version = "1.2" } (checked by
+                overlay.catalog.make_instance; errors name ``service[I].KEY``)
+    [services]  site = "hall" (this node's site: locality, and the site tag of its instances
+                that set none); mdns_import, mdns_export (booleans, default true; both
+                also need mdns)
 
 Relative paths in the file are relative to the file's directory. Unknown keys
 are errors. Every error is one :class:`~edgeagent.errors.ConfigError` line

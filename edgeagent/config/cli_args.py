@@ -126,7 +126,7 @@ def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
         dest="mdns",
         action="store_false",
         default=None,
-        help="do not advertise or browse _edgeagent._udp by mDNS, nor announce enrollment as _edgeagent-join._tcp (default: mDNS on in every shipped profile)",
+        help="do not advertise or browse _edgeagent._udp by mDNS, nor announce enrollment as _edgeagent-join._tcp, nor import or export _coap._udp services (default: mDNS on in every shipped profile)",
     )
     add(
         "--metrics",
@@ -137,8 +137,8 @@ def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
         "--dns",
         metavar="HOST:PORT",
         help=(
-            "serve mesh DNS on HOST:PORT, or 'off': NODE.node.mesh now; SERVICE.mesh once services "
-            f"exist (default: off, unless the profile turns it on at {DEFAULT_LOCAL_HOST}:{DEFAULT_DNS_PORT})"
+            "serve mesh DNS on HOST:PORT, or 'off': NODE.node.mesh and SERVICE.mesh "
+            f"(default: off, unless the profile turns it on at {DEFAULT_LOCAL_HOST}:{DEFAULT_DNS_PORT})"
         ),
     )
     add(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.config import PRESETS
+from overlay.catalog import Instance
 
 from ..errors import ConfigError
 from .checks import (
@@ -68,6 +69,10 @@ class Layer:
     overlay_prefix: str | None = None
     block_prefixlen: int | None = None
     dead_quarantine_s: float | None = None
+    services: tuple[Instance, ...] | None = None
+    services_mdns_import: bool | None = None
+    services_mdns_export: bool | None = None
+    services_site: str | None = None
 
 
 def file_layer(path: Path) -> Layer:
@@ -110,6 +115,12 @@ def file_layer(path: Path) -> Layer:
     layer.dead_quarantine_s = reader.get(
         overlay, "dead_quarantine_s", check_positive_number, "overlay."
     )
+    if "service" in data:
+        layer.services = reader.service_list(data["service"])
+    switches = reader.services_table(reader.table("services"))
+    layer.services_mdns_import = switches.get("mdns_import")
+    layer.services_mdns_export = switches.get("mdns_export")
+    layer.services_site = switches.get("site")
     return layer
 
 

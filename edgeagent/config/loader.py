@@ -112,6 +112,10 @@ def load_config(
         name_is_default=pick("name", None) is None,
         enroll_port=pick("enroll_port", default_enroll_port(bind[1])),
         cluster_source=_cluster_source(file, flags),
+        services=pick("services", ()),
+        services_mdns_import=pick("services_mdns_import", True),
+        services_mdns_export=pick("services_mdns_export", True),
+        services_site=pick("services_site", ""),
     )
 
 

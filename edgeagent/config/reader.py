@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from gossip.config import PRESETS
+from overlay.catalog import CatalogError, Instance, check_tags, encode_instances, make_instance
 
 from ..errors import ConfigError
 from .checks import Invalid, check_bool, check_choice, check_positive_int, gossip_checkers, show
-from .schema import GOSSIP_FIELDS_ELSEWHERE, Features, Limits
+from .schema import GOSSIP_FIELDS_ELSEWHERE, SERVICE_KEYS, SERVICES_KEYS, Features, Limits
 
 
 class TableReader:
@@ -103,6 +104,56 @@ class TableReader:
         return {
             key: self.get(table, key, check_bool, "features.") for key in names if key in table
         }
+
+    def service_list(self, value: object) -> tuple[Instance, ...]:
+        """Read the ``[[service]]`` tables: each a checked instance (``service[I].KEY`` in errors)."""
+        if not isinstance(value, list):
+            raise self.error("service", "[[service]] tables (an array of tables)", value)
+        found: list[Instance] = []
+        for index, table in enumerate(value):
+            found.append(self._service(index, table))
+        try:
+            encode_instances(found)  # the count and size budget, and (name, uri) given twice
+        except CatalogError as exc:
+            raise ConfigError(f"{self.source}: service: {exc}") from None
+        return tuple(found)
+
+    def _service(self, index: int, table: object) -> Instance:
+        where = f"service[{index}]"
+        if not isinstance(table, dict):
+            raise self.error(where, "a table with name and uri", table)
+        self.check_keys(table, SERVICE_KEYS, f"{where}.")
+        for key in ("name", "uri"):
+            if not isinstance(table.get(key), str):
+                raise self.error(f"{where}.{key}", "a string", table.get(key, dataclasses.MISSING))
+        tags = table.get("tags", {})
+        if not isinstance(tags, dict):
+            raise self.error(f"{where}.tags", "a table such as { site = \"hall\" }", tags)
+        weight = table.get("weight", 1)
+        try:
+            return make_instance(table["name"], table["uri"], weight=weight, tags=tags)
+        except CatalogError as exc:
+            key = _failed_key(str(exc))
+            raise ConfigError(f"{self.source}: {where}.{key}: {exc}") from None
+
+    def services_table(self, table: Mapping[str, Any]) -> dict[str, Any]:
+        """Read the ``[services]`` table (this node's site, the mDNS import / export switches)."""
+        self.check_keys(table, SERVICES_KEYS, "services.")
+        found = {k: self.get(table, k, check_bool, "services.") for k in SERVICES_KEYS[1:] if k in table}
+        if "site" in table:
+            try:
+                found["site"] = check_tags([("site", table["site"])])[0][1]
+            except CatalogError:
+                raise self.error("services.site", "1-64 printable characters", table["site"]) from None
+        return found
+
+
+def _failed_key(message: str) -> str:
+    """Which key of a [[service]] table a CatalogError is about (by what it names first)."""
+    for word, key in (("URI", "uri"), ("weight", "weight"), ("service name", "name")):
+        if message.startswith(word):
+            return key
+    return "tags"  # "tag ...", "at most N tags"
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from gossip.config import (
     DEFAULT_MAX_STATE_BYTES,
     GossipConfig,
 )
+from overlay.catalog import Instance
 from overlay.ipam import DEFAULT_QUARANTINE_S
 
 from ..logs import FORMATTERS, LEVELS
@@ -56,8 +57,14 @@ LOG_LEVELS = tuple(LEVELS)
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
     "enroll_port", "log_format", "log_level", "metrics", "dns", "mdns", "gossip", "limits", "features", "overlay",
+    "service", "services",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
+SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
+SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
+# The port plain mDNS clients are told to use for an exported mesh service when the agent
+# has no CoAP listener setting of its own: CoAP's registered port (RFC 7252).
+DEFAULT_COAP_PORT = 5683
 
 # GossipConfig fields that are set elsewhere in the schema, so there is one place for each.
 GOSSIP_FIELDS_ELSEWHERE = {
@@ -137,6 +144,15 @@ class AgentConfig:
     # Where the cluster name was set ("--cluster", "FILE: cluster"); "" for the default, so a
     # state dir enrolled in a named cluster can tell a conflict from a default.
     cluster_source: str = ""
+    # The file's [[service]] tables, checked (overlay.catalog.make_instance), in file order.
+    services: tuple[Instance, ...] = ()
+    # [services]: import _coap._udp devices seen on the LAN / export mesh services there
+    # (both also need mdns on).
+    services_mdns_import: bool = True
+    services_mdns_export: bool = True
+    # [services] site: this node's site, for the balancer's locality (same site first); it
+    # is also the site tag of this node's instances that carry none. "": no site.
+    services_site: str = ""
 
     @property
     def keyring_path(self) -> Path:

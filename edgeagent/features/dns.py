@@ -3,8 +3,8 @@
 How it works. The responder is sans-IO (:mod:`overlay.dns`); this feature binds it to
 ``config.dns`` with :func:`overlay.dns.serve_dns` and gives it the host's resolvers, which are
 consulted at query time: ``NODE.node.mesh`` from every node resolver (the addresses feature
-registers one), ``SERVICE.mesh`` from every service resolver (none yet: the service catalog
-will register one; until then such names are NXDOMAIN). Imported only when ``--dns`` is on,
+registers one), ``SERVICE.mesh`` from every service resolver (the services feature registers
+one: the overlay addresses of the agents owning healthy instances; none is NXDOMAIN). Imported only when ``--dns`` is on,
 so dnspython is not loaded otherwise.
 """
 

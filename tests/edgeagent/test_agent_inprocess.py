@@ -95,8 +95,10 @@ def test_switched_off_features_are_not_imported(state_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     loaded = set(json.loads(out.stdout))
-    assert {"edgeagent.features.keys", "edgeagent.features.addresses"} <= loaded  # always on
+    always = {"edgeagent.features.keys", "edgeagent.features.addresses", "edgeagent.features.services"}
+    assert always <= loaded
     for module in ("edgeagent.features.mdns", "overlay.mdns", "zeroconf",
+                   "edgeagent.features.services_mdns", "overlay.svc_mdns",
                    "edgeagent.features.dns", "overlay.dns", "dns",
                    "edgeagent.features.metrics", "edgeagent.metrics"):  # fmt: skip
         assert module not in loaded, f"{module} imported although switched off"
