@@ -51,6 +51,7 @@ from gossip.keyring import Keyring
 from gossip.messages import Address
 
 from . import systemd
+from .advertise import advertised_host
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
@@ -59,7 +60,7 @@ from .errors import ConfigError
 from .host import Feature, FeatureHost
 from .logs import fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
-from .netaddr import format_addr, is_wildcard, routable_host
+from .netaddr import format_addr, is_wildcard
 from .onboarding import CA_KEY_FILE, apply_material, load_material
 from .persist import (
     NodeIdentity,
@@ -276,7 +277,7 @@ class Agent:
         config = self.config
         advertise = config.advertise
         if advertise is None and is_wildcard(config.bind[0]):
-            advertise = (routable_host(), 0)  # port 0: the bound port
+            advertise = (advertised_host(config.bind), 0)  # port 0: the bound port
         meta = member_meta(identity.node_id, config.profile, self._since_ms)
 
         def make_core(addr: Address, now: float) -> Membership:
