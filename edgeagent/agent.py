@@ -52,6 +52,7 @@ from gossip.messages import Address
 
 from . import systemd
 from .advertise import advertised_host
+from .clock_store import AgentClock
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
@@ -165,6 +166,7 @@ class Agent:
         self._saved_incarnation = 0
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
+        self._clock: AgentClock | None = None  # restored from the state dir in run()
         self._started_at = time.monotonic()
         self._since_ms = int(time.time() * 1000)  # in our meta: who claimed a name first
         self._verdict: Verdict | None = None  # set when a name conflict ends this run
@@ -193,11 +195,14 @@ class Agent:
             save_identity(config.state_dir, identity)
             self._identity, self._saved_incarnation = identity, identity.incarnation
             keyring = Keyring(list(material.keys))
+            clock = self._start_clock(loop)  # before the meta: ``since`` comes from it
             self._driver = self._make_driver(loop, identity, keyring)
             self._host = FeatureHost(
-                config, identity, self._driver, self._control, keyring, _registry(config)
+                config, identity, self._driver, self._control, keyring, _registry(config),
+                clock=clock.clock,
             )
             self._host.deliver((), await self._start_driver())  # no listener yet: sets the view
+            clock.attach(self._host)
             for feature in self._features.values():
                 self._running.append(feature)
                 await feature.start(self._host)
@@ -218,6 +223,8 @@ class Agent:
             await self._stop_features()
             if self._driver is not None:
                 self._driver.stop()
+            if self._clock is not None:
+                self._clock.stop()
             await self._control.close()
         if self._verdict is REFUSE:
             return EXIT_NAME_CONFLICT
@@ -270,6 +277,13 @@ class Agent:
         if self._driver is None:
             raise RuntimeError("agent not started")
         return self._driver
+
+    def _start_clock(self, loop: asyncio.AbstractEventLoop) -> AgentClock:
+        """The agent's clock from its saved reading (never back across a restart), saving."""
+        self._clock = clock = AgentClock(self.config.state_dir)
+        self._since_ms = clock.since_ms()
+        clock.start(loop)
+        return clock
 
     def _make_driver(
         self, loop: asyncio.AbstractEventLoop, identity: NodeIdentity, keyring: Keyring

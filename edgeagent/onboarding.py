@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -382,4 +383,8 @@ def join_with_token(
     except EnrollError as exc:
         raise UsageError(f"join: {exc}") from None
     save_node_material(state_dir, key, got.cert, got.ca_cert, got.cluster, got.seeds, got.keys)
+    if math.isfinite(got.issuer_time) and got.issuer_time > 0:  # a clock behind starts here
+        from .clock_store import advance_saved
+
+        advance_saved(state_dir, got.issuer_time)
     return Joined(identity, got.cluster, got.issuer, got.seeds)
