@@ -53,7 +53,9 @@ from gossip.keyring import Keyring
 from gossip.messages import Address
 
 from . import systemd
+from .advertise import advertised_host
 from .bridge import EventsDropped
+from .clock_store import AgentClock
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, member_json
@@ -62,7 +64,7 @@ from .errors import ConfigError
 from .host import Feature, FeatureHost
 from .logs import fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
-from .netaddr import format_addr, is_wildcard, routable_host
+from .netaddr import format_addr, is_wildcard
 from .onboarding import CA_KEY_FILE, apply_material, load_material, renew_node_material
 from .persist import (
     IDENTITY_FILE,
@@ -169,6 +171,7 @@ class Agent:
         self._saved_incarnation = 0
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
+        self._clock: AgentClock | None = None  # restored from the state dir in run()
         self._started_at = time.monotonic()
         self._since_ms = int(time.time() * 1000)  # in our meta: who claimed a name first
         self._verdict: Verdict | None = None  # set when a name conflict ends this run
@@ -204,12 +207,14 @@ class Agent:
             if signing.problem is not None:
                 log_problem(signing.problem)
             self._saver = StateSaver()
+            clock = self._start_clock(loop)  # before the meta: ``since`` comes from it
             self._driver = self._make_driver(loop, identity, keyring, signing)
             self._host = FeatureHost(
                 config, identity, self._driver, self._control, keyring, _registry(config),
-                self._features, saver=self._saver,
+                self._features, saver=self._saver, clock=clock.clock,
             )  # fmt: skip
             self._host.deliver((), await self._start_driver())  # no listener yet: sets the view
+            clock.attach(self._host)
             for feature in self._features.values():
                 self._running.append(feature)
                 await feature.start(self._host)
@@ -230,6 +235,8 @@ class Agent:
             await self._stop_features()
             if self._driver is not None:
                 self._driver.stop()
+            if self._clock is not None:
+                self._clock.stop()
             if self._saver is not None:  # flush what it can (and say what it could not)
                 await asyncio.to_thread(self._saver.close)
             await self._control.close()
@@ -286,6 +293,13 @@ class Agent:
             raise RuntimeError("agent not started")
         return self._driver
 
+    def _start_clock(self, loop: asyncio.AbstractEventLoop) -> AgentClock:
+        """The agent's clock from its saved reading (never back across a restart), saving."""
+        self._clock = clock = AgentClock(self.config.state_dir)
+        self._since_ms = clock.since_ms()
+        clock.start(loop, self._saver)
+        return clock
+
     def _make_driver(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -296,7 +310,7 @@ class Agent:
         config = self.config
         advertise = config.advertise
         if advertise is None and is_wildcard(config.bind[0]):
-            advertise = (routable_host(), 0)  # port 0: the bound port
+            advertise = (advertised_host(config.bind), 0)  # port 0: the bound port
         meta = member_meta(identity.node_id, config.profile, self._since_ms)
 
         def make_core(addr: Address, now: float) -> Membership:

@@ -50,6 +50,7 @@ from gossip.events import Event, Member
 from gossip.messages import Address
 
 from . import streams
+from .advertise import make_dual_stack, socket_address, unmap, wants_dual_stack
 from .bridge import UpdateBridge
 from .stream_limits import MAX_OUTBOUND_STREAMS, Admission, DropLog, inbound_budget
 from .streams import HEADER_TIMEOUT, Served, StreamAuth, StreamSettings
@@ -386,6 +387,9 @@ class GossipDriver(Generic[C]):
             udp = socket.socket(family, socket.SOCK_DGRAM)
             tcp = socket.socket(family, socket.SOCK_STREAM)
             try:
+                if wants_dual_stack(host):  # [::] reaches IPv4 peers too, or is refused
+                    make_dual_stack(udp, self._bind)
+                    make_dual_stack(tcp, self._bind)
                 for sock, opt in ((udp, socket.SO_RCVBUF), (udp, socket.SO_SNDBUF)):
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER_BYTES)
@@ -404,6 +408,10 @@ class GossipDriver(Generic[C]):
                 tcp.close()
                 if port != 0:
                     raise
+            except BaseException:
+                udp.close()
+                tcp.close()
+                raise
         raise OSError(f"no port free for both UDP and TCP on {host}")
 
     def _now(self) -> float:
@@ -445,7 +453,7 @@ class GossipDriver(Generic[C]):
             if len(data) > limit:
                 self._stats.datagrams_oversized += 1
                 continue
-            self._feed(core.receive, data, (src[0], src[1]), DATAGRAM)
+            self._feed(core.receive, data, (unmap(src[0]), src[1]), DATAGRAM)
         self._after_input()
 
     def _on_timer(self) -> None:
@@ -485,9 +493,10 @@ class GossipDriver(Generic[C]):
         """Flush every output of the core, then re-arm the timer."""
         core, loop = self._core, self._loop
         assert core is not None and loop is not None and self._udp is not None
+        family = self._udp.family
         for dst, data in core.datagrams_to_send():
             try:
-                self._udp.sendto(data, dst)
+                self._udp.sendto(data, socket_address(dst, family))
             except OSError:
                 self._stats.send_errors += 1
         for dst, data in core.streams_to_send():
@@ -526,7 +535,7 @@ class GossipDriver(Generic[C]):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if peer else ""
+        source = unmap(str(peer[0])) if peer else ""
         conn = self._next_connection
         self._next_connection += 1
         decision = self._admission.admit(conn, source)

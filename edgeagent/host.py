@@ -10,7 +10,8 @@ its goodbye there). A feature module is imported only when its switch is on.
 
 What a feature gets:
 
-- ``config``: the resolved :class:`~edgeagent.config.AgentConfig`; ``identity``; ``state_dir``.
+- ``config``: the resolved :class:`~edgeagent.config.AgentConfig`; ``identity``; ``state_dir``;
+  ``clock``: the agent's hybrid logical clock (:mod:`edgeagent.clock_store`), main loop only.
 - Typed commands to the gossip core (DESIGN principle 2: the core lives on the gossip thread).
   Named operations for the common cases (:meth:`~FeatureHost.set_state`,
   :meth:`~FeatureHost.broadcast`, :meth:`~FeatureHost.join`, :meth:`~FeatureHost.members`,
@@ -48,6 +49,7 @@ from gossip import events as ev
 from gossip.events import Member
 from gossip.keyring import Keyring
 from gossip.messages import Address, StateValue
+from overlay.hlc import HybridClock
 
 from .config import AgentConfig
 from .control import ControlServer, Handler
@@ -92,11 +94,13 @@ class FeatureHost:
         features: Mapping[str, Feature] | None = None,
         *,
         saver: StateSaver | None = None,
+        clock: HybridClock | None = None,
     ) -> None:
         self.config = config
         self._features = features if features is not None else {}
         # The state writer (off the main loop, retried); a host built without one has its own.
         self.saver = saver if saver is not None else StateSaver()
+        self.clock = clock if clock is not None else HybridClock()  # main loop only
         self.identity = identity
         self.keyring = keyring  # owned by the gossip thread: use inside call() only
         self.metrics = metrics

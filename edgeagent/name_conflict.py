@@ -16,6 +16,10 @@ gives the name up (equal start times: the larger node id, then the larger addres
   a new node: new node id, a new default name if its name was a default one, its copied
   address claim dropped, and restarts (:data:`RENEW`).
 
+``since`` is read from the agent's hybrid clock (:mod:`edgeagent.clock_store`), not from the
+bare wall clock: a node that boots in 1970 (no RTC) starts at its saved clock or at the
+issuer's time from enrollment, so it does not look like the oldest claimant of every name.
+
 A meta that is not ours (no ``since``) counts as started at 0: an older agent, established.
 Known limit: an earlier life of this very node, at another address and with an incarnation
 this life did not save (killed right after a refutation), looks like a copy that started

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +49,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gossip.keyring import Keyring
 from overlay import pki
 
+from .advertise import advertised_host
 from .config import AgentConfig, parse_hostport
 from .errors import ConfigError, UsageError
-from .netaddr import format_addr, is_wildcard, routable_host
+from .netaddr import format_addr, is_wildcard
 from .persist import (
     NodeIdentity,
     atomic_write,
@@ -139,8 +141,8 @@ def refuse_existing(state_dir: str | os.PathLike[str], command: str) -> None:
 def enroll_addresses(config: AgentConfig) -> list[Address]:
     """Where joiners will reach this node's enrollment listener, for a token made before ``run``.
 
-    The advertised host (``advertise``, else a non-wildcard bind host, else the address of
-    the default route, as the agent derives it) with the enrollment port.
+    The advertised host (``advertise``, else a non-wildcard bind host, else the address the agent
+    derives for a wildcard bind: :func:`edgeagent.advertise.advertised_host`) with the enrollment port.
     """
     if config.enroll_port == 0:
         raise UsageError(
@@ -151,7 +153,7 @@ def enroll_addresses(config: AgentConfig) -> list[Address]:
     elif not is_wildcard(config.bind[0]):
         host = config.bind[0]
     else:
-        host = routable_host()
+        host = advertised_host(config.bind)
     return [(host, config.enroll_port)]
 
 
@@ -437,4 +439,8 @@ def join_with_token(
     except EnrollError as exc:
         raise UsageError(f"join: {exc}") from None
     save_node_material(state_dir, key, got.cert, got.ca_cert, got.cluster, got.seeds, got.keys)
+    if math.isfinite(got.issuer_time) and got.issuer_time > 0:  # a clock behind starts here
+        from .clock_store import advance_saved
+
+        advance_saved(state_dir, got.issuer_time)
     return Joined(identity, got.cluster, got.issuer, got.seeds)

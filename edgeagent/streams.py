@@ -46,6 +46,8 @@ from gossip.errors import DecryptError
 from gossip.keyring import OVERHEAD, Keyring
 from gossip.messages import Address
 
+from .advertise import unmap
+
 STREAM_VERSION = 1  # bump with any change to the layout above
 CHALLENGE_SIZE = 16  # 128 random bits: a challenge never repeats in practice
 HEADER_PLAIN = struct.Struct(">BI16s16s")  # kind, body length, echo, nonce
@@ -180,7 +182,7 @@ async def serve_stream(
     """
     try:
         peer = writer.get_extra_info("peername")
-        src: Address = (peer[0], peer[1]) if peer else ("", 0)
+        src: Address = (unmap(str(peer[0])), peer[1]) if peer else ("", 0)
         challenge = auth.random(CHALLENGE_SIZE)
         try:
             header = await asyncio.wait_for(

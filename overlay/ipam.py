@@ -34,8 +34,20 @@ the claimant (the gossip core drops state of members it does not know).
 Restarts: a node restarted from its persisted state claims its old block again at
 once, with a fresh timestamp. While it was away its block was quarantined, so
 normally nobody took it and it keeps it; if someone did take it legitimately
-(quarantine over, or it had left), the fresh timestamp makes the returning node
-the loser, not the innocent newcomer. Because a member that comes back may still
+(quarantine over, or it had left), the returning node must be the loser, not the
+innocent holder. A fresh timestamp says so only if this node's clock is right: one
+that boots in 1970 (no RTC) restores its saved clock, which is older than the
+holder's claim. So the restored claim is *provisional*: the first time it meets
+another claim on its block, or when the join's state exchange is applied (or
+``settle_s`` passed), it is stamped again, later than every claim known on the
+block (and later than the clock, pulled forward meanwhile), so the holder wins.
+
+New claims: a block is always claimed with a timestamp later than every claim this
+node knows on it (a dead or departed owner's included), whatever its clock says, so
+a node whose clock is behind never takes a block and then wins it back from the
+owner it took it from. The clock itself (``hlc.py``) is shared with the agent,
+restored from its saved reading, and pulled forward by the claims it observes,
+bounded against forged far-future ones. Because a member that comes back may still
 be represented by its stale pre-restart claim for a moment, conflicts with a
 member that was DEAD or LEFT and is alive again are judged only after
 ``revive_grace_s``.
@@ -254,10 +266,12 @@ class Allocator:
         settle_s: float = DEFAULT_SETTLE_S,
         revive_grace_s: float = DEFAULT_REVIVE_GRACE_S,
         wall_offset: float = 0.0,
+        clock: HybridClock | None = None,
     ) -> None:
         """``now`` is the driver's clock (seconds); ``now + wall_offset`` must be wall
         time (``time.time()``), used for claim timestamps. ``persisted`` is a value
-        :meth:`state_to_persist` returned in an earlier run."""
+        :meth:`state_to_persist` returned in an earlier run. ``clock`` is the node's
+        hybrid clock when it is shared (the agent's, restored from its saved reading)."""
         if not node or not node_id or len(node_id) > MAX_NODE_ID_LEN:
             raise IpamConfigError("node name and node id must be non-empty (id <= 128 chars)")
         self.node = node
@@ -278,7 +292,8 @@ class Allocator:
             "conflicts_lost": 0,
             "exhausted": 0,
         }
-        self._clock = HybridClock()
+        self._clock = clock if clock is not None else HybridClock()
+        self._provisional_until: float | None = None  # restored claim not yet confirmed
         self._parsed: dict[str, int | None] = {}  # block text -> index (parsing is slow)
         self._blocks: dict[int, IPNetwork] = {}  # index -> network
         self._own: Claim | None = None
@@ -393,7 +408,7 @@ class Allocator:
         claim = self._parse_claim(owner, value)
         if claim is None:
             return
-        if not self._clock.observe(claim.time, now + self.wall_offset):
+        if not self._clock.observe(claim.time, now + self.wall_offset, owner):
             self.stats["clock_skew"] += 1
         self._drop_claim(owner)
         self._claims[owner] = claim
@@ -416,6 +431,8 @@ class Allocator:
             republish = True
         if republish and self._own is not None and self._publish is None:
             self._publish = ClaimUpdate(self._own.to_value())
+        if self._own is not None and self._provisional_until is not None:
+            self._confirm_restored(now)
         if self._own is None:
             if self._synced or (self._settle_at is not None and now >= self._settle_at):
                 self._settled = True
@@ -439,6 +456,7 @@ class Allocator:
             self._quarantine_check_at,
             self._reannounce[0] if self._reannounce else None,
             self._repeats[0] if self._repeats else None,
+            self._provisional_until,
         )
         deadlines = [t for t in candidates if t is not None]
         if self._grace_until and self._own is not None:
@@ -521,8 +539,8 @@ class Allocator:
     def _restore(self, persisted: dict[str, Any], now: float) -> None:
         if not isinstance(persisted, dict) or persisted.get("v") != PERSIST_VERSION:
             return
-        try:
-            self._clock.observe(Timestamp.from_value(persisted.get("hlc")), now + self.wall_offset)
+        try:  # our own saved reading: trusted, however far ahead of a clock reset to 1970
+            self._clock.restore(Timestamp.from_value(persisted.get("hlc")), now + self.wall_offset)
         except ValueError:
             pass
         addresses = persisted.get("addresses")
@@ -542,6 +560,7 @@ class Allocator:
         self._settle_at = None
         self._settled = True
         self._take(index, now)
+        self._provisional_until = now + self.settle_s
 
     def _parse_block(self, text: object) -> int | None:
         """Block index of ``text`` in our prefix, None if absent or another geometry."""
@@ -716,8 +735,22 @@ class Allocator:
             self.stats["exhausted"] += 1
             self._events.append(PrefixExhausted(str(self.prefix)))
 
+    def _confirm_restored(self, now: float) -> None:
+        """Stamp a restored claim again once it meets a claim on its block, or at sync."""
+        own, until = self._own, self._provisional_until
+        assert own is not None and until is not None
+        met = bool(self._by_index.get(own.index))
+        if not met and not self._synced and now < until:
+            return
+        self._provisional_until = None
+        if met or self._clock.last > own.time:  # a holder to yield to, or our clock was behind
+            self._take(own.index, now)
+
     def _take(self, index: int, now: float) -> None:
         time = self._clock.tick(now + self.wall_offset)
+        known = [self._claims[o].time for o in self._by_index.get(index, ())]
+        if known and max(known) >= time:  # our clock is behind a claim on this block
+            time = max(known).successor()
         self._own = Claim(self.node, self.node_id, self._block_at(index), index, time)
         self._publish = ClaimUpdate(self._own.to_value())
         self._repeats = [now + delay for delay in DEFAULT_CLAIM_REPEATS_S]

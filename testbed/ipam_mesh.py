@@ -86,6 +86,8 @@ class IpamMesh:
     quarantine_s: float = DEFAULT_QUARANTINE_S
     settle_s: float = DEFAULT_SETTLE_S
     revive_grace_s: float = DEFAULT_REVIVE_GRACE_S
+    wall_offset: float = 0.0  # wall clock = simulated time + this (0: the nodes think it is 1970)
+    wall_offsets: dict[str, float] = field(default_factory=dict)  # per node, read at each start
     allocs: dict[str, Allocator] = field(default_factory=dict)
     persisted: dict[str, dict[str, Any]] = field(default_factory=dict)
     published: set[tuple[str, Any, Any]] = field(default_factory=set)  # (owner, block, time)
@@ -115,6 +117,7 @@ class IpamMesh:
             self.persisted.get(name),
             settle_s=self.settle_s,
             revive_grace_s=self.revive_grace_s,
+            wall_offset=self.wall_offsets.get(name, self.wall_offset),
         )
 
     def add(self, name: str, join: list[str], prepare: Callable[[str], None] | None = None) -> None:

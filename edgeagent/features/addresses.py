@@ -97,6 +97,7 @@ class Addresses:
             now,
             persisted if isinstance(persisted, dict) else None,
             wall_offset=time.time() - now,
+            clock=host.clock,  # the agent's: restored from its saved reading
         )
         host.add_listener(self._on_update)
         host.register_command("addresses", self.cmd_addresses)

@@ -113,13 +113,22 @@ def test_no_agent_is_one_line_and_exit_1(command: str) -> None:
     assert out.stderr == f"edgeagent: error: no agent running at {Path(empty) / 'control.sock'}\n"
 
 
+LAN_ADDR = "10.213.251.1"
+
+
 @pytest.fixture
 def private_netns() -> Iterator[str]:
-    """A fresh network namespace with only loopback (no multicast): nothing leaves it."""
+    """A fresh network namespace: loopback and one LAN interface (a veth pair with both ends
+    inside, no default route, no multicast route): nothing leaves it."""
     name = f"ea-run-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        ip = ["ip", "-n", name]
+        subprocess.run([*ip, "link", "add", "lan0", "type", "veth", "peer", "lan1"], check=True)
+        subprocess.run([*ip, "addr", "add", f"{LAN_ADDR}/24", "dev", "lan0"], check=True)
+        for dev in ("lan0", "lan1"):
+            subprocess.run([*ip, "link", "set", dev, "up"], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -154,7 +163,7 @@ def test_run_with_defaults_starts_and_exits_0_on_signal(private_netns: str, sig:
         try:
             status = wait_status(state_dir, proc)
             assert status["name"] == f"{socket.gethostname()}-{status['node_id'][:6]}"
-            assert status["address"].endswith(":7946")
+            assert status["address"] == f"{LAN_ADDR}:7946"  # the LAN's: there is no default route
             assert status["members"]["alive"] == 1
             assert (state_dir / "keyring").exists() and (state_dir / "identity.json").exists()
             proc.send_signal(sig)

@@ -127,6 +127,9 @@ def test_join_then_run_without_join_sees_each_other_alive(site: Site, issuer: Ag
     saved = json.loads((site.dir("b") / "cluster.json").read_text())
     assert saved["cluster"] == "site" and saved["seeds"] == [f"{site.hosts[0]}:{site.port}"]
     assert not (site.dir("b") / CA_KEY_FILE).exists()  # the CA key stays on the issuer
+    # The issuer's time is saved as b's clock: a joiner booted in 1970 starts from it.
+    clock = json.loads((site.dir("b") / "clock.json").read_text())
+    assert abs(clock["hlc"][0] - time.time() * 1000) < 60_000
     b = site.run("b", site.hosts[1])  # no --join: the saved seeds
     wait_alive(b, {"a", "b"})
     wait_alive(issuer, {"a", "b"})
