@@ -54,6 +54,11 @@ def make_agent(
     return Agent(config, extra_features=extra_features)
 
 
+def cluster_ca(state_dir: Path, shared: Path | None = None) -> ClusterCA:
+    """The CA :func:`make_agent` provisioned ``state_dir`` with (to provision more members)."""
+    return _CLUSTERS[(shared or state_dir).absolute()]
+
+
 async def call(state_dir: Path, cmd: str, **args: Any) -> Any:
     """One control command, retried until the agent's socket answers."""
     deadline = time.monotonic() + TIMEOUT

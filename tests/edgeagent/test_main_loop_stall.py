@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent import bridge
+from edgeagent import bridge, onboarding
 from edgeagent.agent import Agent
 from edgeagent.bridge import EventsDropped
 from edgeagent.driver import GossipDriver
 from edgeagent.host import FeatureHost
+from edgeagent.state_signing import load_state_signing
 from edgeagent.streams import StreamAuth
 from gossip import events as ev
 from gossip.core import Membership
@@ -66,7 +67,8 @@ def test_blocked_main_loop_is_not_declared_dead() -> None:
 # -- bounded memory while stalled ---------------------------------------------------------
 
 QUEUE_BOUND = 16  # the bridge's event bound in this test (the default is 4096)
-CHURN_KEYS = 120  # distinct replicated keys the peer sets while we are stalled
+CHURN_KEYS = 30  # distinct keys the peer sets while we are stalled (signed, ~90 B each: within
+# the default 4 KiB per-node state budget beside its ~570-byte certificate)
 STALL_S = 4.0
 
 
@@ -102,14 +104,28 @@ class Tracker:
         self.values = {k: v for k, v in state.items() if k.startswith("c")}
 
 
-def bare_peer(agent: Agent, name: str) -> GossipDriver[Membership]:
+def bare_peer(agent: Agent, name: str, state_dir: Path) -> GossipDriver[Membership]:
     """A gossip driver with a core of ``agent``'s cluster and no agent around it: its thread
-    runs on while the test's (the stalled agent's) loop is blocked."""
+    runs on while the test's (the stalled agent's) loop is blocked. It is provisioned by the
+    agent's CA in ``state_dir`` and signs its state as a member would (the agent refuses
+    unsigned state)."""
     config = agent.config.gossip
     keyring = Keyring(list(agent.host.keyring.keys))
+    ca = inprocess.cluster_ca(agent.config.state_dir)
+    identity = onboarding.provision_member(ca, state_dir, name)
+    signing = load_state_signing(state_dir, identity)
 
     def make_core(addr: Address, now: float) -> Membership:
-        return Membership(name, addr, config, random.Random(7), now, keyring=keyring)
+        return Membership(
+            name,
+            addr,
+            config,
+            random.Random(7),
+            now,
+            keyring=keyring,
+            signer=signing.signer,
+            verifier=signing.verifier,
+        )
 
     return GossipDriver(
         make_core,
@@ -121,14 +137,14 @@ def bare_peer(agent: Agent, name: str) -> GossipDriver[Membership]:
 
 
 async def test_stalled_main_loop_keeps_a_bounded_queue_and_resyncs(
-    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+    state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bridge, "MAX_QUEUED_EVENTS", QUEUE_BOUND)
     tracker = Tracker("peer")
     agent = inprocess.make_agent(state_dir, "stalled", extra_features={"t": tracker})
     task = asyncio.create_task(agent.run())
     await inprocess.wait_for(lambda: agent.started or task.done(), "the stalled agent to start")
-    peer = bare_peer(agent, "peer")
+    peer = bare_peer(agent, "peer", tmp_path / "peer")
     peer.start()
     try:
         await peer.acall(lambda core, now: core.join([agent.driver.address], now))
