@@ -88,6 +88,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
+from . import digest
 from .awareness import Awareness
 from .broadcast_queue import (
     PRIORITY_MEMBERSHIP,
@@ -144,11 +145,13 @@ from .messages import (
     StateEntry,
     StateUpdate,
     StateValue,
+    Summary,
     Suspect,
     UserBroadcast,
+    Want,
 )
 from .probe import Prober
-from .state_store import StateStore
+from .state_store import StateStore, entry_memory
 from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
 from .timers import (
@@ -185,6 +188,19 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # and a random sample of at most this many of the others: identical to
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
+# State updates about members we do not know yet are kept this long, at most
+# this many and this much memory (state_store.entry_memory), then dropped: a
+# member's first update can overtake its Alive by a gossip hop or two.
+PENDING_STATE_TTL = 10.0
+PENDING_STATE_MAX = 256
+PENDING_STATE_MEMORY = 256 * 1024
+
+
+# Stats.KINDS name of each datagram message type.
+_KIND: dict[type, str] = {
+    Ping: "ping", Ack: "ack", Nack: "nack", PingReq: "ping_req", Alive: "alive", Suspect: "suspect",
+    Dead: "dead", StateUpdate: "state", UserBroadcast: "user",
+}
 
 
 class InvalidArgument(LocalError, ValueError):
@@ -267,9 +283,13 @@ class Membership:
         self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # State updates of members not known yet: (owner, key) -> (update, expiry), oldest first.
+        self._pending_state: OrderedDict[tuple[str, str], tuple[StateUpdate, float]] = OrderedDict()
+        self._pending_memory = 0
 
         self._seeds: list[Address] = []
         self._pending_streams: dict[Address, int] = {}
+        self._followups: dict[Address, int] = {}  # digest follow-up requests awaiting a reply
         self._datagrams: list[tuple[Address, bytes]] = []
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
@@ -406,8 +426,20 @@ class Membership:
         wire cannot carry.
         """
         self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value))
+        if self._store.unchanged(key, value):
+            return  # the same value again: no new version, nothing to spread
         update = self._store.set_local(key, value)
         self._enqueue(update, (self.name, key), PRIORITY_STATE)
+
+    def rebroadcast_state(self, key: str, now: float) -> None:
+        """Spread our current entry for ``key`` again, at the same version.
+
+        Members that hold it drop the copy and do not pass it on; members that
+        lack it (the other side of a healed partition) take it and spread it.
+        """
+        update = self._store.local_update(key)
+        if update is not None and not self._left:
+            self._enqueue(update, (self.name, key), PRIORITY_STATE)
 
     def delete_state(self, key: str, now: float) -> None:
         """Delete a key of our replicated map (a tombstone spreads)."""
@@ -444,6 +476,8 @@ class Membership:
         except RemoteError as exc:
             self._count_error(exc)
             return
+        for msg in msgs:
+            stats.count(False, _KIND[type(msg)], encoded_size(msg))
         pings: list[Ping] = []
         for msg in msgs:
             # Answer pings last so the ack carries whatever this datagram made us
@@ -477,7 +511,7 @@ class Membership:
             case Dead():
                 self._on_dead_msg(msg, now)
             case StateUpdate():
-                self._on_state_update(msg)
+                self._on_state_update(msg, now)
             case UserBroadcast():
                 self._on_user_broadcast(msg)
 
@@ -509,7 +543,10 @@ class Membership:
         # Merge before answering (memberlist answers first): a member we held as
         # dead then refutes at once, and the reply already carries the refutation.
         self._merge(remote, now, src[0])
-        reply = self._sealed_state(join=remote.join, reply=True)
+        if remote.summary is None and remote.want is None:
+            reply = self._sealed_state(join=remote.join, reply=True)  # a full-state request
+        else:
+            reply = self._seal_frame(self._digest_answer(remote, reply=True), remote.join, True)
         self.stats.bytes_out += len(reply)
         self.stats.stream_bytes_out += len(reply)
         return reply
@@ -529,11 +566,32 @@ class Membership:
             self.stats.dropped += 1
             return
         self._merge(remote, now, src[0])
+        followups = self._followups.get(src, 0)
+        if followups:
+            # The reply to a follow-up ends the exchange (bounds a peer's lists to one round).
+            if followups == 1:
+                del self._followups[src]
+            else:
+                self._followups[src] = followups - 1
+            return
+        if remote.want is not None or (
+            remote.summary is not None and (remote.summary.members is not None or remote.summary.owners is not None)
+        ):
+            follow = self._digest_answer(remote, reply=False)
+            if follow.members or follow.states or (follow.want is not None and follow.want != Want()):
+                self._followups[src] = self._followups.get(src, 0) + 1
+                self._start_stream(src, self._seal_frame(follow, False, False))
 
     def stream_failed(self, dst: Address, now: float) -> None:
         """Our push-pull request to ``dst`` could not be delivered (or got no reply)."""
         if self._end_stream(dst):
             self.stats.stream_failures += 1
+            pending = self._pending_streams.get(dst, 0)
+            if self._followups.get(dst, 0) > pending:
+                if pending:
+                    self._followups[dst] = pending
+                else:
+                    del self._followups[dst]
 
     def handle_timeout(self, now: float) -> None:
         """Run every timer due at or before ``now``."""
@@ -577,10 +635,22 @@ class Membership:
 
     def _open_frame(self, data: bytes) -> PushPull | None:
         try:
-            return decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
+            plain = self._keyring.decrypt(data, self._aad)
+            msg = decode_frame(plain, self.config.max_stream_bytes)
         except RemoteError as exc:
             self._count_error(exc)
             return None
+        self._count_frame(msg, len(plain), out=False)
+        return msg
+
+    def _count_frame(self, msg: PushPull, size: int, out: bool) -> None:
+        """Split a push-pull frame's ``size`` plaintext bytes into records, entries and the rest."""
+        members = sum(record_size(r) for r in msg.members)
+        states = sum(owner_states_size(o, e) for o, e in msg.states)
+        count = self.stats.count
+        count(out, "push_pull_members", members, 0)
+        count(out, "push_pull_state", states, 0)
+        count(out, "push_pull_digest", size - members - states)
 
     def _end_stream(self, addr: Address) -> bool:
         pending = self._pending_streams.get(addr, 0)
@@ -620,13 +690,86 @@ class Membership:
         self._seal(addr, msgs)
 
     def _seal(self, addr: Address, msgs: list[Message]) -> None:
+        count = self.stats.count
+        for msg in msgs:
+            count(True, _KIND[type(msg)], encoded_size(msg))
         sealed = self._keyring.encrypt(encode_datagram(msgs), self._aad)
         self._datagrams.append((addr, sealed))
         self.stats.datagrams_out += 1
         self.stats.bytes_out += len(sealed)
 
     def _request_push_pull(self, addr: Address, join: bool) -> None:
-        frame = self._sealed_state(join=join, reply=False)
+        """Start a digest push-pull (``digest.py``): a joiner lists what it holds, others hash it."""
+        if join:
+            me = self._me
+            own = self._store.entries(self.name)
+            msg = PushPull(
+                self.name, True, False, (_record(me),), ((self.name, own),) if own else (),
+                summary=digest.summary(self._table, self._store, True, True),
+            )
+        else:
+            msg = PushPull(self.name, False, False, (), (), summary=digest.summary(self._table, self._store, False, False))
+        self._start_stream(addr, self._seal_frame(msg, join, False))
+
+    def _digest_answer(self, remote: PushPull, reply: bool) -> PushPull:
+        """What to send back for a digest push-pull: what the peer lacks, our Want, our lists.
+
+        For a reply (``reply``): our lists where the peer sent only a hash that differs.
+        """
+        table, store = self._table, self._store
+        records: list[Node] = []
+        states: digest.States = []
+        want: Want | None = None
+        mine: Summary | None = None
+        s = remote.summary
+        if s is not None:
+            if s.members is not None:
+                about_me = next((m for m in s.members if m.name == self.name), None)
+                if about_me is not None and (about_me.state != ALIVE or about_me.incarnation > self._me.incarnation):
+                    self._about_me(about_me.state, about_me.incarnation)  # refute now: the Alive goes below
+                records = digest.records_lacking(table, s.members)
+                names = digest.members_wanted(table, s.members, self._reaped)
+            else:
+                names = ()
+            if s.owners is not None:
+                states = digest.entries_lacking(store, s.owners)
+                owners = digest.owners_wanted(store, s.owners, self.name)
+            else:
+                owners = ()
+            if s.members is not None or s.owners is not None:
+                want = Want(names, owners)
+            if reply:
+                ours = digest.summary(table, store, False, False)
+                lists_m = s.members is None and ours.members_hash != s.members_hash
+                lists_o = s.owners is None and ours.states_hash != s.states_hash
+                if lists_m or lists_o:
+                    mine = digest.summary(table, store, lists_m, lists_o)
+        if remote.want is not None:
+            seen = {n.name for n in records}
+            for name in remote.want.members:
+                node = table.get(name)
+                if node is not None and name not in seen:
+                    seen.add(name)
+                    records.append(node)
+            have = {owner for owner, _ in states}
+            states.extend(p for p in digest.entries_wanted(store, remote.want.owners) if p[0] not in have)
+        if reply and want is not None and want == Want():
+            want = None
+        elif not reply and want is None:
+            want = Want()  # a follow-up request: a Want, even empty, marks it a digest exchange
+        return PushPull(
+            self.name, remote.join, reply, tuple(_record(n) for n in records), tuple(states), mine, want
+        )
+
+    def _seal_frame(self, msg: PushPull, join: bool, reply: bool) -> bytes:
+        """Seal a digest push-pull; one over ``max_stream_bytes`` becomes a capped full state."""
+        plain = encode_frame(msg)
+        if len(plain) > self.config.max_stream_bytes - OVERHEAD:
+            return self._sealed_state(join=join, reply=reply)
+        self._count_frame(msg, len(plain), out=True)
+        return self._keyring.encrypt(plain, self._aad)
+
+    def _start_stream(self, addr: Address, frame: bytes) -> None:
         self._streams.append((addr, frame))
         self._pending_streams[addr] = self._pending_streams.get(addr, 0) + 1
         self.stats.streams_out += 1
@@ -640,11 +783,14 @@ class Membership:
         good; over the limit we send a capped frame instead (``_capped_state``).
         """
         members = tuple(_record(n) for n in self._table.by_name.values())
-        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot()))
+        msg = PushPull(self.name, join, reply, members, self._store.snapshot())
+        plain = encode_frame(msg)
         limit = self.config.max_stream_bytes - OVERHEAD
         if len(plain) > limit:
             self.stats.push_pull_capped += 1
-            plain = encode_frame(self._capped_state(join, reply, limit - FRAME_HEADER_BYTES))
+            msg = self._capped_state(join, reply, limit - FRAME_HEADER_BYTES)
+            plain = encode_frame(msg)
+        self._count_frame(msg, len(plain), out=True)
         return self._keyring.encrypt(plain, self._aad)
 
     def _capped_state(self, join: bool, reply: bool, budget: int) -> PushPull:
@@ -786,6 +932,7 @@ class Membership:
                 if spread_new:
                     self._enqueue(a, a.name, priority)
                 self._emit(MemberJoined(node.snapshot()))
+                self._apply_pending(a.name, now)
             return
         if node is self._me:
             self._about_me(ALIVE, a.incarnation, a)
@@ -897,7 +1044,7 @@ class Membership:
 
     # ------------------------------------------------------------ replicated state and user messages
 
-    def _on_state_update(self, msg: StateUpdate) -> None:
+    def _on_state_update(self, msg: StateUpdate, now: float) -> None:
         if self._left:
             return
         if msg.owner == self.name:
@@ -905,12 +1052,59 @@ class Membership:
             self._assert_own_state((entry,))
             return
         if msg.owner not in self._table.by_name:
-            self.stats.dropped += 1  # we will learn its map by push-pull once we know it
+            self._keep_pending(msg, now)  # its Alive may be a hop behind: applied when it arrives
             return
         if self._store.apply(msg):
             self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
         self._count_store()
+
+    def _keep_pending(self, msg: StateUpdate, now: float) -> None:
+        """Keep an update about a member we do not know yet, bounded in count, memory and time.
+
+        A member's first state update races its Alive through the mesh; without
+        this a member that got the update first dropped it and waited for
+        anti-entropy. Oldest first out; expired after ``PENDING_STATE_TTL``.
+        """
+        pending = self._pending_state
+        self._expire_pending(now)
+        key = (msg.owner, msg.key)
+        old = pending.pop(key, None)
+        if old is not None:
+            self._pending_memory -= entry_memory(old[0].key, old[0].value)
+            if old[0].version > msg.version:
+                msg = old[0]
+        memory = entry_memory(msg.key, msg.value)
+        if memory > PENDING_STATE_MEMORY:
+            self.stats.dropped += 1
+            return
+        pending[key] = (msg, now + PENDING_STATE_TTL)
+        self._pending_memory += memory
+        self.stats.pending_state += 1
+        while len(pending) > PENDING_STATE_MAX or self._pending_memory > PENDING_STATE_MEMORY:
+            _, (dropped, _) = pending.popitem(last=False)
+            self._pending_memory -= entry_memory(dropped.key, dropped.value)
+            self.stats.dropped += 1
+
+    def _expire_pending(self, now: float) -> None:
+        pending = self._pending_state
+        while pending:
+            key, (msg, expires) = next(iter(pending.items()))
+            if expires > now:
+                break
+            del pending[key]
+            self._pending_memory -= entry_memory(msg.key, msg.value)
+            self.stats.dropped += 1
+
+    def _apply_pending(self, owner: str, now: float) -> None:
+        """``owner`` just became known: apply what we kept of its state."""
+        if not self._pending_state:
+            return
+        self._expire_pending(now)
+        for key in [k for k in self._pending_state if k[0] == owner]:
+            msg, _ = self._pending_state.pop(key)
+            self._pending_memory -= entry_memory(msg.key, msg.value)
+            self._on_state_update(msg, now)
 
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
         for update in self._store.reconcile_own(entries):
@@ -1001,6 +1195,9 @@ class Membership:
             return
         by_name = self._table.by_name
         me = self._me
+        sender = by_name.get(remote.source)
+        if sender is not None and sender is not me and sender.addr[0] == src_host:
+            self._table.verify(sender)  # a digest push-pull may not carry the sender's record
         fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
