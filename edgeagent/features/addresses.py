@@ -187,7 +187,9 @@ class Addresses:
         if saved is not None:
             save_json(self.path, saved)
         update = alloc.claim_to_publish()
-        if update is not None:
+        if update is not None and update.again:
+            self.host.rebroadcast_state(STATE_KEY)
+        elif update is not None:
             self.host.set_state(STATE_KEY, update.value)
         while (event := alloc.next_event()) is not None:
             self._log_event(event)
