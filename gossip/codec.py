@@ -675,28 +675,32 @@ def _from_wire(raw: object) -> Message:
             payload=_blob(payload, "payload", MAX_PAYLOAD_BYTES),
         )
     if code == PUSH_PULL:
-        if len(raw) == 8:
-            summary, want = raw[6], raw[7]
-            if summary is None and want is None:
-                _fail("a digest push-pull needs a summary or a want")
-            raw = raw[:6]
-        else:
-            summary = want = None
-        _, source, join, reply, members, states = _fields(raw, 6)
-        if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
-            _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
-        if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
-            _fail(f"states must be a list of at most {MAX_PUSHPULL_OWNERS}")
-        return PushPull(
-            source=_text(source, "source", MAX_NAME_BYTES),
-            join=_bool(join, "join"),
-            reply=_bool(reply, "reply"),
-            members=tuple(_record(m) for m in members),
-            states=tuple(_owner_states(s) for s in states),
-            summary=None if summary is None else _summary(summary),
-            want=None if want is None else _want(want),
-        )
+        return _push_pull(raw)
     _fail(f"unknown message type {code}")
+
+
+def _push_pull(raw: list[Any]) -> PushPull:
+    if len(raw) == 8:
+        summary, want = raw[6], raw[7]
+        if summary is None and want is None:
+            _fail("a digest push-pull needs a summary or a want")
+        raw = raw[:6]
+    else:
+        summary = want = None
+    _, source, join, reply, members, states = _fields(raw, 6)
+    if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
+        _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
+    if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
+        _fail(f"states must be a list of at most {MAX_PUSHPULL_OWNERS}")
+    return PushPull(
+        source=_text(source, "source", MAX_NAME_BYTES),
+        join=_bool(join, "join"),
+        reply=_bool(reply, "reply"),
+        members=tuple(_record(m) for m in members),
+        states=tuple(_owner_states(s) for s in states),
+        summary=None if summary is None else _summary(summary),
+        want=None if want is None else _want(want),
+    )
 
 
 def _list(raw: object, limit: int, what: str) -> list[Any]:

@@ -52,8 +52,9 @@ byte budget; every ``gossip_interval`` the queue is also sent to
 ``gossip_nodes`` random members. User broadcasts have their own queue, fill the
 space membership updates leave, and are re-broadcast by every receiver once.
 
-Anti-entropy: push-pull (full member list plus every replicated map) with a
-random alive member every scaled ``push_pull_interval``; Serf-style reconnect
+Anti-entropy: push-pull with a random alive member every scaled
+``push_pull_interval``, as a digest exchange (``digest.py``: hashes first,
+then only the records and entries the other side lacks); Serf-style reconnect
 with a random DEAD or LEFT member (and the join seeds when we are alone) every
 ``reconnect_interval``, so partitions heal with no operator and a forged leave
 does not stick.
@@ -78,7 +79,10 @@ Where we differ from memberlist, on purpose:
   (several members stopped at once were otherwise recorded DEAD);
 - a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
   ignores it) so a joiner learns a down member's replicated state; names we
-  reaped are remembered and not taken back.
+  reaped are remembered and not taken back;
+- push-pull is a digest exchange (memberlist: full state both ways);
+- a state update about a member not known yet is kept briefly (bounded) and
+  applied when its Alive arrives; ``set_state`` of an unchanged value is a no-op.
 """
 
 from __future__ import annotations
@@ -196,6 +200,8 @@ PENDING_STATE_MAX = 256
 PENDING_STATE_MEMORY = 256 * 1024
 
 
+# Kept state updates of members not known yet: (owner, key) -> (update, expiry).
+_Pending = OrderedDict[tuple[str, str], tuple[StateUpdate, float]]
 # Stats.KINDS name of each datagram message type.
 _KIND: dict[type, str] = {
     Ping: "ping", Ack: "ack", Nack: "nack", PingReq: "ping_req", Alive: "alive", Suspect: "suspect",
@@ -274,22 +280,18 @@ class Membership:
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
         self._store = StateStore(
-            name,
-            config.max_state_bytes,
-            state_version,
-            max_memory=config.max_state_memory,
-            max_total_memory=config.max_total_state_memory,
+            name, config.max_state_bytes, state_version,
+            max_memory=config.max_state_memory, max_total_memory=config.max_total_state_memory,
         )
         self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
-        # State updates of members not known yet: (owner, key) -> (update, expiry), oldest first.
-        self._pending_state: OrderedDict[tuple[str, str], tuple[StateUpdate, float]] = OrderedDict()
-        self._pending_memory = 0
+        self._pending_state: _Pending = OrderedDict()  # updates of members not known yet, oldest first
 
         self._seeds: list[Address] = []
         self._pending_streams: dict[Address, int] = {}
         self._followups: dict[Address, int] = {}  # digest follow-up requests awaiting a reply
+        self._pending_memory = 0  # entry_memory of _pending_state
         self._datagrams: list[tuple[Address, bytes]] = []
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
