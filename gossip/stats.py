@@ -80,12 +80,12 @@ class Stats:
 
     def as_dict(self) -> dict[str, int]:
         """All counters as a plain dict (per-kind ones as ``kind_bytes_out_ping`` ...)."""
-        out: dict[str, int] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                for kind, n in value.items():
-                    out[f"{f.name}_{kind}"] = n
-            else:
-                out[f.name] = value
+        out = {name: getattr(self, name) for name in _SCALARS}
+        for counter in KIND_COUNTERS:
+            per_kind: dict[str, int] = getattr(self, counter)
+            for kind, n in per_kind.items():
+                out[f"{counter}_{kind}"] = n
         return out
+
+
+_SCALARS = tuple(f.name for f in fields(Stats) if f.name not in KIND_COUNTERS)
