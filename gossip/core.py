@@ -291,6 +291,7 @@ class Membership:
         self._seeds: list[Address] = []
         self._pending_streams: dict[Address, int] = {}
         self._followups: dict[Address, int] = {}  # digest follow-up requests awaiting a reply
+        self._gossip_parked: float | None = None  # the idle gossip ticker's last deadline
         self._pending_memory = 0  # entry_memory of _pending_state
         self._datagrams: list[tuple[Address, bytes]] = []
         self._streams: list[tuple[Address, bytes]] = []
@@ -456,6 +457,7 @@ class Membership:
         self._user_seq = (self._user_seq + 1) & MAX_UINT64
         self._remember_user((msg.origin, msg.seq))
         self._user_queue.push(msg, key=(msg.origin, msg.seq), priority=PRIORITY_USER, size=size)
+        self._wake_gossip()
 
     def _check_fits(self, msg: Message) -> int:
         try:
@@ -674,6 +676,14 @@ class Membership:
 
     def _enqueue(self, msg: Message, key: object, priority: int) -> None:
         self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg))
+        self._wake_gossip()
+
+    def _wake_gossip(self) -> None:
+        """Something was queued: re-arm a parked gossip ticker on its old phase (due at once if late)."""
+        parked = self._gossip_parked
+        if parked is not None:
+            self._gossip_parked = None
+            self._timers.schedule(parked + self.config.gossip_interval, GossipTick())
 
     def _take_broadcasts(self, budget: int) -> list[Message]:
         limit = self._retransmit_limit()
@@ -734,7 +744,7 @@ class Membership:
             else:
                 names = ()
             if s.owners is not None:
-                states = digest.entries_lacking(store, s.owners)
+                states = digest.entries_lacking(store, s.owners, remote.source)
                 owners = digest.owners_wanted(store, s.owners, self.name)
             else:
                 owners = ()
@@ -1135,14 +1145,18 @@ class Membership:
             return
         self._emit(UserMessage(msg.origin, msg.payload))
         self._user_queue.push(msg, key=key, priority=PRIORITY_USER, size=encoded_size(msg))
+        self._wake_gossip()
 
     # ------------------------------------------------------------ dissemination and anti-entropy
 
     def _on_gossip_tick(self, deadline: float, now: float) -> None:
         config = self.config
-        self._timers.schedule(next_tick(deadline, config.gossip_interval, now), GossipTick())
         if not self._queue and not self._user_queue:
+            # Idle: no tick until something is queued (_wake_gossip), so a settled member
+            # does not wake five times a second for nothing (memberlist's ticker runs on).
+            self._gossip_parked = deadline
             return
+        self._timers.schedule(next_tick(deadline, config.gossip_interval, now), GossipTick())
         dead_horizon = now - config.gossip_to_the_dead_time
 
         def worth_gossip(n: Node) -> bool:

@@ -96,8 +96,13 @@ def members_wanted(table: MemberTable, peer: Iterable[MemberSummary], skip: Cont
     return tuple(out)
 
 
-def entries_lacking(store: StateStore, peer: Iterable[OwnerSummary]) -> States:
-    """Per owner, our entries above the peer's top version (its whole map if it has none)."""
+def entries_lacking(store: StateStore, peer: Iterable[OwnerSummary], peer_name: str) -> States:
+    """Per owner, our entries above the peer's top version (its whole map if it has none).
+
+    The peer's own map, when it differs and we are not behind on it, goes whole:
+    the peer restarted, and ``reconcile_own`` there must see every key of its
+    earlier life (to tombstone those it no longer has), not only the newest.
+    """
     theirs = {o.owner: o for o in peer}
     out: States = []
     for owner in store.owners():
@@ -106,6 +111,8 @@ def entries_lacking(store: StateStore, peer: Iterable[OwnerSummary]) -> States:
             entries = store.entries(owner)
         elif o.max_version == store.max_version(owner) and o.digest == store.digest(owner):
             continue
+        elif owner == peer_name and store.max_version(owner) >= o.max_version:
+            entries = store.entries(owner)
         else:
             entries = store.newer_than(owner, o.max_version)
         if entries:

@@ -166,3 +166,25 @@ def test_a_forged_suspicion_held_by_the_peer_is_refuted_in_the_exchange() -> Non
     assert a.incarnation == inc + 1
     view = b.member("n1")
     assert view is not None and view.state == MemberState.ALIVE and view.incarnation == inc + 1
+
+
+def test_a_restarted_owner_learns_every_key_of_its_earlier_life() -> None:
+    sim = _cluster(4, 38)
+    a, b = sim.nodes["n1"].core, sim.nodes["n2"].core
+    extra = a._store.set_local("gone", 1)
+    assert b._store.apply(extra)
+    # n1 restarted: fresh store, counter back at 0, as many changes as its earlier life
+    # (svc@1, gone@2 there; svc@1, other@2 here): the same top version.
+    a._store = StateStore("n1", a.config.max_state_bytes)
+    a._store.set_local("svc", {"port": 1})
+    a._store.set_local("other", 2)
+    assert a._store.max_version("n1") == b._store.max_version("n1")
+    a.join([b.addr], sim.now)
+    ((_, request),) = a.streams_to_send()
+    reply = b.handle_stream(request, a.addr, sim.now)
+    assert reply is not None
+    a.receive_stream_reply(reply, b.addr, sim.now)
+    entries = {e.key: e for e in a._store.entries("n1")}
+    assert entries["gone"].deleted and not entries["svc"].deleted  # tombstoned in one exchange
+    assert entries["svc"].version > 2  # the earlier life's svc value is outbid too
+    assert a._store.version > b._store.max_version("n1")
