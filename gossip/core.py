@@ -80,7 +80,8 @@ Where we differ from memberlist, on purpose:
 - a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
   ignores it) so a joiner learns a down member's replicated state; names we
   reaped are remembered and not taken back;
-- push-pull is a digest exchange (memberlist: full state both ways);
+- push-pull is a digest exchange (memberlist: full state both ways); the
+  gossip ticker parks while nothing is queued;
 - a state update about a member not known yet is kept briefly (bounded) and
   applied when its Alive arrives; ``set_state`` of an unchanged value is a no-op.
 """
