@@ -166,6 +166,9 @@ class View:
 
 
 def _stats_dict(stats: Any) -> dict[str, int]:
+    as_dict = getattr(stats, "as_dict", None)
+    if callable(as_dict):  # gossip.stats.Stats: its per-kind counters flattened
+        return {str(k): v for k, v in as_dict().items() if isinstance(v, int)}
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
         return {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int)}
     if isinstance(stats, Mapping):

@@ -156,6 +156,10 @@ class FeatureHost:
         """Publish ``value`` under ``key`` in this node's replicated state."""
         return self._driver.call(lambda core, now: core.set_state(key, value, now))
 
+    def rebroadcast_state(self, key: str) -> concurrent.futures.Future[None]:
+        """Spread this node's unchanged ``key`` again (same version; only members lacking it pass it on)."""
+        return self._driver.call(lambda core, now: core.rebroadcast_state(key, now))
+
     def delete_state(self, key: str) -> concurrent.futures.Future[None]:
         """Remove ``key`` from this node's replicated state."""
         return self._driver.call(lambda core, now: core.delete_state(key, now))

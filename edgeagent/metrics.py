@@ -311,6 +311,8 @@ class AgentMetrics:
     bytes_received: Counter  # labels: transport
     bytes_sent: Counter  # labels: transport
     packets_dropped: Counter  # labels: reason = decode | decrypt | cluster | oversize | ...
+    kind_messages: Counter  # labels: direction = sent | received, kind = gossip.stats.KINDS
+    kind_bytes: Counter  # labels: direction, kind; encoded message bytes (no seal, no headers)
     probe_rtt: Histogram  # seconds, successful direct probes
     local_health: Gauge  # Lifeguard local health multiplier, 0 (healthy) .. awareness max
     incarnation: Gauge  # this node's incarnation number
@@ -337,6 +339,16 @@ def agent_metrics(registry: Registry) -> AgentMetrics:
             "edgeagent_packets_dropped_total",
             "Packets or streams dropped, by reason (decode, decrypt, cluster, oversize...).",
             ["reason"],
+        ),
+        kind_messages=registry.counter(
+            "edgeagent_gossip_messages_total",
+            "Gossip messages by kind (push-pull: frames, counted under push_pull_digest).",
+            ["direction", "kind"],
+        ),
+        kind_bytes=registry.counter(
+            "edgeagent_gossip_message_bytes_total",
+            "Encoded bytes of gossip messages by kind (push-pull frames split into members, state, digest).",
+            ["direction", "kind"],
         ),
         probe_rtt=registry.histogram(
             "edgeagent_probe_rtt_seconds", "Round-trip time of successful probes."

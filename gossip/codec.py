@@ -20,6 +20,17 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
    10 PushPull      source, join bool, reply bool,
                     [[name, addr, incarnation, state int, meta bin], ...],
                     [[owner, [[key, version, value, deleted bool[, sig bin]], ...]], ...]
+                    [, summary, want]          (both or neither; nil when absent)
+
+    summary = [members_hash bin16, states_hash bin16,
+               nil | [[name, incarnation, state int], ...],
+               nil | [[owner, max_version, digest bin8], ...]]
+    want    = [[name, ...], [[owner, [[key, version, entry_hash bin4], ...]], ...]]
+
+A PushPull of six fields is a full-state exchange; with a summary or a want it
+is a digest exchange (``digest.py``). State entries are encoded and decoded in
+one place each (``_wire_entry`` / ``_entry``): a field appended there travels
+in push-pulls; ``StateUpdate`` is its own message (code 8).
 
 ``sig`` (the owner's signature, ``gossip/signing.py``) is appended only when
 present, so a cluster that does not sign sends exactly the bytes it sent
@@ -68,16 +79,20 @@ from .messages import (
     Dead,
     MemberRecord,
     MemberState,
+    MemberSummary,
     Message,
     Nack,
+    OwnerSummary,
     Ping,
     PingReq,
     PushPull,
     StateEntry,
     StateUpdate,
     StateValue,
+    Summary,
     Suspect,
     UserBroadcast,
+    Want,
 )
 
 PROTOCOL_VERSION = 1
@@ -144,6 +159,10 @@ MAX_STATE_ENTRIES = 1024
 # An owner's signature on one state entry: 64 bytes for ECDSA P-256 as raw r||s
 # (the daemon's encoding), 72 leaves room for the DER form of the same signature.
 MAX_SIG_BYTES = 72
+
+HASH_BYTES = 16  # a digest push-pull's members / states hash (blake2b)
+OWNER_DIGEST_BYTES = 8  # one owner's map hash in a digest push-pull
+ENTRY_HASH_BYTES = 4  # one entry's hash in a Want (tells an equal version with another value)
 
 # A frame's bytes besides its member records and state maps: version byte,
 # message array header, type code, source (str8 header + MAX_NAME_BYTES), two
@@ -421,7 +440,7 @@ def _to_wire(msg: Message) -> list[object]:
                 _fail("PushPull.members must be a tuple")
             if len(msg.members) > MAX_PUSHPULL_MEMBERS:
                 raise _TooLarge(f"push-pull with more than {MAX_PUSHPULL_MEMBERS} members")
-            return [
+            wire = [
                 PUSH_PULL,
                 _text(msg.source, "source", MAX_NAME_BYTES),
                 _bool(msg.join, "join"),
@@ -429,7 +448,65 @@ def _to_wire(msg: Message) -> list[object]:
                 [_wire_record(r) for r in msg.members],
                 _wire_states(msg.states),
             ]
+            if msg.summary is not None or msg.want is not None:
+                wire.append(None if msg.summary is None else _wire_summary(msg.summary))
+                wire.append(None if msg.want is None else _wire_want(msg.want))
+            return wire
     _fail(f"not a gossip message: {type(msg).__name__}")
+
+
+def _hash(value: object, size: int, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != size:
+        _fail(f"{what} must be {size} bytes")
+    return value
+
+
+def _wire_summary(s: object) -> list[object]:
+    if type(s) is not Summary:
+        _fail("PushPull.summary must be a Summary")
+    members: list[object] | None = None
+    owners: list[object] | None = None
+    if s.members is not None:
+        if type(s.members) is not tuple or len(s.members) > MAX_PUSHPULL_MEMBERS:
+            raise _TooLarge(f"summary of more than {MAX_PUSHPULL_MEMBERS} members")
+        members = []
+        for m in s.members:
+            if type(m) is not MemberSummary or type(m.state) is not MemberState:
+                _fail("summary members must be MemberSummary")
+            members.append([_text(m.name, "member name", MAX_NAME_BYTES), _counter(m.incarnation, "incarnation"),
+                            int(m.state)])
+    if s.owners is not None:
+        if type(s.owners) is not tuple or len(s.owners) > MAX_PUSHPULL_OWNERS:
+            raise _TooLarge(f"summary of more than {MAX_PUSHPULL_OWNERS} owners")
+        owners = []
+        for o in s.owners:
+            if type(o) is not OwnerSummary:
+                _fail("summary owners must be OwnerSummary")
+            owners.append([_text(o.owner, "state owner", MAX_NAME_BYTES), _counter(o.max_version, "version"),
+                           _hash(o.digest, OWNER_DIGEST_BYTES, "owner digest")])
+    return [_hash(s.members_hash, HASH_BYTES, "members hash"), _hash(s.states_hash, HASH_BYTES, "states hash"),
+            members, owners]
+
+
+def _wire_want(w: object) -> list[object]:
+    if type(w) is not Want or type(w.members) is not tuple or type(w.owners) is not tuple:
+        _fail("PushPull.want must be a Want of tuples")
+    if len(w.members) > MAX_PUSHPULL_MEMBERS or len(w.owners) > MAX_PUSHPULL_OWNERS:
+        raise _TooLarge("want list too long")
+    owners: list[object] = []
+    for pair in w.owners:
+        if type(pair) is not tuple or len(pair) != 2 or type(pair[1]) is not tuple:
+            _fail("Want.owners items must be (owner, tuple of (key, version))")
+        if len(pair[1]) > MAX_STATE_ENTRIES:
+            raise _TooLarge(f"want of more than {MAX_STATE_ENTRIES} keys of one owner")
+        keys: list[object] = []
+        for kv in pair[1]:
+            if type(kv) is not tuple or len(kv) != 3:
+                _fail("Want keys must be (key, version, entry hash) triples")
+            keys.append([_text(kv[0], "state key", MAX_KEY_BYTES), _counter(kv[1], "version"),
+                         _hash(kv[2], ENTRY_HASH_BYTES, "entry hash")])
+        owners.append([_text(pair[0], "state owner", MAX_NAME_BYTES), keys])
+    return [[_text(n, "member name", MAX_NAME_BYTES) for n in w.members], owners]
 
 
 def _packb(obj: object) -> bytes:
@@ -627,19 +704,81 @@ def _from_wire(raw: object) -> Message:
             payload=_blob(payload, "payload", MAX_PAYLOAD_BYTES),
         )
     if code == PUSH_PULL:
-        _, source, join, reply, members, states = _fields(raw, 6)
-        if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
-            _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
-        if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
-            _fail(f"states must be a list of at most {MAX_PUSHPULL_OWNERS}")
-        return PushPull(
-            source=_text(source, "source", MAX_NAME_BYTES),
-            join=_bool(join, "join"),
-            reply=_bool(reply, "reply"),
-            members=tuple(_record(m) for m in members),
-            states=tuple(_owner_states(s) for s in states),
-        )
+        return _push_pull(raw)
     _fail(f"unknown message type {code}")
+
+
+def _push_pull(raw: list[Any]) -> PushPull:
+    if len(raw) == 8:
+        summary, want = raw[6], raw[7]
+        if summary is None and want is None:
+            _fail("a digest push-pull needs a summary or a want")
+        raw = raw[:6]
+    else:
+        summary = want = None
+    _, source, join, reply, members, states = _fields(raw, 6)
+    if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
+        _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
+    if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
+        _fail(f"states must be a list of at most {MAX_PUSHPULL_OWNERS}")
+    return PushPull(
+        source=_text(source, "source", MAX_NAME_BYTES),
+        join=_bool(join, "join"),
+        reply=_bool(reply, "reply"),
+        members=tuple(_record(m) for m in members),
+        states=tuple(_owner_states(s) for s in states),
+        summary=None if summary is None else _summary(summary),
+        want=None if want is None else _want(want),
+    )
+
+
+def _list(raw: object, limit: int, what: str) -> list[Any]:
+    if type(raw) is not list or len(raw) > limit:
+        _fail(f"{what} must be a list of at most {limit}")
+    return raw
+
+
+def _member_summary(raw: object) -> MemberSummary:
+    name, incarnation, state = _fields(raw, 3)
+    if type(state) is not int or state not in _MEMBER_STATES:
+        _fail("unknown member state")
+    return MemberSummary(_text(name, "member name", MAX_NAME_BYTES), _counter(incarnation, "incarnation"),
+                         MemberState(state))
+
+
+def _owner_summary(raw: object) -> OwnerSummary:
+    owner, version, digest = _fields(raw, 3)
+    return OwnerSummary(_text(owner, "state owner", MAX_NAME_BYTES), _counter(version, "version"),
+                        _hash(digest, OWNER_DIGEST_BYTES, "owner digest"))
+
+
+def _summary(raw: object) -> Summary:
+    members_hash, states_hash, members, owners = _fields(raw, 4)
+    return Summary(
+        _hash(members_hash, HASH_BYTES, "members hash"),
+        _hash(states_hash, HASH_BYTES, "states hash"),
+        None if members is None else tuple(
+            _member_summary(m) for m in _list(members, MAX_PUSHPULL_MEMBERS, "summary members")),
+        None if owners is None else tuple(
+            _owner_summary(o) for o in _list(owners, MAX_PUSHPULL_OWNERS, "summary owners")),
+    )
+
+
+def _key_version(raw: object) -> tuple[str, int, bytes]:
+    key, version, h = _fields(raw, 3)
+    return (_text(key, "state key", MAX_KEY_BYTES), _counter(version, "version"),
+            _hash(h, ENTRY_HASH_BYTES, "entry hash"))
+
+
+def _want(raw: object) -> Want:
+    members, owners = _fields(raw, 2)
+    names = tuple(_text(n, "member name", MAX_NAME_BYTES) for n in _list(members, MAX_PUSHPULL_MEMBERS, "want"))
+    pairs: list[tuple[str, tuple[tuple[str, int, bytes], ...]]] = []
+    for item in _list(owners, MAX_PUSHPULL_OWNERS, "want owners"):
+        owner, keys = _fields(item, 2)
+        pairs.append((_text(owner, "state owner", MAX_NAME_BYTES),
+                      tuple(_key_version(k) for k in _list(keys, MAX_STATE_ENTRIES, "want keys"))))
+    return Want(names, tuple(pairs))
 
 
 def decode_datagram(data: bytes) -> list[Message]:

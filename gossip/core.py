@@ -52,8 +52,9 @@ byte budget; every ``gossip_interval`` the queue is also sent to
 ``gossip_nodes`` random members. User broadcasts have their own queue, fill the
 space membership updates leave, and are re-broadcast by every receiver once.
 
-Anti-entropy: push-pull (full member list plus every replicated map) with a
-random alive member every scaled ``push_pull_interval``; Serf-style reconnect
+Anti-entropy: push-pull with a random alive member every scaled
+``push_pull_interval``, as a digest exchange (``digest.py``: hashes first,
+then only the records and entries the other side lacks); Serf-style reconnect
 with a random DEAD or LEFT member (and the join seeds when we are alone) every
 ``reconnect_interval``, so partitions heal with no operator and a forged leave
 does not stick.
@@ -84,7 +85,11 @@ Where we differ from memberlist, on purpose:
   (several members stopped at once were otherwise recorded DEAD);
 - a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
   ignores it) so a joiner learns a down member's replicated state; names we
-  reaped are remembered and not taken back.
+  reaped are remembered and not taken back;
+- push-pull is a digest exchange (memberlist: full state both ways); the
+  gossip ticker parks while nothing is queued;
+- a state update about a member not known yet is kept briefly (bounded) and
+  applied when its Alive arrives; ``set_state`` of an unchanged value is a no-op.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
+from . import digest
 from .awareness import Awareness
 from .broadcast_queue import (
     PRIORITY_MEMBERSHIP,
@@ -151,12 +157,14 @@ from .messages import (
     StateEntry,
     StateUpdate,
     StateValue,
+    Summary,
     Suspect,
     UserBroadcast,
+    Want,
 )
 from .probe import Prober
 from .signing import CREDENTIAL_KEY, StateSigner, StateVerifier, canonical_entry
-from .state_store import StateStore
+from .state_store import StateStore, entry_memory
 from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
 from .timers import (
@@ -196,6 +204,21 @@ MERGE_REBROADCAST_MAX = 32
 # State updates held because their owner's credential is not known yet (signing.py):
 # released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
 HELD_MAX = 32
+# State updates about members we do not know yet are kept this long, at most
+# this many and this much memory (state_store.entry_memory), then dropped: a
+# member's first update can overtake its Alive by a gossip hop or two.
+PENDING_STATE_TTL = 10.0
+PENDING_STATE_MAX = 256
+PENDING_STATE_MEMORY = 256 * 1024
+
+
+# Kept state updates of members not known yet: (owner, key) -> (update, expiry).
+_Pending = OrderedDict[tuple[str, str], tuple[StateUpdate, float]]
+# Stats.KINDS name of each datagram message type.
+_KIND: dict[type, str] = {
+    Ping: "ping", Ack: "ack", Nack: "nack", PingReq: "ping_req", Alive: "alive", Suspect: "suspect",
+    Dead: "dead", StateUpdate: "state", UserBroadcast: "user",
+}
 
 
 class InvalidArgument(LocalError, ValueError):
@@ -282,16 +305,23 @@ class Membership:
         self._store_seen = (0, 0)  # the store's (rejected, out_of_range) already counted
         self._user_seq = rng.getrandbits(40)  # fresh per life, so a restart is not taken for a duplicate
         self._user_seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._pending_state: _Pending = OrderedDict()  # updates of members not known yet, oldest first
 
         self._seeds: list[Address] = []
         self._pending_streams: dict[Address, int] = {}
+        self._followups: dict[Address, int] = {}  # digest follow-up requests awaiting a reply
+        self._gossip_parked: float | None = None  # the idle gossip ticker's last deadline
+        self._pending_memory = 0  # entry_memory of _pending_state
         self._datagrams: list[tuple[Address, bytes]] = []
         self._streams: list[tuple[Address, bytes]] = []
         self._events: deque[Event] = deque()
 
         self._announce()
-        # memberlist staggers each ticker randomly so members do not synchronise.
-        schedule = self._timers.schedule
+        self._start_tickers(now)
+
+    def _start_tickers(self, now: float) -> None:
+        """memberlist staggers each ticker randomly so members do not synchronise."""
+        config, rng, schedule = self.config, self._rng, self._timers.schedule
         schedule(now + rng.random() * config.probe_interval, ProbeTick())
         schedule(now + rng.random() * config.gossip_interval, GossipTick())
         schedule(now + rng.random() * config.push_pull_interval, PushPullTick())
@@ -440,8 +470,20 @@ class Membership:
         # Sized with a maximal signature when we sign: the entry must fit a datagram with it.
         sig = bytes(MAX_SIG_BYTES) if self._signer is not None else b""
         self._check_fits(StateUpdate(self.name, self._store.version + 1, key, value, sig=sig))
+        if self._store.unchanged(key, value):
+            return  # the same value again: no new version, nothing to spread
         update = self._store.set_local(key, value)
         self._enqueue(update, (self.name, key), PRIORITY_STATE)
+
+    def rebroadcast_state(self, key: str, now: float) -> None:
+        """Spread our current entry for ``key`` again, at the same version.
+
+        Members that hold it drop the copy and do not pass it on; members that
+        lack it (the other side of a healed partition) take it and spread it.
+        """
+        update = self._store.local_update(key)
+        if update is not None and not self._left:
+            self._enqueue(update, (self.name, key), PRIORITY_STATE)
 
     def delete_state(self, key: str, now: float) -> None:
         """Delete a key of our replicated map (a tombstone spreads)."""
@@ -466,6 +508,7 @@ class Membership:
         self._user_seq = (self._user_seq + 1) & MAX_UINT64
         self._remember_user((msg.origin, msg.seq))
         self._user_queue.push(msg, key=(msg.origin, msg.seq), priority=PRIORITY_USER, size=size)
+        self._wake_gossip()
 
     def _check_fits(self, msg: Message) -> int:
         try:
@@ -488,6 +531,8 @@ class Membership:
         except RemoteError as exc:
             self._count_error(exc)
             return
+        for msg in msgs:
+            stats.count(False, _KIND[type(msg)], encoded_size(msg))
         pings: list[Ping] = []
         for msg in msgs:
             # Answer pings last so the ack carries whatever this datagram made us
@@ -521,7 +566,7 @@ class Membership:
             case Dead():
                 self._on_dead_msg(msg, now)
             case StateUpdate():
-                self._on_state_update(msg)
+                self._on_state_update(msg, now)
             case UserBroadcast():
                 self._on_user_broadcast(msg)
 
@@ -553,7 +598,10 @@ class Membership:
         # Merge before answering (memberlist answers first): a member we held as
         # dead then refutes at once, and the reply already carries the refutation.
         self._merge(remote, now, src[0])
-        reply = self._sealed_state(join=remote.join, reply=True)
+        if remote.summary is None and remote.want is None:
+            reply = self._sealed_state(join=remote.join, reply=True)  # a full-state request
+        else:
+            reply = self._seal_frame(self._digest_answer(remote, reply=True), remote.join, True)
         self.stats.bytes_out += len(reply)
         self.stats.stream_bytes_out += len(reply)
         return reply
@@ -573,11 +621,32 @@ class Membership:
             self.stats.dropped += 1
             return
         self._merge(remote, now, src[0])
+        followups = self._followups.get(src, 0)
+        if followups:
+            # The reply to a follow-up ends the exchange (bounds a peer's lists to one round).
+            if followups == 1:
+                del self._followups[src]
+            else:
+                self._followups[src] = followups - 1
+            return
+        if remote.want is not None or (
+            remote.summary is not None and (remote.summary.members is not None or remote.summary.owners is not None)
+        ):
+            follow = self._digest_answer(remote, reply=False)
+            if follow.members or follow.states or (follow.want is not None and follow.want != Want()):
+                self._followups[src] = self._followups.get(src, 0) + 1
+                self._start_stream(src, self._seal_frame(follow, False, False))
 
     def stream_failed(self, dst: Address, now: float) -> None:
         """Our push-pull request to ``dst`` could not be delivered (or got no reply)."""
         if self._end_stream(dst):
             self.stats.stream_failures += 1
+            pending = self._pending_streams.get(dst, 0)
+            if self._followups.get(dst, 0) > pending:
+                if pending:
+                    self._followups[dst] = pending
+                else:
+                    del self._followups[dst]
 
     def handle_timeout(self, now: float) -> None:
         """Run every timer due at or before ``now``."""
@@ -621,10 +690,22 @@ class Membership:
 
     def _open_frame(self, data: bytes) -> PushPull | None:
         try:
-            return decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
+            plain = self._keyring.decrypt(data, self._aad)
+            msg = decode_frame(plain, self.config.max_stream_bytes)
         except RemoteError as exc:
             self._count_error(exc)
             return None
+        self._count_frame(msg, len(plain), out=False)
+        return msg
+
+    def _count_frame(self, msg: PushPull, size: int, out: bool) -> None:
+        """Split a push-pull frame's ``size`` plaintext bytes into records, entries and the rest."""
+        members = sum(record_size(r) for r in msg.members)
+        states = sum(owner_states_size(o, e) for o, e in msg.states)
+        count = self.stats.count
+        count(out, "push_pull_members", members, 0)
+        count(out, "push_pull_state", states, 0)
+        count(out, "push_pull_digest", size - members - states)
 
     def _end_stream(self, addr: Address) -> bool:
         pending = self._pending_streams.get(addr, 0)
@@ -646,6 +727,14 @@ class Membership:
 
     def _enqueue(self, msg: Message, key: object, priority: int) -> None:
         self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg))
+        self._wake_gossip()
+
+    def _wake_gossip(self) -> None:
+        """Something was queued: re-arm a parked gossip ticker on its old phase (due at once if late)."""
+        parked = self._gossip_parked
+        if parked is not None:
+            self._gossip_parked = None
+            self._timers.schedule(parked + self.config.gossip_interval, GossipTick())
 
     def _take_broadcasts(self, budget: int) -> list[Message]:
         limit = self._retransmit_limit()
@@ -664,13 +753,86 @@ class Membership:
         self._seal(addr, msgs)
 
     def _seal(self, addr: Address, msgs: list[Message]) -> None:
+        count = self.stats.count
+        for msg in msgs:
+            count(True, _KIND[type(msg)], encoded_size(msg))
         sealed = self._keyring.encrypt(encode_datagram(msgs), self._aad)
         self._datagrams.append((addr, sealed))
         self.stats.datagrams_out += 1
         self.stats.bytes_out += len(sealed)
 
     def _request_push_pull(self, addr: Address, join: bool) -> None:
-        frame = self._sealed_state(join=join, reply=False)
+        """Start a digest push-pull (``digest.py``): a joiner lists what it holds, others hash it."""
+        if join:
+            me = self._me
+            own = self._store.entries(self.name)
+            msg = PushPull(
+                self.name, True, False, (_record(me),), ((self.name, own),) if own else (),
+                summary=digest.summary(self._table, self._store, True, True),
+            )
+        else:
+            msg = PushPull(self.name, False, False, (), (), summary=digest.summary(self._table, self._store, False, False))
+        self._start_stream(addr, self._seal_frame(msg, join, False))
+
+    def _digest_answer(self, remote: PushPull, reply: bool) -> PushPull:
+        """What to send back for a digest push-pull: what the peer lacks, our Want, our lists.
+
+        For a reply (``reply``): our lists where the peer sent only a hash that differs.
+        """
+        table, store = self._table, self._store
+        records: list[Node] = []
+        states: digest.States = []
+        want: Want | None = None
+        mine: Summary | None = None
+        s = remote.summary
+        if s is not None:
+            if s.members is not None:
+                about_me = next((m for m in s.members if m.name == self.name), None)
+                if about_me is not None and (about_me.state != ALIVE or about_me.incarnation > self._me.incarnation):
+                    self._about_me(about_me.state, about_me.incarnation)  # refute now: the Alive goes below
+                records = digest.records_lacking(table, s.members)
+                names = digest.members_wanted(table, s.members, self._reaped)
+            else:
+                names = ()
+            if s.owners is not None:
+                states = digest.entries_lacking(store, s.owners, remote.source)
+                owners = digest.owners_wanted(store, s.owners, self.name)
+            else:
+                owners = ()
+            if s.members is not None or s.owners is not None:
+                want = Want(names, owners)
+            if reply:
+                ours = digest.summary(table, store, False, False)
+                lists_m = s.members is None and ours.members_hash != s.members_hash
+                lists_o = s.owners is None and ours.states_hash != s.states_hash
+                if lists_m or lists_o:
+                    mine = digest.summary(table, store, lists_m, lists_o)
+        if remote.want is not None:
+            seen = {n.name for n in records}
+            for name in remote.want.members:
+                node = table.get(name)
+                if node is not None and name not in seen:
+                    seen.add(name)
+                    records.append(node)
+            have = {owner for owner, _ in states}
+            states.extend(p for p in digest.entries_wanted(store, remote.want.owners) if p[0] not in have)
+        if reply and want is not None and want == Want():
+            want = None
+        elif not reply and want is None:
+            want = Want()  # a follow-up request: a Want, even empty, marks it a digest exchange
+        return PushPull(
+            self.name, remote.join, reply, tuple(_record(n) for n in records), tuple(states), mine, want
+        )
+
+    def _seal_frame(self, msg: PushPull, join: bool, reply: bool) -> bytes:
+        """Seal a digest push-pull; one over ``max_stream_bytes`` becomes a capped full state."""
+        plain = encode_frame(msg)
+        if len(plain) > self.config.max_stream_bytes - OVERHEAD:
+            return self._sealed_state(join=join, reply=reply)
+        self._count_frame(msg, len(plain), out=True)
+        return self._keyring.encrypt(plain, self._aad)
+
+    def _start_stream(self, addr: Address, frame: bytes) -> None:
         self._streams.append((addr, frame))
         self._pending_streams[addr] = self._pending_streams.get(addr, 0) + 1
         self.stats.streams_out += 1
@@ -684,11 +846,14 @@ class Membership:
         good; over the limit we send a capped frame instead (``_capped_state``).
         """
         members = tuple(_record(n) for n in self._table.by_name.values())
-        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot()))
+        msg = PushPull(self.name, join, reply, members, self._store.snapshot())
+        plain = encode_frame(msg)
         limit = self.config.max_stream_bytes - OVERHEAD
         if len(plain) > limit:
             self.stats.push_pull_capped += 1
-            plain = encode_frame(self._capped_state(join, reply, limit - FRAME_HEADER_BYTES))
+            msg = self._capped_state(join, reply, limit - FRAME_HEADER_BYTES)
+            plain = encode_frame(msg)
+        self._count_frame(msg, len(plain), out=True)
         return self._keyring.encrypt(plain, self._aad)
 
     def _capped_state(self, join: bool, reply: bool, budget: int) -> PushPull:
@@ -830,6 +995,7 @@ class Membership:
                 if spread_new:
                     self._enqueue(a, a.name, priority)
                 self._emit(MemberJoined(node.snapshot()))
+                self._apply_pending(a.name, now)
             return
         if node is self._me:
             self._about_me(ALIVE, a.incarnation, a)
@@ -941,7 +1107,7 @@ class Membership:
 
     # ------------------------------------------------------------ replicated state and user messages
 
-    def _on_state_update(self, msg: StateUpdate) -> None:
+    def _on_state_update(self, msg: StateUpdate, now: float) -> None:
         if self._left:
             return
         if msg.owner == self.name:
@@ -949,7 +1115,7 @@ class Membership:
             self._assert_own_state((entry,))
             return
         if msg.owner not in self._table.by_name:
-            self.stats.dropped += 1  # we will learn its map by push-pull once we know it
+            self._keep_pending(msg, now)  # its Alive may be a hop behind: applied when it arrives
             return
         if self._state_verifier is not None:
             if not self._store.is_newer(msg.owner, msg.key, msg.version):
@@ -964,7 +1130,7 @@ class Membership:
             self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
             if msg.key == CREDENTIAL_KEY:
-                self._release(msg.owner)
+                self._release(msg.owner, now)
         self._count_store()
 
     # --- owner signatures (signing.py)
@@ -1004,13 +1170,13 @@ class Membership:
             held.popleft()
         held.append(msg)
 
-    def _release(self, owner: str) -> None:
+    def _release(self, owner: str, now: float) -> None:
         """``owner``'s credential arrived: try the updates held for it again."""
         mine = [m for m in self._held if m.owner == owner]
         if mine:
             self._held = deque(m for m in self._held if m.owner != owner)
             for msg in mine:
-                self._on_state_update(msg)
+                self._on_state_update(msg, now)
 
     def _authentic_own(self, entries: Iterable[StateEntry]) -> list[StateEntry]:
         """The entries about us that may make us re-stamp: those we really signed.
@@ -1068,6 +1234,52 @@ class Membership:
                 if e.key == CREDENTIAL_KEY:
                     credential = e.value if type(e.value) is bytes else None
         return out
+    def _keep_pending(self, msg: StateUpdate, now: float) -> None:
+        """Keep an update about a member we do not know yet, bounded in count, memory and time.
+
+        A member's first state update races its Alive through the mesh; without
+        this a member that got the update first dropped it and waited for
+        anti-entropy. Oldest first out; expired after ``PENDING_STATE_TTL``.
+        """
+        pending = self._pending_state
+        self._expire_pending(now)
+        key = (msg.owner, msg.key)
+        old = pending.pop(key, None)
+        if old is not None:
+            self._pending_memory -= entry_memory(old[0].key, old[0].value)
+            if old[0].version > msg.version:
+                msg = old[0]
+        memory = entry_memory(msg.key, msg.value)
+        if memory > PENDING_STATE_MEMORY:
+            self.stats.dropped += 1
+            return
+        pending[key] = (msg, now + PENDING_STATE_TTL)
+        self._pending_memory += memory
+        self.stats.pending_state += 1
+        while len(pending) > PENDING_STATE_MAX or self._pending_memory > PENDING_STATE_MEMORY:
+            _, (dropped, _) = pending.popitem(last=False)
+            self._pending_memory -= entry_memory(dropped.key, dropped.value)
+            self.stats.dropped += 1
+
+    def _expire_pending(self, now: float) -> None:
+        pending = self._pending_state
+        while pending:
+            key, (msg, expires) = next(iter(pending.items()))
+            if expires > now:
+                break
+            del pending[key]
+            self._pending_memory -= entry_memory(msg.key, msg.value)
+            self.stats.dropped += 1
+
+    def _apply_pending(self, owner: str, now: float) -> None:
+        """``owner`` just became known: apply what we kept of its state."""
+        if not self._pending_state:
+            return
+        self._expire_pending(now)
+        for key in [k for k in self._pending_state if k[0] == owner]:
+            msg, _ = self._pending_state.pop(key)
+            self._pending_memory -= entry_memory(msg.key, msg.value)
+            self._on_state_update(msg, now)
 
     def _assert_own_state(self, entries: Iterable[StateEntry]) -> None:
         entries = self._authentic_own(entries)
@@ -1097,14 +1309,18 @@ class Membership:
             return
         self._emit(UserMessage(msg.origin, msg.payload))
         self._user_queue.push(msg, key=key, priority=PRIORITY_USER, size=encoded_size(msg))
+        self._wake_gossip()
 
     # ------------------------------------------------------------ dissemination and anti-entropy
 
     def _on_gossip_tick(self, deadline: float, now: float) -> None:
         config = self.config
-        self._timers.schedule(next_tick(deadline, config.gossip_interval, now), GossipTick())
         if not self._queue and not self._user_queue:
+            # Idle: no tick until something is queued (_wake_gossip), so a settled member
+            # does not wake five times a second for nothing (memberlist's ticker runs on).
+            self._gossip_parked = deadline
             return
+        self._timers.schedule(next_tick(deadline, config.gossip_interval, now), GossipTick())
         dead_horizon = now - config.gossip_to_the_dead_time
 
         def worth_gossip(n: Node) -> bool:
@@ -1159,6 +1375,9 @@ class Membership:
             return
         by_name = self._table.by_name
         me = self._me
+        sender = by_name.get(remote.source)
+        if sender is not None and sender is not me and sender.addr[0] == src_host:
+            self._table.verify(sender)  # a digest push-pull may not carry the sender's record
         fresh: list[Alive] = []  # members new to us, not yet re-broadcast
         for r in remote.members:
             node = by_name.get(r.name)
@@ -1193,9 +1412,11 @@ class Membership:
             fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
         for alive in fresh:
             self._enqueue(alive, alive.name, PRIORITY_MERGED)
-        self._merge_states(remote.states)
+        self._merge_states(remote.states, now)
 
-    def _merge_states(self, states: tuple[tuple[str, tuple[StateEntry, ...]], ...]) -> None:
+    def _merge_states(
+        self, states: tuple[tuple[str, tuple[StateEntry, ...]], ...], now: float
+    ) -> None:
         by_name = self._table.by_name
         for owner, entries in states:
             if owner == self.name:
@@ -1207,7 +1428,7 @@ class Membership:
                 for e in self._store.merge(owner, checked):
                     self._emit(StateChanged(owner, e.key, e.value, e.version, e.deleted))
                     if e.key == CREDENTIAL_KEY:
-                        self._release(owner)
+                        self._release(owner, now)
             else:
                 self.stats.dropped += 1
         self._count_store()

@@ -13,7 +13,9 @@ Names and fields follow memberlist (net.go) where it has an equivalent:
   graceful leave (memberlist's convention); receivers record LEFT.
 - ``StateUpdate``: one key of a node's replicated key/value map.
 - ``UserBroadcast``: an application payload spread to every member once.
-- ``PushPull``: full-state anti-entropy exchange, carried on a stream.
+- ``PushPull``: anti-entropy exchange, carried on a stream: full state, or a
+  digest (``Summary``) first and then only what the other side lacks
+  (``Want`` asks for it); ``gossip/digest.py`` has the rules.
 """
 
 from __future__ import annotations
@@ -136,10 +138,57 @@ class StateEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberSummary:
+    """One member as a digest push-pull lists it: enough to tell who is behind."""
+
+    name: str
+    incarnation: int
+    state: MemberState
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerSummary:
+    """One replicated map as a digest push-pull lists it.
+
+    ``digest`` is ``digest.OWNER_DIGEST_BYTES`` of a hash over the map's
+    (key, version) pairs, so a map with the same top version but a gap differs.
+    """
+
+    owner: str
+    max_version: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What one side holds: two hashes, and the lists behind them when asked for.
+
+    ``members`` / ``owners`` are None when only the hash travels.
+    """
+
+    members_hash: bytes
+    states_hash: bytes
+    members: tuple[MemberSummary, ...] | None = None
+    owners: tuple[OwnerSummary, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What one side asks the other for: member records by name, and per owner the
+    (key, version, entry hash) it holds: send every entry newer, as new but
+    different, or of a key not listed."""
+
+    members: tuple[str, ...] = ()
+    owners: tuple[tuple[str, tuple[tuple[str, int, bytes], ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PushPull:
-    """Full state: every member we know and every replicated map we hold.
+    """Anti-entropy: member records and replicated maps, whole or only what the peer lacks.
 
     ``join`` is set on the request a joining node sends; ``reply`` on the answer.
+    With ``summary`` and ``want`` both None it is a full-state exchange
+    (memberlist); otherwise a digest exchange (``gossip/digest.py``).
     """
 
     source: str
@@ -147,6 +196,8 @@ class PushPull:
     reply: bool
     members: tuple[MemberRecord, ...]
     states: tuple[tuple[str, tuple[StateEntry, ...]], ...]  # (owner, entries)
+    summary: Summary | None = None
+    want: Want | None = None
 
 
 Message = Ping | Ack | Nack | PingReq | Alive | Suspect | Dead | StateUpdate | UserBroadcast | PushPull

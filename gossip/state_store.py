@@ -38,12 +38,13 @@ its owner (for ourselves: above our counter) is forged and refused, counted in
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterable
 
 import msgpack
 
-from .codec import MAX_COUNTER, MAX_COUNTER_STEP, value_memory
+from .codec import ENTRY_HASH_BYTES, MAX_COUNTER, MAX_COUNTER_STEP, OWNER_DIGEST_BYTES, value_memory
 from .errors import BroadcastTooLarge, CounterExhausted
 from .messages import StateEntry, StateUpdate, StateValue
 
@@ -70,6 +71,10 @@ def entry_size(key: str, version: int, value: StateValue, deleted: bool, sig: by
 
 # sign(key, version, value, deleted) -> the owner's signature over that entry.
 EntrySigner = Callable[[str, int, StateValue, bool], bytes]
+def entry_hash(entry: StateEntry) -> bytes:
+    """A short hash of one entry as it travels (digest push-pulls compare it)."""
+    packed: bytes = msgpack.packb([entry.key, entry.version, entry.value, entry.deleted], use_bin_type=True)
+    return hashlib.blake2b(packed, digest_size=ENTRY_HASH_BYTES).digest()
 
 
 def _same(a: StateEntry, b: StateEntry) -> bool:
@@ -80,7 +85,7 @@ def _same(a: StateEntry, b: StateEntry) -> bool:
 
 
 class _OwnerMap:
-    __slots__ = ("entries", "sizes", "memories", "total", "memory", "max_version")
+    __slots__ = ("entries", "sizes", "memories", "total", "memory", "max_version", "digest")
 
     def __init__(self) -> None:
         self.entries: dict[str, StateEntry] = {}
@@ -89,6 +94,7 @@ class _OwnerMap:
         self.total = 0
         self.memory = 0
         self.max_version = 0
+        self.digest: bytes | None = None  # hash of the (key, version) pairs; None: recompute
 
     def put(self, entry: StateEntry, size: int, memory: int) -> int:
         """Store ``entry``; return the change in memory."""
@@ -98,6 +104,7 @@ class _OwnerMap:
         self.entries[entry.key] = entry
         self.sizes[entry.key] = size
         self.memories[entry.key] = memory
+        self.digest = None
         if entry.version > self.max_version:
             self.max_version = entry.version
         return grown
@@ -142,6 +149,18 @@ class StateStore:
     def set_local(self, key: str, value: StateValue) -> StateUpdate:
         """Set a local key; raise :class:`BroadcastTooLarge` if the map would exceed the budget."""
         return self._stamp(key, value, deleted=False)
+
+    def unchanged(self, key: str, value: StateValue) -> bool:
+        """Whether our live ``key`` already holds ``value`` as it travels (setting it is a no-op)."""
+        current = self._maps[self._local].entries.get(key)
+        return current is not None and not current.deleted and _same(current, StateEntry(key, 0, value))
+
+    def local_update(self, key: str) -> StateUpdate | None:
+        """Our current entry for ``key`` as an update (same version), or None."""
+        current = self._maps[self._local].entries.get(key)
+        if current is None:
+            return None
+        return StateUpdate(self._local, current.version, key, current.value, current.deleted)
 
     def delete_local(self, key: str) -> StateUpdate | None:
         """Delete a local key (tombstone); None if there was nothing to delete."""
@@ -296,6 +315,53 @@ class StateStore:
         """Highest version known for ``owner`` (0 if none)."""
         owned = self._maps.get(owner)
         return owned.max_version if owned is not None else 0
+
+    def owners(self) -> list[str]:
+        """Every owner with a non-empty map."""
+        return [owner for owner, m in self._maps.items() if m.entries]
+
+    def digest(self, owner: str) -> bytes:
+        """A hash over ``owner``'s entries (digest push-pulls compare it); cached until a change."""
+        owned = self._maps.get(owner)
+        if owned is None:
+            return bytes(OWNER_DIGEST_BYTES)
+        if owned.digest is None:
+            h = hashlib.blake2b(digest_size=OWNER_DIGEST_BYTES)
+            for key in sorted(owned.entries):
+                h.update(entry_hash(owned.entries[key]))
+            owned.digest = h.digest()
+        return owned.digest
+
+    def held(self, owner: str) -> tuple[tuple[str, int, bytes], ...]:
+        """``owner``'s entries as (key, version, entry_hash), for a digest push-pull's Want."""
+        owned = self._maps.get(owner)
+        if owned is None:
+            return ()
+        return tuple((e.key, e.version, entry_hash(e)) for e in owned.entries.values())
+
+    def newer_than(self, owner: str, version: int) -> tuple[StateEntry, ...]:
+        """``owner``'s entries above ``version``."""
+        owned = self._maps.get(owner)
+        if owned is None or owned.max_version <= version:
+            return ()
+        return tuple(e for e in owned.entries.values() if e.version > version)
+
+    def missing_from(self, owner: str, held: Iterable[tuple[str, int, bytes]]) -> tuple[StateEntry, ...]:
+        """``owner``'s entries a peer holding ``held`` lacks: newer, or as new but different.
+
+        An entry as new but different matters to the owner only (an earlier
+        life's value at the same version: ``reconcile_own`` re-stamps it).
+        """
+        owned = self._maps.get(owner)
+        if owned is None:
+            return ()
+        have = {key: (version, h) for key, version, h in held}
+        out: list[StateEntry] = []
+        for e in owned.entries.values():
+            theirs = have.get(e.key)
+            if theirs is None or theirs[0] < e.version or (theirs[0] == e.version and theirs[1] != entry_hash(e)):
+                out.append(e)
+        return tuple(out)
 
     def snapshot(self) -> tuple[tuple[str, tuple[StateEntry, ...]], ...]:
         """Every non-empty map, for a push-pull."""

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+
+# Message kinds counted per kind (``kind_*`` below): the probe messages, the
+# membership and state updates, user broadcasts, and the three parts of a
+# push-pull frame (member records, state entries, and the rest: header,
+# summary and want of a digest exchange).
+KINDS = (
+    "ping", "ack", "nack", "ping_req", "alive", "suspect", "dead", "state", "user",
+    "push_pull_members", "push_pull_state", "push_pull_digest",
+)
+# The per-kind counters: messages (for push-pull: frames) and encoded bytes, each way.
+KIND_COUNTERS = ("kind_msgs_out", "kind_bytes_out", "kind_msgs_in", "kind_bytes_in")
+
+
+def _per_kind() -> dict[str, int]:
+    return dict.fromkeys(KINDS, 0)
 
 
 @dataclass(slots=True)
@@ -10,7 +25,10 @@ class Stats:
     """Counters, mutable. Read as attributes or ``stats["name"]``.
 
     ``bytes_in`` / ``bytes_out`` count everything sealed (datagrams and stream
-    frames); ``stream_bytes_*`` is the stream part of it.
+    frames); ``stream_bytes_*`` is the stream part of it. ``kind_bytes_out[k]``
+    and the other ``KIND_COUNTERS`` count the encoded bytes of each message of
+    kind ``k`` (``KINDS``), without the datagram header and the keyring's seal;
+    ``as_dict`` flattens them as ``kind_bytes_out_ping`` and so on.
     """
 
     datagrams_in: int = 0
@@ -47,11 +65,32 @@ class Stats:
     # known yet (held until it arrives, or dropped for anti-entropy to repair).
     state_forged: int = 0
     state_unverified: int = 0
+    pending_state: int = 0  # state entries of members not yet known, kept for a while
+    kind_msgs_out: dict[str, int] = field(default_factory=_per_kind)
+    kind_bytes_out: dict[str, int] = field(default_factory=_per_kind)
+    kind_msgs_in: dict[str, int] = field(default_factory=_per_kind)
+    kind_bytes_in: dict[str, int] = field(default_factory=_per_kind)
+
+    def count(self, out: bool, kind: str, size: int, msgs: int = 1) -> None:
+        """Count ``msgs`` messages of ``kind`` taking ``size`` encoded bytes."""
+        if out:
+            self.kind_msgs_out[kind] += msgs
+            self.kind_bytes_out[kind] += size
+        else:
+            self.kind_msgs_in[kind] += msgs
+            self.kind_bytes_in[kind] += size
 
     def __getitem__(self, name: str) -> int:
-        value: int = getattr(self, name)
-        return value
+        return self.as_dict()[name]
 
     def as_dict(self) -> dict[str, int]:
-        """All counters as a plain dict."""
-        return asdict(self)
+        """All counters as a plain dict (per-kind ones as ``kind_bytes_out_ping`` ...)."""
+        out = {name: getattr(self, name) for name in _SCALARS}
+        for counter in KIND_COUNTERS:
+            per_kind: dict[str, int] = getattr(self, counter)
+            for kind, n in per_kind.items():
+                out[f"{counter}_{kind}"] = n
+        return out
+
+
+_SCALARS = tuple(f.name for f in fields(Stats) if f.name not in KIND_COUNTERS)

@@ -25,11 +25,13 @@ lost: it picks a new block, publishes a new claim and emits :class:`Renumbered`.
 The winner does nothing; everyone else just watches. Both sides of a healed
 partition decide alike because the order is a property of the claims alone.
 After a burst of arrivals (members back from DEAD or LEFT, or several new ones:
-a heal), every node re-publishes its claim (twice, seconds apart), so the sides
-learn each other's claims by gossip within seconds instead of waiting for
-anti-entropy. Every new claim is also published again at the offsets in
-``DEFAULT_CLAIM_REPEATS_S``, for nodes that got the first copy before they knew
-the claimant (the gossip core drops state of members it does not know).
+a heal), every node re-announces its claim once (``ClaimUpdate.again``: the
+driver calls ``core.rebroadcast_state``, the same version again, which only
+members lacking it pass on), so the sides learn each other's claims by gossip
+within seconds instead of waiting for anti-entropy. A claim is published once:
+the gossip core keeps an update about a member it does not know yet until the
+member's Alive arrives (``gossip.core.PENDING_STATE_TTL``), so a claim that
+overtakes its owner's Alive is no longer lost.
 
 Restarts: a node restarted from its persisted state claims its old block again at
 once, with a fresh timestamp. While it was away its block was quarantined, so
@@ -63,7 +65,8 @@ persisted, kept at the same offsets when the node is renumbered).
 Driving it: feed ``on_member`` / ``on_claim`` / ``on_reaped``, call
 ``handle_timeout(now)`` when ``get_timer()`` is due (inputs set it to ``now`` so
 that all inputs of one batch are seen before a decision), then drain
-``claim_to_publish()`` (-> ``core.set_state(STATE_KEY, update.value)``),
+``claim_to_publish()`` (-> ``core.set_state(STATE_KEY, update.value)``, or
+``core.rebroadcast_state(STATE_KEY)`` when ``update.again``),
 ``state_to_persist()`` and ``next_event()``.
 """
 
@@ -93,22 +96,15 @@ DEFAULT_SETTLE_S = 2.0
 # cover the gap with room to spare.
 DEFAULT_REVIVE_GRACE_S = 1.0
 # After a burst of arrivals (a member back from DEAD/LEFT, or two new members within
-# this window: a healed partition), re-publish our own claim once, this long after the
+# this window: a healed partition), re-announce our own claim once, this long after the
 # burst began, so one heal costs one update per node. The gossip core spreads what
 # anti-entropy merges only every push-pull interval (30 s); a fresh update reaches
 # the whole mesh by piggybacking in about a second. A single join does not trigger it:
-# the joiner gets every claim in its join exchange.
+# the joiner gets every claim in its join exchange. (Until issue 13 the claim was
+# re-published with a new version at +0.5 s and +8 s after a burst and at +1 s and
+# +3 s after every new claim, because the core dropped state of members it did not
+# know yet; it now keeps it, and a re-announcement keeps the version.)
 DEFAULT_REANNOUNCE_DELAY_S = 0.5
-# ... and once more this long after that: the core drops a state update about a member
-# it does not know yet, and after a heal some members learn of others only seconds
-# later (measured: up to ~10 s in the simulator at N=50 on the LAN preset).
-DEFAULT_REANNOUNCE_AGAIN_S = 8.0
-# Every new claim is published again this long after the first (seconds): a joiner's
-# first claim races its own Alive through the mesh, and a node that gets the claim
-# before it knows the member drops it (the core keeps no state for unknown members).
-# 1 s (5 LAN gossip rounds) catches most stragglers and keeps the claim time near 1 s;
-# 3 s catches the Alive's slowest receivers in a few hundred nodes.
-DEFAULT_CLAIM_REPEATS_S = (1.0, 3.0)
 FIRST_HOST_OFFSET = 1  # the node's own address: the first usable address of its block
 MAX_LOCAL_ADDRESSES = 64  # named local allocations kept (persisted state stays small)
 MAX_NAME_LEN = 64
@@ -209,6 +205,7 @@ class ClaimUpdate:
     """
 
     value: dict[str, Any] | None
+    again: bool = False  # a re-announcement of the unchanged claim (``core.rebroadcast_state``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +309,7 @@ class Allocator:
         self._exhausted = False
         self._decide_at: float | None = None
         self._settle_at: float | None = now + settle_s
-        self._reannounce: list[float] = []  # pending re-publish times, ascending
-        self._repeats: list[float] = []  # re-publications of a new claim, ascending
+        self._reannounce: list[float] = []  # pending re-announcement times, ascending
         self._arrival_window_end: float | None = None  # a second new member soon is a burst
         if persisted is not None:
             self._restore(persisted, now)
@@ -423,14 +419,11 @@ class Allocator:
         self._decide_at = None
         self._quarantine_check_at = None
         republish = False
-        while self._repeats and self._repeats[0] <= now:
-            self._repeats.pop(0)
-            republish = True
         while self._reannounce and self._reannounce[0] <= now:
             self._reannounce.pop(0)
             republish = True
         if republish and self._own is not None and self._publish is None:
-            self._publish = ClaimUpdate(self._own.to_value())
+            self._publish = ClaimUpdate(self._own.to_value(), again=True)
         if self._own is not None and self._provisional_until is not None:
             self._confirm_restored(now)
         if self._own is None:
@@ -455,7 +448,6 @@ class Allocator:
             self._settle_at,
             self._quarantine_check_at,
             self._reannounce[0] if self._reannounce else None,
-            self._repeats[0] if self._repeats else None,
             self._provisional_until,
         )
         deadlines = [t for t in candidates if t is not None]
@@ -530,8 +522,7 @@ class Allocator:
             return
         window = self._arrival_window_end
         if burst or (window is not None and now <= window):
-            first = now + DEFAULT_REANNOUNCE_DELAY_S
-            self._reannounce = [first, first + DEFAULT_REANNOUNCE_AGAIN_S]
+            self._reannounce = [now + DEFAULT_REANNOUNCE_DELAY_S]
             self._arrival_window_end = None
         else:
             self._arrival_window_end = now + DEFAULT_REANNOUNCE_DELAY_S
@@ -753,7 +744,6 @@ class Allocator:
             time = max(known).successor()
         self._own = Claim(self.node, self.node_id, self._block_at(index), index, time)
         self._publish = ClaimUpdate(self._own.to_value())
-        self._repeats = [now + delay for delay in DEFAULT_CLAIM_REPEATS_S]
         self._persist_due = True
         address = self._own.block[FIRST_HOST_OFFSET]
         self._events.append(BlockClaimed(str(self._own.block), str(address), time))

@@ -214,7 +214,10 @@ class IpamMesh:
         if update is not None:
             self._check_change(name, update.value, drained, now)
             value = update.value
-            self.sim.call(name, lambda core, t: core.set_state(STATE_KEY, value, t))
+            if update.again:
+                self.sim.call(name, lambda core, t: core.rebroadcast_state(STATE_KEY, t))
+            else:
+                self.sim.call(name, lambda core, t: core.set_state(STATE_KEY, value, t))
         timer = alloc.get_timer()
         if timer is not None:
             self._arm(name, max(timer, now))

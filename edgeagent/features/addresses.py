@@ -224,7 +224,9 @@ class Addresses:
             future = self.host.saver.save_json(self.path, saved)
             future.add_done_callback(lambda f: _call_soon(loop, self._saved, gen, f))
         update = alloc.claim_to_publish()
-        if update is not None:  # published once the state holding it is on disk
+        if update is not None and update.again:  # the same value again: nothing to save
+            self.host.rebroadcast_state(STATE_KEY)
+        elif update is not None:  # published once the state holding it is on disk
             self._unpublished, self._unpublished_gen = update, self._saves_asked
         self._publish_saved()
         while (event := alloc.next_event()) is not None:

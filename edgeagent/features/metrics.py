@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Mapping
 
 from gossip.messages import Address, MemberState
+from gossip.stats import KINDS
 
 from ..driver import View
 from ..errors import ConfigError
@@ -118,6 +119,13 @@ class MetricsFeed:
                 ("drop", reason, key),
                 sources[src].get(key, 0),
             )
+        core = sources["core"]
+        for kind in KINDS:
+            for direction, suffix in (("sent", "out"), ("received", "in")):
+                for family, prefix in ((m.kind_messages, "kind_msgs"), (m.kind_bytes, "kind_bytes")):
+                    key = f"{prefix}_{suffix}_{kind}"
+                    self._grow(family.labels(direction=direction, kind=kind), (prefix, direction, key),
+                               core.get(key, 0))
         for number, rtt in view.probe_rtts:
             if number > self._rtts_seen:
                 m.probe_rtt.observe(rtt)

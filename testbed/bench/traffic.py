@@ -597,6 +597,10 @@ class _Tap:
             self.push_pull[f"{kind}_state_entries"] += sum(len(entries) for _, entries in pp.states)
             self.push_pull[f"{kind}_state_bytes"] += _states_size(pp.states)
             self.push_pull[f"{kind}_member_bytes"] += _members_size(pp.members)
+            if pp.summary is not None or pp.want is not None:  # a digest exchange (gossip/digest.py)
+                self.push_pull[f"{kind}_digest_frames"] += 1
+                if pp.want is not None:
+                    self.push_pull[f"{kind}_want_frames"] += 1
 
     def dump(self, dropped: int) -> dict[str, Any]:
         redundancy: dict[str, dict[str, float]] = {

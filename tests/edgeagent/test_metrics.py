@@ -201,3 +201,27 @@ async def test_http_endpoint_refuses_other_paths_methods_and_huge_requests() -> 
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_feed_exports_per_kind_gossip_counters() -> None:
+    import random
+
+    from edgeagent.driver import DriverStats, take_view
+    from edgeagent.features.metrics import MetricsFeed
+    from gossip.config import lan
+    from gossip.core import Membership
+    from gossip.messages import Ping, StateUpdate
+    from testbed.sim import make_keyring, seal
+
+    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+    core.receive(seal([Ping(1, "a", "b", ("10.0.0.2", 7946)), StateUpdate("b", 1, "k", "v")]), ("10.0.0.2", 7946), 0.0)
+    reg = Registry()
+    feed = MetricsFeed(reg, agent_metrics(reg))
+    feed.update(take_view(core, DriverStats(), 0.0))
+    samples = parse_exposition(reg.render())
+    received = 'direction="received",kind="{}"'
+    assert samples["edgeagent_gossip_messages_total{" + received.format("ping") + "}"] == 1
+    assert samples["edgeagent_gossip_message_bytes_total{" + received.format("state") + "}"] == (
+        core.stats.kind_bytes_in["state"]) > 0
+    sent = samples["edgeagent_gossip_message_bytes_total{" + 'direction="sent",kind="ack"' + "}"]
+    assert sent == core.stats.kind_bytes_out["ack"] > 0  # the ack to the ping

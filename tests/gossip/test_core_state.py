@@ -7,10 +7,16 @@ import random
 import pytest
 
 from gossip.config import lan
-from gossip.core import InvalidArgument, Membership
+from gossip.core import (
+    PENDING_STATE_MAX,
+    PENDING_STATE_MEMORY,
+    PENDING_STATE_TTL,
+    InvalidArgument,
+    Membership,
+)
 from gossip.errors import BroadcastTooLarge
 from gossip.events import StateChanged
-from gossip.messages import Alive, StateEntry, StateUpdate
+from gossip.messages import Ack, Alive, StateEntry, StateUpdate
 from gossip.state_store import StateStore
 from testbed.sim import Simulator, drain_events, make_keyring, seal, sent
 
@@ -114,12 +120,72 @@ def test_stale_and_duplicate_updates_change_nothing() -> None:
     assert [e for e in drain_events(core) if isinstance(e, StateChanged)] == [StateChanged("b", "k", "new", 5, False)]
 
 
-def test_update_about_an_unknown_owner_is_dropped() -> None:
-    core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
-                      keyring=make_keyring(random.Random(1)))
+def _core(name: str = "a") -> Membership:
+    return Membership(name, ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
+
+
+def test_update_about_an_unknown_owner_is_kept_until_its_alive_arrives() -> None:
+    core = _core()
     core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
     assert core.state_of("ghost") == {}
+    assert core.stats.pending_state == 1 and core.stats.dropped == 0
+    drain_events(core)
+    core.receive(seal([Alive("ghost", 1, SRC, b"")]), SRC, 1.0)
+    assert core.state_of("ghost") == {"k": 1}
+    assert StateChanged("ghost", "k", 1, 1, False) in drain_events(core)
+
+
+def test_update_about_an_unknown_owner_expires() -> None:
+    core = _core()
+    core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
+    core.receive(seal([StateUpdate("other", 1, "k", 1)]), SRC, PENDING_STATE_TTL + 0.1)  # expires the first
     assert core.stats.dropped == 1
+    core.receive(seal([Alive("ghost", 1, SRC, b"")]), SRC, PENDING_STATE_TTL + 0.2)
+    assert core.state_of("ghost") == {}
+
+
+def test_updates_about_unknown_owners_are_bounded_in_count_and_memory() -> None:
+    core = _core()
+    for i in range(PENDING_STATE_MAX + 10):
+        core.receive(seal([StateUpdate(f"ghost{i}", 1, "k", i)]), SRC, 0.0)
+    assert core.stats.dropped == 10
+    big = "x" * 3000
+    for i in range(PENDING_STATE_MAX):
+        core.receive(seal([StateUpdate(f"big{i}", 1, "k", big)]), SRC, 0.0)
+    assert core._pending_memory <= PENDING_STATE_MEMORY
+    assert len(core._pending_state) < PENDING_STATE_MAX
+    # The oldest went first: the earliest ghosts are gone, the newest big one is kept.
+    core.receive(seal([Alive(f"big{PENDING_STATE_MAX - 1}", 1, SRC, b""), Alive("ghost0", 1, SRC, b"")]), SRC, 0.1)
+    assert core.state_of(f"big{PENDING_STATE_MAX - 1}") == {"k": big}
+    assert core.state_of("ghost0") == {}
+
+
+def test_set_state_with_an_unchanged_value_is_a_no_op() -> None:
+    core = _core()
+    core.set_state("k", {"a": [1, 2]}, 0.0)
+    version, queued = core._store.version, core.pending_broadcasts
+    core.set_state("k", {"a": [1, 2]}, 1.0)
+    assert core._store.version == version and core.pending_broadcasts == queued
+    core.set_state("k", {"a": [1, 3]}, 2.0)
+    assert core._store.version == version + 1
+    core.delete_state("k", 3.0)
+    core.set_state("k", None, 4.0)  # a value None after a delete is a change (the key comes back)
+    assert core._store.version == version + 3
+
+
+def test_rebroadcast_state_keeps_the_version() -> None:
+    core = _core()
+    core.set_state("k", 1, 0.0)
+    for i in range(40):  # retire every queued update by sending it out
+        core._send(("10.0.0.2", 7946), [Ack(i, "a")])
+    assert core.pending_broadcasts == 0
+    version = core._store.version
+    core.rebroadcast_state("k", 50.0)
+    core.rebroadcast_state("missing", 50.0)
+    assert core.pending_broadcasts == 1 and core._store.version == version
+    core._send(("10.0.0.2", 7946), [Ack(99, "a")])
+    updates = [m for _, msgs in sent(core) for m in msgs if isinstance(m, StateUpdate)]
+    assert updates[-1] == StateUpdate("a", version, "k", 1)
 
 
 def test_update_about_us_from_an_earlier_life_is_overridden() -> None:

@@ -176,7 +176,9 @@ def test_push_pull_reply_and_request_fit_max_stream_bytes() -> None:
     a.join([B], 1.0)
     ((_, own_request),) = a.streams_to_send()
     assert len(own_request) <= SMALL_STREAM
-    assert a.stats.push_pull_capped == 2
+    # The reply was capped; a's own join request is a digest one (its record, its map and
+    # the summaries, ~50 KB here) and fits whole.
+    assert a.stats.push_pull_capped == 1
     b.receive_stream_reply(reply, A, 1.0)
     assert b.stats.decode_errors == 0
     learned = {m.name for m in b.members()}

@@ -11,8 +11,6 @@ import pytest
 from gossip.messages import MemberState
 from overlay.hlc import Timestamp
 from overlay.ipam import (
-    DEFAULT_CLAIM_REPEATS_S,
-    DEFAULT_REANNOUNCE_AGAIN_S,
     MAX_LOCAL_ADDRESSES,
     AddressExhausted,
     Allocator,
@@ -542,12 +540,12 @@ def test_claims_lists_rows_with_node_block_address_state() -> None:
     }
 
 
-def test_member_comeback_makes_node_republish_its_claim_once_per_burst_then_again() -> None:
+def test_member_comeback_makes_node_reannounce_its_claim_once_per_burst() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
     a.handle_timeout(0.0)
     first = a.claim_to_publish()
-    drain_repeats(a, 0.0)
+    assert first is not None and not first.again
     for name in ("x", "y"):
         a.on_member(name, MemberState.DEAD, 4.0)
     a.handle_timeout(4.0)
@@ -555,16 +553,13 @@ def test_member_comeback_makes_node_republish_its_claim_once_per_burst_then_agai
     a.on_member("x", MemberState.ALIVE, 5.0)
     a.on_member("y", MemberState.ALIVE, 5.2)
     a.handle_timeout(5.2)
-    assert a.claim_to_publish() is None  # batched: one re-publish per burst
+    assert a.claim_to_publish() is None  # batched: one re-announcement per burst
     a.handle_timeout(5.5)
     again = a.claim_to_publish()
-    assert again is not None and first is not None and again.value == first.value
+    assert again is not None and again.again and again.value == first.value
     a.handle_timeout(6.5)
     assert a.claim_to_publish() is None
-    assert a.get_timer() == 5.5 + DEFAULT_REANNOUNCE_AGAIN_S  # once more, for late learners
-    a.handle_timeout(5.5 + DEFAULT_REANNOUNCE_AGAIN_S)
-    assert a.claim_to_publish() is not None
-    assert a.get_timer() is None
+    assert a.get_timer() is None  # once: the core keeps a claim that arrives before its owner
 
 
 def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() -> None:
@@ -572,7 +567,6 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     a.synced(0.0)
     a.handle_timeout(0.0)
     a.claim_to_publish()
-    drain_repeats(a, 0.0)
     a.on_member("solo", MemberState.ALIVE, 10.0)
     a.handle_timeout(12.0)
     assert a.claim_to_publish() is None
@@ -582,21 +576,12 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     assert a.claim_to_publish() is not None
 
 
-def drain_repeats(a: Allocator, claimed_at: float) -> None:
-    """Run the re-publications of a claim made at ``claimed_at``; each is the claim."""
-    claim = a.claim
-    assert claim is not None
-    for delay in DEFAULT_CLAIM_REPEATS_S:
-        assert a.get_timer() == claimed_at + delay
-        a.handle_timeout(claimed_at + delay)
-        update = a.claim_to_publish()
-        assert update is not None and update.value == claim.to_value()
-
-
-def test_new_claim_is_published_again_at_each_repeat_offset_then_stops() -> None:
+def test_new_claim_is_published_once() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
     a.handle_timeout(0.0)
-    assert a.claim_to_publish() is not None
-    drain_repeats(a, 0.0)
+    update = a.claim_to_publish()
+    assert update is not None and not update.again
     assert a.get_timer() is None
+    a.handle_timeout(10.0)
+    assert a.claim_to_publish() is None
