@@ -541,7 +541,7 @@ class _Tap:
                 self.add(sec, f"udp:{carrier}:{kind}", 1, size)
                 self.sent[kind][_update_id(msg)] += 1
                 if type(msg).__name__ == "StateUpdate":
-                    self.values[kind].add((msg.owner, json.dumps(msg.value, sort_keys=True)))
+                    self.values[kind].add((msg.owner, _value_text(msg.value)))
         self.add(sec, "udp:overhead", 1, total - used)
 
     def segment(self, src: bytes, dst: bytes, tcp: bytes, total: int, sec: int) -> None:
@@ -691,6 +691,11 @@ def _tap_main(argv: list[str]) -> int:
     _, drops = struct.unpack("II", sock.getsockopt(263, 6, 8))
     Path(args.out).write_text(json.dumps(tap.dump(drops)))
     return 0
+
+
+def _value_text(value: object) -> str:
+    """A state value as text, to count distinct values (``_cert`` values are bytes)."""
+    return json.dumps(value, sort_keys=True, default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
 
 
 if __name__ == "__main__":
