@@ -24,6 +24,9 @@ What a feature gets:
 - Events: ``add_listener(fn)`` calls ``fn(events, view)`` on the main loop after every update
   from the gossip thread; ``view`` is the latest immutable snapshot.
 - ``metrics``: the Prometheus registry, or None when metrics are off; ``logger(name)``.
+- ``offer(name, obj)`` / ``offered(name)``: what one feature shares with the features
+  started after it (the services feature offers ``"services"``: its catalog and balancer,
+  which the CoAP router uses).
 - DNS resolvers: ``add_node_resolver`` / ``add_service_resolver``. The mesh DNS feature
   answers ``NODE.node.mesh`` and ``SERVICE.mesh`` from every resolver registered, at query
   time, so the order in which features start does not matter.
@@ -97,6 +100,7 @@ class FeatureHost:
         self._leave_hooks: list[LeaveHook] = []
         self._node_resolvers: list[Resolver] = []
         self._service_resolvers: list[Resolver] = []
+        self._offers: dict[str, object] = {}
 
     # -- what the agent is -------------------------------------------------------------------
 
@@ -210,6 +214,16 @@ class FeatureHost:
                 listener(events, view)
             except Exception:  # one feature's bug must not stop the others hearing events
                 logging.getLogger("edgeagent").exception("update listener failed")
+
+    # -- what features offer each other ---------------------------------------------------
+
+    def offer(self, name: str, obj: object) -> None:
+        """Make ``obj`` available to the features started later as ``offered(name)``."""
+        self._offers[name] = obj
+
+    def offered(self, name: str) -> object | None:
+        """What an earlier feature offered as ``name`` (e.g. ``"services"``), or None."""
+        return self._offers.get(name)
 
     # -- mesh DNS resolvers ------------------------------------------------------------------
 
