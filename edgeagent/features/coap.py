@@ -144,7 +144,7 @@ class Coap:
         if host.config.coap is not None:
             await self._serve_coap(host, self.router)
         host.add_status(self.status_fields)
-        host.register_command("coap", lambda request: self.status_fields())
+        host.register_command("coap", lambda request: self.cmd_coap(directory))
 
     def _directory(self, host: FeatureHost) -> ServiceDirectory:
         offered = host.offered("services")
@@ -232,6 +232,14 @@ class Coap:
         bound_deduplication(self._server)
         self.coap_address = (where, port)
         log.info("coap listening", extra=fields(addr=f"{where}:{port}"))
+
+    def cmd_coap(self, directory: ServiceDirectory) -> dict[str, Any]:
+        """The ``coap`` control command: status, counters and the instances the router sees."""
+        now = asyncio.get_running_loop().time()
+        return {
+            **self.status_fields(),
+            "instances": directory.catalog.rows(directory.balancer.ejected(now)),
+        }
 
     def status_fields(self) -> dict[str, Any]:
         where = self.coap_address
