@@ -16,11 +16,12 @@ How it works
 - **A try** goes to a local instance directly (:class:`Upstream`) or, for an instance
   another node owns, over the agent channel to that node (:meth:`Router.serve_channel`
   there), which checks Hop-Limit again, forwards to its own instance and replies.
-- **Upstream** is a small pool of aiocoap client contexts: aiocoap keeps NSTART=1 per
-  remote for CON requests (a second CON to one server waits in a backlog until the first is
-  acknowledged), so one context would make a busy instance a one-at-a-time pipe. A request is
-  sent as NON when the client sent NON, CON otherwise; each try goes to the context with the
-  fewest requests outstanding.
+- **Upstream** is a pool of aiocoap client contexts: aiocoap keeps NSTART=1 per remote for
+  CON requests (a second CON to one server waits in a backlog until the first is
+  acknowledged), so one context would make a busy instance a one-at-a-time pipe. A CON try
+  goes to a context with nothing outstanding to that instance, and a new context is opened
+  when there is none (at most :data:`UPSTREAM_CONTEXTS`); a request is sent as NON when the
+  client sent NON (no NSTART limit then).
 - **Deduplication memory**: aiocoap remembers every request it received (and its response)
   for EXCHANGE_LIFETIME, 247 s, with one timer each. :func:`bound_deduplication` replaces
   that, on the agent's server context only, by a table of at most :data:`DEDUP_MAX`
@@ -57,7 +58,7 @@ from .channel import Channel, ChannelUnavailable, Peer
 
 log = logging.getLogger("edgeagent.coap")
 
-UPSTREAM_CONTEXTS = 4  # client contexts (sockets) toward local instances: see the docstring
+UPSTREAM_CONTEXTS = 32  # client contexts (UDP sockets) toward local instances, at most
 DEDUP_MAX = 2048  # requests remembered for deduplication at most
 DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
@@ -151,38 +152,75 @@ def bound_deduplication(ctx: aiocoap.Context) -> int:
 
 
 class Upstream:
-    """A few aiocoap client contexts toward this node's instances (NSTART=1 each)."""
+    """aiocoap client contexts toward this node's instances, grown as concurrency needs.
 
-    def __init__(self, size: int = UPSTREAM_CONTEXTS) -> None:
-        self.size = size
+    aiocoap sends one CON at a time per (context, remote) (NSTART=1), so a try goes to a
+    context with nothing outstanding to that instance; when every context has, a new one is
+    opened, up to ``limit`` (then the least loaded is used and aiocoap queues behind it).
+    """
+
+    def __init__(self, limit: int = UPSTREAM_CONTEXTS) -> None:
+        self.limit = limit
         self._contexts: list[aiocoap.Context] = []
-        self._outstanding: list[int] = []
+        self._busy: Counter[tuple[int, str]] = Counter()  # (context, remote) -> outstanding
+        self._opening: asyncio.Lock | None = None
+        self._closed = False
         self.stats: Counter[str] = Counter()
 
     async def start(self) -> None:
-        for _ in range(self.size):
-            ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-            self._contexts.append(ctx)
-            self._outstanding.append(0)
+        self._opening = asyncio.Lock()
+        await self._open()
+
+    async def _open(self) -> None:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        self._contexts.append(ctx)
+        self.stats["contexts"] = len(self._contexts)
 
     async def close(self) -> None:
+        self._closed = True
         for ctx in self._contexts:
             with contextlib.suppress(Exception):
                 await ctx.shutdown()
         self._contexts.clear()
 
+    async def _choose(self, remote: str) -> int:
+        idle = [i for i in range(len(self._contexts)) if not self._busy[(i, remote)]]
+        if idle or len(self._contexts) >= self.limit or self._opening is None:
+            return (
+                idle[0]
+                if idle
+                else min(range(len(self._contexts)), key=lambda i: self._busy[(i, remote)])
+            )
+        async with self._opening:
+            if len(self._contexts) < self.limit and not self._closed:
+                await self._open()
+        return (
+            await self._choose(remote)
+            if len(self._contexts) < self.limit
+            else len(self._contexts) - 1
+        )
+
     async def forward(
         self, inst: Instance, msg: cr.Message, timeout: float
     ) -> tuple[ReplyStatus, cr.Message]:
         """Send ``msg`` (already routed for ``inst``) and wait at most ``timeout``."""
-        if not self._contexts:
+        if not self._contexts or self._closed:
             return ReplyStatus.UNREACHABLE, _failure(cr.Failure.UNREACHABLE, "no upstream")
-        i = min(range(len(self._contexts)), key=self._outstanding.__getitem__)
+        remote = endpoint_address(inst)
+        i = await self._choose(remote) if msg.mtype != cr.NON else 0
         tuning = Unreliable() if msg.mtype == cr.NON else Reliable()
         request = to_aiocoap(msg, transport_tuning=tuning)
-        request.unresolved_remote = endpoint_address(inst)
-        self._outstanding[i] += 1
-        pending = self._contexts[i].request(request, handle_blockwise=False)
+        request.unresolved_remote = remote
+        self._busy[(i, remote)] += 1
+        try:
+            pending = self._contexts[i].request(request, handle_blockwise=False)
+            return await self._wait(pending, timeout)
+        finally:
+            self._busy[(i, remote)] -= 1
+            if not self._busy[(i, remote)]:
+                del self._busy[(i, remote)]
+
+    async def _wait(self, pending: Any, timeout: float) -> tuple[ReplyStatus, cr.Message]:
         try:
             async with asyncio.timeout(timeout):
                 response = await pending.response
@@ -197,8 +235,6 @@ class Upstream:
             self.stats["unreachable"] += 1
             why = f"instance unreachable: {type(exc).__name__}"
             return ReplyStatus.UNREACHABLE, _failure(cr.Failure.UNREACHABLE, why)
-        finally:
-            self._outstanding[i] -= 1
         self.stats["answered"] += 1
         return ReplyStatus.ANSWERED, from_aiocoap(response)
 

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "detection-real": "crash detection on real sockets in the network-namespace testbed (root)",
     "traffic": "bytes on the wire, CPU and RSS of N real agents started at once on loopback",
     "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
+    "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
 }
 
 
