@@ -9,7 +9,8 @@ How it works
 - **Ingress** (:class:`IngressSite`, the aiocoap server's site): every request a local
   client sends to ``--coap`` comes to :meth:`Router.handle` as an
   :class:`overlay.coap_route.Message` (blocks are not reassembled: Block1/Block2 pass
-  through, one block per mesh request). The router classifies it, asks
+  through, one block per mesh request, and every block of a transfer after the first goes to
+  the instance that answered the previous one: ``Router._affinity``). The router classifies it, asks
   ``balancer.fault`` once, then per try ``pick`` -> ``on_start`` -> the try ->
   ``on_success`` / ``on_failure``, and ``should_retry`` after a failed one (a try that the
   channel reports as never processed may be retried even for POST: it cannot have acted).
@@ -49,7 +50,7 @@ from aiocoap import error as coap_error
 from aiocoap.numbers import OptionNumber, Reliable, Unreliable
 
 from overlay import coap_route as cr
-from overlay.balancer import Balancer, Outcome
+from overlay.balancer import Balancer, Outcome, Pick, PickReason
 from overlay.catalog import Catalog, Instance
 from overlay.coap_route import ReplyStatus
 from overlay.pki import CertIdentity
@@ -61,6 +62,7 @@ log = logging.getLogger("edgeagent.coap")
 UPSTREAM_CONTEXTS = 32  # client contexts (UDP sockets) toward local instances, at most
 DEDUP_MAX = 2048  # requests remembered for deduplication at most
 DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
+AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
 INTERNAL_ERROR = cr.code(5, 0)
 
@@ -253,6 +255,13 @@ class _Try:
     never_processed: bool = False
 
 
+def _in_transfer(msg: cr.Message) -> bool:
+    """Part of a block-wise transfer: any Block1, or Block2 past block 0 (RFC 7959)."""
+    if msg.values(cr.BLOCK1):
+        return True
+    return any(int.from_bytes(v, "big") >> 4 for v in msg.values(cr.BLOCK2))
+
+
 _STATUS_OUTCOME = {
     ReplyStatus.TIMEOUT: Outcome.TIMEOUT,
     ReplyStatus.UNREACHABLE: Outcome.UNREACHABLE,
@@ -284,22 +293,25 @@ class Router:
         self.directory, self.local, self.peers = directory, local, peers
         self.upstream, self.channel = upstream, channel
         self.stats: Counter[str] = Counter()
+        # Block-wise transfers in progress: (client, service, path) -> instance key, so that
+        # every block of one transfer reaches the same instance (most recent last, bounded).
+        self._affinity: collections.OrderedDict[Any, str] = collections.OrderedDict()
 
     @staticmethod
     def now() -> float:
         return asyncio.get_running_loop().time()
 
-    async def handle(self, msg: cr.Message) -> cr.Message:
+    async def handle(self, msg: cr.Message, client: str = "") -> cr.Message:
         """One local client's request -> the response to send it (never raises)."""
         self.stats["requests"] += 1
         try:
-            return await self._handle(msg)
+            return await self._handle(msg, client)
         except Exception:
             self.stats["internal_errors"] += 1
             log.exception("coap router failed on a request")
             return cr.Message(INTERNAL_ERROR, (), b"internal error")
 
-    async def _handle(self, msg: cr.Message) -> cr.Message:
+    async def _handle(self, msg: cr.Message, client: str) -> cr.Message:
         route = cr.classify(msg)
         if isinstance(route, cr.Refusal):
             self.stats[f"refused_{route.failure.value}"] += 1
@@ -311,14 +323,36 @@ class Router:
             await asyncio.sleep(fault.delay_s)
         if fault.abort_code is not None:
             return cr.Message(cr.parse_code(fault.abort_code), (), b"fault injected")
-        return await self._tries(msg, route, balancer)
+        return await self._tries(msg, route, balancer, (client, route.service, route.path))
 
-    async def _tries(self, msg: cr.Message, route: cr.Route, balancer: Balancer) -> cr.Message:
+    def _pick(
+        self, msg: cr.Message, route: cr.Route, balancer: Balancer, tried: list[str], sticky: Any
+    ) -> Pick:
+        """The balancer's pick, except that a block-wise transfer stays on its instance."""
+        now = self.now()
+        held = self._affinity.get(sticky) if _in_transfer(msg) else None
+        if held is not None and not tried:
+            for inst in balancer.usable(route.service, now):
+                if inst.key == held:
+                    return Pick(inst, PickReason.PICKED)
+        return balancer.pick(route.service, "/".join(route.path), now, exclude=tried)
+
+    def _remember(self, sticky: Any, inst: Instance, msg: cr.Message, response: cr.Message) -> None:
+        blocks = response.values(cr.BLOCK1) or response.values(cr.BLOCK2)
+        if not (blocks or _in_transfer(msg)):
+            return
+        self._affinity[sticky] = inst.key
+        self._affinity.move_to_end(sticky)
+        while len(self._affinity) > AFFINITY_MAX:
+            self._affinity.popitem(last=False)
+
+    async def _tries(
+        self, msg: cr.Message, route: cr.Route, balancer: Balancer, sticky: Any
+    ) -> cr.Message:
         tried: list[str] = []
         last: cr.Message | None = None
-        key = "/".join(route.path)
         for attempt in range(1, 64):  # bounded; should_retry ends it far sooner
-            pick = balancer.pick(route.service, key, self.now(), exclude=tried)
+            pick = self._pick(msg, route, balancer, tried, sticky)
             if pick.instance is None:
                 if last is not None:
                     return last
@@ -332,6 +366,7 @@ class Router:
             now = self.now()
             if result.outcome is None:
                 balancer.on_success(inst, now - start, now)
+                self._remember(sticky, inst, msg, result.response)
                 return result.response
             balancer.on_failure(inst, now - start, now, result.outcome)
             self.stats[f"try_{result.outcome.value}"] += 1
@@ -444,7 +479,7 @@ class IngressSite:
         if msg is None:
             response = cr.refusal_message(cr.Refusal(cr.Failure.MALFORMED, "bad options"))
         else:
-            response = await self.router.handle(msg)
+            response = await self.router.handle(msg, str(pipe.request.remote))
         try:
             out = to_aiocoap(response)
         except Exception:

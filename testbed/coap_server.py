@@ -2,7 +2,7 @@
 
 Resources: ``/temp`` (GET: NAME as text/plain with ETag NAME; POST: the payload reversed,
 2.04; PUT: 2.04 echoing Content-Format; DELETE: 2.02; FETCH: 2.05 with the payload), ``/big``
-(GET: 3000 bytes, served block-wise by aiocoap), ``/slow`` (GET after 0.3 s). It prints
+(GET: 3000 bytes, served block-wise by aiocoap), ``/upload`` (POST, block-wise: ``NAME:LENGTH``), ``/slow`` (GET after 0.3 s). It prints
 ``ready`` on stdout once bound.
 """
 
@@ -46,6 +46,19 @@ class Big(resource.Resource):
         return aiocoap.Message(payload=BIG)
 
 
+class Upload(resource.Resource):
+    """POST (block-wise, reassembled by aiocoap): ``NAME:LENGTH`` of what arrived."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(
+            code=aiocoap.CHANGED, payload=f"{self.name}:{len(request.payload)}".encode()
+        )
+
+
 class Slow(resource.Resource):
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         await asyncio.sleep(0.3)
@@ -57,6 +70,7 @@ async def main(host: str, port: int, name: str) -> None:
     root.add_resource(["temp"], Temp(name))
     root.add_resource(["big"], Big())
     root.add_resource(["slow"], Slow())
+    root.add_resource(["upload"], Upload(name))
     await aiocoap.Context.create_server_context(root, bind=(host, port), transports=["udp6"])
     print("ready", flush=True)
     await asyncio.get_running_loop().create_future()

@@ -129,6 +129,7 @@ class Coap:
         self._server: aiocoap.Context | None = None
         self._channel: Channel | None = None
         self._upstream = Upstream()
+        self._tasks: set[asyncio.Future[None]] = set()
         self.coap_address: tuple[str, int] | None = None
         self.channel_address: tuple[str, int] | None = None
 
@@ -154,7 +155,7 @@ class Coap:
         own = self._own
         for member in host.view.members:
             own.catalog.on_member(member.name, member.state)
-        asyncio.ensure_future(self._catch_up(host, own))
+        self._tasks.add(asyncio.ensure_future(self._catch_up(host, own)))
         if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
             host.register_command("debug-coap-publish", lambda r: self._publish(host, own, r))
         return own
@@ -252,6 +253,8 @@ class Coap:
         }
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.shutdown()

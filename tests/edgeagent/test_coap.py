@@ -137,6 +137,15 @@ def test_blockwise_passes_through(mesh: Mesh) -> None:
     assert after - before >= 3  # 3000 bytes in 1024-byte blocks: one mesh request per block
 
 
+def test_blockwise_upload_stays_on_one_instance(mesh: Mesh) -> None:
+    """Block1: every block of a transfer must reach the instance that took the first."""
+    uri = f"coap://{mesh.ingress}/mesh/temperature/upload"
+    for _ in range(6):
+        response = request(mesh, aiocoap.Message(code=aiocoap.POST, uri=uri, payload=BIG))
+        assert response.code == aiocoap.CHANGED, response
+        assert response.payload in (b"node1:3000", b"node2:3000")
+
+
 def test_observe_is_answered_once_without_observe(mesh: Mesh) -> None:
     response = get(mesh, uri=f"coap://{mesh.ingress}/mesh/temperature/temp", observe=0)
     assert response.code == aiocoap.CONTENT and response.opt.observe is None
