@@ -30,7 +30,7 @@ LIBCOAP = shutil.which("coap-client-notls")
 class Mesh:
     def __init__(self, cluster: LoopbackCluster, servers: list[subprocess.Popen[str]], port: int):
         self.cluster, self.servers, self.port = cluster, servers, port
-        self.ingress = cluster.agents[2].host
+        self.ingress = cluster.agents[-1].host
 
     def publish(self, agent_index: int, instances: list[dict[str, str]]) -> None:
         self.cluster.agents[agent_index].call("debug-coap-publish", instances=instances)
@@ -232,3 +232,28 @@ def test_sigkill_of_a_serving_node_during_a_stream_of_gets(mesh: Mesh) -> None:
     print(f"failover: {len(results)} GETs, {len(failed)} failed, {len(after)} after the kill")
     assert len(after) > 50 and all(r[2] == b"node2" for r in after[-20:] if r[1])
     assert len(failed) <= max(1, len(results) // 100), failed
+
+
+def test_without_a_node_certificate_coap_stays_local_only() -> None:
+    from edgeagent.onboarding import NODE_CERT_FILE
+
+    cluster = LoopbackCluster(1, coap=True, debug_commands=True)
+    agent = cluster.agents[0]
+    (agent.state_dir / NODE_CERT_FILE).unlink()
+    with cluster:
+        port = free_port([agent.host])
+        server = start_server(agent.host, port, "solo")
+        try:
+            agent.call(
+                "debug-coap-publish",
+                instances=[{"name": "t", "uri": f"coap://{agent.host}:{port}"}],
+            )
+            status = agent.status()
+            assert status["coap"] == f"{agent.host}:5683" and status["channel"] is None
+            assert agent.log_tail(50).count("local instances only") == 1
+            mesh = Mesh(cluster, [server], port)
+            response = get(mesh, uri=f"coap://{agent.host}/mesh/t/temp")
+            assert (response.code, response.payload) == (aiocoap.CONTENT, b"solo")
+        finally:
+            server.kill()
+            server.wait()
