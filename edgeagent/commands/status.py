@@ -42,7 +42,7 @@ def render(status: dict[str, Any]) -> str:
             ("mdns", "on" if status.get("mdns") else "off"),
             ("metrics", status.get("metrics") or "off"),
             ("coap", status.get("coap") or "off"),
-            ("agent channel", status.get("channel") or "off"),
+            ("channel", status.get("channel") or "off"),
             ("enrollment", _enroll_text(status.get("enroll"))),
         ]
     )
