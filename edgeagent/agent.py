@@ -132,6 +132,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("metrics", "edgeagent.features.metrics", "Metrics", lambda c: c.metrics is not None),
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),
     FeatureSpec("enroll", "edgeagent.features.enroll", "Enroll", _holds_ca_key),
+    FeatureSpec("coap", "edgeagent.features.coap", "Coap", lambda c: c.coap is not None),
 )  # fmt: skip
 
 

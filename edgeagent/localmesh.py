@@ -13,7 +13,8 @@ exactly as the CLI does.
 Options: ``seeds=False`` and ``mdns=True`` make agents find each other by mDNS alone (only
 inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "netns",
 "exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands;
-``metrics=True`` serves each agent's metrics on its own address (port picked by the kernel).
+``metrics=True`` serves each agent's metrics on its own address (port picked by the kernel);
+``coap=True`` serves CoAP on each agent's own address at port 5683 (off otherwise).
 
 ``edgeagent demo`` runs on it, so it ships in the package; the test harness
 (``testbed.loopback``) builds on it from a checkout::
@@ -40,7 +41,8 @@ from .onboarding import new_ca, provision_member
 
 MAX_SEEDS = 3  # seeds handed to each agent: enough to survive one dead seed
 DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # edgeagent.agent: enables debug-block
-PORT_ATTEMPTS = 50  # kernel-picked ports tried before giving up
+PORT_ATTEMPTS = 50
+COAP_PORT = 5683  # with coap=True each agent serves CoAP on its own address, the usual port  # kernel-picked ports tried before giving up
 
 
 def free_port(hosts: Sequence[str]) -> int:
@@ -104,6 +106,7 @@ class LocalMesh(Generic[A]):
         seeds: bool = True,
         mdns: bool = False,
         metrics: bool = False,
+        coap: bool = False,
         wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
@@ -131,6 +134,7 @@ class LocalMesh(Generic[A]):
                 "--cluster", cluster,
                 "--preset", preset,
                 "--metrics", f"{host}:0" if metrics else "off",
+                "--coap", f"{host}:{COAP_PORT}" if coap else "off",
             ]  # fmt: skip
             if not mdns:
                 argv.append("--no-mdns")

@@ -43,6 +43,8 @@ def render(status: dict[str, Any]) -> str:
             ("state dir", status["state_dir"]),
             ("mdns", "on" if status.get("mdns") else "off"),
             ("metrics", status.get("metrics") or "off"),
+            ("coap", status.get("coap") or "off"),
+            ("channel", status.get("channel") or "off"),
             ("enrollment", _enroll_text(status.get("enroll"))),
             ("undecrypted", _undecryptable_text(status)),
             ("stream drops", _counts_text(status.get("stream_drops"))),

@@ -14,6 +14,8 @@ from gossip.config import PRESETS
 from .schema import (
     DEFAULT_BIND_HOST,
     DEFAULT_CLUSTER,
+    DEFAULT_COAP_HOST,
+    DEFAULT_COAP_PORT,
     DEFAULT_DNS_PORT,
     DEFAULT_GOSSIP_PORT,
     DEFAULT_LOCAL_HOST,
@@ -139,6 +141,14 @@ def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
         help=(
             "serve mesh DNS on HOST:PORT, or 'off': NODE.node.mesh and SERVICE.mesh "
             f"(default: off, unless the profile turns it on at {DEFAULT_LOCAL_HOST}:{DEFAULT_DNS_PORT})"
+        ),
+    )
+    add(
+        "--coap",
+        metavar="HOST:PORT",
+        help=(
+            "serve CoAP to local clients on UDP HOST:PORT and route SERVICE.mesh requests "
+            f"through the mesh, or 'off' (default: {DEFAULT_COAP_HOST}:{DEFAULT_COAP_PORT})"
         ),
     )
     add(

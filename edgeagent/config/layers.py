@@ -62,6 +62,8 @@ class Layer:
     metrics_addr: HostPort | None = None
     dns_on: bool | None = None
     dns_addr: HostPort | None = None
+    coap_on: bool | None = None
+    coap_addr: HostPort | None = None
     mdns: bool | None = None
     preset: str | None = None
     gossip: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +108,9 @@ def file_layer(path: Path) -> Layer:
     dns = reader.get(data, "dns", check_switch_or_address)
     if dns is not None:
         layer.dns_on, layer.dns_addr = dns
+    coap = reader.get(data, "coap", check_switch_or_address)
+    if coap is not None:
+        layer.coap_on, layer.coap_addr = coap
     layer.preset, layer.gossip = reader.gossip(reader.table("gossip"))
     layer.limits = reader.limits(reader.table("limits"))
     overlay = reader.table("overlay")
@@ -166,6 +171,9 @@ def flag_layer(args: argparse.Namespace) -> Layer:
     dns = flag("dns", "--dns", switch)
     if dns is not None:
         layer.dns_on, layer.dns_addr = dns
+    coap = flag("coap", "--coap", switch)
+    if coap is not None:
+        layer.coap_on, layer.coap_addr = coap
     return layer
 
 

@@ -29,6 +29,8 @@ from .schema import (
     DEFAULT_BIND_HOST,
     DEFAULT_BLOCK_PREFIXLEN,
     DEFAULT_CLUSTER,
+    DEFAULT_COAP_HOST,
+    DEFAULT_COAP_PORT,
     DEFAULT_DEAD_QUARANTINE_S,
     DEFAULT_DNS_PORT,
     DEFAULT_GOSSIP_PORT,
@@ -85,6 +87,8 @@ def load_config(
         else None
     )
     dns = pick("dns_addr", (DEFAULT_LOCAL_HOST, DEFAULT_DNS_PORT)) if pick("dns_on", False) else None
+    coap_addr = pick("coap_addr", None)
+    coap = (coap_addr or (DEFAULT_COAP_HOST, DEFAULT_COAP_PORT)) if pick("coap_on", True) else None
     bind = pick("bind", (DEFAULT_BIND_HOST, DEFAULT_GOSSIP_PORT))
     return AgentConfig(
         name=_node_name(pick("name", None), hostname),
@@ -101,6 +105,8 @@ def load_config(
         log_level=pick("log_level", DEFAULT_LOG_LEVEL),
         gossip=gossip,
         dns=dns,
+        coap=coap,
+        coap_explicit=coap_addr is not None,
         overlay_prefix=prefix,
         block_prefixlen=block,
         dead_quarantine_s=pick("dead_quarantine_s", DEFAULT_DEAD_QUARANTINE_S),

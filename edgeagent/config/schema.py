@@ -30,6 +30,12 @@ DEFAULT_GOSSIP_PORT = 7946  # memberlist's default bind port; UDP and TCP share 
 # The enrollment (join token) TLS port: the gossip port + this, unless set. Serf and
 # memberlist use only 7946; 7947 is free beside it on every shipped image.
 ENROLL_PORT_OFFSET = 1
+# The agent-to-agent channel (mutual TLS; CoAP now, MQTT next): the gossip port + this. Not +1:
+# the enrollment listener already takes gossip + 1 on an issuer, and the two cannot share a
+# listener cleanly (enrollment authenticates only the server, the channel both ends).
+CHANNEL_PORT_OFFSET = 2
+DEFAULT_COAP_HOST = "0.0.0.0"  # the CoAP listener for local clients (--coap)
+DEFAULT_COAP_PORT = 5683  # RFC 7252's coap port
 DEFAULT_DNS_PORT = 5354  # mesh DNS default: unprivileged, beside mDNS's 5353
 DEFAULT_METRICS_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
 DEFAULT_OVERLAY_PREFIX = "10.99.0.0/16"
@@ -56,7 +62,7 @@ LOG_LEVELS = tuple(LEVELS)
 # Keys of the TOML file, and of its [overlay] table.
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
-    "enroll_port", "log_format", "log_level", "metrics", "dns", "mdns", "gossip", "limits", "features", "overlay",
+    "enroll_port", "log_format", "log_level", "metrics", "dns", "coap", "mdns", "gossip", "limits", "features", "overlay",
     "service", "services",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
@@ -82,6 +88,13 @@ def default_enroll_port(gossip_port: int) -> int:
     if gossip_port == 0 or gossip_port + ENROLL_PORT_OFFSET > 65535:
         return 0
     return gossip_port + ENROLL_PORT_OFFSET
+
+
+def default_channel_port(gossip_port: int) -> int:
+    """The channel's port beside the gossip port (0: no port can be derived, no listener)."""
+    if gossip_port == 0 or gossip_port + CHANNEL_PORT_OFFSET > 65535:
+        return 0
+    return gossip_port + CHANNEL_PORT_OFFSET
 
 
 def gossip_key(field_name: str) -> str:
@@ -125,6 +138,11 @@ class AgentConfig:
     log_level: str  # "debug" | "info" | "warning" | "error"
     gossip: GossipConfig
     dns: HostPort | None = None  # mesh DNS responder; None: off
+    # CoAP listener for local clients (the mesh's ingress); None: off.
+    coap: HostPort | None = (DEFAULT_COAP_HOST, DEFAULT_COAP_PORT)
+    # True when --coap / the file's coap key named the address (a port in use is then fatal;
+    # the default's is logged and CoAP stays off).
+    coap_explicit: bool = False
     overlay_prefix: str = DEFAULT_OVERLAY_PREFIX
     block_prefixlen: int = DEFAULT_BLOCK_PREFIXLEN
     dead_quarantine_s: float = DEFAULT_DEAD_QUARANTINE_S

@@ -322,6 +322,10 @@ class Services:
         log.info("service deregistered", extra=fields(name=probe.name, endpoint=probe.endpoint))
         return {"name": probe.name, "uri": probe.endpoint, "deregistered": True}
 
+    async def set_registered(self, registered: list[Instance]) -> None:
+        """Replace what was registered at run time (saved, then published; tools and tests)."""
+        await self._change(list(registered))
+
     async def _change(self, registered: list[Instance]) -> None:
         """Save ``registered``, then publish; refused (nothing changed) if over the budget."""
         old = self._registered

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "traffic": "bytes on the wire, CPU and RSS of N real agents started at once on loopback",
     "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
     "signing": "owner-signed state: sign / verify / receive cost per entry and the bytes it adds",
+    "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
 }
 
 

@@ -420,7 +420,9 @@ def test_defaults_shared_with_gossip_are_gossips() -> None:
 
     gossip = GossipConfig()
     assert DEFAULT_CLUSTER == gossip.cluster_name
-    assert Limits() == Limits(gossip.max_members, gossip.max_broadcast_queue, gossip.max_state_bytes)
+    assert Limits() == Limits(
+        gossip.max_members, gossip.max_broadcast_queue, gossip.max_state_bytes
+    )
     assert load().gossip == GossipConfig()
 
 
@@ -462,3 +464,22 @@ def test_run_with_a_broken_gossip_invariant_is_one_stderr_line_exit_2(tmp_path: 
         f"edgeagent: error: {bad}: gossip.probe_timeout: expected less than "
         "gossip.probe_interval (0.5 s), got 0.5\n"
     )
+
+
+def test_coap_listener_default_flag_file_and_off(tmp_path: Path) -> None:
+    default = load()
+    assert (default.coap, default.coap_explicit) == (("0.0.0.0", 5683), False)
+    flagged = load("--coap", "127.0.0.7:5684")
+    assert (flagged.coap, flagged.coap_explicit) == (("127.0.0.7", 5684), True)
+    assert load("--coap", "off").coap is None
+    file = tmp_path / "agent.toml"
+    file.write_text("coap = false\n")
+    assert load("-c", str(file)).coap is None
+    assert load("-c", str(file), "--coap", "127.0.0.1:5683").coap == ("127.0.0.1", 5683)
+    file.write_text('coap = "127.0.0.2:6000"\n')
+    assert load("-c", str(file)).coap == ("127.0.0.2", 6000)
+    with pytest.raises(ConfigError, match="--coap"):
+        load("--coap", "nowhere")
+    file.write_text("coap = 5683\n")
+    with pytest.raises(ConfigError, match="coap"):
+        load("-c", str(file))

@@ -1,0 +1,488 @@
+"""The CoAP router's IO: aiocoap at both edges, the agent channel between agents.
+
+How it works
+------------
+:class:`Router` is the request path; the decisions are sans-IO in :mod:`overlay.coap_route`
+(which form, which service, Hop-Limit, the options sent on) and :mod:`overlay.balancer`
+(which instance, retry or not).
+
+- **Ingress** (:class:`IngressSite`, the aiocoap server's site): every request a local
+  client sends to ``--coap`` comes to :meth:`Router.handle` as an
+  :class:`overlay.coap_route.Message` (blocks are not reassembled: Block1/Block2 pass
+  through, one block per mesh request, and every block of a transfer after the first goes to
+  the instance that answered the previous one: ``Router._affinity``). The router classifies it, asks
+  ``balancer.fault`` once, then per try ``pick`` -> ``on_start`` -> the try ->
+  ``on_success`` / ``on_failure``, and ``should_retry`` after a failed one (a try that the
+  channel reports as never processed may be retried even for POST: it cannot have acted).
+- **A try** goes to a local instance directly (:class:`Upstream`) or, for an instance
+  another node owns, over the agent channel to that node (:meth:`Router.serve_channel`
+  there), which checks Hop-Limit again, forwards to its own instance and replies.
+- **Upstream** is a pool of aiocoap client contexts: aiocoap keeps NSTART=1 per remote for
+  CON requests (a second CON to one server waits in a backlog until the first is
+  acknowledged), so one context would make a busy instance a one-at-a-time pipe. A CON try
+  goes to a context with nothing outstanding to that instance, and a new context is opened
+  when there is none (at most :data:`UPSTREAM_CONTEXTS`); a request is sent as NON when the
+  client sent NON (no NSTART limit then).
+- **Deduplication memory**: aiocoap remembers every request it received (and its response)
+  for EXCHANGE_LIFETIME, 247 s, with one timer each. :func:`bound_deduplication` replaces
+  that, on the agent's server context only, by a table of at most :data:`DEDUP_MAX`
+  entries kept for at most :data:`DEDUP_LIFETIME_S` (a local client's retransmissions end
+  within MAX_TRANSMIT_SPAN, 45 s; at high rates the cap, not the time, decides).
+
+Everything a peer or a client sends is decoded by the total decoders of
+:mod:`overlay.coap_route`; a bug in the router answers 5.00 and is counted, never crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import types
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiocoap
+from aiocoap import error as coap_error
+from aiocoap.numbers import OptionNumber, Reliable, Unreliable
+
+from overlay import coap_route as cr
+from overlay.balancer import Balancer, Outcome, Pick, PickReason
+from overlay.catalog import Catalog, Instance
+from overlay.coap_route import ReplyStatus
+from overlay.pki import CertIdentity
+
+from .channel import Channel, ChannelUnavailable, Peer
+
+log = logging.getLogger("edgeagent.coap")
+
+UPSTREAM_CONTEXTS = 32  # client contexts (UDP sockets) toward local instances, at most
+DEDUP_MAX = 2048  # requests remembered for deduplication at most
+DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
+AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
+CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
+INTERNAL_ERROR = cr.code(5, 0)
+
+
+class ServiceDirectory(Protocol):
+    """What the router needs of the services feature: the catalog and its balancer."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def balancer(self) -> Balancer: ...
+
+
+PeerLookup = Callable[[str], Peer | None]  # node name -> where its channel listens
+
+
+# -- aiocoap <-> overlay.coap_route.Message ------------------------------------------------
+
+
+def from_aiocoap(msg: aiocoap.Message) -> cr.Message:
+    options = tuple((int(o.number), bytes(o.encode())) for o in msg.opt.option_list())
+    mtype = int(msg.mtype) if msg.mtype is not None else cr.CON
+    return cr.Message(int(msg.code), options, bytes(msg.payload), mtype)
+
+
+def to_aiocoap(msg: cr.Message, **kwargs: Any) -> aiocoap.Message:
+    out = aiocoap.Message(code=aiocoap.Code(msg.code), payload=msg.payload, **kwargs)
+    for number, value in msg.options:
+        out.opt.add_option(OptionNumber(number).create_option(decode=value))
+    return out
+
+
+def endpoint_address(inst: Instance) -> str:
+    return f"[{inst.host}]:{inst.port}" if ":" in inst.host else f"{inst.host}:{inst.port}"
+
+
+# -- deduplication bound -------------------------------------------------------------------
+
+
+class _Recent(collections.OrderedDict[Any, Any]):
+    """aiocoap's ``_recent_messages`` with a size cap and times instead of one timer each."""
+
+    def __init__(self, cap: int, lifetime: float) -> None:
+        super().__init__()
+        self.cap, self.lifetime = cap, lifetime
+        self.stamps: dict[Any, float] = {}
+
+    def admit(self, key: Any, now: float) -> None:
+        self[key] = None
+        self.stamps[key] = now
+        while self and (
+            len(self) > self.cap or self.stamps[next(iter(self))] < now - self.lifetime
+        ):
+            old, _ = self.popitem(last=False)
+            del self.stamps[old]
+
+    def pop(self, key: Any, default: Any = None) -> Any:  # aiocoap's own timers (none here)
+        self.stamps.pop(key, None)
+        return super().pop(key, default)
+
+
+def bound_deduplication(ctx: aiocoap.Context) -> int:
+    """Bound the request-deduplication memory of ``ctx``'s message managers; how many."""
+    bounded = 0
+    for tman in getattr(ctx, "request_interfaces", ()):
+        mman = getattr(tman, "token_interface", None)
+        if mman is None or not hasattr(mman, "_recent_messages"):
+            continue
+        recent = _Recent(DEDUP_MAX, DEDUP_LIFETIME_S)
+        mman._recent_messages = recent
+
+        def deduplicate(self: Any, message: aiocoap.Message, recent: _Recent = recent) -> bool:
+            key = (message.remote, message.mid)
+            if key in recent:
+                stored = recent[key]
+                if message.mtype is aiocoap.CON and stored is not None:
+                    self._send_initially(stored)
+                return True
+            recent.admit(key, self.loop.time())
+            return False
+
+        mman._deduplicate_message = types.MethodType(deduplicate, mman)
+        bounded += 1
+    return bounded
+
+
+# -- upstream: local instances -------------------------------------------------------------
+
+
+class Upstream:
+    """aiocoap client contexts toward this node's instances, grown as concurrency needs.
+
+    aiocoap sends one CON at a time per (context, remote) (NSTART=1), so a try goes to a
+    context with nothing outstanding to that instance; when every context has, a new one is
+    opened, up to ``limit`` (then the least loaded is used and aiocoap queues behind it).
+    """
+
+    def __init__(self, limit: int = UPSTREAM_CONTEXTS) -> None:
+        self.limit = limit
+        self._contexts: list[aiocoap.Context] = []
+        self._busy: Counter[tuple[int, str]] = Counter()  # (context, remote) -> outstanding
+        self._opening: asyncio.Lock | None = None
+        self._closed = False
+        self.stats: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        self._opening = asyncio.Lock()
+        await self._open()
+
+    async def _open(self) -> None:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        self._contexts.append(ctx)
+        self.stats["contexts"] = len(self._contexts)
+
+    async def close(self) -> None:
+        self._closed = True
+        for ctx in self._contexts:
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+        self._contexts.clear()
+
+    async def _choose(self, remote: str) -> int:
+        idle = [i for i in range(len(self._contexts)) if not self._busy[(i, remote)]]
+        if idle or len(self._contexts) >= self.limit or self._opening is None:
+            return (
+                idle[0]
+                if idle
+                else min(range(len(self._contexts)), key=lambda i: self._busy[(i, remote)])
+            )
+        async with self._opening:
+            if len(self._contexts) < self.limit and not self._closed:
+                await self._open()
+        return (
+            await self._choose(remote)
+            if len(self._contexts) < self.limit
+            else len(self._contexts) - 1
+        )
+
+    async def forward(
+        self, inst: Instance, msg: cr.Message, timeout: float
+    ) -> tuple[ReplyStatus, cr.Message]:
+        """Send ``msg`` (already routed for ``inst``) and wait at most ``timeout``."""
+        if not self._contexts or self._closed:
+            return ReplyStatus.UNREACHABLE, _failure(cr.Failure.UNREACHABLE, "no upstream")
+        remote = endpoint_address(inst)
+        i = await self._choose(remote) if msg.mtype != cr.NON else 0
+        tuning = Unreliable() if msg.mtype == cr.NON else Reliable()
+        request = to_aiocoap(msg, transport_tuning=tuning)
+        request.unresolved_remote = remote
+        self._busy[(i, remote)] += 1
+        try:
+            pending = self._contexts[i].request(request, handle_blockwise=False)
+            return await self._wait(pending, timeout)
+        finally:
+            self._busy[(i, remote)] -= 1
+            if not self._busy[(i, remote)]:
+                del self._busy[(i, remote)]
+
+    async def _wait(self, pending: Any, timeout: float) -> tuple[ReplyStatus, cr.Message]:
+        try:
+            async with asyncio.timeout(timeout):
+                response = await pending.response
+        except TimeoutError:
+            pending.response.cancel()
+            self.stats["timeouts"] += 1
+            return ReplyStatus.TIMEOUT, _failure(cr.Failure.TIMEOUT, "instance timed out")
+        except coap_error.TimeoutError:
+            self.stats["timeouts"] += 1
+            return ReplyStatus.TIMEOUT, _failure(cr.Failure.TIMEOUT, "instance timed out")
+        except (coap_error.Error, OSError, ValueError) as exc:
+            self.stats["unreachable"] += 1
+            why = f"instance unreachable: {type(exc).__name__}"
+            return ReplyStatus.UNREACHABLE, _failure(cr.Failure.UNREACHABLE, why)
+        self.stats["answered"] += 1
+        return ReplyStatus.ANSWERED, from_aiocoap(response)
+
+
+def _failure(failure: cr.Failure, why: str) -> cr.Message:
+    return cr.refusal_message(cr.Refusal(failure, why))
+
+
+# -- the router ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Try:
+    outcome: Outcome | None  # None: answered (a success for the balancer)
+    response: cr.Message
+    never_processed: bool = False
+
+
+def _in_transfer(msg: cr.Message) -> bool:
+    """Part of a block-wise transfer: any Block1, or Block2 past block 0 (RFC 7959)."""
+    if msg.values(cr.BLOCK1):
+        return True
+    return any(int.from_bytes(v, "big") >> 4 for v in msg.values(cr.BLOCK2))
+
+
+_STATUS_OUTCOME = {
+    ReplyStatus.TIMEOUT: Outcome.TIMEOUT,
+    ReplyStatus.UNREACHABLE: Outcome.UNREACHABLE,
+    ReplyStatus.REFUSED: Outcome.UNREACHABLE,  # a stale catalog entry: try another
+}
+
+
+def _outcome_of(status: ReplyStatus, response: cr.Message) -> Outcome | None:
+    if status in _STATUS_OUTCOME:
+        return _STATUS_OUTCOME[status]
+    if status == ReplyStatus.ANSWERED and response.code == cr.SERVICE_UNAVAILABLE:
+        return Outcome.OVERLOADED
+    if status == ReplyStatus.ANSWERED and response.code >> 5 == 5:
+        return Outcome.SERVER_ERROR
+    return None
+
+
+class Router:
+    """Routes local clients' mesh requests; serves peers' requests for our instances."""
+
+    def __init__(
+        self,
+        directory: ServiceDirectory,
+        local: str,
+        peers: PeerLookup,
+        upstream: Upstream,
+        channel: Channel | None = None,
+    ) -> None:
+        self.directory, self.local, self.peers = directory, local, peers
+        self.upstream, self.channel = upstream, channel
+        self.stats: Counter[str] = Counter()
+        # Block-wise transfers in progress: (client, service, path) -> instance key, so that
+        # every block of one transfer reaches the same instance (most recent last, bounded).
+        self._affinity: collections.OrderedDict[Any, str] = collections.OrderedDict()
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def handle(self, msg: cr.Message, client: str = "") -> cr.Message:
+        """One local client's request -> the response to send it (never raises)."""
+        self.stats["requests"] += 1
+        try:
+            return await self._handle(msg, client)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("coap router failed on a request")
+            return cr.Message(INTERNAL_ERROR, (), b"internal error")
+
+    async def _handle(self, msg: cr.Message, client: str) -> cr.Message:
+        route = cr.classify(msg)
+        if isinstance(route, cr.Refusal):
+            self.stats[f"refused_{route.failure.value}"] += 1
+            return cr.refusal_message(route)
+        self.stats[f"form_{route.form.value}"] += 1
+        balancer = self.directory.balancer
+        fault = balancer.fault(route.service)
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.abort_code is not None:
+            return cr.Message(cr.parse_code(fault.abort_code), (), b"fault injected")
+        return await self._tries(msg, route, balancer, (client, route.service, route.path))
+
+    def _pick(
+        self, msg: cr.Message, route: cr.Route, balancer: Balancer, tried: list[str], sticky: Any
+    ) -> Pick:
+        """The balancer's pick, except that a block-wise transfer stays on its instance."""
+        now = self.now()
+        held = self._affinity.get(sticky) if _in_transfer(msg) else None
+        if held is not None and not tried:
+            for inst in balancer.usable(route.service, now):
+                if inst.key == held:
+                    return Pick(inst, PickReason.PICKED)
+        return balancer.pick(route.service, "/".join(route.path), now, exclude=tried)
+
+    def _remember(self, sticky: Any, inst: Instance, msg: cr.Message, response: cr.Message) -> None:
+        blocks = response.values(cr.BLOCK1) or response.values(cr.BLOCK2)
+        if not (blocks or _in_transfer(msg)):
+            return
+        self._affinity[sticky] = inst.key
+        self._affinity.move_to_end(sticky)
+        while len(self._affinity) > AFFINITY_MAX:
+            self._affinity.popitem(last=False)
+
+    async def _tries(
+        self, msg: cr.Message, route: cr.Route, balancer: Balancer, sticky: Any
+    ) -> cr.Message:
+        tried: list[str] = []
+        last: cr.Message | None = None
+        for attempt in range(1, 64):  # bounded; should_retry ends it far sooner
+            pick = self._pick(msg, route, balancer, tried, sticky)
+            if pick.instance is None:
+                if last is not None:
+                    return last
+                failure = cr.Failure(pick.reason.value)  # unknown_service / no_healthy
+                self.stats[f"refused_{failure.value}"] += 1
+                return cr.refusal_message(cr.Refusal(failure, f"{route.service}: {failure}"))
+            inst = pick.instance
+            start = self.now()
+            balancer.on_start(inst, start, retry=attempt > 1)
+            result = await self._try(inst, msg, route, balancer.per_try_timeout(route.service))
+            now = self.now()
+            if result.outcome is None:
+                balancer.on_success(inst, now - start, now)
+                self._remember(sticky, inst, msg, result.response)
+                return result.response
+            balancer.on_failure(inst, now - start, now, result.outcome)
+            self.stats[f"try_{result.outcome.value}"] += 1
+            method = "GET" if result.never_processed else msg.method
+            decision = balancer.should_retry(route.service, method, attempt, result.outcome, now)
+            last = result.response
+            if not decision.retry:
+                return last
+            self.stats["retries"] += 1
+            tried.append(inst.key)
+            await asyncio.sleep(decision.delay_s)
+        return last or _failure(cr.Failure.UNREACHABLE, "no try succeeded")
+
+    async def _try(self, inst: Instance, msg: cr.Message, route: cr.Route, budget: float) -> _Try:
+        prefix = cr.instance_path(inst.path)
+        if isinstance(prefix, cr.Refusal):
+            return _Try(Outcome.UNREACHABLE, cr.refusal_message(prefix))
+        options = cr.upstream_options(msg, route, prefix, route.hop_limit)
+        routed = cr.Message(msg.code, options, msg.payload, msg.mtype)
+        if inst.node == self.local:
+            self.stats["local_tries"] += 1
+            status, response = await self.upstream.forward(inst, routed, budget)
+            return _Try(_outcome_of(status, response), response)
+        self.stats["remote_tries"] += 1
+        return await self._remote(inst, routed, route.service, budget)
+
+    async def _remote(
+        self, inst: Instance, routed: cr.Message, service: str, budget: float
+    ) -> _Try:
+        peer = self.peers(inst.node)
+        if peer is None or self.channel is None:
+            why = "no channel" if self.channel is None else f"{inst.node} has no channel address"
+            return _Try(Outcome.UNREACHABLE, _failure(cr.Failure.UNREACHABLE, why), True)
+        budget_ms = int(max(budget - CHANNEL_MARGIN_S, 0.01) * 1000)
+        data = cr.encode_request(cr.MeshRequest(service, inst.endpoint, budget_ms, routed))
+        try:
+            reply = await self.channel.request(peer, data, budget)
+            status, response = cr.decode_reply(reply)
+        except ChannelUnavailable as exc:
+            failed = _failure(cr.Failure.UNREACHABLE, f"{inst.node}: unreachable")
+            return _Try(Outcome.UNREACHABLE, failed, exc.retryable)
+        except TimeoutError:
+            return _Try(Outcome.TIMEOUT, _failure(cr.Failure.TIMEOUT, f"{inst.node}: timeout"))
+        except cr.CoapFormatError:
+            self.stats["bad_replies"] += 1
+            return _Try(Outcome.SERVER_ERROR, _failure(cr.Failure.UNREACHABLE, "bad reply"))
+        return _Try(_outcome_of(status, response), response)
+
+    # -- the owning side: a peer's request for one of our instances ------------------------
+
+    async def serve_channel(self, identity: CertIdentity, data: bytes) -> bytes:
+        """A peer agent's try for one of our instances -> the reply (never raises)."""
+        self.stats["channel_requests"] += 1
+        try:
+            status, response = await self._serve(data)
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("coap router failed on a channel request")
+            status, response = ReplyStatus.REFUSED, cr.Message(INTERNAL_ERROR, (), b"")
+        return cr.encode_reply(status, response)
+
+    async def _serve(self, data: bytes) -> tuple[ReplyStatus, cr.Message]:
+        try:
+            req = cr.decode_request(data)
+        except cr.CoapFormatError as exc:
+            self.stats["channel_malformed"] += 1
+            return ReplyStatus.REFUSED, _failure(cr.Failure.MALFORMED, str(exc))
+        inst = next(
+            (
+                i
+                for i in self.directory.catalog.instances(req.service)
+                if i.node == self.local and i.endpoint == req.endpoint
+            ),
+            None,
+        )
+        if inst is None or req.message.code not in cr.METHODS:
+            self.stats["channel_refused"] += 1
+            why = f"{req.service} at {req.endpoint[:80]} is not served here"
+            return ReplyStatus.REFUSED, _failure(cr.Failure.UNKNOWN_SERVICE, why)
+        hops = cr.next_hop_limit(req.message)
+        if isinstance(hops, cr.Refusal):
+            status = (
+                ReplyStatus.HOP_LIMIT
+                if hops.failure == cr.Failure.HOP_LIMIT
+                else ReplyStatus.REFUSED
+            )
+            self.stats[f"channel_{hops.failure.value}"] += 1
+            return status, cr.refusal_message(hops)
+        options = tuple(o for o in req.message.options if o[0] != cr.HOP_LIMIT)
+        options += ((cr.HOP_LIMIT, cr.uint_option(hops)),)
+        routed = cr.Message(req.message.code, options, req.message.payload, req.message.mtype)
+        return await self.upstream.forward(inst, routed, max(req.budget_ms / 1000.0, 0.01))
+
+    def status(self) -> dict[str, int]:
+        return {**self.stats, **{f"upstream_{k}": v for k, v in self.upstream.stats.items()}}
+
+
+class IngressSite:
+    """The aiocoap server's site: every path, every method, to :meth:`Router.handle`."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        try:
+            msg = from_aiocoap(pipe.request)
+        except Exception:  # an option aiocoap decoded but we cannot re-encode
+            self.router.stats["refused_malformed"] += 1
+            msg = None
+        if msg is None:
+            response = cr.refusal_message(cr.Refusal(cr.Failure.MALFORMED, "bad options"))
+        else:
+            response = await self.router.handle(msg, str(pipe.request.remote))
+        try:
+            out = to_aiocoap(response)
+        except Exception:
+            self.router.stats["internal_errors"] += 1
+            out = aiocoap.Message(code=aiocoap.Code(INTERNAL_ERROR))
+        pipe.add_response(out, is_last=True)

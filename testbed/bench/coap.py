@@ -1,0 +1,206 @@
+"""CoAP through the mesh against a plain aiocoap proxy and no proxy at all (issue 9).
+
+How it works. Three agents on loopback (:mod:`testbed.loopback`, CoAP on each agent's own
+``127.A.B.N:5683``); a plain aiocoap server (:mod:`testbed.coap_server`) beside node2 and one
+beside node3; an aiocoap ``ForwardProxy`` in its own process. One load client process
+(:mod:`testbed.coap_load`: aiocoap, ``--concurrency`` in flight, default 50, one client
+context per worker) measures, one run each, ``--requests`` GETs of ``/temp``:
+
+- (a) ``direct``: client -> server beside node2;
+- (b) ``proxy``: client -> ForwardProxy -> that server (one plain hop);
+- (c) ``mesh``: client -> node1 (``/mesh/temperature/temp``) -> TLS channel -> node2 ->
+  server (the service published on node2 only for this part).
+
+``*_rps``, ``*_p50_ms``, ``*_p99_ms`` per path; ``mesh_vs_proxy`` = mesh_rps / proxy_rps;
+``mesh_added_p50_ms`` = mesh p50 - direct p50 at that concurrency; ``idle_*`` the same with one
+request in flight (latency without queueing). ``cpu_ms_per_request_ingress`` /
+``_egress``: node1's / node2's CPU during (c) per request.
+
+Soak: ``--soak-s`` seconds (default 300, as the issue asks) at ``--soak-rate`` (200/s) through
+the mesh after a 10 s warm-up at the same rate; ``agent_rss_growth_mb`` is the larger growth of
+node1's and node2's RSS over the soak, ``agent_rss_mb`` their RSS at its end.
+
+Failover: the service is then published on node3 too; a stream of GETs at 100/s runs for 8 s
+and node2 (agent and server) is SIGKILLed after 2 s. ``failover_success_ratio`` is the share
+of GETs answered 2.xx; ``failover_moved_s`` the time from the kill until every later GET is
+answered by node3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from testbed.bench.procs import cpu_seconds, stop_process
+from testbed.loopback import LoopbackCluster, free_port
+
+PROXY_SOURCE = """
+import asyncio, sys, aiocoap
+from aiocoap.proxy.server import ForwardProxyWithPooledObservations
+async def main():
+    outgoing = await aiocoap.Context.create_client_context(transports=["udp6"])
+    site = ForwardProxyWithPooledObservations(outgoing)
+    await aiocoap.Context.create_server_context(site, bind=(sys.argv[1], int(sys.argv[2])), transports=["udp6"])
+    print("ready", flush=True)
+    await asyncio.get_running_loop().create_future()
+asyncio.run(main())
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=3000, help="GETs per path (default 3000)")
+    parser.add_argument("--concurrency", type=int, default=50, help="in flight (default 50)")
+    parser.add_argument(
+        "--soak-s", type=float, default=300.0, help="soak seconds (default 300; 0: skip)"
+    )
+    parser.add_argument("--soak-rate", type=float, default=200.0, help="soak GETs/s (default 200)")
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        stop_process(proc)
+        raise RuntimeError(f"{argv[:4]} did not start")
+    return proc
+
+
+def _load(target: str, uri: str, *extra: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "testbed.coap_load", target, uri, *extra],
+        capture_output=True, text=True, timeout=3700, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def _throughput(
+    args: argparse.Namespace, direct: str, proxy: str, ingress: str, cluster: LoopbackCluster
+) -> dict[str, Any]:
+    n, c = str(args.requests), str(args.concurrency)
+    res: dict[str, Any] = {}
+    runs = {
+        "direct": (direct, f"coap://{direct}/temp"),
+        "proxy": (proxy, f"coap://{direct}/temp", "--proxy"),
+        "mesh": (ingress, f"coap://{ingress}/mesh/temperature/temp"),
+    }
+    for name, (target, uri, *extra) in runs.items():
+        pids = [cluster.agents[0].pid, cluster.agents[1].pid]
+        cpu0 = [cpu_seconds(p) for p in pids if p]
+        r = _load(target, uri, "--requests", n, "--concurrency", c, *extra)
+        cpu1 = [cpu_seconds(p) for p in pids if p]
+        res |= {
+            f"{name}_rps": r["rps"],
+            f"{name}_p50_ms": r["p50_ms"],
+            f"{name}_p99_ms": r["p99_ms"],
+            f"{name}_failed": r["failed"],
+        }
+        if name == "mesh" and r["ok"]:
+            res["cpu_ms_per_request_ingress"] = round((cpu1[0] - cpu0[0]) * 1000 / r["ok"], 3)
+            res["cpu_ms_per_request_egress"] = round((cpu1[1] - cpu0[1]) * 1000 / r["ok"], 3)
+        if name != "proxy":
+            idle = _load(target, uri, "--requests", "300", "--concurrency", "1", *extra)
+            res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
+    res["mesh_vs_proxy"] = (
+        round(res["mesh_rps"] / res["proxy_rps"], 3) if res["proxy_rps"] else None
+    )
+    res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
+    res["idle_mesh_added_p50_ms"] = round(res["idle_mesh_p50_ms"] - res["idle_direct_p50_ms"], 3)
+    return res
+
+
+def _soak(args: argparse.Namespace, ingress: str, cluster: LoopbackCluster) -> dict[str, Any]:
+    if args.soak_s <= 0:
+        return {}
+    uri, rate = f"coap://{ingress}/mesh/temperature/temp", str(args.soak_rate)
+    _load(ingress, uri, "--seconds", "10", "--rate", rate, "--concurrency", "20")
+    before = [a.rss_kb() or 0 for a in cluster.agents[:2]]
+    r = _load(ingress, uri, "--seconds", str(args.soak_s), "--rate", rate, "--concurrency", "20")
+    after = [a.rss_kb() or 0 for a in cluster.agents[:2]]
+    return {
+        "soak_s": args.soak_s,
+        "soak_rps": r["rps"],
+        "soak_failed": r["failed"],
+        "agent_rss_mb": [round(kb / 1024, 1) for kb in after],
+        "agent_rss_growth_mb": round(
+            max(b - a for a, b in zip(before, after, strict=True)) / 1024, 2
+        ),
+    }
+
+
+def _failover(
+    ingress: str, cluster: LoopbackCluster, server2: subprocess.Popen[str]
+) -> dict[str, Any]:
+    uri = f"coap://{ingress}/mesh/temperature/temp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed.coap_load", ingress, uri, "--seconds", "8", "--rate", "100",
+         "--concurrency", "10", "--records"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    proc.stderr.readline()  # "started"
+    start = time.monotonic()
+    time.sleep(2.0)
+    cluster.agents[1].kill()
+    server2.kill()
+    killed_at = time.monotonic() - start
+    out, _ = proc.communicate(timeout=60)
+    r = json.loads(out)
+    records = r["records"]
+    bad_after = [
+        t for t, ok, payload in records if t >= killed_at - 0.1 and (not ok or payload != "node3")
+    ]
+    total = r["ok"] + r["failed"]
+    return {
+        "failover_requests": total,
+        "failover_failed": r["failed"],
+        "failover_success_ratio": round(r["ok"] / total, 5) if total else None,
+        "failover_moved_s": round(max(0.0, max(bad_after, default=killed_at) - killed_at), 3),
+    }
+
+
+def _healthy(cluster: LoopbackCluster, n: int) -> bool:
+    rows = cluster.agents[0].call("coap")["instances"]
+    return sum(r["state"] == "healthy" for r in rows) == n
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not 1 <= args.concurrency <= 200 or not 1 <= args.requests <= 10**6:
+        raise SystemExit("coap: --concurrency 1..200, --requests 1..1000000")
+    procs: list[subprocess.Popen[str]] = []
+    with LoopbackCluster(3, coap=True, debug_commands=True) as cluster:
+        try:
+            cluster.wait_converged(60)
+            hosts = [a.host for a in cluster.agents]
+            port = free_port(hosts)
+            server2 = _spawn(
+                [sys.executable, "-m", "testbed.coap_server", hosts[1], str(port), "node2"]
+            )
+            server3 = _spawn(
+                [sys.executable, "-m", "testbed.coap_server", hosts[2], str(port), "node3"]
+            )
+            proxy = _spawn([sys.executable, "-c", PROXY_SOURCE, hosts[0], str(port)])
+            procs += [server2, server3, proxy]
+            cluster.agents[1].call(
+                "debug-coap-publish",
+                instances=[{"name": "temperature", "uri": f"coap://{hosts[1]}:{port}"}],
+            )
+            cluster.wait_for(lambda: _healthy(cluster, 1), 30, "node1 sees node2's instance")
+            ingress = f"{hosts[0]}:5683"
+            result = _throughput(args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster)
+            result |= _soak(args, ingress, cluster)
+            cluster.agents[2].call(
+                "debug-coap-publish",
+                instances=[{"name": "temperature", "uri": f"coap://{hosts[2]}:{port}"}],
+            )
+            cluster.wait_for(lambda: _healthy(cluster, 2), 30, "node1 sees both instances")
+            result |= _failover(ingress, cluster, server2)
+            result |= {"concurrency": args.concurrency, "requests": args.requests}
+            return result
+        finally:
+            for proc in procs:
+                stop_process(proc)

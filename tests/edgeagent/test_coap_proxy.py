@@ -1,0 +1,146 @@
+"""edgeagent.coap_proxy in one process: the deduplication bound, the upstream pool, the owner side."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+
+import aiocoap
+import aiocoap.resource as resource
+
+from edgeagent import coap_proxy
+from edgeagent.coap_proxy import DEDUP_MAX, Router, Upstream, bound_deduplication
+from edgeagent.localmesh import free_port
+from gossip.messages import MemberState
+from overlay import coap_route as cr
+from overlay.balancer import Balancer
+from overlay.catalog import Catalog, encode_instances, make_instance
+from overlay.pki import CertIdentity
+
+
+class Counting(resource.Resource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.renders = 0
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        self.renders += 1
+        await asyncio.sleep(0.05 if request.opt.uri_path[-1:] == ("slow",) else 0)
+        return aiocoap.Message(payload=b"x")
+
+
+async def _server(site_resource: Counting) -> tuple[aiocoap.Context, int]:
+    root = resource.Site()
+    root.add_resource([], site_resource)
+    root.add_resource(["slow"], site_resource)
+    port = free_port(["127.0.0.1"])
+    ctx = await aiocoap.Context.create_server_context(
+        root, bind=("127.0.0.1", port), transports=["udp6"]
+    )
+    return ctx, port
+
+
+def _con_get(mid: int) -> bytes:
+    return struct.pack("!BBHH", 0x42, 0x01, mid, mid)  # CON GET, the mid as 2-byte token
+
+
+def test_deduplication_is_bounded_and_still_catches_a_retransmission() -> None:
+    async def run() -> tuple[int, int, int]:
+        counting = Counting()
+        ctx, port = await _server(counting)
+        assert bound_deduplication(ctx) == 1
+        mman = next(iter(ctx.request_interfaces)).token_interface
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for mid in range(2 * DEDUP_MAX):
+                sock.sendto(_con_get(mid), ("127.0.0.1", port))
+                if mid % 10 == 0:
+                    await asyncio.sleep(0.002)
+            await asyncio.sleep(0.3)
+            fresh = 2 * DEDUP_MAX + 1
+            sock.sendto(_con_get(fresh), ("127.0.0.1", port))
+            await asyncio.sleep(0.2)
+            before = counting.renders
+            sock.sendto(_con_get(fresh), ("127.0.0.1", port))  # its retransmission
+            await asyncio.sleep(0.2)
+        held = len(mman._recent_messages)
+        await ctx.shutdown()
+        return held, before, counting.renders
+
+    held, before, after = asyncio.run(run())
+    assert 0 < held <= DEDUP_MAX
+    assert before > DEDUP_MAX and after == before  # the duplicate was not rendered again
+
+
+def test_upstream_opens_contexts_for_concurrent_cons_to_one_instance() -> None:
+    async def run() -> tuple[list[cr.ReplyStatus], int]:
+        counting = Counting()
+        ctx, port = await _server(counting)
+        upstream = Upstream(limit=8)
+        await upstream.start()
+        inst = make_instance("t", f"coap://127.0.0.1:{port}")
+        msg = cr.Message(1, ((cr.URI_PATH, b"slow"),), b"", cr.CON)
+        results = await asyncio.gather(*(upstream.forward(inst, msg, 5.0) for _ in range(12)))
+        contexts = upstream.stats["contexts"]
+        await upstream.close()
+        await ctx.shutdown()
+        return [status for status, _ in results], contexts
+
+    statuses, contexts = asyncio.run(run())
+    assert statuses == [cr.ReplyStatus.ANSWERED] * 12
+    assert contexts == 8  # grew to the limit instead of one CON at a time
+
+
+class _Directory:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.balancer = Balancer(catalog, random.Random(1))
+
+
+def _owner_router() -> Router:
+    catalog = Catalog("me")
+    catalog.on_state("me", encode_instances([make_instance("t", "coap://127.0.0.1:9")]))
+    return Router(_Directory(catalog), "me", lambda name: None, Upstream())
+
+
+IDENTITY = CertIdentity.__new__(CertIdentity)
+
+
+def test_owner_refuses_malformed_unknown_and_spent_requests() -> None:
+    router = _owner_router()
+
+    def serve(data: bytes) -> tuple[cr.ReplyStatus, cr.Message]:
+        return cr.decode_reply(asyncio.run(router.serve_channel(IDENTITY, data)))
+
+    status, msg = serve(b"\x07garbage")
+    assert (status, msg.code) == (cr.ReplyStatus.REFUSED, cr.BAD_REQUEST)
+    get = cr.Message(1, ((cr.URI_PATH, b"x"),))
+    other = cr.MeshRequest("t", "coap://127.0.0.1:10", 1000, get)
+    status, msg = serve(cr.encode_request(other))
+    assert (status, msg.code) == (cr.ReplyStatus.REFUSED, cr.NOT_FOUND)  # not an instance of ours
+    spent = cr.Message(1, ((cr.HOP_LIMIT, b"\x01"),))
+    status, msg = serve(cr.encode_request(cr.MeshRequest("t", "coap://127.0.0.1:9", 1000, spent)))
+    assert (status, msg.code) == (cr.ReplyStatus.HOP_LIMIT, cr.HOP_LIMIT_REACHED)
+    assert router.stats["channel_malformed"] == 1 and router.stats["channel_refused"] == 1
+
+
+def test_ingress_answers_503_without_live_instances_and_502_without_a_channel() -> None:
+    catalog = Catalog("me")
+    catalog.on_state("far", encode_instances([make_instance("t", "coap://127.0.0.1:9")]))
+    router = Router(_Directory(catalog), "me", lambda name: None, Upstream())
+    get = cr.Message(1, ((cr.URI_HOST, b"t.mesh"),), b"", cr.CON)
+    assert asyncio.run(router.handle(get)).code == cr.SERVICE_UNAVAILABLE  # "far" not alive
+    catalog.on_member("far", MemberState.ALIVE)
+    response = asyncio.run(router.handle(get))
+    assert response.code == cr.BAD_GATEWAY
+    # GET is retried (max_retries 2), on the same instance since it is the only one
+    assert (router.stats["try_unreachable"], router.stats["retries"]) == (3, 2)
+    assert (
+        asyncio.run(router.handle(cr.Message(1, ((cr.URI_HOST, b"u.mesh"),)))).code == cr.NOT_FOUND
+    )
+
+
+def test_upstream_module_constants_are_sane() -> None:
+    assert coap_proxy.DEDUP_LIFETIME_S < 247 and coap_proxy.UPSTREAM_CONTEXTS >= 8
