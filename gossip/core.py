@@ -244,7 +244,7 @@ class Membership:
             self.stats,
             send=self._send,
             schedule=self._timers.schedule,
-            suspect=self._on_suspect,
+            suspect=self._on_probe_failed,
         )
         self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
@@ -547,7 +547,10 @@ class Membership:
             case ProbeTick():
                 prober.on_tick(deadline, now)
                 if self._verifier and not self._left:
-                    self._verifier.on_tick(now, self._verify_ping, lambda node: self._unverifiable(node, now))
+                    self._verifier.pressure(self._table.unverified, self._pressure_mark(), now)
+                    self._verifier.on_tick(
+                        now, lambda node: self._verify_ping(node, now), lambda node: self._unverifiable(node, now)
+                    )
             case ProbeTimeout(seq):
                 prober.on_timeout(seq, now)
             case ProbeEnd(seq):
@@ -705,13 +708,28 @@ class Membership:
         self._store.forget(node.name)
         self._emit(MemberReaped(node.snapshot()))
 
-    def _verify_ping(self, node: Node) -> None:
+    def _pressure_mark(self) -> int:
+        return self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR
+
+    def _verify_ping(self, node: Node, now: float) -> None:
         self.stats.verify_pings += 1
-        self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
+        ping = Ping(self._prober.next_seq(), node.name, self.name, self.addr)
+        if self._verifier.flooded(now):
+            self._seal(node.addr, [ping])  # no piggyback: retransmissions are not spent on phantoms
+        else:
+            self._send(node.addr, [ping])
+
+    def _on_probe_failed(self, s: Suspect, now: float) -> None:
+        """Our probe of ``s.name`` failed: suspect it, or in a flood drop it if never verified."""
+        node = self._table.get(s.name)
+        if node is not None and not node.verified and self._verifier.flooded(now):
+            self._unverifiable(node, now)
+        else:
+            self._on_suspect(s, now)
 
     def _unverifiable(self, node: Node, now: float) -> None:
         """``node`` never answered its verification pings: drop it in a flood, else suspect it."""
-        if self._table.unverified > self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR:
+        if self._verifier.pressure(self._table.unverified, self._pressure_mark(), now):
             self.stats.unverified_dropped += 1
             self._verifier.dropped(node.name, now)
             self._forget(node)

@@ -19,7 +19,7 @@ from gossip.core import Membership
 from gossip.events import MemberFailed
 from gossip.members import ALIVE, LEFT, SUSPECT
 from gossip.messages import Alive, Dead, StateUpdate
-from gossip.verify import UNVERIFIED_GONE_TTL
+from gossip.verify import FLOOD_PINGS_PER_TICK, UNVERIFIED_GONE_TTL
 from testbed.sim import TEST_AAD, make_keyring, seal, sent
 
 A = ("10.0.0.1", 7946)
@@ -309,3 +309,67 @@ def test_an_unverified_member_that_never_answers_is_suspected_then_forgotten_ear
     assert failed_at is not None and failed_at < 120.0
     assert a.member("c") is None and a.member("b") is not None
     assert a.stats.verify_pings <= 3
+
+
+# --- Defect 5b: a sustained flood, timers running -----------------------------------
+
+SUSTAINED_SECONDS = 60  # of flood, 4,000 forged names a second (160 datagrams of 25)
+CLEARED_WITHIN = 60.0  # s after the flood ends: no phantom left, in any state
+
+
+def _flood_cluster(seed: int) -> tuple[Membership, Membership, Membership]:
+    """``a`` under attack; ``b`` verified (joined by push-pull), ``c`` real but heard of only."""
+    a = Membership("a", A, lan(), random.Random(seed), 0.0, keyring=make_keyring(random.Random(1)))
+    b = Membership("b", B, lan(), random.Random(seed + 1), 0.0, keyring=make_keyring(random.Random(1)))
+    c = Membership("c", C, lan(), random.Random(seed + 2), 0.0, keyring=make_keyring(random.Random(1)))
+    b.join([A], 0.0)
+    ((_, request),) = b.streams_to_send()
+    reply = a.handle_stream(request, B, 0.0)
+    assert reply is not None
+    b.receive_stream_reply(reply, A, 0.0)
+    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)
+    return a, b, c
+
+
+def _deliver(cores: dict[tuple[str, int], Membership], now: float, rng: random.Random, loss: float) -> None:
+    """Hand every queued datagram to its real destination (phantom addresses go nowhere)."""
+    for _ in range(3):
+        for src, core in cores.items():
+            core.streams_to_send()
+            for dst, data in core.datagrams_to_send():
+                if dst in cores and rng.random() >= loss:
+                    cores[dst].receive(data, src, now)
+            while core.next_event() is not None:
+                pass
+
+
+def test_a_sustained_flood_is_cleared_within_a_minute_without_losing_real_members() -> None:
+    for seed in (1, 2, 3):
+        a, b, c = _flood_cluster(seed)
+        cores = {A: a, B: b, C: c}
+        rng = random.Random(seed)
+        removed: list[str] = []
+        now, step, serial = 0.0, 0.1, 0
+        end = SUSTAINED_SECONDS + CLEARED_WITHIN
+        while now < end:
+            now = round(now + step, 6)
+            if now <= SUSTAINED_SECONDS:
+                for _ in range(int(FLOOD_RATE * step) // FORGED_PER_DATAGRAM):
+                    batch = [
+                        Alive(f"ph{i}", 1, (f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 7946), b"")
+                        for i in range(serial, serial + FORGED_PER_DATAGRAM)
+                    ]
+                    serial += FORGED_PER_DATAGRAM
+                    a.receive(seal(batch), EVIL, now)
+            for core in cores.values():
+                core.handle_timeout(now)
+            _deliver(cores, now, rng, loss=0.01)
+            for name in ("b", "c"):
+                member = a.member(name)
+                if member is None or member.state != ALIVE:
+                    removed.append(f"{name}@{now}")
+        phantoms = [m.name for m in a.members() if m.name.startswith("ph")]
+        assert not phantoms, (seed, len(phantoms), a.stats)
+        assert not removed, (seed, removed[:5])  # no false removal of a real member, at 1% loss
+        assert a.stats.unverified_dropped > 0
+        assert a.stats.verify_pings <= FLOOD_PINGS_PER_TICK * end  # within the flood budget
