@@ -104,7 +104,7 @@ from .codec import (
     MAX_UINT64,
     counter_step,
     decode_datagram,
-    decode_frame,
+    decode_push_pull,
     encode_datagram,
     encode_frame,
     encoded_size,
@@ -579,11 +579,20 @@ class Membership:
             self.stats.decode_errors += 1
 
     def _open_frame(self, data: bytes) -> PushPull | None:
+        config = self.config
         try:
-            return decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
+            remote, cut = decode_push_pull(
+                self._keyring.decrypt(data, self._aad),
+                config.max_stream_bytes,
+                # What the store could take at most: no map is decoded only to be refused.
+                config.max_state_memory,
+                config.max_total_state_memory + config.max_state_memory,
+            )
         except RemoteError as exc:
             self._count_error(exc)
             return None
+        self.stats.state_rejected += cut
+        return remote
 
     def _end_stream(self, addr: Address) -> bool:
         pending = self._pending_streams.get(addr, 0)

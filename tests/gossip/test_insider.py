@@ -13,12 +13,21 @@ from typing import Any
 
 import msgpack
 
-from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
-from gossip.config import lan
+from gossip.codec import (
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
+    PROTOCOL_VERSION,
+    decode_push_pull,
+    encode_frame,
+    entry_cost,
+)
+from gossip.config import MAX_STREAM_BYTES, lan
 from gossip.core import Membership
+from gossip.errors import DecodeError
 from gossip.events import MemberFailed
 from gossip.members import ALIVE, LEFT, SUSPECT
-from gossip.messages import Alive, Dead, StateUpdate
+from gossip.messages import Alive, Dead, PushPull, StateEntry, StateUpdate
+from gossip.state_store import entry_memory
 from gossip.verify import FLOOD_PINGS_PER_TICK, UNVERIFIED_GONE_TTL
 from testbed.sim import TEST_AAD, make_keyring, seal, sent
 
@@ -373,3 +382,63 @@ def test_a_sustained_flood_is_cleared_within_a_minute_without_losing_real_member
         assert not removed, (seed, removed[:5])  # no false removal of a real member, at 1% loss
         assert a.stats.unverified_dropped > 0
         assert a.stats.verify_pings <= FLOOD_PINGS_PER_TICK * end  # within the flood budget
+
+
+# --- Defect 9: memory while decoding one large frame ---------------------------------
+
+
+def _raw_frame(members: list[Any], states: list[Any]) -> bytes:
+    return bytes((PROTOCOL_VERSION,)) + msgpack.packb([10, "evil", False, False, members, states], use_bin_type=True)
+
+
+def _decode_peak(data: bytes, *budgets: int) -> tuple[int, Any]:
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            result: Any = decode_push_pull(data, MAX_STREAM_BYTES, *budgets)
+        except DecodeError as exc:
+            result = exc
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+def test_a_frame_of_empty_lists_at_the_limit_is_refused_without_unpacking_it_whole() -> None:
+    # 8 MiB of values that are each 1 KB packed and 64 KB in memory (over MAX_VALUE_MEMORY):
+    # unpacked whole it was ~540 MB of Python objects before the check refused it.
+    count = (MAX_STREAM_BYTES - 64) // 1020
+    data = _raw_frame([], [[f"o{i}", [["k", 1, [[]] * 1000, False]]] for i in range(count)])
+    peak, result = _decode_peak(data)
+    assert isinstance(result, DecodeError)
+    assert peak < 2 * len(data), peak  # the frame's own copy, plus one entry at a time
+
+
+def test_state_over_the_budgets_is_cut_while_decoding() -> None:
+    config = lan()
+    owners, per_owner = 400, 1024
+    states = [[f"o{i}", [[f"k{j}", 1, None, False] for j in range(per_owner)]] for i in range(owners)]
+    data = _raw_frame([], states)
+    peak, unbounded = _decode_peak(data)
+    bounded_peak, (remote, cut) = _decode_peak(data, config.max_state_memory, config.max_total_state_memory)
+    assert cut == owners  # every map was over the per-owner budget
+    for _, entries in remote.states:
+        assert sum(entry_cost(e.key, e.value) for e in entries) <= config.max_state_memory
+    assert bounded_peak < peak / 3, (bounded_peak, peak)
+    # the cost model is the store's
+    entry = remote.states[0][1][0]
+    assert entry_cost(entry.key, entry.value) == entry_memory(entry.key, entry.value)
+
+
+def test_a_frame_within_the_budgets_decodes_unchanged() -> None:
+    config = lan()
+    states = tuple((f"o{i}", (StateEntry(f"k{i}", 2, {"a": [1, 2]}, False), StateEntry("x", 3, None, True))) for i in range(50))
+    msg = PushPull("s", True, False, (), states + (("empty", ()),))
+    remote, cut = decode_push_pull(encode_frame(msg), MAX_STREAM_BYTES, config.max_state_memory, 1 << 20)
+    assert remote == msg and cut == 0
+    remote, cut = decode_push_pull(encode_frame(msg), MAX_STREAM_BYTES, config.max_state_memory, 5_000)
+    kept = remote.states
+    assert 0 < len(kept) < 50 and cut == len(msg.states) - len(kept) + (kept[-1] != msg.states[len(kept) - 1])
+    assert [owner for owner, _ in kept] == [owner for owner, _ in msg.states[: len(kept)]]
+    assert sum(entry_cost(e.key, e.value) for _, entries in kept for e in entries) <= 5_000
