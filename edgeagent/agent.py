@@ -53,7 +53,7 @@ from gossip.messages import Address
 from . import systemd
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
-from .control_json import count_states, member_json
+from .control_json import count_states, members_page, members_page_args
 from .driver import GossipDriver, View
 from .errors import ConfigError
 from .host import Feature, FeatureHost
@@ -460,8 +460,13 @@ class Agent:
         return self._control
 
     async def _cmd_members(self, request: Mapping[str, Any]) -> list[dict[str, Any]]:
-        view = await self.driver.snapshot()
-        return [member_json(m) for m in sorted(view.members, key=lambda m: m.name)]
+        """The member table sorted by name; with ``limit``, one page after ``after``."""
+        try:
+            after, limit = members_page_args(request)
+        except ValueError as exc:
+            raise ControlError(f"members: {exc}") from None
+        members = await self.driver.acall(lambda core, now: tuple(core.members()))
+        return members_page(members, after, limit)
 
     async def _cmd_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
         view = await self.driver.snapshot()
