@@ -57,7 +57,7 @@ from .control_json import count_states, members_page, members_page_args
 from .driver import GossipDriver, View
 from .errors import ConfigError
 from .host import Feature, FeatureHost
-from .logs import fields
+from .logs import FIELDS_ATTR, fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard, routable_host
 from .onboarding import CA_KEY_FILE, apply_material, load_material
@@ -71,6 +71,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .ratelimit import WarnLimiter
 from .stream_limits import frame_limit
 from .streams import StreamAuth
 
@@ -162,6 +163,7 @@ class Agent:
         self._left = asyncio.Event()
         self._identity: NodeIdentity | None = None
         self._saved_incarnation = 0
+        self._conflict_warnings = WarnLimiter(log)
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
         self._started_at = time.monotonic()
@@ -419,11 +421,13 @@ class Agent:
         other = claimant(event.meta, event.addr)
         decided = verdict(Claimant(identity.node_id, self._since_ms, view.local.addr), other)
         where = fields(name=event.name, other_addr=event.addr, other_node_id=other.node_id)
-        if decided is KEEP:  # once per address: the core reports each address once
-            log.warning(
+        if decided is KEEP:  # the core reports each address once; forged ones: once a minute
+            self._conflict_warnings.warn(
+                event.name,
+                view.taken_at,
                 f"node name {event.name} is also claimed by {format_addr(event.addr)}, which "
                 "started later and gives it up",
-                extra=where,
+                **where[FIELDS_ATTR],
             )
             return
         self._verdict = decided

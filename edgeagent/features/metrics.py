@@ -44,6 +44,7 @@ _DROPS = (
     ("unusable", "core", "dropped"),
     ("state_over_budget", "core", "state_rejected"),
     ("oversize", "driver", "datagrams_oversized"),
+    ("sender_limited", "driver", "datagrams_limited"),
     ("oversize", "driver", "frames_oversized"),
     ("stream_error", "driver", "stream_errors"),
     ("stream_limit", "driver", "streams_rejected"),
