@@ -913,8 +913,13 @@ class Membership:
         self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
         node.incarnation = d.incarnation
         self._mark_gone(node, state, now)
+        if d.sender != self.name and node.verified and self._verifier.may_recheck(node.name, now):
+            self._request_push_pull(node.addr, join=False)  # in a flood: forged? it refutes in its reply
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
+        if not node.verified and self._verifier.flooded(now):
+            self._unverifiable(node, now)  # in a flood, gone and never heard from: forget it now
+            return
         self._table.set_state(node, state, now)
         ttl = self.config.dead_member_ttl
         if not node.verified:

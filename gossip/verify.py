@@ -39,9 +39,14 @@ probe interval apart (an honest member answers within the probe timeout),
 ``FLOOD_PINGS_PER_TICK`` a tick, the pings carry no piggybacked broadcasts
 (their retransmissions are not spent on forged addresses), and a member our
 own probe round fails while it is still unverified is dropped like one that
-failed verification instead of suspected (a phantom would otherwise sit DEAD
-for ``UNVERIFIED_GONE_TTL``). 5,000 phantoms are gone ~45 s after a flood
-ends. A real member dropped so is back as soon as it speaks to us.
+failed verification instead of suspected, and so is an unverified member that
+news from others makes DEAD or LEFT (a phantom would otherwise sit DEAD for
+``UNVERIFIED_GONE_TTL``; the price: in a flood, a real member that died before
+we heard from it is forgotten at once, its replicated state with it). 5,000 phantoms are gone ~45 s after a flood
+ends. A real member dropped so is back as soon as it speaks to us. And a
+*verified* member that news from others makes DEAD or LEFT is re-checked with
+a push-pull at once (``may_recheck``, budgeted): in a table full of phantoms
+the reconnect tick would almost never pick it, so a forged leave would stick.
 
 Most honest members verify themselves for free within the grace period (they
 probe us, answer our probes, or push-pull with us), so verification pings are
@@ -87,6 +92,14 @@ FLOOD_HOLD = 60.0
 FLOOD_GRACE = 5.0
 FLOOD_ATTEMPTS = 2
 FLOOD_PINGS_PER_TICK = 256
+# In flood mode a verified member that third-party news makes DEAD or LEFT is
+# re-checked at once with a push-pull (a live one refutes in its reply; a forged
+# leave otherwise sticks until a reconnect tick picks it, which with thousands of
+# phantoms in the table is almost never): at most once per member per
+# RECHECK_MIN_INTERVAL, at most RECHECK_BURST at once, RECHECK_RATE a second.
+RECHECK_MIN_INTERVAL = 2.0
+RECHECK_BURST = 8
+RECHECK_RATE = 2.0
 
 
 def _pending(node: Node) -> bool:
@@ -97,12 +110,24 @@ def _pending(node: Node) -> bool:
 class Verifier:
     """The verification queue for one core. See the module docstring."""
 
-    __slots__ = ("_interval", "_timeout", "_waiting", "_pinged", "_failed", "_max_failed", "_flood_until")
+    __slots__ = (
+        "_interval",
+        "_timeout",
+        "_waiting",
+        "_pinged",
+        "_failed",
+        "_max_failed",
+        "_flood_until",
+        "_rechecked",
+        "_recheck_tokens",
+    )
 
     def __init__(self, probe_interval: float, max_failed: int) -> None:
         self._interval = probe_interval
         self._timeout = VERIFY_TIMEOUT_PROBES * probe_interval
         self._flood_until = float("-inf")
+        self._rechecked: dict[str, float] = {}  # name -> when, oldest first
+        self._recheck_tokens = (float(RECHECK_BURST), float("-inf"))  # (tokens, at)
         self._waiting: deque[tuple[float, Node]] = deque()  # (learned at, node), oldest first
         self._pinged: deque[tuple[float, Node, int]] = deque()  # (answer due, node, attempt)
         self._failed: dict[str, float] = {}  # name -> refused until, oldest first
@@ -117,6 +142,25 @@ class Verifier:
     def flooded(self, now: float) -> bool:
         """In flood mode: faster verification, failures dropped (see the module docstring)."""
         return now < self._flood_until
+
+    def may_recheck(self, name: str, now: float) -> bool:
+        """Whether to re-check ``name`` (gone by third-party news) now: flood mode, within budget."""
+        if not self.flooded(now):
+            return False
+        last = self._rechecked.get(name)
+        if last is not None and now - last < RECHECK_MIN_INTERVAL:
+            return False
+        tokens, at = self._recheck_tokens
+        tokens = min(float(RECHECK_BURST), tokens + max(0.0, now - at) * RECHECK_RATE)
+        if tokens < 1.0:
+            self._recheck_tokens = (tokens, now)
+            return False
+        self._recheck_tokens = (tokens - 1.0, now)
+        self._rechecked.pop(name, None)
+        self._rechecked[name] = now
+        while len(self._rechecked) > self._max_failed:
+            del self._rechecked[next(iter(self._rechecked))]
+        return True
 
     def refused(self, name: str, now: float) -> bool:
         """Whether third-party news of ``name`` is refused (it failed verification lately)."""

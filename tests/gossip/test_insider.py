@@ -442,3 +442,35 @@ def test_a_frame_within_the_budgets_decodes_unchanged() -> None:
     assert 0 < len(kept) < 50 and cut == len(msg.states) - len(kept) + (kept[-1] != msg.states[len(kept) - 1])
     assert [owner for owner, _ in kept] == [owner for owner, _ in msg.states[: len(kept)]]
     assert sum(entry_cost(e.key, e.value) for _, entries in kept for e in entries) <= 5_000
+
+
+def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -> None:
+    a, b, _ = _flood_cluster(7)
+    phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
+    for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+    a.handle_timeout(2.0)  # a probe tick notes the pressure: flood mode
+    a.streams_to_send()
+    a.datagrams_to_send()
+    for now, sender in ((3.0, "b"), (6.0, "evil")):  # a forged leave, then a forged death
+        b_now = b.incarnation
+        a.receive(seal([Dead("b", b_now, sender)]), EVIL, now)
+        held = a.member("b")
+        assert held is not None and held.state != ALIVE
+        ((dst, request),) = a.streams_to_send()  # the re-check, at once
+        assert dst == B
+        reply = b.handle_stream(request, A, now)  # b sees itself gone and refutes in its reply
+        assert reply is not None
+        a.receive_stream_reply(reply, B, now + 0.1)
+        held = a.member("b")
+        assert held is not None and held.state == ALIVE and held.incarnation > b_now
+        a.handle_timeout(now + 0.5)
+        a.streams_to_send()
+        a.datagrams_to_send()
+
+
+def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
+    a, b, _ = _flood_cluster(8)
+    a.streams_to_send()
+    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 1.0)
+    assert a.streams_to_send() == []  # the reconnect tick re-checks it as before
