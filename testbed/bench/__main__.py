@@ -14,6 +14,7 @@ BENCHMARKS = {
     "detection-real": "crash detection on real sockets in the network-namespace testbed (root)",
     "traffic": "bytes on the wire, CPU and RSS of N real agents started at once on loopback",
     "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
+    "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
 }
 
 
