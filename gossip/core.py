@@ -78,7 +78,12 @@ Where we differ from memberlist, on purpose:
   (several members stopped at once were otherwise recorded DEAD);
 - a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
   ignores it) so a joiner learns a down member's replicated state; names we
-  reaped are remembered and not taken back.
+  reaped are remembered and not taken back;
+- members heard of but never heard from are capped, verified by ping and
+  dropped when they do not answer (``verify.py``); in a flood of them a
+  verified member others report DEAD or LEFT is re-checked at once by a
+  ping carrying the news, and unverified ones that go DEAD or LEFT are
+  forgotten at once.
 """
 
 from __future__ import annotations
@@ -914,7 +919,9 @@ class Membership:
         node.incarnation = d.incarnation
         self._mark_gone(node, state, now)
         if d.sender != self.name and node.verified and self._verifier.may_recheck(node.name, now):
-            self._request_push_pull(node.addr, join=False)  # in a flood: forged? it refutes in its reply
+            # In a flood: forged? Tell it, with a ping: a live member refutes on the ack.
+            self.stats.verify_pings += 1
+            self._seal(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr), d])
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
         if not node.verified and self._verifier.flooded(now):

@@ -44,8 +44,9 @@ news from others makes DEAD or LEFT (a phantom would otherwise sit DEAD for
 ``UNVERIFIED_GONE_TTL``; the price: in a flood, a real member that died before
 we heard from it is forgotten at once, its replicated state with it). 5,000 phantoms are gone ~45 s after a flood
 ends. A real member dropped so is back as soon as it speaks to us. And a
-*verified* member that news from others makes DEAD or LEFT is re-checked with
-a push-pull at once (``may_recheck``, budgeted): in a table full of phantoms
+*verified* member that news from others makes DEAD or LEFT is re-checked at
+once by a ping carrying that news (``may_recheck``, budgeted; its ack carries
+the refutation): in a table full of phantoms
 the reconnect tick would almost never pick it, so a forged leave would stick.
 
 Most honest members verify themselves for free within the grace period (they
@@ -93,9 +94,9 @@ FLOOD_GRACE = 5.0
 FLOOD_ATTEMPTS = 2
 FLOOD_PINGS_PER_TICK = 256
 # In flood mode a verified member that third-party news makes DEAD or LEFT is
-# re-checked at once with a push-pull (a live one refutes in its reply; a forged
-# leave otherwise sticks until a reconnect tick picks it, which with thousands of
-# phantoms in the table is almost never): at most once per member per
+# re-checked at once: a ping carrying the news (a live one refutes on its ack; a
+# forged leave otherwise sticks until a reconnect tick picks it, which with
+# thousands of phantoms in the table is almost never): at most once per member per
 # RECHECK_MIN_INTERVAL, at most RECHECK_BURST at once, RECHECK_RATE a second.
 RECHECK_MIN_INTERVAL = 2.0
 RECHECK_BURST = 8

@@ -457,11 +457,13 @@ def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -
         a.receive(seal([Dead("b", b_now, sender)]), EVIL, now)
         held = a.member("b")
         assert held is not None and held.state != ALIVE
-        ((dst, request),) = a.streams_to_send()  # the re-check, at once
-        assert dst == B
-        reply = b.handle_stream(request, A, now)  # b sees itself gone and refutes in its reply
-        assert reply is not None
-        a.receive_stream_reply(reply, B, now + 0.1)
+        assert a.streams_to_send() == []  # no push-pull: a ping is enough
+        recheck = [data for dst, data in a.datagrams_to_send() if dst == B]
+        assert len(recheck) == 1  # the re-check, at once
+        b.receive(recheck[0], A, now)  # b hears what is said of it and refutes on its ack
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now + 0.1)
         held = a.member("b")
         assert held is not None and held.state == ALIVE and held.incarnation > b_now
         a.handle_timeout(now + 0.5)
@@ -473,4 +475,4 @@ def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
     a, b, _ = _flood_cluster(8)
     a.streams_to_send()
     a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 1.0)
-    assert a.streams_to_send() == []  # the reconnect tick re-checks it as before
+    assert a.streams_to_send() == [] and not [d for d, _ in a.datagrams_to_send() if d == B]
