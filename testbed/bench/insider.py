@@ -10,8 +10,8 @@ How it works. One real ``python -m edgeagent run`` process (provisioned as a clu
 - the *pinger* on ``127.A.B.3``: a sealed Ping to the agent every :data:`PING_EVERY` s during
   the flood, the Ack timed (a lost ping counts as :data:`PING_TIMEOUT`);
 - the *fuzzer*: ``--messages`` (300,000) hostile messages, one per sealed datagram, paced at
-  ``--rate`` (4,000) a second from ``--sources`` (8) addresses ``127.A.B.10`` and up, cycling
-  through: forged Alives of phantom members on unbound loopback addresses (3 in 8), counters
+  ``--rate`` (4,000) a second from ``--sources`` (8) addresses ``127.A.B.10`` and up (each
+  source sends the whole mix, eight messages at a time), cycling through: forged Alives of phantom members on unbound loopback addresses (3 in 8), counters
   out of range (a Suspect at 2**64-1, a Dead at MAX_COUNTER), state bombs about the observer
   (a value of 1,000 empty lists; 4,000-byte strings), forged LEFT / Dead about the observer at
   its incarnation, malformed key-rotation broadcasts, forged state about the observer and
@@ -20,10 +20,12 @@ How it works. One real ``python -m edgeagent run`` process (provisioned as a clu
 Fields: ``rss_growth_mb`` (peak VmRSS during the flood and the wait after it, minus before;
 target <= 30), ``phantoms_peak`` (the agent's member count minus the two real ones, sampled),
 ``phantoms_after_60s`` (phantom names still in the agent's table ``--after`` (60) s after the
-flood; target 0), ``ping_p99_ms`` (target <= 200) with ``pings_lost``, ``own_state_rewrites``
+flood; target 0), ``ping_p99_ms`` (target <= 200) with ``pings_lost``, and
+``idle_ping_p99_ms`` (the same over :data:`IDLE_PINGS_S` before the flood: the machine's noise), ``own_state_rewrites``
 (forged entries about the observer the agent spread to it; target 0, reached only once state
 is owner-signed), ``observer_alive_at_end``, ``flood_cpu_percent`` (the agent's CPU during the flood, percent of
-one core), ``key_warnings`` (warning lines about key
+one core), ``kernel_drops`` (datagrams the kernel dropped for the agent's full socket buffer
+during the flood, ``/proc/net/udp``), ``key_warnings`` (warning lines about key
 rotations in the agent's log), ``datagrams_limited`` (read from the agent's metrics: dropped
 unread because their sender kept failing validation), ``crashed`` (the agent process died).
 """
@@ -72,6 +74,7 @@ PING_EVERY = 0.02  # s between the pinger's pings
 PING_TIMEOUT = 1.0  # s: a ping unanswered this long is lost (and counts as this long)
 SAMPLE_EVERY = 1.0  # s between RSS and member-count samples
 SETTLE = 3.0  # s after the observer joined before the baseline is taken
+IDLE_PINGS_S = 5.0  # s of pings before the flood: the same measurement with no flood
 KINDS = 8  # message kinds the fuzzer cycles through (see the module docstring)
 PHANTOM_NET = "127.9."  # phantoms' addresses: loopback, nothing listens there
 
@@ -164,6 +167,10 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
         before = _rss_mb(pid)
         incarnation = [await driver.acall(lambda core, now: core.incarnation)]
         stop = threading.Event()
+        idle = _Pinger(net + "4", target, keyring)  # the machine's own noise, no flood
+        idle.start()
+        await asyncio.sleep(IDLE_PINGS_S)
+        idle.stop()
         pinger = _Pinger(net + "3", target, keyring)
         fuzz = threading.Thread(
             target=_fuzz, args=(target, [f"{net}{10 + i}" for i in range(args.sources)], keyring, args, incarnation, stop)
@@ -171,12 +178,13 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
         sampler = _Sampler(agent, pid)
         sampler.start()
         pinger.start()
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        cpu0, wall0, drops0 = cpu_seconds(pid), time.monotonic(), _socket_drops(target)
         fuzz.start()
         while fuzz.is_alive():
             incarnation[0] = await driver.acall(lambda core, now: core.incarnation)
             await asyncio.sleep(0.5)
         flood_cpu = 100 * (cpu_seconds(pid) - cpu0) / max(1e-3, time.monotonic() - wall0)
+        kernel_drops = _socket_drops(target) - drops0
         pinger.stop()
         await asyncio.sleep(args.after)
         crashed = not agent.running
@@ -194,11 +202,13 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
             "phantoms_after_by_state": {state: phantoms.count(state) for state in sorted(set(phantoms))},
             "after_s": args.after,
             "ping_p99_ms": pinger.p99_ms(),
+            "idle_ping_p99_ms": idle.p99_ms(),
             "pings": len(pinger.rtts),
             "pings_lost": pinger.lost,
             "own_state_rewrites": len(observer.forged_seen),
             "observer_alive_at_end": not crashed and _state_of(agent, OBSERVER) == "alive",
             "flood_cpu_percent": round(flood_cpu, 1),
+            "kernel_drops": kernel_drops,
             "key_warnings": _count_lines(agent.log_path, "keyring operation"),
             "datagrams_limited": int(limited),
             "crashed": crashed,
@@ -257,6 +267,20 @@ def _rss_mb(pid: int) -> float:
 
 def _metric(agent: LoopbackAgent, label: str) -> float:
     return sum(v for k, v in agent.scrape_metrics().items() if "packets_dropped" in k and label in k)
+
+
+def _socket_drops(addr: Address) -> int:
+    """Datagrams the kernel dropped for the UDP socket bound to ``addr`` (its receive buffer
+    was full), from ``/proc/net/udp``; 0 if it cannot be read."""
+    local = f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+    try:
+        for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[1] == local:
+                return int(parts[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _count_lines(path: Path, needle: str) -> int:
@@ -387,8 +411,9 @@ def _fuzz(
         while sent < args.messages and not stop.is_set():
             due = min(args.messages, int((time.monotonic() - start) * args.rate))
             while sent < due:
-                try:
-                    socks[sent % len(socks)].sendto(_sealed(keyring, _hostile(sent, incarnation[0])), target)
+                try:  # every source sends the whole mix, one kind after another
+                    sock = socks[sent // KINDS % len(socks)]
+                    sock.sendto(_sealed(keyring, _hostile(sent, incarnation[0])), target)
                 except OSError:
                     pass
                 sent += 1
