@@ -23,7 +23,7 @@ FIELDS = {
 
 def test_a_short_insider_run_reports_every_field_and_the_agent_survives() -> None:
     argv = [sys.executable, "-m", "testbed.bench", "insider", "--json",
-            "--messages", "6000", "--rate", "2000", "--after", "3"]  # fmt: skip
+            "--messages", "6000", "--rate", "2000", "--sources", "2", "--after", "3"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
