@@ -553,6 +553,9 @@ class Membership:
                 prober.on_tick(deadline, now)
                 if self._verifier and not self._left:
                     self._verifier.pressure(self._table.unverified, self._pressure_mark(), now)
+                    for node in self._verifier.due_rechecks(now):
+                        sender = node.name if node.state == LEFT else self.name
+                        self._recheck_gone(node, Dead(node.name, node.incarnation, sender))
                     self._verifier.on_tick(
                         now, lambda node: self._verify_ping(node, now), lambda node: self._unverifiable(node, now)
                     )
@@ -918,10 +921,13 @@ class Membership:
         self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
         node.incarnation = d.incarnation
         self._mark_gone(node, state, now)
-        if d.sender != self.name and node.verified and self._verifier.may_recheck(node.name, now):
-            # In a flood: forged? Tell it, with a ping: a live member refutes on the ack.
-            self.stats.verify_pings += 1
-            self._seal(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr), d])
+        if d.sender != self.name and node.verified and self._verifier.may_recheck(node, now):
+            self._recheck_gone(node, d)
+
+    def _recheck_gone(self, node: Node, news: Dead) -> None:
+        """In a flood: forged? Tell ``node`` what we heard, with a ping: a live member refutes on the ack."""
+        self.stats.verify_pings += 1
+        self._seal(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr), news])
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
         if not node.verified and self._verifier.flooded(now):

@@ -121,6 +121,7 @@ class Verifier:
         "_flood_until",
         "_rechecked",
         "_recheck_tokens",
+        "_recheck_later",
     )
 
     def __init__(self, probe_interval: float, max_failed: int) -> None:
@@ -129,6 +130,7 @@ class Verifier:
         self._flood_until = float("-inf")
         self._rechecked: dict[str, float] = {}  # name -> when, oldest first
         self._recheck_tokens = (float(RECHECK_BURST), float("-inf"))  # (tokens, at)
+        self._recheck_later: dict[str, Node] = {}  # refused for now: re-checked on a later tick
         self._waiting: deque[tuple[float, Node]] = deque()  # (learned at, node), oldest first
         self._pinged: deque[tuple[float, Node, int]] = deque()  # (answer due, node, attempt)
         self._failed: dict[str, float] = {}  # name -> refused until, oldest first
@@ -144,24 +146,39 @@ class Verifier:
         """In flood mode: faster verification, failures dropped (see the module docstring)."""
         return now < self._flood_until
 
-    def may_recheck(self, name: str, now: float) -> bool:
-        """Whether to re-check ``name`` (gone by third-party news) now: flood mode, within budget."""
+    def may_recheck(self, node: Node, now: float) -> bool:
+        """Whether to re-check ``node`` (gone by third-party news) now: flood mode, within budget.
+
+        One refused for now is kept and offered again by :meth:`due_rechecks`, so the last
+        forged leave of a flood is re-checked too.
+        """
         if not self.flooded(now):
             return False
-        last = self._rechecked.get(name)
-        if last is not None and now - last < RECHECK_MIN_INTERVAL:
-            return False
+        last = self._rechecked.get(node.name)
         tokens, at = self._recheck_tokens
         tokens = min(float(RECHECK_BURST), tokens + max(0.0, now - at) * RECHECK_RATE)
-        if tokens < 1.0:
-            self._recheck_tokens = (tokens, now)
+        self._recheck_tokens = (tokens, now)
+        if (last is not None and now - last < RECHECK_MIN_INTERVAL) or tokens < 1.0:
+            if node.name in self._recheck_later or len(self._recheck_later) < RECHECK_BURST * 8:
+                self._recheck_later[node.name] = node
             return False
         self._recheck_tokens = (tokens - 1.0, now)
-        self._rechecked.pop(name, None)
-        self._rechecked[name] = now
+        self._recheck_later.pop(node.name, None)
+        self._rechecked.pop(node.name, None)
+        self._rechecked[node.name] = now
         while len(self._rechecked) > self._max_failed:
             del self._rechecked[next(iter(self._rechecked))]
         return True
+
+    def due_rechecks(self, now: float) -> list[Node]:
+        """Members whose re-check was put off and may run now (still gone and in the table)."""
+        due = []
+        for name, node in list(self._recheck_later.items()):
+            if node.index < 0 or node.state <= SUSPECT:
+                del self._recheck_later[name]
+            elif self.may_recheck(node, now):
+                due.append(node)
+        return due
 
     def refused(self, name: str, now: float) -> bool:
         """Whether third-party news of ``name`` is refused (it failed verification lately)."""

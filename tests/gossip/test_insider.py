@@ -469,6 +469,22 @@ def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -
         a.handle_timeout(now + 0.5)
         a.streams_to_send()
         a.datagrams_to_send()
+    # Forged again within the per-member interval: not at once, but on a later probe tick.
+    b_now = b.incarnation
+    a.receive(seal([Dead("b", b_now, "b")]), EVIL, 6.8)
+    assert not [d for d, _ in a.datagrams_to_send() if d == B]
+    now = 6.8
+    while now < 12.0:
+        now += 0.5
+        a.handle_timeout(now)
+        for dst, data in a.datagrams_to_send():
+            if dst == B:
+                b.receive(data, A, now)
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now)
+    held = a.member("b")
+    assert held is not None and held.state == ALIVE and held.incarnation > b_now
 
 
 def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
