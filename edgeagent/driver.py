@@ -201,7 +201,9 @@ def _decrypt_errors(core: Core) -> int:
 
 
 # The core's counters of input it refused: a datagram that moved one failed validation.
-_REFUSAL_STATS = ("decode_errors", "decrypt_errors", "out_of_range", "state_rejected", "unverified_refused")
+# Not the ceilings (unverified_refused, state_rejected): an honest member relaying what a
+# flood taught it moves those too, and must not be limited for it.
+_REFUSAL_STATS = ("decode_errors", "decrypt_errors", "out_of_range")
 
 
 def _refusals(core: Core) -> int:

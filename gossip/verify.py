@@ -149,18 +149,19 @@ class Verifier:
     def may_recheck(self, node: Node, now: float) -> bool:
         """Whether to re-check ``node`` (gone by third-party news) now: flood mode, within budget.
 
-        One refused for now is kept and offered again by :meth:`due_rechecks`, so the last
-        forged leave of a flood is re-checked too.
+        One refused for now (outside flood mode too) is kept and offered again by
+        :meth:`due_rechecks`, so the last forged leave of a flood, and one forged just
+        before the flood was noticed, are re-checked too.
         """
         if not self.flooded(now):
+            self._later(node)  # a leave forged just before the flood was noticed, too
             return False
         last = self._rechecked.get(node.name)
         tokens, at = self._recheck_tokens
         tokens = min(float(RECHECK_BURST), tokens + max(0.0, now - at) * RECHECK_RATE)
         self._recheck_tokens = (tokens, now)
         if (last is not None and now - last < RECHECK_MIN_INTERVAL) or tokens < 1.0:
-            if node.name in self._recheck_later or len(self._recheck_later) < RECHECK_BURST * 8:
-                self._recheck_later[node.name] = node
+            self._later(node)
             return False
         self._recheck_tokens = (tokens - 1.0, now)
         self._recheck_later.pop(node.name, None)
@@ -169,6 +170,10 @@ class Verifier:
         while len(self._rechecked) > self._max_failed:
             del self._rechecked[next(iter(self._rechecked))]
         return True
+
+    def _later(self, node: Node) -> None:
+        if node.name in self._recheck_later or len(self._recheck_later) < RECHECK_BURST * 8:
+            self._recheck_later[node.name] = node
 
     def due_rechecks(self, now: float) -> list[Node]:
         """Members whose re-check was put off and may run now (still gone and in the table)."""

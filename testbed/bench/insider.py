@@ -23,7 +23,8 @@ target <= 30), ``phantoms_peak`` (the agent's member count minus the two real on
 flood; target 0), ``ping_p99_ms`` (target <= 200) with ``pings_lost``, and
 ``idle_ping_p99_ms`` (the same over :data:`IDLE_PINGS_S` before the flood: the machine's noise), ``own_state_rewrites``
 (forged entries about the observer the agent spread to it; target 0, reached only once state
-is owner-signed), ``observer_alive_at_end``, ``flood_cpu_percent`` (the agent's CPU during the flood, percent of
+is owner-signed), ``observer_state_at_end`` and ``observer_back_after_s`` (when, after the flood, the agent first
+held the real member alive again; None: not within ``--after``), ``flood_cpu_percent`` (the agent's CPU during the flood, percent of
 one core), ``kernel_drops`` (datagrams the kernel dropped for the agent's full socket buffer
 during the flood, ``/proc/net/udp``), ``key_warnings`` (warning lines about key
 rotations in the agent's log), ``datagrams_limited`` (read from the agent's metrics: dropped
@@ -186,7 +187,7 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
         flood_cpu = 100 * (cpu_seconds(pid) - cpu0) / max(1e-3, time.monotonic() - wall0)
         kernel_drops = _socket_drops(target) - drops0
         pinger.stop()
-        await asyncio.sleep(args.after)
+        back = await _observer_back(agent, args.after)
         crashed = not agent.running
         members = [] if crashed else agent.members()
         phantoms = [m["state"] for m in members if m["name"].startswith("ph")]
@@ -206,7 +207,8 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
             "pings": len(pinger.rtts),
             "pings_lost": pinger.lost,
             "own_state_rewrites": len(observer.forged_seen),
-            "observer_alive_at_end": not crashed and _state_of(agent, OBSERVER) == "alive",
+            "observer_state_at_end": None if crashed else _state_of(agent, OBSERVER),
+            "observer_back_after_s": back,
             "flood_cpu_percent": round(flood_cpu, 1),
             "kernel_drops": kernel_drops,
             "key_warnings": _count_lines(agent.log_path, "keyring operation"),
@@ -237,6 +239,17 @@ async def _start_observer(host: str, keyring: Keyring, target: Address) -> tuple
     driver.start()
     await driver.acall(lambda core, now: core.join([target], now))
     return made[0], driver
+
+
+async def _observer_back(agent: LoopbackAgent, wait: float) -> float | None:
+    """Wait ``wait`` s; when (s after the flood) the agent first held the observer alive again."""
+    start = time.monotonic()
+    back = None
+    while (elapsed := time.monotonic() - start) < wait:
+        if back is None and await asyncio.to_thread(_state_of, agent, OBSERVER) == "alive":
+            back = round(elapsed, 1)
+        await asyncio.sleep(1.0)
+    return back
 
 
 async def _wait(predicate: Any, timeout: float) -> None:

@@ -492,3 +492,25 @@ def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
     a.streams_to_send()
     a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 1.0)
     assert a.streams_to_send() == [] and not [d for d, _ in a.datagrams_to_send() if d == B]
+
+
+def test_a_leave_forged_before_the_flood_is_noticed_is_rechecked_once_it_is() -> None:
+    a, b, _ = _flood_cluster(9)
+    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 0.2)  # not flooded yet: no re-check
+    assert not [d for d, _ in a.datagrams_to_send() if d == B]
+    phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
+    for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+    now = 0.5
+    while now < 4.0:  # the first probe ticks of the flood
+        now += 0.5
+        a.handle_timeout(now)
+        a.streams_to_send()
+        for dst, data in a.datagrams_to_send():
+            if dst == B:
+                b.receive(data, A, now)
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now)
+    held = a.member("b")
+    assert held is not None and held.state == ALIVE

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 FIELDS = {
     "rss_growth_mb", "phantoms_peak", "phantoms_after_60s", "ping_p99_ms", "pings_lost",
-    "own_state_rewrites", "observer_alive_at_end", "key_warnings", "datagrams_limited",
+    "own_state_rewrites", "observer_state_at_end", "observer_back_after_s", "key_warnings", "datagrams_limited",
     "flood_cpu_percent", "kernel_drops", "idle_ping_p99_ms", "crashed", "targets",
 }  # fmt: skip
 
