@@ -71,7 +71,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
-from .ratelimit import WarnLimiter
+from .ratelimit import LineBudget, WarnLimiter
 from .stream_limits import frame_limit
 from .streams import StreamAuth
 
@@ -164,6 +164,7 @@ class Agent:
         self._identity: NodeIdentity | None = None
         self._saved_incarnation = 0
         self._conflict_warnings = WarnLimiter(log)
+        self._event_lines = LineBudget()  # member joined / reaped lines: a phantom flood
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
         self._started_at = time.monotonic()
@@ -369,7 +370,9 @@ class Agent:
         for event in events:
             if isinstance(event, ev.NameConflict):
                 self._on_name_conflict(event, view)
-            else:
+            elif isinstance(event, ev.StateChanged | ev.UserMessage) or self._event_lines.allow(
+                view.taken_at, log, "member event"
+            ):
                 _log_event(event)
         if (
             self._identity is not None

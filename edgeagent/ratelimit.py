@@ -183,3 +183,34 @@ class SenderBudget:
         )
         if logged:
             sender.failed = 0
+
+
+MEMBER_EVENT_LINES = 100  # member event lines (joined, reaped, ...) logged per interval
+
+
+class LineBudget:
+    """At most ``max_lines`` log lines of one kind per ``interval``; then one summary line.
+
+    For info lines that hostile input can multiply (a phantom flood made one "member joined"
+    and one "member reaped" line per forged name).
+    """
+
+    def __init__(self, max_lines: int = MEMBER_EVENT_LINES, interval: float = WARN_INTERVAL_S) -> None:
+        self._max, self._interval = max_lines, interval
+        self._start, self._count, self._suppressed = float("-inf"), 0, 0
+
+    def allow(self, now: float, logger: logging.Logger | logging.LoggerAdapter[Any], what: str) -> bool:
+        """Whether to log one more line; at a new interval, first say how many were left out."""
+        if now - self._start >= self._interval:
+            if self._suppressed:
+                logger.warning(
+                    f"{self._suppressed} {what} lines not logged in the last "
+                    f"{self._interval:g} s (more than {self._max})",
+                    extra=fields(suppressed=self._suppressed),
+                )
+            self._start, self._count, self._suppressed = now, 0, 0
+        if self._count >= self._max:
+            self._suppressed += 1
+            return False
+        self._count += 1
+        return True

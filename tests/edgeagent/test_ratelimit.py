@@ -12,6 +12,7 @@ from edgeagent.ratelimit import (
     BAD_BURST,
     BAD_RATE,
     TOTAL_BAD_BURST,
+    LineBudget,
     SenderBudget,
     WarnLimiter,
 )
@@ -84,3 +85,14 @@ async def test_malformed_key_rotations_warn_once_a_minute_per_origin(caplog: pyt
     lines = [r for r in caplog.records if "malformed keyring operation" in r.getMessage()]
     assert [r.fields["origin"] for r in lines] == ["evil", "other"]  # type: ignore[attr-defined]
     await asyncio.sleep(0)
+
+
+def test_member_event_lines_are_capped_per_interval_with_one_summary(caplog: pytest.LogCaptureFixture) -> None:
+    budget = LineBudget(max_lines=5, interval=60.0)
+    with caplog.at_level(logging.INFO):
+        allowed = sum(budget.allow(i * 0.01, log, "member event") for i in range(1000))
+        assert allowed == 5 and not caplog.records
+        assert budget.allow(61.0, log, "member event")
+    assert [r.getMessage() for r in caplog.records] == [
+        "995 member event lines not logged in the last 60 s (more than 5)"
+    ]
