@@ -58,11 +58,11 @@ from .bridge import EventsDropped
 from .clock_store import AgentClock
 from .config import AgentConfig
 from .control import ControlError, ControlServer, socket_path
-from .control_json import count_states, member_json
+from .control_json import count_states, members_page, members_page_args
 from .driver import GossipDriver, View, stream_drops
 from .errors import ConfigError
 from .host import Feature, FeatureHost
-from .logs import fields
+from .logs import FIELDS_ATTR, fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard
 from .onboarding import CA_KEY_FILE, apply_material, load_material, renew_node_material
@@ -78,6 +78,7 @@ from .persist import (
     renew_identity,
     save_identity,
 )
+from .ratelimit import LineBudget, WarnLimiter
 from .saver import StateSaver, save_at_start
 from .state_signing import ForgedStateLog, StateSigning, load_state_signing, log_problem
 from .stream_limits import frame_limit
@@ -170,6 +171,8 @@ class Agent:
         self._left = asyncio.Event()
         self._identity: NodeIdentity | None = None
         self._saved_incarnation = 0
+        self._conflict_warnings = WarnLimiter(log)
+        self._event_lines = LineBudget()  # member joined / reaped lines: a phantom flood
         self._driver: GossipDriver[Membership] | None = None
         self._host: FeatureHost | None = None
         self._clock: AgentClock | None = None  # restored from the state dir in run()
@@ -404,7 +407,9 @@ class Agent:
         for event in events:
             if isinstance(event, ev.NameConflict):
                 self._on_name_conflict(event, view)
-            else:
+            elif isinstance(event, ev.StateChanged | ev.UserMessage) or self._event_lines.allow(
+                view.taken_at, log, "member event"
+            ):
                 _log_event(event)
         self._forged_log.observe(view.core_stats, view.taken_at)
         if (
@@ -487,11 +492,13 @@ class Agent:
         other = claimant(event.meta, event.addr)
         decided = verdict(Claimant(identity.node_id, self._since_ms, view.local.addr), other)
         where = fields(name=event.name, other_addr=event.addr, other_node_id=other.node_id)
-        if decided is KEEP:  # once per address: the core reports each address once
-            log.warning(
+        if decided is KEEP:  # the core reports each address once; forged ones: once a minute
+            self._conflict_warnings.warn(
+                event.name,
+                view.taken_at,
                 f"node name {event.name} is also claimed by {format_addr(event.addr)}, which "
                 "started later and gives it up",
-                extra=where,
+                **where[FIELDS_ATTR],
             )
             return
         self._verdict = decided
@@ -528,8 +535,13 @@ class Agent:
         return self._control
 
     async def _cmd_members(self, request: Mapping[str, Any]) -> list[dict[str, Any]]:
-        view = await self.driver.snapshot()
-        return [member_json(m) for m in sorted(view.members, key=lambda m: m.name)]
+        """The member table sorted by name; with ``limit``, one page after ``after``."""
+        try:
+            after, limit = members_page_args(request)
+        except ValueError as exc:
+            raise ControlError(f"members: {exc}") from None
+        members = await self.driver.acall(lambda core, now: tuple(core.members()))
+        return members_page(members, after, limit)
 
     async def _cmd_status(self, request: Mapping[str, Any]) -> dict[str, Any]:
         view = await self.driver.snapshot()

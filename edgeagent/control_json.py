@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gossip.events import Member
@@ -46,3 +46,34 @@ def count_states(members: Iterable[Member]) -> dict[str, int]:
     """How many members are in each state, every state listed (``status``)."""
     counts = Counter(m.state.name.lower() for m in members)
     return {state.name.lower(): counts.get(state.name.lower(), 0) for state in MemberState}
+
+
+MEMBERS_PAGE = 1000  # members per control reply the CLI asks for (~250 KB of JSON)
+MAX_MEMBERS_PAGE = 10_000  # the most one request may ask for
+
+
+def members_page_args(request: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """``after`` (a member name) and ``limit`` of a ``members`` request; ValueError if malformed.
+
+    Without ``limit`` the whole table is returned, as before paging existed.
+    """
+    after, limit = request.get("after"), request.get("limit")
+    if after is not None and not isinstance(after, str):
+        raise ValueError("after: expected a member name (a string)")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_MEMBERS_PAGE
+    ):
+        raise ValueError(f"limit: expected an integer in 1..{MAX_MEMBERS_PAGE}")
+    return after, limit
+
+
+def members_page(members: Iterable[Member], after: str | None, limit: int | None) -> list[dict[str, Any]]:
+    """Members sorted by name, those after ``after`` only, at most ``limit`` of them.
+
+    Paging by name, not by offset, so a member joining or leaving between two pages never
+    makes the next page repeat or skip another one.
+    """
+    chosen = sorted((m for m in members if after is None or m.name > after), key=lambda m: m.name)
+    if limit is not None:
+        chosen = chosen[:limit]
+    return [member_json(m) for m in chosen]

@@ -9,7 +9,10 @@ timer at ``core.get_timer()``.
 
 Datagrams: the reader callback drains every readable datagram (up to :data:`MAX_DRAIN`) before
 it returns, so a timer that fell due meanwhile runs after the inbox is empty: a probe never
-times out while its ack waits in the socket buffer.
+times out while its ack waits in the socket buffer. A sender whose datagrams keep failing
+validation (one of the core's refusal counters grew) runs out of its budget and is then read
+only a few times a second (:class:`edgeagent.ratelimit.SenderBudget`; the rest dropped unread,
+counted, one warning a minute), so its flood cannot starve the pings and acks of the others.
 
 Streams: one push-pull per TCP connection, in the format of :mod:`edgeagent.streams` (a
 sealed header is read and opened before any body, within a short header timeout; the body is
@@ -52,6 +55,7 @@ from gossip.messages import Address
 from . import streams
 from .advertise import make_dual_stack, socket_address, unmap, wants_dual_stack
 from .bridge import UpdateBridge
+from .ratelimit import SenderBudget, WarnLimiter
 from .stream_limits import MAX_OUTBOUND_STREAMS, Admission, DropLog, inbound_budget
 from .streams import HEADER_TIMEOUT, Served, StreamAuth, StreamSettings
 from .undecryptable import (
@@ -144,6 +148,8 @@ class DriverStats:
     streams_over_budget: int = 0  # the bytes-in-flight budget could not hold the body
     streams_out_rejected: int = 0  # over MAX_OUTBOUND_STREAMS of our own
     stream_errors: int = 0  # short or late bodies, resets, failed outbound push-pulls
+    datagrams_limited: int = 0  # dropped unread: their sender keeps failing validation (ratelimit)
+    senders_limited: int = 0  # times a sender ran out of its budget for bad datagrams
     remote_errors: int = 0  # RemoteError raised by the core (normally it counts them itself)
     internal_errors: int = 0  # any other exception from the core: a bug, logged
     events_dropped: int = 0  # events the stalled main loop never saw (bridge queue full)
@@ -208,6 +214,20 @@ def _decrypt_errors(core: Core) -> int:
     return int(count)
 
 
+# The core's counters of input it refused: a datagram that moved one failed validation.
+# Not the ceilings (unverified_refused, state_rejected): an honest member relaying what a
+# flood taught it moves those too, and must not be limited for it.
+_REFUSAL_STATS = ("decode_errors", "decrypt_errors", "out_of_range")
+
+
+def _refusals(core: Core) -> int:
+    """How much input the core has refused so far (a sum of its refusal counters)."""
+    stats = core.stats
+    if isinstance(stats, Mapping):
+        return sum(int(stats.get(name, 0)) for name in _REFUSAL_STATS)
+    return sum(int(getattr(stats, name, 0)) for name in _REFUSAL_STATS)
+
+
 def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
@@ -260,6 +280,7 @@ class GossipDriver(Generic[C]):
         ] = queue.SimpleQueue()
         self._stats = DriverStats()
         self._undecryptable = UndecryptableLog()
+        self._senders = SenderBudget(WarnLimiter(log))
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -446,6 +467,7 @@ class GossipDriver(Generic[C]):
     def _on_readable(self) -> None:
         assert self._udp is not None and self._core is not None
         core, udp, limit = self._core, self._udp, self._max_datagram
+        senders, now = self._senders, self._now()
         for _ in range(MAX_DRAIN):
             try:
                 data, src = udp.recvfrom(limit + 1)
@@ -456,7 +478,14 @@ class GossipDriver(Generic[C]):
             if len(data) > limit:
                 self._stats.datagrams_oversized += 1
                 continue
-            self._feed(core.receive, data, (unmap(src[0]), src[1]), DATAGRAM)
+            host = unmap(src[0])
+            if not senders.admit(host, now):  # its sender keeps failing validation
+                continue
+            refused = _refusals(core)
+            self._feed(core.receive, data, (host, src[1]), DATAGRAM)
+            senders.outcome(host, _refusals(core) != refused, now)
+        self._stats.datagrams_limited = senders.dropped
+        self._stats.senders_limited = senders.limited
         self._after_input()
 
     def _on_timer(self) -> None:

@@ -43,12 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gossip.codec import MAX_COUNTER
 from gossip.keyring import KEY_SIZE, Keyring
 
 from .errors import ConfigError
 from .logs import fields
 
 IDENTITY_FILE = "identity.json"
+# The largest incarnation peers accept; a saved one at or above it (a corrupt or
+# hand-edited file) is repaired on load (repair_incarnation).
+MAX_INCARNATION = MAX_COUNTER
 IDENTITY_VERSION = 1
 NODE_ID_BYTES = 16  # 128 random bits: collisions are negligible at any mesh size
 STATE_DIR_MODE = 0o700
@@ -297,7 +301,7 @@ def load_or_create_identity(
         chosen = default_node_name(name, node_id) if default_name else name
         identity = NodeIdentity(chosen, node_id, 0, default_name, machine)
     else:
-        identity = saved
+        identity = repair_incarnation(directory, saved)
         if not default_name and saved.name != name:
             identity = dataclasses.replace(identity, name=name, default_name=False)
         if identity.machine is None and machine is not None:
@@ -306,6 +310,25 @@ def load_or_create_identity(
             return identity
     save_identity(directory, identity)
     return identity
+
+
+def repair_incarnation(state_dir: Path, identity: NodeIdentity) -> NodeIdentity:
+    """``identity`` with an incarnation start() can bump and peers accept: one at or above
+    :data:`MAX_INCARNATION` becomes 0, with one warning (never a refusal to start).
+
+    0 is safe: peers that hold this node at a higher incarnation tell it so (their push-pull,
+    a suspicion), and it refutes above that, as after any restart; a number near the ceiling
+    would leave it nothing to refute with.
+    """
+    if identity.incarnation < MAX_INCARNATION:
+        return identity
+    log.warning(
+        f"{Path(state_dir) / IDENTITY_FILE}: incarnation {identity.incarnation} is above the "
+        f"most peers accept ({MAX_INCARNATION}); reset to 0 (peers' records of this node are "
+        "refuted from there)",
+        extra=fields(incarnation=identity.incarnation),
+    )
+    return identity.with_incarnation(0)
 
 
 def renew_identity(

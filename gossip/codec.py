@@ -50,6 +50,11 @@ within uint64, incarnations and state versions within ``MAX_COUNTER``
 ``counter_step``), ports within 0..65535, names, hosts and keys non-empty and
 short, replicated values shallow and small in packed bytes *and* in the memory
 they decode to (``value_memory``). The limits are below; each says why.
+A push-pull frame is not unpacked whole: ``decode_push_pull`` walks it and
+unpacks one member record or state entry at a time, each after its packed
+length was checked, and cuts state maps at the receiver's memory budgets
+(``entry_cost``, the state store's cost model), so decoding a frame at the
+limit costs about its result, not many times its size.
 
 The encoder checks the same rules, so ``decode(encode(x)) == x`` for every
 message it accepts. Local misuse raises:
@@ -798,14 +803,150 @@ def decode_datagram(data: bytes) -> list[Message]:
 
 
 def decode_frame(data: bytes, max_bytes: int) -> PushPull:
-    """Decode a plaintext stream frame of at most ``max_bytes``; raise :class:`DecodeError`."""
+    """Decode a plaintext stream frame of at most ``max_bytes``; raise :class:`DecodeError`.
+
+    No state budget: :func:`decode_push_pull` with budgets is what a receiver uses.
+    """
+    return decode_push_pull(data, max_bytes)[0]
+
+
+def decode_push_pull(
+    data: bytes,
+    max_bytes: int,
+    max_owner_memory: int | None = None,
+    max_state_memory: int | None = None,
+) -> tuple[PushPull, int]:
+    """Decode a plaintext push-pull frame one member record and one state entry at a time.
+
+    Returns the PushPull and how many owners' maps were cut or left out for the budgets:
+    an owner's entries stop where they would cost (``entry_cost``) more than
+    ``max_owner_memory``, and every map stops where the frame's entries together would
+    cost more than ``max_state_memory``; the rest is skipped undecoded. Each record and
+    entry is unpacked on its own after its packed length was checked
+    (``MAX_RECORD_WIRE_BYTES``, ``MAX_ENTRY_WIRE_BYTES``), so decoding never holds much
+    more than the result plus one entry: unpacking the frame whole once made 8 MiB of
+    empty lists 540 MB of Python objects before any check ran.
+    """
     if len(data) > max_bytes:
         raise DecodeError(f"frame larger than {max_bytes} bytes")
-    raw = _unpack(data, _FRAME_UNPACK_LIMITS)
+    if len(data) < 2:
+        raise DecodeError("input too short")
+    if data[0] != PROTOCOL_VERSION:
+        raise DecodeError(f"unknown protocol version {data[0]}")
+    reader = _FrameReader(memoryview(data)[1:])
     try:
-        msg = _from_wire(raw)
-    except ValueError as exc:
+        return reader.push_pull(max_owner_memory, max_state_memory)
+    except DecodeError:
+        raise
+    except ValueError as exc:  # our own checks (_fail, _TooLarge)
         raise DecodeError(str(exc)) from None
-    if type(msg) is not PushPull:
-        raise DecodeError("a stream frame must carry a PushPull")
-    return msg
+    except Exception as exc:  # msgpack raises a grab-bag (OutOfData, StackError, ...)
+        raise DecodeError(f"malformed msgpack: {exc}") from None
+
+
+# Packed bytes one member record or state entry may take (headers at their widest,
+# plus slack for non-canonical headers): anything longer is refused before it is
+# unpacked. A valid value packs to no more than its cost (every msgpack item takes
+# at least as many bytes in memory as on the wire), hence MAX_VALUE_MEMORY.
+_WIRE_SLACK = 16
+MAX_RECORD_WIRE_BYTES = (
+    1 + (2 + MAX_NAME_BYTES) + (1 + 2 + MAX_HOST_BYTES + 3) + 9 + 1 + (3 + MAX_META_BYTES) + _WIRE_SLACK
+)
+MAX_ENTRY_WIRE_BYTES = (
+    1 + (3 + MAX_KEY_BYTES) + 9 + max(MAX_VALUE_MEMORY, MAX_VALUE_BYTES + 5) + 1 + (2 + MAX_SIG_BYTES) + _WIRE_SLACK
+)
+_SCALAR_WIRE_BYTES = 3 + MAX_NAME_BYTES + _WIRE_SLACK  # a type code, a bool or a name
+# Cost of one stored entry besides its key and value: state_store.ENTRY_OVERHEAD.
+ENTRY_MEMORY_OVERHEAD = 256
+
+
+def entry_cost(key: str, value: StateValue) -> int:
+    """What one state entry costs in the memory budgets (``state_store.entry_memory``)."""
+    return ENTRY_MEMORY_OVERHEAD + sys.getsizeof(key) + value_memory(value)
+
+
+class _FrameReader:
+    """Walks one frame with a msgpack Unpacker: headers read, items skipped or unpacked alone."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(view)))
+        self._unpacker.feed(view)
+
+    def _header(self, limit: int, what: str) -> int:
+        count = self._unpacker.read_array_header()
+        if count > limit:
+            _fail(f"{what} must be a list of at most {limit}")
+        return int(count)
+
+    def _item(self, limit: int, what: str) -> Any:
+        unpacker = self._unpacker
+        start = unpacker.tell()
+        unpacker.skip()
+        end = unpacker.tell()
+        if end - start > limit:
+            _fail(f"{what} longer than {limit} bytes on the wire")
+        return _unpack_item(self._view[start:end])
+
+    def push_pull(self, max_owner: int | None, max_total: int | None) -> tuple[PushPull, int]:
+        fields = self._header(16, "message")
+        if fields not in (6, 8) or self._item(_SCALAR_WIRE_BYTES, "type code") != PUSH_PULL:
+            raise DecodeError("a stream frame must carry a PushPull")
+        source = _text(self._item(_SCALAR_WIRE_BYTES, "source"), "source", MAX_NAME_BYTES)
+        join = _bool(self._item(_SCALAR_WIRE_BYTES, "join"), "join")
+        reply = _bool(self._item(_SCALAR_WIRE_BYTES, "reply"), "reply")
+        count = self._header(MAX_PUSHPULL_MEMBERS, "members")
+        members = tuple(_record(self._item(MAX_RECORD_WIRE_BYTES, "member record")) for _ in range(count))
+        states, cut = self._states(max_owner, max_total)
+        summary = want = None
+        if fields == 8:  # a digest exchange (digest.py): lists of small tuples, bounded in count
+            raw_summary = self._item(len(self._view), "summary")
+            raw_want = self._item(len(self._view), "want")
+            if raw_summary is None and raw_want is None:
+                _fail("a digest push-pull needs a summary or a want")
+            summary = None if raw_summary is None else _summary(raw_summary)
+            want = None if raw_want is None else _want(raw_want)
+        if self._unpacker.tell() != len(self._view):
+            _fail("trailing bytes after the frame")
+        return PushPull(source, join, reply, members, states, summary, want), cut
+
+    def _states(
+        self, max_owner: int | None, max_total: int | None
+    ) -> tuple[tuple[tuple[str, tuple[StateEntry, ...]], ...], int]:
+        owners: list[tuple[str, tuple[StateEntry, ...]]] = []
+        total, cut, full = 0, 0, False
+        for _ in range(self._header(MAX_PUSHPULL_OWNERS, "states")):
+            if self._header(2, "owner map") != 2:
+                _fail("array must have 2 elements")
+            owner = _text(self._item(_SCALAR_WIRE_BYTES, "state owner"), "state owner", MAX_NAME_BYTES)
+            entries: list[StateEntry] = []
+            spent, stopped = 0, full
+            for _ in range(self._header(MAX_STATE_ENTRIES, "owner entries")):
+                if stopped:
+                    self._unpacker.skip()
+                    continue
+                entry = _entry(self._item(MAX_ENTRY_WIRE_BYTES, "state entry"))
+                cost = entry_cost(entry.key, entry.value)
+                if max_owner is not None and spent + cost > max_owner:
+                    stopped = True
+                elif max_total is not None and total + cost > max_total:
+                    stopped = full = True
+                else:
+                    spent += cost
+                    total += cost
+                    entries.append(entry)
+            cut += stopped
+            if entries or not stopped:
+                owners.append((owner, tuple(entries)))
+        return tuple(owners), cut
+
+
+def _unpack_item(chunk: memoryview) -> Any:
+    return msgpack.unpackb(
+        chunk,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        ext_hook=_reject_ext,
+        **_DATAGRAM_UNPACK_LIMITS,
+    )

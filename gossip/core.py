@@ -90,6 +90,11 @@ Where we differ from memberlist, on purpose:
   gossip ticker parks while nothing is queued;
 - a state update about a member not known yet is kept briefly (bounded) and
   applied when its Alive arrives; ``set_state`` of an unchanged value is a no-op.
+- members heard of but never heard from are capped, verified by ping and
+  dropped when they do not answer (``verify.py``); in a flood of them a
+  verified member others report DEAD or LEFT is re-checked at once by a
+  ping carrying the news, and unverified ones that go DEAD or LEFT are
+  forgotten at once.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ from .codec import (
     MAX_UINT64,
     counter_step,
     decode_datagram,
-    decode_frame,
+    decode_push_pull,
     encode_datagram,
     encode_frame,
     encoded_size,
@@ -280,7 +285,7 @@ class Membership:
             self.stats,
             send=self._send,
             schedule=self._timers.schedule,
-            suspect=self._on_suspect,
+            suspect=self._on_probe_failed,
         )
         self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
@@ -660,7 +665,13 @@ class Membership:
             case ProbeTick():
                 prober.on_tick(deadline, now)
                 if self._verifier and not self._left:
-                    self._verifier.on_tick(now, self._verify_ping, lambda node: self._unverifiable(node, now))
+                    self._verifier.pressure(self._table.unverified, self._pressure_mark(), now)
+                    for node in self._verifier.due_rechecks(now):
+                        sender = node.name if node.state == LEFT else self.name
+                        self._recheck_gone(node, Dead(node.name, node.incarnation, sender))
+                    self._verifier.on_tick(
+                        now, lambda node: self._verify_ping(node, now), lambda node: self._unverifiable(node, now)
+                    )
             case ProbeTimeout(seq):
                 prober.on_timeout(seq, now)
             case ProbeEnd(seq):
@@ -689,14 +700,22 @@ class Membership:
             self.stats.decode_errors += 1
 
     def _open_frame(self, data: bytes) -> PushPull | None:
+        config = self.config
         try:
             plain = self._keyring.decrypt(data, self._aad)
-            msg = decode_frame(plain, self.config.max_stream_bytes)
+            remote, cut = decode_push_pull(
+                plain,
+                config.max_stream_bytes,
+                # What the store could take at most: no map is decoded only to be refused.
+                config.max_state_memory,
+                config.max_total_state_memory + config.max_state_memory,
+            )
         except RemoteError as exc:
             self._count_error(exc)
             return None
-        self._count_frame(msg, len(plain), out=False)
-        return msg
+        self.stats.state_rejected += cut
+        self._count_frame(remote, len(plain), out=False)
+        return remote
 
     def _count_frame(self, msg: PushPull, size: int, out: bool) -> None:
         """Split a push-pull frame's ``size`` plaintext bytes into records, entries and the rest."""
@@ -914,13 +933,28 @@ class Membership:
         self._store.forget(node.name)
         self._emit(MemberReaped(node.snapshot()))
 
-    def _verify_ping(self, node: Node) -> None:
+    def _pressure_mark(self) -> int:
+        return self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR
+
+    def _verify_ping(self, node: Node, now: float) -> None:
         self.stats.verify_pings += 1
-        self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
+        ping = Ping(self._prober.next_seq(), node.name, self.name, self.addr)
+        if self._verifier.flooded(now):
+            self._seal(node.addr, [ping])  # no piggyback: retransmissions are not spent on phantoms
+        else:
+            self._send(node.addr, [ping])
+
+    def _on_probe_failed(self, s: Suspect, now: float) -> None:
+        """Our probe of ``s.name`` failed: suspect it, or in a flood drop it if never verified."""
+        node = self._table.get(s.name)
+        if node is not None and not node.verified and self._verifier.flooded(now):
+            self._unverifiable(node, now)
+        else:
+            self._on_suspect(s, now)
 
     def _unverifiable(self, node: Node, now: float) -> None:
         """``node`` never answered its verification pings: drop it in a flood, else suspect it."""
-        if self._table.unverified > self.config.max_members // UNVERIFIED_PRESSURE_DIVISOR:
+        if self._verifier.pressure(self._table.unverified, self._pressure_mark(), now):
             self.stats.unverified_dropped += 1
             self._verifier.dropped(node.name, now)
             self._forget(node)
@@ -1096,8 +1130,18 @@ class Membership:
         self._enqueue(d, d.name, PRIORITY_MEMBERSHIP)
         node.incarnation = d.incarnation
         self._mark_gone(node, state, now)
+        if d.sender != self.name and node.verified and self._verifier.may_recheck(node, now):
+            self._recheck_gone(node, d)
+
+    def _recheck_gone(self, node: Node, news: Dead) -> None:
+        """In a flood: forged? Tell ``node`` what we heard, with a ping: a live member refutes on the ack."""
+        self.stats.verify_pings += 1
+        self._seal(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr), news])
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
+        if not node.verified and self._verifier.flooded(now):
+            self._unverifiable(node, now)  # in a flood, gone and never heard from: forget it now
+            return
         self._table.set_state(node, state, now)
         ttl = self.config.dead_member_ttl
         if not node.verified:

@@ -32,6 +32,7 @@ from ..control import ControlError
 from ..host import FeatureHost
 from ..logs import fields
 from ..persist import keyring_bytes
+from ..ratelimit import WarnLimiter
 
 if TYPE_CHECKING:
     from gossip.core import Membership
@@ -102,6 +103,8 @@ class Keys:
     def __init__(self) -> None:
         self._host: FeatureHost | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Rotations heard from others are hostile input: one warning per origin a minute.
+        self._warnings = WarnLimiter(log)
 
     @property
     def host(self) -> FeatureHost:
@@ -231,11 +234,13 @@ class Keys:
                 raise ValueError(op)
             await self.apply(op, key)
         except ControlError as exc:
-            log.warning(
-                "keyring operation not applied", extra=fields(origin=origin, reason=str(exc))
+            now = asyncio.get_running_loop().time()
+            self._warnings.warn(
+                origin, now, "keyring operation not applied", origin=origin, reason=str(exc)
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            log.warning("malformed keyring operation dropped", extra=fields(origin=origin))
+            now = asyncio.get_running_loop().time()
+            self._warnings.warn(origin, now, "malformed keyring operation dropped", origin=origin)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

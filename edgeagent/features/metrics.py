@@ -47,6 +47,7 @@ _DROPS = (
     ("state_forged", "core", "state_forged"),
     ("state_unverified", "core", "state_unverified"),
     ("oversize", "driver", "datagrams_oversized"),
+    ("sender_limited", "driver", "datagrams_limited"),
     ("oversize", "driver", "frames_oversized"),
     ("stream_error", "driver", "stream_errors"),
     ("stream_limit", "driver", "streams_rejected"),

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
     "signing": "owner-signed state: sign / verify / receive cost per entry and the bytes it adds",
     "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
+    "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
 }
 
 

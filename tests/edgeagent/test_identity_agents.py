@@ -7,6 +7,7 @@ the outcome: who exits (and with which line), who stays, with which identity and
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -158,3 +159,26 @@ def test_copy_on_a_machine_with_the_same_machine_id_renews_and_restarts(site: Si
     assert "is a copy of the node at " + seed(original) in log and "restarting as a new node" in log
     assert "level=error" not in log
     assert copy.process is not None and copy.process.poll() is None  # restarted in place
+
+
+def test_an_incarnation_above_the_range_in_identity_json_is_repaired_on_start(site: Site) -> None:
+    machine = site.machine("1")
+    agent = site.agent("big", site.base / "big", machine, "--name", "big")
+    agent.start()
+    node_id = agent.status()["node_id"]
+    assert agent.terminate() == 0
+    path = agent.state_dir / "identity.json"
+    doc = json.loads(path.read_text())
+    doc["incarnation"] = 2**64
+    path.write_text(json.dumps(doc))
+    agent.start()  # starts (it once could not encode its own Alive)
+    status = agent.status()
+    assert status["incarnation"] == 1 and status["node_id"] == node_id
+    assert json.loads(path.read_text())["incarnation"] == 1
+    warnings = [line for line in agent.log_path.read_text().splitlines() if "above the most peers accept" in line]
+    assert len(warnings) == 1 and "level=warning" in warnings[0], warnings
+    assert agent.terminate() == 0
+    agent.start()  # repaired for good: no second warning, the count goes on from there
+    assert agent.status()["incarnation"] == 2
+    warnings = [line for line in agent.log_path.read_text().splitlines() if "above the most peers accept" in line]
+    assert len(warnings) == 1

@@ -13,13 +13,22 @@ from typing import Any
 
 import msgpack
 
-from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
-from gossip.config import lan
+from gossip.codec import (
+    MAX_COUNTER,
+    MAX_COUNTER_STEP,
+    PROTOCOL_VERSION,
+    decode_push_pull,
+    encode_frame,
+    entry_cost,
+)
+from gossip.config import MAX_STREAM_BYTES, lan
 from gossip.core import Membership
+from gossip.errors import DecodeError
 from gossip.events import MemberFailed
 from gossip.members import ALIVE, LEFT, SUSPECT
-from gossip.messages import Alive, Dead, StateUpdate
-from gossip.verify import UNVERIFIED_GONE_TTL
+from gossip.messages import Alive, Dead, PushPull, StateEntry, StateUpdate
+from gossip.state_store import entry_memory
+from gossip.verify import FLOOD_PINGS_PER_TICK, UNVERIFIED_GONE_TTL
 from testbed.sim import TEST_AAD, make_keyring, seal, sent
 
 A = ("10.0.0.1", 7946)
@@ -311,3 +320,199 @@ def test_an_unverified_member_that_never_answers_is_suspected_then_forgotten_ear
     assert failed_at is not None and failed_at < 120.0
     assert a.member("c") is None and a.member("b") is not None
     assert a.stats.verify_pings <= 3
+
+
+# --- Defect 5b: a sustained flood, timers running -----------------------------------
+
+SUSTAINED_SECONDS = 60  # of flood, 4,000 forged names a second (160 datagrams of 25)
+CLEARED_WITHIN = 60.0  # s after the flood ends: no phantom left, in any state
+
+
+def _flood_cluster(seed: int) -> tuple[Membership, Membership, Membership]:
+    """``a`` under attack; ``b`` verified (joined by push-pull), ``c`` real but heard of only."""
+    a = Membership("a", A, lan(), random.Random(seed), 0.0, keyring=make_keyring(random.Random(1)))
+    b = Membership("b", B, lan(), random.Random(seed + 1), 0.0, keyring=make_keyring(random.Random(1)))
+    c = Membership("c", C, lan(), random.Random(seed + 2), 0.0, keyring=make_keyring(random.Random(1)))
+    b.join([A], 0.0)
+    ((_, request),) = b.streams_to_send()
+    reply = a.handle_stream(request, B, 0.0)
+    assert reply is not None
+    b.receive_stream_reply(reply, A, 0.0)
+    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)
+    return a, b, c
+
+
+def _deliver(cores: dict[tuple[str, int], Membership], now: float, rng: random.Random, loss: float) -> None:
+    """Hand every queued datagram to its real destination (phantom addresses go nowhere)."""
+    for _ in range(3):
+        for src, core in cores.items():
+            core.streams_to_send()
+            for dst, data in core.datagrams_to_send():
+                if dst in cores and rng.random() >= loss:
+                    cores[dst].receive(data, src, now)
+            while core.next_event() is not None:
+                pass
+
+
+def test_a_sustained_flood_is_cleared_within_a_minute_without_losing_real_members() -> None:
+    for seed in (1, 2, 3):
+        a, b, c = _flood_cluster(seed)
+        cores = {A: a, B: b, C: c}
+        rng = random.Random(seed)
+        removed: list[str] = []
+        now, step, serial = 0.0, 0.1, 0
+        end = SUSTAINED_SECONDS + CLEARED_WITHIN
+        while now < end:
+            now = round(now + step, 6)
+            if now <= SUSTAINED_SECONDS:
+                for _ in range(int(FLOOD_RATE * step) // FORGED_PER_DATAGRAM):
+                    batch = [
+                        Alive(f"ph{i}", 1, (f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 7946), b"")
+                        for i in range(serial, serial + FORGED_PER_DATAGRAM)
+                    ]
+                    serial += FORGED_PER_DATAGRAM
+                    a.receive(seal(batch), EVIL, now)
+            for core in cores.values():
+                core.handle_timeout(now)
+            _deliver(cores, now, rng, loss=0.01)
+            for name in ("b", "c"):
+                member = a.member(name)
+                if member is None or member.state != ALIVE:
+                    removed.append(f"{name}@{now}")
+        phantoms = [m.name for m in a.members() if m.name.startswith("ph")]
+        assert not phantoms, (seed, len(phantoms), a.stats)
+        assert not removed, (seed, removed[:5])  # no false removal of a real member, at 1% loss
+        assert a.stats.unverified_dropped > 0
+        assert a.stats.verify_pings <= FLOOD_PINGS_PER_TICK * end  # within the flood budget
+
+
+# --- Defect 9: memory while decoding one large frame ---------------------------------
+
+
+def _raw_frame(members: list[Any], states: list[Any]) -> bytes:
+    return bytes((PROTOCOL_VERSION,)) + msgpack.packb([10, "evil", False, False, members, states], use_bin_type=True)
+
+
+def _decode_peak(data: bytes, *budgets: int) -> tuple[int, Any]:
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            result: Any = decode_push_pull(data, MAX_STREAM_BYTES, *budgets)
+        except DecodeError as exc:
+            result = exc
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+def test_a_frame_of_empty_lists_at_the_limit_is_refused_without_unpacking_it_whole() -> None:
+    # 8 MiB of values that are each 1 KB packed and 64 KB in memory (over MAX_VALUE_MEMORY):
+    # unpacked whole it was ~540 MB of Python objects before the check refused it.
+    count = (MAX_STREAM_BYTES - 64) // 1020
+    data = _raw_frame([], [[f"o{i}", [["k", 1, [[]] * 1000, False]]] for i in range(count)])
+    peak, result = _decode_peak(data)
+    assert isinstance(result, DecodeError)
+    assert peak < 2 * len(data), peak  # the frame's own copy, plus one entry at a time
+
+
+def test_state_over_the_budgets_is_cut_while_decoding() -> None:
+    config = lan()
+    owners, per_owner = 400, 1024
+    states = [[f"o{i}", [[f"k{j}", 1, None, False] for j in range(per_owner)]] for i in range(owners)]
+    data = _raw_frame([], states)
+    peak, unbounded = _decode_peak(data)
+    bounded_peak, (remote, cut) = _decode_peak(data, config.max_state_memory, config.max_total_state_memory)
+    assert cut == owners  # every map was over the per-owner budget
+    for _, entries in remote.states:
+        assert sum(entry_cost(e.key, e.value) for e in entries) <= config.max_state_memory
+    assert bounded_peak < peak / 3, (bounded_peak, peak)
+    # the cost model is the store's
+    entry = remote.states[0][1][0]
+    assert entry_cost(entry.key, entry.value) == entry_memory(entry.key, entry.value)
+
+
+def test_a_frame_within_the_budgets_decodes_unchanged() -> None:
+    config = lan()
+    states = tuple((f"o{i}", (StateEntry(f"k{i}", 2, {"a": [1, 2]}, False), StateEntry("x", 3, None, True))) for i in range(50))
+    msg = PushPull("s", True, False, (), states + (("empty", ()),))
+    remote, cut = decode_push_pull(encode_frame(msg), MAX_STREAM_BYTES, config.max_state_memory, 1 << 20)
+    assert remote == msg and cut == 0
+    remote, cut = decode_push_pull(encode_frame(msg), MAX_STREAM_BYTES, config.max_state_memory, 5_000)
+    kept = remote.states
+    assert 0 < len(kept) < 50 and cut == len(msg.states) - len(kept) + (kept[-1] != msg.states[len(kept) - 1])
+    assert [owner for owner, _ in kept] == [owner for owner, _ in msg.states[: len(kept)]]
+    assert sum(entry_cost(e.key, e.value) for _, entries in kept for e in entries) <= 5_000
+
+
+def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -> None:
+    a, b, _ = _flood_cluster(7)
+    phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
+    for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+    a.handle_timeout(2.0)  # a probe tick notes the pressure: flood mode
+    a.streams_to_send()
+    a.datagrams_to_send()
+    for now, sender in ((3.0, "b"), (6.0, "evil")):  # a forged leave, then a forged death
+        b_now = b.incarnation
+        a.receive(seal([Dead("b", b_now, sender)]), EVIL, now)
+        held = a.member("b")
+        assert held is not None and held.state != ALIVE
+        assert a.streams_to_send() == []  # no push-pull: a ping is enough
+        recheck = [data for dst, data in a.datagrams_to_send() if dst == B]
+        assert len(recheck) == 1  # the re-check, at once
+        b.receive(recheck[0], A, now)  # b hears what is said of it and refutes on its ack
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now + 0.1)
+        held = a.member("b")
+        assert held is not None and held.state == ALIVE and held.incarnation > b_now
+        a.handle_timeout(now + 0.5)
+        a.streams_to_send()
+        a.datagrams_to_send()
+    # Forged again within the per-member interval: not at once, but on a later probe tick.
+    b_now = b.incarnation
+    a.receive(seal([Dead("b", b_now, "b")]), EVIL, 6.8)
+    assert not [d for d, _ in a.datagrams_to_send() if d == B]
+    now = 6.8
+    while now < 12.0:
+        now += 0.5
+        a.handle_timeout(now)
+        for dst, data in a.datagrams_to_send():
+            if dst == B:
+                b.receive(data, A, now)
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now)
+    held = a.member("b")
+    assert held is not None and held.state == ALIVE and held.incarnation > b_now
+
+
+def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
+    a, b, _ = _flood_cluster(8)
+    a.streams_to_send()
+    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 1.0)
+    assert a.streams_to_send() == [] and not [d for d, _ in a.datagrams_to_send() if d == B]
+
+
+def test_a_leave_forged_before_the_flood_is_noticed_is_rechecked_once_it_is() -> None:
+    a, b, _ = _flood_cluster(9)
+    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 0.2)  # not flooded yet: no re-check
+    assert not [d for d, _ in a.datagrams_to_send() if d == B]
+    phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
+    for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+    now = 0.5
+    while now < 4.0:  # the first probe ticks of the flood
+        now += 0.5
+        a.handle_timeout(now)
+        a.streams_to_send()
+        for dst, data in a.datagrams_to_send():
+            if dst == B:
+                b.receive(data, A, now)
+        for dst, data in b.datagrams_to_send():
+            if dst == A:
+                a.receive(data, B, now)
+    held = a.member("b")
+    assert held is not None and held.state == ALIVE
