@@ -879,14 +879,14 @@ class _FrameReader:
             _fail(f"{what} must be a list of at most {limit}")
         return int(count)
 
-    def _item(self, limit: int, what: str) -> Any:
+    def _item(self, limit: int, what: str, limits: dict[str, int] | None = None) -> Any:
         unpacker = self._unpacker
         start = unpacker.tell()
         unpacker.skip()
         end = unpacker.tell()
         if end - start > limit:
             _fail(f"{what} longer than {limit} bytes on the wire")
-        return _unpack_item(self._view[start:end])
+        return _unpack_item(self._view[start:end], limits)
 
     def push_pull(self, max_owner: int | None, max_total: int | None) -> tuple[PushPull, int]:
         fields = self._header(16, "message")
@@ -900,8 +900,8 @@ class _FrameReader:
         states, cut = self._states(max_owner, max_total)
         summary = want = None
         if fields == 8:  # a digest exchange (digest.py): lists of small tuples, bounded in count
-            raw_summary = self._item(len(self._view), "summary")
-            raw_want = self._item(len(self._view), "want")
+            raw_summary = self._item(len(self._view), "summary", _FRAME_UNPACK_LIMITS)
+            raw_want = self._item(len(self._view), "want", _FRAME_UNPACK_LIMITS)
             if raw_summary is None and raw_want is None:
                 _fail("a digest push-pull needs a summary or a want")
             summary = None if raw_summary is None else _summary(raw_summary)
@@ -941,12 +941,12 @@ class _FrameReader:
         return tuple(owners), cut
 
 
-def _unpack_item(chunk: memoryview) -> Any:
+def _unpack_item(chunk: memoryview, limits: dict[str, int] | None = None) -> Any:
     return msgpack.unpackb(
         chunk,
         raw=False,
         strict_map_key=True,
         use_list=True,
         ext_hook=_reject_ext,
-        **_DATAGRAM_UNPACK_LIMITS,
+        **(limits if limits is not None else _DATAGRAM_UNPACK_LIMITS),
     )
