@@ -2,9 +2,21 @@
 
 Wire format (plaintext; the core seals it with the keyring, AAD = cluster name)::
 
-    datagram = version byte (PROTOCOL_VERSION) | msgpack array of messages
+    datagram = version byte (PROTOCOL_VERSION) |
+               msgpack array [sender str, epoch int, counter int, to int, message, ...]
     frame    = version byte (PROTOCOL_VERSION) | one msgpack message (a PushPull)
     message  = msgpack array [type_code, field, ...]   (positional, compact)
+
+A datagram's first four elements are its :class:`DatagramHeader`: the sender's
+name, its boot epoch (0..2**63-1), the datagram's counter in that epoch
+(0..2**64-1) and the destination's tag (:func:`destination_tag` of the name of
+the member it is sent to, 0..2**32-1). The receiver drops a datagram whose tag
+is not its own (a capture re-addressed to another member) and checks the rest
+with its anti-replay window (``replay.py``). The fields share the message
+array, so the header costs only themselves: the name's length + 1, 1 to 9
+bytes each for epoch and counter, 5 for the tag (about 25 bytes for a
+16-character name). Version 1 (no header) is refused as an unknown version,
+a counted decode error.
 
 Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
 
@@ -51,7 +63,9 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import msgpack
@@ -76,7 +90,7 @@ from .messages import (
     UserBroadcast,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: datagrams carry a DatagramHeader (anti-replay)
 
 # Type codes (first element of every message array).
 PING = 1
@@ -99,6 +113,7 @@ MAX_DATAGRAM_INPUT_BYTES = 65_535
 MAX_MESSAGES_PER_DATAGRAM = 1024
 # Version byte + worst-case array header (array16: 0xdc + 2-byte length).
 DATAGRAM_HEADER_BYTES = 1 + 3
+# Worst-case DatagramHeader fields: a maximal sender (str8) and two uint64.
 MAX_UINT64 = 2**64 - 1  # sequence numbers: msgpack's unsigned maximum (they wrap)
 # Incarnations and state versions only grow, by one per refutation, metadata or
 # state change, so an honest one stays far below this. Decoding refuses larger
@@ -118,8 +133,13 @@ MAX_NAME_BYTES = 128
 # IPv6 text (45) + "%" + interface name (IFNAMSIZ 16) fits; a DNS name must be short.
 MAX_HOST_BYTES = 64
 MAX_KEY_BYTES = 128  # replicated-state keys and map keys inside values
-# A user broadcast must fit one 1400-byte sealed datagram with a maximal origin:
-# 1400 - 29 (keyring) - 4 (header) - 144 (type, origin, seq, headers) = 1223.
+# Worst-case DatagramHeader fields: a maximal sender (str8 header + name), two uint64, a uint32.
+MAX_SENDER_HEADER_BYTES = (2 + MAX_NAME_BYTES) + 9 + 9 + 5
+MAX_TAG = 2**32 - 1
+_HEADER_FIELDS = 4
+# A user broadcast must fit one 1400-byte sealed datagram with a maximal origin and sender:
+# 1400 - 29 (keyring) - 4 (header) - 153 (DatagramHeader) - 144 (type, origin, seq,
+# headers) = 1070.
 MAX_PAYLOAD_BYTES = 1024
 # One str/bin inside a replicated value: never more than a node's whole map
 # budget (GossipConfig.max_state_bytes default 4096).
@@ -146,7 +166,7 @@ FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5
 _DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": MAX_VALUE_BYTES,
     "max_bin_len": MAX_VALUE_BYTES,
-    "max_array_len": max(MAX_MESSAGES_PER_DATAGRAM, MAX_CONTAINER_ITEMS),
+    "max_array_len": max(_HEADER_FIELDS + MAX_MESSAGES_PER_DATAGRAM, MAX_CONTAINER_ITEMS),
     "max_map_len": MAX_CONTAINER_ITEMS,
     "max_ext_len": 0,
 }
@@ -154,6 +174,26 @@ _FRAME_UNPACK_LIMITS: dict[str, int] = {
     **_DATAGRAM_UNPACK_LIMITS,
     "max_array_len": max(MAX_PUSHPULL_MEMBERS, MAX_PUSHPULL_OWNERS, MAX_CONTAINER_ITEMS),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramHeader:
+    """Who sealed a datagram, in which life (boot epoch), its number in that life, and for whom."""
+
+    sender: str
+    epoch: int  # 0..MAX_COUNTER, higher on every start of the sender
+    counter: int  # 0..MAX_UINT64, one per datagram within an epoch
+    to: int  # destination_tag() of the member it is addressed to
+
+
+def destination_tag(name: str) -> int:
+    """The 32-bit tag of a member name a datagram is addressed to (CRC-32 of its UTF-8).
+
+    Not a secret and not collision-proof: it only has to tell members apart so that a
+    captured datagram cannot be re-addressed to another one (two names sharing a tag,
+    about 1 in 4 billion per pair, lose that between themselves only).
+    """
+    return zlib.crc32(name.encode())
 
 
 class _TooLarge(ValueError):
@@ -428,8 +468,8 @@ def _encoding(fn: Callable[[], bytes]) -> bytes:
 def encoded_size(msg: Message) -> int:
     """Bytes ``msg`` adds inside a datagram's message array.
 
-    Pack a datagram with ``DATAGRAM_HEADER_BYTES + sum(encoded_size(m)) +
-    keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
+    Pack a datagram with ``DATAGRAM_HEADER_BYTES + header_size(header) +
+    sum(encoded_size(m)) + keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
     """
     return len(_encoding(lambda: _packb(_to_wire(msg))))
 
@@ -444,7 +484,29 @@ def owner_states_size(owner: str, entries: tuple[StateEntry, ...]) -> int:
     return len(_encoding(lambda: _packb(_wire_states(((owner, entries),))))) - 1  # minus its list header
 
 
-def encode_datagram(msgs: Sequence[Message]) -> bytes:
+def _wire_header(header: object) -> list[object]:
+    if type(header) is not DatagramHeader:
+        _fail("a datagram needs a DatagramHeader")
+    return [
+        _text(header.sender, "sender", MAX_NAME_BYTES),
+        _counter(header.epoch, "epoch"),
+        _uint(header.counter, "counter"),
+        _tag(header.to),
+    ]
+
+
+def _tag(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_TAG:
+        _fail("destination tag must be an int in 0..2**32-1")
+    return value
+
+
+def header_size(header: DatagramHeader) -> int:
+    """Bytes ``header``'s fields add to a datagram (raises ValueError if it is malformed)."""
+    return sum(len(_packb(field)) for field in _wire_header(header))
+
+
+def encode_datagram(msgs: Sequence[Message], header: DatagramHeader) -> bytes:
     """Encode 1..MAX_MESSAGES_PER_DATAGRAM messages (no PushPull) as one plaintext datagram."""
 
     def build() -> bytes:
@@ -454,7 +516,8 @@ def encode_datagram(msgs: Sequence[Message]) -> bytes:
             raise _TooLarge(f"more than {MAX_MESSAGES_PER_DATAGRAM} messages in one datagram")
         if any(type(m) is PushPull for m in msgs):
             _fail("PushPull travels in stream frames, not datagrams")
-        data = bytes((PROTOCOL_VERSION,)) + _packb([_to_wire(m) for m in msgs])
+        items = _wire_header(header) + [_to_wire(m) for m in msgs]
+        data = bytes((PROTOCOL_VERSION,)) + _packb(items)
         if len(data) > MAX_DATAGRAM_INPUT_BYTES:
             raise _TooLarge(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
         return data
@@ -613,20 +676,26 @@ def _from_wire(raw: object) -> Message:
     _fail(f"unknown message type {code}")
 
 
-def decode_datagram(data: bytes) -> list[Message]:
-    """Decode a plaintext datagram; raise :class:`DecodeError` on anything invalid."""
+def decode_datagram(data: bytes) -> tuple[DatagramHeader, list[Message]]:
+    """Decode a plaintext datagram: its header and messages; raise :class:`DecodeError`."""
     if len(data) > MAX_DATAGRAM_INPUT_BYTES:
         raise DecodeError(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
     raw = _unpack(data, _DATAGRAM_UNPACK_LIMITS)
-    if type(raw) is not list or not 1 <= len(raw) <= MAX_MESSAGES_PER_DATAGRAM:
-        raise DecodeError(f"datagram must hold 1..{MAX_MESSAGES_PER_DATAGRAM} messages")
+    if type(raw) is not list or not _HEADER_FIELDS < len(raw) <= _HEADER_FIELDS + MAX_MESSAGES_PER_DATAGRAM:
+        raise DecodeError(f"datagram must hold a header and 1..{MAX_MESSAGES_PER_DATAGRAM} messages")
     try:
-        msgs = [_from_wire(item) for item in raw]
+        header = DatagramHeader(
+            sender=_text(raw[0], "sender", MAX_NAME_BYTES),
+            epoch=_counter(raw[1], "epoch"),
+            counter=_uint(raw[2], "counter"),
+            to=_tag(raw[3]),
+        )
+        msgs = [_from_wire(item) for item in raw[_HEADER_FIELDS:]]
     except ValueError as exc:
         raise DecodeError(str(exc)) from None
     if any(type(m) is PushPull for m in msgs):
         raise DecodeError("PushPull is not allowed in a datagram")
-    return msgs
+    return header, msgs
 
 
 def decode_frame(data: bytes, max_bytes: int) -> PushPull:

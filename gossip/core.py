@@ -101,13 +101,17 @@ from .codec import (
     FRAME_HEADER_BYTES,
     MAX_COUNTER,
     MAX_COUNTER_STEP,
+    MAX_TAG,
     MAX_UINT64,
+    DatagramHeader,
     counter_step,
     decode_datagram,
     decode_frame,
+    destination_tag,
     encode_datagram,
     encode_frame,
     encoded_size,
+    header_size,
     owner_states_size,
     record_size,
 )
@@ -148,6 +152,7 @@ from .messages import (
     UserBroadcast,
 )
 from .probe import Prober
+from .replay import ReplayGuard
 from .state_store import StateStore
 from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
@@ -185,6 +190,9 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # and a random sample of at most this many of the others: identical to
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
+# Anti-replay windows beyond one per member and one per remembered reaped name
+# (both bounded by max_members): room for senders heard of but not (yet) members.
+REPLAY_SPARE_SENDERS = 64
 
 
 class InvalidArgument(LocalError, ValueError):
@@ -218,6 +226,7 @@ class Membership:
         incarnation: int = 0,
         meta: bytes = b"",
         state_version: int = 0,
+        epoch: int = 0,
     ) -> None:
         if len(meta) > config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {config.max_meta_bytes}")
@@ -229,7 +238,8 @@ class Membership:
         self._keyring = keyring
         self._aad = config.cluster_name.encode()
         # Plaintext bytes the messages of one datagram may take.
-        self._budget = config.max_datagram_bytes - OVERHEAD - DATAGRAM_HEADER_BYTES
+        header = self._init_replay(name, epoch, config.max_members)
+        self._budget = config.max_datagram_bytes - OVERHEAD - DATAGRAM_HEADER_BYTES - header
         self._lifeguard = config.lifeguard
         self._awareness = Awareness(config.awareness_max_multiplier)
 
@@ -248,8 +258,8 @@ class Membership:
         )
         self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
-        # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
-        self._reaped: dict[str, None] = {}
+        # Reaped names -> last incarnation, oldest first, at most max_members (see _on_alive).
+        self._reaped: dict[str, int] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
         self._conflicts: set[Address] = set()  # addresses that claimed our name, reported once
 
@@ -284,6 +294,21 @@ class Membership:
         schedule(now + rng.random() * config.gossip_interval, GossipTick())
         schedule(now + rng.random() * config.push_pull_interval, PushPullTick())
         schedule(now + rng.random() * config.reconnect_interval, ReconnectTick())
+
+    def _init_replay(self, name: str, epoch: int, max_members: int) -> int:
+        """Anti-replay state (replay.py); returns the most bytes our DatagramHeader takes.
+
+        Our boot epoch (higher on every start: the caller keeps it), the next datagram's
+        counter, the tag datagrams addressed to us carry, and every sender's window.
+        """
+        self._epoch = epoch
+        self._counter = 0
+        self._tag = destination_tag(name)
+        self._replay = ReplayGuard(2 * max_members + REPLAY_SPARE_SENDERS)
+        try:
+            return header_size(DatagramHeader(name, epoch, MAX_UINT64, MAX_TAG))
+        except ValueError as exc:  # a bad name or epoch is the caller's error
+            raise InvalidArgument(str(exc)) from None
 
     # ------------------------------------------------------------------ reading
 
@@ -382,7 +407,7 @@ class Membership:
         # and the one that stays records the leavers DEAD instead of LEFT.
         # Queued only afterwards, so these datagrams do not carry it twice.
         for node in self._table.k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT, self._rng):
-            self._send(node.addr, [leave])
+            self._send(node.addr, node.name, [leave])
         self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
 
     def set_meta(self, meta: bytes, now: float) -> None:
@@ -440,9 +465,11 @@ class Membership:
         stats.datagrams_in += 1
         stats.bytes_in += len(data)
         try:
-            msgs = decode_datagram(self._keyring.decrypt(data, self._aad))
+            header, msgs = decode_datagram(self._keyring.decrypt(data, self._aad))
         except RemoteError as exc:
             self._count_error(exc)
+            return
+        if not self._fresh(header):
             return
         pings: list[Ping] = []
         for msg in msgs:
@@ -457,6 +484,18 @@ class Membership:
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
+
+    def _fresh(self, header: DatagramHeader) -> bool:
+        """Anti-replay (replay.py): False, and counted, for a datagram addressed to another
+        member (``dropped``: misdirected or re-addressed) or seen before or from an older life
+        of its sender (``replayed``)."""
+        if header.to != self._tag:
+            self.stats.dropped += 1
+            return False
+        if self._replay.accept(header.sender, header.epoch, header.counter):
+            return True
+        self.stats.replayed += 1
+        return False
 
     def _dispatch(self, msg: Message, src: Address, now: float) -> None:
         # Pings are answered by ``receive``, last; the decoder yields no PushPull.
@@ -612,15 +651,17 @@ class Membership:
             msgs.extend(self._user_queue.take(budget, limit))
         return msgs
 
-    def _send(self, addr: Address, msgs: list[Message]) -> None:
-        """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for ``addr``."""
+    def _send(self, addr: Address, to: str, msgs: list[Message]) -> None:
+        """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for member ``to`` at ``addr``."""
         used = sum(encoded_size(m) for m in msgs)
         if used < self._budget:
             msgs.extend(self._take_broadcasts(self._budget - used))
-        self._seal(addr, msgs)
+        self._seal(addr, to, msgs)
 
-    def _seal(self, addr: Address, msgs: list[Message]) -> None:
-        sealed = self._keyring.encrypt(encode_datagram(msgs), self._aad)
+    def _seal(self, addr: Address, to: str, msgs: list[Message]) -> None:
+        header = DatagramHeader(self.name, self._epoch, self._counter, destination_tag(to))
+        self._counter = min(self._counter + 1, MAX_UINT64)  # 2**64 datagrams: never reached
+        sealed = self._keyring.encrypt(encode_datagram(msgs, header), self._aad)
         self._datagrams.append((addr, sealed))
         self.stats.datagrams_out += 1
         self.stats.bytes_out += len(sealed)
@@ -703,11 +744,12 @@ class Membership:
         """Drop a never-verified member (not remembered as reaped: if real, it comes back)."""
         self._table.remove(node)
         self._store.forget(node.name)
+        self._replay.forget(node.name)
         self._emit(MemberReaped(node.snapshot()))
 
     def _verify_ping(self, node: Node) -> None:
         self.stats.verify_pings += 1
-        self._send(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
+        self._send(node.addr, node.name, [Ping(self._prober.next_seq(), node.name, self.name, self.addr)])
 
     def _unverifiable(self, node: Node, now: float) -> None:
         """``node`` never answered its verification pings: drop it in a flood, else suspect it."""
@@ -730,9 +772,14 @@ class Membership:
             return
         self._table.remove(node)
         self._store.forget(node.name)
-        self._reaped[node.name] = None
-        if len(self._reaped) > self.config.max_members:
-            del self._reaped[next(iter(self._reaped))]
+        reaped = self._reaped
+        reaped.pop(node.name, None)  # reaped again: now the newest
+        reaped[node.name] = node.incarnation
+        if len(reaped) > self.config.max_members:
+            oldest = next(iter(reaped))
+            del reaped[oldest]
+            if oldest not in self._table.by_name:
+                self._replay.forget(oldest)  # its replay window lives as long as the name
         self._emit(MemberReaped(node.snapshot()))
 
     # ------------------------------------------------------------ membership updates
@@ -781,6 +828,11 @@ class Membership:
     ) -> None:
         node = self._table.get(a.name)
         if node is None:
+            # A reaped name is never re-learned as gone (_merge), and only a higher incarnation
+            # or the member itself brings it back: a replayed or stale Alive revives nothing.
+            if not verified and self._reaped.get(a.name, -1) >= a.incarnation:
+                self.stats.replayed += 1
+                return
             node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
@@ -956,7 +1008,7 @@ class Membership:
             msgs = self._take_broadcasts(self._budget)
             if not msgs:
                 return
-            self._seal(node.addr, msgs)
+            self._seal(node.addr, node.name, msgs)
 
     def _on_push_pull_tick(self, deadline: float, now: float) -> None:
         if self._left:

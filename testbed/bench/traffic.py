@@ -523,7 +523,7 @@ class _Tap:
         from gossip.codec import decode_datagram, encoded_size
 
         try:
-            msgs = decode_datagram(self.keyring.decrypt(payload, self.aad))
+            _, msgs = decode_datagram(self.keyring.decrypt(payload, self.aad))
         except Exception:  # noqa: BLE001 - anything we cannot open is just counted
             self.undecodable += 1
             self.add(sec, "udp:undecodable", 1, total)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth
-from gossip.codec import encode_datagram
+from gossip.codec import DatagramHeader, destination_tag, encode_datagram
 from gossip.keyring import Keyring
 from gossip.messages import Ping
 from testbed.loopback import LoopbackAgent, LoopbackCluster
@@ -89,8 +89,12 @@ def test_hostile_datagrams_are_dropped_and_counted(cluster: LoopbackCluster) -> 
         dropped(target_agent, r) for r in ("decrypt", "decode", "oversize", "unusable")
     )
     key = cluster.key
-    valid = encode_datagram([Ping(seq=1, target="node1", source="x", source_addr=("127.0.0.9", 1))])
-    misdirected = encode_datagram([Ping(seq=2, target="nobody", source="x", source_addr=("127.0.0.9", 1))])
+    valid = encode_datagram(
+        [Ping(seq=1, target="node1", source="x", source_addr=("127.0.0.9", 1))], DatagramHeader("x", 1, 0, destination_tag("node1"))
+    )
+    misdirected = encode_datagram(
+        [Ping(seq=2, target="nobody", source="x", source_addr=("127.0.0.9", 1))], DatagramHeader("x", 1, 1, destination_tag("node1"))
+    )
     decrypt_failures = [
         b"",  # empty
         os.urandom(9),  # shorter than the AEAD overhead

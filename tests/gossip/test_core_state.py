@@ -97,9 +97,9 @@ def test_state_value_the_wire_cannot_carry_is_a_local_error() -> None:
 def test_remote_update_over_budget_is_rejected_and_counted() -> None:
     core = Membership("a", ("10.0.0.1", 7946), lan(max_state_bytes=200), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(1)))
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("b", 1, "k", "x" * 100)]), SRC, 0.1)
-    core.receive(seal([StateUpdate("b", 2, "j", "y" * 150)]), SRC, 0.2)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 1, "k", "x" * 100)], to=core.name), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 2, "j", "y" * 150)], to=core.name), SRC, 0.2)
     assert core.state_of("b") == {"k": "x" * 100}
     assert core.stats.state_rejected == 1
 
@@ -107,9 +107,9 @@ def test_remote_update_over_budget_is_rejected_and_counted() -> None:
 def test_stale_and_duplicate_updates_change_nothing() -> None:
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(1)))
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("b", 5, "k", "new")]), SRC, 0.1)
-    core.receive(seal([StateUpdate("b", 3, "k", "old"), StateUpdate("b", 5, "k", "new")]), SRC, 0.2)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 5, "k", "new")], to=core.name), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 3, "k", "old"), StateUpdate("b", 5, "k", "new")], to=core.name), SRC, 0.2)
     assert core.state_of("b") == {"k": "new"}
     assert [e for e in drain_events(core) if isinstance(e, StateChanged)] == [StateChanged("b", "k", "new", 5, False)]
 
@@ -117,7 +117,7 @@ def test_stale_and_duplicate_updates_change_nothing() -> None:
 def test_update_about_an_unknown_owner_is_dropped() -> None:
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(1)))
-    core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
+    core.receive(seal([StateUpdate("ghost", 1, "k", 1)], to=core.name), SRC, 0.0)
     assert core.state_of("ghost") == {}
     assert core.stats.dropped == 1
 
@@ -127,8 +127,8 @@ def test_update_about_us_from_an_earlier_life_is_overridden() -> None:
                       keyring=make_keyring(random.Random(1)))
     core.set_state("k", "mine", 0.0)
     sent(core)
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("a", 7, "gone", "ghost")]), SRC, 0.1)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("a", 7, "gone", "ghost")], to=core.name), SRC, 0.1)
     assert core.state_of("a") == {"k": "mine"}
     assert core._store.version == 9  # jumped past 7, re-stamped "k" (8) and tombstoned "gone" (9)
     core.handle_timeout(1.0)

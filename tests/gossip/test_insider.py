@@ -7,13 +7,14 @@ only the core's own limits stand between them and the member.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 from typing import Any
 
 import msgpack
 
-from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION
+from gossip.codec import MAX_COUNTER, MAX_COUNTER_STEP, PROTOCOL_VERSION, destination_tag
 from gossip.config import lan
 from gossip.core import Membership
 from gossip.events import MemberFailed
@@ -31,14 +32,17 @@ def make_core(name: str = "a", addr: tuple[str, int] = A, **overrides: Any) -> M
     return Membership(name, addr, lan(**overrides), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
 
 
-def sealed_raw(messages: list[list[Any]]) -> bytes:
+_counter = itertools.count()  # every datagram fresh to the anti-replay window
+
+
+def sealed_raw(messages: list[list[Any]], to: str = "a") -> bytes:
     """A sealed datagram from raw wire arrays, bypassing the encoder's checks (as a fuzzer would)."""
-    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(messages, use_bin_type=True)
+    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(["insider", 0, next(_counter), destination_tag(to), *messages], use_bin_type=True)
     return make_keyring(random.Random(2)).encrypt(plain, TEST_AAD)
 
 
 def with_peer(core: Membership, name: str = "b", addr: tuple[str, int] = B) -> None:
-    core.receive(seal([Alive(name, 1, addr, b"")]), addr, 0.0)
+    core.receive(seal([Alive(name, 1, addr, b"")], to=core.name), addr, 0.0)
     assert core.member(name) is not None
 
 
@@ -84,7 +88,7 @@ def test_records_about_others_at_the_maximum_do_not_stick() -> None:
     core.receive(sealed_raw([[7, "b", MAX_COUNTER, "zz"], [5, "b", MAX_COUNTER, ["h", 1], b""]]), EVIL, 1.0)
     b = core.member("b")
     assert b is not None and b.state == ALIVE and b.incarnation == 1 and b.addr == B
-    core.receive(seal([Alive("b", 1 + MAX_COUNTER_STEP, B, b"x")]), B, 2.0)  # the limit itself applies
+    core.receive(seal([Alive("b", 1 + MAX_COUNTER_STEP, B, b"x")], to=core.name), B, 2.0)  # the limit itself applies
     b = core.member("b")
     assert b is not None and b.meta == b"x"
 
@@ -95,8 +99,8 @@ def test_records_about_others_at_the_maximum_do_not_stick() -> None:
 def test_state_about_us_at_the_maximum_version_does_not_stick() -> None:
     core = make_core("c")
     core.set_state("k", 1, 0.0)
-    core.receive(sealed_raw([[8, "c", 2**64 - 1, "zz", None, False]]), EVIL, 1.0)
-    core.receive(sealed_raw([[8, "c", MAX_COUNTER, "zz", None, False]]), EVIL, 1.0)
+    core.receive(sealed_raw([[8, "c", 2**64 - 1, "zz", None, False]], to="c"), EVIL, 1.0)
+    core.receive(sealed_raw([[8, "c", MAX_COUNTER, "zz", None, False]], to="c"), EVIL, 1.0)
     assert core.stats.decode_errors == 1 and core.stats.out_of_range == 1
     core.set_state("k", 2, 2.0)  # later changes still work, at a small version
     assert core.state_of("c") == {"k": 2}
@@ -106,9 +110,9 @@ def test_state_about_us_at_the_maximum_version_does_not_stick() -> None:
 def test_state_about_others_far_ahead_is_refused() -> None:
     core = make_core()
     with_peer(core)
-    core.receive(seal([StateUpdate("b", MAX_COUNTER, "k", 1)]), EVIL, 1.0)
+    core.receive(seal([StateUpdate("b", MAX_COUNTER, "k", 1)], to=core.name), EVIL, 1.0)
     assert core.state_of("b") == {} and core.stats.out_of_range == 1
-    core.receive(seal([StateUpdate("b", 3, "k", 2)]), B, 1.0)
+    core.receive(seal([StateUpdate("b", 3, "k", 2)], to=core.name), B, 1.0)
     assert core.state_of("b") == {"k": 2}
 
 
@@ -159,7 +163,7 @@ def big_core() -> Membership:
     core = make_core(max_stream_bytes=SMALL_STREAM)
     for i in range(BIG_TABLE):
         name, addr = f"m{i:04d}", (f"10.1.{i // 250}.{i % 250}", 7946)
-        core.receive(seal([Alive(name, 1, addr, b"x" * 40), StateUpdate(name, 1, "k", "v" * 20)]), addr, 0.0)
+        core.receive(seal([Alive(name, 1, addr, b"x" * 40), StateUpdate(name, 1, "k", "v" * 20)], to=core.name), addr, 0.0)
     core.datagrams_to_send()
     return core
 
@@ -207,8 +211,8 @@ def test_a_forged_leave_of_a_live_member_is_rechecked_and_refuted() -> None:
     b = Membership("b", B, lan(), random.Random(2), 0.0, keyring=make_keyring(random.Random(2)), incarnation=1)
     with_peer(a, "b", B)
     with_peer(a, "c", C)
-    b.receive(seal([Alive("a", 0, A, b"")]), A, 0.0)
-    a.receive(seal([Dead("b", 1, "b")]), EVIL, 0.5)  # b never left
+    b.receive(seal([Alive("a", 0, A, b"")], to=b.name), A, 0.0)
+    a.receive(seal([Dead("b", 1, "b")], to=a.name), EVIL, 0.5)  # b never left
     b_view = a.member("b")
     assert b_view is not None and b_view.state == LEFT
     healed_at = None
@@ -242,7 +246,7 @@ PHANTOMS_GONE_BY = 400.0  # s: grace + 3 pings, 64 per second, for the 5,000 the
 def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() -> None:
     a = make_core()
     c = Membership("c", C, lan(), random.Random(3), 0.0, keyring=make_keyring(random.Random(3)))
-    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # real, but heard of only from a third party
+    a.receive(seal([Alive("c", 0, C, b"")], to=a.name), EVIL, 0.0)  # real, but heard of only from a third party
     limit = a.config.max_members
     for start in range(0, FORGED, FORGED_PER_DATAGRAM):
         now = start / FLOOD_RATE
@@ -250,7 +254,7 @@ def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() 
             Alive(f"ph{i}", 1, (f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 7946), b"")
             for i in range(start, start + FORGED_PER_DATAGRAM)
         ]
-        a.receive(seal(batch), EVIL, now)
+        a.receive(seal(batch, to=a.name), EVIL, now)
         if start == FORGED // 2:  # a real joiner, mid-flood
             b = make_core("b", B)
             b.join([A], now)
@@ -292,7 +296,7 @@ def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() 
 def test_an_unverified_member_that_never_answers_is_suspected_then_forgotten_early() -> None:
     a = make_core()
     with_peer(a, "b", B)  # verified: b's Alive came from b's address
-    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # heard of only; c is down
+    a.receive(seal([Alive("c", 0, C, b"")], to=a.name), EVIL, 0.0)  # heard of only; c is down
     failed_at = None
     now = 0.0
     while now < 2_000.0:
