@@ -291,6 +291,7 @@ class Agent:
                 keyring=keyring,
                 incarnation=identity.incarnation,
                 meta=meta,
+                epoch=identity.boot_epoch,  # bumped and saved before this start's first send
             )
 
         return GossipDriver(
@@ -323,6 +324,7 @@ class Agent:
                 node_id=identity.node_id,
                 addr=self.driver.address,
                 incarnation=identity.incarnation,
+                boot_epoch=identity.boot_epoch,
                 cluster=config.cluster,
                 profile=config.profile,
                 preset=config.gossip_preset,
