@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth
+from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth, body_digest
 from gossip.codec import DatagramHeader, destination_tag, encode_datagram
 from gossip.keyring import Keyring
 from gossip.messages import Ping
@@ -72,7 +72,8 @@ def send_stream(target: tuple[str, int], data: bytes | None = None, *, key: byte
             assert key is not None
             auth = StreamAuth(Keyring([key]), cluster)
             size = len(body) if length is None else length
-            data = auth.seal(Header(Kind.REQUEST, size, challenge, os.urandom(16))) + body
+            header = Header(Kind.REQUEST, size, challenge, os.urandom(16), body_digest(body))
+            data = auth.seal(header) + body
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         chunks = []
