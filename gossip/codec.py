@@ -31,7 +31,8 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
     9 UserBroadcast origin, seq, payload bin
    10 PushPull      source, join bool, reply bool,
                     [[name, addr, incarnation, state int, meta bin], ...],
-                    [[owner, [[key, version, value, deleted bool], ...]], ...]
+                    [[owner, [[key, version, value, deleted bool], ...]], ...],
+                    epoch (the source's boot epoch)
 
 PushPull travels only in stream frames (it is far larger than a datagram); the
 stream layer of the daemon puts a challenge and a small sealed header (kind,
@@ -160,8 +161,8 @@ MAX_STATE_ENTRIES = 1024
 
 # A frame's bytes besides its member records and state maps: version byte,
 # message array header, type code, source (str8 header + MAX_NAME_BYTES), two
-# bools and the two list headers (array32: 5 bytes each).
-FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5
+# bools, the two list headers (array32: 5 bytes each) and the epoch (uint64).
+FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5 + 9
 
 _DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": MAX_VALUE_BYTES,
@@ -448,6 +449,7 @@ def _to_wire(msg: Message) -> list[object]:
                 _bool(msg.reply, "reply"),
                 [_wire_record(r) for r in msg.members],
                 _wire_states(msg.states),
+                _counter(msg.epoch, "epoch"),
             ]
     _fail(f"not a gossip message: {type(msg).__name__}")
 
@@ -661,7 +663,7 @@ def _from_wire(raw: object) -> Message:
             payload=_blob(payload, "payload", MAX_PAYLOAD_BYTES),
         )
     if code == PUSH_PULL:
-        _, source, join, reply, members, states = _fields(raw, 6)
+        _, source, join, reply, members, states, epoch = _fields(raw, 7)
         if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
             _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
         if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
@@ -672,6 +674,7 @@ def _from_wire(raw: object) -> Message:
             reply=_bool(reply, "reply"),
             members=tuple(_record(m) for m in members),
             states=tuple(_owner_states(s) for s in states),
+            epoch=_counter(epoch, "epoch"),
         )
     _fail(f"unknown message type {code}")
 

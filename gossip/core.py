@@ -78,7 +78,12 @@ Where we differ from memberlist, on purpose:
   (several members stopped at once were otherwise recorded DEAD);
 - a member first heard of as DEAD or LEFT in a push-pull is recorded (memberlist
   ignores it) so a joiner learns a down member's replicated state; names we
-  reaped are remembered and not taken back.
+  reaped are remembered and not taken back;
+- anti-replay (memberlist has none): every datagram carries a header (sender,
+  boot epoch, counter, destination tag; ``codec.DatagramHeader``) that the
+  receiver checks (``replay.py``) before reading a message; a reaped name
+  keeps its last incarnation, and only a higher one or the member itself
+  brings it back.
 """
 
 from __future__ import annotations
@@ -615,11 +620,15 @@ class Membership:
             self.stats.decode_errors += 1
 
     def _open_frame(self, data: bytes) -> PushPull | None:
+        """Open a push-pull frame; its source's epoch is then the current one (streams are fresh)."""
         try:
-            return decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
+            remote = decode_frame(self._keyring.decrypt(data, self._aad), self.config.max_stream_bytes)
         except RemoteError as exc:
             self._count_error(exc)
             return None
+        if remote.source != self.name:
+            self._replay.sync(remote.source, remote.epoch)
+        return remote
 
     def _end_stream(self, addr: Address) -> bool:
         pending = self._pending_streams.get(addr, 0)
@@ -681,7 +690,7 @@ class Membership:
         good; over the limit we send a capped frame instead (``_capped_state``).
         """
         members = tuple(_record(n) for n in self._table.by_name.values())
-        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot()))
+        plain = encode_frame(PushPull(self.name, join, reply, members, self._store.snapshot(), self._epoch))
         limit = self.config.max_stream_bytes - OVERHEAD
         if len(plain) > limit:
             self.stats.push_pull_capped += 1
@@ -712,7 +721,7 @@ class Membership:
             if entries and (map_size := owner_states_size(node.name, entries)) <= budget:
                 budget -= map_size
                 states.append((node.name, entries))
-        return PushPull(self.name, join, reply, tuple(members), tuple(states))
+        return PushPull(self.name, join, reply, tuple(members), tuple(states), self._epoch)
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)

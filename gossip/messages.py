@@ -137,6 +137,8 @@ class PushPull:
     """Full state: every member we know and every replicated map we hold.
 
     ``join`` is set on the request a joining node sends; ``reply`` on the answer.
+    ``epoch`` is the source's boot epoch: streams are fresh (the daemon's challenge), so the
+    receiver takes it as the source's current one (``replay.ReplayGuard.sync``).
     """
 
     source: str
@@ -144,6 +146,7 @@ class PushPull:
     reply: bool
     members: tuple[MemberRecord, ...]
     states: tuple[tuple[str, tuple[StateEntry, ...]], ...]  # (owner, entries)
+    epoch: int = 0
 
 
 Message = Ping | Ack | Nack | PingReq | Alive | Suspect | Dead | StateUpdate | UserBroadcast | PushPull

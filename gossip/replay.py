@@ -22,8 +22,9 @@ The table is bounded: at most ``capacity`` senders, least recently heard first o
 sizes it to hold every member and every reaped name it remembers, and forgets an entry when it
 forgets the name (a reaped name that falls out of its memory, a never-verified phantom): an
 entry lives exactly as long as the name means something, so a replay can revive neither a
-member nor a reaped one. A receiver that restarts has an empty table; see docs/architecture.md
-("Replays") for what that leaves open.
+member nor a reaped one. Push-pull frames carry their source's epoch too; streams are fresh,
+so a receiver takes it as the source's current epoch (``ReplayGuard.sync``). A receiver that
+restarts has an empty table; see docs/architecture.md ("Replays") for what that leaves open.
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ class ReplayGuard:
             return True
         windows.move_to_end(sender)
         return window.accept(epoch, counter)
+
+    def sync(self, sender: str, epoch: int) -> None:
+        """Take ``epoch`` as ``sender``'s current one, from a source known to be fresh (its own
+        push-pull over a challenged stream): another epoch, higher *or lower*, starts a window
+        with nothing seen.
+
+        Higher: a receiver that restarted, or missed the restart, drops the sender's older
+        captures from now on. Lower: the sender lost its saved epoch (a wiped state dir under
+        the same name); without this its datagrams would be dropped for as long as we remember
+        the name.
+        """
+        window = self._windows.get(sender)
+        if window is not None:
+            self._windows.move_to_end(sender)
+            if window.epoch != epoch:
+                window.epoch, window.top, window.bits = epoch, -1, 0
+            return
+        window = self._windows[sender] = Window(epoch, -1)
+        window.bits = 0
+        if len(self._windows) > self.capacity:
+            self._windows.popitem(last=False)
 
     def epoch_of(self, sender: str) -> int | None:
         """The highest epoch heard from ``sender``, or None if it is not remembered."""

@@ -133,6 +133,7 @@ push_pulls = st.builds(
     st.lists(st.tuples(names, st.lists(state_entries(), max_size=4).map(tuple)), max_size=4).map(
         tuple
     ),
+    st.integers(0, MAX_COUNTER),
 )
 
 
@@ -177,7 +178,7 @@ def nested(depth: int) -> Any:
 
 
 def push_pull_raw(members: list[Any] | None = None, states: list[Any] | None = None) -> list[Any]:
-    return [codec.PUSH_PULL, "src", False, True, members or [], states or []]
+    return [codec.PUSH_PULL, "src", False, True, members or [], states or [], 0]
 
 
 # --- Round trips -------------------------------------------------------------------
@@ -383,8 +384,11 @@ REJECTED_FRAMES: dict[str, bytes] = {
     "unknown member state": raw_frame(push_pull_raw(members=[member_raw(state=4)])),
     "member state as bool": raw_frame(push_pull_raw(members=[member_raw(state=False)])),
     "member record short": raw_frame(push_pull_raw(members=[member_raw()[:4]])),
-    "join as int": raw_frame([codec.PUSH_PULL, "src", 0, True, [], []]),
-    "members as map": raw_frame([codec.PUSH_PULL, "src", False, True, {}, []]),
+    "join as int": raw_frame([codec.PUSH_PULL, "src", 0, True, [], [], 0]),
+    "members as map": raw_frame([codec.PUSH_PULL, "src", False, True, {}, [], 0]),
+    "no epoch (version 1 layout)": raw_frame([codec.PUSH_PULL, "src", False, True, [], []]),
+    "negative epoch": raw_frame([codec.PUSH_PULL, "src", False, True, [], [], -1]),
+    "epoch as bool": raw_frame([codec.PUSH_PULL, "src", False, True, [], [], True]),
     "states entry malformed": raw_frame(push_pull_raw(states=[["o", [["k", 1, 1]]]])),
     "too many members": raw_frame(
         push_pull_raw(members=[member_raw()] * (MAX_PUSHPULL_MEMBERS + 1))

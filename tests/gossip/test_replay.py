@@ -287,3 +287,45 @@ def test_a_restarted_receiver_that_accepts_a_replay_cannot_spread_the_reaped_mem
     assert [sim.nodes[n].core.stats.replayed for n in ("n1", "n2")] > refused
     member = sim.nodes["n0"].core.member("n3")
     assert member is None or member.state != ALIVE  # n0's own phantom fails its probes
+
+
+# --- Push-pull frames carry the epoch: a fresh source for it -----------------------------
+
+
+def test_sync_takes_a_fresh_epoch_higher_or_lower_and_keeps_an_equal_one() -> None:
+    guard = ReplayGuard(4)
+    guard.accept("b", 5, 10)
+    guard.sync("b", 5)
+    assert not guard.accept("b", 5, 10)  # same epoch: what was seen stays seen
+    guard.sync("b", 1)  # lower: the sender lost its saved epoch
+    assert guard.epoch_of("b") == 1 and guard.accept("b", 1, 0) and not guard.accept("b", 0, 0)
+    guard.sync("b", 7)  # higher: older epochs are refused from now on
+    assert not guard.accept("b", 1, 1) and guard.accept("b", 7, 0)
+    guard.sync("new", 3)
+    assert not guard.accept("new", 2, 0) and guard.accept("new", 3, 0)
+
+
+def push_pull_from_b(epoch: int) -> bytes:
+    b = Membership("b", B, lan(), random.Random(2), 0.0, keyring=make_keyring(random.Random(2)), epoch=epoch)
+    b.join([("10.0.0.1", 7946)], 0.0)
+    ((_, frame),) = b.streams_to_send()
+    return frame
+
+
+def test_a_wiped_sender_back_at_a_lower_epoch_is_heard_again_after_its_push_pull() -> None:
+    core = make_core()
+    from_b(core, 50, 0, [Alive("b", 9, B, b"")])
+    from_b(core, 1, 0, [StateUpdate("b", 1, "k", "lost")])  # state dir wiped: epoch 1
+    assert core.stats.replayed == 1 and core.state_of("b") == {}
+    assert core.handle_stream(push_pull_from_b(1), B, 1.0) is not None
+    from_b(core, 1, 1, [StateUpdate("b", 2, "k", "heard")])
+    assert core.state_of("b") == {"k": "heard"} and core.stats.replayed == 1
+
+
+def test_a_push_pull_teaches_a_restarted_receiver_to_refuse_older_captures() -> None:
+    core = make_core()  # a receiver that just restarted: no window for b
+    assert core.handle_stream(push_pull_from_b(3), B, 0.0) is not None
+    from_b(core, 2, 77, [StateUpdate("b", 5, "ipam", "10.0.9.0/24")])  # b's previous life
+    assert "ipam" not in core.state_of("b") and core.stats.replayed == 1
+    from_b(core, 3, 0, [StateUpdate("b", 1, "ipam", "10.0.1.0/24")])
+    assert core.state_of("b")["ipam"] == "10.0.1.0/24"
