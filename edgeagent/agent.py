@@ -331,6 +331,7 @@ class Agent:
                 meta=meta,
                 signer=signing.signer,
                 verifier=signing.verifier,
+                epoch=identity.boot_epoch,  # bumped and saved before this start's first send
             )
 
         return GossipDriver(
@@ -363,6 +364,7 @@ class Agent:
                 node_id=identity.node_id,
                 addr=self.driver.address,
                 incarnation=identity.incarnation,
+                boot_epoch=identity.boot_epoch,
                 cluster=config.cluster,
                 profile=config.profile,
                 preset=config.gossip_preset,

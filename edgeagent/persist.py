@@ -15,15 +15,20 @@ Files in the state dir:
 
 ``identity.json``
     ``{"version": 1, "name": ..., "node_id": <32 hex digits>, "incarnation": N,
-    "default_name": BOOL, "machine": <32 hex digits> | null}``. The last two are optional
-    (files written before them load): ``default_name`` says the name was made up
+    "default_name": BOOL, "machine": <32 hex digits> | null, "boot_epoch": N}``. The last
+    three are optional (files written before them load): ``boot_epoch`` counts the starts of
+    this state dir (the gossip core's anti-replay epoch, :mod:`gossip.replay`: peers drop
+    datagrams of an older epoch); ``default_name`` says the name was made up
     (:func:`default_node_name`) rather than configured; ``machine`` is a fingerprint of the
     machine that created the identity (:func:`machine_fingerprint`), so a state dir copied to
     another machine (a cloned SD card) is told apart (:func:`is_clone`) and becomes a new node
     (:func:`renew_identity`) instead of a second member with the same id and address.
 ``keyring`` (or the configured key file)
     A JSON array of base64 keys, primary first, as Serf's keyring file. A file
-    of base64 lines (primary first, ``#`` comments) is read too.
+    of base64 lines (primary first, ``#`` comments) is read too. Once a key rotation
+    happened it is ``{"keys": [...], "generation": N}``: the keyring generation, raised by
+    every rotation step, saved in the same atomic write, so a replayed key operation of a
+    generation not above it is ignored after a restart (:mod:`edgeagent.features.keys`).
 """
 
 from __future__ import annotations
@@ -184,10 +189,14 @@ class NodeIdentity:
     incarnation: int
     default_name: bool = False  # the name was made up (default_node_name), not configured
     machine: str | None = None  # machine_fingerprint() of the machine that created it
+    # Starts so far: the gossip anti-replay epoch (never lowered, even by renew_identity).
+    boot_epoch: int = 0
 
     def bumped(self) -> NodeIdentity:
-        """The same identity with incarnation + 1."""
-        return self.with_incarnation(self.incarnation + 1)
+        """The identity for a new start: incarnation + 1 and boot epoch + 1 (saved before joining)."""
+        return dataclasses.replace(
+            self, incarnation=self.incarnation + 1, boot_epoch=self.boot_epoch + 1
+        )
 
     def with_incarnation(self, incarnation: int) -> NodeIdentity:
         """The same identity at ``incarnation``."""
@@ -252,7 +261,10 @@ def _parse_identity(path: Path, doc: Any, hostname: str | None = None) -> NodeId
     machine = doc.get("machine")
     if machine is not None and not _is_hex(machine, 32):
         raise bad("machine: expected 32 lowercase hex digits or null")
-    return NodeIdentity(name, node_id, incarnation, default_name, machine)
+    boot_epoch = doc.get("boot_epoch", 0)
+    if isinstance(boot_epoch, bool) or not isinstance(boot_epoch, int) or boot_epoch < 0:
+        raise bad("boot_epoch: expected a non-negative integer")
+    return NodeIdentity(name, node_id, incarnation, default_name, machine, boot_epoch)
 
 
 def _is_hex(value: object, digits: int) -> bool:
@@ -335,10 +347,11 @@ def renew_identity(
     state_dir: str | os.PathLike[str], identity: NodeIdentity, hostname: str, machine: str | None
 ) -> NodeIdentity:
     """Make ``identity`` (a copy of another node's) a new node: new node id, incarnation 0,
-    and a new default name if its name was a default one (from ``hostname``); saved."""
+    and a new default name if its name was a default one (from ``hostname``); saved. The
+    boot epoch is kept: a configured name stays, and peers drop an older epoch under it."""
     node_id = secrets.token_hex(NODE_ID_BYTES)
     name = default_node_name(hostname, node_id) if identity.default_name else identity.name
-    renewed = NodeIdentity(name, node_id, 0, identity.default_name, machine)
+    renewed = NodeIdentity(name, node_id, 0, identity.default_name, machine, identity.boot_epoch)
     save_identity(state_dir, renewed)
     return renewed
 
@@ -357,6 +370,7 @@ def identity_doc(identity: NodeIdentity) -> dict[str, Any]:
         "incarnation": identity.incarnation,
         "default_name": identity.default_name,
         "machine": identity.machine,
+        "boot_epoch": identity.boot_epoch,
     }
 
 
@@ -379,6 +393,23 @@ def _decode_key(path: Path, text: object, index: int) -> bytes:
 
 def load_keyring(path: str | os.PathLike[str]) -> list[bytes]:
     """The keys in a keyring file, primary first. Missing, empty or malformed: ConfigError."""
+    return load_keyring_document(path)[0]
+
+
+def _keyring_entries(target: Path, doc: Any) -> tuple[list[Any], int]:
+    """The key entries and generation of a parsed JSON keyring (array or object)."""
+    if isinstance(doc, list):
+        return doc, 0
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ConfigError(f"{target}: corrupt keyring: expected a JSON array of base64 keys")
+    generation = doc.get("generation", 0)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        raise ConfigError(f"{target}: corrupt keyring: generation: expected a non-negative integer")
+    return doc["keys"], generation
+
+
+def load_keyring_document(path: str | os.PathLike[str]) -> tuple[list[bytes], int]:
+    """The keys (primary first) and the keyring generation (0 before any rotation)."""
     target = Path(path)
     data = _read(target)
     if data is None:
@@ -389,13 +420,13 @@ def load_keyring(path: str | os.PathLike[str]) -> list[bytes]:
         raise ConfigError(
             f"{target}: corrupt keyring: expected a JSON array or lines of base64 text"
         ) from None
-    if text.lstrip().startswith("["):
+    generation = 0
+    if text.lstrip().startswith(("[", "{")):
         try:
-            entries = json.loads(text)
+            doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{target}: corrupt keyring: not JSON ({exc})") from None
-        if not isinstance(entries, list):
-            raise ConfigError(f"{target}: corrupt keyring: expected a JSON array of base64 keys")
+        entries, generation = _keyring_entries(target, doc)
     else:
         entries = [
             line.strip()
@@ -410,7 +441,7 @@ def load_keyring(path: str | os.PathLike[str]) -> list[bytes]:
     if not keys:
         raise ConfigError(f"{target}: expected at least one key in the keyring")
     _warn_if_readable_by_others(target)
-    return keys
+    return keys, generation
 
 
 def _warn_if_readable_by_others(path: Path) -> None:
@@ -424,20 +455,22 @@ def _warn_if_readable_by_others(path: Path) -> None:
             )
 
 
-def save_keyring(path: str | os.PathLike[str], keys: list[bytes]) -> None:
-    """Write ``keys`` (primary first) as a JSON array of base64 strings, atomically, mode 0600."""
-    atomic_write(path, keyring_bytes(keys), 0o600)
+def save_keyring(path: str | os.PathLike[str], keys: list[bytes], generation: int = 0) -> None:
+    """Write ``keys`` (primary first) atomically, mode 0600 (see :func:`keyring_bytes`)."""
+    atomic_write(path, keyring_bytes(keys, generation), 0o600)
 
 
-def keyring_bytes(keys: list[bytes]) -> bytes:
-    """The keyring file's content for ``keys`` (primary first); ValueError on a bad key."""
+def keyring_bytes(keys: list[bytes], generation: int = 0) -> bytes:
+    """The keyring file's content: a JSON array of base64 keys (primary first), or with a
+    ``generation`` above 0 ``{"keys": [...], "generation": N}``; ValueError on a bad key."""
     if not keys:
         raise ValueError("a keyring needs at least one key")
     for key in keys:
         if len(key) != KEY_SIZE:
             raise ValueError(f"a key must be {KEY_SIZE} bytes")
-    text = json.dumps([base64.b64encode(k).decode("ascii") for k in keys], indent=2) + "\n"
-    return text.encode("ascii")
+    encoded = [base64.b64encode(k).decode("ascii") for k in keys]
+    doc: Any = {"keys": encoded, "generation": generation} if generation > 0 else encoded
+    return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
 
 def load_or_create_keyring(path: str | os.PathLike[str]) -> list[bytes]:

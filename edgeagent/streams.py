@@ -1,19 +1,21 @@
 """Push-pull streams: a sealed header before any body, one request and one reply per TCP connection.
 
-Wire format (stream version 1), in the order the bytes flow on one connection::
+Wire format (stream version 2), in the order the bytes flow on one connection::
 
     server -> client   challenge       16 random bytes, sent as soon as the server accepts
-    client -> server   request header  66 bytes, sealed: kind 1 | body length | challenge | nonce
+    client -> server   request header  82 bytes, sealed: kind 1 | body length | challenge | nonce | digest
     client -> server   request body    body-length bytes: the core's sealed push-pull request
-    server -> client   reply header    66 bytes, sealed: kind 2 | body length | nonce | challenge
+    server -> client   reply header    82 bytes, sealed: kind 2 | body length | nonce | challenge | digest
     server -> client   reply body      the core's sealed push-pull reply
 
-A header is the plaintext ``kind (1 byte) | length (4, big-endian) | echo (16) | nonce (16)``
-sealed with the cluster keyring (:meth:`gossip.keyring.Keyring.encrypt`: version, AEAD nonce,
+A header is the plaintext ``kind (1 byte) | length (4, big-endian) | echo (16) | nonce (16) |
+digest (16)`` sealed with the cluster keyring (:meth:`gossip.keyring.Keyring.encrypt`: version, AEAD nonce,
 ciphertext, tag; 29 bytes more), the associated data being :data:`HEADER_AAD` plus the cluster
 name, so neither a datagram nor a body can pass for a header. The client's header echoes the
 server's challenge and carries a fresh nonce of its own; the server's reply header echoes that
-nonce. If the core has no reply, the server closes after the request body.
+nonce. The digest is the first 16 bytes of the SHA-256 of the body that follows
+(:func:`body_digest`); a body that does not match it is refused like a header that does not
+open. If the core has no reply, the server closes after the request body.
 
 Why a header. The server reads exactly :data:`HEADER_SIZE` bytes within ``header_timeout``
 (short: 2 s), opens them, and only then learns a body length and starts reading it. A peer
@@ -24,7 +26,11 @@ from a :class:`Budget` of bytes in flight before one body byte is read.
 Why a challenge and not a timestamp. Freshness comes from the server's random challenge, so a
 recorded header cannot be replayed on another connection to make the server buffer a body, and
 no clock is trusted: a Raspberry Pi without a real-time clock boots in 1970 and must still join.
-The client's nonce does the same for the reply.
+The client's nonce does the same for the reply. Why a digest: the bodies are sealed by the core
+with the cluster name alone, so without it a body recorded earlier (an old push-pull, with an
+old member list and old replicated state) could be spliced behind a fresh header of the same
+length by someone on the path; bound to the header, a body is as fresh as its challenge, and
+push-pull needs no anti-replay window of its own (datagrams have one: :mod:`gossip.replay`).
 
 Deadlines: the header within ``header_timeout`` of the accept; the request body, and draining
 the reply, each within ``timeout``; the client's whole exchange within ``timeout``. Only framing
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import os
 import struct
 from collections.abc import Callable
@@ -48,11 +55,12 @@ from gossip.messages import Address
 
 from .advertise import unmap
 
-STREAM_VERSION = 1  # bump with any change to the layout above
+STREAM_VERSION = 2  # bump with any change to the layout above (2: the body digest)
 CHALLENGE_SIZE = 16  # 128 random bits: a challenge never repeats in practice
-HEADER_PLAIN = struct.Struct(">BI16s16s")  # kind, body length, echo, nonce
-HEADER_SIZE = OVERHEAD + HEADER_PLAIN.size  # 66 bytes on the wire
-HEADER_AAD = b"edgeagent stream header v1\x00"  # prefixed to the cluster name
+DIGEST_SIZE = 16  # of SHA-256: binds the body to its header
+HEADER_PLAIN = struct.Struct(">BI16s16s16s")  # kind, body length, echo, nonce, body digest
+HEADER_SIZE = OVERHEAD + HEADER_PLAIN.size  # 82 bytes on the wire
+HEADER_AAD = b"edgeagent stream header v2\x00"  # prefixed to the cluster name
 HEADER_TIMEOUT = 2.0  # accept to whole header: one LAN round trip with a wide margin
 
 
@@ -94,6 +102,12 @@ class Header:
     length: int  # body bytes that follow
     echo: bytes  # the other side's challenge or nonce
     nonce: bytes  # this side's challenge or nonce
+    digest: bytes = bytes(DIGEST_SIZE)  # body_digest() of the body that follows
+
+
+def body_digest(body: bytes) -> bytes:
+    """What a header carries to bind the body that follows it."""
+    return hashlib.sha256(body).digest()[:DIGEST_SIZE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +124,7 @@ class StreamAuth:
 
     def seal(self, header: Header) -> bytes:
         """The header's :data:`HEADER_SIZE` wire bytes."""
-        plain = HEADER_PLAIN.pack(header.kind, header.length, header.echo, header.nonce)
+        plain = HEADER_PLAIN.pack(header.kind, header.length, header.echo, header.nonce, header.digest)
         return self.keyring.encrypt(plain, self.aad)
 
     def open(self, data: bytes) -> Header:
@@ -123,12 +137,12 @@ class StreamAuth:
             raise HeaderError(str(exc)) from exc
         if len(plain) != HEADER_PLAIN.size:
             raise HeaderError("header plaintext of the wrong size")
-        code, length, echo, nonce = HEADER_PLAIN.unpack(plain)
+        code, length, echo, nonce, digest = HEADER_PLAIN.unpack(plain)
         try:
             kind = Kind(code)
         except ValueError:
             raise HeaderError(f"unknown header kind {code}") from None
-        return Header(kind, length, echo, nonce)
+        return Header(kind, length, echo, nonce, digest)
 
     def expect(self, data: bytes, kind: Kind, echo: bytes) -> Header:
         """Open a header and check it is ``kind`` answering ``echo`` (else HeaderError)."""
@@ -230,9 +244,12 @@ async def _answer(
         body = await asyncio.wait_for(_read_exactly(reader, header.length), settings.timeout)
     except (FrameError, TimeoutError, OSError):
         return Served.FAILED
+    if body_digest(body) != header.digest:
+        return Served.UNAUTHENTICATED  # a body spliced behind someone else's header
     reply = handle(body, src)
     if reply is not None:
-        writer.write(auth.seal(Header(Kind.REPLY, len(reply), header.nonce, header.echo)) + reply)
+        sealed = auth.seal(Header(Kind.REPLY, len(reply), header.nonce, header.echo, body_digest(reply)))
+        writer.write(sealed + reply)
         try:
             await asyncio.wait_for(writer.drain(), settings.timeout)
         except (TimeoutError, OSError):
@@ -254,12 +271,15 @@ async def exchange(
             reader, writer = await asyncio.open_connection(dst[0], dst[1], local_addr=local_addr)
             challenge = await _read_exactly(reader, CHALLENGE_SIZE)
             nonce = auth.random(CHALLENGE_SIZE)
-            writer.write(auth.seal(Header(Kind.REQUEST, len(data), challenge, nonce)) + data)
+            writer.write(auth.seal(Header(Kind.REQUEST, len(data), challenge, nonce, body_digest(data))) + data)
             await writer.drain()
             header = auth.expect(await _read_exactly(reader, HEADER_SIZE), Kind.REPLY, nonce)
             if header.length > settings.frame_limit:
                 raise FrameTooLarge(f"reply of {header.length} bytes exceeds {settings.frame_limit}")
-            return await _read_exactly(reader, header.length)
+            reply = await _read_exactly(reader, header.length)
+            if body_digest(reply) != header.digest:
+                raise HeaderError("the reply is not the body its header names")
+            return reply
     except (FrameError, TimeoutError, OSError):
         return None
     finally:

@@ -2,9 +2,21 @@
 
 Wire format (plaintext; the core seals it with the keyring, AAD = cluster name)::
 
-    datagram = version byte (PROTOCOL_VERSION) | msgpack array of messages
+    datagram = version byte (PROTOCOL_VERSION) |
+               msgpack array [sender str, epoch int, counter int, to int, message, ...]
     frame    = version byte (PROTOCOL_VERSION) | one msgpack message (a PushPull)
     message  = msgpack array [type_code, field, ...]   (positional, compact)
+
+A datagram's first four elements are its :class:`DatagramHeader`: the sender's
+name, its boot epoch (0..2**63-1), the datagram's counter in that epoch
+(0..2**64-1) and the destination's tag (:func:`destination_tag` of the name of
+the member it is sent to, 0..2**32-1). The receiver drops a datagram whose tag
+is not its own (a capture re-addressed to another member) and checks the rest
+with its anti-replay window (``replay.py``). The fields share the message
+array, so the header costs only themselves: the name's length + 1, 1 to 9
+bytes each for epoch and counter, 5 for the tag (about 25 bytes for a
+16-character name). Version 1 (no header) is refused as an unknown version,
+a counted decode error.
 
 Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
 
@@ -19,7 +31,8 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
     9 UserBroadcast origin, seq, payload bin
    10 PushPull      source, join bool, reply bool,
                     [[name, addr, incarnation, state int, meta bin], ...],
-                    [[owner, [[key, version, value, deleted bool[, sig bin]], ...]], ...]
+                    [[owner, [[key, version, value, deleted bool[, sig bin]], ...]], ...],
+                    epoch (the source's boot epoch)
                     [, summary, want]          (both or neither; nil when absent)
 
     summary = [members_hash bin16, states_hash bin16,
@@ -27,7 +40,7 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
                nil | [[owner, max_version, digest bin8], ...]]
     want    = [[name, ...], [[owner, [[key, version, entry_hash bin4], ...]], ...]]
 
-A PushPull of six fields is a full-state exchange; with a summary or a want it
+A PushPull of seven fields is a full-state exchange; with a summary or a want it
 is a digest exchange (``digest.py``). State entries are encoded and decoded in
 one place each (``_wire_entry`` / ``_entry``): a field appended there travels
 in push-pulls; ``StateUpdate`` is its own message (code 8).
@@ -71,7 +84,9 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import msgpack
@@ -100,7 +115,7 @@ from .messages import (
     Want,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: datagrams carry a DatagramHeader (anti-replay)
 
 # Type codes (first element of every message array).
 PING = 1
@@ -123,6 +138,7 @@ MAX_DATAGRAM_INPUT_BYTES = 65_535
 MAX_MESSAGES_PER_DATAGRAM = 1024
 # Version byte + worst-case array header (array16: 0xdc + 2-byte length).
 DATAGRAM_HEADER_BYTES = 1 + 3
+# Worst-case DatagramHeader fields: a maximal sender (str8) and two uint64.
 MAX_UINT64 = 2**64 - 1  # sequence numbers: msgpack's unsigned maximum (they wrap)
 # Incarnations and state versions only grow, by one per refutation, metadata or
 # state change, so an honest one stays far below this. Decoding refuses larger
@@ -142,8 +158,13 @@ MAX_NAME_BYTES = 128
 # IPv6 text (45) + "%" + interface name (IFNAMSIZ 16) fits; a DNS name must be short.
 MAX_HOST_BYTES = 64
 MAX_KEY_BYTES = 128  # replicated-state keys and map keys inside values
-# A user broadcast must fit one 1400-byte sealed datagram with a maximal origin:
-# 1400 - 29 (keyring) - 4 (header) - 144 (type, origin, seq, headers) = 1223.
+# Worst-case DatagramHeader fields: a maximal sender (str8 header + name), two uint64, a uint32.
+MAX_SENDER_HEADER_BYTES = (2 + MAX_NAME_BYTES) + 9 + 9 + 5
+MAX_TAG = 2**32 - 1
+_HEADER_FIELDS = 4
+# A user broadcast must fit one 1400-byte sealed datagram with a maximal origin and sender:
+# 1400 - 29 (keyring) - 4 (header) - 153 (DatagramHeader) - 144 (type, origin, seq,
+# headers) = 1070.
 MAX_PAYLOAD_BYTES = 1024
 # One str/bin inside a replicated value: never more than a node's whole map
 # budget (GossipConfig.max_state_bytes default 4096).
@@ -171,13 +192,13 @@ ENTRY_HASH_BYTES = 4  # one entry's hash in a Want (tells an equal version with 
 
 # A frame's bytes besides its member records and state maps: version byte,
 # message array header, type code, source (str8 header + MAX_NAME_BYTES), two
-# bools and the two list headers (array32: 5 bytes each).
-FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5
+# bools, the two list headers (array32: 5 bytes each) and the epoch (uint64).
+FRAME_HEADER_BYTES = 1 + 1 + 1 + (2 + MAX_NAME_BYTES) + 2 + 5 + 5 + 9
 
 _DATAGRAM_UNPACK_LIMITS: dict[str, int] = {
     "max_str_len": MAX_VALUE_BYTES,
     "max_bin_len": MAX_VALUE_BYTES,
-    "max_array_len": max(MAX_MESSAGES_PER_DATAGRAM, MAX_CONTAINER_ITEMS),
+    "max_array_len": max(_HEADER_FIELDS + MAX_MESSAGES_PER_DATAGRAM, MAX_CONTAINER_ITEMS),
     "max_map_len": MAX_CONTAINER_ITEMS,
     "max_ext_len": 0,
 }
@@ -185,6 +206,26 @@ _FRAME_UNPACK_LIMITS: dict[str, int] = {
     **_DATAGRAM_UNPACK_LIMITS,
     "max_array_len": max(MAX_PUSHPULL_MEMBERS, MAX_PUSHPULL_OWNERS, MAX_CONTAINER_ITEMS),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class DatagramHeader:
+    """Who sealed a datagram, in which life (boot epoch), its number in that life, and for whom."""
+
+    sender: str
+    epoch: int  # 0..MAX_COUNTER, higher on every start of the sender
+    counter: int  # 0..MAX_UINT64, one per datagram within an epoch
+    to: int  # destination_tag() of the member it is addressed to
+
+
+def destination_tag(name: str) -> int:
+    """The 32-bit tag of a member name a datagram is addressed to (CRC-32 of its UTF-8).
+
+    Not a secret and not collision-proof: it only has to tell members apart so that a
+    captured datagram cannot be re-addressed to another one (two names sharing a tag,
+    about 1 in 4 billion per pair, lose that between themselves only).
+    """
+    return zlib.crc32(name.encode())
 
 
 class _TooLarge(ValueError):
@@ -452,6 +493,7 @@ def _to_wire(msg: Message) -> list[object]:
                 _bool(msg.reply, "reply"),
                 [_wire_record(r) for r in msg.members],
                 _wire_states(msg.states),
+                _counter(msg.epoch, "epoch"),
             ]
             if msg.summary is not None or msg.want is not None:
                 wire.append(None if msg.summary is None else _wire_summary(msg.summary))
@@ -530,8 +572,8 @@ def _encoding(fn: Callable[[], bytes]) -> bytes:
 def encoded_size(msg: Message) -> int:
     """Bytes ``msg`` adds inside a datagram's message array.
 
-    Pack a datagram with ``DATAGRAM_HEADER_BYTES + sum(encoded_size(m)) +
-    keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
+    Pack a datagram with ``DATAGRAM_HEADER_BYTES + header_size(header) +
+    sum(encoded_size(m)) + keyring.OVERHEAD <= max_datagram_bytes``. Raises like :func:`encode_datagram`.
     """
     return len(_encoding(lambda: _packb(_to_wire(msg))))
 
@@ -546,7 +588,29 @@ def owner_states_size(owner: str, entries: tuple[StateEntry, ...]) -> int:
     return len(_encoding(lambda: _packb(_wire_states(((owner, entries),))))) - 1  # minus its list header
 
 
-def encode_datagram(msgs: Sequence[Message]) -> bytes:
+def _wire_header(header: object) -> list[object]:
+    if type(header) is not DatagramHeader:
+        _fail("a datagram needs a DatagramHeader")
+    return [
+        _text(header.sender, "sender", MAX_NAME_BYTES),
+        _counter(header.epoch, "epoch"),
+        _uint(header.counter, "counter"),
+        _tag(header.to),
+    ]
+
+
+def _tag(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_TAG:
+        _fail("destination tag must be an int in 0..2**32-1")
+    return value
+
+
+def header_size(header: DatagramHeader) -> int:
+    """Bytes ``header``'s fields add to a datagram (raises ValueError if it is malformed)."""
+    return sum(len(_packb(field)) for field in _wire_header(header))
+
+
+def encode_datagram(msgs: Sequence[Message], header: DatagramHeader) -> bytes:
     """Encode 1..MAX_MESSAGES_PER_DATAGRAM messages (no PushPull) as one plaintext datagram."""
 
     def build() -> bytes:
@@ -556,7 +620,8 @@ def encode_datagram(msgs: Sequence[Message]) -> bytes:
             raise _TooLarge(f"more than {MAX_MESSAGES_PER_DATAGRAM} messages in one datagram")
         if any(type(m) is PushPull for m in msgs):
             _fail("PushPull travels in stream frames, not datagrams")
-        data = bytes((PROTOCOL_VERSION,)) + _packb([_to_wire(m) for m in msgs])
+        items = _wire_header(header) + [_to_wire(m) for m in msgs]
+        data = bytes((PROTOCOL_VERSION,)) + _packb(items)
         if len(data) > MAX_DATAGRAM_INPUT_BYTES:
             raise _TooLarge(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
         return data
@@ -714,14 +779,14 @@ def _from_wire(raw: object) -> Message:
 
 
 def _push_pull(raw: list[Any]) -> PushPull:
-    if len(raw) == 8:
-        summary, want = raw[6], raw[7]
+    if len(raw) == 9:
+        summary, want = raw[7], raw[8]
         if summary is None and want is None:
             _fail("a digest push-pull needs a summary or a want")
-        raw = raw[:6]
+        raw = raw[:7]
     else:
         summary = want = None
-    _, source, join, reply, members, states = _fields(raw, 6)
+    _, source, join, reply, members, states, epoch = _fields(raw, 7)
     if type(members) is not list or len(members) > MAX_PUSHPULL_MEMBERS:
         _fail(f"members must be a list of at most {MAX_PUSHPULL_MEMBERS}")
     if type(states) is not list or len(states) > MAX_PUSHPULL_OWNERS:
@@ -734,6 +799,7 @@ def _push_pull(raw: list[Any]) -> PushPull:
         states=tuple(_owner_states(s) for s in states),
         summary=None if summary is None else _summary(summary),
         want=None if want is None else _want(want),
+        epoch=_counter(epoch, "epoch"),
     )
 
 
@@ -786,20 +852,26 @@ def _want(raw: object) -> Want:
     return Want(names, tuple(pairs))
 
 
-def decode_datagram(data: bytes) -> list[Message]:
-    """Decode a plaintext datagram; raise :class:`DecodeError` on anything invalid."""
+def decode_datagram(data: bytes) -> tuple[DatagramHeader, list[Message]]:
+    """Decode a plaintext datagram: its header and messages; raise :class:`DecodeError`."""
     if len(data) > MAX_DATAGRAM_INPUT_BYTES:
         raise DecodeError(f"datagram larger than {MAX_DATAGRAM_INPUT_BYTES} bytes")
     raw = _unpack(data, _DATAGRAM_UNPACK_LIMITS)
-    if type(raw) is not list or not 1 <= len(raw) <= MAX_MESSAGES_PER_DATAGRAM:
-        raise DecodeError(f"datagram must hold 1..{MAX_MESSAGES_PER_DATAGRAM} messages")
+    if type(raw) is not list or not _HEADER_FIELDS < len(raw) <= _HEADER_FIELDS + MAX_MESSAGES_PER_DATAGRAM:
+        raise DecodeError(f"datagram must hold a header and 1..{MAX_MESSAGES_PER_DATAGRAM} messages")
     try:
-        msgs = [_from_wire(item) for item in raw]
+        header = DatagramHeader(
+            sender=_text(raw[0], "sender", MAX_NAME_BYTES),
+            epoch=_counter(raw[1], "epoch"),
+            counter=_uint(raw[2], "counter"),
+            to=_tag(raw[3]),
+        )
+        msgs = [_from_wire(item) for item in raw[_HEADER_FIELDS:]]
     except ValueError as exc:
         raise DecodeError(str(exc)) from None
     if any(type(m) is PushPull for m in msgs):
         raise DecodeError("PushPull is not allowed in a datagram")
-    return msgs
+    return header, msgs
 
 
 def decode_frame(data: bytes, max_bytes: int) -> PushPull:
@@ -890,7 +962,7 @@ class _FrameReader:
 
     def push_pull(self, max_owner: int | None, max_total: int | None) -> tuple[PushPull, int]:
         fields = self._header(16, "message")
-        if fields not in (6, 8) or self._item(_SCALAR_WIRE_BYTES, "type code") != PUSH_PULL:
+        if fields not in (7, 9) or self._item(_SCALAR_WIRE_BYTES, "type code") != PUSH_PULL:
             raise DecodeError("a stream frame must carry a PushPull")
         source = _text(self._item(_SCALAR_WIRE_BYTES, "source"), "source", MAX_NAME_BYTES)
         join = _bool(self._item(_SCALAR_WIRE_BYTES, "join"), "join")
@@ -898,8 +970,9 @@ class _FrameReader:
         count = self._header(MAX_PUSHPULL_MEMBERS, "members")
         members = tuple(_record(self._item(MAX_RECORD_WIRE_BYTES, "member record")) for _ in range(count))
         states, cut = self._states(max_owner, max_total)
+        epoch = _counter(self._item(_SCALAR_WIRE_BYTES, "epoch"), "epoch")
         summary = want = None
-        if fields == 8:  # a digest exchange (digest.py): lists of small tuples, bounded in count
+        if fields == 9:  # a digest exchange (digest.py): lists of small tuples, bounded in count
             raw_summary = self._item(len(self._view), "summary", _FRAME_UNPACK_LIMITS)
             raw_want = self._item(len(self._view), "want", _FRAME_UNPACK_LIMITS)
             if raw_summary is None and raw_want is None:
@@ -908,7 +981,7 @@ class _FrameReader:
             want = None if raw_want is None else _want(raw_want)
         if self._unpacker.tell() != len(self._view):
             _fail("trailing bytes after the frame")
-        return PushPull(source, join, reply, members, states, summary, want), cut
+        return PushPull(source, join, reply, members, states, summary, want, epoch), cut
 
     def _states(
         self, max_owner: int | None, max_total: int | None

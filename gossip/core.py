@@ -95,6 +95,11 @@ Where we differ from memberlist, on purpose:
   verified member others report DEAD or LEFT is re-checked at once by a
   ping carrying the news, and unverified ones that go DEAD or LEFT are
   forgotten at once.
+- anti-replay (memberlist has none): every datagram carries a header (sender,
+  boot epoch, counter, destination tag; ``codec.DatagramHeader``) that the
+  receiver checks (``replay.py``) before reading a message; a reaped name
+  keeps its last incarnation, and only a higher one or the member itself
+  brings it back.
 """
 
 from __future__ import annotations
@@ -119,13 +124,17 @@ from .codec import (
     MAX_COUNTER,
     MAX_COUNTER_STEP,
     MAX_SIG_BYTES,
+    MAX_TAG,
     MAX_UINT64,
+    DatagramHeader,
     counter_step,
     decode_datagram,
     decode_push_pull,
+    destination_tag,
     encode_datagram,
     encode_frame,
     encoded_size,
+    header_size,
     owner_states_size,
     record_size,
 )
@@ -168,6 +177,7 @@ from .messages import (
     Want,
 )
 from .probe import Prober
+from .replay import ReplayGuard
 from .signing import CREDENTIAL_KEY, StateSigner, StateVerifier, canonical_entry
 from .state_store import StateStore, entry_memory
 from .stats import Stats
@@ -224,6 +234,9 @@ _KIND: dict[type, str] = {
     Ping: "ping", Ack: "ack", Nack: "nack", PingReq: "ping_req", Alive: "alive", Suspect: "suspect",
     Dead: "dead", StateUpdate: "state", UserBroadcast: "user",
 }
+# Anti-replay windows beyond one per member and one per remembered reaped name
+# (both bounded by max_members): room for senders heard of but not (yet) members.
+REPLAY_SPARE_SENDERS = 64
 
 
 class InvalidArgument(LocalError, ValueError):
@@ -259,6 +272,7 @@ class Membership:
         state_version: int = 0,
         signer: StateSigner | None = None,
         verifier: StateVerifier | None = None,
+        epoch: int = 0,
     ) -> None:
         if len(meta) > config.max_meta_bytes:
             raise BroadcastTooLarge(f"metadata is {len(meta)} bytes; at most {config.max_meta_bytes}")
@@ -270,7 +284,8 @@ class Membership:
         self._keyring = keyring
         self._aad = config.cluster_name.encode()
         # Plaintext bytes the messages of one datagram may take.
-        self._budget = config.max_datagram_bytes - OVERHEAD - DATAGRAM_HEADER_BYTES
+        header = self._init_replay(name, epoch, config.max_members)
+        self._budget = config.max_datagram_bytes - OVERHEAD - DATAGRAM_HEADER_BYTES - header
         self._lifeguard = config.lifeguard
         self._awareness = Awareness(config.awareness_max_multiplier)
 
@@ -289,8 +304,8 @@ class Membership:
         )
         self._verifier = Verifier(config.probe_interval, config.max_members)
         self._left = False
-        # Names we reaped, oldest first (bounded by max_members): never re-learned as gone.
-        self._reaped: dict[str, None] = {}
+        # Reaped names -> last incarnation, oldest first, at most max_members (see _on_alive).
+        self._reaped: dict[str, int] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
         self._conflicts: set[Address] = set()  # addresses that claimed our name, reported once
 
@@ -343,6 +358,20 @@ class Membership:
             update = self._store.set_local(CREDENTIAL_KEY, self._signer.credential)
             self._check_fits(update)  # it must travel in one datagram too
             self._enqueue(update, (me.name, CREDENTIAL_KEY), PRIORITY_STATE)
+    def _init_replay(self, name: str, epoch: int, max_members: int) -> int:
+        """Anti-replay state (replay.py); returns the most bytes our DatagramHeader takes.
+
+        Our boot epoch (higher on every start: the caller keeps it), the next datagram's
+        counter, the tag datagrams addressed to us carry, and every sender's window.
+        """
+        self._epoch = epoch
+        self._counter = 0
+        self._tag = destination_tag(name)
+        self._replay = ReplayGuard(2 * max_members + REPLAY_SPARE_SENDERS)
+        try:
+            return header_size(DatagramHeader(name, epoch, MAX_UINT64, MAX_TAG))
+        except ValueError as exc:  # a bad name or epoch is the caller's error
+            raise InvalidArgument(str(exc)) from None
 
     # ------------------------------------------------------------------ reading
 
@@ -448,7 +477,7 @@ class Membership:
         # and the one that stays records the leavers DEAD instead of LEFT.
         # Queued only afterwards, so these datagrams do not carry it twice.
         for node in self._table.k_random(LEAVE_DIRECT_FANOUT, lambda n: n.state <= SUSPECT, self._rng):
-            self._send(node.addr, [leave])
+            self._send(node.addr, node.name, [leave])
         self._enqueue(leave, me.name, PRIORITY_MEMBERSHIP)
 
     def set_meta(self, meta: bytes, now: float) -> None:
@@ -532,9 +561,11 @@ class Membership:
         stats.datagrams_in += 1
         stats.bytes_in += len(data)
         try:
-            msgs = decode_datagram(self._keyring.decrypt(data, self._aad))
+            header, msgs = decode_datagram(self._keyring.decrypt(data, self._aad))
         except RemoteError as exc:
             self._count_error(exc)
+            return
+        if not self._fresh(header):
             return
         for msg in msgs:
             stats.count(False, _KIND[type(msg)], encoded_size(msg))
@@ -551,6 +582,18 @@ class Membership:
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
+
+    def _fresh(self, header: DatagramHeader) -> bool:
+        """Anti-replay (replay.py): False, and counted, for a datagram addressed to another
+        member (``dropped``: misdirected or re-addressed) or seen before or from an older life
+        of its sender (``replayed``)."""
+        if header.to != self._tag:
+            self.stats.dropped += 1
+            return False
+        if self._replay.accept(header.sender, header.epoch, header.counter):
+            return True
+        self.stats.replayed += 1
+        return False
 
     def _dispatch(self, msg: Message, src: Address, now: float) -> None:
         # Pings are answered by ``receive``, last; the decoder yields no PushPull.
@@ -700,6 +743,7 @@ class Membership:
             self.stats.decode_errors += 1
 
     def _open_frame(self, data: bytes) -> PushPull | None:
+        """Open a push-pull frame; its source's epoch is then the current one (streams are fresh)."""
         config = self.config
         try:
             plain = self._keyring.decrypt(data, self._aad)
@@ -715,6 +759,8 @@ class Membership:
             return None
         self.stats.state_rejected += cut
         self._count_frame(remote, len(plain), out=False)
+        if remote.source != self.name:
+            self._replay.sync(remote.source, remote.epoch)
         return remote
 
     def _count_frame(self, msg: PushPull, size: int, out: bool) -> None:
@@ -764,18 +810,20 @@ class Membership:
             msgs.extend(self._user_queue.take(budget, limit))
         return msgs
 
-    def _send(self, addr: Address, msgs: list[Message]) -> None:
-        """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for ``addr``."""
+    def _send(self, addr: Address, to: str, msgs: list[Message]) -> None:
+        """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for member ``to`` at ``addr``."""
         used = sum(encoded_size(m) for m in msgs)
         if used < self._budget:
             msgs.extend(self._take_broadcasts(self._budget - used))
-        self._seal(addr, msgs)
+        self._seal(addr, to, msgs)
 
-    def _seal(self, addr: Address, msgs: list[Message]) -> None:
+    def _seal(self, addr: Address, to: str, msgs: list[Message]) -> None:
         count = self.stats.count
         for msg in msgs:
             count(True, _KIND[type(msg)], encoded_size(msg))
-        sealed = self._keyring.encrypt(encode_datagram(msgs), self._aad)
+        header = DatagramHeader(self.name, self._epoch, self._counter, destination_tag(to))
+        self._counter = min(self._counter + 1, MAX_UINT64)  # 2**64 datagrams: never reached
+        sealed = self._keyring.encrypt(encode_datagram(msgs, header), self._aad)
         self._datagrams.append((addr, sealed))
         self.stats.datagrams_out += 1
         self.stats.bytes_out += len(sealed)
@@ -788,9 +836,11 @@ class Membership:
             msg = PushPull(
                 self.name, True, False, (_record(me),), ((self.name, own),) if own else (),
                 summary=digest.summary(self._table, self._store, True, True),
+                epoch=self._epoch,
             )
         else:
-            msg = PushPull(self.name, False, False, (), (), summary=digest.summary(self._table, self._store, False, False))
+            summary = digest.summary(self._table, self._store, False, False)
+            msg = PushPull(self.name, False, False, (), (), summary=summary, epoch=self._epoch)
         self._start_stream(addr, self._seal_frame(msg, join, False))
 
     def _digest_answer(self, remote: PushPull, reply: bool) -> PushPull:
@@ -840,7 +890,8 @@ class Membership:
         elif not reply and want is None:
             want = Want()  # a follow-up request: a Want, even empty, marks it a digest exchange
         return PushPull(
-            self.name, remote.join, reply, tuple(_record(n) for n in records), tuple(states), mine, want
+            self.name, remote.join, reply, tuple(_record(n) for n in records), tuple(states), mine, want,
+            self._epoch,
         )
 
     def _seal_frame(self, msg: PushPull, join: bool, reply: bool) -> bytes:
@@ -865,7 +916,7 @@ class Membership:
         good; over the limit we send a capped frame instead (``_capped_state``).
         """
         members = tuple(_record(n) for n in self._table.by_name.values())
-        msg = PushPull(self.name, join, reply, members, self._store.snapshot())
+        msg = PushPull(self.name, join, reply, members, self._store.snapshot(), epoch=self._epoch)
         plain = encode_frame(msg)
         limit = self.config.max_stream_bytes - OVERHEAD
         if len(plain) > limit:
@@ -899,7 +950,7 @@ class Membership:
             if entries and (map_size := owner_states_size(node.name, entries)) <= budget:
                 budget -= map_size
                 states.append((node.name, entries))
-        return PushPull(self.name, join, reply, tuple(members), tuple(states))
+        return PushPull(self.name, join, reply, tuple(members), tuple(states), epoch=self._epoch)
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -931,6 +982,7 @@ class Membership:
         """Drop a never-verified member (not remembered as reaped: if real, it comes back)."""
         self._table.remove(node)
         self._store.forget(node.name)
+        self._replay.forget(node.name)
         self._emit(MemberReaped(node.snapshot()))
 
     def _pressure_mark(self) -> int:
@@ -940,9 +992,9 @@ class Membership:
         self.stats.verify_pings += 1
         ping = Ping(self._prober.next_seq(), node.name, self.name, self.addr)
         if self._verifier.flooded(now):
-            self._seal(node.addr, [ping])  # no piggyback: retransmissions are not spent on phantoms
+            self._seal(node.addr, node.name, [ping])  # no piggyback: retransmissions are not spent on phantoms
         else:
-            self._send(node.addr, [ping])
+            self._send(node.addr, node.name, [ping])
 
     def _on_probe_failed(self, s: Suspect, now: float) -> None:
         """Our probe of ``s.name`` failed: suspect it, or in a flood drop it if never verified."""
@@ -973,9 +1025,14 @@ class Membership:
             return
         self._table.remove(node)
         self._store.forget(node.name)
-        self._reaped[node.name] = None
-        if len(self._reaped) > self.config.max_members:
-            del self._reaped[next(iter(self._reaped))]
+        reaped = self._reaped
+        reaped.pop(node.name, None)  # reaped again: now the newest
+        reaped[node.name] = node.incarnation
+        if len(reaped) > self.config.max_members:
+            oldest = next(iter(reaped))
+            del reaped[oldest]
+            if oldest not in self._table.by_name:
+                self._replay.forget(oldest)  # its replay window lives as long as the name
         self._emit(MemberReaped(node.snapshot()))
 
     # ------------------------------------------------------------ membership updates
@@ -1024,6 +1081,11 @@ class Membership:
     ) -> None:
         node = self._table.get(a.name)
         if node is None:
+            # A reaped name is never re-learned as gone (_merge), and only a higher incarnation
+            # or the member itself brings it back: a replayed or stale Alive revives nothing.
+            if not verified and self._reaped.get(a.name, -1) >= a.incarnation:
+                self.stats.replayed += 1
+                return
             node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
@@ -1136,7 +1198,8 @@ class Membership:
     def _recheck_gone(self, node: Node, news: Dead) -> None:
         """In a flood: forged? Tell ``node`` what we heard, with a ping: a live member refutes on the ack."""
         self.stats.verify_pings += 1
-        self._seal(node.addr, [Ping(self._prober.next_seq(), node.name, self.name, self.addr), news])
+        ping = Ping(self._prober.next_seq(), node.name, self.name, self.addr)
+        self._seal(node.addr, node.name, [ping, news])
 
     def _mark_gone(self, node: Node, state: MemberState, now: float) -> None:
         if not node.verified and self._verifier.flooded(now):
@@ -1374,7 +1437,7 @@ class Membership:
             msgs = self._take_broadcasts(self._budget)
             if not msgs:
                 return
-            self._seal(node.addr, msgs)
+            self._seal(node.addr, node.name, msgs)
 
     def _on_push_pull_tick(self, deadline: float, now: float) -> None:
         if self._left:

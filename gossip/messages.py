@@ -189,6 +189,9 @@ class PushPull:
     ``join`` is set on the request a joining node sends; ``reply`` on the answer.
     With ``summary`` and ``want`` both None it is a full-state exchange
     (memberlist); otherwise a digest exchange (``gossip/digest.py``).
+
+    ``epoch`` is the source's boot epoch: streams are fresh (the daemon's challenge), so the
+    receiver takes it as the source's current one (``replay.ReplayGuard.sync``).
     """
 
     source: str
@@ -198,6 +201,7 @@ class PushPull:
     states: tuple[tuple[str, tuple[StateEntry, ...]], ...]  # (owner, entries)
     summary: Summary | None = None
     want: Want | None = None
+    epoch: int = 0
 
 
 Message = Ping | Ack | Nack | PingReq | Alive | Suspect | Dead | StateUpdate | UserBroadcast | PushPull

@@ -41,7 +41,7 @@ from .timers import ProbeEnd, ProbeTick, ProbeTimeout, RelayTimeout, Timer, next
 
 PROBE_RTT_SAMPLES = 64  # recent probe round-trip times kept for metrics
 
-Send = Callable[[Address, list[Message]], None]
+Send = Callable[[Address, str, list[Message]], None]  # (address, member name there, messages)
 Schedule = Callable[[float, Timer], None]
 SuspectMember = Callable[[Suspect, float], None]
 
@@ -62,10 +62,11 @@ class _Probe:
 class _Relay:
     """A ping we send for someone else's PingReq: forward the ack, or nack."""
 
-    __slots__ = ("origin", "origin_seq", "nack")
+    __slots__ = ("nack", "origin", "origin_name", "origin_seq")
 
-    def __init__(self, origin: Address, origin_seq: int, nack: bool) -> None:
+    def __init__(self, origin: Address, origin_name: str, origin_seq: int, nack: bool) -> None:
         self.origin = origin
+        self.origin_name = origin_name
         self.origin_seq = origin_seq
         self.nack = nack
 
@@ -167,7 +168,7 @@ class Prober:
         if node.state == SUSPECT and self._lifeguard:
             # Buddy system: tell the suspect so it can refute at once.
             msgs.append(Suspect(node.name, node.incarnation, me.name))
-        self._send(node.addr, msgs)
+        self._send(node.addr, node.name, msgs)
         self._schedule(now + scale(config.probe_timeout), ProbeTimeout(probe.seq))
         self._schedule(now + scale(config.probe_interval), ProbeEnd(probe.seq))
 
@@ -182,7 +183,7 @@ class Prober:
         )
         nack = self._lifeguard
         for relay in relays:
-            self._send(relay.addr, [PingReq(seq, target.name, target.addr, me.name, me.addr, nack)])
+            self._send(relay.addr, relay.name, [PingReq(seq, target.name, target.addr, me.name, me.addr, nack)])
         probe.expected_nacks = len(relays) if nack else 0
 
     def on_end(self, seq: int, now: float) -> None:
@@ -223,7 +224,7 @@ class Prober:
         reply: list[Message] = [Ack(msg.seq, msg.target)]
         if current is not None:
             reply.append(current)
-        self._send(src, reply)
+        self._send(src, msg.source, reply)
 
     def on_ack(self, msg: Ack, now: float) -> None:
         handler = self._acks.pop(msg.seq, None)
@@ -237,7 +238,7 @@ class Prober:
             self._probe = None
             self._resume(now)
         else:
-            self._send(handler.origin, [Ack(handler.origin_seq, self._table.me.name)])
+            self._send(handler.origin, handler.origin_name, [Ack(handler.origin_seq, self._table.me.name)])
 
     def on_nack(self, msg: Nack) -> None:
         probe = self._probe
@@ -247,8 +248,8 @@ class Prober:
     def on_ping_req(self, msg: PingReq, src: Address, now: float) -> None:
         me = self._table.me
         seq = self.next_seq()
-        self._acks[seq] = _Relay(src, msg.seq, msg.nack)
-        self._send(msg.target_addr, [Ping(seq, msg.target, me.name, me.addr)])
+        self._acks[seq] = _Relay(src, msg.source, msg.seq, msg.nack)
+        self._send(msg.target_addr, msg.target, [Ping(seq, msg.target, me.name, me.addr)])
         self._schedule(now + self._config.probe_timeout, RelayTimeout(seq))
 
     def on_relay_timeout(self, seq: int) -> None:
@@ -257,7 +258,7 @@ class Prober:
             return
         del self._acks[seq]
         if relay.nack:
-            self._send(relay.origin, [Nack(relay.origin_seq, self._table.me.name)])
+            self._send(relay.origin, relay.origin_name, [Nack(relay.origin_seq, self._table.me.name)])
 
     # ------------------------------------------------------------ buddy re-check
 
@@ -285,4 +286,4 @@ class Prober:
         susp.rechecked = True
         me = self._table.me
         ping = Ping(self.next_seq(), node.name, me.name, me.addr)
-        self._send(node.addr, [ping, Suspect(node.name, node.incarnation, me.name)])
+        self._send(node.addr, node.name, [ping, Suspect(node.name, node.incarnation, me.name)])

@@ -43,6 +43,9 @@ class Stats:
     stream_failures: int = 0
     decode_errors: int = 0
     decrypt_errors: int = 0
+    # Datagrams dropped by the anti-replay window (replay.py: seen before, or from an
+    # older boot epoch of their sender), and Alives no newer than a reaped member's last.
+    replayed: int = 0
     dropped: int = 0  # decoded but unusable: misdirected, unexpected, over a limit
     state_rejected: int = 0  # remote replicated-state entries / maps over budget
     probes: int = 0

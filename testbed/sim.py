@@ -37,19 +37,21 @@ Network model:
   process whose socket buffer is read late).
 - ``crash`` stops a node cold (no timers, no delivery). ``restart`` makes a new
   core under the same name and address with incarnation ``old + 1`` and joins
-  it to live nodes. ``leave`` calls ``core.leave`` and keeps the node running
+  it to live nodes, with a higher boot epoch (the node's generation), as the
+  agent's persisted epoch would be. ``leave`` calls ``core.leave`` and keeps the node running
   for ``linger`` seconds so the leave spreads, then stops it.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gossip.codec import decode_datagram, encode_datagram
+from gossip.codec import DatagramHeader, decode_datagram, destination_tag, encode_datagram
 from gossip.config import GossipConfig
 from gossip.events import Event, Member
 from gossip.keyring import Keyring
@@ -324,7 +326,9 @@ class Simulator:
             raise SimulationError(f"node {name!r} is running; crash or leave it first")
         if incarnation is None:
             incarnation = node.core.incarnation + 1
-        node.core, node.keyring = self._make_core(name, node.addr, incarnation, meta, None)
+        node.core, node.keyring = self._make_core(
+            name, node.addr, incarnation, meta, None, epoch=node.generation + 1
+        )
         node.alive = True
         node.status = "up"
         node.generation += 1
@@ -532,7 +536,13 @@ class Simulator:
         self.events.setdefault(name, []).append(event)
 
     def _make_core(
-        self, name: str, addr: Address, incarnation: int, meta: bytes, config: GossipConfig | None
+        self,
+        name: str,
+        addr: Address,
+        incarnation: int,
+        meta: bytes,
+        config: GossipConfig | None,
+        epoch: int = 0,
     ) -> tuple[CoreLike, Keyring]:
         core_rng = random.Random(self.rng.getrandbits(64))
         nonces = random.Random(self.rng.getrandbits(64))
@@ -546,6 +556,7 @@ class Simulator:
             keyring=keyring,
             incarnation=incarnation,
             meta=meta,
+            epoch=epoch,
         )
         return core, keyring
 
@@ -713,6 +724,7 @@ class Simulator:
 
 TEST_KEY = bytes(range(32))  # the key of make_keyring's default ring
 TEST_AAD = b"edgeagent"  # GossipConfig.cluster_name, as the keyring's associated data
+TEST_SENDER = "test-peer"  # the DatagramHeader sender of seal()'s datagrams
 
 
 def make_keyring(rng: random.Random, keys: Iterable[bytes] = (TEST_KEY,)) -> Keyring:
@@ -720,10 +732,28 @@ def make_keyring(rng: random.Random, keys: Iterable[bytes] = (TEST_KEY,)) -> Key
     return Keyring(list(keys), nonce_source=rng.randbytes)
 
 
-def seal(msgs: Sequence[Message], keyring: Keyring | None = None, aad: bytes = TEST_AAD) -> bytes:
-    """A sealed datagram carrying ``msgs``, as a peer would send it."""
+_seal_counter = itertools.count()  # one test sender whose every datagram is fresh
+
+
+def seal(
+    msgs: Sequence[Message],
+    keyring: Keyring | None = None,
+    aad: bytes = TEST_AAD,
+    header: DatagramHeader | None = None,
+    *,
+    to: str | None = None,
+) -> bytes:
+    """A sealed datagram carrying ``msgs`` to the member named ``to``, as a peer would send it.
+
+    Without ``header``, from :data:`TEST_SENDER` with a counter that grows on every call, so
+    the receiver's anti-replay window takes each one as new; ``to`` is then required.
+    """
     ring = keyring or make_keyring(random.Random(0))
-    return ring.encrypt(encode_datagram(msgs), aad)
+    if header is None:
+        if to is None:
+            raise TypeError("seal() needs the receiver's name (to=...) or a header")
+        header = DatagramHeader(TEST_SENDER, 0, next(_seal_counter), destination_tag(to))
+    return ring.encrypt(encode_datagram(msgs, header), aad)
 
 
 def sent(core: Any, keyring: Keyring | None = None) -> list[tuple[Address, list[Message]]]:
@@ -732,7 +762,7 @@ def sent(core: Any, keyring: Keyring | None = None) -> list[tuple[Address, list[
     out = []
     for dst, data in core.datagrams_to_send():
         assert len(data) <= core.config.max_datagram_bytes
-        out.append((dst, decode_datagram(ring.decrypt(data, TEST_AAD))))
+        out.append((dst, decode_datagram(ring.decrypt(data, TEST_AAD))[1]))
     return out
 
 

@@ -10,6 +10,14 @@ many alive members a key is installed or primary, and how ``use`` and ``remove``
 step that would cut members off (unless ``force``). ``use`` and ``remove`` name the key by
 its fingerprint (not a secret) or carry the key; ``install`` always carries it. The CLI side
 and the rotation order are in :mod:`edgeagent.commands.keys`.
+
+Replays. Every operation carries the keyring *generation* it makes: one above the generation
+of the agent that issues it. An agent applies a heard operation only if its generation is
+above its own, then takes it; the generation is saved in the keyring file in the same atomic
+write as the keys (:func:`~edgeagent.persist.save_keyring`). So a captured operation replayed
+later, even after a restart (when the gossip layer's windows and duplicate filter are empty),
+is ignored and logged. An agent that missed operations issues its next one at a generation
+others already passed: they ignore it and log both generations (``keys list`` shows ours).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from gossip.messages import MemberState
 from ..control import ControlError
 from ..host import FeatureHost
 from ..logs import fields
-from ..persist import keyring_bytes
+from ..persist import keyring_bytes, load_keyring_document
 from ..ratelimit import WarnLimiter
 
 if TYPE_CHECKING:
@@ -105,6 +113,9 @@ class Keys:
         self._tasks: set[asyncio.Task[None]] = set()
         # Rotations heard from others are hostile input: one warning per origin a minute.
         self._warnings = WarnLimiter(log)
+        self.generation = 0  # the keyring's, as saved (main loop only)
+        self.replays_ignored = 0  # heard operations of a generation not above ours
+        self._lock = asyncio.Lock()  # one operation at a time: check, apply and save together
 
     @property
     def host(self) -> FeatureHost:
@@ -115,6 +126,7 @@ class Keys:
     async def start(self, host: FeatureHost) -> None:
         """Publish our fingerprints, serve ``keys`` and listen for broadcast key operations."""
         self._host = host
+        self.generation = load_keyring_document(host.config.keyring_path)[1]
         keyring = host.keyring
         await host.call(
             lambda core, now: core.set_state(
@@ -122,6 +134,9 @@ class Keys:
             )
         )
         host.register_command("keys", self.cmd_keys)
+        host.add_status(
+            lambda: {"keyring_generation": self.generation, "key_ops_replayed": self.replays_ignored}
+        )
         host.add_listener(self._on_update)
 
     async def stop(self) -> None:
@@ -144,8 +159,10 @@ class Keys:
             await self._check(op, fp)
         if key is None:
             key = await self._local_key(op, fp)
-        keys = await self.apply(op, key)
-        payload = {"op": op, "key": base64.b64encode(key).decode()}
+        async with self._lock:
+            generation = self.generation + 1
+            keys = await self.apply(op, key, generation)
+        payload = {"op": op, "key": base64.b64encode(key).decode(), "gen": generation}
         await self.host.broadcast(KEY_OP_PREFIX + json.dumps(payload).encode())
         members = await self.host.num_alive()
         return {"op": op, "fingerprint": fp, "keys": len(keys), "members": members}
@@ -173,7 +190,7 @@ class Keys:
             return tuple(keyring.keys), views
 
         local_keys, views = await self.host.call(collect)
-        return {"alive": len(views), "keys": key_rows(local_keys, views)}
+        return {"alive": len(views), "generation": self.generation, "keys": key_rows(local_keys, views)}
 
     async def _check(self, op: str, fp: str) -> None:
         """Refuse a rotation step that would cut members off (override with force)."""
@@ -195,8 +212,9 @@ class Keys:
                 "make another key primary first (or use --force)"
             )
 
-    async def apply(self, op: str, key: bytes) -> tuple[bytes, ...]:
-        """Apply ``op`` to the keyring on the gossip thread, republish, save; the new keys."""
+    async def apply(self, op: str, key: bytes, generation: int) -> tuple[bytes, ...]:
+        """Apply ``op`` to the keyring on the gossip thread, republish, save the keys with
+        ``generation`` (now ours); the new keys."""
         keyring = self.host.keyring
 
         def apply(core: Membership, now: float) -> tuple[bytes, ...]:
@@ -208,9 +226,12 @@ class Keys:
             keys = await self.host.call(apply)
         except KeyringError as exc:
             raise ControlError(str(exc)) from None
-        log.info(f"keyring {op}", extra=fields(key=fingerprint(key), keys=len(keys)))
+        log.info(
+            f"keyring {op}", extra=fields(key=fingerprint(key), keys=len(keys), generation=generation)
+        )
+        self.generation = generation  # applied: the writer keeps retrying until it is on disk
         path = self.host.config.keyring_path
-        saved = asyncio.wrap_future(self.host.saver.save(path, keyring_bytes(list(keys))))
+        saved = asyncio.wrap_future(self.host.saver.save(path, keyring_bytes(list(keys), generation)))
         try:  # the writer keeps retrying after a timeout: the newest keyring wins on disk
             await asyncio.wait_for(asyncio.shield(saved), SAVE_WAIT_S)
         except TimeoutError:
@@ -229,10 +250,14 @@ class Keys:
     async def _apply_remote(self, origin: str, payload: bytes) -> None:
         try:
             doc = json.loads(payload[len(KEY_OP_PREFIX) :])
-            op, key = doc["op"], decode_key(doc["key"])
-            if op not in KEY_OPS:
+            op, key, generation = doc["op"], decode_key(doc["key"]), doc["gen"]
+            if op not in KEY_OPS or type(generation) is not int:
                 raise ValueError(op)
-            await self.apply(op, key)
+            async with self._lock:
+                if generation <= self.generation:
+                    self._ignore(origin, op, generation)
+                    return
+                await self.apply(op, key, generation)
         except ControlError as exc:
             now = asyncio.get_running_loop().time()
             self._warnings.warn(
@@ -241,6 +266,14 @@ class Keys:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             now = asyncio.get_running_loop().time()
             self._warnings.warn(origin, now, "malformed keyring operation dropped", origin=origin)
+
+    def _ignore(self, origin: str, op: str, generation: int) -> None:
+        self.replays_ignored += 1
+        log.warning(
+            "keyring operation of an old generation ignored (a replay, or its sender missed "
+            "rotations)",
+            extra=fields(origin=origin, op=op, generation=generation, ours=self.generation),
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

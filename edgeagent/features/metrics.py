@@ -42,6 +42,7 @@ _TRAFFIC = (
 _DROPS = (
     ("decode", "core", "decode_errors"),
     ("decrypt", "core", "decrypt_errors"),
+    ("replayed", "core", "replayed"),  # anti-replay window (gossip/replay.py)
     ("unusable", "core", "dropped"),
     ("state_over_budget", "core", "state_rejected"),
     ("state_forged", "core", "state_forged"),

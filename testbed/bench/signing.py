@@ -56,11 +56,11 @@ def _cores(ca: tuple[Any, Any], now: dt.datetime, signed: bool) -> tuple[Members
         b_signer = _signer(ca, "b", now)
         kwargs = {"signer": _signer(ca, "a", now), "verifier": CaVerifier(ca[1], lambda: now)}
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)), **kwargs)
-    core.receive(seal([Alive("b", 1, ("10.0.0.2", 7946), b"")]), ("10.0.0.2", 7946), 0.0)
+    core.receive(seal([Alive("b", 1, ("10.0.0.2", 7946), b"")], to=core.name), ("10.0.0.2", 7946), 0.0)
     if b_signer is not None:
         cred = b_signer.credential
         sig = b_signer.sign(canonical_entry("edgeagent", "b", CREDENTIAL_KEY, 1, cred, False))
-        core.receive(seal([StateUpdate("b", 1, CREDENTIAL_KEY, cred, False, sig)]), ("10.0.0.2", 7946), 0.0)
+        core.receive(seal([StateUpdate("b", 1, CREDENTIAL_KEY, cred, False, sig)], to=core.name), ("10.0.0.2", 7946), 0.0)
     return core, b_signer
 
 
@@ -78,7 +78,7 @@ def _receive_path(ca: tuple[Any, Any], now: dt.datetime, signed: bool, args: arg
     datagrams = []
     for version in range(2, 2 + total):
         sig = signer.sign(canonical_entry("edgeagent", "b", "ipam", version, VALUE, False)) if signer else b""
-        datagrams.append(seal([StateUpdate("b", version, "ipam", VALUE, False, sig)]))
+        datagrams.append(seal([StateUpdate("b", version, "ipam", VALUE, False, sig)], to=core.name))
     it = iter(datagrams)
     us = _per_op(args.rounds, args.entries, lambda i: core.receive(next(it), ("10.0.0.2", 7946), 1.0))
     assert core.stats.state_forged == 0 and core.state_of("b")["ipam"] == VALUE

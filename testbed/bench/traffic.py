@@ -76,7 +76,7 @@ from testbed.bench.procs import cpu_seconds, stop_process
 
 CLUSTER = "bench-traffic"
 STREAM_CHALLENGE_BYTES = 16  # edgeagent.streams.CHALLENGE_SIZE (imported lazily by the tap)
-STREAM_HEADER_BYTES = 66  # edgeagent.streams.HEADER_SIZE
+STREAM_HEADER_BYTES = 82  # edgeagent.streams.HEADER_SIZE
 NFT_TABLE = "ea_traffic"
 NFT_PREFIX = "n_"  # "udp" and "tcp" are nft keywords, not counter names
 POLL = 0.5  # seconds between convergence polls (each poll is one control call per agent)
@@ -523,7 +523,7 @@ class _Tap:
         from gossip.codec import decode_datagram, encoded_size
 
         try:
-            msgs = decode_datagram(self.keyring.decrypt(payload, self.aad))
+            _, msgs = decode_datagram(self.keyring.decrypt(payload, self.aad))
         except Exception:  # noqa: BLE001 - anything we cannot open is just counted
             self.undecodable += 1
             self.add(sec, "udp:undecodable", 1, total)

@@ -15,7 +15,10 @@ from edgeagent.persist import load_or_create_identity
 from overlay import channel as mux
 from overlay.pki import CertIdentity
 
-NOW = dt.datetime.now(dt.UTC)
+
+def _now() -> dt.datetime:
+    """The wall clock now (not at import: a long suite outlives the 5-minute backdating)."""
+    return dt.datetime.now(dt.UTC)
 
 
 def _tls(tmp: Path, ca: onboarding.ClusterCA | None, name: str) -> tuple[mtls.ChannelTls, str]:
@@ -24,7 +27,7 @@ def _tls(tmp: Path, ca: onboarding.ClusterCA | None, name: str) -> tuple[mtls.Ch
         onboarding.create_cluster(state, name, "site")
     else:
         onboarding.provision_member(ca, state, name)
-    return mtls.load_channel_tls(state, NOW), load_or_create_identity(state, name).node_id
+    return mtls.load_channel_tls(state, _now()), load_or_create_identity(state, name).node_id
 
 
 class Node:

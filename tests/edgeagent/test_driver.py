@@ -23,7 +23,7 @@ from edgeagent.stream_limits import (
     MAX_INBOUND_STREAMS,
     MAX_OUTBOUND_STREAMS,
 )
-from edgeagent.streams import CHALLENGE_SIZE, HEADER_SIZE, Header, Kind, StreamAuth
+from edgeagent.streams import CHALLENGE_SIZE, HEADER_SIZE, Header, Kind, StreamAuth, body_digest
 from gossip.events import Member, UserMessage
 from gossip.keyring import Keyring
 from gossip.messages import Address, MemberState
@@ -235,13 +235,16 @@ async def connect(harness: Harness, source: str = "127.0.0.1") -> tuple[Any, Any
     return reader, writer, challenge
 
 
-def request_header(challenge: bytes, length: int, nonce: bytes = b"n" * 16) -> bytes:
-    return AUTH.seal(Header(Kind.REQUEST, length, challenge, nonce))
+def request_header(
+    challenge: bytes, length: int, nonce: bytes = b"n" * 16, body: bytes = b""
+) -> bytes:
+    """A request header naming ``length`` body bytes, bound to ``body`` (if they are all sent)."""
+    return AUTH.seal(Header(Kind.REQUEST, length, challenge, nonce, body_digest(body)))
 
 
 async def test_stream_request_gets_a_sealed_reply(harness: Harness) -> None:
     reader, writer, challenge = await connect(harness)
-    writer.write(request_header(challenge, 5) + b"state")
+    writer.write(request_header(challenge, 5, body=b"state") + b"state")
     header = AUTH.expect(await reader.readexactly(HEADER_SIZE), Kind.REPLY, b"n" * 16)
     reply = await asyncio.wait_for(reader.readexactly(header.length), WAIT)
     writer.close()
@@ -339,7 +342,7 @@ async def test_connections_from_one_source_are_capped(harness: Harness) -> None:
     writer.close()
     await wait_until(lambda: harness.stat("streams_per_source") == 1)
     reader, writer, challenge = await connect(harness, "127.0.0.2")  # another source gets in
-    writer.write(request_header(challenge, 2) + b"ok")
+    writer.write(request_header(challenge, 2, body=b"ok") + b"ok")
     assert await asyncio.wait_for(reader.read(), WAIT) != b""
     for _, w, _ in held:
         w.close()
@@ -356,7 +359,7 @@ async def test_idle_connections_holding_every_slot_give_way_to_a_member() -> Non
         ]
         started = time.monotonic()
         reader, writer, challenge = await connect(harness, "127.0.2.1")
-        writer.write(request_header(challenge, 4) + b"join")
+        writer.write(request_header(challenge, 4, body=b"join") + b"join")
         assert await asyncio.wait_for(reader.read(), WAIT) != b""
         assert time.monotonic() - started < 2.0  # not after the idle ones time out
         assert ("stream", b"join") in harness.core.log
@@ -378,7 +381,7 @@ async def test_bodies_in_flight_share_one_budget() -> None:
             writer.write(request_header(challenge, limit) + b"x")
             holding.append(writer)
         reader, writer, challenge = await connect(harness, "127.0.3.9")
-        writer.write(request_header(challenge, 10) + b"0123456789")
+        writer.write(request_header(challenge, 10, body=b"0123456789") + b"0123456789")
         assert await asyncio.wait_for(reader.read(), WAIT) == b""  # no room: refused
         await wait_until(lambda: harness.stat("streams_over_budget") == 1)
         for w in holding:
@@ -386,7 +389,7 @@ async def test_bodies_in_flight_share_one_budget() -> None:
         writer.close()
         await wait_until(lambda: harness.stat("stream_errors") == 4)  # budget given back
         reader, writer, challenge = await connect(harness, "127.0.3.9")
-        writer.write(request_header(challenge, 10) + b"0123456789")
+        writer.write(request_header(challenge, 10, body=b"0123456789") + b"0123456789")
         assert await asyncio.wait_for(reader.read(), WAIT) != b""
         writer.close()
     finally:

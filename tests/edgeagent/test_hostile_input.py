@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth
-from gossip.codec import encode_datagram
+from edgeagent.streams import CHALLENGE_SIZE, Header, Kind, StreamAuth, body_digest
+from gossip.codec import DatagramHeader, destination_tag, encode_datagram
 from gossip.keyring import Keyring
 from gossip.messages import Ping
 from testbed.loopback import LoopbackAgent, LoopbackCluster
@@ -72,7 +72,8 @@ def send_stream(target: tuple[str, int], data: bytes | None = None, *, key: byte
             assert key is not None
             auth = StreamAuth(Keyring([key]), cluster)
             size = len(body) if length is None else length
-            data = auth.seal(Header(Kind.REQUEST, size, challenge, os.urandom(16))) + body
+            header = Header(Kind.REQUEST, size, challenge, os.urandom(16), body_digest(body))
+            data = auth.seal(header) + body
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         chunks = []
@@ -89,8 +90,12 @@ def test_hostile_datagrams_are_dropped_and_counted(cluster: LoopbackCluster) -> 
         dropped(target_agent, r) for r in ("decrypt", "decode", "oversize", "unusable")
     )
     key = cluster.key
-    valid = encode_datagram([Ping(seq=1, target="node1", source="x", source_addr=("127.0.0.9", 1))])
-    misdirected = encode_datagram([Ping(seq=2, target="nobody", source="x", source_addr=("127.0.0.9", 1))])
+    valid = encode_datagram(
+        [Ping(seq=1, target="node1", source="x", source_addr=("127.0.0.9", 1))], DatagramHeader("x", 1, 0, destination_tag("node1"))
+    )
+    misdirected = encode_datagram(
+        [Ping(seq=2, target="nobody", source="x", source_addr=("127.0.0.9", 1))], DatagramHeader("x", 1, 1, destination_tag("node1"))
+    )
     decrypt_failures = [
         b"",  # empty
         os.urandom(9),  # shorter than the AEAD overhead

@@ -214,7 +214,7 @@ def test_feed_exports_per_kind_gossip_counters() -> None:
     from testbed.sim import make_keyring, seal
 
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
-    core.receive(seal([Ping(1, "a", "b", ("10.0.0.2", 7946)), StateUpdate("b", 1, "k", "v")]), ("10.0.0.2", 7946), 0.0)
+    core.receive(seal([Ping(1, "a", "b", ("10.0.0.2", 7946)), StateUpdate("b", 1, "k", "v")], to=core.name), ("10.0.0.2", 7946), 0.0)
     reg = Registry()
     feed = MetricsFeed(reg, agent_metrics(reg))
     feed.update(take_view(core, DriverStats(), 0.0))

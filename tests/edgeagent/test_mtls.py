@@ -11,13 +11,16 @@ import pytest
 from edgeagent import mtls, onboarding
 from edgeagent.errors import ConfigError
 
-NOW = dt.datetime.now(dt.UTC)
+
+def _now() -> dt.datetime:
+    """The wall clock now (not at import: a long suite outlives the 5-minute backdating)."""
+    return dt.datetime.now(dt.UTC)
 
 
 def _member(ca: onboarding.ClusterCA, root: Path, name: str) -> tuple[mtls.ChannelTls, str]:
     state = root / name
     identity = onboarding.provision_member(ca, state, name)
-    return mtls.load_channel_tls(state, NOW), identity.node_id
+    return mtls.load_channel_tls(state, _now()), identity.node_id
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def mesh(tmp_path: Path) -> dict[str, tuple[mtls.ChannelTls, str]]:
     ca = onboarding.create_cluster(tmp_path / "a", "a", "site")
     other = onboarding.new_ca("elsewhere")
     return {
-        "a": (mtls.load_channel_tls(tmp_path / "a", NOW), _identity_id(tmp_path / "a")),
+        "a": (mtls.load_channel_tls(tmp_path / "a", _now()), _identity_id(tmp_path / "a")),
         "b": _member(ca, tmp_path, "b"),
         "x": _member(other, tmp_path, "x"),  # a node of another cluster's CA
     }
@@ -38,19 +41,20 @@ def _identity_id(state: Path) -> str:
 
 
 async def _handshake(
-    server: mtls.ChannelTls, client: mtls.ChannelTls, now: dt.datetime = NOW
+    server: mtls.ChannelTls, client: mtls.ChannelTls, now: dt.datetime | None = None
 ) -> tuple[object, object, object]:
     """One TLS connection: (what the server saw, what the client saw, the reply the client read).
 
     Each "saw" is a verified identity, an error, or None when that side never got that far.
     """
+    when = now if now is not None else _now()
     seen: dict[str, object] = {}
     done = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             seen["server"] = mtls.peer_identity(
-                writer.get_extra_info("ssl_object"), server.ca_cert, now
+                writer.get_extra_info("ssl_object"), server.ca_cert, when
             )
             writer.write(b"ok")
             await writer.drain()
@@ -65,7 +69,7 @@ async def _handshake(
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client.client)
         seen["client"] = mtls.peer_identity(
-            writer.get_extra_info("ssl_object"), client.ca_cert, now
+            writer.get_extra_info("ssl_object"), client.ca_cert, when
         )
         seen["reply"] = await reader.read(2)  # a server-side refusal surfaces here (TLS 1.3)
         writer.close()
@@ -128,7 +132,7 @@ def test_validity_is_judged_by_the_agents_clock_not_openssls(
     mesh: dict[str, tuple[mtls.ChannelTls, str]],
 ) -> None:
     (a, _), (b, _) = mesh["a"], mesh["b"]
-    later = NOW + dt.timedelta(days=400)  # past the node certificates' one-year validity
+    later = _now() + dt.timedelta(days=400)  # past the node certificates' one-year validity
     server_saw, client_saw, _ = asyncio.run(_handshake(a, b, later))
     assert isinstance(server_saw, mtls.PeerRefused) and "expired" in str(server_saw)
     assert isinstance(client_saw, mtls.PeerRefused) and "expired" in str(client_saw)
@@ -136,4 +140,4 @@ def test_validity_is_judged_by_the_agents_clock_not_openssls(
 
 def test_missing_material_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="node.crt.*missing.*edgeagent join"):
-        mtls.load_channel_tls(tmp_path, NOW)
+        mtls.load_channel_tls(tmp_path, _now())

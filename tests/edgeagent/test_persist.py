@@ -16,8 +16,10 @@ from edgeagent.persist import (
     atomic_write,
     load_json,
     load_keyring,
+    load_keyring_document,
     load_or_create_identity,
     load_or_create_keyring,
+    renew_identity,
     save_identity,
     save_json,
     save_keyring,
@@ -75,6 +77,42 @@ def test_incarnation_bump_is_persisted(tmp_path: Path) -> None:
     save_identity(tmp_path, ident.bumped())
     save_identity(tmp_path, load_or_create_identity(tmp_path, "n").bumped())
     assert load_or_create_identity(tmp_path, "n").incarnation == 2
+
+
+def test_boot_epoch_rises_with_every_start_and_survives_a_renewal(tmp_path: Path) -> None:
+    ident = load_or_create_identity(tmp_path, "n")
+    assert ident.boot_epoch == 0
+    for _ in range(3):
+        save_identity(tmp_path, load_or_create_identity(tmp_path, "n").bumped())
+    ident = load_or_create_identity(tmp_path, "n")
+    assert (ident.boot_epoch, ident.incarnation) == (3, 3)
+    renewed = renew_identity(tmp_path, ident.with_incarnation(9), "host", None)
+    assert renewed.incarnation == 0 and renewed.node_id != ident.node_id
+    assert renewed.boot_epoch == 3 == load_or_create_identity(tmp_path, "n").boot_epoch
+
+
+def test_identity_written_before_boot_epochs_loads_at_epoch_0(tmp_path: Path) -> None:
+    ident = load_or_create_identity(tmp_path, "n")
+    doc = json.loads((tmp_path / "identity.json").read_text())
+    del doc["boot_epoch"]
+    (tmp_path / "identity.json").write_text(json.dumps(doc))
+    assert load_or_create_identity(tmp_path, "n") == ident
+    doc["boot_epoch"] = -1
+    (tmp_path / "identity.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="boot_epoch"):
+        load_or_create_identity(tmp_path, "n")
+
+
+def test_keyring_generation_is_saved_with_the_keys(tmp_path: Path) -> None:
+    keys = [os.urandom(32), os.urandom(32)]
+    save_keyring(tmp_path / "k", keys)
+    assert json.loads((tmp_path / "k").read_text())[0] == base64.b64encode(keys[0]).decode()
+    assert load_keyring_document(tmp_path / "k") == (keys, 0)
+    save_keyring(tmp_path / "k", keys, 7)
+    assert load_keyring_document(tmp_path / "k") == (keys, 7) and load_keyring(tmp_path / "k") == keys
+    (tmp_path / "k").write_text('{"keys": [], "generation": true}')
+    with pytest.raises(ConfigError, match="generation"):
+        load_keyring(tmp_path / "k")
 
 
 def test_rename_keeps_node_id_and_incarnation(tmp_path: Path) -> None:

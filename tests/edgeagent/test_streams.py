@@ -24,6 +24,7 @@ from edgeagent.streams import (
     Served,
     StreamAuth,
     StreamSettings,
+    body_digest,
     exchange,
     serve_stream,
 )
@@ -37,14 +38,18 @@ SETTINGS = StreamSettings(LIMIT, TIMEOUT, header_timeout=0.3)
 
 
 async def _server(
-    handle_reply: bytes | None, outcomes: list[Served], budget: Budget | None = None
+    handle_reply: bytes | None,
+    outcomes: list[Served],
+    handled: list[bytes] | None = None,
+    budget: Budget | None = None,
 ) -> asyncio.Server:
+    def handle(frame: bytes, src: object) -> bytes | None:
+        if handled is not None:
+            handled.append(frame)
+        return handle_reply
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        outcomes.append(
-            await serve_stream(
-                reader, writer, lambda f, s: handle_reply, AUTH, SETTINGS, budget=budget
-            )
-        )
+        outcomes.append(await serve_stream(reader, writer, handle, AUTH, SETTINGS, budget=budget))
 
     return await asyncio.start_server(on_connect, "127.0.0.1", 0)
 
@@ -112,7 +117,7 @@ async def test_a_header_replayed_on_another_connection_is_unauthenticated() -> N
     async with server:
         reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
         challenge = await reader.readexactly(CHALLENGE_SIZE)
-        recorded = AUTH.seal(Header(Kind.REQUEST, 4, challenge, os.urandom(16)))
+        recorded = AUTH.seal(Header(Kind.REQUEST, 4, challenge, os.urandom(16), body_digest(b"ping")))
         writer.write(recorded + b"ping")
         assert await reader.read() != b""  # the genuine exchange is answered
         writer.close()
@@ -154,6 +159,38 @@ async def test_a_half_header_is_cut_at_the_header_timeout() -> None:
     assert elapsed < TIMEOUT / 2  # the short header deadline, not the body one
 
 
+async def test_a_body_spliced_behind_a_fresh_header_is_unauthenticated() -> None:
+    """An on-path attacker keeps the client's fresh header and swaps in a recorded body of the
+    same length (an old push-pull): the header's digest names the body, so it is refused."""
+    outcomes: list[Served] = []
+    handled: list[bytes] = []
+    server = await _server(b"pong", outcomes, handled)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+        challenge = await reader.readexactly(CHALLENGE_SIZE)
+        header = AUTH.seal(Header(Kind.REQUEST, 4, challenge, os.urandom(16), body_digest(b"ping")))
+        writer.write(header + b"OLD!")
+        assert await reader.read() == b""
+        writer.close()
+        served = await _outcome(outcomes)
+    assert served == [Served.UNAUTHENTICATED] and handled == []
+
+
+async def test_a_reply_body_that_is_not_the_one_its_header_names_is_refused() -> None:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(os.urandom(CHALLENGE_SIZE))
+        request = AUTH.open(await reader.readexactly(HEADER_SIZE))
+        await reader.readexactly(request.length)
+        reply = Header(Kind.REPLY, 4, request.nonce, request.echo, body_digest(b"pong"))
+        writer.write(AUTH.seal(reply) + b"OLD!")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    async with server:
+        assert await exchange(("127.0.0.1", _port(server)), b"ping", None, AUTH, SETTINGS) is None
+
+
 async def test_a_half_body_is_a_failed_stream() -> None:
     outcomes: list[Served] = []
     server = await _server(b"pong", outcomes)
@@ -172,7 +209,7 @@ async def test_a_body_over_the_budget_is_refused_and_the_budget_is_returned() ->
     outcomes: list[Served] = []
     budget = Budget(LIMIT)
     assert budget.take(LIMIT - 3)  # another stream holds most of it
-    server = await _server(b"pong", outcomes, budget)
+    server = await _server(b"pong", outcomes, budget=budget)
     async with server:
         addr = ("127.0.0.1", _port(server))
         assert await exchange(addr, b"ping", None, AUTH, SETTINGS) is None
@@ -199,7 +236,7 @@ async def test_a_reply_that_does_not_answer_our_nonce_is_refused() -> None:
 
 
 def test_a_header_opens_to_what_was_sealed() -> None:
-    header = Header(Kind.REPLY, 12345, b"e" * 16, b"n" * 16)
+    header = Header(Kind.REPLY, 12345, b"e" * 16, b"n" * 16, b"d" * 16)
     sealed = AUTH.seal(header)
     assert len(sealed) == HEADER_SIZE
     assert AUTH.open(sealed) == header
@@ -213,7 +250,7 @@ def test_the_header_decoder_raises_only_header_error() -> None:
     rng = random.Random(8)
     good = AUTH.seal(Header(Kind.REQUEST, 10, b"c" * 16, b"n" * 16))
     unknown_kind = AUTH.keyring.encrypt(
-        HEADER_PLAIN.pack(9, 10, b"c" * 16, b"n" * 16), AUTH.aad
+        HEADER_PLAIN.pack(9, 10, b"c" * 16, b"n" * 16, b"d" * 16), AUTH.aad
     )
     short_plain = AUTH.keyring.encrypt(b"\x01" * (HEADER_PLAIN.size - 1), AUTH.aad)
     cases = [b"", good[:-1], good + b"\x00", unknown_kind, short_plain + b"\x00"]

@@ -11,7 +11,7 @@ import pytest
 
 from edgeagent.streams import HEADER_PLAIN, HEADER_SIZE
 from edgeagent.undecryptable import DATAGRAM, STREAM, UndecryptableLog
-from gossip.codec import encode_datagram
+from gossip.codec import DatagramHeader, destination_tag, encode_datagram
 from gossip.keyring import Keyring
 from gossip.messages import Ping
 from tests.edgeagent.inprocess import call, start, stop, wait_for
@@ -66,7 +66,9 @@ async def test_agent_warns_once_and_status_shows_undecryptable_input(
     running = await start(tmp_path / "a", "a")
     try:
         host, port = running.agent.driver.address
-        plain = encode_datagram([Ping(seq=1, target="a", source="x", source_addr=("127.0.0.9", 1))])
+        plain = encode_datagram(
+            [Ping(seq=1, target="a", source="x", source_addr=("127.0.0.9", 1))], DatagramHeader("x", 1, 0, destination_tag("a"))
+        )
         foreign = Keyring([Keyring.generate_key()]).encrypt(plain, b"edgeagent")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", 0))

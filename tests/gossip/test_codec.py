@@ -22,11 +22,14 @@ from gossip.codec import (
     MAX_NAME_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_PUSHPULL_MEMBERS,
+    MAX_SENDER_HEADER_BYTES,
     MAX_STATE_ENTRIES,
+    MAX_UINT64,
     MAX_VALUE_BYTES,
     MAX_VALUE_DEPTH,
     MAX_VALUE_MEMORY,
     PROTOCOL_VERSION,
+    DatagramHeader,
     decode_datagram,
     decode_frame,
     encode_datagram,
@@ -130,15 +133,27 @@ push_pulls = st.builds(
     st.lists(st.tuples(names, st.lists(state_entries(), max_size=4).map(tuple)), max_size=4).map(
         tuple
     ),
+    epoch=st.integers(0, MAX_COUNTER),
 )
 
 
 # --- Helpers ---------------------------------------------------------------------
 
 
-def raw_datagram(*msgs: Any) -> bytes:
+HDR = DatagramHeader("peer", 3, 7, 99)
+RAW_HDR: list[Any] = ["peer", 3, 7, 99]
+
+
+def raw_datagram(*msgs: Any, header: list[Any] | None = None) -> bytes:
     """A datagram built from raw wire arrays, bypassing the encoder's checks."""
-    return bytes((PROTOCOL_VERSION,)) + msgpack.packb(list(msgs), use_bin_type=True)
+    items = (RAW_HDR if header is None else header) + list(msgs)
+    return bytes((PROTOCOL_VERSION,)) + msgpack.packb(items, use_bin_type=True)
+
+
+def round_trip(msgs: list[Message]) -> list[Message]:
+    header, decoded = decode_datagram(encode_datagram(msgs, HDR))
+    assert header == HDR
+    return decoded
 
 
 def raw_frame(msg: Any) -> bytes:
@@ -163,7 +178,7 @@ def nested(depth: int) -> Any:
 
 
 def push_pull_raw(members: list[Any] | None = None, states: list[Any] | None = None) -> list[Any]:
-    return [codec.PUSH_PULL, "src", False, True, members or [], states or []]
+    return [codec.PUSH_PULL, "src", False, True, members or [], states or [], 0]
 
 
 # --- Round trips -------------------------------------------------------------------
@@ -172,7 +187,7 @@ def push_pull_raw(members: list[Any] | None = None, states: list[Any] | None = N
 @given(st.lists(datagram_messages, min_size=1, max_size=8))
 @settings(max_examples=300, deadline=None)
 def test_every_datagram_message_round_trips(msgs: list[Message]) -> None:
-    assert decode_datagram(encode_datagram(msgs)) == msgs
+    assert round_trip(msgs) == msgs
 
 
 @given(push_pulls)
@@ -189,7 +204,7 @@ def test_decoded_member_state_and_addresses_have_the_dataclass_types() -> None:
     decoded = decode_frame(encode_frame(PushPull("s", True, False, (rec,), ())), FRAME_MAX)
     assert type(decoded.members[0].state) is MemberState
     assert type(decoded.members[0].addr) is tuple
-    (alive,) = decode_datagram(encode_datagram([Alive("n", 1, ("h", 2), b"")]))
+    (alive,) = round_trip([Alive("n", 1, ("h", 2), b"")])
     assert isinstance(alive, Alive) and type(alive.addr) is tuple
 
 
@@ -204,12 +219,15 @@ def test_limits_themselves_are_accepted() -> None:
         StateUpdate("o", 1, "k", ["x" * 60] * 340),  # ~39 KiB of memory: under MAX_VALUE_MEMORY
         StateUpdate("o", 1, "k", "s" * MAX_VALUE_BYTES),
     ]
-    assert decode_datagram(encode_datagram(msgs)) == msgs
+    assert round_trip(msgs) == msgs
+    biggest = DatagramHeader("s" * MAX_NAME_BYTES, MAX_COUNTER, MAX_UINT64, 2**32 - 1)
+    assert decode_datagram(encode_datagram(msgs, biggest)) == (biggest, msgs)
+    assert codec.header_size(biggest) == MAX_SENDER_HEADER_BYTES
 
 
 def test_a_full_datagram_of_the_maximum_message_count_round_trips() -> None:
     msgs: list[Message] = [Ack(i, "a") for i in range(MAX_MESSAGES_PER_DATAGRAM)]
-    assert decode_datagram(encode_datagram(msgs)) == msgs
+    assert round_trip(msgs) == msgs
 
 
 # --- Size accounting -----------------------------------------------------------------
@@ -218,23 +236,25 @@ def test_a_full_datagram_of_the_maximum_message_count_round_trips() -> None:
 @given(st.lists(datagram_messages, min_size=1, max_size=20))
 @settings(max_examples=200, deadline=None)
 def test_header_plus_sizes_plus_overhead_bounds_the_sealed_datagram(msgs: list[Message]) -> None:
-    plain = encode_datagram(msgs)
+    plain = encode_datagram(msgs, HDR)
     sealed = Keyring([bytes(32)]).encrypt(plain, b"cluster")
-    assert len(sealed) <= DATAGRAM_HEADER_BYTES + sum(encoded_size(m) for m in msgs) + OVERHEAD
-    # Exact but for the array header, which is 1 byte below 16 messages.
-    assert len(plain) == 1 + (1 if len(msgs) < 16 else 3) + sum(encoded_size(m) for m in msgs)
+    fields = codec.header_size(HDR)
+    assert len(sealed) <= DATAGRAM_HEADER_BYTES + fields + sum(encoded_size(m) for m in msgs) + OVERHEAD
+    # Exact but for the array header (messages and the 4 header fields), 1 byte below 16 items.
+    array = 1 if len(msgs) + 4 < 16 else 3
+    assert len(plain) == 1 + array + fields + sum(encoded_size(m) for m in msgs)
 
 
 def test_header_bound_holds_at_the_array16_boundary() -> None:
     msgs: list[Message] = [Nack(1, "b")] * MAX_MESSAGES_PER_DATAGRAM
-    assert len(
-        encode_datagram(msgs)
-    ) == DATAGRAM_HEADER_BYTES + MAX_MESSAGES_PER_DATAGRAM * encoded_size(msgs[0])
+    assert len(encode_datagram(msgs, HDR)) == (
+        DATAGRAM_HEADER_BYTES + codec.header_size(HDR) + MAX_MESSAGES_PER_DATAGRAM * encoded_size(msgs[0])
+    )
 
 
 def test_largest_user_broadcast_fits_a_default_sealed_datagram() -> None:
     msg = UserBroadcast("o" * MAX_NAME_BYTES, 2**64 - 1, b"p" * MAX_PAYLOAD_BYTES)
-    assert DATAGRAM_HEADER_BYTES + encoded_size(msg) + OVERHEAD <= MAX_DATAGRAM_BYTES
+    assert DATAGRAM_HEADER_BYTES + MAX_SENDER_HEADER_BYTES + encoded_size(msg) + OVERHEAD <= MAX_DATAGRAM_BYTES
 
 
 # --- Decoder rejections ----------------------------------------------------------------
@@ -243,9 +263,24 @@ REJECTED_DATAGRAMS: dict[str, bytes] = {
     "empty input": b"",
     "version byte only": bytes((PROTOCOL_VERSION,)),
     "version 0": b"\x00" + raw_datagram([codec.ACK, 1, "a"])[1:],
-    "version 2": b"\x02" + raw_datagram([codec.ACK, 1, "a"])[1:],
+    "version 1 (no header)": b"\x01" + msgpack.packb([[codec.ACK, 1, "a"]]),
+    "version 3": b"\x03" + raw_datagram([codec.ACK, 1, "a"])[1:],
+    "no header": raw_datagram([codec.ACK, 1, "a"], header=[]),
+    "header only": raw_datagram(),
+    "empty sender in header": raw_datagram([codec.ACK, 1, "a"], header=["", 1, 1, 0]),
+    "sender too long": raw_datagram([codec.ACK, 1, "a"], header=["s" * (MAX_NAME_BYTES + 1), 1, 1, 0]),
+    "sender as bytes": raw_datagram([codec.ACK, 1, "a"], header=[b"s", 1, 1, 0]),
+    "negative epoch": raw_datagram([codec.ACK, 1, "a"], header=["s", -1, 1, 0]),
+    "epoch over 2**63-1": raw_datagram([codec.ACK, 1, "a"], header=["s", MAX_COUNTER + 1, 1, 0]),
+    "bool epoch": raw_datagram([codec.ACK, 1, "a"], header=["s", True, 1, 0]),
+    "negative counter": raw_datagram([codec.ACK, 1, "a"], header=["s", 1, -1, 0]),
+    "float counter": raw_datagram([codec.ACK, 1, "a"], header=["s", 1, 1.0, 0]),
+    "header as one array": raw_datagram([codec.ACK, 1, "a"], header=[["s", 1, 1, 0]]),
     "not an array": raw_frame({"a": 1}),
-    "no messages": raw_datagram(),
+    "no messages": raw_datagram(header=["s", 1, 1]),
+    "negative tag": raw_datagram([codec.ACK, 1, "a"], header=["s", 1, 1, -1]),
+    "tag over 2**32-1": raw_datagram([codec.ACK, 1, "a"], header=["s", 1, 1, 2**32]),
+    "tag as str": raw_datagram([codec.ACK, 1, "a"], header=["s", 1, 1, "a"]),
     "trailing bytes": raw_datagram([codec.ACK, 1, "a"]) + b"\x00",
     "truncated": raw_datagram([codec.ACK, 1, "abc"])[:-1],
     "invalid utf-8": bytes((PROTOCOL_VERSION,)) + b"\x91\x93\x02\x01\xa2\xff\xfe",
@@ -326,13 +361,17 @@ def test_datagram_input_over_the_udp_maximum_is_rejected_before_parsing() -> Non
 
 def test_only_the_bad_message_kinds_differ_from_accepted_controls() -> None:
     # Controls: the rejection fixtures above are one field away from these.
-    assert decode_datagram(raw_datagram(alive_raw())) == [Alive("n", 1, ("10.0.0.1", 7946), b"")]
-    assert decode_datagram(raw_datagram(update_raw(None, deleted=True))) == [
+    assert decode_datagram(raw_datagram(alive_raw()))[1] == [Alive("n", 1, ("10.0.0.1", 7946), b"")]
+    assert decode_datagram(raw_datagram(update_raw(None, deleted=True)))[1] == [
         StateUpdate("owner", 1, "key", None, True)
     ]
-    assert decode_datagram(raw_datagram(update_raw({"k": [1.5, None]}))) == [
+    assert decode_datagram(raw_datagram(update_raw({"k": [1.5, None]})))[1] == [
         StateUpdate("owner", 1, "key", {"k": [1.5, None]})
     ]
+    assert decode_datagram(raw_datagram([codec.ACK, 1, "a"], header=["s", MAX_COUNTER, MAX_UINT64, 0])) == (
+        DatagramHeader("s", MAX_COUNTER, MAX_UINT64, 0),
+        [Ack(1, "a")],
+    )
 
 
 def member_raw(state: Any = 0) -> list[Any]:
@@ -345,8 +384,11 @@ REJECTED_FRAMES: dict[str, bytes] = {
     "unknown member state": raw_frame(push_pull_raw(members=[member_raw(state=4)])),
     "member state as bool": raw_frame(push_pull_raw(members=[member_raw(state=False)])),
     "member record short": raw_frame(push_pull_raw(members=[member_raw()[:4]])),
-    "join as int": raw_frame([codec.PUSH_PULL, "src", 0, True, [], []]),
-    "members as map": raw_frame([codec.PUSH_PULL, "src", False, True, {}, []]),
+    "join as int": raw_frame([codec.PUSH_PULL, "src", 0, True, [], [], 0]),
+    "members as map": raw_frame([codec.PUSH_PULL, "src", False, True, {}, [], 0]),
+    "no epoch (version 1 layout)": raw_frame([codec.PUSH_PULL, "src", False, True, [], []]),
+    "negative epoch": raw_frame([codec.PUSH_PULL, "src", False, True, [], [], -1]),
+    "epoch as bool": raw_frame([codec.PUSH_PULL, "src", False, True, [], [], True]),
     "states entry malformed": raw_frame(push_pull_raw(states=[["o", [["k", 1, 1]]]])),
     "too many members": raw_frame(
         push_pull_raw(members=[member_raw()] * (MAX_PUSHPULL_MEMBERS + 1))
@@ -360,7 +402,8 @@ REJECTED_FRAMES: dict[str, bytes] = {
     "value too deep": raw_frame(
         push_pull_raw(states=[["o", [["k", 1, nested(MAX_VALUE_DEPTH + 1), False]]]])
     ),
-    "version 2": b"\x02" + raw_frame(push_pull_raw())[1:],
+    "version 1": b"\x01" + raw_frame(push_pull_raw())[1:],
+    "version 3": b"\x03" + raw_frame(push_pull_raw())[1:],
 }
 
 
@@ -406,7 +449,7 @@ MALFORMED: dict[str, list[Any]] = {
 @pytest.mark.parametrize("msgs", MALFORMED.values(), ids=MALFORMED.keys())
 def test_encoder_raises_value_error_for_malformed_messages(msgs: list[Any]) -> None:
     with pytest.raises(ValueError):
-        encode_datagram(msgs)
+        encode_datagram(msgs, HDR)
 
 
 OVERSIZED: dict[str, list[Any]] = {
@@ -423,19 +466,19 @@ OVERSIZED: dict[str, list[Any]] = {
 @pytest.mark.parametrize("msgs", OVERSIZED.values(), ids=OVERSIZED.keys())
 def test_encoder_raises_broadcast_too_large_for_oversized_content(msgs: list[Any]) -> None:
     with pytest.raises(BroadcastTooLarge):
-        encode_datagram(msgs)
+        encode_datagram(msgs, HDR)
 
 
 def test_value_memory_is_bounded_at_the_decoder() -> None:
     bomb = [[]] * MAX_CONTAINER_ITEMS  # ~3 KB packed, ~64 KB decoded
     assert value_memory(bomb) > MAX_VALUE_MEMORY
-    raw = bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "o", 1, "k", bomb, False]])
+    raw = raw_datagram([8, "o", 1, "k", bomb, False])
     assert len(raw) < 1100
     with pytest.raises(DecodeError, match="memory"):
         decode_datagram(raw)
     deep_but_small = [[[[[]]]]] * 100
     assert value_memory(deep_but_small) < MAX_VALUE_MEMORY
-    decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "o", 1, "k", deep_but_small, False]]))
+    decode_datagram(raw_datagram([8, "o", 1, "k", deep_but_small, False]))
 
 
 def test_encoded_size_applies_the_same_checks() -> None:

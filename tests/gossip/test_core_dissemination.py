@@ -21,7 +21,7 @@ def make_core(peers: int, **overrides: Any) -> Membership:
     core = Membership("a", ("10.0.0.1", 7946), lan(**overrides), random.Random(3), 0.0,
                       keyring=make_keyring(random.Random(4)))
     if peers:
-        core.receive(seal([Alive(f"p{i}", 1, (f"10.0.1.{i}", 7946), b"") for i in range(peers)]), SRC, 0.0)
+        core.receive(seal([Alive(f"p{i}", 1, (f"10.0.1.{i}", 7946), b"") for i in range(peers)], to=core.name), SRC, 0.0)
     return core
 
 
@@ -35,7 +35,7 @@ def run(core: Membership, start: float, end: float, ack: bool = True) -> list[li
         for dst, msgs in sent(core):
             out.append(msgs)
             if ack and isinstance(msgs[0], Ping):
-                core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, now)
+                core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, now)
     return out
 
 
@@ -59,8 +59,8 @@ def test_retransmit_limit_grows_with_log_of_cluster_size() -> None:
 def test_newer_update_about_a_member_supersedes_the_queued_one() -> None:
     core = make_core(peers=4)
     run(core, 0.0, 30.0)
-    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 30.0)
-    core.receive(seal([Alive("p1", 2, ("10.0.1.1", 7946), b"")]), SRC, 30.0)
+    core.receive(seal([Suspect("p1", 1, "p2")], to=core.name), SRC, 30.0)
+    core.receive(seal([Alive("p1", 2, ("10.0.1.1", 7946), b"")], to=core.name), SRC, 30.0)
     assert core.pending_broadcasts == 1
     out = run(core, 30.0, 60.0)
     assert not any(isinstance(m, Suspect) for msgs in out for m in msgs)
@@ -73,7 +73,7 @@ def test_membership_updates_go_before_state_and_user_payloads() -> None:
     for i in range(40):
         core.set_state(f"k{i}", "v" * 60, 30.0)
     core.broadcast(b"u" * 900, 30.0)
-    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 30.0)
+    core.receive(seal([Suspect("p1", 1, "p2")], to=core.name), SRC, 30.0)
     first = run(core, 30.0, 30.25)[0]
     assert first[0] == Suspect("p1", 1, "p2") or Suspect("p1", 1, "p2") in first
     assert not any(isinstance(m, UserBroadcast) for m in first)  # no room left for 900 bytes
@@ -108,8 +108,8 @@ def test_user_broadcast_is_rebroadcast_by_receivers() -> None:
     core = make_core(peers=4)
     run(core, 0.0, 30.0)
     msg = UserBroadcast("p1", 99, b"payload")
-    core.receive(seal([msg]), SRC, 30.0)
-    core.receive(seal([msg]), SRC, 30.1)  # duplicate: delivered once
+    core.receive(seal([msg], to=core.name), SRC, 30.0)
+    core.receive(seal([msg], to=core.name), SRC, 30.1)  # duplicate: delivered once
     assert [e for e in drain_events(core) if isinstance(e, UserMessage)] == [UserMessage("p1", b"payload")]
     out = run(core, 30.1, 60.0)
     assert sum(msg in msgs for msgs in out) == 4

@@ -102,34 +102,34 @@ def test_dead_members_are_reaped_after_the_ttl() -> None:
 def _core_with_peer() -> tuple[Membership, tuple[str, int]]:
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
     addr = ("10.0.0.2", 7946)
-    core.receive(seal([Alive("b", 3, addr, b"")]), addr, 0.0)
+    core.receive(seal([Alive("b", 3, addr, b"")], to=core.name), addr, 0.0)
     drain_events(core)
     return core, addr
 
 
 def test_left_member_is_never_turned_dead_by_later_suspect_or_dead() -> None:
     core, addr = _core_with_peer()
-    core.receive(seal([Dead("b", 3, "b")]), addr, 1.0)
+    core.receive(seal([Dead("b", 3, "b")], to=core.name), addr, 1.0)
     assert core.member("b").state == MemberState.LEFT
-    core.receive(seal([Suspect("b", 3, "c"), Dead("b", 3, "c"), Dead("b", 4, "c")]), addr, 2.0)
+    core.receive(seal([Suspect("b", 3, "c"), Dead("b", 3, "c"), Dead("b", 4, "c")], to=core.name), addr, 2.0)
     assert core.member("b").state == MemberState.LEFT
     assert [type(e) for e in drain_events(core)] == [MemberLeft]
 
 
 def test_member_held_dead_that_announces_its_leave_is_recorded_left() -> None:
     core, addr = _core_with_peer()
-    core.receive(seal([Dead("b", 3, "c")]), addr, 1.0)
-    core.receive(seal([Dead("b", 3, "b")]), addr, 2.0)
+    core.receive(seal([Dead("b", 3, "c")], to=core.name), addr, 1.0)
+    core.receive(seal([Dead("b", 3, "b")], to=core.name), addr, 2.0)
     assert core.member("b").state == MemberState.LEFT
     assert [type(e) for e in drain_events(core)] == [MemberFailed, MemberLeft]
 
 
 def test_alive_with_higher_incarnation_revives_a_left_member_as_a_join() -> None:
     core, addr = _core_with_peer()
-    core.receive(seal([Dead("b", 3, "b")]), addr, 1.0)
-    core.receive(seal([Alive("b", 3, addr, b"")]), addr, 2.0)  # same incarnation: still left
+    core.receive(seal([Dead("b", 3, "b")], to=core.name), addr, 1.0)
+    core.receive(seal([Alive("b", 3, addr, b"")], to=core.name), addr, 2.0)  # same incarnation: still left
     assert core.member("b").state == MemberState.LEFT
-    core.receive(seal([Alive("b", 4, ("10.0.0.9", 7946), b"")]), addr, 3.0)
+    core.receive(seal([Alive("b", 4, ("10.0.0.9", 7946), b"")], to=core.name), addr, 3.0)
     b = core.member("b")
     assert (b.state, b.incarnation, b.addr) == (MemberState.ALIVE, 4, ("10.0.0.9", 7946))
     assert [type(e) for e in drain_events(core)] == [MemberLeft, MemberJoined]
@@ -137,8 +137,8 @@ def test_alive_with_higher_incarnation_revives_a_left_member_as_a_join() -> None
 
 def test_suspect_refuted_by_the_member_emits_member_alive() -> None:
     core, addr = _core_with_peer()
-    core.receive(seal([Suspect("b", 3, "c")]), addr, 1.0)
-    core.receive(seal([Alive("b", 4, addr, b"")]), addr, 1.5)
+    core.receive(seal([Suspect("b", 3, "c")], to=core.name), addr, 1.0)
+    core.receive(seal([Alive("b", 4, addr, b"")], to=core.name), addr, 1.5)
     assert core.member("b").state == MemberState.ALIVE
     assert [type(e) for e in drain_events(core)] == [MemberSuspected, MemberAlive]
     core.handle_timeout(100.0)  # the old suspicion timer is stale
@@ -147,7 +147,7 @@ def test_suspect_refuted_by_the_member_emits_member_alive() -> None:
 
 def test_stale_suspect_with_lower_incarnation_is_ignored() -> None:
     core, addr = _core_with_peer()
-    core.receive(seal([Suspect("b", 2, "c"), Dead("b", 2, "c")]), addr, 1.0)
+    core.receive(seal([Suspect("b", 2, "c"), Dead("b", 2, "c")], to=core.name), addr, 1.0)
     assert core.member("b").state == MemberState.ALIVE
     assert drain_events(core) == []
 
@@ -160,7 +160,7 @@ def test_after_leaving_we_stop_probing_but_still_answer_pings() -> None:
     out = sent(core)
     assert not any(isinstance(m, Ping) for _, msgs in out for m in msgs)
     assert any(Dead("a", 0, "a") in msgs for _, msgs in out)
-    core.receive(seal([Ping(9, "a", "b", addr), Suspect("a", 0, "b")]), addr, 5.1)
+    core.receive(seal([Ping(9, "a", "b", addr), Suspect("a", 0, "b")], to=core.name), addr, 5.1)
     (dst, msgs), = sent(core)
     assert dst == addr and msgs[0] == Ack(9, "a")
     assert core.incarnation == 0  # a leaving member does not refute

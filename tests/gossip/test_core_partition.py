@@ -81,7 +81,7 @@ def test_a_reaped_member_is_not_learned_again_from_a_push_pull() -> None:
 def test_stale_alive_in_a_push_pull_does_not_revive_a_dead_member() -> None:
     core = make_core()
     push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 2, MemberState.ALIVE, b"")])
-    core.receive(seal([Dead("b", 2, "c")]), SRC, 2.0)
+    core.receive(seal([Dead("b", 2, "c")], to=core.name), SRC, 2.0)
     push_pull_from(core, [MemberRecord("b", ("10.0.0.2", 7946), 2, MemberState.ALIVE, b"")], now=3.0)
     assert core.member("b").state == MemberState.DEAD
 

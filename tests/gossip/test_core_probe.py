@@ -24,7 +24,7 @@ def make_core(peers: int = 4, **overrides: Any) -> Membership:
     core = Membership("a", ("10.0.0.1", 7946), lan(**overrides), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(2)))
     if peers:
-        core.receive(seal([Alive(f"p{i}", 1, peer_addr(i), b"") for i in range(peers)]), SRC, 0.0)
+        core.receive(seal([Alive(f"p{i}", 1, peer_addr(i), b"") for i in range(peers)], to=core.name), SRC, 0.0)
     sent(core)
     drain_events(core)
     return core
@@ -87,10 +87,10 @@ def test_ack_ends_the_probe_and_lowers_the_health_score() -> None:
     core = make_core()
     clock = Clock(core)
     dst, msgs = clock.until_ping()
-    core.receive(seal([Alive("x", 1, ("10.0.3.1", 7946), b"")]), SRC, clock.now)  # unrelated traffic
+    core.receive(seal([Alive("x", 1, ("10.0.3.1", 7946), b"")], to=core.name), SRC, clock.now)  # unrelated traffic
     # raise the score first: two failed probes worth
     core._awareness.apply_delta(2)
-    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now + 0.1)
+    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, clock.now + 0.1)
     assert core.health_score == 1
     out = clock.step(1.0)
     assert not of_type(out, PingReq)
@@ -104,7 +104,7 @@ def test_nacks_from_relays_spare_our_health_score() -> None:
     out = clock.step(0.51)
     reqs = of_type(out, PingReq)
     for relay_dst, req in reqs[:2]:
-        core.receive(seal([Nack(req.seq, "relay")]), relay_dst, clock.now)
+        core.receive(seal([Nack(req.seq, "relay")], to=core.name), relay_dst, clock.now)
     clock.step(0.5)
     assert core.health_score == 1  # expected 3, got 2
 
@@ -135,7 +135,7 @@ def test_health_score_stretches_probe_timeout_and_interval() -> None:
 
 def test_ping_to_a_suspect_carries_the_suspicion_buddy_system() -> None:
     core = make_core(peers=1)
-    core.receive(seal([Suspect("p0", 1, "someone")]), SRC, 0.0)
+    core.receive(seal([Suspect("p0", 1, "someone")], to=core.name), SRC, 0.0)
     sent(core)
     clock = Clock(core)
     _, msgs = clock.until_ping()
@@ -144,10 +144,10 @@ def test_ping_to_a_suspect_carries_the_suspicion_buddy_system() -> None:
 
 def test_suspect_about_ourselves_is_refuted_with_a_higher_incarnation() -> None:
     core = make_core(peers=1)
-    core.receive(seal([Suspect("a", 0, "p0")]), SRC, 0.1)
+    core.receive(seal([Suspect("a", 0, "p0")], to=core.name), SRC, 0.1)
     assert core.incarnation == 1
     assert core.health_score == 1  # refuting costs one (memberlist refute)
-    core.receive(seal([Dead("a", 5, "p0")]), SRC, 0.2)
+    core.receive(seal([Dead("a", 5, "p0")], to=core.name), SRC, 0.2)
     assert core.incarnation == 6
     assert core.local_member.state == MemberState.ALIVE
     out = Clock(core).step(0.3)
@@ -157,7 +157,7 @@ def test_suspect_about_ourselves_is_refuted_with_a_higher_incarnation() -> None:
 
 def test_ack_to_a_buddy_ping_already_carries_the_refutation() -> None:
     core = make_core(peers=1)
-    core.receive(seal([Ping(7, "a", "p0", peer_addr(0)), Suspect("a", 0, "p0")]), peer_addr(0), 0.1)
+    core.receive(seal([Ping(7, "a", "p0", peer_addr(0)), Suspect("a", 0, "p0")], to=core.name), peer_addr(0), 0.1)
     out = sent(core)
     assert out[0][1][0] == Ack(7, "a")
     assert Alive("a", 1, ("10.0.0.1", 7946), b"") in out[0][1]
@@ -165,7 +165,7 @@ def test_ack_to_a_buddy_ping_already_carries_the_refutation() -> None:
 
 def test_ping_for_another_name_is_dropped() -> None:
     core = make_core(peers=0)
-    core.receive(seal([Ping(1, "someone-else", "p0", peer_addr(0))]), peer_addr(0), 0.0)
+    core.receive(seal([Ping(1, "someone-else", "p0", peer_addr(0))], to=core.name), peer_addr(0), 0.0)
     assert sent(core) == []
     assert core.stats.dropped == 1
 
@@ -173,10 +173,10 @@ def test_ping_for_another_name_is_dropped() -> None:
 def test_relay_forwards_the_ack_to_the_origin() -> None:
     core = make_core(peers=0)
     origin, target = ("10.0.5.1", 7946), ("10.0.5.2", 7946)
-    core.receive(seal([PingReq(42, "t", target, "o", origin, True)]), origin, 0.0)
+    core.receive(seal([PingReq(42, "t", target, "o", origin, True)], to=core.name), origin, 0.0)
     (dst, msgs), = sent(core)
     assert dst == target and isinstance(msgs[0], Ping) and msgs[0].target == "t"
-    core.receive(seal([Ack(msgs[0].seq, "t")]), target, 0.1)
+    core.receive(seal([Ack(msgs[0].seq, "t")], to=core.name), target, 0.1)
     (dst, msgs), = sent(core)
     assert dst == origin and msgs[0] == Ack(42, "a")
     assert not of_type(Clock(core, 0.1).step(1.0), Nack)
@@ -185,7 +185,7 @@ def test_relay_forwards_the_ack_to_the_origin() -> None:
 def test_relay_nacks_the_origin_when_the_target_stays_silent() -> None:
     core = make_core(peers=0)
     origin, target = ("10.0.5.1", 7946), ("10.0.5.2", 7946)
-    core.receive(seal([PingReq(42, "t", target, "o", origin, True)]), origin, 0.0)
+    core.receive(seal([PingReq(42, "t", target, "o", origin, True)], to=core.name), origin, 0.0)
     sent(core)
     clock = Clock(core)
     assert not of_type(clock.step(0.49), Nack)
@@ -195,14 +195,14 @@ def test_relay_nacks_the_origin_when_the_target_stays_silent() -> None:
 
 def test_relay_does_not_nack_unless_asked() -> None:
     core = make_core(peers=0)
-    core.receive(seal([PingReq(42, "t", ("10.0.5.2", 7946), "o", SRC, False)]), SRC, 0.0)
+    core.receive(seal([PingReq(42, "t", ("10.0.5.2", 7946), "o", SRC, False)], to=core.name), SRC, 0.0)
     sent(core)
     assert not of_type(Clock(core).step(2.0), Nack)
 
 
 def test_without_lifeguard_no_nacks_no_buddy_no_health_and_fixed_timeout() -> None:
     core = make_core(peers=4, lifeguard=False)
-    core.receive(seal([Suspect("p0", 1, "someone")]), SRC, 0.0)
+    core.receive(seal([Suspect("p0", 1, "someone")], to=core.name), SRC, 0.0)
     sent(core)
     clock = Clock(core)
     for _ in range(6):
@@ -223,13 +223,13 @@ def test_probe_round_robin_visits_every_member_once_per_round(lifeguard: bool) -
     for _ in range(10):
         dst, msgs = clock.until_ping()
         targets.append(msgs[0].target)
-        core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now)
+        core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, clock.now)
     assert sorted(targets[:5]) == sorted(targets[5:]) == [f"p{i}" for i in range(5)]
 
 
 def test_suspecting_member_pings_the_suspect_once_halfway_through_the_minimum_timeout() -> None:
     core = make_core(peers=4)
-    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
+    core.receive(seal([Suspect("p1", 1, "p2")], to=core.name), SRC, 0.0)
     sent(core)
     clock = Clock(core)
     rechecks = []
@@ -241,26 +241,26 @@ def test_suspecting_member_pings_the_suspect_once_halfway_through_the_minimum_ti
                 if abs(clock.now - (susp.start + susp.min_timeout / 2)) < 0.01:
                     rechecks.append(clock.now)
             elif isinstance(msgs[0], Ping):
-                core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now)
+                core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, clock.now)
         if rechecks:
             break
     assert len(rechecks) == 1 and susp.rechecked
     assert clock.now < susp.deadline - 1.0  # time left for a slow member's answer
     # p1 had refuted long ago; its ack carries the Alive we missed
-    core.receive(seal([Ack(999, "p1"), Alive("p1", 2, peer_addr(1), b"")]), peer_addr(1), clock.now)
+    core.receive(seal([Ack(999, "p1"), Alive("p1", 2, peer_addr(1), b"")], to=core.name), peer_addr(1), clock.now)
     assert core.member("p1").state == MemberState.ALIVE
 
 
 def test_ping_carrying_a_stale_accusation_is_answered_with_our_current_alive() -> None:
     core = make_core(peers=1)
-    core.receive(seal([Suspect("a", 0, "p0")]), SRC, 0.1)  # refuted: incarnation 1
+    core.receive(seal([Suspect("a", 0, "p0")], to=core.name), SRC, 0.1)  # refuted: incarnation 1
     sent(core)
     Clock(core, 0.1).step(5.0)  # the refutation has been gossiped and retired
-    core.receive(seal([Ping(5, "a", "p0", peer_addr(0)), Suspect("a", 0, "p0")]), peer_addr(0), 5.2)
+    core.receive(seal([Ping(5, "a", "p0", peer_addr(0)), Suspect("a", 0, "p0")], to=core.name), peer_addr(0), 5.2)
     (dst, msgs), = sent(core)
     assert msgs[0] == Ack(5, "a") and Alive("a", 1, ("10.0.0.1", 7946), b"") in msgs
     assert core.incarnation == 1  # nothing new to refute
-    core.receive(seal([Ping(6, "a", "p0", peer_addr(0))]), peer_addr(0), 5.3)
+    core.receive(seal([Ping(6, "a", "p0", peer_addr(0))], to=core.name), peer_addr(0), 5.3)
     (dst, msgs), = sent(core)
     assert msgs == [Ack(6, "a")]
 
@@ -269,16 +269,16 @@ def test_ping_carrying_a_stale_accusation_is_answered_with_our_current_alive() -
 def test_suspicion_lasts_min_without_lifeguard_and_max_with_it_unconfirmed(lifeguard: bool, expected: float) -> None:
     # N = 5: min = 4 * max(1, log10 5) * 1 s = 4 s; Lifeguard starts at max = 6 * min (k = 2 <= N - 2)
     core = make_core(peers=4, lifeguard=lifeguard)
-    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 10.0)
+    core.receive(seal([Suspect("p1", 1, "p2")], to=core.name), SRC, 10.0)
     susp = core._table.by_name["p1"].suspicion
     assert susp is not None and susp.deadline == pytest.approx(10.0 + expected)
 
 
 def test_suspect_at_a_higher_incarnation_restarts_the_suspicion() -> None:
     core = make_core(peers=4)
-    core.receive(seal([Suspect("p1", 1, "p2")]), SRC, 0.0)
+    core.receive(seal([Suspect("p1", 1, "p2")], to=core.name), SRC, 0.0)
     old = core._table.by_name["p1"].suspicion
-    core.receive(seal([Suspect("p1", 2, "p3")]), SRC, 5.0)  # p1 refuted 1; we missed its Alive
+    core.receive(seal([Suspect("p1", 2, "p3")], to=core.name), SRC, 5.0)  # p1 refuted 1; we missed its Alive
     new = core._table.by_name["p1"].suspicion
     assert new is not None and new is not old and new.start == 5.0
     assert core.member("p1").incarnation == 2
@@ -292,8 +292,8 @@ def test_successful_probes_record_numbered_round_trip_times() -> None:
     clock = Clock(core)
     assert core.recent_probe_rtts == ()
     dst, msgs = clock.until_ping()
-    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now + 0.004)
+    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, clock.now + 0.004)
     ((number, rtt),) = core.recent_probe_rtts
     assert number == 1 and 0.004 <= rtt < 0.05  # the clock steps a little past the send
-    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)]), dst, clock.now + 0.2)  # duplicate ack
+    core.receive(seal([Ack(msgs[0].seq, msgs[0].target)], to=core.name), dst, clock.now + 0.2)  # duplicate ack
     assert len(core.recent_probe_rtts) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from gossip.codec import encode_datagram
+from gossip.codec import DatagramHeader, encode_datagram
 from gossip.config import lan
 from gossip.core import Membership
 from gossip.events import MemberFailed, MemberSuspected
@@ -22,7 +22,7 @@ def make_core(cluster: str = "edgeagent", host: str = "10.0.0.1") -> Membership:
 
 def test_datagram_from_another_cluster_is_rejected_and_counted() -> None:
     core = make_core()
-    core.receive(seal([Alive("intruder", 1, SRC, b"")], aad=b"other-cluster"), SRC, 0.0)
+    core.receive(seal([Alive("intruder", 1, SRC, b"")], aad=b"other-cluster", to=core.name), SRC, 0.0)
     assert core.member("intruder") is None
     assert core.stats.decrypt_errors == 1
 
@@ -30,8 +30,9 @@ def test_datagram_from_another_cluster_is_rejected_and_counted() -> None:
 def test_datagram_under_an_unknown_key_is_rejected_and_counted() -> None:
     core = make_core()
     stranger = make_keyring(random.Random(5), keys=[NEW_KEY])
-    core.receive(seal([Alive("intruder", 1, SRC, b"")], keyring=stranger), SRC, 0.0)
-    core.receive(encode_datagram([Alive("plain", 1, SRC, b"")]), SRC, 0.0)  # not sealed at all
+    core.receive(seal([Alive("intruder", 1, SRC, b"")], keyring=stranger, to=core.name), SRC, 0.0)
+    plain = encode_datagram([Alive("plain", 1, SRC, b"")], DatagramHeader("plain", 1, 0, 0))
+    core.receive(plain, SRC, 0.0)  # not sealed at all
     assert core.member("intruder") is None and core.member("plain") is None
     assert core.stats.decrypt_errors == 2
 
@@ -74,5 +75,5 @@ def test_key_rotation_install_use_remove_keeps_the_cluster_whole() -> None:
         assert not sim.events_of(name, MemberSuspected) and not sim.events_of(name, MemberFailed)
     old = make_keyring(random.Random(9), keys=[sim.key])
     n0 = sim.nodes["n0"].core
-    n0.receive(seal([Alive("late", 1, SRC, b"")], keyring=old), SRC, sim.now)
+    n0.receive(seal([Alive("late", 1, SRC, b"")], keyring=old, to=n0.name), SRC, sim.now)
     assert n0.stats.decrypt_errors == 1

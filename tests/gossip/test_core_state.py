@@ -103,9 +103,9 @@ def test_state_value_the_wire_cannot_carry_is_a_local_error() -> None:
 def test_remote_update_over_budget_is_rejected_and_counted() -> None:
     core = Membership("a", ("10.0.0.1", 7946), lan(max_state_bytes=200), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(1)))
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("b", 1, "k", "x" * 100)]), SRC, 0.1)
-    core.receive(seal([StateUpdate("b", 2, "j", "y" * 150)]), SRC, 0.2)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 1, "k", "x" * 100)], to=core.name), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 2, "j", "y" * 150)], to=core.name), SRC, 0.2)
     assert core.state_of("b") == {"k": "x" * 100}
     assert core.stats.state_rejected == 1
 
@@ -113,9 +113,9 @@ def test_remote_update_over_budget_is_rejected_and_counted() -> None:
 def test_stale_and_duplicate_updates_change_nothing() -> None:
     core = Membership("a", ("10.0.0.1", 7946), lan(), random.Random(1), 0.0,
                       keyring=make_keyring(random.Random(1)))
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("b", 5, "k", "new")]), SRC, 0.1)
-    core.receive(seal([StateUpdate("b", 3, "k", "old"), StateUpdate("b", 5, "k", "new")]), SRC, 0.2)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("b", 5, "k", "new")], to=core.name), SRC, 0.1)
+    core.receive(seal([StateUpdate("b", 3, "k", "old"), StateUpdate("b", 5, "k", "new")], to=core.name), SRC, 0.2)
     assert core.state_of("b") == {"k": "new"}
     assert [e for e in drain_events(core) if isinstance(e, StateChanged)] == [StateChanged("b", "k", "new", 5, False)]
 
@@ -126,36 +126,36 @@ def _core(name: str = "a") -> Membership:
 
 def test_update_about_an_unknown_owner_is_kept_until_its_alive_arrives() -> None:
     core = _core()
-    core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
+    core.receive(seal([StateUpdate("ghost", 1, "k", 1)], to=core.name), SRC, 0.0)
     assert core.state_of("ghost") == {}
     assert core.stats.pending_state == 1 and core.stats.dropped == 0
     drain_events(core)
-    core.receive(seal([Alive("ghost", 1, SRC, b"")]), SRC, 1.0)
+    core.receive(seal([Alive("ghost", 1, SRC, b"")], to=core.name), SRC, 1.0)
     assert core.state_of("ghost") == {"k": 1}
     assert StateChanged("ghost", "k", 1, 1, False) in drain_events(core)
 
 
 def test_update_about_an_unknown_owner_expires() -> None:
     core = _core()
-    core.receive(seal([StateUpdate("ghost", 1, "k", 1)]), SRC, 0.0)
-    core.receive(seal([StateUpdate("other", 1, "k", 1)]), SRC, PENDING_STATE_TTL + 0.1)  # expires the first
+    core.receive(seal([StateUpdate("ghost", 1, "k", 1)], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("other", 1, "k", 1)], to=core.name), SRC, PENDING_STATE_TTL + 0.1)  # expires the first
     assert core.stats.dropped == 1
-    core.receive(seal([Alive("ghost", 1, SRC, b"")]), SRC, PENDING_STATE_TTL + 0.2)
+    core.receive(seal([Alive("ghost", 1, SRC, b"")], to=core.name), SRC, PENDING_STATE_TTL + 0.2)
     assert core.state_of("ghost") == {}
 
 
 def test_updates_about_unknown_owners_are_bounded_in_count_and_memory() -> None:
     core = _core()
     for i in range(PENDING_STATE_MAX + 10):
-        core.receive(seal([StateUpdate(f"ghost{i}", 1, "k", i)]), SRC, 0.0)
+        core.receive(seal([StateUpdate(f"ghost{i}", 1, "k", i)], to=core.name), SRC, 0.0)
     assert core.stats.dropped == 10
     big = "x" * 3000
     for i in range(PENDING_STATE_MAX):
-        core.receive(seal([StateUpdate(f"big{i}", 1, "k", big)]), SRC, 0.0)
+        core.receive(seal([StateUpdate(f"big{i}", 1, "k", big)], to=core.name), SRC, 0.0)
     assert core._pending_memory <= PENDING_STATE_MEMORY
     assert len(core._pending_state) < PENDING_STATE_MAX
     # The oldest went first: the earliest ghosts are gone, the newest big one is kept.
-    core.receive(seal([Alive(f"big{PENDING_STATE_MAX - 1}", 1, SRC, b""), Alive("ghost0", 1, SRC, b"")]), SRC, 0.1)
+    core.receive(seal([Alive(f"big{PENDING_STATE_MAX - 1}", 1, SRC, b""), Alive("ghost0", 1, SRC, b"")], to=core.name), SRC, 0.1)
     assert core.state_of(f"big{PENDING_STATE_MAX - 1}") == {"k": big}
     assert core.state_of("ghost0") == {}
 
@@ -177,13 +177,13 @@ def test_rebroadcast_state_keeps_the_version() -> None:
     core = _core()
     core.set_state("k", 1, 0.0)
     for i in range(40):  # retire every queued update by sending it out
-        core._send(("10.0.0.2", 7946), [Ack(i, "a")])
+        core._send(("10.0.0.2", 7946), "b", [Ack(i, "a")])
     assert core.pending_broadcasts == 0
     version = core._store.version
     core.rebroadcast_state("k", 50.0)
     core.rebroadcast_state("missing", 50.0)
     assert core.pending_broadcasts == 1 and core._store.version == version
-    core._send(("10.0.0.2", 7946), [Ack(99, "a")])
+    core._send(("10.0.0.2", 7946), "b", [Ack(99, "a")])
     updates = [m for _, msgs in sent(core) for m in msgs if isinstance(m, StateUpdate)]
     assert updates[-1] == StateUpdate("a", version, "k", 1)
 
@@ -193,8 +193,8 @@ def test_update_about_us_from_an_earlier_life_is_overridden() -> None:
                       keyring=make_keyring(random.Random(1)))
     core.set_state("k", "mine", 0.0)
     sent(core)
-    core.receive(seal([Alive("b", 1, SRC, b"")]), SRC, 0.0)
-    core.receive(seal([StateUpdate("a", 7, "gone", "ghost")]), SRC, 0.1)
+    core.receive(seal([Alive("b", 1, SRC, b"")], to=core.name), SRC, 0.0)
+    core.receive(seal([StateUpdate("a", 7, "gone", "ghost")], to=core.name), SRC, 0.1)
     assert core.state_of("a") == {"k": "mine"}
     assert core._store.version == 9  # jumped past 7, re-stamped "k" (8) and tombstoned "gone" (9)
     core.handle_timeout(1.0)

@@ -29,7 +29,7 @@ from gossip.codec import (
 )
 from gossip.errors import DecodeError
 from gossip.messages import Message, PushPull
-from tests.gossip.test_codec import datagram_messages, push_pulls
+from tests.gossip.test_codec import HDR, datagram_messages, push_pulls
 
 MUTATIONS_PER_EXAMPLE = 250
 EXAMPLES = 420
@@ -166,11 +166,11 @@ MUTATORS: list[Callable[[bytes, bytes, random.Random], bytes]] = [
 
 def check_datagram(data: bytes) -> None:
     try:
-        msgs = decode_datagram(data)
+        header, msgs = decode_datagram(data)
     except DecodeError:
         return
-    # Whatever the decoder accepts is a valid message list: it re-encodes identically.
-    assert decode_datagram(encode_datagram(msgs)) == msgs
+    # Whatever the decoder accepts is a valid header and message list: it re-encodes identically.
+    assert decode_datagram(encode_datagram(msgs, header)) == (header, msgs)
 
 
 def check_frame(data: bytes) -> None:
@@ -199,7 +199,7 @@ def test_decoders_raise_only_decode_error_on_100k_mutated_inputs() -> None:
     def fuzz(seed: int, msgs: list[Message], push_pull: PushPull) -> None:
         nonlocal fed
         rng = random.Random(seed)
-        bases = [encode_datagram(msgs), encode_frame(push_pull)]
+        bases = [encode_datagram(msgs, HDR), encode_frame(push_pull)]
         for _ in range(MUTATIONS_PER_EXAMPLE):
             data, other = bases if rng.random() < 0.5 else bases[::-1]
             mutated = rng.choice(MUTATORS)(data, other, rng)

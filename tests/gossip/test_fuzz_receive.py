@@ -17,7 +17,10 @@ after every input our incarnation and state version stay within range.
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
@@ -27,6 +30,8 @@ from gossip.codec import (
     MAX_COUNTER,
     MAX_COUNTER_STEP,
     PROTOCOL_VERSION,
+    DatagramHeader,
+    destination_tag,
     encode_datagram,
     encode_frame,
 )
@@ -53,11 +58,13 @@ from testbed.sim import make_keyring
 BATCH = 240  # inputs per hypothesis example
 EXAMPLES = 440  # 440 x (240 + 2) > 100,000
 MIN_FED = 100_000
+ME = destination_tag("me")  # the tag of datagrams addressed to the core under test
 PEERS = [(f"p{i}", (f"10.0.1.{i}", 7946)) for i in range(6)]
 
 
-def corpus() -> tuple[list[bytes], list[bytes]]:
-    """Valid plaintext datagrams and frames to mutate."""
+def corpus() -> tuple[list[Callable[[int], bytes]], list[bytes]]:
+    """Valid plaintext datagrams (made with a given header counter, so each is fresh to the
+    anti-replay window) and frames to mutate."""
     p0, a0 = PEERS[0]
     p1, a1 = PEERS[1]
     datagrams = [
@@ -84,8 +91,15 @@ def corpus() -> tuple[list[bytes], list[bytes]]:
         [[8, p0, 3, "k0", [[]] * 1000, False], [8, p1, 4, "k1", [[]] * 300, False]],
         [[5, p0, top, ["10.0.0.9", 1], b""], [6, p1, top - 1, p0]],
     ]
-    raw = [bytes((PROTOCOL_VERSION,)) + msgpack.packb(d, use_bin_type=True) for d in raw_datagrams]
-    return [encode_datagram(d) for d in datagrams] + raw, [encode_frame(f) for f in frames]
+
+    def encoded(msgs: list[Any]) -> Callable[[int], bytes]:
+        return lambda n: encode_datagram(msgs, DatagramHeader(p0, 1, n, ME))
+
+    def packed(items: list[Any]) -> Callable[[int], bytes]:
+        return lambda n: bytes((PROTOCOL_VERSION,)) + msgpack.packb([p0, 1, n, ME, *items], use_bin_type=True)
+
+    builders = [encoded(d) for d in datagrams] + [packed(d) for d in raw_datagrams]
+    return builders, [encode_frame(f) for f in frames]
 
 
 def mutate(rng: random.Random, data: bytes, other: bytes) -> bytes:
@@ -136,9 +150,14 @@ def test_fuzzed_datagrams_and_frames_never_escape_and_bad_ones_change_nothing() 
     # Alives keep inventing members, and exercises the limit.
     config = lan(max_members=48)
     core = Membership("me", ("10.0.0.1", 7946), config, random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
-    core.receive(ring.encrypt(encode_datagram([Alive(n, 1, a, b"") for n, a in PEERS]), AAD), PEERS[0][1], 0.0)
+    hello = encode_datagram([Alive(n, 1, a, b"") for n, a in PEERS], DatagramHeader(PEERS[0][0], 1, 0, ME))
+    core.receive(ring.encrypt(hello, AAD), PEERS[0][1], 0.0)
     datagrams, frames = corpus()
-    inputs = datagrams + frames
+    inputs: list[bytes | Callable[[int], bytes]] = [*datagrams, *frames]
+    counters = itertools.count(1)
+
+    def build(item: bytes | Callable[[int], bytes]) -> bytes:
+        return item if isinstance(item, bytes) else item(next(counters))
     clock = {"now": 0.0, "fed": 0}
 
     def feed(data: bytes, stream: bool) -> None:
@@ -160,8 +179,9 @@ def test_fuzzed_datagrams_and_frames_never_escape_and_bad_ones_change_nothing() 
         feed(blob, stream=bool(seed & 1))
         feed(ring.encrypt(blob, AAD), stream=bool(seed & 2))
         for _ in range(BATCH):
-            base = rng.choice(inputs)
-            data = mutate(rng, base, rng.choice(inputs))
+            pick = rng.choice(inputs)
+            base = build(pick)
+            data = mutate(rng, base, build(rng.choice(inputs)))
             roll = rng.random()
             if roll < 0.85:
                 data = ring.encrypt(data, AAD)
@@ -169,7 +189,7 @@ def test_fuzzed_datagrams_and_frames_never_escape_and_bad_ones_change_nothing() 
                 data = ring.encrypt(data, b"another-cluster")
             elif roll < 0.96:
                 data = ring.encrypt(base, AAD)[: rng.randrange(40)] + data  # sealed prefix, garbage after
-            feed(data, stream=base in frames and rng.random() < 0.8)
+            feed(data, stream=isinstance(pick, bytes) and rng.random() < 0.8)
         clock["now"] += 0.25
         core.handle_timeout(clock["now"])
         core.datagrams_to_send()

@@ -7,6 +7,7 @@ only the core's own limits stand between them and the member.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 from typing import Any
@@ -18,6 +19,7 @@ from gossip.codec import (
     MAX_COUNTER_STEP,
     PROTOCOL_VERSION,
     decode_push_pull,
+    destination_tag,
     encode_frame,
     entry_cost,
 )
@@ -40,14 +42,17 @@ def make_core(name: str = "a", addr: tuple[str, int] = A, **overrides: Any) -> M
     return Membership(name, addr, lan(**overrides), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)))
 
 
-def sealed_raw(messages: list[list[Any]]) -> bytes:
+_counter = itertools.count()  # every datagram fresh to the anti-replay window
+
+
+def sealed_raw(messages: list[list[Any]], to: str = "a") -> bytes:
     """A sealed datagram from raw wire arrays, bypassing the encoder's checks (as a fuzzer would)."""
-    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(messages, use_bin_type=True)
+    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(["insider", 0, next(_counter), destination_tag(to), *messages], use_bin_type=True)
     return make_keyring(random.Random(2)).encrypt(plain, TEST_AAD)
 
 
 def with_peer(core: Membership, name: str = "b", addr: tuple[str, int] = B) -> None:
-    core.receive(seal([Alive(name, 1, addr, b"")]), addr, 0.0)
+    core.receive(seal([Alive(name, 1, addr, b"")], to=core.name), addr, 0.0)
     assert core.member(name) is not None
 
 
@@ -93,7 +98,7 @@ def test_records_about_others_at_the_maximum_do_not_stick() -> None:
     core.receive(sealed_raw([[7, "b", MAX_COUNTER, "zz"], [5, "b", MAX_COUNTER, ["h", 1], b""]]), EVIL, 1.0)
     b = core.member("b")
     assert b is not None and b.state == ALIVE and b.incarnation == 1 and b.addr == B
-    core.receive(seal([Alive("b", 1 + MAX_COUNTER_STEP, B, b"x")]), B, 2.0)  # the limit itself applies
+    core.receive(seal([Alive("b", 1 + MAX_COUNTER_STEP, B, b"x")], to=core.name), B, 2.0)  # the limit itself applies
     b = core.member("b")
     assert b is not None and b.meta == b"x"
 
@@ -104,8 +109,8 @@ def test_records_about_others_at_the_maximum_do_not_stick() -> None:
 def test_state_about_us_at_the_maximum_version_does_not_stick() -> None:
     core = make_core("c")
     core.set_state("k", 1, 0.0)
-    core.receive(sealed_raw([[8, "c", 2**64 - 1, "zz", None, False]]), EVIL, 1.0)
-    core.receive(sealed_raw([[8, "c", MAX_COUNTER, "zz", None, False]]), EVIL, 1.0)
+    core.receive(sealed_raw([[8, "c", 2**64 - 1, "zz", None, False]], to="c"), EVIL, 1.0)
+    core.receive(sealed_raw([[8, "c", MAX_COUNTER, "zz", None, False]], to="c"), EVIL, 1.0)
     assert core.stats.decode_errors == 1 and core.stats.out_of_range == 1
     core.set_state("k", 2, 2.0)  # later changes still work, at a small version
     assert core.state_of("c") == {"k": 2}
@@ -115,9 +120,9 @@ def test_state_about_us_at_the_maximum_version_does_not_stick() -> None:
 def test_state_about_others_far_ahead_is_refused() -> None:
     core = make_core()
     with_peer(core)
-    core.receive(seal([StateUpdate("b", MAX_COUNTER, "k", 1)]), EVIL, 1.0)
+    core.receive(seal([StateUpdate("b", MAX_COUNTER, "k", 1)], to=core.name), EVIL, 1.0)
     assert core.state_of("b") == {} and core.stats.out_of_range == 1
-    core.receive(seal([StateUpdate("b", 3, "k", 2)]), B, 1.0)
+    core.receive(seal([StateUpdate("b", 3, "k", 2)], to=core.name), B, 1.0)
     assert core.state_of("b") == {"k": 2}
 
 
@@ -168,7 +173,7 @@ def big_core() -> Membership:
     core = make_core(max_stream_bytes=SMALL_STREAM)
     for i in range(BIG_TABLE):
         name, addr = f"m{i:04d}", (f"10.1.{i // 250}.{i % 250}", 7946)
-        core.receive(seal([Alive(name, 1, addr, b"x" * 40), StateUpdate(name, 1, "k", "v" * 20)]), addr, 0.0)
+        core.receive(seal([Alive(name, 1, addr, b"x" * 40), StateUpdate(name, 1, "k", "v" * 20)], to=core.name), addr, 0.0)
     core.datagrams_to_send()
     return core
 
@@ -218,8 +223,8 @@ def test_a_forged_leave_of_a_live_member_is_rechecked_and_refuted() -> None:
     b = Membership("b", B, lan(), random.Random(2), 0.0, keyring=make_keyring(random.Random(2)), incarnation=1)
     with_peer(a, "b", B)
     with_peer(a, "c", C)
-    b.receive(seal([Alive("a", 0, A, b"")]), A, 0.0)
-    a.receive(seal([Dead("b", 1, "b")]), EVIL, 0.5)  # b never left
+    b.receive(seal([Alive("a", 0, A, b"")], to=b.name), A, 0.0)
+    a.receive(seal([Dead("b", 1, "b")], to=a.name), EVIL, 0.5)  # b never left
     b_view = a.member("b")
     assert b_view is not None and b_view.state == LEFT
     healed_at = None
@@ -253,7 +258,7 @@ PHANTOMS_GONE_BY = 400.0  # s: grace + 3 pings, 64 per second, for the 5,000 the
 def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() -> None:
     a = make_core()
     c = Membership("c", C, lan(), random.Random(3), 0.0, keyring=make_keyring(random.Random(3)))
-    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # real, but heard of only from a third party
+    a.receive(seal([Alive("c", 0, C, b"")], to=a.name), EVIL, 0.0)  # real, but heard of only from a third party
     limit = a.config.max_members
     for start in range(0, FORGED, FORGED_PER_DATAGRAM):
         now = start / FLOOD_RATE
@@ -261,7 +266,7 @@ def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() 
             Alive(f"ph{i}", 1, (f"172.{16 + i // 65536}.{i // 256 % 256}.{i % 256}", 7946), b"")
             for i in range(start, start + FORGED_PER_DATAGRAM)
         ]
-        a.receive(seal(batch), EVIL, now)
+        a.receive(seal(batch, to=a.name), EVIL, now)
         if start == FORGED // 2:  # a real joiner, mid-flood
             b = make_core("b", B)
             b.join([A], now)
@@ -303,7 +308,7 @@ def test_forged_alive_flood_is_bounded_real_members_get_in_and_phantoms_leave() 
 def test_an_unverified_member_that_never_answers_is_suspected_then_forgotten_early() -> None:
     a = make_core()
     with_peer(a, "b", B)  # verified: b's Alive came from b's address
-    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)  # heard of only; c is down
+    a.receive(seal([Alive("c", 0, C, b"")], to=a.name), EVIL, 0.0)  # heard of only; c is down
     failed_at = None
     now = 0.0
     while now < 2_000.0:
@@ -338,7 +343,7 @@ def _flood_cluster(seed: int) -> tuple[Membership, Membership, Membership]:
     reply = a.handle_stream(request, B, 0.0)
     assert reply is not None
     b.receive_stream_reply(reply, A, 0.0)
-    a.receive(seal([Alive("c", 0, C, b"")]), EVIL, 0.0)
+    a.receive(seal([Alive("c", 0, C, b"")], to=a.name), EVIL, 0.0)
     return a, b, c
 
 
@@ -371,7 +376,7 @@ def test_a_sustained_flood_is_cleared_within_a_minute_without_losing_real_member
                         for i in range(serial, serial + FORGED_PER_DATAGRAM)
                     ]
                     serial += FORGED_PER_DATAGRAM
-                    a.receive(seal(batch), EVIL, now)
+                    a.receive(seal(batch, to=a.name), EVIL, now)
             for core in cores.values():
                 core.handle_timeout(now)
             _deliver(cores, now, rng, loss=0.01)
@@ -390,7 +395,7 @@ def test_a_sustained_flood_is_cleared_within_a_minute_without_losing_real_member
 
 
 def _raw_frame(members: list[Any], states: list[Any]) -> bytes:
-    return bytes((PROTOCOL_VERSION,)) + msgpack.packb([10, "evil", False, False, members, states], use_bin_type=True)
+    return bytes((PROTOCOL_VERSION,)) + msgpack.packb([10, "evil", False, False, members, states, 0], use_bin_type=True)
 
 
 def _decode_peak(data: bytes, *budgets: int) -> tuple[int, Any]:
@@ -450,13 +455,13 @@ def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -
     a, b, _ = _flood_cluster(7)
     phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
     for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
-        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM], to=a.name), EVIL, 0.5)
     a.handle_timeout(2.0)  # a probe tick notes the pressure: flood mode
     a.streams_to_send()
     a.datagrams_to_send()
     for now, sender in ((3.0, "b"), (6.0, "evil")):  # a forged leave, then a forged death
         b_now = b.incarnation
-        a.receive(seal([Dead("b", b_now, sender)]), EVIL, now)
+        a.receive(seal([Dead("b", b_now, sender)], to=a.name), EVIL, now)
         held = a.member("b")
         assert held is not None and held.state != ALIVE
         assert a.streams_to_send() == []  # no push-pull: a ping is enough
@@ -473,7 +478,7 @@ def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -
         a.datagrams_to_send()
     # Forged again within the per-member interval: not at once, but on a later probe tick.
     b_now = b.incarnation
-    a.receive(seal([Dead("b", b_now, "b")]), EVIL, 6.8)
+    a.receive(seal([Dead("b", b_now, "b")], to=a.name), EVIL, 6.8)
     assert not [d for d, _ in a.datagrams_to_send() if d == B]
     now = 6.8
     while now < 12.0:
@@ -492,17 +497,17 @@ def test_in_a_flood_a_forged_leave_of_a_verified_member_is_rechecked_at_once() -
 def test_without_a_flood_a_leave_heard_from_others_costs_no_push_pull() -> None:
     a, b, _ = _flood_cluster(8)
     a.streams_to_send()
-    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 1.0)
+    a.receive(seal([Dead("b", b.incarnation, "b")], to=a.name), EVIL, 1.0)
     assert a.streams_to_send() == [] and not [d for d, _ in a.datagrams_to_send() if d == B]
 
 
 def test_a_leave_forged_before_the_flood_is_noticed_is_rechecked_once_it_is() -> None:
     a, b, _ = _flood_cluster(9)
-    a.receive(seal([Dead("b", b.incarnation, "b")]), EVIL, 0.2)  # not flooded yet: no re-check
+    a.receive(seal([Dead("b", b.incarnation, "b")], to=a.name), EVIL, 0.2)  # not flooded yet: no re-check
     assert not [d for d, _ in a.datagrams_to_send() if d == B]
     phantoms = [Alive(f"ph{i}", 1, (f"172.16.{i // 256}.{i % 256}", 7946), b"") for i in range(2_000)]
     for start in range(0, len(phantoms), FORGED_PER_DATAGRAM):
-        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM]), EVIL, 0.5)
+        a.receive(seal(phantoms[start : start + FORGED_PER_DATAGRAM], to=a.name), EVIL, 0.5)
     now = 0.5
     while now < 4.0:  # the first probe ticks of the flood
         now += 0.5

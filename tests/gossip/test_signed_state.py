@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import random
 from collections import Counter
 from typing import Any
@@ -20,7 +21,9 @@ import pytest
 from gossip.codec import (
     MAX_SIG_BYTES,
     PROTOCOL_VERSION,
+    DatagramHeader,
     decode_datagram,
+    destination_tag,
     encode_datagram,
     encode_frame,
 )
@@ -100,9 +103,13 @@ def make_core(authority: Authority | None, name: str = "a", addr: tuple[str, int
     return Membership(name, addr, lan(), random.Random(1), 0.0, keyring=make_keyring(random.Random(1)), **kwargs)
 
 
-def sealed_raw(messages: list[list[Any]], key: bytes | None = None) -> bytes:
-    """A sealed datagram from raw wire arrays (what any cluster-key holder can send)."""
-    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(messages, use_bin_type=True)
+_counter = itertools.count()  # every datagram fresh to the receiver's anti-replay window
+
+
+def sealed_raw(messages: list[list[Any]], key: bytes | None = None, to: str = "a") -> bytes:
+    """A sealed datagram from raw wire arrays (what any cluster-key holder can send) to ``to``."""
+    header = ["insider", 0, next(_counter), destination_tag(to)]
+    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb([*header, *messages], use_bin_type=True)
     keys = [key] if key is not None else None
     ring = make_keyring(random.Random(2), keys) if keys else make_keyring(random.Random(2))
     return ring.encrypt(plain, TEST_AAD)
@@ -118,8 +125,8 @@ CLAIM_A = {"v": 1, "block": "10.99.0.0/28", "t": [3, 0], "id": "a-id"}
 
 def with_signed_peer(core: Membership, b: FakeSigner) -> None:
     """``b`` is a member and ``core`` holds b's credential (v1) and address claim (v2)."""
-    core.receive(seal([Alive("b", 1, B, b"")]), B, 0.0)
-    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential), b.entry("b", "ipam", 2, CLAIM_B)]), B, 0.1)
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
+    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential), b.entry("b", "ipam", 2, CLAIM_B)], to=core.name), B, 0.1)
     assert core.state_of("b")["ipam"] == CLAIM_B
     drain_events(core)
 
@@ -136,7 +143,7 @@ def forge_claims(core: Membership, count: int) -> None:
 
 def test_unsigned_state_about_another_owner_rewrote_it_without_a_verifier() -> None:
     core = make_core(None)
-    core.receive(seal([Alive("b", 1, B, b""), StateUpdate("b", 2, "ipam", CLAIM_B)]), B, 0.0)
+    core.receive(seal([Alive("b", 1, B, b""), StateUpdate("b", 2, "ipam", CLAIM_B)], to=core.name), B, 0.0)
     forge_claims(core, 38)
     assert core.state_of("b")["ipam"]["id"] == "evil"  # the defect, where nobody signs
 
@@ -157,9 +164,9 @@ def test_state_signed_by_another_members_key_is_refused() -> None:
     with_signed_peer(core, authority.issue("b"))
     evil = authority.issue("evil")  # a real member with a real credential of its own
     forged = evil.entry("b", "ipam", 9, {"v": 1, "block": CLAIM_A["block"], "t": [1, 0], "id": "evil"})
-    core.receive(seal([forged]), EVIL, 1.0)
+    core.receive(seal([forged], to=core.name), EVIL, 1.0)
     # ... nor by publishing its own credential as b's.
-    core.receive(seal([evil.entry("b", CREDENTIAL_KEY, 10, evil.credential), forged]), EVIL, 2.0)
+    core.receive(seal([evil.entry("b", CREDENTIAL_KEY, 10, evil.credential), forged], to=core.name), EVIL, 2.0)
     assert core.state_of("b")["ipam"] == CLAIM_B
     assert core.state_of("b")[CREDENTIAL_KEY] != evil.credential
     assert core.stats.state_forged == 3
@@ -171,7 +178,7 @@ def test_a_replayed_entry_from_another_cluster_does_not_verify() -> None:
     b = authority.issue("b")
     with_signed_peer(core, b)
     sig = b.sign(canonical_entry("other-cluster", "b", "ipam", 7, {"x": 1}, False))
-    core.receive(seal([StateUpdate("b", 7, "ipam", {"x": 1}, False, sig)]), EVIL, 1.0)
+    core.receive(seal([StateUpdate("b", 7, "ipam", {"x": 1}, False, sig)], to=core.name), EVIL, 1.0)
     assert core.state_of("b")["ipam"] == CLAIM_B and core.stats.state_forged == 1
 
 
@@ -181,7 +188,7 @@ def test_a_genuine_update_still_applies_and_spreads_signed() -> None:
     b = authority.issue("b")
     with_signed_peer(core, b)
     newer = b.entry("b", "ipam", 3, {"v": 1, "block": "10.99.2.0/28", "t": [6, 0], "id": "b-id"})
-    core.receive(seal([newer]), B, 1.0)
+    core.receive(seal([newer], to=core.name), B, 1.0)
     assert core.state_of("b")["ipam"]["block"] == "10.99.2.0/28"
     core.handle_timeout(2.0)
     relayed = [m for _, msgs in sent(core) for m in msgs if isinstance(m, StateUpdate) and m.owner == "b"]
@@ -205,9 +212,9 @@ def test_entries_before_the_owners_credential_are_held_then_applied() -> None:
     authority = Authority()
     core = make_core(authority)
     b = authority.issue("b")
-    core.receive(seal([Alive("b", 1, B, b""), b.entry("b", "ipam", 2, CLAIM_B)]), B, 0.0)
+    core.receive(seal([Alive("b", 1, B, b""), b.entry("b", "ipam", 2, CLAIM_B)], to=core.name), B, 0.0)
     assert "ipam" not in core.state_of("b") and core.stats.state_unverified == 1
-    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential)]), B, 0.5)
+    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential)], to=core.name), B, 0.5)
     assert core.state_of("b")["ipam"] == CLAIM_B
     assert core.stats.state_forged == 0
 
@@ -216,11 +223,11 @@ def test_held_entries_are_bounded() -> None:
     authority = Authority()
     core = make_core(authority)
     b = authority.issue("b")
-    core.receive(seal([Alive("b", 1, B, b"")]), B, 0.0)
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
     for version in range(2, 2 + 3 * HELD_MAX):
-        core.receive(seal([b.entry("b", f"k{version}", version, version)]), B, 0.1)
+        core.receive(seal([b.entry("b", f"k{version}", version, version)], to=core.name), B, 0.1)
     assert len(core._held) == HELD_MAX and core.stats.state_unverified == 3 * HELD_MAX
-    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential)]), B, 0.5)
+    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential)], to=core.name), B, 0.5)
     assert len(core.state_of("b")) == 1 + HELD_MAX  # the newest ones; the rest by anti-entropy
 
 
@@ -255,7 +262,7 @@ def test_each_version_is_verified_once() -> None:
     with_signed_peer(core, b)
     update = b.entry("b", "svc", 3, {"port": 5683})
     for t in (1.0, 1.1, 1.2):
-        core.receive(seal([update]), B, t)
+        core.receive(seal([update], to=core.name), B, t)
     entries = tuple(StateEntry(e.key, e.version, e.value, e.deleted, e.sig) for e in core._store.entries("b"))
     members = (MemberRecord("b", B, 1, MemberState.ALIVE, b""),)
     core.handle_stream(sealed_frame(PushPull("b", False, False, members, (("b", entries),))), B, 2.0)
@@ -288,9 +295,9 @@ def test_our_own_earlier_life_still_makes_us_restamp() -> None:
     core = make_core(authority)
     signer = core._signer
     assert isinstance(signer, FakeSigner)
-    core.receive(seal([Alive("b", 1, B, b"")]), B, 0.0)
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
     old = signer.entry("a", "ipam", 40, {"old": True})  # what we said before a restart
-    core.receive(seal([old]), B, 1.0)
+    core.receive(seal([old], to=core.name), B, 1.0)
     assert core._store.version > 40 and core.state_of("a") == {CREDENTIAL_KEY: signer.credential}
 
 
@@ -308,13 +315,16 @@ def test_the_credential_key_is_reserved() -> None:
 def test_signature_travels_at_the_end_and_unsigned_bytes_are_unchanged() -> None:
     unsigned = StateUpdate("b", 2, "k", 1)
     signed = StateUpdate("b", 2, "k", 1, sig=bytes(range(64)))
-    assert decode_datagram(encode_datagram([signed])) == [signed]
-    assert len(encode_datagram([signed])) - len(encode_datagram([unsigned])) == 66  # bin8 header + 64
-    assert msgpack.unpackb(encode_datagram([unsigned])[1:]) == [[8, "b", 2, "k", 1, False]]
+    head = DatagramHeader("s", 1, 1, destination_tag("a"))
+    wire_head = ["s", 1, 1, destination_tag("a")]
+    assert decode_datagram(encode_datagram([signed], head)) == (head, [signed])
+    assert len(encode_datagram([signed], head)) - len(encode_datagram([unsigned], head)) == 66  # bin8 + 64
+    assert msgpack.unpackb(encode_datagram([unsigned], head)[1:]) == [*wire_head, [8, "b", 2, "k", 1, False]]
+    too_long = [*wire_head, [8, "b", 2, "k", 1, False, bytes(MAX_SIG_BYTES + 1)]]
     with pytest.raises(DecodeError):
-        decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "b", 2, "k", 1, False, bytes(MAX_SIG_BYTES + 1)]]))
+        decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb(too_long))
     with pytest.raises(DecodeError):
-        decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb([[8, "b", 2, "k", 1, False, "not bytes"]]))
+        decode_datagram(bytes((PROTOCOL_VERSION,)) + msgpack.packb([*wire_head, [8, "b", 2, "k", 1, False, "not bytes"]]))
 
 
 # --- a signed cluster in the simulator ----------------------------------------------
@@ -336,7 +346,7 @@ def test_a_signed_cluster_converges_and_refuses_an_insider() -> None:
     target = sim.nodes["n0"]
     claim = {"v": 1, "block": CLAIM_A["block"], "t": [1, 0], "id": "evil"}
     for i in range(38):
-        forged = sealed_raw([[8, "n2", 100 + i, "ipam", claim, False]], sim.key)
+        forged = sealed_raw([[8, "n2", 100 + i, "ipam", claim, False]], sim.key, to="n0")
         sim.schedule(sim.now + 0.1 * i, lambda forged=forged: target.core.receive(forged, EVIL, sim.now))
     sim.run_for(5.0)
     assert all(sim.nodes[n].core.state_of("n2")["ipam"] == CLAIM_B for n in names)

@@ -136,16 +136,16 @@ def test_real_certificates_in_the_core_refuse_a_forged_claim() -> None:
         keyring=make_keyring(random.Random(2)), signer=b_signer, verifier=CaVerifier(ca[1], Clock()),
     )  # fmt: skip
     b.set_state("ipam", {"block": "10.99.1.0/28"}, 0.0)
-    a.receive(seal([Alive("b", 0, ("10.0.0.2", 7946), b"")]), ("10.0.0.2", 7946), 0.0)
-    b.receive(seal([Alive("a", 0, ("10.0.0.1", 7946), b"")]), ("10.0.0.1", 7946), 0.0)
+    a.receive(seal([Alive("b", 0, ("10.0.0.2", 7946), b"")], to=a.name), ("10.0.0.2", 7946), 0.0)
+    b.receive(seal([Alive("a", 0, ("10.0.0.1", 7946), b"")], to=b.name), ("10.0.0.1", 7946), 0.0)
     b.handle_timeout(1.0)
     for _, msgs in sent(b):
-        a.receive(seal(msgs), ("10.0.0.2", 7946), 1.0)
+        a.receive(seal(msgs, to=a.name), ("10.0.0.2", 7946), 1.0)
     assert a.state_of("b") == {"ipam": {"block": "10.99.1.0/28"}, CREDENTIAL_KEY: b_signer.credential}
     # An insider with its own valid certificate signs a claim in b's name.
     evil = CertSigner(*node(ca, "evil"))
     forged_value = {"block": "10.99.0.0/28"}
     sig = evil.sign(canonical_entry("edgeagent", "b", "ipam", 9, forged_value, False))
-    a.receive(seal([StateUpdate("b", 9, "ipam", forged_value, False, sig)]), ("10.0.0.66", 7946), 2.0)
+    a.receive(seal([StateUpdate("b", 9, "ipam", forged_value, False, sig)], to=a.name), ("10.0.0.66", 7946), 2.0)
     assert a.state_of("b")["ipam"] == {"block": "10.99.1.0/28"}
     assert a.stats.state_forged == 1

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from gossip.codec import encode_datagram, encoded_size
+from gossip.codec import DatagramHeader, encode_datagram, encoded_size
 from gossip.keyring import Keyring
 from gossip.messages import Alive, Ping, StateUpdate
 from testbed import netns
@@ -23,6 +23,7 @@ from tests.host_tools import needs_netns
 
 PORT = 7946
 KEY = bytes(range(32))
+HDR = DatagramHeader("a", 1, 0, 0)
 SHORT = ["--nodes", "3", "--startup-window", "3", "--settle", "5", "--window", "3", "--timeline", "8"]
 
 
@@ -39,7 +40,7 @@ def test_tap_splits_a_probe_datagram_into_probe_piggyback_and_overhead() -> None
     ping = Ping(7, "b", "a", ("127.1.1.1", PORT))
     alive = Alive("c", 3, ("127.1.1.3", PORT), b"")
     claim = StateUpdate("c", 2, "ipam", "10.0.0.3")
-    sealed = Keyring([KEY]).encrypt(encode_datagram([ping, alive, claim]), b"test")
+    sealed = Keyring([KEY]).encrypt(encode_datagram([ping, alive, claim], HDR), b"test")
     tap = traffic._Tap(PORT, KEY, "test")
     packet = _udp_packet(sealed)
     tap.packet(packet, 0)
@@ -55,7 +56,7 @@ def test_tap_splits_a_probe_datagram_into_probe_piggyback_and_overhead() -> None
 
 
 def test_tap_counts_a_datagram_under_another_key_as_undecodable() -> None:
-    sealed = Keyring([bytes(32)]).encrypt(encode_datagram([Ping(1, "b", "a", ("127.1.1.1", PORT))]), b"test")
+    sealed = Keyring([bytes(32)]).encrypt(encode_datagram([Ping(1, "b", "a", ("127.1.1.1", PORT))], HDR), b"test")
     tap = traffic._Tap(PORT, KEY, "test")
     tap.packet(_udp_packet(sealed), 0)
     assert list(tap.buckets[0]) == ["udp:undecodable"]

@@ -37,6 +37,7 @@ class Beacon:
         keyring: Keyring,
         incarnation: int = 0,
         meta: bytes = b"",
+        epoch: int = 0,
     ) -> None:
         self.name = name
         self.addr = addr
