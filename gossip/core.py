@@ -860,6 +860,10 @@ class Membership:
                 if about_me is not None and (about_me.state != ALIVE or about_me.incarnation > self._me.incarnation):
                     self._about_me(about_me.state, about_me.incarnation)  # refute now: the Alive goes below
                 records = digest.records_lacking(table, s.members)
+                if all(n is not self._me for n in records):
+                    # Ours always goes when lists are compared: a peer listing "our" name may be
+                    # another node that took it (the digest would call the two records equal).
+                    records.append(self._me)
                 names = digest.members_wanted(table, s.members, self._reaped)
             else:
                 names = ()
