@@ -87,7 +87,8 @@ def in_netns(ns: str, code: str, *args: str, **kw: object) -> list[str]:
 def test_lan_coap_device_is_imported_and_mesh_services_exported(multicast_netns: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     wrapper = ["ip", "netns", "exec", multicast_netns]
-    with LoopbackCluster(1, seeds=False, mdns=True, wrapper=wrapper) as cluster:
+    # CoAP on: a service is exported at the agent's CoAP port, so a router must answer there.
+    with LoopbackCluster(1, seeds=False, mdns=True, coap=True, wrapper=wrapper) as cluster:
         (agent,) = cluster.agents
         device = subprocess.Popen(
             in_netns(multicast_netns, ANNOUNCE), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
