@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeagent",
         description=(
             "Edge mesh agent: SWIM-gossip membership, overlay addresses and service discovery; "
-            "encrypted CoAP/MQTT routing between devices is in progress."
+            "CoAP routing between devices over mutual TLS with balancing and failover (MQTT next)."
         ),
         epilog="Run 'edgeagent COMMAND --help' for the options of one command.",
     )
