@@ -61,7 +61,7 @@ from .control import ControlError, ControlServer, socket_path
 from .control_json import count_states, members_page, members_page_args
 from .driver import GossipDriver, View, stream_drops
 from .errors import ConfigError
-from .host import Feature, FeatureHost
+from .host import DEBUG_COMMANDS_ENV, Feature, FeatureHost
 from .logs import FIELDS_ATTR, fields
 from .name_conflict import KEEP, REFUSE, Claimant, Verdict, claimant, member_meta, verdict
 from .netaddr import format_addr, is_wildcard
@@ -93,7 +93,6 @@ log = logging.getLogger("edgeagent")
 
 LEAVE_SPREAD_TIMEOUT = 2.0  # seconds to let a graceful leave spread before exiting
 LEAVE_POLL_INTERVAL = 0.05
-DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* commands (tests only)
 MAX_DEBUG_BLOCK_S = 60.0
 EXIT_NAME_CONFLICT = 2  # another live node holds our name (the CLI's "fix your config" code)
 

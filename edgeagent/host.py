@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from .metrics import Registry
 
 T = TypeVar("T")
+DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # "1" enables debug-* control commands (tests only)
 
 Listener = Callable[[tuple[ev.Event, ...], View], None]
 Resolver = Callable[[str], list[str]]  # lower-cased DNS label -> address texts

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Generic, TypeVar, cast
 
 from .agent_process import AgentProcess, agent_env
+from .host import DEBUG_COMMANDS_ENV
 from .onboarding import new_ca, provision_member
 
 MAX_SEEDS = 3  # seeds handed to each agent: enough to survive one dead seed
-DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # edgeagent.agent: enables debug-block
-PORT_ATTEMPTS = 50
-COAP_PORT = 5683  # with coap=True each agent serves CoAP on its own address, the usual port  # kernel-picked ports tried before giving up
+PORT_ATTEMPTS = 50  # kernel-picked ports tried before giving up
+COAP_PORT = 5683  # with coap=True each agent serves CoAP on its own address, the usual port
 
 
 def free_port(hosts: Sequence[str]) -> int:

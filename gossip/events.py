@@ -107,7 +107,12 @@ Event = (
     | UserMessage
 )
 
+# The events that carry a member's new state (all but MemberReaped, which removes it):
+# what a feature mirroring member states (a catalog, an allocator) listens for.
+MEMBER_STATE_EVENTS = (MemberJoined, MemberUpdated, MemberSuspected, MemberAlive, MemberFailed, MemberLeft)
+
 __all__ = [
+    "MEMBER_STATE_EVENTS",
     "Address",
     "Event",
     "Member",

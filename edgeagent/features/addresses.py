@@ -44,14 +44,7 @@ log = FeatureHost.logger("ipam")
 STATE_FILE = "ipam.json"
 # Removed when a copied state dir becomes a new node (agent): the copy claims a block afresh.
 NODE_BOUND_FILES = (STATE_FILE,)
-_MEMBER_EVENTS = (
-    ev.MemberJoined,
-    ev.MemberUpdated,
-    ev.MemberSuspected,
-    ev.MemberAlive,
-    ev.MemberFailed,
-    ev.MemberLeft,
-)
+_MEMBER_EVENTS = ev.MEMBER_STATE_EVENTS
 
 
 class Addresses:

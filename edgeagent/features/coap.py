@@ -54,21 +54,13 @@ from ..config.schema import default_channel_port
 from ..control import ControlError
 from ..driver import View
 from ..errors import ConfigError
-from ..host import FeatureHost
+from ..host import DEBUG_COMMANDS_ENV, FeatureHost
 from ..logs import fields
 from ..mtls import load_channel_tls
 from ..name_conflict import claimant
 
 log = FeatureHost.logger("coap")
-DEBUG_COMMANDS_ENV = "EDGEAGENT_DEBUG_COMMANDS"  # as edgeagent.agent
-_MEMBER_EVENTS = (
-    ev.MemberJoined,
-    ev.MemberUpdated,
-    ev.MemberSuspected,
-    ev.MemberAlive,
-    ev.MemberFailed,
-    ev.MemberLeft,
-)
+_MEMBER_EVENTS = ev.MEMBER_STATE_EVENTS
 
 
 class OwnDirectory:

@@ -59,14 +59,7 @@ log = FeatureHost.logger("services")
 STATE_FILE = "services.json"
 SAVE_TIMEOUT_S = 5.0  # a registration answers once on disk; a failing disk refuses it
 FILE_VERSION = 1
-_MEMBER_EVENTS = (
-    ev.MemberJoined,
-    ev.MemberUpdated,
-    ev.MemberSuspected,
-    ev.MemberAlive,
-    ev.MemberFailed,
-    ev.MemberLeft,
-)
+_MEMBER_EVENTS = ev.MEMBER_STATE_EVENTS
 
 
 def _entry(inst: Instance) -> dict[str, Any]:
