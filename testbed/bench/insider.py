@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import shutil
 import socket
@@ -56,8 +57,10 @@ from edgeagent.streams import StreamAuth
 from gossip.codec import (
     MAX_COUNTER,
     PROTOCOL_VERSION,
+    DatagramHeader,
     decode_datagram,
     decode_frame,
+    destination_tag,
     encode_datagram,
 )
 from gossip.config import preset
@@ -126,7 +129,7 @@ class _Tapped(Membership):
 
     def receive(self, data: bytes, src: Address, now: float) -> None:
         try:
-            self._note(decode_datagram(self.tap_keyring.decrypt(data, CLUSTER.encode())))
+            self._note(decode_datagram(self.tap_keyring.decrypt(data, CLUSTER.encode()))[1])
         except RemoteError:
             pass
         super().receive(data, src, now)
@@ -365,7 +368,8 @@ class _Pinger:
             if now >= next_ping:
                 seq += 1
                 ping = Ping(seq, TARGET, "pinger", self.addr)
-                self.sock.sendto(self.keyring.encrypt(encode_datagram([ping]), aad), self.target)
+                header = DatagramHeader("pinger", 1, seq, destination_tag(TARGET))
+                self.sock.sendto(self.keyring.encrypt(encode_datagram([ping], header), aad), self.target)
                 sent[seq] = now
                 next_ping += PING_EVERY
             for old in [s for s, at in sent.items() if now - at > PING_TIMEOUT]:
@@ -378,7 +382,7 @@ class _Pinger:
                 continue
             arrived = time.monotonic()
             try:
-                msgs = decode_datagram(self.keyring.decrypt(data, aad))
+                _, msgs = decode_datagram(self.keyring.decrypt(data, aad))
             except RemoteError:
                 continue
             for msg in msgs:
@@ -386,9 +390,14 @@ class _Pinger:
                     self.rtts.append(arrived - sent.pop(msg.seq))
 
 
+_FUZZ_COUNTER = itertools.count()  # every hostile datagram new to the anti-replay window
+
+
 def _sealed(keyring: Keyring, message: list[Any]) -> bytes:
-    """One raw wire message, sealed (bypassing the encoder's checks, as a fuzzer does)."""
-    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb([message], use_bin_type=True)
+    """One raw wire message, sealed (bypassing the encoder's checks, as a fuzzer does), with a
+    valid datagram header to the target (the fuzzer holds the key: it can make one)."""
+    header = ["fuzzer", 1, next(_FUZZ_COUNTER), destination_tag(TARGET)]
+    plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb([*header, message], use_bin_type=True)
     return keyring.encrypt(plain, CLUSTER.encode())
 
 

@@ -14,7 +14,7 @@ from edgeagent import cli
 from edgeagent.commands.members import pages
 from edgeagent.control import ControlError
 from edgeagent.control_json import MEMBERS_PAGE
-from gossip.codec import encode_datagram
+from gossip.codec import DatagramHeader, destination_tag, encode_datagram
 from gossip.core import Membership
 from gossip.messages import Alive
 from tests.edgeagent.inprocess import call, start, stop
@@ -27,7 +27,9 @@ def add_members(core: Membership, now: float) -> int:
     aad = core.config.cluster_name.encode()
     for i in range(MEMBERS):
         addr = (f"127.99.{i // 250}.{1 + i % 250}", 9)
-        sealed = core._keyring.encrypt(encode_datagram([Alive(f"m{i:05d}", 1, addr, b"")]), aad)
+        name = f"m{i:05d}"
+        header = DatagramHeader(name, 1, 0, destination_tag(core.name))
+        sealed = core._keyring.encrypt(encode_datagram([Alive(name, 1, addr, b"")], header), aad)
         core.receive(sealed, addr, now)
     core.datagrams_to_send()
     return len(core.members())

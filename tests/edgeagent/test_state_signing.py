@@ -19,7 +19,7 @@ from edgeagent.logs import FIELDS_ATTR
 from edgeagent.onboarding import CA_CERT_FILE, new_ca, provision_member
 from edgeagent.persist import load_identity
 from edgeagent.state_signing import ForgedStateLog, load_state_signing
-from gossip.codec import PROTOCOL_VERSION
+from gossip.codec import PROTOCOL_VERSION, destination_tag
 from gossip.keyring import Keyring
 from tests.edgeagent import inprocess
 from tests.edgeagent.inprocess import Running, wait_for
@@ -113,7 +113,8 @@ async def test_a_forged_claim_sent_with_the_cluster_key_changes_nothing(base_dir
         claim = {"v": 1, "block": str(block_a), "t": [1, 0], "id": "evil"}
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for i in range(38):
-                wire = [[8, "b", top + 1 + i, "ipam", claim, False]]
+                header = ["insider", 1, i, destination_tag(a.agent.config.name)]
+                wire = [*header, [8, "b", top + 1 + i, "ipam", claim, False]]
                 plain = bytes((PROTOCOL_VERSION,)) + msgpack.packb(wire, use_bin_type=True)
                 sock.sendto(ring.encrypt(plain, aad), a.agent.driver.address)
 
