@@ -52,7 +52,7 @@ from gossip import events as ev
 from gossip.keyring import Keyring
 from gossip.messages import Address
 
-from . import systemd
+from . import name_conflict, systemd
 from .advertise import advertised_host
 from .bridge import EventsDropped
 from .clock_store import AgentClock
@@ -499,6 +499,18 @@ class Agent:
                 view.taken_at,
                 f"node name {event.name} is also claimed by {format_addr(event.addr)}, which "
                 "started later and gives it up",
+                **where[FIELDS_ATTR],
+            )
+            return
+        held_s = time.monotonic() - self._started_at
+        if held_s >= name_conflict.ESTABLISHED_S:  # forged, or a partition healing: keep it
+            self._conflict_warnings.warn(
+                event.name,
+                view.taken_at,
+                f"node name {event.name} is also claimed by {format_addr(event.addr)} (node "
+                f"{other.node_id or '?'}) with an earlier start; this node has held it for "
+                f"{held_s:.0f} s and keeps it: if that node is real, give one of them another "
+                "name (--name NAME)",
                 **where[FIELDS_ATTR],
             )
             return

@@ -20,6 +20,15 @@ gives the name up (equal start times: the larger node id, then the larger addres
 bare wall clock: a node that boots in 1970 (no RTC) starts at its saved clock or at the
 issuer's time from enrollment, so it does not look like the oldest claimant of every name.
 
+An established holder never yields: once this life has held the name for
+:data:`ESTABLISHED_S` with no conflict, a claim that would make it exit or renew is refused
+with an error instead (rate-limited). Any cluster-key holder can forge an Alive with our name
+and an earlier ``since``; without this one datagram stopped a long-running agent for good
+(the systemd unit does not restart on exit 2). The claimant that really has to give the name
+up is the one that just started: it sees the conflict within its first seconds. Two real
+nodes that both held one name for long (a partition healing) both keep it and both log the
+error naming the other.
+
 A meta that is not ours (no ``since``) counts as started at 0: an older agent, established.
 Known limit: an earlier life of this very node, at another address and with an incarnation
 this life did not save (killed right after a refutation), looks like a copy that started
@@ -33,6 +42,8 @@ import json
 from dataclasses import dataclass
 
 from gossip.messages import Address
+
+ESTABLISHED_S = 120.0  # held this long without a conflict: never given up to a later claim
 
 
 class Verdict(enum.Enum):
