@@ -2,10 +2,8 @@
 
 How it works. On start the feature
 
-1. finds the service directory (the catalog and its balancer): the one the services feature
-   feature provides (``host.feature("services")``), else its own
-   (:class:`OwnDirectory`: a :class:`~overlay.catalog.Catalog` fed from the gossip events'
-   ``svc`` values and member states, and a :class:`~overlay.balancer.Balancer`);
+1. takes the service directory (the catalog and its balancer) of the services feature
+   (``host.feature("services")``, always on and started before this one);
 2. loads the node's channel TLS material (:func:`edgeagent.mtls.load_channel_tls`) and
    listens for peers on the ``--bind`` host at the gossip port +
    :data:`~edgeagent.config.schema.CHANNEL_PORT_OFFSET` (2; +1 is the enrollment port);
@@ -18,9 +16,9 @@ How it works. On start the feature
 A member's channel address is its gossip address's host and gossip port + 2; the node id the
 peer's certificate must name comes from its member meta (:mod:`edgeagent.name_conflict`).
 
-With ``EDGEAGENT_DEBUG_COMMANDS=1`` (tests) the control command ``debug-coap-publish``
-publishes this node's instances (``[{name, uri}]``) under ``svc`` when the feature uses its
-own directory: the services feature's ``service register`` does that for real.
+With ``EDGEAGENT_DEBUG_COMMANDS=1`` (tests, the coap bench) the control command
+``debug-coap-publish`` replaces this node's registrations with ``[{name, uri}]`` in one call
+(the services feature's ``service register`` / ``deregister`` one at a time).
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
-import random
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -38,13 +35,9 @@ import aiocoap
 
 from gossip import events as ev
 from gossip.messages import MemberState
-from overlay.balancer import Balancer
 from overlay.catalog import (
-    STATE_KEY,
-    Catalog,
     CatalogError,
     Instance,
-    encode_instances,
     make_instance,
 )
 
@@ -61,31 +54,6 @@ from ..name_conflict import claimant
 
 log = FeatureHost.logger("coap")
 _MEMBER_EVENTS = ev.MEMBER_STATE_EVENTS
-
-
-class OwnDirectory:
-    """A catalog and balancer of the feature's own, fed by gossip (no services feature)."""
-
-    def __init__(self, local: str) -> None:
-        self._catalog = Catalog(local)
-        self._balancer = Balancer(self._catalog, random.Random())
-
-    @property
-    def catalog(self) -> Catalog:
-        return self._catalog
-
-    @property
-    def balancer(self) -> Balancer:
-        return self._balancer
-
-    def on_update(self, events: tuple[ev.Event, ...]) -> None:
-        for event in events:
-            if isinstance(event, ev.StateChanged) and event.key == STATE_KEY:
-                self._catalog.on_state(event.owner, None if event.deleted else event.value)
-            elif isinstance(event, _MEMBER_EVENTS):
-                self._catalog.on_member(event.member.name, event.member.state)
-            elif isinstance(event, ev.MemberReaped):
-                self._catalog.on_reaped(event.member.name)
 
 
 class Peers:
@@ -124,7 +92,6 @@ class Coap:
 
     def __init__(self) -> None:
         self.router: Router | None = None
-        self._own: OwnDirectory | None = None
         self._server: aiocoap.Context | None = None
         self._channel: Channel | None = None
         self._upstream = Upstream()
@@ -147,55 +114,25 @@ class Coap:
         host.register_command("coap", lambda request: self.cmd_coap(directory))
 
     def _directory(self, host: FeatureHost) -> ServiceDirectory:
+        """The services feature (always on, started before us): its catalog and balancer."""
         services = host.feature("services")
-        debug = os.environ.get(DEBUG_COMMANDS_ENV) == "1"
-        if services is not None:
-            if debug:
-                host.register_command(
-                    "debug-coap-publish", lambda r: self._register(services, r)
-                )
-            return services  # type: ignore[no-any-return]
-        self._own = OwnDirectory(host.identity.name)
-        own = self._own
-        for member in host.view.members:
-            own.catalog.on_member(member.name, member.state)
-        self._tasks.add(asyncio.ensure_future(self._catch_up(host, own)))
-        if debug:
-            host.register_command("debug-coap-publish", lambda r: self._publish(host, own, r))
-        return own
+        if services is None:
+            raise RuntimeError("the coap feature needs the services feature")
+        if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
+            host.register_command("debug-coap-publish", lambda r: self._register(services, r))
+        return services  # type: ignore[no-any-return]
 
     @staticmethod
     async def _register(services: Any, request: Mapping[str, Any]) -> Any:
-        """``debug-coap-publish`` through the services feature: these are the registrations."""
+        """``debug-coap-publish``: these are this node's registrations (saved, then published)."""
         found = Coap._instances(request, services.catalog.local)
         await services.set_registered(found)
         return {"published": len(found)}
 
     @staticmethod
-    async def _catch_up(host: FeatureHost, own: OwnDirectory) -> None:
-        for member, value in await host.member_states(STATE_KEY):
-            if value is not None:  # the current value: applying it again changes nothing
-                own.catalog.on_state(member.name, value)
-
-    def _on_update(self, peers: Peers, events: tuple[ev.Event, ...], view: View) -> None:
-        if self._own is not None:
-            self._own.on_update(events)
+    def _on_update(peers: Peers, events: tuple[ev.Event, ...], view: View) -> None:
         if any(isinstance(e, (*_MEMBER_EVENTS, ev.MemberReaped)) for e in events):
             peers.update(view)
-
-    @staticmethod
-    def _publish(host: FeatureHost, own: OwnDirectory, request: Mapping[str, Any]) -> Any:
-        found = Coap._instances(request, own.catalog.local)
-        try:
-            value = encode_instances(found)
-        except CatalogError as exc:
-            raise ControlError(str(exc)) from None
-        own.catalog.on_state(own.catalog.local, value if found else None)
-        if found:
-            host.set_state(STATE_KEY, value)
-        else:
-            host.delete_state(STATE_KEY)
-        return {"published": len(found)}
 
     @staticmethod
     def _instances(request: Mapping[str, Any], node: str) -> list[Instance]:
