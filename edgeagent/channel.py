@@ -52,6 +52,7 @@ from overlay.pki import CertIdentity
 
 from . import mtls
 from .logs import fields
+from .ratelimit import WarnLimiter
 from .stream_limits import Admission
 
 log = logging.getLogger("edgeagent.channel")
@@ -66,7 +67,6 @@ TOTAL_BUFFER_BYTES = 8 << 20  # ... and for all connections of the agent
 MAX_SERVING = 256  # peers' requests being handled at once (more: REFUSED, retried elsewhere)
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
-WARN_INTERVAL_S = 60.0
 READ_CHUNK = 64 * 1024
 
 Handler = Callable[[CertIdentity, bytes], Awaitable[bytes]]
@@ -319,23 +319,6 @@ class _Link:
             raise
 
 
-class _Warnings:
-    """One warning per reason per interval, with the number suppressed since."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warn(self, reason: str, message: str, now: float, **extra: object) -> None:
-        last = self._last.get(reason)
-        if last is not None and now - last < WARN_INTERVAL_S:
-            self._suppressed[reason] += 1
-            return
-        self._last[reason] = now
-        suppressed = self._suppressed.pop(reason, 0)
-        log.warning(message, extra=fields(reason=reason, suppressed=suppressed, **extra))
-
-
 class Channel:
     """The pool of channel connections of one agent, and its listener."""
 
@@ -362,7 +345,7 @@ class Channel:
         self._handshaking: dict[int, asyncio.Task[None]] = {}
         self._conn_ids = itertools.count(1)
         self._server: asyncio.Server | None = None
-        self._warnings = _Warnings()
+        self._warnings = WarnLimiter(log)  # one per reason a minute, with the count suppressed
         self.serving_tasks: set[asyncio.Task[None]] = set()
         self._buffered = 0
 
@@ -442,7 +425,7 @@ class Channel:
         failures = self._backoff.get(peer.key, (0, 0.0))[0] + 1
         delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (failures - 1))
         self._backoff[peer.key] = (failures, now + delay * self.rng.uniform(0.5, 1.0))
-        self._warnings.warn(counter, message, now, peer=peer.name)
+        self._warnings.warn(counter, now, message, reason=counter, peer=peer.name)
 
     def _start_link(
         self,
@@ -480,11 +463,9 @@ class Channel:
         loop = asyncio.get_running_loop()
         if not decision.admitted:
             self.stats[f"inbound_{decision.reason}"] += 1
+            reason = f"inbound_{decision.reason}"
             self._warnings.warn(
-                "inbound_" + str(decision.reason),
-                "refused a channel connection",
-                loop.time(),
-                source=source,
+                reason, loop.time(), "refused a channel connection", reason=reason, source=source
             )
             writer.close()
             return
@@ -522,8 +503,9 @@ class Channel:
             self.stats["inbound_refused"] += 1
             self._warnings.warn(
                 "inbound_refused",
-                "refused a channel connection: no valid certificate of this mesh's CA",
                 now,
+                "refused a channel connection: no valid certificate of this mesh's CA",
+                reason="inbound_refused",
                 source=source,
                 error=str(exc) or type(exc).__name__,
             )
