@@ -7,11 +7,9 @@ virtual time: tests/overlay/test_mdns.py).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,18 +25,6 @@ def test_zeroconf_is_not_imported_when_mdns_is_off() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.fixture
-def multicast_netns() -> Iterator[str]:
-    """A private network namespace whose loopback carries multicast: mDNS stays inside it."""
-    name = f"ea-mdns-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up", "multicast", "on"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,17 +65,6 @@ async def main():
     await zc.async_close()
 asyncio.run(main())
 """
-
-
-@pytest.fixture
-def multicast_netns() -> Iterator[str]:
-    name = f"ea-svc-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up", "multicast", "on"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def in_netns(ns: str, code: str, *args: str, **kw: object) -> list[str]:
