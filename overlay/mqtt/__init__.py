@@ -1,0 +1,1 @@
+"""MQTT for the mesh, sans-IO: packets, codec, broker core, mesh routing."""
