@@ -65,6 +65,7 @@ Top level::
     log_level = "info"                # debug | info | warning | error
     metrics = "127.0.0.1:9464"        # or true / false
     dns = "127.0.0.1:5354"            # or true / false
+    coap = "0.0.0.0:5683"             # or true / false
     mdns = true
 
 Tables::
@@ -82,6 +83,7 @@ Tables::
     [services]  site = "hall" (this node's site: locality, and the site tag of its instances
                 that set none); mdns_import, mdns_export (booleans, default true; both
                 also need mdns)
+    [mqtt]      listen = "0.0.0.0:1883" (the local MQTT broker's TCP listener), or false
 
 Relative paths in the file are relative to the file's directory. Unknown keys
 are errors. Every error is one :class:`~edgeagent.errors.ConfigError` line

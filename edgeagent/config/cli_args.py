@@ -22,6 +22,8 @@ from .schema import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
     DEFAULT_METRICS_PORT,
+    DEFAULT_MQTT_HOST,
+    DEFAULT_MQTT_PORT,
     DEFAULT_PROFILE,
     ENROLL_PORT_OFFSET,
     LOG_FORMATS,
@@ -149,6 +151,14 @@ def _add_feature_flags(parser: argparse.ArgumentParser) -> None:
         help=(
             "serve CoAP to local clients on UDP HOST:PORT and route SERVICE.mesh requests "
             f"through the mesh, or 'off' (default: {DEFAULT_COAP_HOST}:{DEFAULT_COAP_PORT})"
+        ),
+    )
+    add(
+        "--mqtt",
+        metavar="HOST:PORT",
+        help=(
+            "be the MQTT broker (3.1.1 and 5) for local clients on TCP HOST:PORT, or 'off' "
+            f"(default: {DEFAULT_MQTT_HOST}:{DEFAULT_MQTT_PORT}; also [mqtt] listen in the file)"
         ),
     )
     add(

@@ -39,7 +39,7 @@ from .checks import (
 )
 from .profiles import Profile
 from .reader import TableReader, read_toml
-from .schema import FILE_KEYS, LOG_FORMATS, LOG_LEVELS, OVERLAY_KEYS, HostPort
+from .schema import FILE_KEYS, LOG_FORMATS, LOG_LEVELS, MQTT_KEYS, OVERLAY_KEYS, HostPort
 
 
 @dataclass(slots=True)
@@ -64,6 +64,8 @@ class Layer:
     dns_addr: HostPort | None = None
     coap_on: bool | None = None
     coap_addr: HostPort | None = None
+    mqtt_on: bool | None = None
+    mqtt_addr: HostPort | None = None
     mdns: bool | None = None
     preset: str | None = None
     gossip: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +113,11 @@ def file_layer(path: Path) -> Layer:
     coap = reader.get(data, "coap", check_switch_or_address)
     if coap is not None:
         layer.coap_on, layer.coap_addr = coap
+    mqtt = reader.table("mqtt")
+    reader.check_keys(mqtt, MQTT_KEYS, "mqtt.")
+    listen = reader.get(mqtt, "listen", check_switch_or_address, "mqtt.")
+    if listen is not None:
+        layer.mqtt_on, layer.mqtt_addr = listen
     layer.preset, layer.gossip = reader.gossip(reader.table("gossip"))
     layer.limits = reader.limits(reader.table("limits"))
     overlay = reader.table("overlay")
@@ -174,6 +181,9 @@ def flag_layer(args: argparse.Namespace) -> Layer:
     coap = flag("coap", "--coap", switch)
     if coap is not None:
         layer.coap_on, layer.coap_addr = coap
+    mqtt = flag("mqtt", "--mqtt", switch)
+    if mqtt is not None:
+        layer.mqtt_on, layer.mqtt_addr = mqtt
     return layer
 
 

@@ -38,6 +38,8 @@ from .schema import (
     DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
     DEFAULT_METRICS_PORT,
+    DEFAULT_MQTT_HOST,
+    DEFAULT_MQTT_PORT,
     DEFAULT_OVERLAY_PREFIX,
     DEFAULT_PRESET,
     AgentConfig,
@@ -89,6 +91,8 @@ def load_config(
     dns = pick("dns_addr", (DEFAULT_LOCAL_HOST, DEFAULT_DNS_PORT)) if pick("dns_on", False) else None
     coap_addr = pick("coap_addr", None)
     coap = (coap_addr or (DEFAULT_COAP_HOST, DEFAULT_COAP_PORT)) if pick("coap_on", True) else None
+    mqtt_addr = pick("mqtt_addr", None)
+    mqtt = (mqtt_addr or (DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT)) if pick("mqtt_on", True) else None
     bind = pick("bind", (DEFAULT_BIND_HOST, DEFAULT_GOSSIP_PORT))
     return AgentConfig(
         name=_node_name(pick("name", None), hostname),
@@ -107,6 +111,8 @@ def load_config(
         dns=dns,
         coap=coap,
         coap_explicit=coap_addr is not None,
+        mqtt=mqtt,
+        mqtt_explicit=mqtt_addr is not None,
         overlay_prefix=prefix,
         block_prefixlen=block,
         dead_quarantine_s=pick("dead_quarantine_s", DEFAULT_DEAD_QUARANTINE_S),

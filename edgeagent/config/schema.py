@@ -36,6 +36,8 @@ ENROLL_PORT_OFFSET = 1
 CHANNEL_PORT_OFFSET = 2
 DEFAULT_COAP_HOST = "0.0.0.0"  # the CoAP listener for local clients (--coap)
 DEFAULT_COAP_PORT = 5683  # RFC 7252's coap port
+DEFAULT_MQTT_HOST = "0.0.0.0"  # the MQTT listener for local clients ([mqtt] listen, --mqtt)
+DEFAULT_MQTT_PORT = 1883  # IANA's mqtt port, as mosquitto
 DEFAULT_DNS_PORT = 5354  # mesh DNS default: unprivileged, beside mDNS's 5353
 DEFAULT_METRICS_PORT = 9464  # the OpenTelemetry Prometheus exporter's default port
 DEFAULT_OVERLAY_PREFIX = "10.99.0.0/16"
@@ -63,11 +65,12 @@ LOG_LEVELS = tuple(LEVELS)
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
     "enroll_port", "log_format", "log_level", "metrics", "dns", "coap", "mdns", "gossip", "limits", "features", "overlay",
-    "service", "services",
+    "service", "services", "mqtt",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
 SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
+MQTT_KEYS = ("listen",)  # the [mqtt] table
 # The port plain mDNS clients are told to use for an exported mesh service when the agent
 # has no CoAP listener setting of its own: CoAP's registered port (RFC 7252).
 DEFAULT_COAP_PORT = 5683
@@ -143,6 +146,10 @@ class AgentConfig:
     # True when --coap / the file's coap key named the address (a port in use is then fatal;
     # the default's is logged and CoAP stays off).
     coap_explicit: bool = False
+    # MQTT listener for local clients (the agent is their broker); None: off. As coap_explicit:
+    # a port named in --mqtt / [mqtt] listen that is taken is fatal, the default's is logged.
+    mqtt: HostPort | None = (DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT)
+    mqtt_explicit: bool = False
     overlay_prefix: str = DEFAULT_OVERLAY_PREFIX
     block_prefixlen: int = DEFAULT_BLOCK_PREFIXLEN
     dead_quarantine_s: float = DEFAULT_DEAD_QUARANTINE_S

@@ -483,3 +483,28 @@ def test_coap_listener_default_flag_file_and_off(tmp_path: Path) -> None:
     file.write_text("coap = 5683\n")
     with pytest.raises(ConfigError, match="coap"):
         load("-c", str(file))
+
+
+def test_mqtt_listener_default_flag_file_and_off(tmp_path: Path) -> None:
+    default = load()
+    assert (default.mqtt, default.mqtt_explicit) == (("0.0.0.0", 1883), False)
+    flagged = load("--mqtt", "127.0.0.7:1884")
+    assert (flagged.mqtt, flagged.mqtt_explicit) == (("127.0.0.7", 1884), True)
+    assert load("--mqtt", "off").mqtt is None
+    file = tmp_path / "agent.toml"
+    file.write_text("[mqtt]\nlisten = false\n")
+    assert load("-c", str(file)).mqtt is None
+    assert load("-c", str(file), "--mqtt", "127.0.0.1:1883").mqtt == ("127.0.0.1", 1883)
+    file.write_text('[mqtt]\nlisten = "127.0.0.2:6000"\n')
+    assert load("-c", str(file)).mqtt == ("127.0.0.2", 6000)
+    with pytest.raises(ConfigError, match="--mqtt"):
+        load("--mqtt", "nowhere")
+    file.write_text("[mqtt]\nlisten = 1883\n")
+    with pytest.raises(ConfigError, match="mqtt.listen"):
+        load("-c", str(file))
+    file.write_text('[mqtt]\nlisen = "127.0.0.1:1883"\n')
+    with pytest.raises(ConfigError, match='mqtt.lisen: unknown key \\(did you mean "listen"\\?\\)'):
+        load("-c", str(file))
+    file.write_text('mqtt = "127.0.0.1:1883"\n')
+    with pytest.raises(ConfigError, match="mqtt: expected a table"):
+        load("-c", str(file))
