@@ -133,6 +133,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),
     FeatureSpec("enroll", "edgeagent.features.enroll", "Enroll", _holds_ca_key),
     FeatureSpec("coap", "edgeagent.features.coap", "Coap", lambda c: c.coap is not None),
+    FeatureSpec("mqtt", "edgeagent.features.mqtt", "Mqtt", lambda c: c.mqtt is not None),
 )  # fmt: skip
 
 

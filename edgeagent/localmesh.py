@@ -14,7 +14,8 @@ Options: ``seeds=False`` and ``mdns=True`` make agents find each other by mDNS a
 inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "netns",
 "exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands;
 ``metrics=True`` serves each agent's metrics on its own address (port picked by the kernel);
-``coap=True`` serves CoAP on each agent's own address at port 5683 (off otherwise).
+``coap=True`` serves CoAP on each agent's own address at port 5683, ``mqtt=True`` MQTT at 1883
+(each off otherwise).
 
 ``edgeagent demo`` runs on it, so it ships in the package; the test harness
 (``testbed.loopback``) builds on it from a checkout::
@@ -43,6 +44,7 @@ from .onboarding import new_ca, provision_member
 MAX_SEEDS = 3  # seeds handed to each agent: enough to survive one dead seed
 PORT_ATTEMPTS = 50  # kernel-picked ports tried before giving up
 COAP_PORT = 5683  # with coap=True each agent serves CoAP on its own address, the usual port
+MQTT_PORT = 1883  # with mqtt=True each agent is the MQTT broker on its own address, the usual port
 
 
 def free_port(hosts: Sequence[str]) -> int:
@@ -107,6 +109,7 @@ class LocalMesh(Generic[A]):
         mdns: bool = False,
         metrics: bool = False,
         coap: bool = False,
+        mqtt: bool = False,
         wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
@@ -135,6 +138,7 @@ class LocalMesh(Generic[A]):
                 "--preset", preset,
                 "--metrics", f"{host}:0" if metrics else "off",
                 "--coap", f"{host}:{COAP_PORT}" if coap else "off",
+                "--mqtt", f"{host}:{MQTT_PORT}" if mqtt else "off",
             ]  # fmt: skip
             if not mdns:
                 argv.append("--no-mdns")

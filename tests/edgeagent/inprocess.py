@@ -43,7 +43,7 @@ def make_agent(
     parser = argparse.ArgumentParser()
     add_agent_arguments(parser)
     argv = ["--name", name, "--bind", "127.0.0.1:0", "--no-mdns", "--preset", "local",
-            "--state-dir", str(state_dir), "--metrics", "off", "--coap", "off", *flags]  # fmt: skip
+            "--state-dir", str(state_dir), "--metrics", "off", "--coap", "off", "--mqtt", "off", *flags]  # fmt: skip
     config = load_config(parser.parse_args(argv))
     if config.key_file is None and not existing_material(state_dir):
         key = (shared or state_dir).absolute()

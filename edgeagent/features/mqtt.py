@@ -1,0 +1,256 @@
+"""MQTT: the agent is the broker (MQTT 3.1.1 and 5) for the clients on its device.
+
+How it works. The feature listens on TCP ``config.mqtt`` (``--mqtt``, ``[mqtt] listen``,
+default ``0.0.0.0:1883``). Each accepted connection gets an :class:`asyncio.Protocol`
+(:class:`_Client`) with its own :class:`overlay.mqtt.codec.Decoder`; every decoded packet
+goes to the one sans-IO :class:`overlay.mqtt.broker.Broker`, and its outputs are carried out
+in order by :meth:`Endpoint.run`: ``Send`` is encoded at the connection's protocol level and
+written, ``Close`` closes the transport once what was written is flushed, ``RouteOut`` (a
+message accepted here, for other agents) goes to :attr:`Endpoint.route_out`, a hook the mesh
+routing sets (a no-op until then: the broker is local to this node). The broker's timers
+(keep alive, connect timeout, session expiry, will delay) are one ``loop.call_at`` re-armed
+after every call, at ``broker.next_deadline()``; the broker's clock is the loop's.
+
+Hostile clients. A packet the decoder refuses is answered as MQTT says (a CONNACK with the
+reason before CONNECT, a level-5 DISCONNECT with it after; level 4 just closes), counted in
+``decode_errors`` and the connection closed: its will is published as for any abnormal end.
+A client that does not read (its transport's write buffer above :data:`MAX_WRITE_BUFFER`)
+is disconnected and counted (``slow_clients``); its persistent session, if any, keeps
+queueing within the broker's bounds. Nothing a client sends can raise out of this module:
+a bug in the broker closes that one connection with a logged error.
+
+A port named with ``--mqtt`` that cannot be had is one ConfigError (exit 2); when the
+default port is taken (mosquitto already runs on the device) the agent logs one line and
+runs without the listener (see the docs: attach mode is the way to use that broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from overlay.mqtt.broker import Broker, BrokerConfig, Close, Output, RouteOut, Send
+from overlay.mqtt.codec import Decoder, MqttDecodeError, encode
+from overlay.mqtt.packets import MQTT5, MQTT311, Connack, Disconnect, Limits, Reason
+
+from ..errors import ConfigError
+from ..host import FeatureHost
+from ..logs import fields
+from ..ratelimit import WarnLimiter
+
+log = FeatureHost.logger("mqtt")
+MAX_WRITE_BUFFER = 1 << 20  # bytes waiting for one client before it is cut off as too slow
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: bytes in to the endpoint, packets out to the transport."""
+
+    def __init__(self, endpoint: Endpoint, conn: int, limits: Limits) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.decoder = Decoder(None, limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.connected = False  # a successful CONNACK went out
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.endpoint.accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.endpoint.received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.lost(self)
+
+    def write(self, packet: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(encode(packet, self.decoder.level or MQTT311))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Endpoint:
+    """The broker core and the connections it serves; the asyncio side of it."""
+
+    def __init__(self, broker: Broker, limits: Limits | None = None) -> None:
+        self.broker = broker
+        self.limits = limits or Limits()
+        self.clients: dict[int, _Client] = {}
+        self.route_out: Callable[[RouteOut], None] = lambda out: None
+        self.stats = {"decode_errors": 0, "slow_clients": 0, "internal_errors": 0}
+        self._ids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._warn = WarnLimiter(60.0)
+
+    def protocol(self) -> _Client:
+        return _Client(self, next(self._ids), self.limits)
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def accepted(self, client: _Client) -> None:
+        self.clients[client.conn] = client
+        self.run(client, lambda now: self.broker.connect(client.conn, now))
+
+    def received(self, client: _Client, data: bytes) -> None:
+        if client.conn not in self.clients:
+            return
+        try:
+            packets = client.decoder.feed(data)
+        except MqttDecodeError as exc:
+            for packet in exc.packets:
+                self.run(client, lambda now, p=packet: self.broker.receive(client.conn, p, now))
+            self._refuse(client, exc)
+            return
+        for packet in packets:
+            self.run(client, lambda now, p=packet: self.broker.receive(client.conn, p, now))
+        transport = client.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.stats["slow_clients"] += 1
+            self._cut(client, "client does not read (write buffer full)")
+
+    def lost(self, client: _Client) -> None:
+        if self.clients.pop(client.conn, None) is not None:
+            self.run(None, lambda now: self.broker.connection_lost(client.conn, now))
+
+    def _refuse(self, client: _Client, exc: MqttDecodeError) -> None:
+        """Answer a packet the decoder refused as MQTT says, then close (will published)."""
+        self.stats["decode_errors"] += 1
+        if self._warn.allow("decode"):
+            log.warning(
+                "mqtt: bad packet, connection closed",
+                extra=fields(peer=client.peer, reason=exc.reason.name, why=exc.message),
+            )
+        with contextlib.suppress(Exception):
+            if not client.connected:
+                client.write(Connack(reason=exc.reason))
+            elif client.decoder.level == MQTT5:
+                client.write(Disconnect(reason=exc.reason))
+        self._cut(client, None)
+
+    def _cut(self, client: _Client, why: str | None) -> None:
+        if why is not None and self._warn.allow("cut"):
+            log.warning("mqtt: connection closed", extra=fields(peer=client.peer, why=why))
+        client.close()
+        self.lost(client)
+
+    def run(self, client: _Client | None, call: Callable[[float], list[Output]]) -> None:
+        """One broker call at the loop's time, then its outputs in order, then the timer."""
+        try:
+            outputs = call(self.now())
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("mqtt: broker error, connection closed")
+            if client is not None:
+                self._cut(client, None)
+            return
+        self.dispatch(outputs)
+        self._arm()
+
+    def dispatch(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                target = self.clients.get(out.conn)  # type: ignore[call-overload]
+                if target is not None:
+                    target.write(out.packet)
+                    if isinstance(out.packet, Connack) and out.packet.reason == Reason.SUCCESS:
+                        target.connected = True
+            elif isinstance(out, Close):
+                target = self.clients.pop(out.conn, None)  # type: ignore[call-overload]
+                if target is not None:
+                    target.close()
+            elif isinstance(out, RouteOut):
+                self.route_out(out)
+
+    def _arm(self) -> None:
+        deadline = self.broker.next_deadline()
+        if deadline == self._deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._deadline = deadline
+        self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._deadline = None
+        self.run(None, self.broker.handle_timeout)
+
+    def close_all(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for client in list(self.clients.values()):
+            client.close()
+        self.clients.clear()
+
+    def status(self) -> dict[str, Any]:
+        stats = self.broker.stats
+        return {
+            "connections": self.broker.connection_count(),
+            "sessions": self.broker.session_count(),
+            **self.stats,
+            **dataclasses.asdict(stats),
+        }
+
+
+class Mqtt:
+    """The MQTT listener of one agent and the broker behind it."""
+
+    def __init__(self) -> None:
+        self.endpoint: Endpoint | None = None
+        self._server: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: FeatureHost) -> None:
+        assert host.config.mqtt is not None
+        self.endpoint = Endpoint(Broker(BrokerConfig()))
+        where, port = host.config.mqtt
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(self.endpoint.protocol, where, port)
+        except OSError as exc:
+            if host.config.mqtt_explicit:
+                raise ConfigError(
+                    f"mqtt {where}:{port}: cannot listen: {exc.strerror or exc}"
+                ) from None
+            log.warning(
+                "mqtt: default port taken, no MQTT listener (set --mqtt HOST:PORT or off)",
+                extra=fields(addr=f"{where}:{port}", error=exc.strerror or str(exc)),
+            )
+            return
+        sock = self._server.sockets[0].getsockname()
+        self.address = (where, int(sock[1]))
+        log.info("mqtt listening", extra=fields(addr=f"{where}:{self.address[1]}"))
+        host.add_status(self.status_fields)
+        host.register_command("mqtt", lambda request: self.status_fields())
+
+    def status_fields(self) -> dict[str, Any]:
+        where = self.address
+        return {
+            "mqtt": f"{where[0]}:{where[1]}" if where else None,
+            "mqtt_stats": self.endpoint.status() if self.endpoint else {},
+        }
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.endpoint is not None:
+            self.endpoint.close_all()
+
