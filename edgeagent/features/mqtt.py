@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +93,7 @@ class Endpoint:
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
-        self._warn = WarnLimiter(60.0)
+        self._warn = WarnLimiter(log)
 
     def protocol(self) -> _Client:
         return _Client(self, next(self._ids), self.limits)
@@ -129,11 +130,11 @@ class Endpoint:
     def _refuse(self, client: _Client, exc: MqttDecodeError) -> None:
         """Answer a packet the decoder refused as MQTT says, then close (will published)."""
         self.stats["decode_errors"] += 1
-        if self._warn.allow("decode"):
-            log.warning(
-                "mqtt: bad packet, connection closed",
-                extra=fields(peer=client.peer, reason=exc.reason.name, why=exc.message),
-            )
+        self._warn.warn(
+            f"decode {client.peer.rsplit(':', 1)[0]}", self.now(),
+            "mqtt: bad packet, connection closed",
+            peer=client.peer, reason=exc.reason.name, why=exc.message,
+        )  # fmt: skip
         with contextlib.suppress(Exception):
             if not client.connected:
                 client.write(Connack(reason=exc.reason))
@@ -142,8 +143,9 @@ class Endpoint:
         self._cut(client, None)
 
     def _cut(self, client: _Client, why: str | None) -> None:
-        if why is not None and self._warn.allow("cut"):
-            log.warning("mqtt: connection closed", extra=fields(peer=client.peer, why=why))
+        if why is not None:
+            key = f"cut {client.peer.rsplit(':', 1)[0]}"
+            self._warn.warn(key, self.now(), "mqtt: connection closed", peer=client.peer, why=why)
         client.close()
         self.lost(client)
 
@@ -202,8 +204,8 @@ class Endpoint:
     def status(self) -> dict[str, Any]:
         stats = self.broker.stats
         return {
-            "connections": self.broker.connection_count(),
-            "sessions": self.broker.session_count(),
+            "connections": self.broker.connection_count,
+            "sessions": self.broker.session_count,
             **self.stats,
             **dataclasses.asdict(stats),
         }
@@ -224,14 +226,13 @@ class Mqtt:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(self.endpoint.protocol, where, port)
-        except OSError as exc:
+        except OSError as exc:  # asyncio's message repeats the address: say only why
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             if host.config.mqtt_explicit:
-                raise ConfigError(
-                    f"mqtt {where}:{port}: cannot listen: {exc.strerror or exc}"
-                ) from None
+                raise ConfigError(f"mqtt {where}:{port}: cannot listen: {why}") from None
             log.warning(
                 "mqtt: default port taken, no MQTT listener (set --mqtt HOST:PORT or off)",
-                extra=fields(addr=f"{where}:{port}", error=exc.strerror or str(exc)),
+                extra=fields(addr=f"{where}:{port}", error=why),
             )
             return
         sock = self._server.sockets[0].getsockname()
