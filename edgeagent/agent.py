@@ -122,6 +122,11 @@ def _holds_ca_key(config: AgentConfig) -> bool:
     return (config.state_dir / CA_KEY_FILE).exists()
 
 
+def _needs_channel(config: AgentConfig) -> bool:
+    """The agent channel: on when a feature that uses it (CoAP, MQTT) is."""
+    return config.coap is not None or config.mqtt is not None
+
+
 # Start order; they stop in reverse. Addresses before DNS only for the log order: DNS consults
 # the resolvers at query time.
 FEATURES: tuple[FeatureSpec, ...] = (
@@ -132,6 +137,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("metrics", "edgeagent.features.metrics", "Metrics", lambda c: c.metrics is not None),
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),
     FeatureSpec("enroll", "edgeagent.features.enroll", "Enroll", _holds_ca_key),
+    FeatureSpec("channel", "edgeagent.features.channel", "ChannelFeature", _needs_channel),
     FeatureSpec("coap", "edgeagent.features.coap", "Coap", lambda c: c.coap is not None),
     FeatureSpec("mqtt", "edgeagent.features.mqtt", "Mqtt", lambda c: c.mqtt is not None),
 )  # fmt: skip

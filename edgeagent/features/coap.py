@@ -4,17 +4,14 @@ How it works. On start the feature
 
 1. takes the service directory (the catalog and its balancer) of the services feature
    (``host.feature("services")``, always on and started before this one);
-2. loads the node's channel TLS material (:func:`edgeagent.mtls.load_channel_tls`) and
-   listens for peers on the ``--bind`` host at the gossip port +
-   :data:`~edgeagent.config.schema.CHANNEL_PORT_OFFSET` (2; +1 is the enrollment port);
-   without a node certificate it logs one line and routes to local instances only;
+2. registers the router with the channel feature (:mod:`edgeagent.features.channel`, on
+   whenever this one is, started before it) for channel requests whose first byte is
+   :data:`overlay.coap_route.ENVELOPE_VERSION`, and routes with its peers; without a node
+   certificate there is no channel and it routes to local instances only;
 3. serves CoAP on UDP ``config.coap`` (``--coap``, default ``0.0.0.0:5683``) with aiocoap,
    every path to :class:`edgeagent.coap_proxy.Router`. A port given with ``--coap`` that
    cannot be had is one ConfigError (exit 2); when the default port is taken (another CoAP
    server on the device) it logs one line and the agent runs without the listener.
-
-A member's channel address is its gossip address's host and gossip port + 2; the node id the
-peer's certificate must name comes from its member meta (:mod:`edgeagent.name_conflict`).
 
 With ``EDGEAGENT_DEBUG_COMMANDS=1`` (tests, the coap bench) the control command
 ``debug-coap-publish`` replaces this node's registrations with ``[{name, uri}]`` in one call
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import socket
 from collections.abc import Mapping
@@ -33,47 +29,21 @@ from typing import Any
 
 import aiocoap
 
-from gossip import events as ev
-from gossip.messages import MemberState
+from overlay import coap_route as cr
 from overlay.catalog import (
     CatalogError,
     Instance,
     make_instance,
 )
 
-from ..channel import Channel, Peer
+from ..channel import Channel
 from ..coap_proxy import IngressSite, Router, ServiceDirectory, Upstream, bound_deduplication
-from ..config.schema import default_channel_port
 from ..control import ControlError
-from ..driver import View
 from ..errors import ConfigError
 from ..host import DEBUG_COMMANDS_ENV, FeatureHost
 from ..logs import fields
-from ..mtls import load_channel_tls
-from ..name_conflict import claimant
 
 log = FeatureHost.logger("coap")
-_MEMBER_EVENTS = ev.MEMBER_STATE_EVENTS
-
-
-class Peers:
-    """Where each member's channel listens, and the node id its certificate must name."""
-
-    def __init__(self) -> None:
-        self._peers: dict[str, Peer] = {}
-
-    def update(self, view: View) -> None:
-        peers = {}
-        for m in view.members:
-            if m.state in (MemberState.ALIVE, MemberState.SUSPECT):
-                port = default_channel_port(m.addr[1])
-                if port:
-                    node_id = claimant(m.meta, m.addr).node_id or None
-                    peers[m.name] = Peer(m.name, node_id, m.addr[0], port)
-        self._peers = peers
-
-    def __call__(self, name: str) -> Peer | None:
-        return self._peers.get(name)
 
 
 def _port_taken(host: str, port: int) -> OSError | None:
@@ -97,16 +67,14 @@ class Coap:
         self._upstream = Upstream()
         self._tasks: set[asyncio.Future[None]] = set()
         self.coap_address: tuple[str, int] | None = None
-        self.channel_address: tuple[str, int] | None = None
 
     async def start(self, host: FeatureHost) -> None:
         directory = self._directory(host)
-        peers = Peers()
-        peers.update(host.view)
-        host.add_listener(lambda events, view: self._on_update(peers, events, view))
+        chan = host.feature("channel")  # on whenever this feature is, and started before it
         await self._upstream.start()
-        self.router = Router(directory, host.identity.name, peers, self._upstream)
-        self._channel = await self._start_channel(host, self.router)
+        self.router = Router(directory, host.identity.name, chan.peers, self._upstream)
+        chan.register(cr.ENVELOPE_VERSION, self.router.serve_channel)
+        self._channel = chan.channel
         self.router.channel = self._channel
         if host.config.coap is not None:
             await self._serve_coap(host, self.router)
@@ -130,11 +98,6 @@ class Coap:
         return {"published": len(found)}
 
     @staticmethod
-    def _on_update(peers: Peers, events: tuple[ev.Event, ...], view: View) -> None:
-        if any(isinstance(e, (*_MEMBER_EVENTS, ev.MemberReaped)) for e in events):
-            peers.update(view)
-
-    @staticmethod
     def _instances(request: Mapping[str, Any], node: str) -> list[Instance]:
         items = request.get("instances")
         if not isinstance(items, list):
@@ -147,28 +110,6 @@ class Coap:
             ]
         except CatalogError as exc:
             raise ControlError(str(exc)) from None
-
-    async def _start_channel(self, host: FeatureHost, router: Router) -> Channel | None:
-        port = default_channel_port(host.address[1])
-        try:
-            tls = load_channel_tls(host.state_dir, dt.datetime.now(dt.UTC))
-        except ConfigError as exc:
-            log.warning("coap: local instances only (no agent channel)", extra=fields(why=str(exc)))
-            return None
-        channel = Channel(tls, router.serve_channel)
-        if not port:
-            log.warning("coap: no channel port beside gossip port 0; outbound channel only")
-            return channel
-        try:
-            self.channel_address = await channel.serve(host.config.bind[0], port)
-        except OSError as exc:
-            await channel.close()
-            raise ConfigError(
-                f"channel {host.config.bind[0]}:{port} (gossip port + 2): cannot listen: "
-                f"{exc.strerror or exc}"
-            ) from None
-        log.info("agent channel listening", extra=fields(addr=f"{host.config.bind[0]}:{port}"))
-        return channel
 
     async def _serve_coap(self, host: FeatureHost, router: Router) -> None:
         assert host.config.coap is not None
@@ -199,12 +140,9 @@ class Coap:
 
     def status_fields(self) -> dict[str, Any]:
         where = self.coap_address
-        chan = self.channel_address
         return {
             "coap": f"{where[0]}:{where[1]}" if where else None,
-            "channel": f"{chan[0]}:{chan[1]}" if chan else None,
             "coap_stats": self.router.status() if self.router else {},
-            "channel_stats": self._channel.status() if self._channel else {},
         }
 
     async def stop(self) -> None:
@@ -214,7 +152,5 @@ class Coap:
             with contextlib.suppress(Exception):
                 await self._server.shutdown()
             self._server = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        self._channel = None  # the channel feature closes it
         await self._upstream.close()

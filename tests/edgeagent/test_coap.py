@@ -250,7 +250,7 @@ def test_without_a_node_certificate_coap_stays_local_only() -> None:
             )
             status = agent.status()
             assert status["coap"] == f"{agent.host}:5683" and status["channel"] is None
-            assert agent.log_tail(50).count("local instances only") == 1
+            assert agent.log_tail(50).count("no agent channel") == 1
             mesh = Mesh(cluster, [server], port)
             response = get(mesh, uri=f"coap://{agent.host}/mesh/t/temp")
             assert (response.code, response.payload) == (aiocoap.CONTENT, b"solo")
