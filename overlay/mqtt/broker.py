@@ -51,8 +51,8 @@ filters (never above the message's), with every matching subscription identifier
 retain flag kept if any of them has retain_as_published, and skipped for the publisher
 where a matching filter has no_local (then that filter does not count). Each matching share
 group picks exactly one member, round-robin over its members in subscription order,
-skipping members whose session has no connection; with no member connected a persistent
-member's session queues it, with none the message is dropped (``shared_dropped``).
+skipping members whose session has no connection; with no member connected, the member
+whose turn it is queues it in its (persistent) session.
 Retained messages are sent after SUBACK for plain filters (retain_handling 0 always, 1 only
 for a new subscription, 2 never), never for shared ones.
 
@@ -234,7 +234,6 @@ class BrokerStats:
     queued: int = 0
     queue_dropped_qos0: int = 0
     queue_dropped_new: int = 0
-    shared_dropped: int = 0
     expired: int = 0
     unknown_acks: int = 0
     packets_after_close: int = 0
@@ -742,16 +741,12 @@ class Broker:
         now: float,
         out: list[Output],
     ) -> None:
-        """One member of a share group: next in turn that is connected, else one that queues."""
+        """One member of a share group: next in turn that is connected, else next in turn."""
         members.sort(key=lambda m: m[1].order)
         start = self._share_next.get(key, 0) % len(members)
         turn = members[start:] + members[:start]
-        chosen = next((m for m in turn if self._sessions[m[0]].conn is not None), None)
-        if chosen is None:
-            chosen = next((m for m in turn if self._sessions[m[0]].expiry_interval > 0), None)
-        if chosen is None:
-            self.stats.shared_dropped += 1
-            return
+        # A member without a connection has a persistent session (a clean one ends with it).
+        chosen = next((m for m in turn if self._sessions[m[0]].conn is not None), turn[0])
         self._share_next[key] = (members.index(chosen) + 1) % len(members)
         client_id, opts = chosen
         ids = () if opts.identifier is None else (opts.identifier,)
