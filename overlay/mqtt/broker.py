@@ -128,7 +128,7 @@ from overlay.mqtt.timers import (
     TimerHeap,
     WillDue,
 )
-from overlay.mqtt.topics import SubscriptionTrie, parse_filter, valid_topic_name
+from overlay.mqtt.topics import SHARE_PREFIX, SubscriptionTrie, parse_filter, valid_topic_name
 
 ConnId = Hashable
 BAD_AUTHENTICATION_METHOD = 0x8C  # MQTT 5 section 2.4
@@ -854,18 +854,22 @@ class Broker:
         ids = p.properties.subscription_identifiers
         if not p.subscriptions or len(ids) > 1 or (ids and ids[0] <= 0):
             raise _Violation(Reason.PROTOCOL_ERROR)
+        for sub in p.subscriptions:  # a protocol error applies none of the packet
+            if not 0 <= sub.qos <= 2 or not 0 <= sub.retain_handling <= 2:
+                raise _Violation(Reason.PROTOCOL_ERROR)
+            if sub.no_local and c.level == MQTT5 and sub.topic_filter.startswith(SHARE_PREFIX):
+                raise _Violation(Reason.PROTOCOL_ERROR)  # 3.8.3.1
         identifier = ids[0] if ids else None
         reasons: list[int] = []
         retained: list[Delivery] = []
         for sub in p.subscriptions:
-            reasons.append(self._subscribe_one(c, s, sub, identifier, now, retained))
+            reasons.append(self._subscribe_one(s, sub, identifier, now, retained))
         out.append(Send(c.conn, Suback(p.packet_id, tuple(reasons))))
         for d in retained:
             self._send_or_queue(s, d, now, out)
 
     def _subscribe_one(
         self,
-        c: _Conn,
         s: Session,
         sub: Subscription,
         identifier: int | None,
@@ -873,14 +877,10 @@ class Broker:
         retained: list[Delivery],
     ) -> int:
         """Add or replace one subscription; its SUBACK reason. Retained messages go to ``retained``."""
-        if not 0 <= sub.qos <= 2 or not 0 <= sub.retain_handling <= 2:
-            raise _Violation(Reason.PROTOCOL_ERROR)
         parsed = parse_filter(sub.topic_filter, self.config.max_topic_levels)
         if parsed is None:
             self.stats.subscriptions_refused += 1
             return Reason.TOPIC_FILTER_INVALID
-        if parsed.group is not None and sub.no_local and c.level == MQTT5:
-            raise _Violation(Reason.PROTOCOL_ERROR)  # 3.8.3.1
         new = sub.topic_filter not in s.subscriptions
         if new and len(s.subscriptions) >= self.config.max_subscriptions_per_session:
             self.stats.subscriptions_refused += 1

@@ -787,9 +787,11 @@ def test_share_subscribe_sends_no_retained() -> None:
 
 def test_share_no_local_is_a_protocol_error() -> None:
     net = Net()
-    net.open("m", c5("m"))
-    net.send("m", Subscribe(1, (Subscription("$share/g/t", no_local=True),)))
+    net.open("m", c5("m", expiry=60))  # the session outlives the connection
+    subs = (Subscription("ok"), Subscription("$share/g/t", no_local=True))
+    net.send("m", Subscribe(1, subs))
     assert net.closed["m"] == Reason.PROTOCOL_ERROR
+    assert net.broker.filters() == set()  # none of the packet applied
 
 
 # ----------------------------------------------------------------------------- bounds
