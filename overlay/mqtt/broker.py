@@ -45,14 +45,14 @@ level 5 will delay defers it to ``min(delay, session expiry)``; a reconnect to t
 before then cancels it. A will is published like a client's message (retained, routed out).
 
 Routing (4.7, 4.8). Plain subscriptions live in one `SubscriptionTrie` keyed by client id;
-shared ones (``$share/GROUP/FILTER``) in another keyed by (group, client id). A message is
+shared ones (``$share/GROUP/FILTER``) in another, one `ShareGroup` per (filter, group). A message is
 delivered once per session whose plain filters match, at the highest granted QoS of those
 filters (never above the message's), with every matching subscription identifier, the
 retain flag kept if any of them has retain_as_published, and skipped for the publisher
 where a matching filter has no_local (then that filter does not count). Each matching share
-group picks exactly one member, round-robin over its members in subscription order,
-skipping members whose session has no connection; with no member connected a persistent
-member's session queues it, with none the message is dropped (``shared_dropped``).
+group picks exactly one member (`shared.py`), round-robin in subscription order,
+skipping members whose session has no connection; with no member connected, the member
+whose turn it is queues it in its (persistent) session.
 Retained messages are sent after SUBACK for plain filters (retain_handling 0 always, 1 only
 for a new subscription, 2 never), never for shared ones.
 
@@ -119,6 +119,7 @@ from overlay.mqtt.session import (
     Session,
     SubOptions,
 )
+from overlay.mqtt.shared import ShareGroup
 from overlay.mqtt.timers import (
     ConnectDeadline,
     KeepAliveCheck,
@@ -127,7 +128,7 @@ from overlay.mqtt.timers import (
     TimerHeap,
     WillDue,
 )
-from overlay.mqtt.topics import SubscriptionTrie, parse_filter, valid_topic_name
+from overlay.mqtt.topics import SHARE_PREFIX, SubscriptionTrie, parse_filter, valid_topic_name
 
 ConnId = Hashable
 BAD_AUTHENTICATION_METHOD = 0x8C  # MQTT 5 section 2.4
@@ -234,7 +235,6 @@ class BrokerStats:
     queued: int = 0
     queue_dropped_qos0: int = 0
     queue_dropped_new: int = 0
-    shared_dropped: int = 0
     expired: int = 0
     unknown_acks: int = 0
     packets_after_close: int = 0
@@ -274,8 +274,7 @@ class Broker:
         self._conns: dict[ConnId, _Conn] = {}
         self._sessions: dict[str, Session] = {}
         self._subs: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
-        self._shared: SubscriptionTrie[tuple[str, str], SubOptions] = SubscriptionTrie()
-        self._share_next: dict[tuple[str, str], int] = {}
+        self._shared: SubscriptionTrie[str, ShareGroup] = SubscriptionTrie()  # by group name
         self._timers = TimerHeap()
         self._serial = 0
         self.retained = RetainedStore(
@@ -728,32 +727,14 @@ class Broker:
             s = self._sessions[client_id]
             d = Delivery(msg, min(qos, msg.qos), msg.retain and rap, tuple(sorted(ids)))
             self._send_or_queue(s, d, now, out)
-        groups: dict[tuple[str, str], list[tuple[str, SubOptions]]] = {}
-        for topic_filter, (group, client_id), opts in self._shared.match(msg.topic):
-            groups.setdefault((group, topic_filter), []).append((client_id, opts))
-        for key, members in groups.items():
-            self._deliver_shared(key, members, msg, now, out)
+        for _, _, group in list(self._shared.match(msg.topic)):
+            self._deliver_shared(group, msg, now, out)
 
     def _deliver_shared(
-        self,
-        key: tuple[str, str],
-        members: list[tuple[str, SubOptions]],
-        msg: Message,
-        now: float,
-        out: list[Output],
+        self, group: ShareGroup, msg: Message, now: float, out: list[Output]
     ) -> None:
-        """One member of a share group: next in turn that is connected, else one that queues."""
-        members.sort(key=lambda m: m[1].order)
-        start = self._share_next.get(key, 0) % len(members)
-        turn = members[start:] + members[:start]
-        chosen = next((m for m in turn if self._sessions[m[0]].conn is not None), None)
-        if chosen is None:
-            chosen = next((m for m in turn if self._sessions[m[0]].expiry_interval > 0), None)
-        if chosen is None:
-            self.stats.shared_dropped += 1
-            return
-        self._share_next[key] = (members.index(chosen) + 1) % len(members)
-        client_id, opts = chosen
+        """One member of a share group (`shared.py`: connected members first, in turn)."""
+        client_id, opts = group.pick(lambda cid: self._sessions[cid].conn is not None)
         ids = () if opts.identifier is None else (opts.identifier,)
         retain = msg.retain and opts.subscription.retain_as_published
         d = Delivery(msg, min(opts.subscription.qos, msg.qos), retain, ids)
@@ -873,18 +854,22 @@ class Broker:
         ids = p.properties.subscription_identifiers
         if not p.subscriptions or len(ids) > 1 or (ids and ids[0] <= 0):
             raise _Violation(Reason.PROTOCOL_ERROR)
+        for sub in p.subscriptions:  # a protocol error applies none of the packet
+            if not 0 <= sub.qos <= 2 or not 0 <= sub.retain_handling <= 2:
+                raise _Violation(Reason.PROTOCOL_ERROR)
+            if sub.no_local and c.level == MQTT5 and sub.topic_filter.startswith(SHARE_PREFIX):
+                raise _Violation(Reason.PROTOCOL_ERROR)  # 3.8.3.1
         identifier = ids[0] if ids else None
         reasons: list[int] = []
         retained: list[Delivery] = []
         for sub in p.subscriptions:
-            reasons.append(self._subscribe_one(c, s, sub, identifier, now, retained))
+            reasons.append(self._subscribe_one(s, sub, identifier, now, retained))
         out.append(Send(c.conn, Suback(p.packet_id, tuple(reasons))))
         for d in retained:
             self._send_or_queue(s, d, now, out)
 
     def _subscribe_one(
         self,
-        c: _Conn,
         s: Session,
         sub: Subscription,
         identifier: int | None,
@@ -892,32 +877,27 @@ class Broker:
         retained: list[Delivery],
     ) -> int:
         """Add or replace one subscription; its SUBACK reason. Retained messages go to ``retained``."""
-        if not 0 <= sub.qos <= 2 or not 0 <= sub.retain_handling <= 2:
-            raise _Violation(Reason.PROTOCOL_ERROR)
         parsed = parse_filter(sub.topic_filter, self.config.max_topic_levels)
         if parsed is None:
             self.stats.subscriptions_refused += 1
             return Reason.TOPIC_FILTER_INVALID
-        if parsed.group is not None and sub.no_local and c.level == MQTT5:
-            raise _Violation(Reason.PROTOCOL_ERROR)  # 3.8.3.1
         new = sub.topic_filter not in s.subscriptions
         if new and len(s.subscriptions) >= self.config.max_subscriptions_per_session:
             self.stats.subscriptions_refused += 1
             return Reason.QUOTA_EXCEEDED
         granted = min(sub.qos, self.config.max_qos)
-        self._serial += 1
-        old = s.subscriptions.get(sub.topic_filter)
-        order = old.order if old is not None else self._serial
-        opts = SubOptions(
-            replace(sub, qos=granted), parsed.group, parsed.topic_filter, identifier, order
-        )
+        opts = SubOptions(replace(sub, qos=granted), parsed.group, parsed.topic_filter, identifier)
         s.subscriptions[sub.topic_filter] = opts
         if parsed.group is None:
             self._subs.insert(parsed.topic_filter, s.client_id, opts)
             if sub.retain_handling == 0 or (sub.retain_handling == 1 and new):
                 retained.extend(self._retained_for(parsed.topic_filter, granted, identifier, now))
         else:
-            self._shared.insert(parsed.topic_filter, (parsed.group, s.client_id), opts)
+            group = self._shared.lookup(parsed.topic_filter, parsed.group)
+            if group is None:
+                group = ShareGroup()
+                self._shared.insert(parsed.topic_filter, parsed.group, group)
+            group.add(s.client_id, opts)
         return granted
 
     def _retained_for(
@@ -951,9 +931,11 @@ class Broker:
         if opts.group is None:
             self._subs.remove(opts.topic_filter, client_id)
             return
-        self._shared.remove(opts.topic_filter, (opts.group, client_id))
-        if all(g != opts.group for g, _ in self._shared.get(opts.topic_filter)):
-            self._share_next.pop((opts.group, opts.topic_filter), None)
+        group = self._shared.lookup(opts.topic_filter, opts.group)
+        if group is not None:
+            group.remove(client_id)
+            if not group:
+                self._shared.remove(opts.topic_filter, opts.group)
 
     # ------------------------------------------------------------------- DISCONNECT
 

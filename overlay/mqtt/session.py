@@ -77,7 +77,6 @@ class SubOptions:
     group: str | None
     topic_filter: str  # without the $share/GROUP/ prefix
     identifier: int | None = None
-    order: int = 0  # when first subscribed: the share group's turn order
 
 
 class Dropped(Enum):

@@ -143,6 +143,16 @@ class SubscriptionTrie(Generic[K, V]):
             node = child
         return dict(node.subs)
 
+    def lookup(self, topic_filter: str, key: K) -> V | None:
+        """The value of one (filter, key) pair, or None."""
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                return None
+            node = child
+        return node.subs.get(key)
+
     def match(self, topic: str) -> Iterator[tuple[str, K, V]]:
         """Every (filter, key, value) whose filter matches ``topic`` (a valid topic name)."""
         levels = topic.split("/")

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "signing": "owner-signed state: sign / verify / receive cost per entry and the bytes it adds",
     "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
+    "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
 }
 
 
