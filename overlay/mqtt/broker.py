@@ -84,7 +84,7 @@ supported (CONNACK advertises topic alias maximum 0).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, replace
 
 from overlay.mqtt.packets import (
@@ -171,6 +171,9 @@ class BrokerConfig:
     max_retained_tombstones: int = 1024
     authorize: Callable[[str, str | None, bytes | None], bool] = allow_all
     retain_stamp: Callable[[float], Stamp] = time_stamp
+    # Which share groups this broker serves for a message accepted here on a topic (None:
+    # all of them). The mesh layer sets it so a group spanning agents gets a message once.
+    share_here: Callable[[str], Collection[str] | None] | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -332,11 +335,19 @@ class Broker:
         """When `handle_timeout` must next be called (may be early: stale timers are skipped)."""
         return self._timers.next_deadline()
 
-    def publish_from_mesh(self, publish: Publish, sender: str | None, now: float) -> list[Output]:
+    def publish_from_mesh(
+        self,
+        publish: Publish,
+        sender: str | None,
+        now: float,
+        plain: bool = True,
+        groups: Collection[str] | None = None,
+    ) -> list[Output]:
         """Deliver a message another agent accepted; ``sender`` is its client id (no_local).
 
         Only local delivery: retained values travel by `set_retained_from_mesh`, and nothing
-        is routed out again.
+        is routed out again. ``plain``: deliver to plain subscriptions; ``groups``: the share
+        groups this broker serves for the message (None: every one, as for a local publish).
         """
         if not valid_topic_name(publish.topic, self.config.max_topic_levels) or not (
             0 <= publish.qos <= 2
@@ -349,7 +360,7 @@ class Broker:
             publish.retain, publish.properties, now, sender,
         )  # fmt: skip
         out: list[Output] = []
-        self._deliver(msg, now, out)
+        self._deliver(msg, now, out, plain, groups)
         return out
 
     def set_retained_from_mesh(
@@ -696,7 +707,8 @@ class Broker:
             stamp = self.config.retain_stamp(now)
             outcome = self.retained.put(msg.topic, msg.payload, msg.qos, stamp, now, msg.properties)
             self._count_retained(outcome)
-        self._deliver(msg, now, out)
+        here = self.config.share_here
+        self._deliver(msg, now, out, True, None if here is None else here(msg.topic))
         publish = Publish(msg.topic, msg.payload, msg.qos, msg.retain, properties=msg.properties)
         out.append(RouteOut(publish, msg.sender or "", now, stamp))
 
@@ -712,10 +724,17 @@ class Broker:
 
     # ------------------------------------------------------------------- routing
 
-    def _deliver(self, msg: Message, now: float, out: list[Output]) -> None:
+    def _deliver(
+        self,
+        msg: Message,
+        now: float,
+        out: list[Output],
+        to_plain: bool = True,
+        groups: Collection[str] | None = None,
+    ) -> None:
         """Fan a message out to every matching session (module docstring: Routing)."""
         plain: dict[str, tuple[int, list[int], bool]] = {}
-        for _, client_id, opts in self._subs.match(msg.topic):
+        for _, client_id, opts in self._subs.match(msg.topic) if to_plain else ():
             sub = opts.subscription
             if sub.no_local and client_id == msg.sender:
                 continue
@@ -727,8 +746,9 @@ class Broker:
             s = self._sessions[client_id]
             d = Delivery(msg, min(qos, msg.qos), msg.retain and rap, tuple(sorted(ids)))
             self._send_or_queue(s, d, now, out)
-        for _, _, group in list(self._shared.match(msg.topic)):
-            self._deliver_shared(group, msg, now, out)
+        for _, name, group in list(self._shared.match(msg.topic)):
+            if groups is None or name in groups:
+                self._deliver_shared(group, msg, now, out)
 
     def _deliver_shared(
         self, group: ShareGroup, msg: Message, now: float, out: list[Output]
