@@ -32,7 +32,7 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlay.mqtt.broker import Broker, BrokerConfig, Close, Output, RouteOut, Send
 from overlay.mqtt.codec import Decoder, MqttDecodeError, encode
@@ -42,6 +42,9 @@ from ..errors import ConfigError
 from ..host import FeatureHost
 from ..logs import fields
 from ..ratelimit import WarnLimiter
+
+if TYPE_CHECKING:
+    from ..mqtt_mesh import MeshLink
 
 log = FeatureHost.logger("mqtt")
 MAX_WRITE_BUFFER = 1 << 20  # bytes waiting for one client before it is cut off as too slow
@@ -216,12 +219,24 @@ class Mqtt:
 
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
+        self.mesh: MeshLink | None = None
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: FeatureHost) -> None:
         assert host.config.mqtt is not None
-        self.endpoint = Endpoint(Broker(BrokerConfig()))
+        chan = host.feature("channel")  # on whenever this feature is, started before it
+        if chan is not None and chan.channel is not None:
+            from ..mqtt_mesh import MeshLink
+
+            self.mesh = MeshLink(host, chan)
+            config = BrokerConfig(share_here=self.mesh.share_here, retain_stamp=self.mesh.stamp)
+        else:
+            config = BrokerConfig()  # no channel: this node's clients only
+        self.endpoint = Endpoint(Broker(config))
+        if self.mesh is not None:
+            self.endpoint.route_out = self.mesh.route_out
+            await self.mesh.start(self.endpoint.broker, self.endpoint.run)
         where, port = host.config.mqtt
         loop = asyncio.get_running_loop()
         try:
@@ -245,10 +260,15 @@ class Mqtt:
         where = self.address
         return {
             "mqtt": f"{where[0]}:{where[1]}" if where else None,
-            "mqtt_stats": self.endpoint.status() if self.endpoint else {},
+            "mqtt_stats": {
+                **(self.endpoint.status() if self.endpoint else {}),
+                **(self.mesh.status() if self.mesh else {}),
+            },
         }
 
     async def stop(self) -> None:
+        if self.mesh is not None:
+            await self.mesh.stop()
         if self._server is not None:
             self._server.close()
             self._server = None

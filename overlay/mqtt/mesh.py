@@ -250,6 +250,36 @@ def encode_envelope(env: Envelope) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+MAX_BATCH = 256  # envelopes in one channel request
+MAX_BATCH_BYTES = 1 << 20  # the channel's message limit
+
+
+def encode_batch(envelopes: Sequence[bytes]) -> bytes:
+    """Encoded envelopes in order, for one channel request: u16 count, then u32 length + bytes."""
+    if len(envelopes) > MAX_BATCH:
+        raise ValueError("too many envelopes for one batch")
+    parts = [len(envelopes).to_bytes(2, "big")]
+    for env in envelopes:
+        parts += [len(env).to_bytes(4, "big"), env]
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes) -> list[Envelope]:
+    """A batch from a peer, in order. Total: only MeshDecodeError escapes."""
+    _need(2 <= len(data) <= MAX_BATCH_BYTES, "batch size")
+    count, pos, found = int.from_bytes(data[:2], "big"), 2, []
+    _need(count <= MAX_BATCH, "batch count")
+    for _ in range(count):
+        _need(pos + 4 <= len(data), "truncated batch")
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        _need(pos + size <= len(data), "truncated envelope")
+        found.append(decode_envelope(data[pos : pos + size]))
+        pos += size
+    _need(pos == len(data), "bytes after the batch")
+    return found
+
+
 def _unpack(data: bytes, max_len: int) -> Any:
     if len(data) > MAX_ENVELOPE_BYTES:
         raise MeshDecodeError("too long")

@@ -171,3 +171,20 @@ def test_retained_digest_and_items() -> None:
         decode_retained_items(msgpack.packb([["a/+", b"", 0, [1, 0, "n"]]]))
     with pytest.raises(MeshDecodeError):
         decode_retained_items(msgpack.packb([["a", b"", 0, None]]))
+
+
+def test_batches_keep_order_and_refuse_junk() -> None:
+    envs = [Envelope("a", i, f"t/{i}", bytes([i])) for i in range(5)]
+    assert mesh.decode_batch(mesh.encode_batch([encode_envelope(e) for e in envs])) == envs
+    good = mesh.encode_batch([encode_envelope(e) for e in envs])
+    for bad in (b"", b"\x00", good[:-1], good + b"x", b"\xff\xff" + good[2:]):
+        with pytest.raises(MeshDecodeError):
+            mesh.decode_batch(bad)
+    rng = random.Random(9)
+    for _ in range(5000):
+        data = bytearray(good)
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            mesh.decode_batch(bytes(data))
+        except MeshDecodeError:
+            pass

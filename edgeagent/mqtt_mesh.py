@@ -1,0 +1,378 @@
+"""MQTT across the mesh, the IO side: interest in replicated state, envelopes on the channel.
+
+How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its docstring first):
+
+- **Interest.** Every :data:`INTEREST_PERIOD_S` the local broker's filters are turned into the
+  interest value (:func:`~overlay.mqtt.mesh.interest_value`); when it changed it is set in
+  this node's replicated state (:data:`~overlay.mqtt.mesh.INTEREST_KEY`) and in the router at
+  once. Peers' values come from ``StateChanged`` events (and a catch-up at start).
+- **A local publish.** The broker asks :meth:`MeshLink.share_here` which share groups it
+  serves (the router's plan, made once per message and kept for the ``RouteOut`` that
+  follows in the same call); :meth:`MeshLink.route_out` puts one envelope per destination
+  agent in that agent's outbox (:class:`_Outbox`): one task per destination sends what is
+  queued in order, in batches of up to :data:`~overlay.mqtt.mesh.MAX_BATCH` per channel
+  request (first byte :data:`PUBLISH_PREFIX`), so messages from this agent arrive in the
+  order they were accepted and a burst costs one request, not one each. A retained message
+  goes to every reachable agent. A batch holding QoS 1 or 2 is retried (the receiver drops
+  duplicates by origin and sequence number) up to :data:`RETRIES` times while the
+  destination is a reachable member, so a message is lost only when its destination agent
+  is gone (counted: ``mesh_lost``); QoS 0 is sent once. Outboxes are bounded.
+- **A peer's batch** (:meth:`MeshLink.serve`): the origin must be the member the channel
+  authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
+  (last writer wins), then the message is delivered to the plain subscribers and the share
+  groups the envelope names. A malformed envelope is answered, counted and dropped.
+- **Retained anti-entropy.** Every :data:`DIGEST_PERIOD_S` this node's retained digest goes
+  to its replicated state (:data:`~overlay.mqtt.mesh.RETAINED_KEY`) when it changed; a peer
+  whose digest differs from ours is asked for its retained items (first byte
+  :data:`RETAINED_PREFIX`, at most once per :data:`SYNC_INTERVAL_S` per peer), which are
+  merged by stamp. Both sides pull, so a partition heals to the latest value on each topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+import time
+from typing import Any
+
+from gossip import events as ev
+from overlay.mqtt.broker import Broker, RouteOut
+from overlay.mqtt.mesh import (
+    INTEREST_KEY,
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    RETAINED_KEY,
+    Envelope,
+    MeshDecodeError,
+    MeshRouter,
+    Plan,
+    decode_batch,
+    decode_retained_items,
+    encode_batch,
+    encode_envelope,
+    encode_retained_items,
+    interest_value,
+    retained_digest,
+)
+from overlay.mqtt.packets import NO_PROPERTIES, Properties, Publish
+from overlay.mqtt.topics import SHARE_PREFIX
+from overlay.pki import CertIdentity
+
+from .channel import ChannelUnavailable
+from .driver import View
+from .host import FeatureHost
+from .ratelimit import WarnLimiter
+
+log = FeatureHost.logger("mqtt")
+PUBLISH_PREFIX = 0x10  # channel service byte: one routed message
+RETAINED_PREFIX = 0x11  # channel service byte: "send me your retained items"
+INTEREST_PERIOD_S = 0.25
+DIGEST_PERIOD_S = 2.0
+SYNC_INTERVAL_S = 5.0
+SEND_TIMEOUT_S = 5.0
+RETRIES = 5
+MAX_QUEUED = 10_000  # envelopes waiting for one destination agent
+MAX_QUEUED_BYTES = 8 << 20  # ... and their bytes
+OK, REFUSED = b"\x00", b"\x01"
+
+
+class MeshLink:
+    """The mesh side of one agent's broker; see the module docstring."""
+
+    def __init__(self, host: FeatureHost, channel: Any, rng: random.Random | None = None) -> None:
+        self.host = host
+        self.chan = channel  # the channel feature (features/channel.py)
+        self.me = host.identity.name
+        self.router = MeshRouter(self.me, rng or random.Random())
+        self.broker: Broker | None = None
+        self.run: Any = None  # Endpoint.run, set by the feature
+        self.stats = {
+            "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
+            "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
+            "retained_pulls": 0,
+        }  # fmt: skip
+        self._pending: tuple[str, Plan] | None = None
+        self._interest: Any = None
+        self._digest: str | None = None
+        self._peer_digests: dict[str, str] = {}
+        self._pulled: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outboxes: dict[str, _Outbox] = {}
+        self._warn = WarnLimiter(log)
+
+    # -- set-up ------------------------------------------------------------------------
+
+    async def start(self, broker: Broker, run: Any) -> None:
+        self.broker, self.run = broker, run
+        self.chan.register(PUBLISH_PREFIX, self.serve)
+        self.chan.register(RETAINED_PREFIX, self.serve_retained)
+        for member, value in await self.host.member_states(INTEREST_KEY):
+            if member.name != self.me:
+                self.router.set_interest(member.name, value)
+        for member, value in await self.host.member_states(RETAINED_KEY):
+            if member.name != self.me and isinstance(value, str):
+                self._peer_digests[member.name] = value
+        self.host.add_listener(self._on_update)
+        self._spawn(self._loop())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for box in self._outboxes.values():
+            box.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _on_update(self, events: tuple[ev.Event, ...], view: View) -> None:
+        for event in events:
+            if not isinstance(event, ev.StateChanged) or event.owner == self.me:
+                continue
+            value = None if event.deleted else event.value
+            if event.key == INTEREST_KEY:
+                self.router.set_interest(event.owner, value)
+            elif event.key == RETAINED_KEY:
+                if isinstance(value, str):
+                    self._peer_digests[event.owner] = value
+                else:
+                    self._peer_digests.pop(event.owner, None)
+
+    async def _loop(self) -> None:
+        last_digest = 0.0
+        while True:
+            await asyncio.sleep(INTEREST_PERIOD_S)
+            try:
+                self._publish_interest()
+                if time.monotonic() - last_digest >= DIGEST_PERIOD_S:
+                    last_digest = time.monotonic()
+                    self._publish_digest()
+                    self._pull_retained()
+            except Exception:
+                log.exception("mqtt mesh: periodic work failed")
+
+    # -- interest and digests ------------------------------------------------------------
+
+    def _publish_interest(self) -> None:
+        assert self.broker is not None
+        plain, shares = [], []
+        for text in self.broker.filters():
+            if text.startswith(SHARE_PREFIX):
+                group, _, topic_filter = text[len(SHARE_PREFIX) :].partition("/")
+                shares.append((group, topic_filter))
+            else:
+                plain.append(text)
+        value = interest_value(plain, shares)
+        if value == self._interest:
+            return
+        self._interest = value
+        self.router.set_interest(self.me, value)
+        if value is None:
+            self.host.delete_state(INTEREST_KEY)
+        else:
+            self.host.set_state(INTEREST_KEY, value)
+
+    def _publish_digest(self) -> None:
+        assert self.broker is not None
+        digest = retained_digest((i.topic, i.stamp) for i in self.broker.retained_items())
+        if digest != self._digest:
+            self._digest = digest
+            self.host.set_state(RETAINED_KEY, digest)
+
+    def _pull_retained(self) -> None:
+        now = time.monotonic()
+        for node in self.chan.peers.names():
+            theirs = self._peer_digests.get(node)
+            if node == self.me or theirs is None or theirs == self._digest:
+                continue
+            if now - self._pulled.get(node, -1e9) < SYNC_INTERVAL_S:
+                continue
+            self._pulled[node] = now
+            self._spawn(self._pull(node))
+
+    async def _pull(self, node: str) -> None:
+        try:
+            reply = await self.chan.request(node, bytes([RETAINED_PREFIX]), SEND_TIMEOUT_S)
+            rows = decode_retained_items(reply)
+        except (TimeoutError, ChannelUnavailable, MeshDecodeError) as exc:
+            self._warn.warn(f"pull {node}", time.monotonic(), "mqtt mesh: retained sync failed",
+                            peer=node, why=str(exc))  # fmt: skip
+            return
+        self.stats["retained_pulls"] += 1
+        self._merge_retained(rows)
+
+    def _merge_retained(
+        self,
+        rows: list[tuple[str, bytes, int, tuple[int, int, str]]],
+        props: Properties = NO_PROPERTIES,
+    ) -> None:
+        """Apply retained values from a peer, last writer (by stamp) wins."""
+        assert self.broker is not None
+        now = asyncio.get_running_loop().time()
+        for topic, payload, qos, stamp in rows:
+            if self.broker.set_retained_from_mesh(topic, payload, qos, props, stamp, now):
+                self.stats["retained_synced"] += 1
+
+    async def serve_retained(self, identity: CertIdentity, data: bytes) -> bytes:
+        assert self.broker is not None
+        rows = [
+            (i.topic, i.payload, i.qos, i.stamp)
+            for i in self.broker.retained_items()
+            if isinstance(i.stamp, tuple)
+        ]
+        return encode_retained_items(rows)
+
+    # -- the data path -------------------------------------------------------------------
+
+    def stamp(self, now: float) -> tuple[int, int, str]:
+        """The retained stamp of a message accepted here: hybrid clock reading and our name."""
+        ts = self.host.clock.tick(time.time())
+        return (ts.wall_ms, ts.counter, self.me)
+
+    def share_here(self, topic: str) -> set[str]:
+        plan = self.router.plan(topic, self.chan.peers.names())
+        self._pending = (topic, plan)
+        return {g for g, node in plan.shares.items() if node == self.me}
+
+    def route_out(self, out: RouteOut) -> None:
+        pub = out.publish
+        pending, self._pending = self._pending, None
+        plan = pending[1] if pending and pending[0] == pub.topic else None
+        if plan is None:
+            plan = self.router.plan(pub.topic, self.chan.peers.names())
+        dests = plan.destinations(self.me)
+        stamp = out.retain_stamp if pub.retain and isinstance(out.retain_stamp, tuple) else None
+        if stamp is not None:  # a retained value goes everywhere (late subscribers)
+            for node in self.chan.peers.names() - {self.me}:
+                dests.setdefault(node, (False, ()))
+        if not dests:
+            return
+        seq = self.router.next_seq()
+        for node, (plain, groups) in dests.items():
+            env = Envelope(
+                self.me, seq, pub.topic, pub.payload, pub.qos, pub.retain, plain, groups,
+                stamp, 1, out.sender or None, pub.properties,
+            )  # fmt: skip
+            self._outbox(node).put(env)
+
+    def _outbox(self, node: str) -> _Outbox:
+        box = self._outboxes.get(node)
+        if box is None:
+            box = self._outboxes[node] = _Outbox(self, node)
+        return box
+
+    async def serve(self, identity: CertIdentity, data: bytes) -> bytes:
+        """A peer's batch of envelopes, in order: merge retained values, deliver, reply OK."""
+        try:
+            envelopes = decode_batch(data[1:])
+        except MeshDecodeError as exc:
+            self.stats["mesh_malformed"] += 1
+            self._warn.warn(f"bad {identity.name}", time.monotonic(),
+                            "mqtt mesh: malformed envelope", peer=identity.name, why=str(exc))  # fmt: skip
+            return REFUSED
+        if any(env.origin != identity.name for env in envelopes):
+            self.stats["mesh_impostor"] += 1
+            self._warn.warn(f"impostor {identity.name}", time.monotonic(),
+                            "mqtt mesh: envelope names another origin", peer=identity.name)  # fmt: skip
+            return REFUSED
+        for env in envelopes:
+            self._deliver(env)
+        return OK
+
+    def _deliver(self, env: Envelope) -> None:
+        assert self.broker is not None and self.run is not None
+        self.stats["mesh_received"] += 1
+        broker = self.broker
+        if env.retain and env.stamp is not None:
+            self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
+        if self.router.accept(env) and (env.plain or env.groups):
+            publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
+            self.run(None, lambda now: broker.publish_from_mesh(
+                publish, env.client_id, now, env.plain, env.groups))  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        interested = sum(1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares))
+        return {
+            **self.stats,
+            **{f"router_{k}": v for k, v in vars(self.router.stats).items()},
+            "router_interest_nodes": interested,
+        }
+
+
+class _Outbox:
+    """Envelopes for one destination agent, sent in order, batched, retried (see the docstring).
+
+    Bounded by :data:`MAX_QUEUED` envelopes and :data:`MAX_QUEUED_BYTES`: beyond, the new
+    envelope is dropped (QoS 0: ``mesh_dropped_busy``; QoS 1 and 2: ``mesh_lost``).
+    """
+
+    def __init__(self, link: MeshLink, node: str) -> None:
+        self.link, self.node = link, node
+        self.queue: collections.deque[tuple[Envelope, bytes]] = collections.deque()
+        self.bytes = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, env: Envelope) -> None:
+        data = encode_envelope(env)
+        stats = self.link.stats
+        if len(self.queue) >= MAX_QUEUED or self.bytes + len(data) > MAX_QUEUED_BYTES:
+            stats["mesh_dropped_busy" if env.qos == 0 else "mesh_lost"] += 1
+            return
+        self.queue.append((env, data))
+        self.bytes += len(data)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._drain())
+
+    def _batch(self) -> list[tuple[Envelope, bytes]]:
+        batch: list[tuple[Envelope, bytes]] = []
+        size = 0
+        while self.queue and len(batch) < MAX_BATCH:
+            env, data = self.queue[0]
+            if batch and size + len(data) + 4 > MAX_BATCH_BYTES - 16:
+                break
+            self.queue.popleft()
+            self.bytes -= len(data)
+            batch.append((env, data))
+            size += len(data) + 4
+        return batch
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch = self._batch()
+                ok = await self._send(bytes([PUBLISH_PREFIX]) + encode_batch([d for _, d in batch]),
+                                      any(env.qos for env, _ in batch))  # fmt: skip
+                stats = self.link.stats
+                for env, _ in batch:
+                    if ok:
+                        stats["mesh_sent"] += 1
+                    else:
+                        stats["mesh_lost" if env.qos else "mesh_dropped_busy"] += 1
+        finally:
+            self.task = None
+
+    async def _send(self, data: bytes, reliable: bool) -> bool:
+        """One batch; retried (QoS 1/2 in it) while the destination is a member we can reach."""
+        link = self.link
+        for attempt in range(RETRIES + 1 if reliable else 1):
+            if attempt:
+                link.stats["mesh_retries"] += 1
+                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+                if self.node not in link.chan.peers.names():
+                    return False
+            try:
+                reply = await link.chan.request(self.node, data, SEND_TIMEOUT_S)
+            except (ChannelUnavailable, TimeoutError):
+                continue
+            return reply == OK
+        return False
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
