@@ -401,6 +401,9 @@ class Channel:
                 reader, writer = await asyncio.open_connection(
                     peer.host, peer.port, ssl=self.tls.client, server_hostname=""
                 )
+        except ssl.SSLCertVerificationError as exc:  # a certificate not of the mesh CA
+            self._failed(peer, "refused_peers", f"refused {peer.name} at {peer.host}: {exc}")
+            raise ChannelUnavailable(f"{peer.name}: {exc}", retryable=True) from None
         except (OSError, TimeoutError) as exc:
             self._failed(peer, "connect_failures", f"cannot reach {peer.name}: {exc or 'timeout'}")
             raise ChannelUnavailable(f"{peer.name}: {exc or 'timeout'}", retryable=True) from None
