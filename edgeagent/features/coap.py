@@ -11,7 +11,9 @@ How it works. On start the feature
 3. serves CoAP on UDP ``config.coap`` (``--coap``, default ``0.0.0.0:5683``) with aiocoap,
    every path to :class:`edgeagent.coap_proxy.Router`. A port given with ``--coap`` that
    cannot be had is one ConfigError (exit 2); when the default port is taken (another CoAP
-   server on the device) it logs one line and the agent runs without the listener.
+   server on the device) it logs one line and the agent runs without the listener;
+4. carries CoAP Observe (RFC 7641) through the mesh: :mod:`edgeagent.coap_observe` takes
+   the listener's registrations and the channel's observe envelopes (first byte 2).
 
 A member's channel address is its gossip address's host and gossip port + 2; the node id the
 peer's certificate must name comes from its member meta (:mod:`edgeagent.name_conflict`).
@@ -28,7 +30,7 @@ import contextlib
 import datetime as dt
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiocoap
@@ -40,9 +42,12 @@ from overlay.catalog import (
     Instance,
     make_instance,
 )
+from overlay.coap_observe import OBSERVE_ENVELOPE
+from overlay.pki import CertIdentity
 
 from ..channel import Channel, Peer
-from ..coap_proxy import IngressSite, Router, ServiceDirectory, Upstream, bound_deduplication
+from ..coap_observe import Observations, ObservingSite
+from ..coap_proxy import Router, ServiceDirectory, Upstream, bound_deduplication
 from ..config.schema import default_channel_port
 from ..control import ControlError
 from ..driver import View
@@ -92,6 +97,7 @@ class Coap:
 
     def __init__(self) -> None:
         self.router: Router | None = None
+        self.observations: Observations | None = None
         self._server: aiocoap.Context | None = None
         self._channel: Channel | None = None
         self._upstream = Upstream()
@@ -106,6 +112,8 @@ class Coap:
         host.add_listener(lambda events, view: self._on_update(peers, events, view))
         await self._upstream.start()
         self.router = Router(directory, host.identity.name, peers, self._upstream)
+        self.observations = Observations(self.router)
+        await self.observations.start()
         self._channel = await self._start_channel(host, self.router)
         self.router.channel = self._channel
         if host.config.coap is not None:
@@ -155,7 +163,7 @@ class Coap:
         except ConfigError as exc:
             log.warning("coap: local instances only (no agent channel)", extra=fields(why=str(exc)))
             return None
-        channel = Channel(tls, router.serve_channel)
+        channel = Channel(tls, self._serve_channel)
         if not port:
             log.warning("coap: no channel port beside gossip port 0; outbound channel only")
             return channel
@@ -170,6 +178,15 @@ class Coap:
         log.info("agent channel listening", extra=fields(addr=f"{host.config.bind[0]}:{port}"))
         return channel
 
+    async def _serve_channel(
+        self, identity: CertIdentity, data: bytes
+    ) -> bytes | AsyncIterator[bytes]:
+        """A peer's channel request: an observe registration, or one CoAP try."""
+        assert self.router is not None and self.observations is not None
+        if data[:1] == bytes([OBSERVE_ENVELOPE]):
+            return await self.observations.serve(identity, data)
+        return await self.router.serve_channel(identity, data)
+
     async def _serve_coap(self, host: FeatureHost, router: Router) -> None:
         assert host.config.coap is not None
         where, port = host.config.coap
@@ -183,7 +200,7 @@ class Coap:
             )
             return
         self._server = await aiocoap.Context.create_server_context(
-            IngressSite(router), bind=(where, port), transports=["udp6"]
+            ObservingSite(router, self.observations), bind=(where, port), transports=["udp6"]
         )
         bound_deduplication(self._server)
         self.coap_address = (where, port)
@@ -204,6 +221,7 @@ class Coap:
             "coap": f"{where[0]}:{where[1]}" if where else None,
             "channel": f"{chan[0]}:{chan[1]}" if chan else None,
             "coap_stats": self.router.status() if self.router else {},
+            "observe_stats": self.observations.status() if self.observations else {},
             "channel_stats": self._channel.status() if self._channel else {},
         }
 
@@ -218,3 +236,5 @@ class Coap:
             await self._channel.close()
             self._channel = None
         await self._upstream.close()
+        if self.observations is not None:
+            await self.observations.close()
