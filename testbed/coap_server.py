@@ -7,6 +7,9 @@ Resources: ``/temp`` (GET: NAME as text/plain with ETag NAME; POST: the payload 
 anyone observes), and for the tests two counters that are not counted themselves:
 ``/observers`` (how many observe ``/obs`` now) and ``/hits`` (requests to every other path).
 It prints ``ready`` on stdout once bound.
+
+``--mdns LABEL`` also announces it as a plain LAN device would, with python-zeroconf on
+HOST only: ``LABEL._coap._udp.local.`` at HOST:PORT (no TXT, so the service is LABEL).
 """
 
 from __future__ import annotations
@@ -119,7 +122,23 @@ class CountingSite(resource.Site):
         await super().render_to_pipe(pipe)
 
 
-async def main(host: str, port: int, name: str) -> None:
+async def announce(host: str, port: int, label: str) -> Any:
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+    zc = AsyncZeroconf(interfaces=[host], ip_version=IPVersion.V4Only)
+    info = AsyncServiceInfo(
+        "_coap._udp.local.",
+        f"{label}._coap._udp.local.",
+        port=port,
+        server=f"{label}-device.local.",
+        parsed_addresses=[host],
+    )
+    await (await zc.async_register_service(info))
+    return zc
+
+
+async def main(host: str, port: int, name: str, mdns: str | None = None) -> None:
     root = CountingSite()
     obs = Obs(name)
     root.add_resource(["obs"], obs)
@@ -129,10 +148,14 @@ async def main(host: str, port: int, name: str) -> None:
     root.add_resource(["big"], Big())
     root.add_resource(["slow"], Slow())
     root.add_resource(["upload"], Upload(name))
+    if mdns is not None:  # first: announcing after binding, aiocoap lost its socket
+        await announce(host, port, mdns)
     await aiocoap.Context.create_server_context(root, bind=(host, port), transports=["udp6"])
     print("ready", flush=True)
     await asyncio.get_running_loop().create_future()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    args = sys.argv[1:]
+    label = args[args.index("--mdns") + 1] if "--mdns" in args else None
+    asyncio.run(main(args[0], int(args[1]), args[2], label))
