@@ -152,6 +152,35 @@ def test_a_plain_get_of_an_observable_resource_is_answered_once(scene: Scene) ->
     asyncio.run(run())
 
 
+def test_one_client_over_its_observation_limit_gets_5_03(scene: Scene) -> None:
+    from overlay.coap_observe import MAX_PER_CLIENT
+
+    async def run() -> None:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])  # one address
+        try:
+            requests = [
+                ctx.request(
+                    aiocoap.Message(code=aiocoap.GET, uri=scene.uri(scene.node2), observe=0)
+                )
+                for _ in range(MAX_PER_CLIENT + 1)
+            ]
+            async with asyncio.timeout(15):
+                firsts = [await r.response for r in requests]
+            codes = sorted(str(m.code) for m in firsts)
+            assert codes.count(str(aiocoap.CONTENT)) == MAX_PER_CLIENT, codes
+            assert codes.count(str(aiocoap.SERVICE_UNAVAILABLE)) == 1, codes
+            assert scene.stats(scene.node2)["observe_refused_limit"] >= 1
+        finally:
+            await ctx.shutdown()  # drops every observation: the next notifications are RST
+
+        async def freed() -> bool:
+            return await observers(scene) == 0 and scene.stats(scene.node2)["observing"] == 0
+
+        await wait_until(freed, "the observations to be freed")
+
+    asyncio.run(run())
+
+
 @pytest.mark.skipif(
     LIBCOAP is None,
     reason="libcoap's coap-client-notls not installed (apt-get install libcoap3-bin)",
