@@ -21,6 +21,13 @@ TLS material of :mod:`edgeagent.mtls`:
   A stream the peer opens is read to its END (bounded by :data:`MAX_MESSAGE_BYTES`) and
   given to the handler with the peer's verified identity; the handler's reply goes back on
   the stream.
+- **Streamed replies** (CoAP Observe): :meth:`Channel.stream` sends a request the same way
+  but returns a :class:`ChannelStream` whose :meth:`~ChannelStream.read` gives the reply's
+  bytes as they arrive (``b""`` at END); :meth:`~ChannelStream.close` RESETs the stream if
+  it is still open. A handler that returns an async iterator of bytes instead of bytes
+  streams its parts on the stream and then END; a RESET from the peer (or the connection
+  ending) cancels the handler's task, so its ``finally`` frees what it held. Unread bytes
+  count against the same buffer budgets, at most :data:`MAX_MESSAGE_BYTES` per stream.
 - **Failure.** A connection that ends (EOF, a protocol violation, a PING unanswered, GOAWAY)
   fails its requests with :class:`ChannelUnavailable`: ``retryable`` is true when the peer
   certainly never processed the request (a refused stream, a stream above the GOAWAY's last
@@ -44,7 +51,7 @@ import logging
 import random
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from overlay import channel as mux
@@ -69,7 +76,7 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 READ_CHUNK = 64 * 1024
 
-Handler = Callable[[CertIdentity, bytes], Awaitable[bytes]]
+Handler = Callable[[CertIdentity, bytes], Awaitable[bytes | AsyncIterator[bytes]]]
 
 
 class ChannelUnavailable(Exception):
@@ -101,6 +108,7 @@ class _Inbox:
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     done: asyncio.Future[bytes] | None = None
+    queue: asyncio.Queue[bytes | ChannelUnavailable] | None = None  # a streamed reply
 
 
 class _Link:
@@ -123,6 +131,7 @@ class _Link:
         self.slots = asyncio.Event()  # set when a stream ended (a slot may be free)
         self.going_away = False
         self.tasks: set[asyncio.Task[None]] = set()  # handlers serving the peer's requests
+        self.serving: dict[int, asyncio.Task[None]] = {}  # ... by stream (a RESET cancels)
         self.runner: asyncio.Task[None]  # run(), set by Channel._start_link
         self.closed = asyncio.Event()
 
@@ -220,6 +229,13 @@ class _Link:
             self._finish(stream_id, ChannelUnavailable(why, retryable=not over))
             return
         inbox.size += len(data)
+        if inbox.queue is not None:  # a streamed reply: hand over each part
+            if data:
+                inbox.queue.put_nowait(data)
+            if end:
+                self.inboxes.pop(stream_id, None)
+                inbox.queue.put_nowait(b"")
+            return
         inbox.chunks.append(data)
         if not end:
             return
@@ -230,12 +246,16 @@ class _Link:
         elif not inbox.done.done():
             inbox.done.set_result(message)
 
-    def _release(self, inbox: _Inbox) -> None:
-        self.owner.release(self, inbox.size)
-        inbox.size = 0
+    def _release(self, inbox: _Inbox, nbytes: int | None = None) -> None:
+        n = inbox.size if nbytes is None else min(nbytes, inbox.size)
+        self.owner.release(self, n)
+        inbox.size -= n
 
     def _on_reset(self, stream_id: int, code: int, retryable: bool) -> None:
         retryable = retryable or code == mux.ErrorCode.REFUSED
+        task = self.serving.get(stream_id)
+        if task is not None:  # the peer gave up on a request we are serving
+            task.cancel()
         self._finish(stream_id, ChannelUnavailable(f"stream reset ({code})", retryable=retryable))
 
     def _finish(self, stream_id: int, exc: ChannelUnavailable | None) -> None:
@@ -244,6 +264,8 @@ class _Link:
         if inbox is None:
             return
         self._release(inbox)
+        if inbox.queue is not None:
+            inbox.queue.put_nowait(exc or ChannelUnavailable("cancelled", retryable=False))
         if inbox.done is not None and not inbox.done.done():
             if exc is None:
                 inbox.done.cancel()
@@ -263,8 +285,10 @@ class _Link:
             return
         task = asyncio.ensure_future(self._serve(stream_id, request))
         self.tasks.add(task)
+        self.serving[stream_id] = task
         self.owner.serving_tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(lambda _t: self.serving.pop(stream_id, None))
         task.add_done_callback(self.owner.serving_tasks.discard)
 
     async def _serve(self, stream_id: int, request: bytes) -> None:
@@ -277,13 +301,37 @@ class _Link:
             self.flush()
             return
         with contextlib.suppress(mux.ChannelError, ChannelUnavailable):
-            await self.send_all(stream_id, reply)
+            if isinstance(reply, bytes):
+                await self.send_all(stream_id, reply)
+                return
+            try:
+                await self._send_parts(stream_id, reply)
+            except (mux.ChannelError, ChannelUnavailable, asyncio.CancelledError):
+                raise
+            except Exception:
+                log.exception(
+                    "channel stream handler failed", extra=fields(peer=self.identity.name)
+                )
+                self.conn.reset_stream(stream_id, mux.ErrorCode.INTERNAL)
+                self.flush()
 
-    async def send_all(self, stream_id: int, data: bytes) -> None:
-        """Send ``data`` and END on ``stream_id``, waiting for window as needed."""
+    async def _send_parts(self, stream_id: int, parts: AsyncIterator[bytes]) -> None:
+        """A streamed reply: each part as it comes, then END (closing the iterator always)."""
+        self.owner.stats["streams_served"] += 1
+        try:
+            async for part in parts:
+                await self.send_all(stream_id, part, end=False)
+            await self.send_all(stream_id, b"")
+        finally:
+            aclose = getattr(parts, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def send_all(self, stream_id: int, data: bytes, end: bool = True) -> None:
+        """Send ``data`` (and END) on ``stream_id``, waiting for window as needed."""
         sent = 0
         while True:
-            sent += self.conn.send_data(stream_id, data[sent:], end=True)
+            sent += self.conn.send_data(stream_id, data[sent:], end=end)
             self.flush()
             if sent >= len(data):
                 return
@@ -317,6 +365,61 @@ class _Link:
             self._finish(stream_id, None)
             self.flush()
             raise
+
+    async def open_streamed(self, data: bytes) -> ChannelStream:
+        """Send one request on a new stream; its reply is read part by part."""
+        while not self.conn.can_open:
+            if not self.usable:
+                raise ChannelUnavailable("the channel connection is going away", retryable=True)
+            self.slots.clear()
+            await self.slots.wait()
+        first = data[: mux.FLOOR_MAX_FRAME]
+        try:
+            stream_id = self.conn.open_stream(first, end=len(first) == len(data))
+        except mux.ChannelError as exc:
+            raise ChannelUnavailable(str(exc), retryable=True) from None
+        inbox = self.inboxes[stream_id] = _Inbox(queue=asyncio.Queue())
+        stream = ChannelStream(self, stream_id, inbox)
+        self.flush()
+        try:
+            if len(first) < len(data):
+                await self.send_all(stream_id, data[len(first) :])
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+class ChannelStream:
+    """A streamed reply being received (see :meth:`Channel.stream`)."""
+
+    def __init__(self, link: _Link, stream_id: int, inbox: _Inbox) -> None:
+        self._link, self.stream_id, self._inbox = link, stream_id, inbox
+        assert inbox.queue is not None
+        self._queue = inbox.queue
+        self.ended = False
+
+    async def read(self) -> bytes:
+        """The next bytes of the reply; ``b""`` once it ended. Raises ChannelUnavailable."""
+        if self.ended:
+            return b""
+        item = await self._queue.get()
+        if isinstance(item, ChannelUnavailable):
+            self.ended = True
+            raise item
+        self._link._release(self._inbox, len(item))
+        self.ended = not item
+        return item
+
+    def close(self) -> None:
+        """Stop receiving: RESET the stream if it is still open; free what is buffered."""
+        self.ended = True
+        link = self._link
+        if self.stream_id in link.inboxes:
+            link.conn.reset_stream(self.stream_id, mux.ErrorCode.CANCEL)
+            link.flush()
+        link.inboxes.pop(self.stream_id, None)
+        link._release(self._inbox)
 
 
 class Channel:
@@ -378,6 +481,18 @@ class Channel:
             self.stats["requests"] += 1
             return await link.request(data)
 
+    async def stream(self, peer: Peer, data: bytes, timeout: float) -> ChannelStream:
+        """Send ``data`` to ``peer``'s handler; its reply comes part by part (Observe).
+
+        ``timeout`` bounds dialling and sending only. Raises like :meth:`request`.
+        """
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"request of {len(data)} bytes over {MAX_MESSAGE_BYTES}")
+        async with asyncio.timeout(timeout):
+            link = await self._link(peer)
+            self.stats["streams"] += 1
+            return await link.open_streamed(data)
+
     async def _link(self, peer: Peer) -> _Link:
         link = self._links.get(peer.key)
         if link is not None and link.usable:
@@ -401,6 +516,9 @@ class Channel:
                 reader, writer = await asyncio.open_connection(
                     peer.host, peer.port, ssl=self.tls.client, server_hostname=""
                 )
+        except ssl.SSLCertVerificationError as exc:  # a certificate not of the mesh CA
+            self._failed(peer, "refused_peers", f"refused {peer.name} at {peer.host}: {exc}")
+            raise ChannelUnavailable(f"{peer.name}: {exc}", retryable=True) from None
         except (OSError, TimeoutError) as exc:
             self._failed(peer, "connect_failures", f"cannot reach {peer.name}: {exc or 'timeout'}")
             raise ChannelUnavailable(f"{peer.name}: {exc or 'timeout'}", retryable=True) from None

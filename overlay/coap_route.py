@@ -24,9 +24,9 @@ loop. A value of 0, a repeated or over-long option is malformed (4.00).
 The upstream request (:func:`upstream_options`) keeps every other option as sent (ETag,
 Content-Format, Accept, If-Match, Block1/Block2, Size1/Size2, ...), replaces the
 routing options by the instance's path prefix plus the request's remaining path and query,
-and carries the decremented Hop-Limit. Observe is dropped: notifications would need a
-streaming exchange over the channel, which it does not have yet, so an observe registration
-is answered once, without Observe (RFC 7641 2: the client then knows it is not observing).
+and carries the decremented Hop-Limit. Observe is dropped here: a registration (GET or
+FETCH with Observe 0) takes the long-lived path of :mod:`overlay.coap_observe` instead, and
+any other Observe value (a deregistration) is an ordinary request.
 
 The channel envelope
 --------------------

@@ -11,7 +11,9 @@ How it works. On start the feature
 3. serves CoAP on UDP ``config.coap`` (``--coap``, default ``0.0.0.0:5683``) with aiocoap,
    every path to :class:`edgeagent.coap_proxy.Router`. A port given with ``--coap`` that
    cannot be had is one ConfigError (exit 2); when the default port is taken (another CoAP
-   server on the device) it logs one line and the agent runs without the listener.
+   server on the device) it logs one line and the agent runs without the listener;
+4. carries CoAP Observe (RFC 7641) through the mesh: :mod:`edgeagent.coap_observe` takes
+   the listener's registrations and the channel's observe envelopes (first byte 2).
 
 With ``EDGEAGENT_DEBUG_COMMANDS=1`` (tests, the coap bench) the control command
 ``debug-coap-publish`` replaces this node's registrations with ``[{name, uri}]`` in one call
@@ -35,9 +37,11 @@ from overlay.catalog import (
     Instance,
     make_instance,
 )
+from overlay.coap_observe import OBSERVE_ENVELOPE
 
 from ..channel import Channel
-from ..coap_proxy import IngressSite, Router, ServiceDirectory, Upstream, bound_deduplication
+from ..coap_observe import Observations, ObservingSite
+from ..coap_proxy import Router, ServiceDirectory, Upstream, bound_deduplication
 from ..control import ControlError
 from ..errors import ConfigError
 from ..host import DEBUG_COMMANDS_ENV, FeatureHost
@@ -62,6 +66,7 @@ class Coap:
 
     def __init__(self) -> None:
         self.router: Router | None = None
+        self.observations: Observations | None = None
         self._server: aiocoap.Context | None = None
         self._channel: Channel | None = None
         self._upstream = Upstream()
@@ -73,7 +78,10 @@ class Coap:
         chan = host.feature("channel")  # on whenever this feature is, and started before it
         await self._upstream.start()
         self.router = Router(directory, host.identity.name, chan.peers, self._upstream)
+        self.observations = Observations(self.router)
+        await self.observations.start()
         chan.register(cr.ENVELOPE_VERSION, self.router.serve_channel)
+        chan.register(OBSERVE_ENVELOPE, self.observations.serve)
         self._channel = chan.channel
         self.router.channel = self._channel
         if host.config.coap is not None:
@@ -124,7 +132,7 @@ class Coap:
             )
             return
         self._server = await aiocoap.Context.create_server_context(
-            IngressSite(router), bind=(where, port), transports=["udp6"]
+            ObservingSite(router, self.observations), bind=(where, port), transports=["udp6"]
         )
         bound_deduplication(self._server)
         self.coap_address = (where, port)
@@ -143,6 +151,7 @@ class Coap:
         return {
             "coap": f"{where[0]}:{where[1]}" if where else None,
             "coap_stats": self.router.status() if self.router else {},
+            "observe_stats": self.observations.status() if self.observations else {},
         }
 
     async def stop(self) -> None:
@@ -154,3 +163,5 @@ class Coap:
             self._server = None
         self._channel = None  # the channel feature closes it
         await self._upstream.close()
+        if self.observations is not None:
+            await self.observations.close()

@@ -67,7 +67,7 @@ async def test_a_feature_adds_commands_state_and_status_and_hears_updates(
 
 # Run in a fresh interpreter: other tests in this process import these modules themselves.
 _SWITCHED_OFF = """
-import asyncio, json, sys, time
+import asyncio, json, socket, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.edgeagent.inprocess import make_agent
@@ -79,9 +79,16 @@ async def main():
         assert not run.done(), run.result()
         await asyncio.sleep(0.05)
     loaded = sorted(sys.modules)
+    host, port = agent.driver.address
+    try:  # the channel's port (gossip + 2): nobody listens there with --coap off --mqtt off
+        socket.create_connection((host, port + 2), timeout=2).close()
+        channel_bound = True
+    except ConnectionRefusedError:
+        channel_bound = False
+    features = sorted(agent._features)
     agent.request_stop()
     assert await run == 0
-    print(json.dumps(loaded))
+    print(json.dumps(dict(loaded=loaded, channel_bound=channel_bound, features=features)))
 
 asyncio.run(main())
 """
@@ -94,12 +101,22 @@ def test_switched_off_features_are_not_imported(state_dir: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT
     )
     assert out.returncode == 0, out.stderr
-    loaded = set(json.loads(out.stdout))
+    result = json.loads(out.stdout)
+    loaded = set(result["loaded"])
+    assert not {"coap", "mqtt", "channel"} & set(result["features"])
+    assert not result["channel_bound"]
     always = {"edgeagent.features.keys", "edgeagent.features.addresses", "edgeagent.features.services"}
     assert always <= loaded
     for module in ("edgeagent.features.mdns", "overlay.mdns", "zeroconf",
                    "edgeagent.features.services_mdns", "overlay.svc_mdns",
                    "edgeagent.features.dns", "overlay.dns", "dns",
-                   "edgeagent.features.metrics", "edgeagent.metrics"):  # fmt: skip
+                   "edgeagent.features.metrics", "edgeagent.metrics",
+                   # --coap off --mqtt off (make_agent's defaults): no router, no aiocoap,
+                   # no broker, no channel
+                   "edgeagent.features.coap", "edgeagent.coap_proxy", "aiocoap",
+                   "overlay.coap_route", "edgeagent.features.channel", "edgeagent.channel",
+                   "overlay.channel", "edgeagent.mtls", "edgeagent.features.mqtt",
+                   "edgeagent.mqtt_mesh", "overlay.mqtt.broker", "overlay.mqtt.codec",
+                   "aiomqtt"):  # fmt: skip
         assert module not in loaded, f"{module} imported although switched off"
 

@@ -185,3 +185,49 @@ async def test_connections_that_never_handshake_do_not_keep_a_member_out(
     finally:
         for writer in held:
             writer.close()
+
+
+async def test_a_streamed_reply_arrives_in_parts_and_closing_it_cancels_the_handler(
+    tmp_path: Path,
+) -> None:
+    """A handler returning an async iterator streams; the caller's close() frees it."""
+    a_tls, a_id = _tls(tmp_path, None, "a")
+    b_tls, _ = _tls(tmp_path, onboarding.load_ca(tmp_path / "a"), "b")
+    freed = asyncio.Event()
+    more = asyncio.Event()
+
+    async def parts(request: bytes):  # type: ignore[no-untyped-def]
+        try:
+            for i in range(3):
+                yield request + str(i).encode()
+            await more.wait()  # until cancelled (or told to finish)
+            yield b"last"
+        finally:
+            freed.set()
+
+    async def handler(peer: CertIdentity, request: bytes):  # type: ignore[no-untyped-def]
+        return parts(request)
+
+    a = channel.Channel(a_tls, handler, rng=random.Random(1))
+    b = channel.Channel(b_tls, handler, rng=random.Random(2))
+    addr = await a.serve("127.0.0.1", 0)
+    try:
+        peer = channel.Peer("a", a_id, *addr)
+        stream = await b.stream(peer, b"n", 5.0)
+        got = b""
+        while len(got) < 6:
+            got += await asyncio.wait_for(stream.read(), 5.0)
+        assert got == b"n0n1n2"
+        stream.close()
+        await asyncio.wait_for(freed.wait(), 5.0)  # the RESET cancelled a's handler
+        freed.clear()
+        more.set()  # a second one runs to its END
+        stream = await b.stream(peer, b"m", 5.0)
+        got = b""
+        while chunk := await asyncio.wait_for(stream.read(), 5.0):
+            got += chunk
+        assert got == b"m0m1m2last" and freed.is_set()
+        assert a.stats["streams_served"] == 2 and b.stats["streams"] == 2
+    finally:
+        await b.close()
+        await a.close()

@@ -146,7 +146,8 @@ def test_blockwise_upload_stays_on_one_instance(mesh: Mesh) -> None:
         assert response.payload in (b"node1:3000", b"node2:3000")
 
 
-def test_observe_is_answered_once_without_observe(mesh: Mesh) -> None:
+def test_observing_a_resource_that_is_not_observable_is_answered_once(mesh: Mesh) -> None:
+    """/temp does not take observers: its plain answer ends the registration (RFC 7641 2)."""
     response = get(mesh, uri=f"coap://{mesh.ingress}/mesh/temperature/temp", observe=0)
     assert response.code == aiocoap.CONTENT and response.opt.observe is None
 
