@@ -16,6 +16,7 @@ BENCHMARKS = {
     "hostile": "one live agent under unauthenticated streams, held connections, undecryptable datagrams",
     "signing": "owner-signed state: sign / verify / receive cost per entry and the bytes it adds",
     "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
+    "mqtt": "MQTT messages/s and latency: one mosquitto, two bridged mosquittos, two agents; share groups; QoS 1 across a restart",
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
     "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
 }
