@@ -181,6 +181,9 @@ def _write_value(block: Writer, spec: PropertySpec, value: Any) -> None:
 
 def write_properties(w: Writer, props: Properties, packet: int) -> None:
     """Writes the property block (its length first) of `props` for `packet`."""
+    if props is NO_PROPERTIES:
+        w.u8(0, "property length")
+        return
     block = Writer()
     for spec in SPECS:
         value = getattr(props, spec.field)
