@@ -34,7 +34,9 @@ from overlay.mqtt.packets import (
 )
 from overlay.mqtt.properties import SPECS, WILL
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12
+)
 LEVEL_TEXT = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00+#/"), max_size=6
 )
@@ -92,15 +94,28 @@ def properties(packet: int) -> st.SearchStrategy[Properties]:
 def connects(draw: st.DrawFn, level: int) -> Connect:
     will = None
     if draw(st.booleans()):
-        will = Will(draw(TOPIC_NAMES), draw(BINARY), draw(st.integers(0, 2)), draw(st.booleans()),
-                    draw(properties(WILL)))
+        will = Will(
+            draw(TOPIC_NAMES),
+            draw(BINARY),
+            draw(st.integers(0, 2)),
+            draw(st.booleans()),
+            draw(properties(WILL)),
+        )
     props = draw(properties(PacketType.CONNECT))
     if props.authentication_data is not None and props.authentication_method is None:
         props = replace(props, authentication_method="m")
     username = draw(st.none() | TEXT)
     password = draw(st.none() | BINARY) if username is not None or level == MQTT5 else None
-    return Connect(draw(TEXT), level, draw(st.booleans()), draw(st.integers(0, 0xFFFF)),
-                   username, password, will, props)
+    return Connect(
+        draw(TEXT),
+        level,
+        draw(st.booleans()),
+        draw(st.integers(0, 0xFFFF)),
+        username,
+        password,
+        will,
+        props,
+    )
 
 
 @st.composite
@@ -113,24 +128,36 @@ def connacks(draw: st.DrawFn) -> Connack:
 @st.composite
 def publishes(draw: st.DrawFn) -> Publish:
     qos = draw(st.integers(0, 2))
-    return Publish(draw(TOPIC_NAMES), draw(st.binary(max_size=64)), qos, draw(st.booleans()),
-                   draw(st.booleans()) and qos > 0, draw(PACKET_IDS) if qos else None,
-                   draw(properties(PacketType.PUBLISH)))
+    return Publish(
+        draw(TOPIC_NAMES),
+        draw(st.binary(max_size=64)),
+        qos,
+        draw(st.booleans()),
+        draw(st.booleans()) and qos > 0,
+        draw(PACKET_IDS) if qos else None,
+        draw(properties(PacketType.PUBLISH)),
+    )
 
 
 @st.composite
 def acks(draw: st.DrawFn) -> Puback:
     kind = draw(st.sampled_from(ACK_KINDS))
-    return Puback(draw(PACKET_IDS), kind, draw(st.sampled_from(sorted(REASONS[kind]))),
-                  draw(properties(kind)))
+    return Puback(
+        draw(PACKET_IDS), kind, draw(st.sampled_from(sorted(REASONS[kind]))), draw(properties(kind))
+    )
 
 
 @st.composite
 def subscriptions(draw: st.DrawFn) -> Subscription:
     topic_filter = draw(topic_filters())
     no_local = draw(st.booleans()) and not topic_filter.startswith("$share/")
-    return Subscription(topic_filter, draw(st.integers(0, 2)), no_local, draw(st.booleans()),
-                        draw(st.integers(0, 2)))
+    return Subscription(
+        topic_filter,
+        draw(st.integers(0, 2)),
+        no_local,
+        draw(st.booleans()),
+        draw(st.integers(0, 2)),
+    )
 
 
 def _reasons(kind: PacketType, min_size: int = 0) -> st.SearchStrategy[tuple[int, ...]]:
@@ -145,22 +172,38 @@ def packets(level: int) -> st.SearchStrategy[Packet]:
         connacks(),
         publishes(),
         acks(),
-        st.builds(Subscribe, PACKET_IDS, st.lists(subscriptions(), min_size=1, max_size=4)
-                  .map(tuple), properties(PacketType.SUBSCRIBE)),
-        st.builds(Suback, PACKET_IDS, _reasons(PacketType.SUBACK, 1),
-                  properties(PacketType.SUBACK)),
-        st.builds(Unsubscribe, PACKET_IDS, st.lists(topic_filters(), min_size=1, max_size=4)
-                  .map(tuple), properties(PacketType.UNSUBSCRIBE)),
-        st.builds(Unsuback, PACKET_IDS, _reasons(PacketType.UNSUBACK),
-                  properties(PacketType.UNSUBACK)),
+        st.builds(
+            Subscribe,
+            PACKET_IDS,
+            st.lists(subscriptions(), min_size=1, max_size=4).map(tuple),
+            properties(PacketType.SUBSCRIBE),
+        ),
+        st.builds(
+            Suback, PACKET_IDS, _reasons(PacketType.SUBACK, 1), properties(PacketType.SUBACK)
+        ),
+        st.builds(
+            Unsubscribe,
+            PACKET_IDS,
+            st.lists(topic_filters(), min_size=1, max_size=4).map(tuple),
+            properties(PacketType.UNSUBSCRIBE),
+        ),
+        st.builds(
+            Unsuback, PACKET_IDS, _reasons(PacketType.UNSUBACK), properties(PacketType.UNSUBACK)
+        ),
         st.just(Pingreq()),
         st.just(Pingresp()),
-        st.builds(Disconnect, st.sampled_from(sorted(REASONS[PacketType.DISCONNECT])),
-                  properties(PacketType.DISCONNECT)),
+        st.builds(
+            Disconnect,
+            st.sampled_from(sorted(REASONS[PacketType.DISCONNECT])),
+            properties(PacketType.DISCONNECT),
+        ),
     ]
     if level == MQTT5:
-        choices.append(st.builds(Auth, st.sampled_from(sorted(REASONS[PacketType.AUTH])),
-                                 properties(PacketType.AUTH)))
+        choices.append(
+            st.builds(
+                Auth, st.sampled_from(sorted(REASONS[PacketType.AUTH])), properties(PacketType.AUTH)
+            )
+        )
     return st.one_of(choices)
 
 

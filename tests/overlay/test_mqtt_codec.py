@@ -109,10 +109,13 @@ def test_a_connect_teaches_a_broker_decoder_its_level(case: tuple[int, Packet]) 
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(packets(MQTT5).filter(lambda p: not isinstance(p, Connect)), max_size=8),
-       st.randoms(use_true_random=False))
-def test_streaming_in_any_chunks_gives_the_same_packets(stream: list[Packet],
-                                                        rng: random.Random) -> None:
+@given(
+    st.lists(packets(MQTT5).filter(lambda p: not isinstance(p, Connect)), max_size=8),
+    st.randoms(use_true_random=False),
+)
+def test_streaming_in_any_chunks_gives_the_same_packets(
+    stream: list[Packet], rng: random.Random
+) -> None:
     wire = b"".join(encode(p, MQTT5) for p in stream)
     one_byte, chunked = Decoder(MQTT5, LIMITS), Decoder(MQTT5, LIMITS)
     got: list[Packet] = []
@@ -152,8 +155,16 @@ def test_the_3_1_1_connect_example_decodes_and_encodes_to_the_same_bytes() -> No
 
 
 def test_the_v5_connect_example_with_session_expiry_decodes_and_encodes_the_same() -> None:
-    expected = Connect("cid1", MQTT5, True, 10, "user", b"pwd", Will("a/b", b"by", 1, False),
-                       Properties(session_expiry_interval=10))
+    expected = Connect(
+        "cid1",
+        MQTT5,
+        True,
+        10,
+        "user",
+        b"pwd",
+        Will("a/b", b"by", 1, False),
+        Properties(session_expiry_interval=10),
+    )
     assert decode_one(V5_CONNECT, None) == expected
     assert encode(expected, MQTT5) == V5_CONNECT
 
@@ -166,8 +177,16 @@ def test_the_publish_example_of_3_1_1_section_3_3_2_3() -> None:
 
 @pytest.mark.parametrize(
     ("value", "wire"),
-    [(0, "00"), (127, "7f"), (128, "8001"), (16_383, "ff7f"), (16_384, "808001"),
-     (2_097_151, "ffff7f"), (2_097_152, "80808001"), (268_435_455, "ffffff7f")],
+    [
+        (0, "00"),
+        (127, "7f"),
+        (128, "8001"),
+        (16_383, "ff7f"),
+        (16_384, "808001"),
+        (2_097_151, "ffff7f"),
+        (2_097_152, "80808001"),
+        (268_435_455, "ffffff7f"),
+    ],
 )
 def test_variable_byte_integers_match_the_spec_table(value: int, wire: str) -> None:
     assert varint_bytes(value, "x").hex() == wire
@@ -188,16 +207,43 @@ def test_fixed_packets_have_their_fixed_bytes() -> None:
 def test_the_property_table_matches_mqtt5_section_2_2_2_2() -> None:
     p, c, ca = PacketType.PUBLISH, PacketType.CONNECT, PacketType.CONNACK
     expected = {
-        0x01: {p, WILL}, 0x02: {p, WILL}, 0x03: {p, WILL}, 0x08: {p, WILL}, 0x09: {p, WILL},
-        0x0B: {p, PacketType.SUBSCRIBE}, 0x11: {c, ca, PacketType.DISCONNECT}, 0x12: {ca},
-        0x13: {ca}, 0x15: {c, ca, PacketType.AUTH}, 0x16: {c, ca, PacketType.AUTH},
-        0x17: {c}, 0x18: {WILL}, 0x19: {c}, 0x1A: {ca}, 0x1C: {ca, PacketType.DISCONNECT},
-        0x1F: {ca, PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBREL,
-               PacketType.PUBCOMP, PacketType.SUBACK, PacketType.UNSUBACK,
-               PacketType.DISCONNECT, PacketType.AUTH},
-        0x21: {c, ca}, 0x22: {c, ca}, 0x23: {p}, 0x24: {ca}, 0x25: {ca},
+        0x01: {p, WILL},
+        0x02: {p, WILL},
+        0x03: {p, WILL},
+        0x08: {p, WILL},
+        0x09: {p, WILL},
+        0x0B: {p, PacketType.SUBSCRIBE},
+        0x11: {c, ca, PacketType.DISCONNECT},
+        0x12: {ca},
+        0x13: {ca},
+        0x15: {c, ca, PacketType.AUTH},
+        0x16: {c, ca, PacketType.AUTH},
+        0x17: {c},
+        0x18: {WILL},
+        0x19: {c},
+        0x1A: {ca},
+        0x1C: {ca, PacketType.DISCONNECT},
+        0x1F: {
+            ca,
+            PacketType.PUBACK,
+            PacketType.PUBREC,
+            PacketType.PUBREL,
+            PacketType.PUBCOMP,
+            PacketType.SUBACK,
+            PacketType.UNSUBACK,
+            PacketType.DISCONNECT,
+            PacketType.AUTH,
+        },
+        0x21: {c, ca},
+        0x22: {c, ca},
+        0x23: {p},
+        0x24: {ca},
+        0x25: {ca},
         0x26: {*PacketType, WILL} - {PacketType.PINGREQ, PacketType.PINGRESP},
-        0x27: {c, ca}, 0x28: {ca}, 0x29: {ca}, 0x2A: {ca},
+        0x27: {c, ca},
+        0x28: {ca},
+        0x29: {ca},
+        0x2A: {ca},
     }
     assert {ident: set(spec.packets) for ident, spec in BY_ID.items()} == expected
 
@@ -357,8 +403,20 @@ def test_topics_over_the_limits_are_refused() -> None:
 
 @pytest.mark.parametrize(
     "topic_filter",
-    ["#", "+", "a/+/b", "a/#", "+/+", "/", "a//b", "$SYS/#", "$share/g/a/#", "$share/g/+",
-     "$share/g//", "sport/tennis/+"],
+    [
+        "#",
+        "+",
+        "a/+/b",
+        "a/#",
+        "+/+",
+        "/",
+        "a//b",
+        "$SYS/#",
+        "$share/g/a/#",
+        "$share/g/+",
+        "$share/g//",
+        "sport/tennis/+",
+    ],
 )
 def test_well_formed_filters_are_accepted(topic_filter: str) -> None:
     assert check_topic_filter(topic_filter) is None
@@ -368,8 +426,22 @@ def test_well_formed_filters_are_accepted(topic_filter: str) -> None:
 
 @pytest.mark.parametrize(
     "topic_filter",
-    ["", "a#", "a/#/b", "#/", "a/b#", "a+/b", "+a", "a/++", "$share//a", "$share/g",
-     "$share/g/", "$share/g+/a", "$share/g#/a", "$share/g/a#"],
+    [
+        "",
+        "a#",
+        "a/#/b",
+        "#/",
+        "a/b#",
+        "a+/b",
+        "+a",
+        "a/++",
+        "$share//a",
+        "$share/g",
+        "$share/g/",
+        "$share/g+/a",
+        "$share/g#/a",
+        "$share/g/a#",
+    ],
 )
 def test_malformed_filters_are_refused_in_subscribe_and_unsubscribe(topic_filter: str) -> None:
     assert check_topic_filter(topic_filter) is not None
@@ -483,8 +555,9 @@ def test_user_properties_and_publish_subscription_ids_may_repeat_others_not() ->
     subscribe = frame(0x82, b"\x00\x01\x04\x0b\x01\x0b\x02" + s("a") + b"\x00")
     assert rejected(subscribe, MQTT5) == Reason.PROTOCOL_ERROR
     with pytest.raises(MqttEncodeError):
-        encode(Subscribe(1, (Subscription("a"),), Properties(subscription_identifiers=(1, 2))),
-               MQTT5)
+        encode(
+            Subscribe(1, (Subscription("a"),), Properties(subscription_identifiers=(1, 2))), MQTT5
+        )
 
 
 def test_too_many_user_properties_exceed_the_quota() -> None:
