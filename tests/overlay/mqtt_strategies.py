@@ -86,7 +86,7 @@ def properties(packet: int) -> st.SearchStrategy[Properties]:
             optional[spec.field] = st.lists(value, min_size=1, max_size=most).map(tuple)
         else:
             optional[spec.field] = value
-    dicts = st.fixed_dictionaries({}, optional=optional)  # type: ignore[arg-type]
+    dicts = st.fixed_dictionaries({}, optional=optional)
     return st.one_of(st.just(NO_PROPERTIES), dicts.map(lambda d: Properties(**d)))
 
 
