@@ -31,6 +31,7 @@ scenario can drive either: ``up``, ``down``, ``start``, ``stop``, ``kill``, ``re
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -57,6 +58,7 @@ START_TIMEOUT = 60.0  # one node started again
 STOP_TIMEOUT = 10  # seconds docker stop gives the agent to leave before SIGKILL
 EXEC_TIMEOUT = 30.0
 POLL_S = 1.0
+SUBNET_TRIES = 3  # compose up again on a fresh subnet when ours was taken meanwhile
 
 T = TypeVar("T")
 
@@ -153,8 +155,19 @@ class ContainerBackend:
             "faults": {"partition": [], "oneway": False, "loss": {}, "isolated": []},
         }
         self._save()
-        write_compose(self.plan, self.workdir)
-        self._compose_run("up", "-d", "--no-build", timeout=300)
+        for attempt in range(SUBNET_TRIES):
+            write_compose(self.plan, self.workdir)
+            try:
+                self._compose_run("up", "-d", "--no-build", timeout=300)
+                break
+            except ContainerError as exc:
+                # Another testbed created a network on our subnet since we picked it.
+                if "overlap" not in str(exc).lower() or attempt == SUBNET_TRIES - 1:
+                    raise
+                self._compose_run("down", "--remove-orphans", timeout=120, check=False)
+                self.plan = dataclasses.replace(self.plan, subnet_prefix=pick_subnet(int(self.id, 16)))
+                self.state["subnet_prefix"] = self.plan.subnet_prefix
+                self._save()
         for name in self.names():
             self.wait_ready(name, READY_TIMEOUT)
 
@@ -288,8 +301,11 @@ class ContainerBackend:
             raise ContainerError(f"{self.node(name)}: {' '.join(argv)} timed out after {timeout:g} s") from None
 
     def logs(self, name: str | int, tail: int | None = None) -> str:
-        """The node's container output (the agent's log lines), all or the last ``tail``."""
-        argv = ["docker", "logs", *(["--tail", str(tail)] if tail else []), self.container(name)]
+        """The node's container output (the agent's log lines), all or the last ``tail``;
+        ``cloud`` is the broker's."""
+        container = (self._plan.container("cloud") if name == "cloud" and self.state.get("broker")
+                     else self.container(name))
+        argv = ["docker", "logs", *(["--tail", str(tail)] if tail else []), container]
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.stdout + proc.stderr
 

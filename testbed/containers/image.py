@@ -21,13 +21,15 @@ tarball, wheels). Everything here runs docker and debootstrap as subprocesses; a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,11 @@ def ensure_images(*, root: Path = REPO_ROOT, log: Callable[[str], None] = print,
     reason = docker_available()
     if reason is not None:
         raise ImageError(reason)
+    with _build_lock():
+        return _ensure_images(root, log, force)
+
+
+def _ensure_images(root: Path, log: Callable[[str], None], force: bool) -> BuildResult:
     built_base = ensure_base(log=log)
     tag = node_tag(root)
     wanted = source_hash(root)
@@ -216,6 +223,19 @@ def has_mosquitto(tag: str) -> bool:
     proc = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh",
                            tag, "-c", "command -v mosquitto"], capture_output=True, text=True)
     return proc.returncode == 0
+
+
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """One build at a time (tests and a scenario run may ask at once; they share the cache)."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _debootstrap(cache: Path, log: Callable[[str], None]) -> None:
