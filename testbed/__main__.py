@@ -10,6 +10,7 @@
     python -m testbed isolate h5              # h5's link down (heal brings it back)
     python -m testbed heal                    # remove partitions, links up
     python -m testbed down [--all]            # remove everything the testbed created
+    python -m testbed containers ...          # the same on docker containers (--help)
 
 Hosts are named ``h1``..``hN`` (a bare number works too). With one testbed up, commands find it
 on their own; with several, pass ``--id``. Errors are one line on stderr, exit code 2. Without
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", type=Path, help=f"work dir parent (default: ${{EDGEAGENT_TESTBED_DIR}} or {default_root()})")
     parser = _Parser(prog="python -m testbed", description="Multi-host testbed on Linux network namespaces (root).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    sub.add_parser("containers", help="the container testbed (docker): python -m testbed containers --help")
 
     p = sub.add_parser("up", parents=[common], help="create the hosts and start one agent on each")
     p.add_argument("--hosts", type=int, default=5, help="number of hosts (default 5)")
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["containers"]:
+        from .containers.cli import main as containers_main  # docker, not namespaces
+
+        return containers_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not is_root():
