@@ -121,13 +121,15 @@ def test_cli_without_a_testbed_is_one_line_and_exit_2(tmp_path: Path, capsys: py
 
 
 def _docker_skip_reason() -> str | None:
+    """Why the docker tests cannot run here (no docker), or None. A docker that is there but
+    cannot build the image is a failure, not a reason to skip."""
     reason = images.docker_available()
     if reason is not None:
         return reason
     try:
         images.ensure_images(log=lambda line: None)
     except images.ImageError as exc:
-        return f"cannot build the node image: {exc}"
+        pytest.fail(f"docker works but the node image cannot be built: {exc}")
     return None
 
 
