@@ -373,6 +373,11 @@ def _steps(
         args = _fields(table, spec, nodes, line, lines, fail, f"step {i + 1} ({action})", ("action",))
         if action == "start" and args["node"] is not None and args["nodes"] is not None:
             raise fail(line, f"step {i + 1} (start): give node or nodes, not both")
+        if action == "partition" and sum(map(len, args["groups"])) != nodes:
+            # the backends differ on nodes left out (the simulator isolates them together, the
+            # namespace testbed lets them reach everyone), so a scenario names every node
+            raise fail(lines.key(line, "groups"), f"step {i + 1} (partition): groups must name "
+                       f"every node 1..{nodes} once")  # fmt: skip
         if action == "loss-ramp" and args["from"] == args["to"]:
             raise fail(lines.key(line, "to"), f"step {i + 1} (loss-ramp): from and to are equal")
         steps.append(Step(i + 1, action, line, args))

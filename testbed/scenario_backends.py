@@ -68,7 +68,7 @@ class ScenarioBackend(Protocol):
     def down(self) -> None: ...  # remove everything; safe to repeat
     def now(self) -> float: ...  # seconds since up (virtual for the simulator)
     def advance(self, seconds: float) -> None: ...  # let time pass
-    def start(self, node: int) -> None: ...  # start (or restart) a node's agent
+    def start(self, nodes: Sequence[int]) -> None: ...  # start (or restart) agents, wait ready
     def kill(self, node: int) -> None: ...  # SIGKILL: a crash
     def stop(self, node: int) -> None: ...  # graceful leave
     def partition(self, groups: Sequence[Sequence[int]]) -> None: ...
@@ -121,7 +121,11 @@ class SimBackend:
     def _name(self, node: int) -> str:
         return self._names[node - 1]
 
-    def start(self, node: int) -> None:
+    def start(self, nodes: Sequence[int]) -> None:
+        for node in nodes:
+            self._start(node)
+
+    def _start(self, node: int) -> None:
         name, sim = self._name(node), self.sim
         existing = sim.nodes.get(name)
         if existing is not None and existing.status == "leaving":
@@ -264,11 +268,14 @@ class AgentsBackend:
         except Exception as exc:  # the cluster's own error types; one line either way
             raise BackendError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
-    def start(self, node: int) -> None:
-        self._call(self.cluster.start, self.host(node))
-        if hasattr(self.cluster, "wait_ready"):
-            self._call(self.cluster.wait_ready, self.host(node))
-        self._down.discard(node)
+    def start(self, nodes: Sequence[int]) -> None:
+        """Start them all, then wait until each answers (agents boot in parallel)."""
+        for node in nodes:
+            self._call(self.cluster.start, self.host(node))
+        for node in nodes:
+            if hasattr(self.cluster, "wait_ready"):
+                self._call(self.cluster.wait_ready, self.host(node))
+            self._down.discard(node)
 
     def kill(self, node: int) -> None:
         self._call(self.cluster.kill, self.host(node))
@@ -425,12 +432,13 @@ class _ContainersAdapter(AgentsBackend):
         cluster.up()
         return cluster
 
-    def start(self, node: int) -> None:
-        try:  # the containers backend may start every agent in up(); then start is a no-op
-            self.cluster.members(self.host(node))
-        except Exception:  # noqa: BLE001 - not running yet: start it
-            super().start(node)
-        self._down.discard(node)
+    def start(self, nodes: Sequence[int]) -> None:
+        for node in nodes:
+            try:  # the containers backend may start every agent in up(); then start is a no-op
+                self.cluster.members(self.host(node))
+            except Exception:  # noqa: BLE001 - not running yet: start it
+                super().start([node])
+            self._down.discard(node)
 
 
 def containers_backend() -> AgentsBackend:

@@ -276,6 +276,8 @@ def _per_second(records: list[list[Any]]) -> dict[int, list[tuple[bool, float]]]
 
 
 def plot_coap(plt: Any, record: dict[str, Any]) -> Any:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     loads = {n: i["result"] for n, i in record["loads"].items() if i.get("result", {}).get("records")}
     if not loads:
         return None
@@ -301,6 +303,8 @@ def plot_coap(plt: Any, record: dict[str, Any]) -> Any:
     top.legend(loc="lower left", fontsize=8)
     middle.set_ylabel("latency of answered\nrequests (ms)")
     middle.set_yscale("log")
+    middle.yaxis.set_major_formatter(ScalarFormatter())
+    middle.yaxis.set_minor_formatter(NullFormatter())
     middle.legend(loc="upper left", fontsize=8)
     bottom.set_ylabel("requests per second")
     bottom.set_xlabel("time since start (s), by the second a request was sent")

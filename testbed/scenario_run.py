@@ -166,8 +166,8 @@ class Run:
         if step.action == "start":
             nodes = [a["node"]] if a["node"] else a["nodes"] or sorted(
                 set(range(1, self.sc.nodes + 1)) - b.running())
+            b.start(nodes)
             for n in nodes:
-                b.start(n)
                 self._up(neutral(n), now())
             return f"started {', '.join(neutral(n) for n in nodes)}"
         if step.action in ("kill", "stop"):
