@@ -111,7 +111,7 @@ def render_markdown(record: dict[str, Any], images: list[str], note: str = "") -
 def _detection_table(record: dict[str, Any]) -> list[str]:
     from .bench.stats import nearest_rank
 
-    out = []
+    out: list[str] = []
     for kind, rows in record["detections"].items():
         times = [r["seconds"] for r in rows if r["seconds"] is not None]
         if not rows:
@@ -126,7 +126,7 @@ def _detection_table(record: dict[str, Any]) -> list[str]:
 
 
 def _load_table(record: dict[str, Any]) -> list[str]:
-    out = []
+    out: list[str] = []
     for name, info in record["loads"].items():
         r = info.get("result")
         if not out:

@@ -357,8 +357,9 @@ def judge(run: Run) -> list[dict[str, Any]]:
                                "args": {k: v for k, v in a.items()}}  # fmt: skip
         if exp.check == "converged":
             conv = run.converge.get(a["step"], {"ok": False, "seconds": None})
-            res |= {"measured": conv["seconds"], "unit": "s",
-                    "ok": bool(conv["ok"]) and conv["seconds"] <= a["within"]}  # fmt: skip
+            took = conv["seconds"]
+            res |= {"measured": took, "unit": "s",
+                    "ok": bool(conv["ok"]) and took is not None and took <= a["within"]}  # fmt: skip
         elif exp.check == "no-false-death":
             false = [(t, o, m) for t, o, m in transitions_to_dead(run.samples)
                      if not excused(run, t, o, m, a["faults"])]  # fmt: skip
@@ -380,7 +381,7 @@ def judge(run: Run) -> list[dict[str, Any]]:
         elif exp.check == "success-rate":
             result = run.loads.get(a["load"], {}).get("result")
             total = (result["ok"] + result["failed"]) if result else 0
-            ratio = round(result["ok"] / total, 5) if total else None
+            ratio = round(result["ok"] / total, 5) if result and total else None
             res |= {"measured": ratio, "unit": "ratio", "requests": total,
                     "ok": ratio is not None and ratio >= a["min"]}  # fmt: skip
         results.append(res)
@@ -451,7 +452,10 @@ def main(args: argparse.Namespace, prog: str = "python -m testbed scenario") -> 
                     f"{backend.name} backend does not have")  # fmt: skip
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = args.report or Path.cwd() / f"scenario-{scenario.name}-{backend.name}-{stamp}"
-    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+
     try:
         record = execute(scenario, backend, log)
     except BackendUnavailable as exc:
