@@ -244,7 +244,12 @@ class AgentsBackend:
     def up(self, nodes: int, preset: str, seed: int) -> None:
         self.count = nodes
         self._down = set(range(1, nodes + 1))
-        self.cluster = self._make(nodes, preset)
+        try:
+            self.cluster = self._make(nodes, preset)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # the cluster's own errors (nft missing, docker down): exit 2
+            raise BackendUnavailable(f"the {self.name} backend did not come up: {exc}") from None
         self._t0 = time.monotonic()
 
     def down(self) -> None:

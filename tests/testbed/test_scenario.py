@@ -122,6 +122,15 @@ def test_containers_backend_missing_is_one_line_exit_2(capsys: pytest.CaptureFix
     assert rc == 2 and len(err) == 1 and "containers backend is not available" in err[0]
 
 
+def test_netns_without_root_is_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("testbed.netns.is_root", lambda: False)
+    rc = run_cli(["scenario", str(SCENARIOS / "partition.toml"), "--backend", "netns"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "the netns backend needs root" in err[0]
+
+
 def _png_is_a_real_plot(path: Path) -> None:
     import matplotlib.image
 
