@@ -17,6 +17,8 @@ BENCHMARKS = {
     "signing": "owner-signed state: sign / verify / receive cost per entry and the bytes it adds",
     "coap": "CoAP GETs direct, through an aiocoap ForwardProxy and through the mesh; soak RSS; failover",
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
+    "scaling": "simulator dissemination and bandwidth against N (10..10000) beside the analytic SWIM model",
+    "all": "every benchmark at a small size; one Markdown page with tables and plots (--report DIR)",
 }
 
 
