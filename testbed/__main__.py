@@ -10,10 +10,17 @@
     python -m testbed isolate h5              # h5's link down (heal brings it back)
     python -m testbed heal                    # remove partitions, links up
     python -m testbed down [--all]            # remove everything the testbed created
+    python -m testbed containers ...          # the same on docker containers (--help)
+    python -m testbed scenario FILE --backend sim|netns|containers [--report DIR]
 
 Hosts are named ``h1``..``hN`` (a bare number works too). With one testbed up, commands find it
 on their own; with several, pass ``--id``. Errors are one line on stderr, exit code 2. Without
 root the loopback harness (``testbed.loopback``, used by ``edgeagent demo``) is the way.
+
+``scenario`` runs a scenario file (``testbed/scenarios/``, see its README) end to end on a
+backend of its own (``--backend sim`` needs no root) and writes a report folder; exit 0 only
+when every expect clause holds (1 when one does not, 2 for a bad file or a backend that cannot
+run here).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from . import scenario_run
 from .cluster import Testbed, TestbedError, default_root, list_ids
 from .netns import NetnsError, is_root
 
@@ -41,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", type=Path, help=f"work dir parent (default: ${{EDGEAGENT_TESTBED_DIR}} or {default_root()})")
     parser = _Parser(prog="python -m testbed", description="Multi-host testbed on Linux network namespaces (root).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    sub.add_parser("containers", help="the container testbed (docker): python -m testbed containers --help")
 
     p = sub.add_parser("up", parents=[common], help="create the hosts and start one agent on each")
     p.add_argument("--hosts", type=int, default=5, help="number of hosts (default 5)")
@@ -77,12 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("percent", type=int, help="0..100 (0 removes it)")
     p = sub.add_parser("down", parents=[common], help="remove everything the testbed created")
     p.add_argument("--all", action="store_true", help="every testbed under the root")
+    p = sub.add_parser("scenario", help="run a scenario file end to end and write a report")
+    scenario_run.add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["containers"]:
+        from .containers.cli import main as containers_main  # docker, not namespaces
+
+        return containers_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "scenario":  # its own backends; only netns needs root, and says so
+        try:
+            return scenario_run.main(args, prog=f"{parser.prog} scenario")
+        except KeyboardInterrupt:
+            return 130
     if not is_root():
         print(f"{parser.prog}: error: needs root (network namespaces); without root use the "
               "loopback harness (testbed.loopback) or 'edgeagent demo'", file=sys.stderr)

@@ -4,7 +4,8 @@
 [--rate R] [--records]`` sends GETs for ``URI`` to ``TARGET`` (HOST:PORT), ``C`` at a time
 (one aiocoap client context per worker: aiocoap allows one CON in flight per remote and
 context), paced at ``R`` requests/s in total when given, and prints one JSON object: counts,
-requests/s, latency percentiles in ms, and with ``--records`` ``[t, ok, payload]`` per request.
+requests/s, latency percentiles in ms, and with ``--records`` ``[t, ok, payload, latency_ms]`` per
+request.
 ``--proxy`` sends the forward-proxy form (Proxy-Scheme + Uri-Host from URI). Every loop is
 bounded by ``--requests`` or ``--seconds`` (and a 5 s timeout per request).
 """
@@ -55,11 +56,12 @@ async def _worker(
                 ok, payload = response.code.is_successful(), response.payload
             except (TimeoutError, aiocoap.error.Error, OSError):
                 pass
-            state["lat"].append(time.monotonic() - t0)
+            latency = time.monotonic() - t0
+            state["lat"].append(latency)
             state["ok" if ok else "failed"] += 1
             if args.records:
                 state["records"].append(
-                    [round(t0 - start, 4), ok, payload.decode(errors="replace")]
+                    [round(t0 - start, 4), ok, payload.decode(errors="replace"), round(latency * 1000, 3)]
                 )
     finally:
         await ctx.shutdown()

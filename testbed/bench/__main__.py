@@ -19,6 +19,8 @@ BENCHMARKS = {
     "mqtt": "MQTT messages/s and latency: one mosquitto, two bridged mosquittos, two agents; share groups; QoS 1 across a restart",
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
     "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
+    "scaling": "simulator dissemination and bandwidth against N (10..10000) beside the analytic SWIM model",
+    "all": "every benchmark at a small size; one Markdown page with tables and plots (--report DIR)",
 }
 
 

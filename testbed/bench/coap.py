@@ -152,7 +152,7 @@ def _failover(
     r = json.loads(out)
     records = r["records"]
     bad_after = [
-        t for t, ok, payload in records if t >= killed_at - 0.1 and (not ok or payload != "node3")
+        t for t, ok, payload, *_ in records if t >= killed_at - 0.1 and (not ok or payload != "node3")
     ]
     total = r["ok"] + r["failed"]
     return {

@@ -1,0 +1,586 @@
+"""The container testbed: one agent per docker container on a private bridge, and its faults.
+
+How it works. ``ContainerBackend(nodes=5).up()`` makes sure the images exist
+(:mod:`testbed.containers.image`, cached), picks an id and a free ``172.29.X.0/24``, writes
+``<root>/<id>/compose.yaml`` (:mod:`testbed.containers.compose`; root:
+``$EDGEAGENT_CONTAINERS_DIR`` or ``/tmp/edgeagent-containers``) and runs ``compose up -d``
+under the project ``edgeagent-tb-<id>``; h1 creates the cluster and publishes a join token,
+the others enroll with it and find each other by mDNS. ``up`` returns when every node's
+healthcheck (``edgeagent status``) passes.
+
+Faults are one nftables table (``inet ea_tb``, hooks input and output) inside each
+container's own network namespace, applied with ``docker exec`` (the containers have
+NET_ADMIN) and rebuilt whole from the faults recorded in ``<root>/<id>/state.json`` each time
+one changes: a partition drops traffic to and from the other groups' addresses (``oneway``:
+only what the first group receives from the others), loss drops PCT % of the packets each way
+(``numgen random``), isolate drops everything but loopback. A container that is started again
+gets a new namespace, so :meth:`start` applies its recorded faults again.
+
+``down`` runs ``compose down`` and then removes whatever still carries the project's label
+(containers, the network), then the run dir; the images stay (``down(images=True)`` removes
+them too). It is idempotent and works from the label alone after a crash halfway through
+``up``.
+
+The method names are those of :class:`testbed.cluster.Testbed` (the namespace testbed), so a
+scenario can drive either: ``up``, ``down``, ``start``, ``stop``, ``kill``, ``restart``,
+``wait_ready``, ``partition``, ``heal``, ``loss``, ``isolate``, ``members``, ``states``,
+``views``, ``wait_until``, ``status``, ``exec_argv``; plus ``exec`` and ``logs``. Nodes are
+``h1``..``hN`` (a bare number works too). Errors are :class:`ContainerError`, a
+:class:`testbed.cluster.TestbedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..cluster import TestbedError
+from . import image as images
+from .compose import PROJECT_PREFIX, TESTBED_LABEL, Plan, write_compose
+
+DEFAULT_ROOT = Path("/tmp/edgeagent-containers")
+ROOT_ENV = "EDGEAGENT_CONTAINERS_DIR"
+STATE_FILE = "state.json"
+NFT_TABLE = "ea_tb"
+SUBNET_BASE = "172.29"
+READY_TIMEOUT = 180.0  # seconds for every node's healthcheck to pass after compose up
+START_TIMEOUT = 60.0  # one node started again
+STOP_TIMEOUT = 10  # seconds docker stop gives the agent to leave before SIGKILL
+EXEC_TIMEOUT = 30.0
+POLL_S = 1.0
+SUBNET_TRIES = 3  # compose up again on a fresh subnet when ours was taken meanwhile
+
+T = TypeVar("T")
+
+
+class ContainerError(TestbedError):
+    """A container testbed operation failed; the message is one line for a person."""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2) when present, else ``docker-compose`` (v1)."""
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+    if probe.returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    raise ContainerError("neither 'docker compose' nor 'docker-compose' is installed")
+
+
+class ContainerBackend:
+    """Agents in docker containers. A context manager: up, then down.
+
+    ``nodes``: number of agents (h1..hN). ``token_mode``: ``mdns`` (the join token names no
+    address: enrollment finds the issuer by mDNS) or ``address``. ``broker``: also run the
+    mosquitto "cloud" service. ``run_args``: more ``edgeagent run`` flags for every agent.
+    ``build``: build the images if missing or stale (else they must exist).
+    """
+
+    def __init__(
+        self,
+        nodes: int = 5,
+        *,
+        root: Path | None = None,
+        token_mode: str = "mdns",
+        broker: bool = False,
+        run_args: Sequence[str] = (),
+        build: bool = True,
+        log: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.nodes_count = nodes
+        self.root = Path(root) if root is not None else default_root()
+        self.token_mode = token_mode
+        self.broker = broker
+        self.run_args = tuple(run_args)
+        self.build = build
+        self.log = log
+        self.id = ""
+        self.workdir = Path()
+        self.plan: Plan | None = None
+        self.state: dict[str, Any] = {}
+        self._compose: list[str] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> ContainerBackend:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self, nodes: int | None = None) -> None:
+        """Start the containers and wait until every agent answers (``down`` on failure is
+        the caller's: the context manager and the CLI do it)."""
+        if nodes is not None:
+            self.nodes_count = nodes
+        if not 1 <= self.nodes_count <= 200:
+            raise ContainerError(f"nodes must be 1..200, not {self.nodes_count}")
+        reason = images.docker_available()
+        if reason is not None:
+            raise ContainerError(reason)
+        tag = self._image()
+        if self.broker and not images.has_mosquitto(tag):
+            raise ContainerError(f"{tag} has no mosquitto; rebuild the base image or drop --broker")
+        self._new_workdir()
+        self.plan = Plan(
+            project=f"{PROJECT_PREFIX}{self.id}", image=tag,
+            subnet_prefix=pick_subnet(int(self.id, 16)), nodes=self.nodes_count,
+            cluster=f"tb-{self.id}", token_mode=self.token_mode, broker=self.broker,
+            run_args=self.run_args,
+        )
+        self.state = {
+            "id": self.id, "project": self.plan.project, "image": tag,
+            "subnet_prefix": self.plan.subnet_prefix, "nodes": self.nodes_count,
+            "cluster": self.plan.cluster, "token_mode": self.token_mode, "broker": self.broker,
+            "run_args": list(self.run_args),
+            "faults": {"partition": [], "oneway": False, "loss": {}, "isolated": []},
+        }
+        self._save()
+        for attempt in range(SUBNET_TRIES):
+            write_compose(self.plan, self.workdir)
+            try:
+                self._compose_run("up", "-d", "--no-build", timeout=300)
+                break
+            except ContainerError as exc:
+                # Another testbed created a network on our subnet since we picked it.
+                if "overlap" not in str(exc).lower() or attempt == SUBNET_TRIES - 1:
+                    raise
+                self._compose_run("down", "--remove-orphans", timeout=120, check=False)
+                self.plan = dataclasses.replace(self.plan, subnet_prefix=pick_subnet(int(self.id, 16)))
+                self.state["subnet_prefix"] = self.plan.subnet_prefix
+                self._save()
+        for name in self.names():
+            self.wait_ready(name, READY_TIMEOUT)
+
+    def down(self, images_too: bool = False) -> None:
+        """Remove the containers, the network and the run dir (and the images if asked)."""
+        if self.state:
+            project = self.state["project"]
+            if (self.workdir / "compose.yaml").is_file():
+                self._compose_run("down", "--remove-orphans", "--timeout", "5", "--volumes",
+                                  timeout=180, check=False)
+            remove_labelled(project)
+            if self.workdir.is_dir():
+                shutil.rmtree(self.workdir)
+            self.state = {}
+        if images_too:
+            images.remove_images()
+
+    @classmethod
+    def load(cls, testbed_id: str | None = None, *, root: Path | None = None) -> ContainerBackend:
+        """Find a container testbed started earlier (by id, or the only one under ``root``)."""
+        root = Path(root) if root is not None else default_root()
+        ids = list_ids(root)
+        if testbed_id is None:
+            if not ids:
+                raise ContainerError(f"no container testbed is up (nothing in {root}); use 'up'")
+            if len(ids) > 1:
+                raise ContainerError(f"several container testbeds are up ({', '.join(ids)}); pass --id")
+            testbed_id = ids[0]
+        if testbed_id not in ids:
+            raise ContainerError(f"no container testbed {testbed_id!r} in {root}")
+        state = json.loads((root / testbed_id / STATE_FILE).read_text())
+        tb = cls(state["nodes"], root=root, token_mode=state["token_mode"],
+                 broker=state["broker"], run_args=state["run_args"], build=False)
+        tb.id = testbed_id
+        tb.workdir = root / testbed_id
+        tb.state = state
+        tb.plan = Plan(project=state["project"], image=state["image"],
+                       subnet_prefix=state["subnet_prefix"], nodes=state["nodes"],
+                       cluster=state["cluster"], token_mode=state["token_mode"],
+                       broker=state["broker"], run_args=tuple(state["run_args"]))
+        return tb
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    @property
+    def project(self) -> str:
+        return self._plan.project
+
+    @property
+    def subnet(self) -> str:
+        return self._plan.subnet
+
+    def names(self) -> list[str]:
+        """The nodes, h1 first."""
+        return self._plan.names()
+
+    def node(self, name: str | int) -> str:
+        """A node's canonical name from ``"h2"``, ``"2"`` or ``2``."""
+        text = str(name)
+        canonical = f"h{text}" if text.isdigit() else text
+        if canonical not in self.names():
+            raise ContainerError(f"no node {text!r} (nodes are h1..h{self.nodes_count})")
+        return canonical
+
+    def ip(self, name: str | int) -> str:
+        return self._plan.ip(self.node(name))
+
+    def container(self, name: str | int) -> str:
+        """The docker container name of a node."""
+        return self._plan.container(self.node(name))
+
+    def running(self, name: str | int) -> bool:
+        return self._inspect(self.container(name)).get("Running") is True
+
+    def start(self, name: str | int, wait: bool = True) -> None:
+        """Start a stopped or killed node (same container, same state dir), re-apply its
+        recorded faults and, with ``wait``, wait until its agent answers."""
+        node = self.node(name)
+        if self.running(node):
+            raise ContainerError(f"{node} is already running")
+        _docker("start", self.container(node))
+        self._apply_faults(node)
+        if wait:
+            self.wait_ready(node, START_TIMEOUT)
+
+    def stop(self, name: str | int, timeout: int = STOP_TIMEOUT) -> None:
+        """SIGTERM the agent (graceful leave); docker SIGKILLs it after ``timeout`` s."""
+        node = self._running_node(name)
+        _docker("stop", "--time", str(timeout), self.container(node), timeout=timeout + 30)
+
+    def kill(self, name: str | int) -> None:
+        """SIGKILL the container (a crash)."""
+        node = self._running_node(name)
+        _docker("kill", "--signal", "KILL", self.container(node))
+
+    def restart(self, name: str | int) -> None:
+        """Kill the node if it runs, start it again and wait until its agent answers."""
+        node = self.node(name)
+        if self.running(node):
+            self.kill(node)
+        self.start(node)
+
+    def wait_ready(self, name: str | int, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the node's healthcheck (``edgeagent status``) passes."""
+        container = self.container(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self._inspect(container)
+            if not state.get("Running"):
+                tail = self.logs(name, tail=1).strip() or f"exit code {state.get('ExitCode')}"
+                raise ContainerError(f"{self.node(name)}: container exited ({tail})")
+            if (state.get("Health") or {}).get("Status") == "healthy":
+                return
+            if time.monotonic() >= deadline:
+                raise ContainerError(f"timed out after {timeout:g} s waiting for {self.node(name)} to be healthy")
+            time.sleep(POLL_S)
+
+    # -- observing ----------------------------------------------------------------------------
+
+    def exec_argv(self, name: str | int, argv: Sequence[str]) -> list[str]:
+        """A command line that runs ``argv`` inside the node's container."""
+        return ["docker", "exec", self.container(name), *argv]
+
+    def exec(self, name: str | int, argv: Sequence[str], *, input: str | None = None,
+             timeout: float = EXEC_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the node's container; the completed process (not checked)."""
+        cmd = ["docker", "exec", *(["-i"] if input is not None else []), self.container(name), *argv]
+        try:
+            return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ContainerError(f"{self.node(name)}: {' '.join(argv)} timed out after {timeout:g} s") from None
+
+    def logs(self, name: str | int, tail: int | None = None) -> str:
+        """The node's container output (the agent's log lines), all or the last ``tail``;
+        ``cloud`` is the broker's."""
+        container = (self._plan.container("cloud") if name == "cloud" and self.state.get("broker")
+                     else self.container(name))
+        argv = ["docker", "logs", *(["--tail", str(tail)] if tail else []), container]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        return proc.stdout + proc.stderr
+
+    def members(self, name: str | int, timeout: float = EXEC_TIMEOUT) -> list[dict[str, Any]]:
+        """The node's membership list (``edgeagent members --json``); ContainerError if down."""
+        node = self.node(name)
+        proc = self.exec(node, ["edgeagent", "members", "--json"], timeout=timeout)
+        if proc.returncode != 0:
+            raise ContainerError(f"{node}: {images.last_line(proc.stderr) or 'members failed'}")
+        try:
+            members = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            raise ContainerError(f"{node}: members --json printed no JSON") from None
+        return list(members)
+
+    def states(self, name: str | int) -> dict[str, str]:
+        """The node's view: member name -> state (alive, suspect, dead, left); {} if down."""
+        try:
+            return {m["name"]: m["state"] for m in self.members(name)}
+        except ContainerError:
+            return {}
+
+    def views(self, names: Sequence[str | int] | None = None) -> dict[str, dict[str, str]]:
+        """:meth:`states` of several nodes (default: all that run)."""
+        chosen = [self.node(n) for n in names] if names is not None else [
+            n for n in self.names() if self.running(n)
+        ]
+        return {n: self.states(n) for n in chosen}
+
+    def wait_until(self, predicate: Callable[[], T], timeout: float, interval: float = 1.0,
+                   what: str = "condition") -> T:
+        """Poll ``predicate`` until it returns something truthy; ContainerError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise ContainerError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(interval)
+
+    def status(self) -> dict[str, Any]:
+        """Per node: address, container state, health, faults and what its agent sees."""
+        faults = self.state["faults"]
+        nodes = {}
+        for name in self.names():
+            state = self._inspect(self.container(name))
+            counts: dict[str, int] = {}
+            for member_state in (self.states(name) if state.get("Running") else {}).values():
+                counts[member_state] = counts.get(member_state, 0) + 1
+            nodes[name] = {
+                "ip": self.ip(name),
+                "container": self.container(name),
+                "state": state.get("Status", "missing"),
+                "health": (state.get("Health") or {}).get("Status"),
+                "members": counts,
+                "loss_percent": faults["loss"].get(name, 0),
+                "partitioned": any(name in g for g in faults["partition"]),
+                "isolated": name in faults["isolated"],
+            }
+        out: dict[str, Any] = {"id": self.id, "project": self.project, "subnet": self.subnet,
+                               "image": self.state["image"], "workdir": str(self.workdir),
+                               "nodes": nodes}
+        if self.state["broker"]:
+            out["broker"] = {"address": f"{self._plan.broker_ip}:1883",
+                             "state": self._inspect(self._plan.container("cloud")).get("Status", "missing")}
+        return out
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def partition(self, groups: Sequence[Sequence[str | int]], *, oneway: bool = False) -> None:
+        """Cut the network between groups of nodes (``oneway``: only traffic into the first
+        group is dropped). Replaces an earlier partition."""
+        named = [[self.node(n) for n in g] for g in groups]
+        if len(named) < 2 or not all(named):
+            raise ContainerError("partition needs two or more non-empty groups: h1,h2/h3,h4")
+        flat = [n for g in named for n in g]
+        if len(set(flat)) != len(flat):
+            raise ContainerError("a node is in two partition groups")
+        self._set_faults(partition=named, oneway=oneway)
+
+    def heal(self) -> None:
+        """Remove the partition and isolation (loss stays; ``loss(node, 0)`` clears it)."""
+        self._set_faults(partition=[], oneway=False, isolated=[])
+
+    def loss(self, name: str | int, percent: int) -> None:
+        """Drop ``percent`` % of the node's packets in each direction (0: no loss)."""
+        if not 0 <= int(percent) <= 100:
+            raise ContainerError(f"loss percent must be 0..100, not {percent}")
+        node = self.node(name)
+        loss = {k: v for k, v in self.state["faults"]["loss"].items() if k != node}
+        if percent:
+            loss[node] = int(percent)
+        self._set_faults(loss=loss)
+
+    def isolate(self, name: str | int) -> None:
+        """Drop all of the node's traffic but loopback until :meth:`heal`."""
+        node = self.node(name)
+        isolated = sorted({*self.state["faults"]["isolated"], node})
+        self._set_faults(isolated=isolated)
+
+    def nft_rules(self, name: str) -> list[tuple[str, str]]:
+        """The (chain, rule) pairs the recorded faults give one node."""
+        faults = self.state["faults"]
+        rules: list[tuple[str, str]] = []
+        if name in faults["isolated"]:
+            rules += [("input", 'iifname != "lo" drop'), ("output", 'oifname != "lo" drop')]
+        pct = faults["loss"].get(name, 0)
+        if pct:
+            rules += [("input", f'iifname != "lo" numgen random mod 100 < {pct} drop'),
+                      ("output", f'oifname != "lo" numgen random mod 100 < {pct} drop')]
+        groups: list[list[str]] = faults["partition"]
+        mine = next((i for i, g in enumerate(groups) if name in g), None)
+        if mine is not None:
+            others = [self.ip(n) for i, g in enumerate(groups) if i != mine for n in g]
+            addresses = "{ " + ", ".join(others) + " }"
+            if not faults["oneway"]:
+                rules += [("input", f"ip saddr {addresses} drop"),
+                          ("output", f"ip daddr {addresses} drop")]
+            elif mine == 0:
+                rules += [("input", f"ip saddr {addresses} drop")]
+        return rules
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _plan(self) -> Plan:
+        if self.plan is None:
+            raise ContainerError("the container testbed is not up")
+        return self.plan
+
+    def _image(self) -> str:
+        if self.build:
+            try:
+                return images.ensure_images(log=self.log).tag
+            except images.ImageError as exc:
+                raise ContainerError(str(exc)) from None
+        tag = images.node_tag()
+        if images.image_id(tag) is None:
+            raise ContainerError(f"no image {tag}; build it: python -m testbed containers build")
+        return tag
+
+    def _new_workdir(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            self.id = secrets.token_hex(2)
+            if not (self.root / self.id).exists() and not _labelled("ps", f"{PROJECT_PREFIX}{self.id}"):
+                break
+        self.workdir = self.root / self.id
+        self.workdir.mkdir()
+
+    def _running_node(self, name: str | int) -> str:
+        node = self.node(name)
+        if not self.running(node):
+            raise ContainerError(f"{node} is not running")
+        return node
+
+    def _inspect(self, container: str) -> dict[str, Any]:
+        proc = subprocess.run(["docker", "inspect", "--format", "{{json .State}}", container],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {}
+        return dict(json.loads(proc.stdout))
+
+    def _set_faults(self, **changes: Any) -> None:
+        with self._locked():
+            self.state["faults"].update(changes)
+            self._save()
+        for name in self.names():
+            if self.running(name):
+                self._apply_faults(name)
+
+    def _apply_faults(self, name: str) -> None:
+        """Replace the node's nftables table with the rules of its recorded faults."""
+        rules = self.nft_rules(name)
+        script = [f"add table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}"]
+        if rules:
+            script.append(f"table inet {NFT_TABLE} {{")
+            for chain in ("input", "output"):
+                script.append(f"  chain {chain} {{")
+                script.append(f"    type filter hook {chain} priority -10; policy accept;")
+                script += [f"    {rule}" for c, rule in rules if c == chain]
+                script.append("  }")
+            script.append("}")
+        proc = self.exec(name, ["nft", "-f", "-"], input="\n".join(script) + "\n")
+        if proc.returncode != 0:
+            raise ContainerError(f"{name}: nft failed: {images.last_line(proc.stderr)}")
+
+    def _compose_run(self, *args: str, timeout: float, check: bool = True) -> None:
+        if self._compose is None:
+            self._compose = compose_command()
+        argv = [*self._compose, "-p", self.state["project"], "-f", str(self.workdir / "compose.yaml"), *args]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ContainerError(f"compose {args[0]} timed out after {timeout:g} s") from None
+        if check and proc.returncode != 0:
+            raise ContainerError(f"compose {args[0]} failed: {images.last_line(proc.stderr)}")
+
+    def _save(self) -> None:
+        tmp = self.workdir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.workdir / STATE_FILE)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise fault updates between concurrent CLI invocations (re-read, then change)."""
+        with open(self.workdir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.workdir / STATE_FILE
+                if current.exists():
+                    self.state["faults"] = json.loads(current.read_text())["faults"]
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def list_ids(root: Path | None = None) -> list[str]:
+    """Ids of the container testbeds that have a state file under ``root``."""
+    root = Path(root) if root is not None else default_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+
+
+def pick_subnet(start: int) -> str:
+    """A ``172.29.X`` prefix no docker network and no host route uses (X from ``start``)."""
+    used = _used_prefixes()
+    for step in range(256):
+        prefix = f"{SUBNET_BASE}.{(start + step) % 256}"
+        if prefix not in used:
+            return prefix
+    raise ContainerError(f"every {SUBNET_BASE}.X.0/24 is in use")
+
+
+def _used_prefixes() -> set[str]:
+    used: set[str] = set()
+    ids = subprocess.run(["docker", "network", "ls", "-q"], capture_output=True, text=True).stdout.split()
+    if ids:
+        out = subprocess.run(["docker", "network", "inspect", "--format",
+                              "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids],
+                             capture_output=True, text=True).stdout
+        used |= {".".join(s.split(".")[:3]) for s in out.split() if s.startswith(f"{SUBNET_BASE}.")}
+    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+    used |= {".".join(w.split(".")[:3]) for w in routes.split() if w.startswith(f"{SUBNET_BASE}.")}
+    return used
+
+
+def _labelled(kind: str, project: str) -> list[str]:
+    """Ids of containers (``ps``) or networks (``network``) carrying the project's label."""
+    argv = (["docker", "ps", "-aq"] if kind == "ps" else ["docker", "network", "ls", "-q"])
+    proc = subprocess.run([*argv, "--filter", f"label={TESTBED_LABEL}={project}"],
+                          capture_output=True, text=True)
+    return proc.stdout.split()
+
+
+def remove_labelled(project: str) -> None:
+    """Remove every container and network labelled as the project's (what compose left)."""
+    containers = _labelled("ps", project)
+    if containers:
+        subprocess.run(["docker", "rm", "-f", "-v", *containers], capture_output=True)
+    networks = _labelled("network", project)
+    if networks:
+        subprocess.run(["docker", "network", "rm", *networks], capture_output=True)
+    left = _labelled("ps", project) + _labelled("network", project)
+    if left:
+        raise ContainerError(f"could not remove {len(left)} docker objects of {project}")
+
+
+def _docker(*args: str, timeout: float = 60) -> str:
+    try:
+        proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ContainerError(f"docker {args[0]} timed out after {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise ContainerError(f"docker {args[0]} failed: {images.last_line(proc.stderr)}")
+    return proc.stdout

@@ -1,0 +1,507 @@
+"""Where a scenario runs: the :class:`ScenarioBackend` protocol and its three adapters.
+
+The runner (:mod:`testbed.scenario_run`) speaks only this protocol. Nodes are numbered
+``1..N`` in scenario files; an adapter maps number ``i`` to its own name (``h{i}`` on the
+namespace testbed, ``n{i}`` in the simulator) and answers in the neutral names ``n1..nN``.
+
+- :class:`SimBackend`: :class:`testbed.sim.Simulator` with an :class:`overlay.ipam.Allocator`
+  per node (:class:`testbed.ipam_mesh.IpamMesh`), on virtual time: ``advance`` runs the
+  simulator, so a 60 s scenario takes a fraction of a second. Membership and overlay only.
+- :class:`NetnsBackend`: :class:`testbed.cluster.Testbed` (root), one real agent per
+  namespace, seeds and no mDNS; also CoAP: ``coap_serve`` runs a :mod:`testbed.coap_server`
+  inside a host's namespace and registers it with that host's agent, ``coap_load`` runs
+  :mod:`testbed.coap_load` inside the ingress host. ``kill`` also kills the host's CoAP
+  server (the host crashed); ``stop`` stops only the agent.
+- :func:`containers_backend`: the same adapter over ``testbed.containers.backend.
+  ContainerBackend`` (built elsewhere, imported only when asked for; without it
+  :class:`BackendUnavailable`).
+
+Errors a backend raises for an action that cannot be done are :class:`BackendError` (one line);
+the runner records them as a failed step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from gossip.config import preset as gossip_preset
+
+STATES = ("alive", "suspect", "dead", "left")
+LOAD_TIMEOUT_EXTRA = 30.0  # seconds past a load's own length before it is killed
+SERVE_READY_TIMEOUT = 30.0  # a CoAP server prints "ready", its instance turns healthy
+COAP_PORT = 5683  # each agent's own CoAP listener (the default, one per namespace)
+SERVER_PORT = 5700  # the plain CoAP server beside an agent, inside the same namespace
+
+
+class BackendError(Exception):
+    """An action failed on the backend; one line for a person."""
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run here at all (not root, missing module); exit 2."""
+
+
+def neutral(i: int) -> str:
+    return f"n{i}"
+
+
+class LoadHandle(Protocol):
+    """A CoAP load running in the background."""
+
+    def result(self) -> dict[str, Any]: ...  # waits; ok, failed, records [[t, ok, payload]]
+    def cancel(self) -> None: ...
+
+
+class ScenarioBackend(Protocol):
+    """What a scenario needs from a cluster. Nodes are 1-based numbers; names are ``n<i>``."""
+
+    name: str
+    features: frozenset[str]  # beyond membership: "coap", "overlay"
+
+    def up(self, nodes: int, preset: str, seed: int) -> None: ...  # network, no agents yet
+    def down(self) -> None: ...  # remove everything; safe to repeat
+    def now(self) -> float: ...  # seconds since up (virtual for the simulator)
+    def advance(self, seconds: float) -> None: ...  # let time pass
+    def start(self, nodes: Sequence[int]) -> None: ...  # start (or restart) agents, wait ready
+    def kill(self, node: int) -> None: ...  # SIGKILL: a crash
+    def stop(self, node: int) -> None: ...  # graceful leave
+    def partition(self, groups: Sequence[Sequence[int]]) -> None: ...
+    def heal(self) -> None: ...  # partitions only; loss stays
+    def loss(self, node: int, percent: int) -> None: ...
+    def running(self) -> set[int]: ...
+    def views(self) -> dict[str, dict[str, str]]: ...  # observer -> member -> state
+    def overlay_addresses(self) -> dict[str, str | None]: ...  # running node -> own block
+    def coap_serve(self, service: str, nodes: Sequence[int]) -> None: ...
+    def coap_load(self, ingress: int, service: str, seconds: float, rate: float,
+                  concurrency: int) -> LoadHandle: ...  # fmt: skip
+
+
+# --- the simulator ----------------------------------------------------------------------------
+
+
+class SimBackend:
+    """Real gossip cores and IPAM allocators on the simulator's virtual network and clock."""
+
+    name = "sim"
+    features = frozenset({"overlay"})
+
+    def __init__(self) -> None:
+        self.mesh: Any = None
+        self._t0 = 0.0
+        self._names: list[str] = []
+
+    def up(self, nodes: int, preset: str, seed: int) -> None:
+        from testbed.ipam_mesh import IpamMesh, prefix_for
+        from testbed.sim import Simulator
+
+        sim = Simulator(f"scenario:{seed}", gossip_preset(preset))
+        self.mesh = IpamMesh(sim, prefix=prefix_for(max(nodes, 4)))
+        self._names = [f"n{i}" for i in range(1, nodes + 1)]
+        self._t0 = sim.now
+
+    @property
+    def sim(self) -> Any:
+        return self.mesh.sim
+
+    def down(self) -> None:
+        self.mesh = None
+
+    def now(self) -> float:
+        return float(self.sim.now - self._t0)
+
+    def advance(self, seconds: float) -> None:
+        self.sim.run_for(seconds)
+
+    def _name(self, node: int) -> str:
+        return self._names[node - 1]
+
+    def start(self, nodes: Sequence[int]) -> None:
+        for node in nodes:
+            self._start(node)
+
+    def _start(self, node: int) -> None:
+        name, sim = self._name(node), self.sim
+        existing = sim.nodes.get(name)
+        if existing is not None and existing.status == "leaving":
+            sim.wait_for(lambda: existing.status == "left", 30.0)
+        if existing is None:
+            live = [n.name for n in sim.live_nodes()]
+            self.mesh.add(name, join=sim.rng.sample(live, min(3, len(live))))
+            sim.run_for(0.01)  # joins 10 ms apart, as the simulator's add_cluster does
+        elif existing.alive:
+            raise BackendError(f"{neutral(node)} is already running")
+        else:
+            self.mesh.restart(name)
+
+    def _running_node(self, node: int) -> str:
+        name = self._name(node)
+        sim_node = self.sim.nodes.get(name)
+        if sim_node is None or not sim_node.alive or sim_node.status != "up":
+            raise BackendError(f"{neutral(node)} is not running")
+        return name
+
+    def kill(self, node: int) -> None:
+        self.mesh.crash(self._running_node(node))
+
+    def stop(self, node: int) -> None:
+        self.mesh.leave(self._running_node(node))  # gossips its leave for a while, then stops
+
+    def partition(self, groups: Sequence[Sequence[int]]) -> None:
+        self.sim.heal()
+        self.sim.partition([[self._name(n) for n in g] for g in groups])
+
+    def heal(self) -> None:
+        self.sim.heal()
+
+    def loss(self, node: int, percent: int) -> None:
+        name = self._name(node)
+        for other in self._names:
+            if other != name and other in self.sim.nodes and name in self.sim.nodes:
+                self.sim.set_link(name, other, loss=percent / 100 if percent else None)
+
+    def running(self) -> set[int]:
+        return {
+            i for i, name in enumerate(self._names, start=1)
+            if (n := self.sim.nodes.get(name)) is not None and n.alive and n.status == "up"
+        }  # fmt: skip
+
+    def views(self) -> dict[str, dict[str, str]]:
+        back = {name: neutral(i) for i, name in enumerate(self._names, start=1)}
+        out = {}
+        for i in sorted(self.running()):
+            view = self.sim.view(self._name(i))
+            out[neutral(i)] = {back.get(m, m): s.name.lower() for m, s in view.items()}
+        return out
+
+    def overlay_addresses(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for i in sorted(self.running()):
+            block = self.mesh.allocs[self._name(i)].block
+            out[neutral(i)] = None if block is None else str(block)
+        return out
+
+    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+        raise BackendError("the simulator has no CoAP")
+
+    def coap_load(
+        self, ingress: int, service: str, seconds: float, rate: float, concurrency: int
+    ) -> LoadHandle:
+        raise BackendError("the simulator has no CoAP")
+
+
+# --- real agents: the namespace testbed and containers ----------------------------------------
+
+
+class _CoapLoad:
+    """A :mod:`testbed.coap_load` process started at ``started`` (backend time)."""
+
+    def __init__(self, proc: subprocess.Popen[str], started: float, seconds: float) -> None:
+        self.proc, self.started, self.seconds = proc, started, seconds
+
+    def result(self) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(timeout=self.seconds + LOAD_TIMEOUT_EXTRA)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise BackendError("the CoAP load did not finish in time") from None
+        try:
+            result: dict[str, Any] = json.loads(out)
+        except ValueError:
+            tail = (err or "").strip().splitlines()[-1:] or ["no output"]
+            raise BackendError(f"the CoAP load failed: {tail[0]}") from None
+        result["records"] = [[round(self.started + t, 4), *rest] for t, *rest in result.get("records", [])]
+        return result
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class AgentsBackend:
+    """The adapter over a cluster object with :class:`testbed.cluster.Testbed`'s methods
+    (``start``, ``kill``, ``stop``, ``partition``, ``heal``, ``loss``, ``members``), hosts
+    named ``h1..hN``. Subclasses build the cluster in :meth:`_make`."""
+
+    name = "agents"
+    features: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.cluster: Any = None
+        self.count = 0
+        self._t0 = time.monotonic()
+        self._down: set[int] = set()
+
+    def _make(self, nodes: int, preset: str) -> Any:
+        raise NotImplementedError
+
+    def up(self, nodes: int, preset: str, seed: int) -> None:
+        self.count = nodes
+        self._down = set(range(1, nodes + 1))
+        try:
+            self.cluster = self._make(nodes, preset)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # the cluster's own errors (nft missing, docker down): exit 2
+            raise BackendUnavailable(f"the {self.name} backend did not come up: {exc}") from None
+        self._t0 = time.monotonic()
+
+    def down(self) -> None:
+        if self.cluster is not None:
+            self.cluster.down()
+        self.cluster = None
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def advance(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    @staticmethod
+    def host(node: int) -> str:
+        return f"h{node}"
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # the cluster's own error types; one line either way
+            raise BackendError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    def start(self, nodes: Sequence[int]) -> None:
+        """Start them all, then wait until each answers (agents boot in parallel)."""
+        for node in nodes:
+            self._call(self.cluster.start, self.host(node))
+        for node in nodes:
+            if hasattr(self.cluster, "wait_ready"):
+                self._call(self.cluster.wait_ready, self.host(node))
+            self._down.discard(node)
+
+    def kill(self, node: int) -> None:
+        self._call(self.cluster.kill, self.host(node))
+        self._down.add(node)
+
+    def stop(self, node: int) -> None:
+        self._call(self.cluster.stop, self.host(node))
+        self._down.add(node)
+
+    def partition(self, groups: Sequence[Sequence[int]]) -> None:
+        self._call(self.cluster.heal)
+        self._call(self.cluster.partition, [[self.host(n) for n in g] for g in groups])
+
+    def heal(self) -> None:
+        self._call(self.cluster.heal)
+
+    def loss(self, node: int, percent: int) -> None:
+        self._call(self.cluster.loss, self.host(node), percent)
+
+    def running(self) -> set[int]:
+        return set(range(1, self.count + 1)) - self._down
+
+    def views(self) -> dict[str, dict[str, str]]:
+        back = {self.host(i): neutral(i) for i in range(1, self.count + 1)}
+        out = {}
+        for i in sorted(self.running()):
+            try:
+                members = self.cluster.members(self.host(i))
+            except Exception:  # noqa: BLE001 - an agent that does not answer has no view now
+                continue
+            out[neutral(i)] = {back.get(m["name"], m["name"]): str(m["state"]) for m in members}
+        return out
+
+    def overlay_addresses(self) -> dict[str, str | None]:
+        raise BackendError(f"the {self.name} backend cannot read overlay addresses")
+
+    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+        raise BackendError(f"the {self.name} backend has no CoAP support here")
+
+    def coap_load(
+        self, ingress: int, service: str, seconds: float, rate: float, concurrency: int
+    ) -> LoadHandle:
+        raise BackendError(f"the {self.name} backend has no CoAP support here")
+
+
+class NetnsBackend(AgentsBackend):
+    """One real agent per network namespace (:class:`testbed.cluster.Testbed`; root)."""
+
+    name = "netns"
+    features = frozenset({"coap", "overlay"})
+
+    def __init__(self, root: Any = None) -> None:
+        super().__init__()
+        self.root = root
+        self._servers: dict[int, subprocess.Popen[str]] = {}
+        self._loads: list[_CoapLoad] = []
+
+    def _make(self, nodes: int, preset: str) -> Any:
+        from testbed.cluster import Testbed
+        from testbed.netns import is_root
+
+        if not is_root():
+            raise BackendUnavailable("the netns backend needs root (network namespaces); "
+                                     "try --backend sim")
+        tb = Testbed(nodes, preset=preset, mdns=False, seeds=True, root=self.root, start_agents=False)
+        try:
+            tb.up()
+        except BaseException:
+            tb.down()
+            raise
+        return tb
+
+    def down(self) -> None:
+        for load in self._loads:
+            load.cancel()
+        for proc in self._servers.values():
+            _end(proc)
+        self._servers.clear()
+        super().down()
+
+    def kill(self, node: int) -> None:
+        super().kill(node)
+        server = self._servers.pop(node, None)
+        if server is not None:
+            _end(server)
+
+    def _control(self, node: int, cmd: str, **args: Any) -> Any:
+        from edgeagent.control import ControlClient, socket_path
+
+        path = socket_path(self.cluster.state_dir(self.host(node)))
+        try:
+            return ControlClient(path, timeout=5.0).call(cmd, **args)
+        except Exception as exc:  # AgentUnavailable, ControlError: one line
+            raise BackendError(f"{neutral(node)}: {cmd}: {exc}") from None
+
+    def overlay_addresses(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for i in sorted(self.running()):
+            rows = self._control(i, "addresses")
+            own = [r for r in rows if r.get("node") == self.host(i) and r.get("state") == "active"]
+            out[neutral(i)] = str(own[0]["block"]) if own else None
+        return out
+
+    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+        for node in nodes:
+            ip = self.cluster.host(self.host(node)).ip
+            argv = [sys.executable, "-m", "testbed.coap_server", ip, str(SERVER_PORT), neutral(node)]
+            proc = subprocess.Popen(self.cluster.exec_argv(self.host(node), argv),
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                _end(proc)
+                raise BackendError(f"{neutral(node)}: the CoAP server did not start")
+            self._servers[node] = proc
+            self._control(node, "service", op="register", name=service, uri=f"coap://{ip}:{SERVER_PORT}")
+        deadline = time.monotonic() + SERVE_READY_TIMEOUT
+        while not all(self._healthy(i, service) >= len(nodes) for i in self.running()):
+            if time.monotonic() > deadline:
+                raise BackendError(f"{service}: not every node saw {len(nodes)} healthy instances "
+                                   f"within {SERVE_READY_TIMEOUT:g} s")
+            time.sleep(0.5)
+
+    def _healthy(self, node: int, service: str) -> int:
+        rows = self._control(node, "coap")["instances"]
+        return sum(r.get("state") == "healthy" and r.get("name", service) == service for r in rows)
+
+    def coap_load(
+        self, ingress: int, service: str, seconds: float, rate: float, concurrency: int
+    ) -> LoadHandle:
+        ip = self.cluster.host(self.host(ingress)).ip
+        argv = [sys.executable, "-m", "testbed.coap_load", f"{ip}:{COAP_PORT}",
+                f"coap://{ip}:{COAP_PORT}/mesh/{service}/temp", "--seconds", str(seconds),
+                "--rate", str(rate), "--concurrency", str(concurrency), "--records"]  # fmt: skip
+        proc = subprocess.Popen(self.cluster.exec_argv(self.host(ingress), argv),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        if proc.stderr.readline().strip() != "started":
+            _end(proc)
+            raise BackendError("the CoAP load client did not start")
+        load = _CoapLoad(proc, self.now(), seconds)
+        self._loads.append(load)
+        return load
+
+
+class _ContainersAdapter(AgentsBackend):
+    name = "containers"
+    features = frozenset({"overlay"})
+
+    def __init__(self, cls: Any) -> None:
+        super().__init__()
+        self._cls = cls
+
+    def _make(self, nodes: int, preset: str) -> Any:
+        cluster = self._cls(nodes, run_args=("--preset", preset))
+        cluster.up()
+        return cluster
+
+    def start(self, nodes: Sequence[int]) -> None:
+        for node in nodes:
+            try:  # the containers backend may start every agent in up(); then start is a no-op
+                self.cluster.members(self.host(node))
+            except Exception:  # noqa: BLE001 - not running yet: start it
+                super().start([node])
+            self._down.discard(node)
+
+
+    def views(self) -> dict[str, dict[str, str]]:
+        """All running nodes at once: one ``docker exec`` takes ~0.5 s, so a sequential poll of
+        five would see each node only every 2.5 s."""
+        back = {self.host(i): neutral(i) for i in range(1, self.count + 1)}
+        nodes = sorted(self.running())
+
+        def one(i: int) -> tuple[str, dict[str, str]] | None:
+            try:
+                members = self.cluster.members(self.host(i))
+            except Exception:  # noqa: BLE001 - an agent that does not answer has no view now
+                return None
+            return neutral(i), {back.get(m["name"], m["name"]): str(m["state"]) for m in members}
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+            return dict(r for r in pool.map(one, nodes) if r is not None)
+
+    def overlay_addresses(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for i in sorted(self.running()):
+            proc = self.cluster.exec(self.host(i), ["edgeagent", "addresses", "--json"])
+            try:
+                rows = json.loads(proc.stdout) if proc.returncode == 0 else None
+            except ValueError:
+                rows = None
+            if not isinstance(rows, list):
+                raise BackendError(f"{neutral(i)}: edgeagent addresses --json failed")
+            own = [r for r in rows if r.get("node") == self.host(i) and r.get("state") == "active"]
+            out[neutral(i)] = str(own[0]["block"]) if own else None
+        return out
+
+
+def containers_backend() -> AgentsBackend:
+    """The containers adapter; BackendUnavailable when testbed.containers is not there."""
+    try:
+        module = importlib.import_module("testbed.containers.backend")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("testbed.containers"):
+            raise BackendUnavailable("the containers backend is not available "
+                                     "(testbed.containers.backend is missing)") from None
+        raise
+    return _ContainersAdapter(module.ContainerBackend)
+
+
+def make_backend(name: str) -> ScenarioBackend:
+    if name == "sim":
+        return SimBackend()
+    if name == "netns":
+        return NetnsBackend()
+    if name == "containers":
+        return containers_backend()
+    raise BackendUnavailable(f"unknown backend {name!r} (sim, netns, containers)")
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

@@ -1,0 +1,47 @@
+"""The shipped partition scenario on docker containers (the second real backend).
+
+Skipped with the reason when no docker daemon answers; a docker that cannot build the node
+image fails (see tests/testbed/test_containers.py). The runner takes its containers down
+whatever happens; this test checks nothing labelled as a testbed is left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed.__main__ import main as run_cli
+from tests.testbed.test_containers import _docker_skip_reason
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "testbed" / "scenarios"
+
+
+def _labelled(kind: str) -> set[str]:
+    out = subprocess.run(
+        ["docker", kind, "ls", *(["-a"] if kind == "container" else []), "-q",
+         "--filter", "label=org.edgeagent.testbed"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return set(out.stdout.split())
+
+
+def test_partition_scenario_holds_in_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = _docker_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("EDGEAGENT_CONTAINERS_DIR", str(tmp_path / "runs"))
+    before = {kind: _labelled(kind) for kind in ("container", "network")}
+    report = tmp_path / "report"
+    rc = run_cli(["scenario", str(SCENARIOS / "partition.toml"), "--backend", "containers",
+                  "--report", str(report)])  # fmt: skip
+    record = json.loads((report / "report.json").read_text())
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    assert record["backend"] == "containers"
+    assert {s["observer"] for s in record["timeline"]} == {f"n{i}" for i in range(1, 6)}
+    for kind in ("container", "network"):
+        assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"
