@@ -38,6 +38,8 @@ SMALL: dict[str, tuple[list[str], float, bool]] = {
                  "--seconds", "2"], 180, False),  # fmt: skip
     "insider": (["--messages", "5000", "--rate", "2000", "--after", "5"], 180, False),
     "coap": (["--requests", "300", "--concurrency", "10", "--soak-s", "0"], 240, False),
+    "mqtt": (["--count", "1000", "--rate", "100"], 300, False),
+    "mqtt-broker": ([], 120, False),
     "scaling": (["--sizes", "10,100,1000,10000", "--max-cpu-s", "400"], 900, False),
 }
 
