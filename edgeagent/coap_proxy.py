@@ -22,7 +22,10 @@ How it works
   acknowledged), so one context would make a busy instance a one-at-a-time pipe. A CON try
   goes to a context with nothing outstanding to that instance, and a new context is opened
   when there is none (at most :data:`UPSTREAM_CONTEXTS`); a request is sent as NON when the
-  client sent NON (no NSTART limit then).
+  client sent NON (no NSTART limit then). Each context's address for an instance is
+  resolved once and reused for :data:`RESOLVED_TTL_S` (aiocoap would otherwise run
+  getaddrinfo in a worker thread, plus a route-check socket, for every request: a third
+  of the owning agent's CPU per request, and a thread hop of latency).
 - **Deduplication memory**: aiocoap remembers every request it received (and its response)
   for EXCHANGE_LIFETIME, 247 s, with one timer each. :func:`bound_deduplication` replaces
   that, on the agent's server context only, by a table of at most :data:`DEDUP_MAX`
@@ -62,6 +65,8 @@ log = logging.getLogger("edgeagent.coap")
 UPSTREAM_CONTEXTS = 32  # client contexts (UDP sockets) toward local instances, at most
 DEDUP_MAX = 2048  # requests remembered for deduplication at most
 DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
+RESOLVED_TTL_S = 30.0  # an instance's resolved address is reused this long (names may move)
+RESOLVED_MAX = 1024  # (context, instance) addresses remembered at most
 AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
 INTERNAL_ERROR = cr.code(5, 0)
@@ -165,6 +170,7 @@ class Upstream:
         self.limit = limit
         self._contexts: list[aiocoap.Context] = []
         self._busy: Counter[tuple[int, str]] = Counter()  # (context, remote) -> outstanding
+        self._resolved: dict[tuple[int, str], tuple[Any, float]] = {}  # -> (address, until)
         self._opening: asyncio.Lock | None = None
         self._closed = False
         self.stats: Counter[str] = Counter()
@@ -212,15 +218,31 @@ class Upstream:
         i = await self._choose(remote) if msg.mtype != cr.NON else 0
         tuning = Unreliable() if msg.mtype == cr.NON else Reliable()
         request = to_aiocoap(msg, transport_tuning=tuning)
-        request.unresolved_remote = remote
+        now = asyncio.get_running_loop().time()
+        address, until = self._resolved.get((i, remote), (None, 0.0))
+        if address is not None and now < until:
+            request.remote = address  # aiocoap only checks that it is this context's
+        else:
+            request.unresolved_remote = remote
         self._busy[(i, remote)] += 1
         try:
             pending = self._contexts[i].request(request, handle_blockwise=False)
-            return await self._wait(pending, timeout)
+            result = await self._wait(pending, timeout)
+            if address is None or now >= until:
+                self._remember(i, remote, request.remote, now)
+            return result
         finally:
             self._busy[(i, remote)] -= 1
             if not self._busy[(i, remote)]:
                 del self._busy[(i, remote)]
+
+    def _remember(self, i: int, remote: str, address: Any, now: float) -> None:
+        """Keep the address aiocoap resolved ``remote`` to for context ``i`` (bounded)."""
+        if address is None or not hasattr(address, "interface"):  # not resolved (failed)
+            return
+        if len(self._resolved) >= RESOLVED_MAX:
+            self._resolved.clear()
+        self._resolved[(i, remote)] = (address, now + RESOLVED_TTL_S)
 
     async def _wait(self, pending: Any, timeout: float) -> tuple[ReplyStatus, cr.Message]:
         try:

@@ -9,6 +9,8 @@ import struct
 
 import aiocoap
 import aiocoap.resource as resource
+import pytest
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from edgeagent import coap_proxy
 from edgeagent.coap_proxy import DEDUP_MAX, Router, Upstream, bound_deduplication
@@ -91,6 +93,41 @@ def test_upstream_opens_contexts_for_concurrent_cons_to_one_instance() -> None:
     statuses, contexts = asyncio.run(run())
     assert statuses == [cr.ReplyStatus.ANSWERED] * 12
     assert contexts == 8  # grew to the limit instead of one CON at a time
+
+
+def _resolutions(ttl: float, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How often aiocoap resolves an instance's address for 6 tries one after another."""
+    calls = 0
+    real = MessageInterfaceUDP6.determine_remote
+
+    async def counting(self: MessageInterfaceUDP6, request: aiocoap.Message) -> object:
+        nonlocal calls
+        calls += 1
+        return await real(self, request)
+
+    monkeypatch.setattr(MessageInterfaceUDP6, "determine_remote", counting)
+    monkeypatch.setattr(coap_proxy, "RESOLVED_TTL_S", ttl)
+
+    async def run() -> list[cr.ReplyStatus]:
+        ctx, port = await _server(Counting())
+        upstream = Upstream(limit=1)
+        await upstream.start()
+        inst = make_instance("t", f"coap://127.0.0.1:{port}")
+        msg = cr.Message(1, (), b"", cr.CON)
+        statuses = [(await upstream.forward(inst, msg, 5.0))[0] for _ in range(6)]
+        await upstream.close()
+        await ctx.shutdown()
+        return statuses
+
+    assert asyncio.run(run()) == [cr.ReplyStatus.ANSWERED] * 6
+    return calls
+
+
+def test_upstream_resolves_an_instance_once_per_context_until_the_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _resolutions(30.0, monkeypatch) == 1
+    assert _resolutions(0.0, monkeypatch) == 6  # expired at once: resolved every time
 
 
 class _Directory:
