@@ -42,7 +42,14 @@ from overlay.catalog import (
 )
 
 from ..channel import Channel, Peer
-from ..coap_proxy import IngressSite, Router, ServiceDirectory, Upstream, bound_deduplication
+from ..coap_proxy import (
+    IngressSite,
+    Router,
+    ServiceDirectory,
+    Upstream,
+    bound_deduplication,
+    unnamed_render_tasks,
+)
 from ..config.schema import default_channel_port
 from ..control import ControlError
 from ..driver import View
@@ -186,6 +193,7 @@ class Coap:
             IngressSite(router), bind=(where, port), transports=["udp6"]
         )
         bound_deduplication(self._server)
+        unnamed_render_tasks(self._server)
         self.coap_address = (where, port)
         log.info("coap listening", extra=fields(addr=f"{where}:{port}"))
 

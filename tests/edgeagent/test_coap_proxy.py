@@ -130,6 +130,43 @@ def test_upstream_resolves_an_instance_once_per_context_until_the_ttl(
     assert _resolutions(0.0, monkeypatch) == 6  # expired at once: resolved every time
 
 
+def _reprs_while_serving(unnamed: bool, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How often a message is repr()'d while a server context answers 3 GETs (raw UDP)."""
+    reprs = 0
+    real = aiocoap.Message.__repr__
+
+    def counting(self: aiocoap.Message) -> str:
+        nonlocal reprs
+        reprs += 1
+        return real(self)
+
+    async def run() -> None:
+        ctx, port = await _server(Counting())
+        if unnamed:
+            coap_proxy.unnamed_render_tasks(ctx)
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(aiocoap.Message, "__repr__", counting)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            for mid in range(3):
+                await loop.sock_sendall(sock, _con_get(mid))
+                reply = await asyncio.wait_for(loop.sock_recv(sock, 1500), 5.0)
+                assert reply.endswith(b"\xffx")  # the payload
+        monkeypatch.undo()
+        await ctx.shutdown()
+
+    asyncio.run(run())
+    return reprs
+
+
+def test_unnamed_render_tasks_serve_without_formatting_each_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _reprs_while_serving(False, monkeypatch) >= 3  # aiocoap's task names
+    assert _reprs_while_serving(True, monkeypatch) == 0
+
+
 class _Directory:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
