@@ -161,6 +161,8 @@ class _Link:
                     data = await self.reader.read(READ_CHUNK)
                 except (OSError, ssl.SSLError):
                     data = b""
+                if self._flush_due:  # our output is drained before input is judged (PING flood)
+                    self.flush_now()
                 now = asyncio.get_running_loop().time()
                 events = self.conn.receive_data(data, now) if data else self.conn.receive_eof()
                 self.dispatch(events)
