@@ -20,6 +20,7 @@ throughput number once the CPUs are busy), with its runs in ``mesh_added_p50_ms_
 ``idle_*_p50_ms`` the same paths with one request in flight and ``mesh_added_p50_ms_idle``
 (the latency the two agents add, without queueing). ``cpu_ms_per_request_ingress`` /
 ``_egress``: node1's / node2's CPU during (c) per request (``_idle``: with one in flight);
+``cpu_ms_per_request_proxy``: the ForwardProxy's during (b);
 ``client_cpu_ms_per_request_*``: the load client's own, per path (does the client limit?).
 Each agent serves CoAP on a port free on all their addresses (not 5683, which another
 program on the machine may hold on the wildcard address).
@@ -116,13 +117,16 @@ def _one_round(
             f"{name}_failed": r["failed"],
             f"client_cpu_ms_per_request_{name}": r["cpu_ms_per_request"],
         }
+        ingress, egress, proxy = r["agent_cpu_ms"]
         if name == "mesh":
-            res["cpu_ms_per_request_ingress"], res["cpu_ms_per_request_egress"] = r["agent_cpu_ms"]
+            res["cpu_ms_per_request_ingress"], res["cpu_ms_per_request_egress"] = ingress, egress
+        if name == "proxy":
+            res["cpu_ms_per_request_proxy"] = proxy
         idle = _measure(target, uri, extra, pids, "--requests", "300", "--concurrency", "1")
         res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
         res[f"idle_{name}_p99_ms"] = idle["p99_ms"]
         if name == "mesh":
-            ingress, egress = idle["agent_cpu_ms"]
+            ingress, egress, _ = idle["agent_cpu_ms"]
             res["cpu_ms_per_request_ingress_idle"] = ingress
             res["cpu_ms_per_request_egress_idle"] = egress
     res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
@@ -131,14 +135,19 @@ def _one_round(
 
 
 def _throughput(
-    args: argparse.Namespace, direct: str, proxy: str, ingress: str, cluster: LoopbackCluster
+    args: argparse.Namespace,
+    direct: str,
+    proxy: str,
+    ingress: str,
+    cluster: LoopbackCluster,
+    proxy_pid: int,
 ) -> dict[str, Any]:
     runs = {
         "direct": (direct, f"coap://{direct}/temp", []),
         "proxy": (proxy, f"coap://{direct}/temp", ["--proxy"]),
         "mesh": (ingress, f"coap://{ingress}/mesh/temperature/temp", []),
     }
-    pids = [p for p in (cluster.agents[0].pid, cluster.agents[1].pid) if p]
+    pids = [cluster.agents[0].pid or 0, cluster.agents[1].pid or 0, proxy_pid]
     rounds = [_one_round(args, runs, pids) for _ in range(args.repeat)]
     res: dict[str, Any] = {
         key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]
@@ -231,7 +240,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             cluster.wait_for(lambda: _healthy(cluster, 1), 30, "node1 sees node2's instance")
             ingress = f"{hosts[0]}:{cluster.coap_port}"
-            result = _throughput(args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster)
+            result = _throughput(
+                args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster, proxy.pid
+            )
             result |= _soak(args, ingress, cluster)
             cluster.agents[2].call(
                 "debug-coap-publish",
