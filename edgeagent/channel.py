@@ -33,6 +33,9 @@ TLS material of :mod:`edgeagent.mtls`:
   certainly never processed the request (a refused stream, a stream above the GOAWAY's last
   id, a connection that never opened), so even a non-idempotent request may go elsewhere.
   With no stream open for the multiplexer's idle timeout a connection is closed.
+- **Writes.** Frames queued during one event-loop turn go out in one write at its end
+  (:meth:`_Link.flush`): under load many requests or replies share one TLS record and one
+  ``send`` (counted: ``writes``). The socket has TCP_NODELAY (asyncio's default).
 - **One connection per direction.** Each side dials its own connection for its own requests
   and serves the peer's on the peer's connection (no simultaneous-open tie-break to get
   wrong; two connections per busy pair).
@@ -134,6 +137,7 @@ class _Link:
         self.serving: dict[int, asyncio.Task[None]] = {}  # ... by stream (a RESET cancels)
         self.runner: asyncio.Task[None]  # run(), set by Channel._start_link
         self.closed = asyncio.Event()
+        self._flush_due = False
 
     @property
     def usable(self) -> bool:
@@ -141,8 +145,20 @@ class _Link:
         return not (self.going_away or self.conn.terminated or self.closed.is_set())
 
     def flush(self) -> None:
+        """Write what the multiplexer queued at the end of this event-loop turn.
+
+        Every request and reply of the turn then goes out in one TLS record and one
+        ``send`` (and the peer wakes once for them all), not one of each per frame.
+        """
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_due = False
         data = self.conn.data_to_send()
         if data and not self.writer.is_closing():
+            self.owner.stats["writes"] += 1
             self.writer.write(data)
 
     async def run(self) -> None:
@@ -154,6 +170,8 @@ class _Link:
                     data = await self.reader.read(READ_CHUNK)
                 except (OSError, ssl.SSLError):
                     data = b""
+                if self._flush_due:  # our output is drained before input is judged (PING flood)
+                    self.flush_now()
                 now = asyncio.get_running_loop().time()
                 events = self.conn.receive_data(data, now) if data else self.conn.receive_eof()
                 self.dispatch(events)
@@ -166,6 +184,7 @@ class _Link:
             self.closed.set()
             self.slots.set()
             self.window.set()
+            self.flush_now()  # a GOAWAY or RESET queued last goes out before the close
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -177,6 +196,7 @@ class _Link:
             self.dispatch(self.conn.handle_timeout(loop.time()))
             self.flush()
             if self.conn.finished:
+                self.flush_now()
                 self.writer.close()
                 return
 
@@ -643,6 +663,7 @@ class Channel:
         if links:
             await asyncio.wait([link.runner for link in links], timeout=1.0)
         for link in links:
+            link.flush_now()
             link.writer.close()
             link.runner.cancel()
         if self._server is not None:

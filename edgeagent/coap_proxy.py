@@ -22,7 +22,10 @@ How it works
   acknowledged), so one context would make a busy instance a one-at-a-time pipe. A CON try
   goes to a context with nothing outstanding to that instance, and a new context is opened
   when there is none (at most :data:`UPSTREAM_CONTEXTS`); a request is sent as NON when the
-  client sent NON (no NSTART limit then).
+  client sent NON (no NSTART limit then). Each context's address for an instance is
+  resolved once and reused for :data:`RESOLVED_TTL_S` (aiocoap would otherwise run
+  getaddrinfo in a worker thread, plus a route-check socket, for every request: a third
+  of the owning agent's CPU per request, and a thread hop of latency).
 - **Deduplication memory**: aiocoap remembers every request it received (and its response)
   for EXCHANGE_LIFETIME, 247 s, with one timer each. :func:`bound_deduplication` replaces
   that, on the agent's server context only, by a table of at most :data:`DEDUP_MAX`
@@ -41,13 +44,14 @@ import contextlib
 import logging
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers import OptionNumber, Reliable, Unreliable
+from aiocoap.pipe import error_to_message, run_driving_pipe
 
 from overlay import coap_route as cr
 from overlay.balancer import Balancer, Outcome, Pick, PickReason
@@ -62,6 +66,8 @@ log = logging.getLogger("edgeagent.coap")
 UPSTREAM_CONTEXTS = 32  # client contexts (UDP sockets) toward local instances, at most
 DEDUP_MAX = 2048  # requests remembered for deduplication at most
 DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
+RESOLVED_TTL_S = 30.0  # an instance's resolved address is reused this long (names may move)
+RESOLVED_MAX = 1024  # (context, instance) addresses remembered at most
 AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
 INTERNAL_ERROR = cr.code(5, 0)
@@ -150,6 +156,19 @@ def bound_deduplication(ctx: aiocoap.Context) -> int:
     return bounded
 
 
+def unnamed_render_tasks(ctx: aiocoap.Context) -> None:
+    """Render ``ctx``'s requests as aiocoap does, without naming each task by ``repr``.
+
+    aiocoap names every render task ``"Rendering for %r" % request``: formatting the
+    message and its addresses (with :mod:`ipaddress`) was 5% of the ingress agent's CPU.
+    """
+
+    def render_to_pipe(self: aiocoap.Context, pipe: Any) -> None:
+        run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe))
+
+    ctx.render_to_pipe = types.MethodType(render_to_pipe, ctx)  # type: ignore[method-assign]
+
+
 # -- upstream: local instances -------------------------------------------------------------
 
 
@@ -165,6 +184,7 @@ class Upstream:
         self.limit = limit
         self._contexts: list[aiocoap.Context] = []
         self._busy: Counter[tuple[int, str]] = Counter()  # (context, remote) -> outstanding
+        self._resolved: dict[tuple[int, str], tuple[Any, float]] = {}  # -> (address, until)
         self._opening: asyncio.Lock | None = None
         self._closed = False
         self.stats: Counter[str] = Counter()
@@ -212,15 +232,31 @@ class Upstream:
         i = await self._choose(remote) if msg.mtype != cr.NON else 0
         tuning = Unreliable() if msg.mtype == cr.NON else Reliable()
         request = to_aiocoap(msg, transport_tuning=tuning)
-        request.unresolved_remote = remote
+        now = asyncio.get_running_loop().time()
+        address, until = self._resolved.get((i, remote), (None, 0.0))
+        if address is not None and now < until:
+            request.remote = address  # aiocoap only checks that it is this context's
+        else:
+            request.unresolved_remote = remote
         self._busy[(i, remote)] += 1
         try:
             pending = self._contexts[i].request(request, handle_blockwise=False)
-            return await self._wait(pending, timeout)
+            result = await self._wait(pending, timeout)
+            if address is None or now >= until:
+                self._remember(i, remote, request.remote, now)
+            return result
         finally:
             self._busy[(i, remote)] -= 1
             if not self._busy[(i, remote)]:
                 del self._busy[(i, remote)]
+
+    def _remember(self, i: int, remote: str, address: Any, now: float) -> None:
+        """Keep the address aiocoap resolved ``remote`` to for context ``i`` (bounded)."""
+        if address is None or not hasattr(address, "interface"):  # not resolved (failed)
+            return
+        if len(self._resolved) >= RESOLVED_MAX:
+            self._resolved.clear()
+        self._resolved[(i, remote)] = (address, now + RESOLVED_TTL_S)
 
     async def _wait(self, pending: Any, timeout: float) -> tuple[ReplyStatus, cr.Message]:
         try:
@@ -301,8 +337,11 @@ class Router:
     def now() -> float:
         return asyncio.get_running_loop().time()
 
-    async def handle(self, msg: cr.Message, client: str = "") -> cr.Message:
-        """One local client's request -> the response to send it (never raises)."""
+    async def handle(self, msg: cr.Message, client: Hashable = "") -> cr.Message:
+        """One local client's request -> the response to send it (never raises).
+
+        ``client`` identifies the client for block-wise affinity (its aiocoap address).
+        """
         self.stats["requests"] += 1
         try:
             return await self._handle(msg, client)
@@ -311,7 +350,7 @@ class Router:
             log.exception("coap router failed on a request")
             return cr.Message(INTERNAL_ERROR, (), b"internal error")
 
-    async def _handle(self, msg: cr.Message, client: str) -> cr.Message:
+    async def _handle(self, msg: cr.Message, client: Hashable) -> cr.Message:
         route = cr.classify(msg)
         if isinstance(route, cr.Refusal):
             self.stats[f"refused_{route.failure.value}"] += 1
@@ -479,7 +518,9 @@ class IngressSite:
         if msg is None:
             response = cr.refusal_message(cr.Refusal(cr.Failure.MALFORMED, "bad options"))
         else:
-            response = await self.router.handle(msg, str(pipe.request.remote))
+            # the address itself (hashable by its socket address): str() of it costs more
+            # than the router's whole decision (ipaddress parsing and formatting)
+            response = await self.router.handle(msg, pipe.request.remote)
         try:
             out = to_aiocoap(response)
         except Exception:

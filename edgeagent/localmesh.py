@@ -14,8 +14,9 @@ Options: ``seeds=False`` and ``mdns=True`` make agents find each other by mDNS a
 inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "netns",
 "exec", NS]``); ``debug_commands=True`` enables the agent's ``debug-*`` control commands;
 ``metrics=True`` serves each agent's metrics on its own address (port picked by the kernel);
-``coap=True`` serves CoAP on each agent's own address at port 5683, ``mqtt=True`` MQTT at 1883
-(each off otherwise).
+``coap=True`` serves CoAP on each agent's own address at port 5683, or at ``coap_port``
+(None: one port free on every agent's address, :attr:`LocalMesh.coap_port`); ``mqtt=True``
+serves MQTT at 1883 (each off otherwise).
 
 ``edgeagent demo`` runs on it, so it ships in the package; the test harness
 (``testbed.loopback``) builds on it from a checkout::
@@ -55,6 +56,15 @@ def free_port(hosts: Sequence[str]) -> int:
             port = int(probe.getsockname()[1])
         if all(_port_free(host, port) for host in hosts):
             return port
+    raise OSError("no free port found on the loopback hosts")
+
+
+def _other_port(hosts: Sequence[str], port: int) -> int:
+    """A free port that is none of an agent's own (gossip ``port``, + 1 and + 2 beside it)."""
+    for _ in range(PORT_ATTEMPTS):
+        other = free_port(hosts)
+        if not 0 <= other - port <= 2:
+            return other
     raise OSError("no free port found on the loopback hosts")
 
 
@@ -110,6 +120,7 @@ class LocalMesh(Generic[A]):
         metrics: bool = False,
         coap: bool = False,
         mqtt: bool = False,
+        coap_port: int | None = COAP_PORT,
         wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
@@ -119,6 +130,7 @@ class LocalMesh(Generic[A]):
         a, b = rng.randrange(100, 255), rng.randrange(1, 255)
         hosts = [f"127.{a}.{b}.{i + 1}" for i in range(n)]
         self.port = free_port(hosts)
+        self.coap_port = _other_port(hosts, self.port) if coap_port is None else coap_port
         self.ca = new_ca(cluster)  # no agent holds the CA key: no enrollment listener
         self.key = self.ca.keys[0]
         env = agent_env({DEBUG_COMMANDS_ENV: "1"} if debug_commands else None)
@@ -137,7 +149,7 @@ class LocalMesh(Generic[A]):
                 "--cluster", cluster,
                 "--preset", preset,
                 "--metrics", f"{host}:0" if metrics else "off",
-                "--coap", f"{host}:{COAP_PORT}" if coap else "off",
+                "--coap", f"{host}:{self.coap_port}" if coap else "off",
                 "--mqtt", f"{host}:{MQTT_PORT}" if mqtt else "off",
             ]  # fmt: skip
             if not mdns:

@@ -41,7 +41,13 @@ from overlay.coap_observe import OBSERVE_ENVELOPE
 
 from ..channel import Channel
 from ..coap_observe import Observations, ObservingSite
-from ..coap_proxy import Router, ServiceDirectory, Upstream, bound_deduplication
+from ..coap_proxy import (
+    Router,
+    ServiceDirectory,
+    Upstream,
+    bound_deduplication,
+    unnamed_render_tasks,
+)
 from ..control import ControlError
 from ..errors import ConfigError
 from ..host import DEBUG_COMMANDS_ENV, FeatureHost
@@ -135,6 +141,7 @@ class Coap:
             ObservingSite(router, self.observations), bind=(where, port), transports=["udp6"]
         )
         bound_deduplication(self._server)
+        unnamed_render_tasks(self._server)
         self.coap_address = (where, port)
         log.info("coap listening", extra=fields(addr=f"{where}:{port}"))
 

@@ -1,20 +1,29 @@
 """CoAP through the mesh against a plain aiocoap proxy and no proxy at all (issue 9).
 
 How it works. Three agents on loopback (:mod:`testbed.loopback`, CoAP on each agent's own
-``127.A.B.N:5683``); a plain aiocoap server (:mod:`testbed.coap_server`) beside node2 and one
-beside node3; an aiocoap ``ForwardProxy`` in its own process. One load client process
-(:mod:`testbed.coap_load`: aiocoap, ``--concurrency`` in flight, default 50, one client
-context per worker) measures, one run each, ``--requests`` GETs of ``/temp``:
+``127.A.B.N`` at one free port); a plain aiocoap server (:mod:`testbed.coap_server`) beside
+node2 and one beside node3; an aiocoap ``ForwardProxy`` in its own process. One load client
+process (:mod:`testbed.coap_load`: aiocoap, ``--concurrency`` in flight, default 50, one
+client context per worker) measures ``--requests`` GETs of ``/temp`` on each path:
 
 - (a) ``direct``: client -> server beside node2;
 - (b) ``proxy``: client -> ForwardProxy -> that server (one plain hop);
 - (c) ``mesh``: client -> node1 (``/mesh/temperature/temp``) -> TLS channel -> node2 ->
   server (the service published on node2 only for this part).
 
+The three paths are measured ``--repeat`` times (default 3) in turn, and every number is the
+median of its runs (the machine is usually shared: one run is noise).
 ``*_rps``, ``*_p50_ms``, ``*_p99_ms`` per path; ``mesh_vs_proxy`` = mesh_rps / proxy_rps;
-``mesh_added_p50_ms`` = mesh p50 - direct p50 at that concurrency; ``idle_*`` the same with one
-request in flight (latency without queueing). ``cpu_ms_per_request_ingress`` /
-``_egress``: node1's / node2's CPU during (c) per request.
+``mesh_added_p50_ms`` = mesh p50 - direct p50 at that concurrency (the same client process
+kind, concurrency and server; by Little's law it is mostly ``concurrency / rps``, i.e. a
+throughput number once the CPUs are busy), with its runs in ``mesh_added_p50_ms_runs``;
+``idle_*_p50_ms`` the same paths with one request in flight and ``mesh_added_p50_ms_idle``
+(the latency the two agents add, without queueing). ``cpu_ms_per_request_ingress`` /
+``_egress``: node1's / node2's CPU during (c) per request (``_idle``: with one in flight);
+``cpu_ms_per_request_proxy``: the ForwardProxy's during (b);
+``client_cpu_ms_per_request_*``: the load client's own, per path (does the client limit?).
+Each agent serves CoAP on a port free on all their addresses (not 5683, which another
+program on the machine may hold on the wildcard address).
 
 Soak: ``--soak-s`` seconds (default 300, as the issue asks) at ``--soak-rate`` (200/s) through
 the mesh after a 10 s warm-up at the same rate; ``agent_rss_growth_mb`` is the larger growth of
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--soak-s", type=float, default=300.0, help="soak seconds (default 300; 0: skip)"
     )
     parser.add_argument("--soak-rate", type=float, default=200.0, help="soak GETs/s (default 200)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each path, medians reported (default 3)"
+    )
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[str]:
@@ -78,38 +91,72 @@ def _load(target: str, uri: str, *extra: str) -> dict[str, Any]:
     return result
 
 
-def _throughput(
-    args: argparse.Namespace, direct: str, proxy: str, ingress: str, cluster: LoopbackCluster
+def _measure(
+    target: str, uri: str, extra: list[str], pids: list[int], *load: str
 ) -> dict[str, Any]:
+    """One load run; the agents' CPU per answered request during it."""
+    cpu0 = [cpu_seconds(p) for p in pids]
+    r = _load(target, uri, *load, *extra)
+    cpu1 = [cpu_seconds(p) for p in pids]
+    ok = max(1, r["ok"])
+    r["agent_cpu_ms"] = [round((b - a) * 1000 / ok, 3) for a, b in zip(cpu0, cpu1, strict=True)]
+    return r
+
+
+def _one_round(
+    args: argparse.Namespace, runs: dict[str, tuple[str, str, list[str]]], pids: list[int]
+) -> dict[str, float]:
     n, c = str(args.requests), str(args.concurrency)
-    res: dict[str, Any] = {}
-    runs = {
-        "direct": (direct, f"coap://{direct}/temp"),
-        "proxy": (proxy, f"coap://{direct}/temp", "--proxy"),
-        "mesh": (ingress, f"coap://{ingress}/mesh/temperature/temp"),
-    }
-    for name, (target, uri, *extra) in runs.items():
-        pids = [cluster.agents[0].pid, cluster.agents[1].pid]
-        cpu0 = [cpu_seconds(p) for p in pids if p]
-        r = _load(target, uri, "--requests", n, "--concurrency", c, *extra)
-        cpu1 = [cpu_seconds(p) for p in pids if p]
+    res: dict[str, float] = {}
+    for name, (target, uri, extra) in runs.items():
+        r = _measure(target, uri, extra, pids, "--requests", n, "--concurrency", c)
         res |= {
             f"{name}_rps": r["rps"],
             f"{name}_p50_ms": r["p50_ms"],
             f"{name}_p99_ms": r["p99_ms"],
             f"{name}_failed": r["failed"],
+            f"client_cpu_ms_per_request_{name}": r["cpu_ms_per_request"],
         }
-        if name == "mesh" and r["ok"]:
-            res["cpu_ms_per_request_ingress"] = round((cpu1[0] - cpu0[0]) * 1000 / r["ok"], 3)
-            res["cpu_ms_per_request_egress"] = round((cpu1[1] - cpu0[1]) * 1000 / r["ok"], 3)
-        if name != "proxy":
-            idle = _load(target, uri, "--requests", "300", "--concurrency", "1", *extra)
-            res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
+        ingress, egress, proxy = r["agent_cpu_ms"]
+        if name == "mesh":
+            res["cpu_ms_per_request_ingress"], res["cpu_ms_per_request_egress"] = ingress, egress
+        if name == "proxy":
+            res["cpu_ms_per_request_proxy"] = proxy
+        idle = _measure(target, uri, extra, pids, "--requests", "300", "--concurrency", "1")
+        res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
+        res[f"idle_{name}_p99_ms"] = idle["p99_ms"]
+        if name == "mesh":
+            ingress, egress, _ = idle["agent_cpu_ms"]
+            res["cpu_ms_per_request_ingress_idle"] = ingress
+            res["cpu_ms_per_request_egress_idle"] = egress
+    res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
+    res["mesh_added_p50_ms_idle"] = round(res["idle_mesh_p50_ms"] - res["idle_direct_p50_ms"], 3)
+    return res
+
+
+def _throughput(
+    args: argparse.Namespace,
+    direct: str,
+    proxy: str,
+    ingress: str,
+    cluster: LoopbackCluster,
+    proxy_pid: int,
+) -> dict[str, Any]:
+    runs = {
+        "direct": (direct, f"coap://{direct}/temp", []),
+        "proxy": (proxy, f"coap://{direct}/temp", ["--proxy"]),
+        "mesh": (ingress, f"coap://{ingress}/mesh/temperature/temp", []),
+    }
+    pids = [cluster.agents[0].pid or 0, cluster.agents[1].pid or 0, proxy_pid]
+    rounds = [_one_round(args, runs, pids) for _ in range(args.repeat)]
+    res: dict[str, Any] = {
+        key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]
+    }
+    res["mesh_added_p50_ms_runs"] = [r["mesh_added_p50_ms"] for r in rounds]
+    res["mesh_added_p50_ms_idle_runs"] = [r["mesh_added_p50_ms_idle"] for r in rounds]
     res["mesh_vs_proxy"] = (
         round(res["mesh_rps"] / res["proxy_rps"], 3) if res["proxy_rps"] else None
     )
-    res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
-    res["idle_mesh_added_p50_ms"] = round(res["idle_mesh_p50_ms"] - res["idle_direct_p50_ms"], 3)
     return res
 
 
@@ -171,8 +218,10 @@ def _healthy(cluster: LoopbackCluster, n: int) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.concurrency <= 200 or not 1 <= args.requests <= 10**6:
         raise SystemExit("coap: --concurrency 1..200, --requests 1..1000000")
+    if not 1 <= args.repeat <= 20:
+        raise SystemExit("coap: --repeat 1..20")
     procs: list[subprocess.Popen[str]] = []
-    with LoopbackCluster(3, coap=True, debug_commands=True) as cluster:
+    with LoopbackCluster(3, coap=True, coap_port=None, debug_commands=True) as cluster:
         try:
             cluster.wait_converged(60)
             hosts = [a.host for a in cluster.agents]
@@ -190,8 +239,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 instances=[{"name": "temperature", "uri": f"coap://{hosts[1]}:{port}"}],
             )
             cluster.wait_for(lambda: _healthy(cluster, 1), 30, "node1 sees node2's instance")
-            ingress = f"{hosts[0]}:5683"
-            result = _throughput(args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster)
+            ingress = f"{hosts[0]}:{cluster.coap_port}"
+            result = _throughput(
+                args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster, proxy.pid
+            )
             result |= _soak(args, ingress, cluster)
             cluster.agents[2].call(
                 "debug-coap-publish",
@@ -199,7 +250,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             cluster.wait_for(lambda: _healthy(cluster, 2), 30, "node1 sees both instances")
             result |= _failover(ingress, cluster, server2)
-            result |= {"concurrency": args.concurrency, "requests": args.requests}
+            result |= {
+                "concurrency": args.concurrency,
+                "requests": args.requests,
+                "repeat": args.repeat,
+            }
             return result
         finally:
             for proc in procs:

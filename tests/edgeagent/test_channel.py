@@ -77,6 +77,18 @@ async def test_requests_share_one_connection_and_reach_the_handler(mesh: dict[st
     assert set(a.seen) == {"b"} and len(a.seen) == 200  # the verified identity of the caller
 
 
+async def test_frames_of_one_loop_turn_go_out_in_one_write(mesh: dict[str, Node]) -> None:
+    a, b = mesh["a"], mesh["b"]
+    assert await b.channel.request(a.peer("a"), b"warm", 5.0) == b"mraw"  # dialled
+    before = b.channel.stats["writes"]
+    replies = await asyncio.gather(
+        *(b.channel.request(a.peer("a"), f"req {i}".encode(), 5.0) for i in range(50))
+    )
+    assert replies == [f"req {i}".encode()[::-1] for i in range(50)]
+    assert b.channel.stats["writes"] - before == 1  # 50 OPEN frames, one TLS write
+    assert a.channel.stats["writes"] < 50  # replies of one turn coalesce too
+
+
 async def test_large_messages_cross_flow_control(mesh: dict[str, Node]) -> None:
     a, b = mesh["a"], mesh["b"]
     big = bytes(random.Random(2).randbytes(700_000))  # > stream window (256 KiB) both ways

@@ -9,6 +9,8 @@ import struct
 
 import aiocoap
 import aiocoap.resource as resource
+import pytest
+from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from edgeagent import coap_proxy
 from edgeagent.coap_proxy import DEDUP_MAX, Router, Upstream, bound_deduplication
@@ -91,6 +93,78 @@ def test_upstream_opens_contexts_for_concurrent_cons_to_one_instance() -> None:
     statuses, contexts = asyncio.run(run())
     assert statuses == [cr.ReplyStatus.ANSWERED] * 12
     assert contexts == 8  # grew to the limit instead of one CON at a time
+
+
+def _resolutions(ttl: float, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How often aiocoap resolves an instance's address for 6 tries one after another."""
+    calls = 0
+    real = MessageInterfaceUDP6.determine_remote
+
+    async def counting(self: MessageInterfaceUDP6, request: aiocoap.Message) -> object:
+        nonlocal calls
+        calls += 1
+        return await real(self, request)
+
+    monkeypatch.setattr(MessageInterfaceUDP6, "determine_remote", counting)
+    monkeypatch.setattr(coap_proxy, "RESOLVED_TTL_S", ttl)
+
+    async def run() -> list[cr.ReplyStatus]:
+        ctx, port = await _server(Counting())
+        upstream = Upstream(limit=1)
+        await upstream.start()
+        inst = make_instance("t", f"coap://127.0.0.1:{port}")
+        msg = cr.Message(1, (), b"", cr.CON)
+        statuses = [(await upstream.forward(inst, msg, 5.0))[0] for _ in range(6)]
+        await upstream.close()
+        await ctx.shutdown()
+        return statuses
+
+    assert asyncio.run(run()) == [cr.ReplyStatus.ANSWERED] * 6
+    return calls
+
+
+def test_upstream_resolves_an_instance_once_per_context_until_the_ttl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _resolutions(30.0, monkeypatch) == 1
+    assert _resolutions(0.0, monkeypatch) == 6  # expired at once: resolved every time
+
+
+def _reprs_while_serving(unnamed: bool, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How often a message is repr()'d while a server context answers 3 GETs (raw UDP)."""
+    reprs = 0
+    real = aiocoap.Message.__repr__
+
+    def counting(self: aiocoap.Message) -> str:
+        nonlocal reprs
+        reprs += 1
+        return real(self)
+
+    async def run() -> None:
+        ctx, port = await _server(Counting())
+        if unnamed:
+            coap_proxy.unnamed_render_tasks(ctx)
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(aiocoap.Message, "__repr__", counting)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            for mid in range(3):
+                await loop.sock_sendall(sock, _con_get(mid))
+                reply = await asyncio.wait_for(loop.sock_recv(sock, 1500), 5.0)
+                assert reply.endswith(b"\xffx")  # the payload
+        monkeypatch.undo()
+        await ctx.shutdown()
+
+    asyncio.run(run())
+    return reprs
+
+
+def test_unnamed_render_tasks_serve_without_formatting_each_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _reprs_while_serving(False, monkeypatch) >= 3  # aiocoap's task names
+    assert _reprs_while_serving(True, monkeypatch) == 0
 
 
 class _Directory:
