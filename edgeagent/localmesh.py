@@ -16,7 +16,8 @@ inside a network namespace whose loopback has multicast: pass ``wrapper=["ip", "
 ``metrics=True`` serves each agent's metrics on its own address (port picked by the kernel);
 ``coap=True`` serves CoAP on each agent's own address at port 5683, or at ``coap_port``
 (None: one port free on every agent's address, :attr:`LocalMesh.coap_port`); ``mqtt=True``
-serves MQTT at 1883 (each off otherwise).
+serves MQTT at ``mqtt_port`` (None, the default: one port free on every agent's address,
+:attr:`LocalMesh.mqtt_port`; a device would use 1883). Each is off otherwise.
 
 ``edgeagent demo`` runs on it, so it ships in the package; the test harness
 (``testbed.loopback``) builds on it from a checkout::
@@ -45,7 +46,6 @@ from .onboarding import new_ca, provision_member
 MAX_SEEDS = 3  # seeds handed to each agent: enough to survive one dead seed
 PORT_ATTEMPTS = 50  # kernel-picked ports tried before giving up
 COAP_PORT = 5683  # with coap=True each agent serves CoAP on its own address, the usual port
-MQTT_PORT = 1883  # with mqtt=True each agent is the MQTT broker on its own address, the usual port
 
 
 def free_port(hosts: Sequence[str]) -> int:
@@ -121,6 +121,7 @@ class LocalMesh(Generic[A]):
         coap: bool = False,
         mqtt: bool = False,
         coap_port: int | None = COAP_PORT,
+        mqtt_port: int | None = None,
         wrapper: Sequence[str] = (),
     ) -> None:
         rng = rng or random.Random()
@@ -131,6 +132,7 @@ class LocalMesh(Generic[A]):
         hosts = [f"127.{a}.{b}.{i + 1}" for i in range(n)]
         self.port = free_port(hosts)
         self.coap_port = _other_port(hosts, self.port) if coap_port is None else coap_port
+        self.mqtt_port = _other_port(hosts, self.port) if mqtt_port is None else mqtt_port
         self.ca = new_ca(cluster)  # no agent holds the CA key: no enrollment listener
         self.key = self.ca.keys[0]
         env = agent_env({DEBUG_COMMANDS_ENV: "1"} if debug_commands else None)
@@ -150,7 +152,7 @@ class LocalMesh(Generic[A]):
                 "--preset", preset,
                 "--metrics", f"{host}:0" if metrics else "off",
                 "--coap", f"{host}:{self.coap_port}" if coap else "off",
-                "--mqtt", f"{host}:{MQTT_PORT}" if mqtt else "off",
+                "--mqtt", f"{host}:{self.mqtt_port}" if mqtt else "off",
             ]  # fmt: skip
             if not mdns:
                 argv.append("--no-mdns")

@@ -37,8 +37,6 @@ from typing import Any
 from testbed.bench.procs import cpu_seconds, stop_process
 from testbed.loopback import LoopbackCluster, free_port
 
-MQTT_PORT = 1883  # LocalMesh's agents listen on their own address at the usual port
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=5000, help="messages per throughput run")
@@ -86,7 +84,7 @@ def _mosquitto(workdir: Path, name: str, port: int, bridge_to: int | None = None
 
 
 def _share(cluster: LoopbackCluster, args: argparse.Namespace) -> dict[str, Any]:
-    a, b = (f"{x.host}:{MQTT_PORT}" for x in cluster.agents[:2])
+    a, b = (f"{x.host}:{cluster.mqtt_port}" for x in cluster.agents[:2])
     r = _load(a, f"{a},{b}", "--count", str(args.count), "--qos", "1", "--share", "bench", "--settle", "2")
     return {"share_duplicates": r["duplicates"], "share_lost": r["lost"]}
 
@@ -101,7 +99,7 @@ def _qos1_across_restart(cluster: LoopbackCluster) -> dict[str, Any]:
     def subscriber() -> mqtt.Client:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="persistent-sub", clean_session=False)
         c.on_message = lambda cl, u, m: (lock.acquire(), got.add(int(m.payload)), lock.release())
-        c.connect(b, MQTT_PORT)
+        c.connect(b, cluster.mqtt_port)
         c.subscribe("durable/#", qos=1)
         c.loop_start()
         return c
@@ -112,7 +110,7 @@ def _qos1_across_restart(cluster: LoopbackCluster) -> dict[str, Any]:
     sub.disconnect()  # offline, session kept on node2
     cluster.agents[1].kill()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="durable-pub")
-    pub.connect(a, MQTT_PORT)
+    pub.connect(a, cluster.mqtt_port)
     pub.loop_start()
     infos = [pub.publish("durable/x", str(i).encode(), qos=1) for i in range(100)]
     for info in infos:
@@ -135,7 +133,7 @@ def _rss_100_clients(cluster: LoopbackCluster) -> dict[str, Any]:
     try:
         for i in range(100):
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev{i}")
-            c.connect(host, MQTT_PORT)
+            c.connect(host, cluster.mqtt_port)
             c.subscribe(f"devices/{i}/cmd", qos=1)
             c.loop_start()
             clients.append(c)
@@ -170,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_process(m1)
     with LoopbackCluster(2, mqtt=True) as cluster:
         cluster.wait_converged(60)
-        a, b = (f"{x.host}:{MQTT_PORT}" for x in cluster.agents)
+        a, b = (f"{x.host}:{cluster.mqtt_port}" for x in cluster.agents)
         pids = [x.pid for x in cluster.agents]
         cpu0 = [cpu_seconds(p) for p in pids if p]
         q0 = _load(a, b, "--count", str(args.count), "--qos", "0")

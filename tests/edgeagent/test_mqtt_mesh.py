@@ -1,7 +1,6 @@
 """MQTT across the mesh with real agents on loopback and real clients (issue 10).
 
-Three agents (``LoopbackCluster(3, mqtt=True)``: each the broker on its own 127.x address,
-port 1883). ``mosquitto_sub`` on two nodes, ``mosquitto_pub`` on the third: plain fan-out
+Three agents (``LoopbackCluster(3, mqtt=True)``: each the broker on its own 127.x address, one port). ``mosquitto_sub`` on two nodes, ``mosquitto_pub`` on the third: plain fan-out
 (each subscriber gets each message once), a share group spanning two nodes gets each of
 1,000 messages exactly once, a retained value reaches a node's subscriber that subscribes
 later, and a retained value set while a node was down reaches it after it restarts.
@@ -23,15 +22,19 @@ pytestmark = pytest.mark.skipif(
     not (shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub")),
     reason="mosquitto_pub/mosquitto_sub not installed (Debian mosquitto-clients)",
 )
-PORT = 1883
 TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
+    global PORT
     with LoopbackCluster(3, mqtt=True) as c:
+        PORT = c.mqtt_port
         c.wait_converged(TIMEOUT)
         yield c
+
+
+PORT = 0  # the cluster's MQTT port (LocalMesh picks one free on every agent's address)
 
 
 def sub(host: str, *args: str) -> subprocess.Popen[str]:
