@@ -181,7 +181,7 @@ def test_an_expect_that_does_not_hold_makes_exit_1(tmp_path: Path, capsys: pytes
     # and no SWIM declares a partition within 1 s with the local preset.
     text = (SCENARIOS / "partition.toml").read_text()
     text = text.replace('check = "no-false-death"', 'check = "no-false-death"\nfaults = ["loss"]')
-    text = text.replace('step = "split"\nwithin = 30', 'step = "split"\nwithin = 1')
+    text = text.replace('step = "split"\nwithin = 45', 'step = "split"\nwithin = 1')
     path = _write(tmp_path, text, "fails.toml")
     report = tmp_path / "report"
     rc = run_cli(["scenario", str(path), "--backend", "sim", "--report", str(report), "--no-plots"])
