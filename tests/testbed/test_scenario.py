@@ -7,6 +7,7 @@ asserts; ``test_scenario_netns.py`` runs the same files on real agents in namesp
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -110,13 +111,10 @@ def test_a_scenario_needing_coap_is_refused_on_the_simulator(capsys: pytest.Capt
     assert "needs coap, which the sim backend does not have" in capsys.readouterr().err
 
 
-def test_containers_backend_missing_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        import testbed.containers.backend  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        pytest.skip("testbed.containers.backend is present here")
+def test_containers_backend_missing_is_one_line_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "testbed.containers.backend", None)  # import fails: missing
     rc = run_cli(["scenario", str(SCENARIOS / "partition.toml"), "--backend", "containers"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "containers backend is not available" in err[0]
