@@ -184,15 +184,7 @@ class Testbed:
     def load(cls, testbed_id: str | None = None, *, root: Path | None = None) -> Testbed:
         """Find a testbed started earlier (by id, or the only one under ``root``)."""
         root = Path(root) if root is not None else default_root()
-        ids = list_ids(root)
-        if testbed_id is None:
-            if not ids:
-                raise TestbedError(f"no testbed is up (nothing in {root}); start one with 'up'")
-            if len(ids) > 1:
-                raise TestbedError(f"several testbeds are up ({', '.join(ids)}); pass --id")
-            testbed_id = ids[0]
-        if testbed_id not in ids:
-            raise TestbedError(f"no testbed {testbed_id!r} in {root}")
+        testbed_id = pick_id(root, testbed_id)
         state = json.loads((root / testbed_id / STATE_FILE).read_text())
         tb = cls(
             state["hosts"],
@@ -465,10 +457,36 @@ class Testbed:
 
 def list_ids(root: Path | None = None) -> list[str]:
     """Ids of the testbeds that have a state file under ``root``."""
-    root = Path(root) if root is not None else default_root()
+    return ids_under(Path(root) if root is not None else default_root())
+
+
+def ids_under(root: Path) -> list[str]:
+    """Ids of the testbeds (namespace or container ones) with a state file under ``root``."""
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+
+
+def pick_id(
+    root: Path,
+    testbed_id: str | None,
+    *,
+    what: str = "testbed",
+    start: str = "start one with 'up'",
+    error: type[TestbedError] = TestbedError,
+) -> str:
+    """``testbed_id`` if a testbed of that id is up under ``root``; without one, the only one
+    up. Anything else is ``error`` naming what to do (``start`` when none is up)."""
+    ids = ids_under(root)
+    if testbed_id is None:
+        if not ids:
+            raise error(f"no {what} is up (nothing in {root}); {start}")
+        if len(ids) > 1:
+            raise error(f"several {what}s are up ({', '.join(ids)}); pass --id")
+        testbed_id = ids[0]
+    if testbed_id not in ids:
+        raise error(f"no {what} {testbed_id!r} in {root}")
+    return testbed_id
 
 
 def _octets_in_use(root: Path) -> set[int]:

@@ -44,13 +44,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..cluster import TestbedError
+from ..cluster import STATE_FILE, TestbedError, ids_under, pick_id
 from . import image as images
 from .compose import PROJECT_PREFIX, TESTBED_LABEL, Plan, write_compose
 
 DEFAULT_ROOT = Path("/tmp/edgeagent-containers")
 ROOT_ENV = "EDGEAGENT_CONTAINERS_DIR"
-STATE_FILE = "state.json"
 NFT_TABLE = "ea_tb"
 SUBNET_BASE = "172.29"
 READY_TIMEOUT = 180.0  # seconds for every node's healthcheck to pass after compose up
@@ -189,15 +188,8 @@ class ContainerBackend:
     def load(cls, testbed_id: str | None = None, *, root: Path | None = None) -> ContainerBackend:
         """Find a container testbed started earlier (by id, or the only one under ``root``)."""
         root = Path(root) if root is not None else default_root()
-        ids = list_ids(root)
-        if testbed_id is None:
-            if not ids:
-                raise ContainerError(f"no container testbed is up (nothing in {root}); use 'up'")
-            if len(ids) > 1:
-                raise ContainerError(f"several container testbeds are up ({', '.join(ids)}); pass --id")
-            testbed_id = ids[0]
-        if testbed_id not in ids:
-            raise ContainerError(f"no container testbed {testbed_id!r} in {root}")
+        testbed_id = pick_id(root, testbed_id, what="container testbed", start="use 'up'",
+                             error=ContainerError)  # fmt: skip
         state = json.loads((root / testbed_id / STATE_FILE).read_text())
         tb = cls(state["nodes"], root=root, token_mode=state["token_mode"],
                  broker=state["broker"], run_args=state["run_args"], build=False)
@@ -526,10 +518,7 @@ class ContainerBackend:
 
 def list_ids(root: Path | None = None) -> list[str]:
     """Ids of the container testbeds that have a state file under ``root``."""
-    root = Path(root) if root is not None else default_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+    return ids_under(Path(root) if root is not None else default_root())
 
 
 def pick_subnet(start: int) -> str:
