@@ -361,8 +361,9 @@ class _Link:
             if self.conn.terminated:
                 raise ChannelUnavailable("the channel connection closed", retryable=False)
 
-    async def request(self, data: bytes) -> bytes:
-        """Send one request on a new stream and wait for its reply (the caller times out)."""
+    async def _open(self, data: bytes, inbox: _Inbox) -> int:
+        """Open a stream carrying the start of ``data`` (waiting for a free stream slot), with
+        ``inbox`` for its reply; the rest of ``data`` is the caller's to send."""
         while not self.conn.can_open:
             if not self.usable:
                 raise ChannelUnavailable("the channel connection is going away", retryable=True)
@@ -373,12 +374,17 @@ class _Link:
             stream_id = self.conn.open_stream(first, end=len(first) == len(data))
         except mux.ChannelError as exc:
             raise ChannelUnavailable(str(exc), retryable=True) from None
-        done = asyncio.get_running_loop().create_future()
-        self.inboxes[stream_id] = _Inbox(done=done)
+        self.inboxes[stream_id] = inbox
         self.flush()
+        return stream_id
+
+    async def request(self, data: bytes) -> bytes:
+        """Send one request on a new stream and wait for its reply (the caller times out)."""
+        done = asyncio.get_running_loop().create_future()
+        stream_id = await self._open(data, _Inbox(done=done))
         try:
-            if len(first) < len(data):
-                await self.send_all(stream_id, data[len(first) :])
+            if len(data) > mux.FLOOR_MAX_FRAME:
+                await self.send_all(stream_id, data[mux.FLOOR_MAX_FRAME :])
             return await done
         except asyncio.CancelledError:
             self.conn.reset_stream(stream_id, mux.ErrorCode.CANCEL)
@@ -388,22 +394,12 @@ class _Link:
 
     async def open_streamed(self, data: bytes) -> ChannelStream:
         """Send one request on a new stream; its reply is read part by part."""
-        while not self.conn.can_open:
-            if not self.usable:
-                raise ChannelUnavailable("the channel connection is going away", retryable=True)
-            self.slots.clear()
-            await self.slots.wait()
-        first = data[: mux.FLOOR_MAX_FRAME]
-        try:
-            stream_id = self.conn.open_stream(first, end=len(first) == len(data))
-        except mux.ChannelError as exc:
-            raise ChannelUnavailable(str(exc), retryable=True) from None
-        inbox = self.inboxes[stream_id] = _Inbox(queue=asyncio.Queue())
+        inbox = _Inbox(queue=asyncio.Queue())
+        stream_id = await self._open(data, inbox)
         stream = ChannelStream(self, stream_id, inbox)
-        self.flush()
         try:
-            if len(first) < len(data):
-                await self.send_all(stream_id, data[len(first) :])
+            if len(data) > mux.FLOOR_MAX_FRAME:
+                await self.send_all(stream_id, data[mux.FLOOR_MAX_FRAME :])
         except BaseException:
             stream.close()
             raise
