@@ -2,7 +2,8 @@
 
 How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its docstring first):
 
-- **Interest.** Every :data:`INTEREST_PERIOD_S` the local broker's filters are turned into the
+- **Interest.** Every :data:`INTEREST_PERIOD_S`, when the broker's ``subscriptions_version``
+  moved, the local broker's filters are turned into the
   interest value (:func:`~overlay.mqtt.mesh.interest_value`); when it changed it is set in
   this node's replicated state (:data:`~overlay.mqtt.mesh.INTEREST_KEY`) and in the router at
   once. Peers' values come from ``StateChanged`` events (and a catch-up at start).
@@ -21,7 +22,8 @@ How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its do
   authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
   (last writer wins), then the message is delivered to the plain subscribers and the share
   groups the envelope names. A malformed envelope is answered, counted and dropped.
-- **Retained anti-entropy.** Every :data:`DIGEST_PERIOD_S` this node's retained digest goes
+- **Retained anti-entropy.** Every :data:`DIGEST_PERIOD_S` (recomputed only when the retained
+  store's ``version`` moved) this node's retained digest goes
   to its replicated state (:data:`~overlay.mqtt.mesh.RETAINED_KEY`) when it changed; a peer
   whose digest differs from ours is asked for its retained items (first byte
   :data:`RETAINED_PREFIX`, at most once per :data:`SYNC_INTERVAL_S` per peer), which are
@@ -96,6 +98,7 @@ class MeshLink:
         self._pending: tuple[str, Plan] | None = None
         self._interest: Any = None
         self._digest: str | None = None
+        self._seen_versions = (-1, -1)  # (subscriptions, retained) when last published
         self._peer_digests: dict[str, str] = {}
         self._pulled: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -161,6 +164,10 @@ class MeshLink:
 
     def _publish_interest(self) -> None:
         assert self.broker is not None
+        version = self.broker.subscriptions_version
+        if version == self._seen_versions[0]:
+            return  # no subscription added or removed since: filters() is what we published
+        self._seen_versions = (version, self._seen_versions[1])
         plain, shares = [], []
         for text in self.broker.filters():
             if text.startswith(SHARE_PREFIX):
@@ -180,6 +187,10 @@ class MeshLink:
 
     def _publish_digest(self) -> None:
         assert self.broker is not None
+        version = self.broker.retained.version
+        if version == self._seen_versions[1]:
+            return  # the retained store did not change: neither did its digest
+        self._seen_versions = (self._seen_versions[0], version)
         digest = retained_digest((i.topic, i.stamp) for i in self.broker.retained_items())
         if digest != self._digest:
             self._digest = digest

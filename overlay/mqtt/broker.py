@@ -278,6 +278,9 @@ class Broker:
         self._sessions: dict[str, Session] = {}
         self._subs: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
         self._shared: SubscriptionTrie[str, ShareGroup] = SubscriptionTrie()  # by group name
+        # Bumped whenever a subscription is added or removed, so a caller can tell `filters()`
+        # changed without building it (the mesh layer polls it).
+        self.subscriptions_version = 0
         self._timers = TimerHeap()
         self._serial = 0
         self.retained = RetainedStore(
@@ -908,6 +911,7 @@ class Broker:
         granted = min(sub.qos, self.config.max_qos)
         opts = SubOptions(replace(sub, qos=granted), parsed.group, parsed.topic_filter, identifier)
         s.subscriptions[sub.topic_filter] = opts
+        self.subscriptions_version += 1
         if parsed.group is None:
             self._subs.insert(parsed.topic_filter, s.client_id, opts)
             if sub.retain_handling == 0 or (sub.retain_handling == 1 and new):
@@ -948,6 +952,7 @@ class Broker:
         out.append(Send(c.conn, Unsuback(p.packet_id, tuple(reasons))))
 
     def _unindex(self, client_id: str, text: str, opts: SubOptions) -> None:
+        self.subscriptions_version += 1
         if opts.group is None:
             self._subs.remove(opts.topic_filter, client_id)
             return

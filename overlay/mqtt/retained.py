@@ -66,6 +66,7 @@ class RetainedStore:
         self._items: dict[str, RetainedItem] = {}
         self._tombstones: OrderedDict[str, RetainedItem] = OrderedDict()
         self.bytes = 0
+        self.version = 0  # bumped on every change of what `items` yields (digests are cached by it)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -111,6 +112,7 @@ class RetainedStore:
             self._tombstones[item.topic] = item
             while len(self._tombstones) > self.max_tombstones:
                 self._tombstones.popitem(last=False)
+            self.version += 1
             return Outcome.CLEARED
         old_cost = old.cost() if old is not None else 0
         count = len(self._items) + (old is None)
@@ -119,6 +121,7 @@ class RetainedStore:
         self._items[item.topic] = item
         self._tombstones.pop(item.topic, None)
         self.bytes += item.cost() - old_cost
+        self.version += 1
         return Outcome.SET
 
     def expire(self, topic: str) -> None:
@@ -126,6 +129,7 @@ class RetainedStore:
         old = self._items.pop(topic, None)
         if old is not None:
             self.bytes -= old.cost()
+            self.version += 1
 
     def matching(self, topic_filter: str) -> list[RetainedItem]:
         """The messages a plain filter matches, in topic order (stable for tests)."""

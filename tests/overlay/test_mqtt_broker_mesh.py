@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from overlay.mqtt.broker import BrokerConfig
-from overlay.mqtt.packets import Connect, Publish, Subscribe, Subscription
+from overlay.mqtt.packets import Connect, Properties, Publish, Subscribe, Subscription, Unsubscribe
 from tests.overlay.test_mqtt_broker import Net
 
 
@@ -41,3 +41,18 @@ def test_publish_from_mesh_plain_and_groups() -> None:
     net.feed(net.broker.publish_from_mesh(Publish("jobs/3", b"c"), "x", net.now))
     assert _got(net) == {"p": ["b", "c"], "g1": ["a", "c"], "h1": ["c"]}
     assert net.routed == []  # nothing from the mesh is routed out again
+
+
+def test_versions_say_when_filters_and_retained_values_changed() -> None:
+    net = _net()
+    subs, retained = net.broker.subscriptions_version, net.broker.retained.version
+    net.send("p", Publish("jobs/1", b"m"))  # no subscription or retained change
+    assert (net.broker.subscriptions_version, net.broker.retained.version) == (subs, retained)
+    net.send("p", Unsubscribe(2, ("jobs/#",)))
+    assert net.broker.subscriptions_version > subs
+    net.send("p", Publish("state/x", b"v", retain=True))
+    assert net.broker.retained.version == retained + 1
+    assert not net.broker.set_retained_from_mesh("state/x", b"old", 0, Properties(), -1.0, net.now)
+    assert net.broker.retained.version == retained + 1  # a stale write changes nothing
+    net.lose("g1")  # a clean session ends: its subscription goes
+    assert net.broker.subscriptions_version > subs + 1
