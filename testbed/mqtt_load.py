@@ -9,7 +9,11 @@ goes) sends ``--count`` messages to ``TOPIC/x`` on ``--pub``,
 each carrying its sequence number and the sender's ``time.monotonic_ns()`` (one clock for
 every process of the machine). Prints one JSON object: ``received``, ``duplicates``,
 ``lost``, ``mps`` (messages received per second, first publish to last receipt), ``p50_ms``,
-``p99_ms`` (publish to receipt). Every loop is bounded by ``--timeout``.
+``p99_ms`` (publish to receipt). Every loop is bounded by ``--timeout``: how long to wait for
+the last messages once every one is published. With ``--records`` it prints ``started`` on
+stderr when publishing starts and the JSON gains ``records``: ``[t, delivered, "",
+latency_ms | None]`` per message, ``t`` the publish time in seconds since that start (the
+shape of :mod:`testbed.coap_load`'s records, so the scenario report plots both).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import statistics
 import struct
+import sys
 import threading
 import time
 
@@ -78,13 +83,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     time.sleep(args.settle)
     pub = _client(f"bench-pub-{time.monotonic_ns()}", args.pub, args.inflight)
     pad = b"x" * max(0, args.size - HEADER.size)
+    if args.records:
+        print("started", file=sys.stderr, flush=True)
     start = time.monotonic()
     infos = []
+    sent: list[float] = []
     for seq in range(args.count):
         if args.rate:
             wait = start + seq / args.rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+        sent.append(time.monotonic() - start)
         infos.append(pub.publish(f"{args.topic}/x", HEADER.pack(seq, time.monotonic_ns()) + pad, qos=args.qos))
     done.wait(args.timeout)
     end = time.monotonic()
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         client.loop_stop()
         client.disconnect()
     lat = sorted(got.values())
-    return {
+    out: dict[str, object] = {
         "received": len(got),
         "duplicates": len(dup),
         "lost": args.count - len(got),
@@ -101,6 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "p50_ms": round(statistics.median(lat), 3) if lat else None,
         "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3) if lat else None,
     }
+    if args.records:
+        with lock:
+            out["records"] = [[round(t, 4), seq in got, "", round(got[seq], 3) if seq in got else None]
+                              for seq, t in enumerate(sent)]  # fmt: skip
+    return out
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +130,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topic", default="bench")
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--records", action="store_true", help="per-message records; 'started' on stderr")
     return p.parse_args(argv)
 
 

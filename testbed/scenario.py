@@ -74,9 +74,9 @@ class Scenario:
     expects: tuple[Expect, ...]
 
     def needs(self) -> set[str]:
-        """Backend features the scenario uses beyond membership ("coap", "overlay")."""
-        needed = {"coap" for s in self.steps if s.action.startswith("coap-")}
-        if any(e.check == "no-duplicate-address" for e in self.expects):
+        """Backend features the scenario uses beyond membership ("coap", "mqtt", "overlay")."""
+        needed = {s.action.split("-")[0] for s in self.steps if s.action.startswith(("coap-", "mqtt-"))}
+        if any(e.check in ("no-duplicate-address", "same-address") for e in self.expects):
             needed.add("overlay")
         return needed
 
@@ -204,6 +204,17 @@ STEP_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
         "concurrency": (_number(1, 200, integer=True), False, 10),
     },
     "coap-wait": {"name": (_name, True, None)},
+    "reboot": {"node": (_node, True, None), "down": (_number(0, 600), False, 5.0)},
+    "mqtt-load": {
+        "name": (_name, True, None),
+        "pub": (_node, True, None),
+        "sub": (_node, True, None),
+        "count": (_number(1, 100_000, integer=True), True, None),
+        "rate": (_number(1, 5000), False, 50),
+        "qos": (_number(0, 1, integer=True), False, 1),
+        "drain": (_number(0.5, 30), False, 5.0),
+    },
+    "mqtt-wait": {"name": (_name, True, None)},
 }
 EXPECT_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
     "converged": {"step": (_name, True, None), "within": (POSITIVE, True, None)},
@@ -211,6 +222,12 @@ EXPECT_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
     "detected": {"node": (_node, True, None), "within": (POSITIVE, True, None)},
     "no-duplicate-address": {},
     "success-rate": {"load": (_name, True, None), "min": (_number(0, 1), True, None)},
+    "same-address": {"node": (_node, True, None)},
+    "mqtt-delivered": {
+        "load": (_name, True, None),
+        "min": (_number(0, 1), True, None),
+        "max-duplicates": (_number(0, 100_000, integer=True), False, None),
+    },
 }
 SCENARIO_SPEC: dict[str, tuple[Checker, bool, Any]] = {
     "name": (_name, True, None),
@@ -419,23 +436,32 @@ def _cross_check(
             if label in labels:
                 raise fail(lines.key(step.line, "label"), f"step {step.index}: label {label!r} is used twice")
             labels[label] = step
-    loads = {s.args["name"]: s for s in steps if s.action == "coap-load"}
-    started: set[str] = set()
+    loads = {s.args["name"]: s for s in steps if s.action in ("coap-load", "mqtt-load")}
+    started: dict[str, str] = {}  # load name -> its kind ("coap", "mqtt"); one namespace for both
     for step in steps:
-        if step.action == "coap-load":
+        kind, _, verb = step.action.partition("-")
+        if verb == "load":
             if step.args["name"] in started:
                 raise fail(lines.key(step.line, "name"), f"step {step.index}: load {step.args['name']!r} is started twice")
-            started.add(step.args["name"])
-        if step.action == "coap-wait" and step.args["name"] not in started:
-            raise fail(lines.key(step.line, "name"), f"step {step.index}: no coap-load named {step.args['name']!r} before it")
+            started[step.args["name"]] = kind
+        if verb == "wait" and started.get(step.args["name"]) != kind:
+            raise fail(lines.key(step.line, "name"), f"step {step.index}: no {kind}-load named {step.args['name']!r} before it")
+        if step.action == "mqtt-load" and step.args["pub"] == step.args["sub"]:
+            raise fail(lines.key(step.line, "sub"), f"step {step.index} (mqtt-load): pub and sub are the same node "
+                       "(the load measures delivery through the mesh)")  # fmt: skip
     killed = {s.args["node"] for s in steps if s.action == "kill"}
+    rebooted = {s.args["node"] for s in steps if s.action == "reboot"}
     for exp in expects:
         a = exp.args
         if exp.check == "converged":
             target = labels.get(a["step"])
             if target is None or target.action != "converge":
                 raise fail(lines.key(exp.line, "step"), f"expect {exp.index}: no converge step labelled {a['step']!r}")
-        elif exp.check == "success-rate" and a["load"] not in loads:
-            raise fail(lines.key(exp.line, "load"), f"expect {exp.index}: no coap-load named {a['load']!r}")
+        elif exp.check in ("success-rate", "mqtt-delivered"):
+            kind = "coap" if exp.check == "success-rate" else "mqtt"
+            if a["load"] not in loads or loads[a["load"]].action != f"{kind}-load":
+                raise fail(lines.key(exp.line, "load"), f"expect {exp.index}: no {kind}-load named {a['load']!r}")
         elif exp.check == "detected" and a["node"] not in killed:
             raise fail(lines.key(exp.line, "node"), f"expect {exp.index}: node {a['node']} is never killed")
+        elif exp.check == "same-address" and a["node"] not in rebooted:
+            raise fail(lines.key(exp.line, "node"), f"expect {exp.index}: node {a['node']} is never rebooted")

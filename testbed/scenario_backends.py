@@ -38,6 +38,8 @@ LOAD_TIMEOUT_EXTRA = 30.0  # seconds past a load's own length before it is kille
 SERVE_READY_TIMEOUT = 30.0  # a CoAP server prints "ready", its instance turns healthy
 COAP_PORT = 5683  # each agent's own CoAP listener (the default, one per namespace)
 SERVER_PORT = 5700  # the plain CoAP server beside an agent, inside the same namespace
+MQTT_PORT = 1883  # each agent's own MQTT listener (the default, one per namespace)
+MQTT_SETTLE = 2.0  # seconds between subscribing and the first publish: interest spreads
 
 
 class BackendError(Exception):
@@ -53,9 +55,10 @@ def neutral(i: int) -> str:
 
 
 class LoadHandle(Protocol):
-    """A CoAP load running in the background."""
+    """A CoAP or MQTT load running in the background."""
 
-    def result(self) -> dict[str, Any]: ...  # waits; ok, failed, records [[t, ok, payload]]
+    def result(self) -> dict[str, Any]: ...  # waits; CoAP: ok, failed, records [[t, ok, payload,
+    # ms]]; MQTT: received, lost, duplicates, records [[t, delivered, "", ms | None]]
     def cancel(self) -> None: ...
 
 
@@ -63,7 +66,7 @@ class ScenarioBackend(Protocol):
     """What a scenario needs from a cluster. Nodes are 1-based numbers; names are ``n<i>``."""
 
     name: str
-    features: frozenset[str]  # beyond membership: "coap", "overlay"
+    features: frozenset[str]  # beyond membership: "coap", "mqtt", "overlay"
 
     def up(self, nodes: int, preset: str, seed: int) -> None: ...  # network, no agents yet
     def down(self) -> None: ...  # remove everything; safe to repeat
@@ -81,6 +84,8 @@ class ScenarioBackend(Protocol):
     def coap_serve(self, service: str, nodes: Sequence[int]) -> None: ...
     def coap_load(self, ingress: int, service: str, seconds: float, rate: float,
                   concurrency: int) -> LoadHandle: ...  # fmt: skip
+    def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int,
+                  drain: float) -> LoadHandle: ...  # fmt: skip
 
 
 # --- the simulator ----------------------------------------------------------------------------
@@ -195,27 +200,33 @@ class SimBackend:
     ) -> LoadHandle:
         raise BackendError("the simulator has no CoAP")
 
+    def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
+        raise BackendError("the simulator has no MQTT")
+
 
 # --- real agents: the namespace testbed and containers ----------------------------------------
 
 
-class _CoapLoad:
-    """A :mod:`testbed.coap_load` process started at ``started`` (backend time)."""
+class _Load:
+    """A :mod:`testbed.coap_load` or :mod:`testbed.mqtt_load` process (``what``) that printed
+    ``started`` at ``started`` (backend time) and prints one JSON object when done."""
 
-    def __init__(self, proc: subprocess.Popen[str], started: float, seconds: float) -> None:
-        self.proc, self.started, self.seconds = proc, started, seconds
+    def __init__(self, proc: subprocess.Popen[str], started: float, seconds: float, what: str = "CoAP") -> None:
+        self.proc, self.started, self.seconds, self.what = proc, started, seconds, what
 
     def result(self) -> dict[str, Any]:
         try:
             out, err = self.proc.communicate(timeout=self.seconds + LOAD_TIMEOUT_EXTRA)
         except subprocess.TimeoutExpired:
             self.cancel()
-            raise BackendError("the CoAP load did not finish in time") from None
+            raise BackendError(f"the {self.what} load did not finish in time") from None
         try:
-            result: dict[str, Any] = json.loads(out)
-        except ValueError:
+            result: dict[str, Any] = json.loads((out or "").strip().splitlines()[-1])
+            if not isinstance(result, dict):
+                raise ValueError("not an object")
+        except (ValueError, IndexError):
             tail = (err or "").strip().splitlines()[-1:] or ["no output"]
-            raise BackendError(f"the CoAP load failed: {tail[0]}") from None
+            raise BackendError(f"the {self.what} load failed: {tail[0]}") from None
         result["records"] = [[round(self.started + t, 4), *rest] for t, *rest in result.get("records", [])]
         return result
 
@@ -326,18 +337,21 @@ class AgentsBackend:
     ) -> LoadHandle:
         raise BackendError(f"the {self.name} backend has no CoAP support here")
 
+    def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
+        raise BackendError(f"the {self.name} backend has no MQTT load support here")
+
 
 class NetnsBackend(AgentsBackend):
     """One real agent per network namespace (:class:`testbed.cluster.Testbed`; root)."""
 
     name = "netns"
-    features = frozenset({"coap", "overlay"})
+    features = frozenset({"coap", "mqtt", "overlay"})
 
     def __init__(self, root: Any = None) -> None:
         super().__init__()
         self.root = root
         self._servers: dict[int, subprocess.Popen[str]] = {}
-        self._loads: list[_CoapLoad] = []
+        self._loads: list[_Load] = []
 
     def _make(self, nodes: int, preset: str) -> Any:
         from testbed.cluster import Testbed
@@ -421,7 +435,26 @@ class NetnsBackend(AgentsBackend):
         if proc.stderr.readline().strip() != "started":
             _end(proc)
             raise BackendError("the CoAP load client did not start")
-        load = _CoapLoad(proc, self.now(), seconds)
+        load = _Load(proc, self.now(), seconds)
+        self._loads.append(load)
+        return load
+
+    def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
+        """:mod:`testbed.mqtt_load` inside the publisher's namespace: it publishes to its own
+        agent's broker; its subscriber connects to the sub node's broker across the link."""
+        pub_ip, sub_ip = (self.cluster.host(self.host(n)).ip for n in (pub, sub))
+        argv = [sys.executable, "-m", "testbed.mqtt_load", "--pub", f"{pub_ip}:{MQTT_PORT}",
+                "--sub", f"{sub_ip}:{MQTT_PORT}", "--count", str(count), "--rate", str(rate),
+                "--qos", str(qos), "--timeout", str(drain), "--settle", str(MQTT_SETTLE),
+                "--topic", f"scenario/{time.monotonic_ns()}", "--records"]  # fmt: skip
+        proc = subprocess.Popen(self.cluster.exec_argv(self.host(pub), argv),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        line = proc.stderr.readline().strip()
+        if line != "started":
+            _end(proc)
+            raise BackendError(f"the MQTT load client did not start: {line or 'no output'}")
+        load = _Load(proc, self.now(), count / rate + drain + 1.0, "MQTT")
         self._loads.append(load)
         return load
 

@@ -10,7 +10,9 @@ membership timeline. ``report.md`` is the same for a person, with the plots embe
 - ``detection_cdf.png``: the CDF of detection times: from a kill to each observer seeing the
   node dead, and from a partition to each observer seeing a node across it dead;
 - ``coap.png`` (when the scenario ran a CoAP load): request success ratio and latency per
-  second across the run, kills marked.
+  second across the run, kills marked;
+- ``mqtt.png`` (when it ran an MQTT load): the same for messages, by the second each was
+  published (delivered ratio, publish-to-receipt latency, published and lost per second).
 
 matplotlib is optional (the ``testbed`` extra: ``pip install -e '.[testbed]'``) and imported
 only here, lazily, with the Agg backend; without it the plots are skipped with one line in
@@ -30,7 +32,8 @@ STATE_COLOURS = ["#2ca02c", "#ff7f0e", "#d62728", "#7f7f7f", "#c6dbef", "#ffffff
 STATE_LABELS = ["alive", "suspect", "dead", "left", "not in view", "observer down"]
 GAP_POLLS = 3  # a pause longer than this many polls between an observer's samples is shown blank
 MAX_OBSERVERS_PLOTTED = 8  # one panel per observer; a bigger cluster shows the first eight
-MARKED = ("kill", "stop", "start", "partition", "heal", "loss", "loss-ramp", "coap-load")
+MARKED = ("kill", "stop", "start", "partition", "heal", "loss", "loss-ramp", "coap-load", "reboot",
+          "mqtt-load")
 
 
 def write_report(folder: Path, record: dict[str, Any], *, plots: bool = True) -> list[Path]:
@@ -100,7 +103,7 @@ def render_markdown(record: dict[str, Any], images: list[str], note: str = "") -
         if e.get("events"):
             lines += ["", f"Expect {e['index']} ({e['check']}), first offending samples:", ""]
             lines += [f"- `{json.dumps(ev, default=_json_default)}`" for ev in e["events"]]
-    lines += _detection_table(record) + _load_table(record)
+    lines += _detection_table(record) + _load_table(record) + _mqtt_table(record)
     if images or note:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({name})" for name in images]
@@ -128,6 +131,8 @@ def _detection_table(record: dict[str, Any]) -> list[str]:
 def _load_table(record: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for name, info in record["loads"].items():
+        if info.get("kind", "coap") != "coap":
+            continue
         r = info.get("result")
         if not out:
             out = ["", "## CoAP loads", "", "| load | ingress | ok | failed | p50 (ms) | p99 (ms) |",
@@ -137,6 +142,21 @@ def _load_table(record: dict[str, Any]) -> list[str]:
         else:
             out.append(f"| {name} | {info['ingress']} | {r['ok']} | {r['failed']} | "
                        f"{_fmt(r.get('p50_ms'))} | {_fmt(r.get('p99_ms'))} |")  # fmt: skip
+    return out
+
+
+def _mqtt_table(record: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, info in record["loads"].items():
+        if info.get("kind") != "mqtt":
+            continue
+        r = info.get("result") or {}
+        if not out:
+            out = ["", "## MQTT loads", "", "| load | pub | sub | qos | published | received | lost | "
+                   "duplicates | p50 (ms) | p99 (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out.append(f"| {name} | {info['pub']} | {info['sub']} | {info['qos']} | {info['count']} | "
+                   f"{_fmt(r.get('received'))} | {_fmt(r.get('lost'))} | {_fmt(r.get('duplicates'))} | "
+                   f"{_fmt(r.get('p50_ms'))} | {_fmt(r.get('p99_ms'))} |")  # fmt: skip
     return out
 
 
@@ -157,7 +177,7 @@ def render_plots(folder: Path, record: dict[str, Any]) -> list[str]:
     plt = _pyplot()
     written = []
     for name, draw in (("membership.png", plot_membership), ("detection_cdf.png", plot_detection),
-                       ("coap.png", plot_coap)):  # fmt: skip
+                       ("coap.png", plot_coap), ("mqtt.png", plot_mqtt)):  # fmt: skip
         fig = draw(plt, record)
         if fig is not None:
             fig.savefig(folder / name, dpi=110)
@@ -270,17 +290,32 @@ def _per_second(records: list[list[Any]]) -> dict[int, list[tuple[bool, float]]]
     """Requests by the second they were sent in: (ok, latency ms) each."""
     bins: dict[int, list[tuple[bool, float]]] = {}
     for rec in records:
-        latency = float(rec[3]) if len(rec) > 3 else math.nan
+        latency = float(rec[3]) if len(rec) > 3 and rec[3] is not None else math.nan
         bins.setdefault(int(rec[0]), []).append((bool(rec[1]), latency))
     return bins
 
 
-def plot_coap(plt: Any, record: dict[str, Any]) -> Any:
+_WORDS = {
+    "coap": {"sent": "sent", "failed": "failed", "ratio": "success ratio", "answered": "answered\nrequests",
+             "things": "requests", "a_thing": "a request", "title": "CoAP requests"},
+    "mqtt": {"sent": "published", "failed": "lost", "ratio": "delivered ratio", "answered": "delivered\nmessages",
+             "things": "messages", "a_thing": "a message", "title": "MQTT messages"},
+}
+
+
+def plot_mqtt(plt: Any, record: dict[str, Any]) -> Any:
+    """MQTT loads in :func:`plot_coap`'s three panels (their records have the same shape)."""
+    return plot_coap(plt, record, "mqtt")
+
+
+def plot_coap(plt: Any, record: dict[str, Any], kind: str = "coap") -> Any:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    loads = {n: i["result"] for n, i in record["loads"].items() if i.get("result", {}).get("records")}
+    loads = {n: i["result"] for n, i in record["loads"].items()
+             if i.get("kind", "coap") == kind and (i.get("result") or {}).get("records")}  # fmt: skip
     if not loads:
         return None
+    w = _WORDS[kind]
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True)
     for name, result in loads.items():
         bins = _per_second(result["records"])
@@ -292,24 +327,24 @@ def plot_coap(plt: Any, record: dict[str, Any]) -> Any:
         middle.plot(xs, [_median(answered[s]) for s in secs], marker=".", label=f"{name}: p50")
         middle.plot(xs, [answered[s][-1] if answered[s] else math.nan for s in secs],
                     marker=".", linestyle=":", label=f"{name}: max")  # fmt: skip
-        bottom.bar(xs, [len(bins[s]) for s in secs], width=0.9, alpha=0.35, label=f"{name}: sent")
+        bottom.bar(xs, [len(bins[s]) for s in secs], width=0.9, alpha=0.35, label=f"{name}: {w['sent']}")
         bottom.bar(xs, [sum(not ok for ok, _ in bins[s]) for s in secs], width=0.9,
-                   color="#d62728", label=f"{name}: failed")  # fmt: skip
+                   color="#d62728", label=f"{name}: {w['failed']}")  # fmt: skip
     for ax in (top, middle, bottom):
         _mark_steps(ax, record, label=ax is top)
         ax.grid(True, alpha=0.3)
-    top.set_ylabel("success ratio")
+    top.set_ylabel(w["ratio"])
     top.set_ylim(-0.05, 1.05)
     top.legend(loc="lower left", fontsize=8)
-    middle.set_ylabel("latency of answered\nrequests (ms)")
+    middle.set_ylabel(f"latency of {w['answered']} (ms)")
     middle.set_yscale("log")
     middle.yaxis.set_major_formatter(ScalarFormatter())
     middle.yaxis.set_minor_formatter(NullFormatter())
     middle.legend(loc="upper left", fontsize=8)
-    bottom.set_ylabel("requests per second")
-    bottom.set_xlabel("time since start (s), by the second a request was sent")
+    bottom.set_ylabel(f"{w['things']} per second")
+    bottom.set_xlabel(f"time since start (s), by the second {w['a_thing']} was {w['sent']}")
     bottom.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"{record['scenario']['name']}: CoAP requests through the mesh", y=0.99)
+    fig.suptitle(f"{record['scenario']['name']}: {w['title']} through the mesh", y=0.99)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
 

@@ -68,6 +68,7 @@ class Run:
         self.faults: list[dict[str, Any]] = []  # {kind, t0, t1, groups | node}
         self.loads: dict[str, dict[str, Any]] = {}
         self.addresses: list[dict[str, Any]] = []
+        self.reboots: list[dict[str, Any]] = []  # {node, t_down, t_up, block_before}
         self.converge: dict[str, dict[str, Any]] = {}
         self.error: str | None = None
         self._handles: dict[str, LoadHandle] = {}
@@ -212,18 +213,34 @@ class Run:
                 self.set_loss(a["node"], pct)
                 self.wait(a["every"])
             return f"loss {' -> '.join(f'{p}%' for p in levels)}"
+        if step.action == "reboot":
+            return self.reboot(a["node"], a["down"])
         if step.action == "coap-serve":
             b.coap_serve(a["service"], a["nodes"])
             return f"{a['service']} on {', '.join(neutral(n) for n in a['nodes'])}"
         if step.action == "coap-load":
             self._handles[a["name"]] = b.coap_load(
                 a["ingress"], a["service"], a["seconds"], a["rate"], a["concurrency"])
-            self.loads[a["name"]] = {"ingress": neutral(a["ingress"]), "t_start": b.now(),
+            self.loads[a["name"]] = {"kind": "coap", "ingress": neutral(a["ingress"]), "t_start": b.now(),
                                      "seconds": a["seconds"], "rate": a["rate"]}  # fmt: skip
             return ""
         if step.action == "coap-wait":
             result = self.collect(a["name"])
             return f"{result['ok']} ok, {result['failed']} failed"
+        return self.do_mqtt(step)
+
+    def do_mqtt(self, step: Step) -> str:
+        a, b = step.args, self.b
+        if step.action == "mqtt-load":
+            self._handles[a["name"]] = b.mqtt_load(
+                a["pub"], a["sub"], a["count"], a["rate"], a["qos"], a["drain"])
+            self.loads[a["name"]] = {"kind": "mqtt", "pub": neutral(a["pub"]), "sub": neutral(a["sub"]),
+                                     "t_start": b.now(), "seconds": a["count"] / a["rate"],
+                                     "count": a["count"], "rate": a["rate"], "qos": a["qos"]}  # fmt: skip
+            return ""
+        if step.action == "mqtt-wait":
+            result = self.collect(a["name"])
+            return f"{result['received']}/{self.loads[a['name']]['count']} delivered, {result['duplicates']} duplicates"
         raise StepFailed(f"unknown action {step.action}")  # the parser refuses it first
 
     def collect(self, name: str) -> dict[str, Any]:
@@ -234,6 +251,27 @@ class Run:
         result = handle.result()
         info["result"] = result
         return result
+
+    def reboot(self, node: int, down: float) -> str:
+        """A power cut: SIGKILL, ``down`` seconds off (observing), start with the same state."""
+        name = neutral(node)
+        before = None
+        if self._wants_addresses():
+            self.sample_addresses()
+            before = self.addresses[-1].get("blocks", {}).get(name) if self.addresses else None
+        self.b.kill(node)
+        t_down = round(self.b.now(), 3)
+        record: dict[str, Any] = {"node": name, "t_down": t_down, "t_up": None, "block_before": before}
+        self.reboots.append(record)
+        self.downtime.setdefault(name, []).append([self.b.now(), INF])
+        self.wait(down)
+        self.b.start([node])
+        self._up(name, self.b.now())
+        record["t_up"] = t_up = round(self.b.now(), 3)
+        return f"back after {t_up - t_down:.1f} s"
+
+    def _wants_addresses(self) -> bool:
+        return bool({"no-duplicate-address", "same-address"} & {e.check for e in self.sc.expects})
 
     def set_loss(self, node: int, percent: int) -> None:
         self.b.loss(node, percent)
@@ -246,7 +284,7 @@ class Run:
                 f["t1"] = now
 
     def sample_addresses(self) -> None:
-        if "no-duplicate-address" not in {e.check for e in self.sc.expects}:
+        if not self._wants_addresses():
             return
         try:
             blocks = self.b.overlay_addresses()
@@ -378,6 +416,10 @@ def judge(run: Run) -> list[dict[str, Any]]:
             res |= {"measured": len(dups), "unit": "samples with duplicates",
                     "samples": len(run.addresses), "ok": bool(run.addresses) and not dups and not errors,
                     "events": (dups or errors)[:MAX_LISTED]}  # fmt: skip
+        elif exp.check == "same-address":
+            res |= same_address(run, neutral(a["node"]))
+        elif exp.check == "mqtt-delivered":
+            res |= mqtt_delivered(run, a["load"], a["min"], a["max-duplicates"])
         elif exp.check == "success-rate":
             result = run.loads.get(a["load"], {}).get("result")
             total = (result["ok"] + result["failed"]) if result else 0
@@ -386,6 +428,38 @@ def judge(run: Run) -> list[dict[str, Any]]:
                     "ok": ratio is not None and ratio >= a["min"]}  # fmt: skip
         results.append(res)
     return results
+
+
+def same_address(run: Run, node: str) -> dict[str, Any]:
+    """Each reboot of ``node``: its own block before it, and in every address sample from its
+    return to its next downtime (samples where it holds none yet are skipped; one must hold)."""
+    kept, events = 0, []
+    downs = sorted(d0 for d0, _ in run.downtime.get(node, []))
+    for reboot in (r for r in run.reboots if r["node"] == node):
+        t_up = reboot["t_up"] if reboot["t_up"] is not None else INF
+        until = min((d for d in downs if d > t_up), default=INF)
+        after = [s["blocks"].get(node) for s in run.addresses
+                 if "blocks" in s and t_up <= s["t"] < until]  # fmt: skip
+        held = [blk for blk in after if blk is not None]
+        ok = reboot["block_before"] is not None and bool(held) and all(b == reboot["block_before"] for b in held)
+        kept += ok
+        if not ok:
+            events.append({"t_down": reboot["t_down"], "before": reboot["block_before"],
+                           "after": sorted(set(held)) or None})  # fmt: skip
+    total = sum(r["node"] == node for r in run.reboots)
+    return {"measured": kept, "unit": f"of {total} reboots kept the block", "ok": total > 0 and kept == total,
+            "events": events[:MAX_LISTED]}  # fmt: skip
+
+
+def mqtt_delivered(run: Run, name: str, least: float, max_dup: int | None) -> dict[str, Any]:
+    """The load's share of published messages the subscriber got (duplicates not counted)."""
+    info = run.loads.get(name, {})
+    result, count = info.get("result"), info.get("count", 0)
+    ratio = round(result["received"] / count, 5) if result and count else None
+    dups = result["duplicates"] if result else None
+    ok = ratio is not None and ratio >= least and (max_dup is None or (dups is not None and dups <= max_dup))
+    return {"measured": ratio, "unit": "ratio delivered", "published": count, "duplicates": dups,
+            "lost": result["lost"] if result else None, "ok": ok}  # fmt: skip
 
 
 def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], None]) -> dict[str, Any]:
@@ -415,6 +489,7 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
         "kills": [{"node": n, "t": t} for n, t in run.kills],
         "loads": run.loads,
         "addresses": run.addresses,
+        "reboots": run.reboots,
         "timeline": [{"t": t, "observer": o, "view": v} for t, o, v in run.samples],
     }  # fmt: skip
 
