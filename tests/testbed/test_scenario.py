@@ -15,7 +15,7 @@ import pytest
 
 from testbed.__main__ import main as run_cli
 from testbed.scenario import ScenarioError, load, parse
-from testbed.scenario_run import Run, excused, transitions_to_dead
+from testbed.scenario_run import Run, excused, mqtt_delivered, same_address, transitions_to_dead
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "testbed" / "scenarios"
 GOOD = """\
@@ -226,3 +226,146 @@ def test_false_death_rule_excuses_only_faults_between_the_two(tmp_path: Path) ->
     assert not excused(run, 2.0, "n1", "n3", ["loss"])  # partitions not counted as faults
     assert not excused(run, 2.0, "n1", "n4", ["partition"])  # same side, running: a false death
     assert not excused(run, 1.8 + grace + 0.1, "n1", "n3", ["partition"])  # grace over
+
+
+# --- reboot and MQTT loads ------------------------------------------------------------------
+
+REBOOT = GOOD + """
+[[step]]
+action = "reboot"
+node = 2
+down = 4
+
+[[step]]
+action = "converge"
+label = "after"
+timeout = 30
+
+[[expect]]
+check = "same-address"
+node = 2
+
+[[expect]]
+check = "no-false-death"
+"""
+MQTT = GOOD + """
+[[step]]
+action = "mqtt-load"
+name = "m"
+pub = 1
+sub = 3
+count = 10
+
+[[step]]
+action = "mqtt-wait"
+name = "m"
+
+[[expect]]
+check = "mqtt-delivered"
+load = "m"
+min = 0.99
+"""
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "needle", "problem"),
+    [
+        (REBOOT, ("node = 2\ndown = 4", "node = 7\ndown = 4"), "node = 7", "node 7 is not one of 1..3"),
+        (REBOOT, ("down = 4", "down = 601"), "down = 601", "down: 601 is out of range 0..600"),
+        (REBOOT, ("down = 4", 'down = "long"'), "long", "expected a number"),
+        (REBOOT, ("check = \"same-address\"\nnode = 2", "check = \"same-address\"\nnode = 3"),
+         "node = 3", "node 3 is never rebooted"),
+        (MQTT, ("sub = 3", "sub = 1"), "sub = 1", "pub and sub are the same node"),
+        (MQTT, ("count = 10", "count = 10\nqos = 2"), "qos = 2", "qos: 2 is out of range 0..1"),
+        (MQTT, ("count = 10", "count = 0"), "count = 0", "count: 0 is out of range"),
+        (MQTT, ("count = 10", "count = 10\ndrain = 60"), "drain = 60", "drain: 60 is out of range"),
+        (MQTT, ("count = 10", "count = 10\ntopic = \"x\""), "topic", "unknown key 'topic'"),
+        (MQTT, ('action = "mqtt-wait"\nname = "m"', 'action = "mqtt-wait"\nname = "other"'),
+         'name = "other"', "no mqtt-load named 'other' before it"),
+        (MQTT, ('load = "m"', 'load = "nope"'), 'load = "nope"', "no mqtt-load named 'nope'"),
+        (MQTT, ('min = 0.99', 'min = 0.99\nmax-duplicates = -1'), "max-duplicates", "out of range"),
+        (MQTT, ('check = "mqtt-delivered"', 'check = "success-rate"'), 'load = "m"', "no coap-load named 'm'"),
+    ],
+)
+def test_reboot_and_mqtt_keys_are_checked_one_line_each(
+    tmp_path: Path, base: str, change: tuple[str, str], needle: str, problem: str
+) -> None:
+    assert change[0] in base, change
+    text = base.replace(*change, 1)
+    path = _write(tmp_path, text)
+    with pytest.raises(ScenarioError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{_line_of(text, needle)}: "), message
+    assert problem in message and "\n" not in message
+
+
+def test_a_wait_must_name_a_load_of_its_own_kind() -> None:
+    text = MQTT.replace('action = "mqtt-wait"', 'action = "coap-wait"')
+    with pytest.raises(ScenarioError) as info:
+        parse(text, "m.toml")
+    line = _line_of(text, 'action = "coap-wait"') + 1  # its name key
+    assert str(info.value) == f"m.toml:{line}: step 4: no coap-load named 'm' before it"
+
+
+def test_the_good_reboot_and_mqtt_files_parse_with_defaults() -> None:
+    reboot = parse(REBOOT, "r.toml")
+    step = next(s for s in reboot.steps if s.action == "reboot")
+    assert step.args["down"] == 4 and reboot.needs() == {"overlay"}
+    mqtt = parse(MQTT, "m.toml")
+    load_step = next(s for s in mqtt.steps if s.action == "mqtt-load")
+    assert (load_step.args["rate"], load_step.args["qos"], load_step.args["drain"]) == (50, 1, 5.0)
+    assert mqtt.needs() == {"mqtt"}
+    assert parse(REBOOT.replace("down = 4\n", ""), "r.toml").steps[2].args["down"] == 5.0
+
+
+def test_a_reboot_on_the_simulator_keeps_the_block_and_converges(tmp_path: Path) -> None:
+    report = tmp_path / "r"
+    path = _write(tmp_path, REBOOT)
+    rc = run_cli(["scenario", str(path), "--backend", "sim", "--report", str(report), "--no-plots", "--quiet"])
+    record = json.loads((report / "report.json").read_text())
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    (reboot,) = record["reboots"]
+    assert reboot["node"] == "n2" and reboot["t_up"] - reboot["t_down"] >= 4
+    assert reboot["block_before"] is not None
+    after = [s["blocks"]["n2"] for s in record["addresses"] if s["t"] >= reboot["t_up"]]
+    assert after and set(after) == {reboot["block_before"]}
+    assert record["downtime"]["n2"] == [[reboot["t_down"], reboot["t_up"]]]
+    same = next(e for e in record["expects"] if e["check"] == "same-address")
+    assert same["measured"] == 1 and same["ok"]
+
+
+def test_the_mqtt_scenario_is_refused_on_the_simulator(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = run_cli(["scenario", str(SCENARIOS / "reboot.toml"), "--backend", "sim"])
+    assert rc == 2
+    assert "reboot.toml: needs mqtt, which the sim backend does not have" in capsys.readouterr().err
+
+
+def test_same_address_fails_when_the_block_changes_or_is_never_seen() -> None:
+    run = Run(parse(REBOOT, "r.toml"), backend=None, log=print)  # type: ignore[arg-type]
+    run.reboots = [{"node": "n2", "t_down": 10.0, "t_up": 14.0, "block_before": "10.0.0.16/28"}]
+    run.downtime = {"n2": [[10.0, 14.0]]}
+    run.addresses = [{"t": 9.0, "blocks": {"n2": "10.0.0.16/28"}},
+                     {"t": 15.0, "blocks": {"n2": None}},
+                     {"t": 16.0, "blocks": {"n2": "10.0.0.16/28"}}]  # fmt: skip
+    assert same_address(run, "n2")["ok"]  # not yet active at 15 s, then the same block
+    run.addresses.append({"t": 17.0, "blocks": {"n2": "10.0.0.32/28"}})
+    changed = same_address(run, "n2")
+    assert not changed["ok"] and changed["events"][0]["after"] == ["10.0.0.16/28", "10.0.0.32/28"]
+    run.addresses = run.addresses[:2]  # never active again after the reboot
+    assert not same_address(run, "n2")["ok"]
+    run.reboots[0]["block_before"] = None  # no block before: nothing to keep
+    run.addresses.append({"t": 16.0, "blocks": {"n2": "10.0.0.16/28"}})
+    assert not same_address(run, "n2")["ok"]
+
+
+def test_mqtt_delivered_counts_lost_and_duplicates() -> None:
+    run = Run(parse(MQTT, "m.toml"), backend=None, log=print)  # type: ignore[arg-type]
+    run.loads = {"m": {"kind": "mqtt", "count": 200, "result": {"received": 198, "lost": 2, "duplicates": 3}}}
+    assert mqtt_delivered(run, "m", 0.99, None) | {} == {
+        "measured": 0.99, "unit": "ratio delivered", "published": 200, "duplicates": 3, "lost": 2, "ok": True}
+    assert not mqtt_delivered(run, "m", 0.995, None)["ok"]
+    assert not mqtt_delivered(run, "m", 0.99, 2)["ok"]  # three duplicates, two allowed
+    assert mqtt_delivered(run, "m", 0.99, 3)["ok"]
+    run.loads["m"].pop("result")  # the load never finished
+    assert not mqtt_delivered(run, "m", 0.0, None)["ok"]

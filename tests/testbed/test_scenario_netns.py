@@ -50,3 +50,24 @@ def test_coap_failover_scenario_holds_on_real_agents(tmp_path: Path, monkeypatch
     after = [r for r in result["records"] if r[0] > kill + 2]
     assert after and all(r[2] == "n3" for r in after if r[1]), "answers after the kill come from n3"
     assert (tmp_path / "report" / "coap.png").stat().st_size > 10_000
+
+
+def test_reboot_scenario_keeps_the_block_and_the_mqtt_load_on_real_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc, record = _run(tmp_path, monkeypatch, "reboot.toml")
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    (reboot,) = record["reboots"]
+    assert reboot["node"] == "n2" and reboot["t_up"] - reboot["t_down"] >= 3
+    after = [s["blocks"]["n2"] for s in record["addresses"] if "blocks" in s and s["t"] >= reboot["t_up"]]
+    assert reboot["block_before"] and after and set(after) == {reboot["block_before"]}
+    # n2 was really down: no observation from it while it was off
+    assert not [s for s in record["timeline"]
+                if s["observer"] == "n2" and reboot["t_down"] < s["t"] < reboot["t_up"]]  # fmt: skip
+    result = record["loads"]["telemetry"]["result"]
+    assert (result["received"], result["lost"], result["duplicates"]) == (400, 0, 0)
+    published = [r[0] for r in result["records"]]
+    assert len(published) == 400 and published[0] < reboot["t_down"] < published[-1], "the cut is mid-load"
+    assert all(r[1] and r[3] is not None for r in result["records"])
+    assert (tmp_path / "report" / "mqtt.png").stat().st_size > 10_000
+    assert "## MQTT loads" in (tmp_path / "report" / "report.md").read_text()
