@@ -17,9 +17,14 @@ remaining steps are reported as skipped. Then each ``[[expect]]`` is judged from
   stretched by ``[scenario] grace`` seconds after it ends);
 - ``detected``: after each kill of ``node``, every observer running then saw it ``dead``
   within ``within`` seconds (polling resolution: ``poll``);
-- ``no-duplicate-address``: sampled after each converge step and at the end, no two running
+- ``no-duplicate-address``: sampled after each converge step, before each reboot and at the end, no two running
   nodes held the same overlay block;
-- ``success-rate``: the named CoAP load's share of 2.xx answers is at least ``min``.
+- ``success-rate``: the named CoAP load's share of 2.xx answers is at least ``min``;
+- ``same-address``: after each ``reboot`` of ``node`` (SIGKILL, ``down`` seconds, start with
+  the same state: the backend's ``kill`` and ``start``), every address sample from its return
+  to its next downtime shows the block it held just before the kill;
+- ``mqtt-delivered``: the named MQTT load's distinct messages received / published is at least
+  ``min`` (and its duplicates at most ``max-duplicates``).
 
 The report folder (:mod:`testbed.scenario_report`) gets ``report.json``, ``report.md`` and
 plots. Exit 0 only when every step ran and every clause holds, 1 otherwise.
