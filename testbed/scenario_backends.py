@@ -27,6 +27,7 @@ import importlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -57,6 +58,9 @@ def neutral(i: int) -> str:
 class LoadHandle(Protocol):
     """A CoAP or MQTT load running in the background."""
 
+    started: float | None  # backend time its load began (None until then, or if it never did)
+
+    def done(self) -> bool: ...  # the process ended (result() will not wait)
     def result(self) -> dict[str, Any]: ...  # waits; CoAP: ok, failed, records [[t, ok, payload,
     # ms]]; MQTT: received, lost, duplicates, records [[t, delivered, "", ms | None]]
     def cancel(self) -> None: ...
@@ -208,25 +212,59 @@ class SimBackend:
 
 
 class _Load:
-    """A :mod:`testbed.coap_load` or :mod:`testbed.mqtt_load` process (``what``) that printed
-    ``started`` at ``started`` (backend time) and prints one JSON object when done."""
+    """A :mod:`testbed.coap_load` or :mod:`testbed.mqtt_load` process (``what``) that prints
+    ``started`` on stderr when its load begins and one JSON object on stdout when done.
 
-    def __init__(self, proc: subprocess.Popen[str], started: float, seconds: float, what: str = "CoAP") -> None:
-        self.proc, self.started, self.seconds, self.what = proc, started, seconds, what
+    Two threads read its pipes (so a long records list cannot block it, and the runner keeps
+    observing while it runs); ``started`` is the backend time the line arrived."""
+
+    def __init__(self, proc: subprocess.Popen[str], clock: Any, seconds: float, what: str = "CoAP") -> None:
+        self.proc, self.seconds, self.what = proc, seconds, what
+        self.started: float | None = None
+        self._begun = threading.Event()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout, proc.stderr
+
+        def read_err() -> None:
+            for line in stderr:
+                if self.started is None and line.strip() == "started":
+                    self.started = clock()
+                    self._begun.set()
+                else:
+                    self._err = [*self._err[-20:], line]
+            self._begun.set()  # ended without starting: stop waiting for it
+
+        self._threads = [threading.Thread(target=lambda: self._out.append(stdout.read()), daemon=True),
+                         threading.Thread(target=read_err, daemon=True)]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    def wait_started(self, timeout: float) -> bool:
+        self._begun.wait(timeout)
+        return self.started is not None
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None and not any(t.is_alive() for t in self._threads)
 
     def result(self) -> dict[str, Any]:
-        try:
-            out, err = self.proc.communicate(timeout=self.seconds + LOAD_TIMEOUT_EXTRA)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + self.seconds + LOAD_TIMEOUT_EXTRA
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
             self.cancel()
-            raise BackendError(f"the {self.what} load did not finish in time") from None
+            raise BackendError(f"the {self.what} load did not finish in time")
+        self.proc.wait()
+        tail = ("".join(self._err).strip().splitlines() or ["no output"])[-1]
+        if self.started is None:
+            raise BackendError(f"the {self.what} load client did not start: {tail}")
         try:
-            result: dict[str, Any] = json.loads((out or "").strip().splitlines()[-1])
+            result: dict[str, Any] = json.loads("".join(self._out).strip().splitlines()[-1])
             if not isinstance(result, dict):
                 raise ValueError("not an object")
         except (ValueError, IndexError):
-            tail = (err or "").strip().splitlines()[-1:] or ["no output"]
-            raise BackendError(f"the {self.what} load failed: {tail[0]}") from None
+            raise BackendError(f"the {self.what} load failed: {tail}") from None
         result["records"] = [[round(self.started + t, 4), *rest] for t, *rest in result.get("records", [])]
         return result
 
@@ -234,6 +272,8 @@ class _Load:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        for thread in self._threads:
+            thread.join(5.0)
 
 
 class AgentsBackend:
@@ -431,12 +471,11 @@ class NetnsBackend(AgentsBackend):
                 "--rate", str(rate), "--concurrency", str(concurrency), "--records"]  # fmt: skip
         proc = subprocess.Popen(self.cluster.exec_argv(self.host(ingress), argv),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        if proc.stderr.readline().strip() != "started":
-            _end(proc)
-            raise BackendError("the CoAP load client did not start")
-        load = _Load(proc, self.now(), seconds)
+        load = _Load(proc, self.now, seconds)
         self._loads.append(load)
+        if not load.wait_started(LOAD_TIMEOUT_EXTRA):
+            load.cancel()
+            raise BackendError("the CoAP load client did not start")
         return load
 
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
@@ -449,14 +488,9 @@ class NetnsBackend(AgentsBackend):
                 "--topic", f"scenario/{time.monotonic_ns()}", "--records"]  # fmt: skip
         proc = subprocess.Popen(self.cluster.exec_argv(self.host(pub), argv),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        line = proc.stderr.readline().strip()
-        if line != "started":
-            _end(proc)
-            raise BackendError(f"the MQTT load client did not start: {line or 'no output'}")
-        load = _Load(proc, self.now(), count / rate + drain + 1.0, "MQTT")
+        load = _Load(proc, self.now, MQTT_SETTLE + count / rate + drain + 1.0, "MQTT")
         self._loads.append(load)
-        return load
+        return load  # it subscribes and settles first: the runner waits for started, observing
 
 
 class _ContainersAdapter(AgentsBackend):

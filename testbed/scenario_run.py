@@ -43,6 +43,7 @@ from typing import Any
 from .bench.stats import nearest_rank
 from .scenario import Scenario, ScenarioError, Step, load
 from .scenario_backends import (
+    LOAD_TIMEOUT_EXTRA,
     BackendError,
     BackendUnavailable,
     LoadHandle,
@@ -53,6 +54,7 @@ from .scenario_backends import (
 
 INF = math.inf
 MAX_LISTED = 10  # offending events listed per clause in the report
+MQTT_START_TIMEOUT = 30.0  # an MQTT load client connects, subscribes and settles within this
 
 
 class StepFailed(Exception):
@@ -237,10 +239,12 @@ class Run:
     def do_mqtt(self, step: Step) -> str:
         a, b = step.args, self.b
         if step.action == "mqtt-load":
-            self._handles[a["name"]] = b.mqtt_load(
+            handle = self._handles[a["name"]] = b.mqtt_load(
                 a["pub"], a["sub"], a["count"], a["rate"], a["qos"], a["drain"])
+            # it subscribes, lets the interest spread, then publishes: wait for that, observing
+            self.wait_until(lambda _: handle.started is not None or handle.done(), MQTT_START_TIMEOUT)
             self.loads[a["name"]] = {"kind": "mqtt", "pub": neutral(a["pub"]), "sub": neutral(a["sub"]),
-                                     "t_start": b.now(), "seconds": a["count"] / a["rate"],
+                                     "t_start": handle.started or b.now(), "seconds": a["count"] / a["rate"],
                                      "count": a["count"], "rate": a["rate"], "qos": a["qos"]}  # fmt: skip
             return ""
         if step.action == "mqtt-wait":
@@ -253,6 +257,7 @@ class Run:
         handle = self._handles.pop(name)
         info = self.loads[name]
         self.wait(max(0.0, info["t_start"] + info["seconds"] - self.b.now()))
+        self.wait_until(lambda _: handle.done(), LOAD_TIMEOUT_EXTRA)  # its drain, observing
         result = handle.result()
         info["result"] = result
         return result
