@@ -7,6 +7,7 @@ asserts; ``test_scenario_netns.py`` runs the same files on real agents in namesp
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from testbed.__main__ import main as run_cli
 from testbed.scenario import ScenarioError, load, parse
+from testbed.scenario_backends import BackendError, _Load
 from testbed.scenario_run import Run, excused, mqtt_delivered, same_address, transitions_to_dead
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "testbed" / "scenarios"
@@ -369,3 +371,26 @@ def test_mqtt_delivered_counts_lost_and_duplicates() -> None:
     assert mqtt_delivered(run, "m", 0.99, 3)["ok"]
     run.loads["m"].pop("result")  # the load never finished
     assert not mqtt_delivered(run, "m", 0.0, None)["ok"]
+
+
+def _load_process(script: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_a_load_process_is_read_in_the_background_and_its_records_shifted() -> None:
+    clock = iter([100.0]).__next__  # the backend time "started" arrives
+    good = _load_process("import json, sys; print('started', file=sys.stderr, flush=True); "
+                         "print(json.dumps({'received': 2, 'records': [[0.5, True, '', 1.0]] * 2}))")
+    load = _Load(good, clock, 5.0, "MQTT")
+    assert load.wait_started(10.0) and load.started == 100.0
+    result = load.result()
+    assert load.done() and result["received"] == 2 and result["records"][0] == [100.5, True, "", 1.0]
+    failed = _load_process("import sys; print('cannot connect to 10.0.0.3:1883', file=sys.stderr); sys.exit(1)")
+    load = _Load(failed, clock, 5.0, "MQTT")
+    assert not load.wait_started(10.0)
+    with pytest.raises(BackendError, match="MQTT load client did not start: cannot connect to 10.0.0.3:1883"):
+        load.result()
+    garbled = _load_process("import sys; print('started', file=sys.stderr, flush=True); print('[1, 2')")
+    with pytest.raises(BackendError, match="the CoAP load failed"):
+        _Load(garbled, lambda: 0.0, 5.0).result()
