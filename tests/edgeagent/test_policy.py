@@ -203,3 +203,41 @@ def test_status_cli_when_policy_is_off(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert asyncio.run(run()) == 2
     assert "policy is off on this agent" in capsys.readouterr().err
+
+
+def test_kill_9_keeps_bundle_and_mark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real agent process: apply, SIGKILL at once, restart: the bundle is active before any
+    sync and an older signed version is still refused; ``policy status`` and ``apply`` CLI."""
+    import sys
+
+    from edgeagent.agent_process import AgentProcess, agent_env
+    from edgeagent.localmesh import free_port
+    from edgeagent.persist import save_keyring
+    from gossip.keyring import Keyring
+
+    key = Ed25519PrivateKey.generate()
+    key_file = tmp_path / "cluster.keyring"
+    save_keyring(key_file, [Keyring.generate_key()])
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "edgeagent", "run", "--bind", f"127.0.0.1:{free_port(['127.0.0.1'])}",
+            "--no-mdns", "--preset", "local", "--state-dir", str(state), "--key-file", str(key_file),
+            "--metrics", "off", "--coap", "off", "--mqtt", "off", *_flags(tmp_path, key)]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[2])
+    agent = AgentProcess("p", argv, state, tmp_path / "p.log", agent_env({"PYTHONPATH": root}))
+    v2, v3 = sign_to(tmp_path, key, 2), sign_to(tmp_path, key, 3)
+    try:
+        agent.start()
+        assert cli.main(["policy", "apply", str(v3), "--state-dir", str(state)]) == 0
+        assert agent.kill()
+        agent.start()
+        capsys.readouterr()
+        assert cli.main(["policy", "status", "--json", "--state-dir", str(state)]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["version"] == 3 and status["high_water"] == 3
+        assert cli.main(["policy", "apply", str(v2), "--state-dir", str(state)]) == 1
+        assert "rollback" in capsys.readouterr().err
+        assert cli.main(["policy", "status", "--state-dir", str(state)]) == 0
+        out = capsys.readouterr().out
+        assert "active version: 3 (source: local)" in out and "rollback 1" in out
+    finally:
+        agent.terminate()
