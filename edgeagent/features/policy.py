@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class Policy:
         self.refusals: dict[str, int] = dict.fromkeys(pol.REASONS, 0)
         self.last_refusal: str | None = None
         self._exported: dict[str, int] = {}
+        self.denied = 0  # channel requests refused by the intentions (CoAP 4.03)
         self._lock = asyncio.Lock()
 
     @property
@@ -203,10 +204,23 @@ class Policy:
             "last_refusal": self.last_refusal,
             "trusted_keys": sorted(self.trusted),
             "expires": self.active.expires if self.active is not None else None,
+            "denied": self.denied,
         }
 
-    def allows(self, node: str, services: list[str], destination: str) -> bool:
+    def allows(self, node: str, services: Iterable[str], destination: str) -> bool:
         """The active intentions (no bundle: allow, as before policy existed)."""
         if self.active is None:
             return True
         return self.active.intentions.allows(node, services, destination)
+
+    def allows_peer(self, node: str, destination: str) -> bool:
+        """Intentions for a channel request from ``node`` (its mTLS identity): its services are
+        the ones it publishes in the catalog. Denials are counted (``policy_denied``)."""
+        if self.active is None:
+            return True
+        catalog = self.host.feature("services").catalog
+        running = {i.name for s in catalog.services() for i in catalog.instances(s) if i.node == node}
+        allowed = self.allows(node, running, destination)
+        if not allowed:
+            self.denied += 1
+        return allowed

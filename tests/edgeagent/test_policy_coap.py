@@ -1,0 +1,97 @@
+"""Intentions at the destination agent: a channel CoAP request (or observe registration) from
+a peer the active policy denies is answered 4.03 before any instance is looked up."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from edgeagent.coap_observe import Observations
+from edgeagent.coap_proxy import FORBIDDEN, Router, Upstream
+from edgeagent.features.policy import Policy
+from overlay import coap_observe as co
+from overlay import coap_route as cr
+from overlay import policy as pol
+from overlay.balancer import Balancer
+from overlay.catalog import Catalog, encode_instances, make_instance
+from overlay.pki import CertIdentity
+
+BUNDLE = b"""
+version = 1
+issued = 1
+[intentions]
+default = "deny"
+rules = [{source = "service:web", destination = "t", action = "allow"},
+         {source = "node:ops", destination = "*", action = "allow"}]
+"""
+
+
+class _Directory:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.balancer = Balancer(catalog, random.Random(1))
+
+
+class _Host:
+    def __init__(self, directory: _Directory) -> None:
+        self.directory = directory
+
+    def feature(self, name: str) -> Any:
+        assert name == "services"
+        return self.directory
+
+
+def _setup() -> tuple[Router, Policy]:
+    catalog = Catalog("me")
+    catalog.on_state("me", encode_instances([make_instance("t", "coap://127.0.0.1:9")]))
+    catalog.on_state("webnode", encode_instances([make_instance("web", "coap://127.0.0.2:9")]))
+    directory = _Directory(catalog)
+    router = Router(directory, "me", lambda name: None, Upstream())
+    policy = Policy()
+    policy._host = _Host(directory)  # type: ignore[assignment]
+    policy.active = pol.parse_bundle(BUNDLE)
+    router.authorize = policy.allows_peer
+    return router, policy
+
+
+def _identity(name: str) -> CertIdentity:
+    ident = CertIdentity.__new__(CertIdentity)
+    object.__setattr__(ident, "name", name)
+    return ident
+
+
+def test_denied_peer_gets_403_and_allowed_peers_pass_the_check() -> None:
+    router, policy = _setup()
+    # An endpoint that is not ours: past the policy check the answer is 4.04 (REFUSED).
+    get = cr.Message(1, ((cr.URI_PATH, b"x"),))
+    request = cr.encode_request(cr.MeshRequest("t", "coap://127.0.0.1:10", 1000, get))
+
+    def serve(peer: str) -> tuple[cr.ReplyStatus, cr.Message]:
+        return cr.decode_reply(asyncio.run(router.serve_channel(_identity(peer), request)))
+
+    status, msg = serve("stranger")
+    assert (status, msg.code) == (cr.ReplyStatus.ANSWERED, FORBIDDEN)
+    assert router.stats["channel_forbidden"] == 1 and policy.denied == 1
+    assert serve("webnode")[1].code == cr.NOT_FOUND  # runs service web: allowed
+    assert serve("ops")[1].code == cr.NOT_FOUND  # node rule
+    assert router.stats["channel_forbidden"] == 1
+    policy.active = None  # no bundle: everyone, as before policy existed
+    assert serve("stranger")[1].code == cr.NOT_FOUND
+
+
+def test_denied_peer_cannot_register_an_observation() -> None:
+    router, policy = _setup()
+    observations = Observations(router)
+    get = cr.Message(1, ((cr.OBSERVE, b""), (cr.URI_PATH, b"x")))  # Observe: 0 (register)
+    data = co.encode_observe_request(cr.MeshRequest("t", "coap://127.0.0.1:9", 1000, get))
+
+    async def frames() -> list[tuple[cr.ReplyStatus, cr.Message]]:
+        reader = co.NotificationReader()
+        out = []
+        async for part in await observations.serve(_identity("stranger"), data):
+            out += reader.feed(part)
+        return out
+
+    assert [(s, m.code) for s, m in asyncio.run(frames())] == [(cr.ReplyStatus.ANSWERED, FORBIDDEN)]
+    assert policy.denied == 1
