@@ -24,7 +24,9 @@ from edgeagent.errors import UsageError
 
 PRIVATE_NAME = "policy-signing.key"
 PUBLIC_NAME = "policy-signing.pub"
-POLICY_OFF = "policy is off on this agent: set [policy] trusted_keys in its config file"
+POLICY_OFF = (
+    "policy is off on this agent (or it is still starting): set [policy] trusted_keys in its config"
+)
 MAX_INPUT_BYTES = 1024 * 1024  # any file this command reads (bundles are at most 256 KiB)
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeagent import cli
 from edgeagent.config import load_config
+from edgeagent.control import ControlError
 from edgeagent.errors import ConfigError
 from edgeagent.features.policy import STATE_FILE, STATE_KEY, load_store, store_document
 from edgeagent.persist import atomic_write
@@ -225,11 +226,23 @@ def test_kill_9_keeps_bundle_and_mark(tmp_path: Path, capsys: pytest.CaptureFixt
     root = str(Path(__file__).resolve().parents[2])
     agent = AgentProcess("p", argv, state, tmp_path / "p.log", agent_env({"PYTHONPATH": root}))
     v2, v3 = sign_to(tmp_path, key, 2), sign_to(tmp_path, key, 3)
-    try:
+
+    def started() -> None:  # the socket answers before the features have started
         agent.start()
+        deadline = time.monotonic() + inprocess.TIMEOUT
+        while True:
+            try:
+                agent.call("policy-status")
+                return
+            except ControlError:
+                assert time.monotonic() < deadline, agent.log_tail()
+                time.sleep(0.1)
+
+    try:
+        started()
         assert cli.main(["policy", "apply", str(v3), "--state-dir", str(state)]) == 0
         assert agent.kill()
-        agent.start()
+        started()
         capsys.readouterr()
         assert cli.main(["policy", "status", "--json", "--state-dir", str(state)]) == 0
         status = json.loads(capsys.readouterr().out)
