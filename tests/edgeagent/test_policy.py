@@ -254,3 +254,17 @@ def test_kill_9_keeps_bundle_and_mark(tmp_path: Path, capsys: pytest.CaptureFixt
         assert "active version: 3 (source: local)" in out and "rollback 1" in out
     finally:
         agent.terminate()
+
+
+def test_corrupt_store_stops_the_agent(tmp_path: Path) -> None:
+    """Losing the mark silently would re-open rollback: a corrupt policy.json is an error."""
+    key = Ed25519PrivateKey.generate()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / STATE_FILE).write_text('{"v": 1, "high_water": "lots"}')
+
+    async def run() -> None:
+        await inprocess.start(state, "solo", _flags(tmp_path, key))
+
+    with pytest.raises(ConfigError, match="policy.json: corrupt"):
+        asyncio.run(run())
