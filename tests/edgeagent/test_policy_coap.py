@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 from edgeagent.coap_observe import Observations
@@ -95,3 +96,59 @@ def test_denied_peer_cannot_register_an_observation() -> None:
 
     assert [(s, m.code) for s, m in asyncio.run(frames())] == [(cr.ReplyStatus.ANSWERED, FORBIDDEN)]
     assert policy.denied == 1
+
+
+def test_real_agents_deny_with_403_then_allow_after_a_new_bundle(tmp_path: Path) -> None:
+    """Two agent processes: node1 serves ``temperature``, clients ask node2. A bundle denying
+    node2 makes node1 answer 4.03 (counted on node1); the next version, applied
+    without a restart, lets the request through."""
+    import base64
+
+    import aiocoap
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from testbed.loopback import LoopbackCluster, free_port
+    from tests.edgeagent.test_coap import start_server
+
+    key = Ed25519PrivateKey.generate()
+    conf = tmp_path / "agent.toml"
+    raw = base64.b64encode(pol.raw_public_key(key.public_key())).decode()
+    conf.write_text(f'[policy]\ntrusted_keys = ["{raw}"]\n')
+
+    def signed(version: int, rules: str) -> str:
+        path = tmp_path / f"v{version}.signed"
+        text = f"version = {version}\nissued = 1\n[intentions]\nrules = [{rules}]\n"
+        path.write_bytes(pol.sign(text.encode(), key))
+        return str(path)
+
+    def get(host: str) -> aiocoap.Message:
+        async def run() -> aiocoap.Message:
+            ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+            try:
+                msg = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{host}/mesh/temperature/temp")
+                async with asyncio.timeout(15):
+                    return await ctx.request(msg).response
+            finally:
+                await ctx.shutdown()
+
+        return asyncio.run(run())
+
+    deny = '{source = "node:node2", destination = "temperature", action = "deny"}'
+    with LoopbackCluster(2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]) as cluster:
+        cluster.wait_converged(30.0)
+        owner, ingress = cluster.agents
+        port = free_port([owner.host])
+        server = start_server(owner.host, port, owner.name)
+        try:
+            owner.call("debug-coap-publish", instances=[{"name": "temperature", "uri": f"coap://{owner.host}:{port}"}])
+            cluster.wait_for(lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance")
+            assert str(get(ingress.host).code) == "2.05 Content"  # no policy yet
+            assert owner.call("policy-apply", path=signed(1, deny))["accepted"]
+            assert str(get(ingress.host).code) == "4.03 Forbidden"
+            assert owner.call("policy-status")["denied"] == 1
+            assert owner.call("status")["coap_stats"]["channel_forbidden"] == 1
+            assert owner.call("policy-apply", path=signed(2, ""))["accepted"]
+            assert str(get(ingress.host).code) == "2.05 Content"
+        finally:
+            server.kill()
+            server.wait()
