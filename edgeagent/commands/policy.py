@@ -27,6 +27,15 @@ PUBLIC_NAME = "policy-signing.pub"
 POLICY_OFF = (
     "policy is off on this agent (or it is still starting): set [policy] trusted_keys in its config"
 )
+EXAMPLE = """example:
+  edgeagent policy keygen --out ~/policy-keys
+  edgeagent policy sign site.toml --key ~/policy-keys/policy-signing.key --out site.signed
+  edgeagent policy verify site.signed --pubkey ~/policy-keys/policy-signing.pub
+  # on each agent: [policy] trusted_keys = ["/etc/edgeagent/policy-signing.pub"]
+  edgeagent policy apply site.signed
+  edgeagent policy status
+Raise 'version' in the bundle for every change: agents refuse any version not above the
+highest they have applied, also after a restart."""
 MAX_INPUT_BYTES = 1024 * 1024  # any file this command reads (bundles are at most 256 KiB)
 
 
@@ -35,11 +44,13 @@ def register(subparsers: Any) -> None:
         "policy",
         help="signed policy bundles: keygen, sign, verify, apply, status",
         description=(
-            "Policy bundles (TOML or JSON: version, issued, expires, intentions, splits, retries, "
-            "timeouts, faults, rate_limits, mqtt) are signed with an operator's Ed25519 key; agents "
-            "accept only bundles signed by a key in their [policy] trusted_keys with a version above "
-            "the highest they have applied."
+            "Policy bundles (TOML or JSON: version, issued, expires, intentions, splits,\n"
+            "retries, timeouts, faults, rate_limits, mqtt) are signed with an operator's\n"
+            "Ed25519 key; agents accept only bundles signed by a key in their [policy]\n"
+            "trusted_keys with a version above the highest they have applied."
         ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ops = parser.add_subparsers(dest="op", metavar="OP", required=True)
     p = ops.add_parser("keygen", help="write a new operator key pair",

@@ -268,3 +268,19 @@ def test_corrupt_store_stops_the_agent(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="policy.json: corrupt"):
         asyncio.run(run())
+
+
+def test_refusals_reach_the_metrics_counter() -> None:
+    from edgeagent.features.policy import Policy
+    from edgeagent.metrics import Registry
+
+    registry = Registry()
+    counter = registry.counter("edgeagent_policy_refusals_total", "refusals", ["reason"])
+    policy = Policy()
+    key = Ed25519PrivateKey.generate()
+    for data in (b"not json", pol.sign(b"version = 1\nissued = 1\n", key)):  # key not trusted
+        policy._refuse(pol.decide(data, {}, 0, time.time()), "local")
+    policy._export(counter)
+    policy._export(counter)  # exported once, not again
+    assert counter.value(reason="malformed") == 1 and counter.value(reason="unknown_key") == 1
+    assert policy.last_refusal is not None and policy.last_refusal.startswith("unknown_key: ")
