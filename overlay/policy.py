@@ -229,7 +229,10 @@ def _int(value: object, where: str, low: int, high: int) -> int:
 def _number(value: object, where: str, low: float, high: float, *, open_low: bool = False) -> float:
     if type(value) not in (int, float):
         raise PolicyError(f"{where}: expected a number")
-    number = float(value)  # type: ignore[arg-type]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an integer beyond any float
+        raise PolicyError(f"{where}: expected a number from {low} to {high}") from None
     if not math.isfinite(number) or number < low or number > high or (open_low and number == low):
         raise PolicyError(f"{where}: expected a number {'above' if open_low else 'from'} {low} to {high}")
     return number
@@ -520,8 +523,11 @@ def parse_envelope(data: bytes) -> Envelope:
         raise PolicyError(f"envelope.key: expected a key id of {KEY_ID_HEX} hex digits")
     parts = []
     for name in ("bundle", "sig"):
+        text = table.get(name)
+        if not isinstance(text, str):
+            raise PolicyError(f"envelope.{name}: missing")
         try:
-            parts.append(base64.b64decode(str(table.get(name)), validate=True))
+            parts.append(base64.b64decode(text, validate=True))
         except (ValueError, binascii.Error):
             raise PolicyError(f"envelope.{name}: expected base64") from None
     if len(parts[1]) != 64:

@@ -112,6 +112,8 @@ def test_json_and_rfc3339_times() -> None:
             "mqtt.uplink[0].remote",
         ),
         (b"version = ", "bundle: not TOML or JSON"),
+        (b"version = 1\nissued = 1" + b"0" * 400, "issued: expected a number"),
+        (b'{"version": 1, "issued": 1, "timeouts": {"a": 1' + b"0" * 400 + b"}}", "timeouts.a"),
         (b"\xff\xfe", "bundle: not UTF-8"),
     ],
 )
@@ -199,7 +201,8 @@ def test_signature_is_domain_separated(key: Ed25519PrivateKey) -> None:
     "data",
     [b"", b"[]", b"{", b'{"v": 2}', b'{"v": 1, "bundle": "!!", "key": "0123456789abcdef", "sig": ""}',
      b'{"v": 1, "bundle": "", "key": "short", "sig": ""}', b"x" * (pol.MAX_ENVELOPE_BYTES + 1),
-     b'{"v": 1, "bundle": "", "key": "0123456789abcdef", "sig": "AAAA"}'],
+     b'{"v": 1, "bundle": "", "key": "0123456789abcdef", "sig": "AAAA"}',
+     b'{"v": 1, "key": "0123456789abcdef", "sig": "' + b"A" * 86 + b'=="}'],
 )  # fmt: skip
 def test_malformed_envelopes(key: Ed25519PrivateKey, data: bytes) -> None:
     d = pol.decide(data, pol.trusted_keys([key.public_key()]), 0, NOW)
@@ -233,3 +236,24 @@ def test_intentions_most_specific_wins_and_deny_breaks_ties() -> None:
     assert not tie.allows("n", ["a", "b"], "db")
     assert tie.allows("n", ["a"], "db")
     assert pol.Intentions().allows("anyone", [], "anything")
+
+
+def test_mutated_bundles_and_envelopes_only_ever_refuse(key: Ed25519PrivateKey) -> None:
+    """Total: 3,000 random byte mutations of a valid bundle and of its envelope give a
+    PolicyError or a Decision, never another exception."""
+    import random
+
+    rng = random.Random(11)
+    trusted = pol.trusted_keys([key.public_key()])
+    envelope = pol.sign(FULL, key)
+    for i in range(3000):
+        data = bytearray(FULL if i % 2 else envelope)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if i % 2:
+            try:
+                pol.parse_bundle(bytes(data))
+            except pol.PolicyError:
+                pass
+        else:
+            assert isinstance(pol.decide(bytes(data), trusted, 0, NOW), pol.Decision)
