@@ -133,6 +133,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("keys", "edgeagent.features.keys", "Keys", _always),
     FeatureSpec("addresses", "edgeagent.features.addresses", "Addresses", _always),
     FeatureSpec("services", "edgeagent.features.services", "Services", _always),
+    FeatureSpec("policy", "edgeagent.features.policy", "Policy", lambda c: bool(c.policy_trusted_keys)),
     FeatureSpec("dns", "edgeagent.features.dns", "Dns", lambda c: c.dns is not None),
     FeatureSpec("metrics", "edgeagent.features.metrics", "Metrics", lambda c: c.metrics is not None),
     FeatureSpec("mdns", "edgeagent.features.mdns", "Mdns", lambda c: c.mdns),

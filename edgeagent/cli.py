@@ -37,6 +37,7 @@ COMMANDS = (
     "profiles",
     "services",
     "service",
+    "policy",
     "demo",
 )
 

@@ -84,6 +84,10 @@ class ServiceDirectory(Protocol):
 
 
 PeerLookup = Callable[[str], Peer | None]  # node name -> where its channel listens
+# (peer node by its mTLS identity, destination service) -> allowed; the policy feature's
+# intentions (edgeagent.features.policy). None: every peer is allowed.
+Authorize = Callable[[str, str], bool]
+FORBIDDEN = cr.code(4, 3)
 
 
 # -- aiocoap <-> overlay.coap_route.Message ------------------------------------------------
@@ -328,6 +332,7 @@ class Router:
     ) -> None:
         self.directory, self.local, self.peers = directory, local, peers
         self.upstream, self.channel = upstream, channel
+        self.authorize: Authorize | None = None  # set by the coap feature when policy is on
         self.stats: Counter[str] = Counter()
         # Block-wise transfers in progress: (client, service, path) -> instance key, so that
         # every block of one transfer reaches the same instance (most recent last, bounded).
@@ -460,19 +465,25 @@ class Router:
         """A peer agent's try for one of our instances -> the reply (never raises)."""
         self.stats["channel_requests"] += 1
         try:
-            status, response = await self._serve(data)
+            status, response = await self._serve(data, identity)
         except Exception:
             self.stats["internal_errors"] += 1
             log.exception("coap router failed on a channel request")
             status, response = ReplyStatus.REFUSED, cr.Message(INTERNAL_ERROR, (), b"")
         return cr.encode_reply(status, response)
 
-    async def _serve(self, data: bytes) -> tuple[ReplyStatus, cr.Message]:
+    async def _serve(self, data: bytes, identity: CertIdentity) -> tuple[ReplyStatus, cr.Message]:
         try:
             req = cr.decode_request(data)
         except cr.CoapFormatError as exc:
             self.stats["channel_malformed"] += 1
             return ReplyStatus.REFUSED, _failure(cr.Failure.MALFORMED, str(exc))
+        if self.authorize is not None and not self.authorize(identity.name, req.service):
+            # Answered, not refused: the ingress must not try another instance nor count the
+            # instance as failing; the client gets 4.03 (checked before the instance lookup,
+            # so a denied peer learns nothing about what is served here).
+            self.stats["channel_forbidden"] += 1
+            return ReplyStatus.ANSWERED, cr.Message(FORBIDDEN, (), b"denied by policy")
         inst = next(
             (
                 i

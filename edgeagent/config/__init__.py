@@ -84,6 +84,8 @@ Tables::
                 that set none); mdns_import, mdns_export (booleans, default true; both
                 also need mdns)
     [mqtt]      listen = "0.0.0.0:1883" (the local MQTT broker's TCP listener), or false
+    [policy]    trusted_keys = ["policy-signing.pub", "<base64 of 32 bytes>"]: operators'
+                Ed25519 public keys for signed policy bundles (at most 16; none: off)
 
 Relative paths in the file are relative to the file's directory. Unknown keys
 are errors. Every error is one :class:`~edgeagent.errors.ConfigError` line

@@ -237,3 +237,41 @@ def check_prefix(value: object) -> str:
     except ValueError:
         raise Invalid("an IP network such as 10.99.0.0/16 (no host bits set)") from None
 
+
+
+# DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the raw key follows, 32 bytes.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+def check_trusted_key(value: object, base: Path | None) -> bytes:
+    """An Ed25519 public key: base64 of its 32 bytes, or a path to a PEM / base64 key file.
+
+    Parsed without importing cryptography (the config is read before any feature starts).
+    """
+    import base64
+    import binascii
+
+    if not isinstance(value, str) or not value:
+        raise Invalid("base64 of a 32-byte Ed25519 public key, or a key file path")
+    text = value.strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+        if len(raw) == 32:
+            return raw
+    except (ValueError, binascii.Error):
+        pass
+    path = check_path(value, base)
+    try:
+        data = path.read_bytes()[:4096].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Invalid(f"a readable key file ({path}: {getattr(exc, 'strerror', None) or exc})") from None
+    body = "".join(line for line in data.splitlines() if not line.startswith("-----"))
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) == 44 and raw.startswith(_ED25519_SPKI):
+        return raw[12:]
+    if len(raw) == 32:
+        return raw
+    raise Invalid(f"an Ed25519 public key in {path} (PEM or base64)")

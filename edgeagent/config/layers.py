@@ -35,11 +35,21 @@ from .checks import (
     check_positive_number,
     check_prefix,
     check_switch_or_address,
+    check_trusted_key,
     show,
 )
 from .profiles import Profile
 from .reader import TableReader, read_toml
-from .schema import FILE_KEYS, LOG_FORMATS, LOG_LEVELS, MQTT_KEYS, OVERLAY_KEYS, HostPort
+from .schema import (
+    FILE_KEYS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_TRUSTED_KEYS,
+    MQTT_KEYS,
+    OVERLAY_KEYS,
+    POLICY_KEYS,
+    HostPort,
+)
 
 
 @dataclass(slots=True)
@@ -77,6 +87,7 @@ class Layer:
     services_mdns_import: bool | None = None
     services_mdns_export: bool | None = None
     services_site: str | None = None
+    policy_trusted_keys: tuple[bytes, ...] | None = None
 
 
 def file_layer(path: Path) -> Layer:
@@ -133,7 +144,27 @@ def file_layer(path: Path) -> Layer:
     layer.services_mdns_import = switches.get("mdns_import")
     layer.services_mdns_export = switches.get("mdns_export")
     layer.services_site = switches.get("site")
+    layer.policy_trusted_keys = _policy_keys(reader, base)
     return layer
+
+
+def _policy_keys(reader: TableReader, base: Path) -> tuple[bytes, ...] | None:
+    """The ``[policy] trusted_keys`` list (None when absent)."""
+    table = reader.table("policy")
+    reader.check_keys(table, POLICY_KEYS, "policy.")
+    if "trusted_keys" not in table:
+        return None
+    value = table["trusted_keys"]
+    if not isinstance(value, list) or len(value) > MAX_TRUSTED_KEYS:
+        raise reader.error("policy.trusted_keys", f"a list of at most {MAX_TRUSTED_KEYS} keys", value)
+    return tuple(_one_key(reader, item, i, base) for i, item in enumerate(value))
+
+
+def _one_key(reader: TableReader, item: object, index: int, base: Path) -> bytes:
+    try:
+        return check_trusted_key(item, base)
+    except Invalid as exc:
+        raise reader.error(f"policy.trusted_keys[{index}]", str(exc)) from None
 
 
 def flag_layer(args: argparse.Namespace) -> Layer:

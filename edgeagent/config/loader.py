@@ -128,6 +128,7 @@ def load_config(
         services_mdns_import=pick("services_mdns_import", True),
         services_mdns_export=pick("services_mdns_export", True),
         services_site=pick("services_site", ""),
+        policy_trusted_keys=pick("policy_trusted_keys", ()),
     )
 
 

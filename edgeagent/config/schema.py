@@ -65,12 +65,14 @@ LOG_LEVELS = tuple(LEVELS)
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
     "enroll_port", "log_format", "log_level", "metrics", "dns", "coap", "mdns", "gossip", "limits", "features", "overlay",
-    "service", "services", "mqtt",
+    "service", "services", "mqtt", "policy",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
 SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
 MQTT_KEYS = ("listen",)  # the [mqtt] table
+POLICY_KEYS = ("trusted_keys",)  # the [policy] table
+MAX_TRUSTED_KEYS = 16
 # The port plain mDNS clients are told to use for an exported mesh service when the agent
 # has no CoAP listener setting of its own: CoAP's registered port (RFC 7252).
 DEFAULT_COAP_PORT = 5683
@@ -178,6 +180,9 @@ class AgentConfig:
     # [services] site: this node's site, for the balancer's locality (same site first); it
     # is also the site tag of this node's instances that carry none. "": no site.
     services_site: str = ""
+    # [policy] trusted_keys: the operators' Ed25519 public keys (raw 32 bytes each) whose
+    # signed policy bundles this agent accepts; empty: the policy feature is off.
+    policy_trusted_keys: tuple[bytes, ...] = ()
 
     @property
     def keyring_path(self) -> Path:

@@ -84,6 +84,9 @@ class Coap:
         chan = host.feature("channel")  # on whenever this feature is, and started before it
         await self._upstream.start()
         self.router = Router(directory, host.identity.name, chan.peers, self._upstream)
+        policy = host.feature("policy")  # on with [policy] trusted_keys, started before us
+        if policy is not None:
+            self.router.authorize = policy.allows_peer
         self.observations = Observations(self.router)
         await self.observations.start()
         chan.register(cr.ENVELOPE_VERSION, self.router.serve_channel)

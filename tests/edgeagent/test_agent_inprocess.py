@@ -117,6 +117,8 @@ def test_switched_off_features_are_not_imported(state_dir: Path) -> None:
                    "overlay.coap_route", "edgeagent.features.channel", "edgeagent.channel",
                    "overlay.channel", "edgeagent.mtls", "edgeagent.features.mqtt",
                    "edgeagent.mqtt_mesh", "overlay.mqtt.broker", "overlay.mqtt.codec",
-                   "aiomqtt"):  # fmt: skip
+                   "aiomqtt",
+                   # no [policy] trusted_keys: no policy store, no bundle parser
+                   "edgeagent.features.policy", "overlay.policy"):  # fmt: skip
         assert module not in loaded, f"{module} imported although switched off"
 
