@@ -135,9 +135,7 @@ class Spool:
         self._acked = self._load_ack()
         last_seq = -1
         numbers = sorted(
-            int(p.name[4:-4])
-            for p in self.dir.glob("seg-*.log")
-            if p.name[4:-4].isdigit()
+            int(p.name[4:-4]) for p in self.dir.glob("seg-*.log") if p.name[4:-4].isdigit()
         )
         for number in numbers:
             seg = self._recover_segment(number, last_seq)

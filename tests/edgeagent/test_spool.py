@@ -123,7 +123,7 @@ def test_full_spool_drops_oldest_and_counts(tmp_path: Path) -> None:
     got = drain(sp)
     assert sp.stats.dropped_full > 0
     assert len(got) + sp.stats.dropped_full == 3000
-    assert got == msgs[-len(got):]  # the newest survive, in order
+    assert got == msgs[-len(got) :]  # the newest survive, in order
 
 
 def test_ttl_expired_records_are_skipped_and_counted(tmp_path: Path) -> None:
