@@ -189,7 +189,10 @@ class Spool:
 
     def _open_writer(self) -> None:
         path = self.dir / self._segments[-1].path_name
+        existed = path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if not existed:
+            fsync_dir(self.dir)  # the new segment's name survives a power cut
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -226,7 +229,6 @@ class Spool:
         seg = _Segment(self._new_number())
         self._segments.append(seg)
         self._open_writer()
-        fsync_dir(self.dir)
         return seg
 
     def _make_room(self, need: int) -> None:

@@ -254,7 +254,7 @@ class Uplink:
         try:
             for filt in self.cfg.down:
                 await client.subscribe(filt, qos=1)
-            return await self._drain(client, index)
+            return await self._drain(client, index, reader)
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
@@ -262,7 +262,9 @@ class Uplink:
             with contextlib.suppress(Exception):
                 await client.__aexit__(None, None, None)
 
-    async def _drain(self, client: aiomqtt.Client, index: int) -> tuple[aiomqtt.Client | None, int]:
+    async def _drain(
+        self, client: aiomqtt.Client, index: int, reader: asyncio.Task[None]
+    ) -> tuple[aiomqtt.Client | None, int]:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.cfg.primary_retry_s
         while True:
@@ -277,11 +279,14 @@ class Uplink:
                 self._wake.clear()
                 wait = max(0.05, next_probe - loop.time()) if index > 0 else 1.0
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    await _unless_lost(asyncio.wait_for(self._wake.wait(), wait), reader)
                 await asyncio.to_thread(self.spool.sync_if_due)
                 continue
-            await asyncio.gather(
-                *(client.publish(r.topic, r.payload, qos=1, retain=r.retain) for r in batch)
+            await _unless_lost(
+                asyncio.gather(
+                    *(client.publish(r.topic, r.payload, qos=1, retain=r.retain) for r in batch)
+                ),
+                reader,
             )
             await asyncio.to_thread(self.spool.ack, batch[-1].seq)
             self.stats.sent += len(batch)
@@ -299,5 +304,29 @@ class Uplink:
     async def _read_down(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
             self.stats.received += 1
-            if self.deliver_down is not None and isinstance(msg.payload, bytes):
+            if self.deliver_down is None or not isinstance(msg.payload, bytes):
+                continue
+            try:
                 await self.deliver_down(str(msg.topic), msg.payload, bool(msg.retain))
+            except Exception:  # a local delivery failure must not look like a lost uplink
+                log.exception("uplink: delivering %s from the cloud failed", msg.topic)
+
+
+async def _unless_lost(aw: Awaitable[Any], reader: asyncio.Task[None]) -> Any:
+    """Await ``aw`` unless the connection drops first (the reader of ``messages`` ends).
+
+    aiomqtt leaves a publish awaiting its PUBACK until its timeout when the connection
+    drops; this turns the drop into an MqttError at once, so the failover does not wait.
+    """
+    import aiomqtt
+
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    exc = reader.exception() if not reader.cancelled() else None
+    if isinstance(exc, aiomqtt.MqttError):
+        raise exc
+    raise aiomqtt.MqttError("uplink connection lost")
