@@ -113,6 +113,7 @@ def load_config(
         coap_explicit=coap_addr is not None,
         mqtt=mqtt,
         mqtt_explicit=mqtt_addr is not None,
+        **_mqtt_extra(layers, mqtt is not None),
         overlay_prefix=prefix,
         block_prefixlen=block,
         dead_quarantine_s=pick("dead_quarantine_s", DEFAULT_DEAD_QUARANTINE_S),
@@ -246,3 +247,10 @@ def _node_name(name: str | None, hostname: str | None) -> str:
         raise ConfigError(
             f"hostname {show(host)} is not a usable node name; set --name: expected {exc.expected}"
         ) from None
+
+
+def _mqtt_extra(layers: list[Layer], mqtt_on: bool) -> dict[str, Any]:
+    """The TLS listener and attach settings; none of them without the MQTT feature."""
+    if not mqtt_on:
+        return {}
+    return {k: _pick(layers, k, None) for k in ("mqtt_tls", "mqtt_attach")}
