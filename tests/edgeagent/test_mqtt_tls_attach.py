@@ -8,13 +8,16 @@ loopback port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -241,30 +244,39 @@ def test_attach_topic_syntax() -> None:
 # Attach mode against a real mosquitto.
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[int]:
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
+@contextlib.contextmanager
+def _mosquitto(tmp_path: Path, port: int) -> Iterator[int]:
+    """A mosquitto on 127.0.0.1:port until the block ends (stopped by its pid)."""
+    conf = tmp_path / f"mosquitto-{port}.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(
-        [str(BROKER), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([str(BROKER), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for _ in range(100):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             if proc.poll() is not None:
-                raise AssertionError(
-                    f"mosquitto exited: {proc.stdout.read() if proc.stdout else ''!r}"
-                )
-            import time
-
+                raise AssertionError(f"mosquitto exited: {proc.stdout.read() if proc.stdout else ''!r}")
             time.sleep(0.05)
         yield port
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[int]:
+    with _mosquitto(tmp_path, _free_port()) as port:
+        yield port
+
+
+async def _attach_status(running: Running, want: bool, tries: int = 200) -> dict[str, Any]:
+    for _ in range(tries):
+        status = await call(running.state_dir, "status")
+        if status["mqtt_attach"]["attached"] == want:
+            return status  # type: ignore[no-any-return]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"attached never became {want}: {status['mqtt_attach']}")
 
 
 @pytest.fixture
@@ -275,13 +287,7 @@ attach_topics = ["site/# in 1", "agent/# out 1", "both/# both 1"]
 """)  # fmt: skip
     running = await start(tmp_path / "a", "a", ["--mqtt", "127.0.0.1:0", "--config", str(config)])
     try:
-        for _ in range(200):
-            status = await call(running.state_dir, "status")
-            if status["mqtt_attach"]["attached"]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"never attached: {status['mqtt_attach']}")
+        status = await _attach_status(running, True)
         yield running, int(status["mqtt"].rsplit(":", 1)[1]), mosquitto
     finally:
         await stop(running)
@@ -331,3 +337,33 @@ async def test_attach_in_out_and_no_loop(attached: tuple[Running, int, int]) -> 
     ), got_site  # fmt: skip
     stats = (await call(running.state_dir, "status"))["mqtt_attach"]
     assert (stats["in"], stats["out"]) == (2, 2), stats
+
+
+@needs_broker
+async def test_attach_waits_for_an_unreachable_broker_and_reconnects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _free_port()  # nothing listens there yet
+    config = _config(tmp_path, f"""[mqtt]
+attach = "127.0.0.1:{port}"
+attach_topics = ["site/# in 1"]
+""")  # fmt: skip
+    running = await start(tmp_path / "a", "a", ["--mqtt", "127.0.0.1:0", "--config", str(config)])
+    try:
+        await asyncio.sleep(3.5)  # attempts at 0, ~1, ~3 s: one log line for the outage
+        status = await call(running.state_dir, "status")
+        assert status["mqtt_attach"]["attached"] is False
+        assert status["mqtt_attach"]["connects"] == 0
+        agent = int(status["mqtt"].rsplit(":", 1)[1])
+        unreachable = [r for r in caplog.records if "broker unreachable" in r.getMessage()]
+        assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
+        with _mosquitto(tmp_path, port):
+            await _attach_status(running, True, tries=300)  # backoff is at most ~5 s here
+            on_agent = _sub(agent, "-t", "site/#", "-v", "-C", "1", "-q", "1")
+            await _wait_connections(running, 2)
+            await _pub(port, "site/back", "again")
+            got, _ = await asyncio.to_thread(on_agent.communicate, timeout=20)
+            assert got.strip() == "site/back again", got
+        await _attach_status(running, False)  # the broker went: the bridge notices
+    finally:
+        await stop(running)
