@@ -19,7 +19,9 @@ mesh from one bridge and reached another agent's bridge.
 
 Inside the agent's broker the bridge uses QoS at most 1 (a QoS 2 filter is QoS 2 on the
 attached broker, 1 in the agent). Outbound messages wait in a bounded queue while the
-attached broker is away (:data:`MAX_PENDING`, the oldest dropped first, counted). The
+attached broker is away (:data:`MAX_PENDING`, the oldest dropped first, counted). A message
+from the attached broker that a local client could not send (a topic or size past the
+endpoint's :class:`~overlay.mqtt.packets.Limits`) is dropped and counted (``in_dropped``). The
 client reconnects with exponential backoff (1 s doubling to 30 s, jittered) and logs one
 line per outage. What this cannot guarantee is in docs/architecture.md ("Attach mode").
 """
@@ -39,6 +41,7 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from overlay.mqtt.broker import Broker
+from overlay.mqtt.codec import check_topic_name
 from overlay.mqtt.packets import (
     MQTT5,
     Connect,
@@ -100,7 +103,14 @@ class Attach:
         self.config = config
         self.node = node
         self.client_id = f"edgeagent-attach-{node}"
-        self.stats = {"in": 0, "out": 0, "loops_dropped": 0, "out_dropped": 0, "connects": 0}
+        self.stats = {
+            "in": 0,
+            "out": 0,
+            "loops_dropped": 0,
+            "out_dropped": 0,
+            "in_dropped": 0,
+            "connects": 0,
+        }
         self.pending: deque[Publish] = deque()
         self._wake = asyncio.Event()
         self._mqtt: aiomqtt.Client | None = None
@@ -129,7 +139,13 @@ class Attach:
 
     def status(self) -> dict[str, Any]:
         host, port = self.config.broker
-        return {"broker": f"{host}:{port}", "attached": self._mqtt is not None, **self.stats}
+        attached = self._mqtt is not None
+        return {
+            "broker": f"{host}:{port}",
+            "attached": attached,
+            "pending": len(self.pending),
+            **self.stats,
+        }
 
     # The agent's side.
 
@@ -179,11 +195,16 @@ class Attach:
             payload = payload.encode()
         elif not isinstance(payload, (bytes, bytearray)):
             payload = b"" if payload is None else str(payload).encode()
+        limits = self.endpoint.limits
+        topic = message.topic.value
+        if len(payload) + len(topic) > limits.max_packet_bytes or check_topic_name(topic, limits):
+            self.stats["in_dropped"] += 1  # what a local client could not send either
+            return
         qos = min(message.qos, 1)
         self.stats["in"] += 1
         self._feed(
             Publish(
-                topic=message.topic.value,
+                topic=topic,
                 payload=bytes(payload),
                 qos=qos,
                 retain=message.retain,
