@@ -14,6 +14,7 @@ import ipaddress
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -380,3 +381,12 @@ attach_topics = ["site/# in 1"]
         await _attach_status(running, False)  # the broker went: the bridge notices
     finally:
         await stop(running)
+
+
+def test_aiomqtt_is_not_imported_without_attach() -> None:
+    code = "import sys, edgeagent.features.mqtt; print('aiomqtt' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert out.stdout.strip() == "False", out
