@@ -38,6 +38,7 @@ from .checks import (
     check_trusted_key,
     show,
 )
+from .mqtt_extra import MqttAttach, MqttTls, read_mqtt_extra
 from .profiles import Profile
 from .reader import TableReader, read_toml
 from .schema import (
@@ -76,6 +77,8 @@ class Layer:
     coap_addr: HostPort | None = None
     mqtt_on: bool | None = None
     mqtt_addr: HostPort | None = None
+    mqtt_tls: MqttTls | None = None
+    mqtt_attach: MqttAttach | None = None
     mdns: bool | None = None
     preset: str | None = None
     gossip: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +132,7 @@ def file_layer(path: Path) -> Layer:
     listen = reader.get(mqtt, "listen", check_switch_or_address, "mqtt.")
     if listen is not None:
         layer.mqtt_on, layer.mqtt_addr = listen
+    layer.mqtt_tls, layer.mqtt_attach = read_mqtt_extra(reader, mqtt, base)
     layer.preset, layer.gossip = reader.gossip(reader.table("gossip"))
     layer.limits = reader.limits(reader.table("limits"))
     overlay = reader.table("overlay")

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import ipaddress
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,7 @@ def load_config(
         coap_explicit=coap_addr is not None,
         mqtt=mqtt,
         mqtt_explicit=mqtt_addr is not None,
+        **_mqtt_extra(layers, mqtt is not None),
         overlay_prefix=prefix,
         block_prefixlen=block,
         dead_quarantine_s=pick("dead_quarantine_s", DEFAULT_DEAD_QUARANTINE_S),
@@ -124,12 +125,19 @@ def load_config(
         name_is_default=pick("name", None) is None,
         enroll_port=pick("enroll_port", default_enroll_port(bind[1])),
         cluster_source=_cluster_source(file, flags),
-        services=pick("services", ()),
-        services_mdns_import=pick("services_mdns_import", True),
-        services_mdns_export=pick("services_mdns_export", True),
-        services_site=pick("services_site", ""),
-        policy_trusted_keys=pick("policy_trusted_keys", ()),
+        **_services_and_policy(pick),
     )
+
+
+def _services_and_policy(pick: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """The [services] and [policy] fields of AgentConfig."""
+    return {
+        "services": pick("services", ()),
+        "services_mdns_import": pick("services_mdns_import", True),
+        "services_mdns_export": pick("services_mdns_export", True),
+        "services_site": pick("services_site", ""),
+        "policy_trusted_keys": pick("policy_trusted_keys", ()),
+    }
 
 
 def _cluster_source(file: Layer, flags: Layer) -> str:
@@ -247,3 +255,10 @@ def _node_name(name: str | None, hostname: str | None) -> str:
         raise ConfigError(
             f"hostname {show(host)} is not a usable node name; set --name: expected {exc.expected}"
         ) from None
+
+
+def _mqtt_extra(layers: list[Layer], mqtt_on: bool) -> dict[str, Any]:
+    """The TLS listener and attach settings; none of them without the MQTT feature."""
+    if not mqtt_on:
+        return {}
+    return {k: _pick(layers, k, None) for k in ("mqtt_tls", "mqtt_attach")}

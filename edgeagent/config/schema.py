@@ -70,7 +70,9 @@ FILE_KEYS = (
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
 SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
-MQTT_KEYS = ("listen",)  # the [mqtt] table
+MQTT_KEYS = (  # the [mqtt] table (all but listen: config/mqtt_extra.py)
+    "listen", "tls_listen", "tls_cert", "tls_key", "tls_ca", "attach", "attach_topics",
+)  # fmt: skip
 POLICY_KEYS = ("trusted_keys",)  # the [policy] table
 MAX_TRUSTED_KEYS = 16
 # The port plain mDNS clients are told to use for an exported mesh service when the agent
@@ -105,6 +107,38 @@ def default_channel_port(gossip_port: int) -> int:
 def gossip_key(field_name: str) -> str:
     """Where a GossipConfig field is set in the file: ``gossip.X``, ``limits.X`` or ``cluster``."""
     return GOSSIP_FIELDS_ELSEWHERE.get(field_name, f"gossip.{field_name}")
+
+
+# [mqtt] beyond listen (read and checked by config/mqtt_extra.py).
+
+
+@dataclass(frozen=True, slots=True)
+class MqttTls:
+    listen: HostPort
+    cert: Path
+    key: Path
+    ca: Path | None = None  # set: client certificates required, verified against it
+
+
+@dataclass(frozen=True, slots=True)
+class AttachTopic:
+    topic_filter: str
+    direction: str  # "in" (attached broker -> agent), "out" (agent -> attached), "both"
+    qos: int = 0
+
+    @property
+    def inbound(self) -> bool:
+        return self.direction in ("in", "both")
+
+    @property
+    def outbound(self) -> bool:
+        return self.direction in ("out", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAttach:
+    broker: HostPort
+    topics: tuple[AttachTopic, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +186,10 @@ class AgentConfig:
     # a port named in --mqtt / [mqtt] listen that is taken is fatal, the default's is logged.
     mqtt: HostPort | None = (DEFAULT_MQTT_HOST, DEFAULT_MQTT_PORT)
     mqtt_explicit: bool = False
+    # [mqtt] tls_listen / tls_cert / tls_key / tls_ca and attach / attach_topics
+    # (config/mqtt_extra.py); None: no TLS listener / not attached.
+    mqtt_tls: MqttTls | None = None
+    mqtt_attach: MqttAttach | None = None
     overlay_prefix: str = DEFAULT_OVERLAY_PREFIX
     block_prefixlen: int = DEFAULT_BLOCK_PREFIXLEN
     dead_quarantine_s: float = DEFAULT_DEAD_QUARANTINE_S

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +39,14 @@ from overlay.mqtt.broker import Broker, BrokerConfig, Close, Output, RouteOut, S
 from overlay.mqtt.codec import Decoder, MqttDecodeError, encode
 from overlay.mqtt.packets import MQTT5, MQTT311, Connack, Disconnect, Limits, Reason
 
+from ..config.schema import MqttTls
 from ..errors import ConfigError
 from ..host import FeatureHost
 from ..logs import fields
 from ..ratelimit import WarnLimiter
 
 if TYPE_CHECKING:
+    from ..mqtt_attach import Attach
     from ..mqtt_mesh import MeshLink
 
 log = FeatureHost.logger("mqtt")
@@ -220,8 +223,10 @@ class Mqtt:
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
         self.mesh: MeshLink | None = None
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.address: tuple[str, int] | None = None
+        self.tls_address: tuple[str, int] | None = None
+        self.attach: Attach | None = None
 
     async def start(self, host: FeatureHost) -> None:
         assert host.config.mqtt is not None
@@ -237,10 +242,23 @@ class Mqtt:
         if self.mesh is not None:
             self.endpoint.route_out = self.mesh.route_out
             await self.mesh.start(self.endpoint.broker, self.endpoint.run)
+        self.address = await self._listen(host)
+        if host.config.mqtt_tls is not None:
+            self.tls_address = await self._listen_tls(host.config.mqtt_tls)
+        if host.config.mqtt_attach is not None:
+            from ..mqtt_attach import Attach  # aiomqtt only when attach is configured
+
+            self.attach = Attach(self.endpoint, host.config.mqtt_attach, host.config.name)
+            self.attach.start()
+        host.add_status(self.status_fields)
+        host.register_command("mqtt", lambda request: self.status_fields())
+
+    async def _listen(self, host: FeatureHost) -> tuple[str, int] | None:
+        assert host.config.mqtt is not None and self.endpoint is not None
         where, port = host.config.mqtt
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(self.endpoint.protocol, where, port)
+            server = await loop.create_server(self.endpoint.protocol, where, port)
         except OSError as exc:  # asyncio's message repeats the address: say only why
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             if host.config.mqtt_explicit:
@@ -249,17 +267,37 @@ class Mqtt:
                 "mqtt: default port taken, no MQTT listener (set --mqtt HOST:PORT or off)",
                 extra=fields(addr=f"{where}:{port}", error=why),
             )
-            return
-        sock = self._server.sockets[0].getsockname()
-        self.address = (where, int(sock[1]))
-        log.info("mqtt listening", extra=fields(addr=f"{where}:{self.address[1]}"))
-        host.add_status(self.status_fields)
-        host.register_command("mqtt", lambda request: self.status_fields())
+            return None
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        log.info("mqtt listening", extra=fields(addr=f"{where}:{sock[1]}"))
+        return (where, int(sock[1]))
+
+    async def _listen_tls(self, tls: MqttTls) -> tuple[str, int]:
+        """The TLS listener: same broker, TLS >= 1.2, client certificates if ``tls.ca``."""
+        assert self.endpoint is not None
+        context = tls_context(tls)
+        where, port = tls.listen
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(self.endpoint.protocol, where, port, ssl=context)
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"mqtt.tls_listen {where}:{port}: cannot listen: {why}") from None
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        log.info(
+            "mqtt TLS listening",
+            extra=fields(addr=f"{where}:{sock[1]}", client_certs=tls.ca is not None),
+        )
+        return (where, int(sock[1]))
 
     def status_fields(self) -> dict[str, Any]:
-        where = self.address
+        where, tls = self.address, self.tls_address
         return {
             "mqtt": f"{where[0]}:{where[1]}" if where else None,
+            "mqtt_tls": f"{tls[0]}:{tls[1]}" if tls else None,
+            "mqtt_attach": self.attach.status() if self.attach else None,
             "mqtt_stats": {
                 **(self.endpoint.status() if self.endpoint else {}),
                 **(self.mesh.status() if self.mesh else {}),
@@ -269,9 +307,30 @@ class Mqtt:
     async def stop(self) -> None:
         if self.mesh is not None:
             await self.mesh.stop()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self.attach is not None:
+            await self.attach.stop()
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
         if self.endpoint is not None:
             self.endpoint.close_all()
 
+
+def tls_context(tls: MqttTls) -> ssl.SSLContext:
+    """The server context for ``[mqtt] tls_*``; a file that does not load is a ConfigError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"mqtt.tls_cert / mqtt.tls_key: cannot load {tls.cert} with {tls.key}: {why}"
+        ) from None
+    if tls.ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"mqtt.tls_ca: cannot load {tls.ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
