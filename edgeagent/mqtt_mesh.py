@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from gossip import events as ev
-from overlay.mqtt.broker import Broker, RouteOut
+from overlay.mqtt.broker import Broker, Output, RouteOut
 from overlay.mqtt.mesh import (
     INTEREST_KEY,
     MAX_BATCH,
@@ -292,20 +292,31 @@ class MeshLink:
             self._warn.warn(f"impostor {identity.name}", time.monotonic(),
                             "mqtt mesh: envelope names another origin", peer=identity.name)  # fmt: skip
             return REFUSED
-        for env in envelopes:
-            self._deliver(env)
+        self._deliver(envelopes)
         return OK
 
-    def _deliver(self, env: Envelope) -> None:
+    def _deliver(self, envelopes: list[Envelope]) -> None:
+        """The batch's messages into the broker in one call (one timer re-arm, not one each)."""
         assert self.broker is not None and self.run is not None
-        self.stats["mesh_received"] += 1
+        self.stats["mesh_received"] += len(envelopes)
         broker = self.broker
-        if env.retain and env.stamp is not None:
-            self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
-        if self.router.accept(env) and (env.plain or env.groups):
-            publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
-            self.run(None, lambda now: broker.publish_from_mesh(
-                publish, env.client_id, now, env.plain, env.groups))  # fmt: skip
+        todo: list[tuple[Publish, Envelope]] = []
+        for env in envelopes:
+            if env.retain and env.stamp is not None:
+                self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
+            if self.router.accept(env) and (env.plain or env.groups):
+                publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
+                todo.append((publish, env))
+        if not todo:
+            return
+
+        def deliver_all(now: float) -> list[Output]:
+            out: list[Output] = []
+            for publish, env in todo:
+                out += broker.publish_from_mesh(publish, env.client_id, now, env.plain, env.groups)
+            return out
+
+        self.run(None, deliver_all)
 
     def status(self) -> dict[str, Any]:
         interested = sum(1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares))

@@ -60,6 +60,7 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.connected = False  # a successful CONNACK went out
+        self.pending: list[bytes] = []  # encoded packets for the next flush (see write)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -75,12 +76,28 @@ class _Client(asyncio.Protocol):
         self.endpoint.lost(self)
 
     def write(self, packet: Any) -> None:
+        """Queue one packet's bytes; they go out with the others of this loop pass, one write.
+
+        A burst of deliveries (a mesh batch, a client's packets in one read) is one
+        ``transport.write`` (one send syscall, one TLS record run), not one per packet.
+        """
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(encode(packet, self.decoder.level or MQTT311))
+        self.pending.append(encode(packet, self.decoder.level or MQTT311))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()  # what was written before the close goes out first (CONNACK, DISCONNECT)
             self.transport.close()
 
 
