@@ -90,6 +90,7 @@ class MeshLink:
         self.router = MeshRouter(self.me, rng or random.Random())
         self.broker: Broker | None = None
         self.run: Any = None  # Endpoint.run, set by the feature
+        self.durable: Any = None  # SessionStore.durable when sessions are saved (the feature)
         self.stats = {
             "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
             "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
@@ -292,7 +293,14 @@ class MeshLink:
             self._warn.warn(f"impostor {identity.name}", time.monotonic(),
                             "mqtt mesh: envelope names another origin", peer=identity.name)  # fmt: skip
             return REFUSED
+        assert self.broker is not None
+        version = self.broker.persist_version
         self._deliver(envelopes)
+        if self.durable is not None and self.broker.persist_version != version:
+            try:  # QoS 1/2 went into persistent sessions: acknowledge once they are on disk
+                await self.durable()
+            except OSError:
+                return REFUSED
         return OK
 
     def _deliver(self, envelopes: list[Envelope]) -> None:

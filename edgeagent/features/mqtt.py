@@ -45,6 +45,7 @@ from ..ratelimit import WarnLimiter
 
 if TYPE_CHECKING:
     from ..mqtt_mesh import MeshLink
+    from ..mqtt_sessions import SessionStore
 
 log = FeatureHost.logger("mqtt")
 MAX_WRITE_BUFFER = 1 << 20  # bytes waiting for one client before it is cut off as too slow
@@ -237,6 +238,7 @@ class Mqtt:
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
         self.mesh: MeshLink | None = None
+        self.sessions: SessionStore | None = None
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
 
@@ -251,7 +253,13 @@ class Mqtt:
         else:
             config = BrokerConfig()  # no channel: this node's clients only
         self.endpoint = Endpoint(Broker(config))
+        from ..mqtt_sessions import SessionStore
+
+        self.sessions = SessionStore(host.state_dir, self.endpoint.broker)
+        self.sessions.load()  # before the mesh publishes interest and clients connect
+        self.sessions.start()
         if self.mesh is not None:
+            self.mesh.durable = self.sessions.durable
             self.endpoint.route_out = self.mesh.route_out
             await self.mesh.start(self.endpoint.broker, self.endpoint.run)
         where, port = host.config.mqtt
@@ -280,6 +288,7 @@ class Mqtt:
             "mqtt_stats": {
                 **(self.endpoint.status() if self.endpoint else {}),
                 **(self.mesh.status() if self.mesh else {}),
+                **(self.sessions.stats if self.sessions else {}),
             },
         }
 
@@ -291,4 +300,6 @@ class Mqtt:
             self._server = None
         if self.endpoint is not None:
             self.endpoint.close_all()
+        if self.sessions is not None:
+            await self.sessions.stop()
 
