@@ -7,20 +7,25 @@ How it works (the format and what a session keeps: :mod:`overlay.mqtt.persist`):
   messages. A damaged file is logged in one line, renamed ``mqtt-sessions.bad`` and the
   agent starts without those sessions.
 - **Save** when the broker's ``persist_version`` or ``subscriptions_version`` moved: the whole
-  snapshot in one :func:`~edgeagent.persist.atomic_write` (temp file, fsync, rename) in a
-  worker thread, at most every :data:`SAVE_INTERVAL_S`, or after :data:`DURABLE_DELAY_S`
-  when someone waits on :meth:`SessionStore.durable`. Never one fsync per message: every
-  message accepted during one interval shares the one write. And at stop.
+  snapshot as one value for the state writer (``host.saver``: atomic write, fsync, rename,
+  on its thread, retried with backoff on a full disk), at most every
+  :data:`SAVE_INTERVAL_S`, or after :data:`DURABLE_DELAY_S` when someone waits on
+  :meth:`SessionStore.durable`. Never one fsync per message: every message accepted during
+  one interval shares the one write. And at stop. The snapshot is the whole state each time
+  (bounded by the broker's session and queue bounds), not a log.
 - **Durable acknowledgement**: the mesh answers a peer's batch that put QoS 1/2 messages into
   persistent sessions only after :meth:`durable` (the next save holding them) returned, so
-  the sending agent keeps retrying a batch this agent could lose to kill -9.
+  the sending agent keeps retrying a batch this agent could lose to kill -9 (a save not done
+  within :data:`DURABLE_TIMEOUT_S` refuses the batch: the sender counts it lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from overlay.mqtt import persist
@@ -28,20 +33,22 @@ from overlay.mqtt.broker import Broker
 
 from .host import FeatureHost
 from .logs import fields
-from .persist import atomic_write
 
 log = FeatureHost.logger("mqtt")
 FILE = "mqtt-sessions"
 SAVE_INTERVAL_S = 1.0
 DURABLE_DELAY_S = 0.02  # gather the batches arriving together into one write
+DURABLE_TIMEOUT_S = 4.0  # under the mesh sender's request timeout (5 s)
+Writer = Callable[[Path, bytes], "concurrent.futures.Future[None]"]
 
 
 class SessionStore:
     """The broker's persistent sessions in ``state_dir`` (see the module docstring)."""
 
-    def __init__(self, state_dir: Path, broker: Broker) -> None:
+    def __init__(self, state_dir: Path, broker: Broker, write: Writer) -> None:
         self.path = Path(state_dir) / FILE
         self.broker = broker
+        self.write = write  # host.saver.save
         self.saved = (-1, -1)  # (persist_version, subscriptions_version) last written
         self.stats = {"sessions_restored": 0, "session_saves": 0, "session_save_errors": 0}
         self._waiters: list[asyncio.Future[None]] = []
@@ -85,7 +92,10 @@ class SessionStore:
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         self._wake.set()
-        await future
+        try:
+            await asyncio.wait_for(future, DURABLE_TIMEOUT_S)
+        except TimeoutError:
+            raise OSError("sessions not saved in time") from None
 
     async def _loop(self) -> None:
         while True:
@@ -103,7 +113,7 @@ class SessionStore:
             if versions != self.saved:
                 data = persist.dump(self.broker, asyncio.get_running_loop().time())
                 started = time.monotonic()
-                await asyncio.to_thread(atomic_write, self.path, data)
+                await asyncio.wrap_future(self.write(self.path, data))
                 self.saved = versions
                 self.stats["session_saves"] += 1
                 if time.monotonic() - started > 1.0:
@@ -126,4 +136,5 @@ class SessionStore:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        await self.save()
+        with contextlib.suppress(TimeoutError):  # the state writer's close flushes it later
+            await asyncio.wait_for(self.save(), DURABLE_TIMEOUT_S)

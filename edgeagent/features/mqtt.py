@@ -255,7 +255,7 @@ class Mqtt:
         self.endpoint = Endpoint(Broker(config))
         from ..mqtt_sessions import SessionStore
 
-        self.sessions = SessionStore(host.state_dir, self.endpoint.broker)
+        self.sessions = SessionStore(host.state_dir, self.endpoint.broker, host.saver.save)
         self.sessions.load()  # before the mesh publishes interest and clients connect
         self.sessions.start()
         if self.mesh is not None:
