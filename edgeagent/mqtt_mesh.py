@@ -21,7 +21,11 @@ How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its do
 - **A peer's batch** (:meth:`MeshLink.serve`): the origin must be the member the channel
   authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
   (last writer wins), then the message is delivered to the plain subscribers and the share
-  groups the envelope names. A malformed envelope is answered, counted and dropped.
+  groups the envelope names, the whole batch in one broker call. A batch that put QoS 1/2
+  messages into persistent sessions is answered only once they are saved
+  (:attr:`MeshLink.durable`, :mod:`edgeagent.mqtt_sessions`), so a kill -9 of this agent
+  cannot lose what the sender was told was delivered. A malformed envelope is answered,
+  counted and dropped.
 - **Retained anti-entropy.** Every :data:`DIGEST_PERIOD_S` (recomputed only when the retained
   store's ``version`` moved) this node's retained digest goes
   to its replicated state (:data:`~overlay.mqtt.mesh.RETAINED_KEY`) when it changed; a peer
