@@ -50,7 +50,10 @@ class SessionStore:
         self.broker = broker
         self.write = write  # host.saver.save
         self.saved = (-1, -1)  # (persist_version, subscriptions_version) last written
-        self.stats = {"sessions_restored": 0, "session_saves": 0, "session_save_errors": 0}
+        self.stats = {
+            "sessions_restored": 0, "session_saves": 0, "session_save_errors": 0,
+            "session_messages_not_saved": 0,  # in the last save: over persist.MAX_SAVED_BYTES
+        }  # fmt: skip
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -111,7 +114,8 @@ class SessionStore:
         versions = self._versions()
         try:
             if versions != self.saved:
-                data = persist.dump(self.broker, asyncio.get_running_loop().time())
+                data, skipped = persist.dump(self.broker, asyncio.get_running_loop().time())
+                self.stats["session_messages_not_saved"] = skipped
                 started = time.monotonic()
                 await asyncio.wrap_future(self.write(self.path, data))
                 self.saved = versions

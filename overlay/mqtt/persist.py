@@ -13,7 +13,9 @@ kept, so its message expiry interval still counts (the time the agent was down i
 has no such sessions yet. `load` is total on hostile or damaged bytes: only
 `PersistDecodeError` escapes, and the sessions restored before a bad one are kept. Bounds
 are the broker's (`max_sessions`, the queue bounds, subscriptions per session) and
-:data:`MAX_STATE_BYTES`.
+:data:`MAX_STATE_BYTES`; `dump` keeps the messages' bytes under :data:`MAX_SAVED_BYTES`
+(sessions in the broker's order, later messages beyond it are not saved, and counted), so
+what it writes `load` always reads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from overlay.mqtt.topics import valid_topic_name
 
 FORMAT = 1
 MAX_STATE_BYTES = 256 << 20  # a damaged or foreign file beyond this is refused unread
+MAX_SAVED_BYTES = 128 << 20  # messages' topic and payload bytes in one snapshot
+ROW_OVERHEAD = 64  # bytes charged per saved message besides topic and payload
 MAX_TOPIC_LEVELS = 128
 
 
@@ -37,25 +41,43 @@ class PersistDecodeError(ValueError):
     """The saved sessions cannot be read (what is wrong is the message)."""
 
 
-def _messages(s: Session, now: float) -> list[list[Any]]:
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.left, self.skipped = limit, 0
+
+    def take(self, topic: str, payload: bytes) -> bool:
+        cost = ROW_OVERHEAD + len(topic) * 4 + len(payload)
+        if cost > self.left:
+            self.skipped += 1
+            return False
+        self.left -= cost
+        return True
+
+
+def _messages(s: Session, now: float, budget: _Budget) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for entry in s.inflight.values():
         if entry.state is InflightState.AWAIT_PUBCOMP:
             continue
         p = entry.publish
+        if not budget.take(p.topic, p.payload):
+            continue
         props = _props_out(p.properties)
         rows.append([p.topic, p.payload, p.qos, p.retain, props, 0.0, None, []])
     for d in s.queue:
         if d.qos == 0:
             continue
         m = d.message
+        if not budget.take(m.topic, m.payload):
+            continue
         rows.append([m.topic, m.payload, d.qos, d.retain, _props_out(m.properties),
                      max(0.0, now - m.created), m.sender, list(d.subscription_ids)])  # fmt: skip
     return rows
 
 
-def dump(broker: Broker, now: float) -> bytes:
-    """Every persistent session of ``broker`` (see the module docstring)."""
+def dump(broker: Broker, now: float, limit: int = MAX_SAVED_BYTES) -> tuple[bytes, int]:
+    """Every persistent session of ``broker`` and how many messages did not fit ``limit``."""
+    budget = _Budget(limit)
     sessions = []
     for s in broker.persistent_sessions():
         remaining = -1.0 if s.conn is not None else max(0.0, s.expires_at - now)
@@ -65,8 +87,9 @@ def dump(broker: Broker, now: float) -> bytes:
             for text, o in s.subscriptions.items()
         ]  # fmt: skip
         sessions.append([s.client_id, s.protocol_level, s.expiry_interval, remaining, subs,
-                         _messages(s, now)])  # fmt: skip
-    return msgpack.packb([FORMAT, sessions], use_bin_type=True)  # type: ignore[no-any-return]
+                         _messages(s, now, budget)])  # fmt: skip
+    data: bytes = msgpack.packb([FORMAT, sessions], use_bin_type=True)
+    return data, budget.skipped
 
 
 def _need(ok: bool, what: str) -> None:

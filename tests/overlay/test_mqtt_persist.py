@@ -28,7 +28,7 @@ def offline_with_messages() -> Net:
 
 
 def test_offline_session_keeps_subscriptions_and_qos1_queue_across_restart() -> None:
-    data = persist.dump(offline_with_messages().broker, 0.0)
+    data = persist.dump(offline_with_messages().broker, 0.0)[0]
     again = Net()
     assert persist.load(again.broker, data, 0.0) == 1
     assert again.broker.filters() == {"t/#", "$share/g/x"}
@@ -46,7 +46,7 @@ def test_unacknowledged_inflight_is_sent_again_and_acked_ones_are_not() -> None:
     net.send("p", Publish("t", b"b", 1, packet_id=2))
     got = net.publishes("s")
     net.send("s", Puback(got[0].packet_id or 0))  # "a" delivered, "b" not acknowledged
-    data = persist.dump(net.broker, net.now)
+    data = persist.dump(net.broker, net.now)[0]
     again = Net()
     assert persist.load(again.broker, data, 0.0) == 1
     again.open("s", c5("dev", clean=False, expiry=600))
@@ -60,7 +60,7 @@ def test_clean_sessions_and_expired_ones_are_not_kept() -> None:
     net.open("e", c5("short", clean=False, expiry=5))
     net.subscribe("e", Subscription("u", 1))
     net.lose("e")
-    data = persist.dump(net.broker, net.now + 10)  # "short" has no time left
+    data = persist.dump(net.broker, net.now + 10)[0]  # "short" has no time left
     again = Net()
     assert persist.load(again.broker, data, 0.0) == 0
     assert again.broker.filters() == set()
@@ -71,7 +71,7 @@ def test_restored_session_expires_with_the_time_it_had_left() -> None:
     net.open("s", c5("dev", clean=False, expiry=100))
     net.subscribe("s", Subscription("t", 1))
     net.lose("s")
-    data = persist.dump(net.broker, 60.0)  # 40 s left
+    data = persist.dump(net.broker, 60.0)[0]  # 40 s left
     again = Net()
     persist.load(again.broker, data, 0.0)
     again.advance(39)
@@ -90,7 +90,7 @@ def test_load_is_total_on_garbage(data: bytes) -> None:
 
 
 def test_load_refuses_a_mangled_saved_file() -> None:
-    doc = msgpack.unpackb(persist.dump(offline_with_messages().broker, 0.0))
+    doc = msgpack.unpackb(persist.dump(offline_with_messages().broker, 0.0)[0])
     rng = random.Random(3)
     refused = 0
     for _ in range(200):
@@ -105,3 +105,15 @@ def test_load_refuses_a_mangled_saved_file() -> None:
     assert refused > 100
     with pytest.raises(persist.PersistDecodeError):
         persist.load(Net().broker, msgpack.packb([2, []]), 0.0)
+
+
+def test_dump_keeps_messages_under_its_byte_limit_and_counts_the_rest() -> None:
+    net = offline_with_messages()
+    data, skipped = persist.dump(
+        net.broker, 0.0, limit=2 * (persist.ROW_OVERHEAD + 3 * 4 + 2)
+    )  # two of three
+    assert skipped == 1
+    again = Net()
+    persist.load(again.broker, data, 0.0)
+    again.open("s", c4("dev", clean=False))
+    assert payloads(again.publishes("s")) == [b"m0", b"m1"]
