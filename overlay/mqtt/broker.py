@@ -781,7 +781,7 @@ class Broker:
     ) -> None:
         """Fan a message out to every matching session (module docstring: Routing)."""
         plain: dict[str, tuple[int, list[int], bool]] = {}
-        for _, client_id, opts in self._subs.match(msg.topic) if to_plain else ():
+        for client_id, opts in self._subs.match_values(msg.topic) if to_plain else ():
             sub = opts.subscription
             if sub.no_local and client_id == msg.sender:
                 continue
@@ -793,7 +793,7 @@ class Broker:
             s = self._sessions[client_id]
             d = Delivery(msg, min(qos, msg.qos), msg.retain and rap, tuple(sorted(ids)))
             self._send_or_queue(s, d, now, out)
-        for _, name, group in list(self._shared.match(msg.topic)):
+        for name, group in self._shared.match_values(msg.topic):
             if groups is None or name in groups:
                 self._deliver_shared(group, msg, now, out)
 
