@@ -21,7 +21,11 @@ How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its do
 - **A peer's batch** (:meth:`MeshLink.serve`): the origin must be the member the channel
   authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
   (last writer wins), then the message is delivered to the plain subscribers and the share
-  groups the envelope names. A malformed envelope is answered, counted and dropped.
+  groups the envelope names, the whole batch in one broker call. A batch that put QoS 1/2
+  messages into persistent sessions is answered only once they are saved
+  (:attr:`MeshLink.durable`, :mod:`edgeagent.mqtt_sessions`), so a kill -9 of this agent
+  cannot lose what the sender was told was delivered. A malformed envelope is answered,
+  counted and dropped.
 - **Retained anti-entropy.** Every :data:`DIGEST_PERIOD_S` (recomputed only when the retained
   store's ``version`` moved) this node's retained digest goes
   to its replicated state (:data:`~overlay.mqtt.mesh.RETAINED_KEY`) when it changed; a peer
@@ -40,7 +44,7 @@ import time
 from typing import Any
 
 from gossip import events as ev
-from overlay.mqtt.broker import Broker, RouteOut
+from overlay.mqtt.broker import Broker, Output, RouteOut
 from overlay.mqtt.mesh import (
     INTEREST_KEY,
     MAX_BATCH,
@@ -90,6 +94,7 @@ class MeshLink:
         self.router = MeshRouter(self.me, rng or random.Random())
         self.broker: Broker | None = None
         self.run: Any = None  # Endpoint.run, set by the feature
+        self.durable: Any = None  # SessionStore.durable when sessions are saved (the feature)
         self.stats = {
             "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
             "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
@@ -292,20 +297,38 @@ class MeshLink:
             self._warn.warn(f"impostor {identity.name}", time.monotonic(),
                             "mqtt mesh: envelope names another origin", peer=identity.name)  # fmt: skip
             return REFUSED
-        for env in envelopes:
-            self._deliver(env)
+        assert self.broker is not None
+        version = self.broker.persist_version
+        self._deliver(envelopes)
+        if self.durable is not None and self.broker.persist_version != version:
+            try:  # QoS 1/2 went into persistent sessions: acknowledge once they are on disk
+                await self.durable()
+            except OSError:
+                return REFUSED
         return OK
 
-    def _deliver(self, env: Envelope) -> None:
+    def _deliver(self, envelopes: list[Envelope]) -> None:
+        """The batch's messages into the broker in one call (one timer re-arm, not one each)."""
         assert self.broker is not None and self.run is not None
-        self.stats["mesh_received"] += 1
+        self.stats["mesh_received"] += len(envelopes)
         broker = self.broker
-        if env.retain and env.stamp is not None:
-            self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
-        if self.router.accept(env) and (env.plain or env.groups):
-            publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
-            self.run(None, lambda now: broker.publish_from_mesh(
-                publish, env.client_id, now, env.plain, env.groups))  # fmt: skip
+        todo: list[tuple[Publish, Envelope]] = []
+        for env in envelopes:
+            if env.retain and env.stamp is not None:
+                self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
+            if self.router.accept(env) and (env.plain or env.groups):
+                publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
+                todo.append((publish, env))
+        if not todo:
+            return
+
+        def deliver_all(now: float) -> list[Output]:
+            out: list[Output] = []
+            for publish, env in todo:
+                out += broker.publish_from_mesh(publish, env.client_id, now, env.plain, env.groups)
+            return out
+
+        self.run(None, deliver_all)
 
     def status(self) -> dict[str, Any]:
         interested = sum(1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares))

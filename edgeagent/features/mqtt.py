@@ -48,6 +48,7 @@ from ..ratelimit import WarnLimiter
 if TYPE_CHECKING:
     from ..mqtt_attach import Attach
     from ..mqtt_mesh import MeshLink
+    from ..mqtt_sessions import SessionStore
 
 log = FeatureHost.logger("mqtt")
 MAX_WRITE_BUFFER = 1 << 20  # bytes waiting for one client before it is cut off as too slow
@@ -63,6 +64,7 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.connected = False  # a successful CONNACK went out
+        self.pending: list[bytes] = []  # encoded packets for the next flush (see write)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -78,12 +80,28 @@ class _Client(asyncio.Protocol):
         self.endpoint.lost(self)
 
     def write(self, packet: Any) -> None:
+        """Queue one packet's bytes; they go out with the others of this loop pass, one write.
+
+        A burst of deliveries (a mesh batch, a client's packets in one read) is one
+        ``transport.write`` (one send syscall, one TLS record run), not one per packet.
+        """
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(encode(packet, self.decoder.level or MQTT311))
+        self.pending.append(encode(packet, self.decoder.level or MQTT311))
+        if len(self.pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()  # what was written before the close goes out first (CONNACK, DISCONNECT)
             self.transport.close()
 
 
@@ -223,6 +241,7 @@ class Mqtt:
     def __init__(self) -> None:
         self.endpoint: Endpoint | None = None
         self.mesh: MeshLink | None = None
+        self.sessions: SessionStore | None = None
         self._servers: list[asyncio.Server] = []
         self.address: tuple[str, int] | None = None
         self.tls_address: tuple[str, int] | None = None
@@ -239,7 +258,13 @@ class Mqtt:
         else:
             config = BrokerConfig()  # no channel: this node's clients only
         self.endpoint = Endpoint(Broker(config))
+        from ..mqtt_sessions import SessionStore
+
+        self.sessions = SessionStore(host.state_dir, self.endpoint.broker, host.saver.save)
+        self.sessions.load()  # before the mesh publishes interest and clients connect
+        self.sessions.start()
         if self.mesh is not None:
+            self.mesh.durable = self.sessions.durable
             self.endpoint.route_out = self.mesh.route_out
             await self.mesh.start(self.endpoint.broker, self.endpoint.run)
         self.address = await self._listen(host)
@@ -301,6 +326,7 @@ class Mqtt:
             "mqtt_stats": {
                 **(self.endpoint.status() if self.endpoint else {}),
                 **(self.mesh.status() if self.mesh else {}),
+                **(self.sessions.stats if self.sessions else {}),
             },
         }
 
@@ -314,6 +340,8 @@ class Mqtt:
         self._servers.clear()
         if self.endpoint is not None:
             self.endpoint.close_all()
+        if self.sessions is not None:
+            await self.sessions.stop()
 
 
 def tls_context(tls: MqttTls) -> ssl.SSLContext:

@@ -84,7 +84,7 @@ supported (CONNACK advertises topic alias maximum 0).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection, Hashable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from overlay.mqtt.packets import (
@@ -281,6 +281,10 @@ class Broker:
         # Bumped whenever a subscription is added or removed, so a caller can tell `filters()`
         # changed without building it (the mesh layer polls it).
         self.subscriptions_version = 0
+        # Bumped when a QoS 1/2 message is queued for, sent to or acknowledged by a session
+        # that outlives its connection: the session store saves when it (or the
+        # subscriptions' version) moved, and the mesh acknowledges a batch only once saved.
+        self.persist_version = 0
         self._timers = TimerHeap()
         self._serial = 0
         self.retained = RetainedStore(
@@ -386,6 +390,46 @@ class Broker:
     def retained_items(self) -> Iterator[RetainedItem]:
         """Every retained message and tombstone (empty payload) with its stamp."""
         return self.retained.items()
+
+    def persistent_sessions(self) -> Iterator[Session]:
+        """The sessions that outlive their connection (expiry > 0): what a restart must keep."""
+        return (s for s in self._sessions.values() if s.expiry_interval > 0)
+
+    def restore_session(
+        self,
+        client_id: str,
+        protocol_level: int,
+        expiry_interval: float,
+        remaining: float,
+        subscriptions: Iterable[tuple[Subscription, int | None]],
+        deliveries: Iterable[Delivery],
+        now: float,
+    ) -> bool:
+        """Bring back a saved offline session (agent restart); False if it cannot be had.
+
+        Its subscriptions are indexed again (no retained messages are sent: the client is not
+        connected) and its messages queued in order within the queue bounds; it expires
+        ``remaining`` seconds from ``now``. A session already here (a client reconnected
+        first) is kept as it is.
+        """
+        if client_id in self._sessions or len(self._sessions) >= self.config.max_sessions:
+            return False
+        s = Session(
+            client_id, protocol_level,
+            self.config.max_queued_messages, self.config.max_queued_bytes,
+        )  # fmt: skip
+        s.expiry_interval = self._cap_expiry(int(expiry_interval))
+        if s.expiry_interval <= 0 or remaining <= 0:
+            return False
+        self._sessions[client_id] = s
+        self.stats.sessions_created += 1
+        for sub, identifier in subscriptions:
+            self._subscribe_one(s, sub, identifier, now, [])
+        for delivery in deliveries:
+            self._send_or_queue(s, delivery, now, [])
+        s.expires_at = now + min(remaining, s.expiry_interval)
+        self._arm(s.expires_at, SessionExpiry(s.client_id, s.generation))
+        return True
 
     def filters(self) -> set[str]:
         """The distinct filters subscribed here, shared ones as ``$share/G/F`` (a route table)."""
@@ -737,7 +781,7 @@ class Broker:
     ) -> None:
         """Fan a message out to every matching session (module docstring: Routing)."""
         plain: dict[str, tuple[int, list[int], bool]] = {}
-        for _, client_id, opts in self._subs.match(msg.topic) if to_plain else ():
+        for client_id, opts in self._subs.match_values(msg.topic) if to_plain else ():
             sub = opts.subscription
             if sub.no_local and client_id == msg.sender:
                 continue
@@ -749,7 +793,7 @@ class Broker:
             s = self._sessions[client_id]
             d = Delivery(msg, min(qos, msg.qos), msg.retain and rap, tuple(sorted(ids)))
             self._send_or_queue(s, d, now, out)
-        for _, name, group in list(self._shared.match(msg.topic)):
+        for name, group in self._shared.match_values(msg.topic):
             if groups is None or name in groups:
                 self._deliver_shared(group, msg, now, out)
 
@@ -766,6 +810,8 @@ class Broker:
     # ------------------------------------------------------------------- delivery
 
     def _send_or_queue(self, s: Session, d: Delivery, now: float, out: list[Output]) -> None:
+        if d.qos and s.expiry_interval > 0:
+            self.persist_version += 1
         if s.conn is not None and (d.qos == 0 or (s.window_open() and not s.queue)):
             self._send(s, d, now, out)
             return
@@ -867,6 +913,8 @@ class Broker:
                 out.append(Send(c.conn, Puback(pid, PacketType.PUBREL, Reason.PACKET_ID_NOT_FOUND)))
             return
         del s.inflight[pid]
+        if s.expiry_interval > 0:
+            self.persist_version += 1
         self._drain(s, now, out)
 
     # ------------------------------------------------------------------- SUBSCRIBE

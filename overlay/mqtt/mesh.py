@@ -251,6 +251,7 @@ def encode_envelope(env: Envelope) -> bytes:
 
 
 MAX_BATCH = 256  # envelopes in one channel request
+MAX_ROUTE_CACHE = 4096  # topics whose routes MeshRouter keeps
 MAX_BATCH_BYTES = 1 << 20  # the channel's message limit
 
 
@@ -412,9 +413,14 @@ class MeshRouter:
     seen: Seen = field(default_factory=Seen)
     _load: dict[str, float] = field(default_factory=dict)
     _seq: int = 0
+    # Per topic: (plain destinations, share group -> candidate agents), valid while neither
+    # the interest nor the reachable set changed (`_routes_for`); bounded by MAX_ROUTE_CACHE.
+    _routes: dict[str, tuple[frozenset[str], dict[str, list[str]]]] = field(default_factory=dict)
+    _routes_live: frozenset[str] | None = None
 
     def set_interest(self, node: str, value: object) -> None:
         """A peer's (or this agent's own) interest value changed; None removes it."""
+        self._routes.clear()
         if value is None:
             self.interest.pop(node, None)
             return
@@ -425,6 +431,7 @@ class MeshRouter:
         self.interest[node] = parsed
 
     def remove(self, node: str) -> None:
+        self._routes.clear()
         self.interest.pop(node, None)
         self._load.pop(node, None)
 
@@ -435,7 +442,22 @@ class MeshRouter:
     def plan(self, topic: str, reachable: Iterable[str] | None = None) -> Plan:
         """Where a message accepted here on ``topic`` goes (``reachable``: live agents)."""
         self.stats.planned += 1
-        live = set(self.interest) if reachable is None else set(reachable) | {self.me}
+        live = frozenset(self.interest) if reachable is None else frozenset(reachable) | {self.me}
+        plain, members = self._routes_for(topic, live)
+        shares = {g: self._choose(nodes) for g, nodes in members.items()}
+        return Plan(plain, shares)
+
+    def _routes_for(
+        self, topic: str, live: frozenset[str]
+    ) -> tuple[frozenset[str], dict[str, list[str]]]:
+        """Who wants ``topic`` among ``live`` agents, cached per topic (a burst on one topic
+        matches every agent's filters once, not once per message)."""
+        if live != self._routes_live or len(self._routes) >= MAX_ROUTE_CACHE:
+            self._routes.clear()
+            self._routes_live = live
+        found = self._routes.get(topic)
+        if found is not None:
+            return found
         plain = frozenset(
             n for n, i in self.interest.items() if n != self.me and n in live and i.wants(topic)
         )
@@ -444,8 +466,8 @@ class MeshRouter:
             if node in live:
                 for group in interest.groups_for(topic):
                     members.setdefault(group, []).append(node)
-        shares = {g: self._choose(nodes) for g, nodes in members.items()}
-        return Plan(plain, shares)
+        self._routes[topic] = (plain, members)
+        return plain, members
 
     def _choose(self, nodes: list[str]) -> str:
         if self.me in nodes:

@@ -153,6 +153,37 @@ class SubscriptionTrie(Generic[K, V]):
             node = child
         return node.subs.get(key)
 
+    def match_values(self, topic: str) -> list[tuple[K, V]]:
+        """Every (key, value) whose filter matches ``topic``: `match` without building the
+        filters' names (the broker's per-message path needs only the subscribers)."""
+        found: list[tuple[K, V]] = []
+        if not self._count:
+            return found
+        levels = topic.split("/")
+        last = len(levels)
+        wild_ok = not topic.startswith("$")
+        stack: list[tuple[_Node[K, V], int]] = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            children = node.children
+            if children and (wild_ok or depth):
+                hash_child = children.get("#")
+                if hash_child is not None:
+                    found.extend(hash_child.subs.items())
+            if depth == last:
+                found.extend(node.subs.items())
+                continue
+            if not children:
+                continue
+            literal = children.get(levels[depth])
+            if literal is not None:
+                stack.append((literal, depth + 1))
+            if wild_ok or depth:
+                plus = children.get("+")
+                if plus is not None:
+                    stack.append((plus, depth + 1))
+        return found
+
     def match(self, topic: str) -> Iterator[tuple[str, K, V]]:
         """Every (filter, key, value) whose filter matches ``topic`` (a valid topic name)."""
         levels = topic.split("/")
