@@ -33,7 +33,7 @@ A claim must be signed (issue 14). With the mesh CA (``ca.crt``) and our node ce
 the core reports a conflict only for an Alive that our own certificate's key signed
 (``gossip.signing.canonical_alive``): the CA issues a name once, so only a copy of this
 node (same state dir, same key) can claim our name. An unsigned or forged claim is counted
-(``alive_forged``) and outbid, never reported, so it cannot make even a just-started agent
+(``alive_forged``) and dropped, never reported, so it cannot make even a just-started agent
 yield. Without signing (a keyring-only cluster) every claim counts, as before.
 
 A meta that is not ours (no ``since``) counts as started at 0: an older agent, established.

@@ -1127,9 +1127,10 @@ class Membership:
         if me.state == LEFT:
             return  # leave() marked us LEFT; we are not coming back in this life
         if a is not None and a.addr != me.addr and self._own_claim_forged(a):
-            # Not signed by a holder of our certificate: no claim to the name. Outbid it, so
-            # members that do not hold our credential yet do not keep the forged address.
-            self._refute(incarnation)
+            # Not signed by a holder of our certificate: no claim to the name. Dropped, not
+            # outbid: a flood of them must not cost a signature (and awareness) each; members
+            # that hold our credential refuse it too, the others are in the window every
+            # member's unverified Alive is (before its credential arrives).
             return
         if a is not None and a.addr != me.addr:
             # Another address claims our name (memberlist NotifyConflict). Outbidding it would
