@@ -29,6 +29,13 @@ up is the one that just started: it sees the conflict within its first seconds. 
 nodes that both held one name for long (a partition healing) both keep it and both log the
 error naming the other.
 
+A claim must be signed (issue 14). With the mesh CA (``ca.crt``) and our node certificate,
+the core reports a conflict only for an Alive that our own certificate's key signed
+(``gossip.signing.canonical_alive``): the CA issues a name once, so only a copy of this
+node (same state dir, same key) can claim our name. An unsigned or forged claim is counted
+(``alive_forged``) and dropped, never reported, so it cannot make even a just-started agent
+yield. Without signing (a keyring-only cluster) every claim counts, as before.
+
 A meta that is not ours (no ``since``) counts as started at 0: an older agent, established.
 Known limit: an earlier life of this very node, at another address and with an incarnation
 this life did not save (killed right after a refutation), looks like a copy that started

@@ -24,13 +24,13 @@ Type codes and fields, in order (``addr`` is ``[host str, port int]``)::
     2 Ack           seq, source
     3 Nack          seq, source
     4 PingReq       seq, target, target_addr, source, source_addr, nack bool
-    5 Alive         name, incarnation, addr, meta bin
+    5 Alive         name, incarnation, addr, meta bin[, sig bin]
     6 Suspect       name, incarnation, sender
     7 Dead          name, incarnation, sender
     8 StateUpdate   owner, version, key, value, deleted bool[, sig bin]
     9 UserBroadcast origin, seq, payload bin
    10 PushPull      source, join bool, reply bool,
-                    [[name, addr, incarnation, state int, meta bin], ...],
+                    [[name, addr, incarnation, state int, meta bin[, sig bin]], ...],
                     [[owner, [[key, version, value, deleted bool[, sig bin]], ...]], ...],
                     epoch (the source's boot epoch)
                     [, summary, want]          (both or neither; nil when absent)
@@ -45,7 +45,8 @@ is a digest exchange (``digest.py``). State entries are encoded and decoded in
 one place each (``_wire_entry`` / ``_entry``): a field appended there travels
 in push-pulls; ``StateUpdate`` is its own message (code 8).
 
-``sig`` (the owner's signature, ``gossip/signing.py``) is appended only when
+``sig`` (the owner's signature, ``gossip/signing.py``; on an Alive or a member
+record, the member's signature over its identity) is appended only when
 present, so a cluster that does not sign sends exactly the bytes it sent
 before signing existed; the decoder takes both lengths.
 
@@ -377,13 +378,16 @@ def _wire_record(rec: object) -> list[object]:
         _fail("push-pull members must be MemberRecord")
     if type(rec.state) is not MemberState:
         _fail("MemberRecord.state must be a MemberState")
-    return [
-        _text(rec.name, "member name", MAX_NAME_BYTES),
-        _wire_addr(rec.addr, "member addr"),
-        _counter(rec.incarnation, "incarnation"),
-        int(rec.state),
-        _blob(rec.meta, "meta", MAX_META_BYTES),
-    ]
+    return _signed(
+        [
+            _text(rec.name, "member name", MAX_NAME_BYTES),
+            _wire_addr(rec.addr, "member addr"),
+            _counter(rec.incarnation, "incarnation"),
+            int(rec.state),
+            _blob(rec.meta, "meta", MAX_META_BYTES),
+        ],
+        rec.sig,
+    )
 
 
 def _wire_entry(entry: object) -> list[object]:
@@ -448,13 +452,16 @@ def _to_wire(msg: Message) -> list[object]:
                 _bool(msg.nack, "nack"),
             ]
         case Alive():
-            return [
-                ALIVE,
-                _text(msg.name, "name", MAX_NAME_BYTES),
-                _counter(msg.incarnation, "incarnation"),
-                _wire_addr(msg.addr, "addr"),
-                _blob(msg.meta, "meta", MAX_META_BYTES),
-            ]
+            return _signed(
+                [
+                    ALIVE,
+                    _text(msg.name, "name", MAX_NAME_BYTES),
+                    _counter(msg.incarnation, "incarnation"),
+                    _wire_addr(msg.addr, "addr"),
+                    _blob(msg.meta, "meta", MAX_META_BYTES),
+                ],
+                msg.sig,
+            )
         case Suspect() | Dead():
             return [
                 SUSPECT if isinstance(msg, Suspect) else DEAD,
@@ -672,7 +679,7 @@ def _fields(raw: object, count: int) -> list[Any]:
 
 
 def _record(raw: object) -> MemberRecord:
-    name, addr, incarnation, state, meta = _fields(raw, 5)
+    (name, addr, incarnation, state, meta), sig = _fields_sig(raw, 5)
     if type(state) is not int or state not in _MEMBER_STATES:
         _fail("unknown member state")
     return MemberRecord(
@@ -681,6 +688,7 @@ def _record(raw: object) -> MemberRecord:
         incarnation=_counter(incarnation, "incarnation"),
         state=MemberState(state),
         meta=_blob(meta, "meta", MAX_META_BYTES),
+        sig=sig,
     )
 
 
@@ -741,12 +749,13 @@ def _from_wire(raw: object) -> Message:
             nack=_bool(nack, "nack"),
         )
     if code == ALIVE:
-        _, name, incarnation, addr, meta = _fields(raw, 5)
+        (_, name, incarnation, addr, meta), sig = _fields_sig(raw, 5)
         return Alive(
             name=_text(name, "name", MAX_NAME_BYTES),
             incarnation=_counter(incarnation, "incarnation"),
             addr=_addr(addr, "addr"),
             meta=_blob(meta, "meta", MAX_META_BYTES),
+            sig=sig,
         )
     if code == SUSPECT or code == DEAD:
         _, name, incarnation, sender = _fields(raw, 4)
@@ -922,7 +931,8 @@ def decode_push_pull(
 # at least as many bytes in memory as on the wire), hence MAX_VALUE_MEMORY.
 _WIRE_SLACK = 16
 MAX_RECORD_WIRE_BYTES = (
-    1 + (2 + MAX_NAME_BYTES) + (1 + 2 + MAX_HOST_BYTES + 3) + 9 + 1 + (3 + MAX_META_BYTES) + _WIRE_SLACK
+    1 + (2 + MAX_NAME_BYTES) + (1 + 2 + MAX_HOST_BYTES + 3) + 9 + 1 + (3 + MAX_META_BYTES) + (2 + MAX_SIG_BYTES)
+    + _WIRE_SLACK
 )
 MAX_ENTRY_WIRE_BYTES = (
     1 + (3 + MAX_KEY_BYTES) + 9 + max(MAX_VALUE_MEMORY, MAX_VALUE_BYTES + 5) + 1 + (2 + MAX_SIG_BYTES) + _WIRE_SLACK

@@ -178,7 +178,7 @@ from .messages import (
 )
 from .probe import Prober
 from .replay import ReplayGuard
-from .signing import CREDENTIAL_KEY, StateSigner, StateVerifier, canonical_entry
+from .signing import CREDENTIAL_KEY, StateSigner, StateVerifier, canonical_alive, canonical_entry
 from .state_store import StateStore, entry_memory
 from .stats import Stats
 from .suspicion import Suspicion, suspicion_timeout
@@ -225,6 +225,9 @@ HELD_MAX = 32
 PENDING_STATE_TTL = 10.0
 PENDING_STATE_MAX = 256
 PENDING_STATE_MEMORY = 256 * 1024
+# Alive signature checks remembered (verdicts by credential, signed bytes and signature),
+# so an Alive heard again from several peers is verified once.
+ALIVE_VERDICTS_MAX = 1024
 
 
 # Kept state updates of members not known yet: (owner, key) -> (update, expiry).
@@ -244,7 +247,7 @@ class InvalidArgument(LocalError, ValueError):
 
 
 def _record(node: Node) -> MemberRecord:
-    return MemberRecord(node.name, node.addr, node.incarnation, node.state, node.meta)
+    return MemberRecord(node.name, node.addr, node.incarnation, node.state, node.meta, node.sig)
 
 
 def push_pull_scale(interval: float, n: int) -> float:
@@ -313,10 +316,7 @@ class Membership:
         self._user_queue = BroadcastQueue(config.max_user_broadcast_queue)
         self._limit_cache: tuple[int, int] = (-1, 0)
         self._suspicion_cache: dict[int, float] = {}
-        # Owner-signed state (signing.py): our key, and the trust anchor that checks others'.
-        self._signer = signer
-        self._state_verifier = verifier
-        self._held: deque[StateUpdate] = deque()
+        self._init_signing(signer, verifier)
         self._store = StateStore(
             name, config.max_state_bytes, state_version, max_memory=config.max_state_memory,
             max_total_memory=config.max_total_state_memory,
@@ -339,6 +339,16 @@ class Membership:
         self._announce()
         self._start_tickers(now)
 
+    def _init_signing(self, signer: StateSigner | None, verifier: StateVerifier | None) -> None:
+        """Owner-signed state and Alives (signing.py): our key, and the trust anchor that
+        checks others'."""
+        self._signer = signer
+        self._state_verifier = verifier
+        self._held: deque[StateUpdate] = deque()
+        self._own_alive_key: tuple[int, Address, bytes] | None = None  # what _own_alive_sig signs
+        self._own_alive_sig = b""
+        self._alive_verdicts: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
+
     def _start_tickers(self, now: float) -> None:
         """memberlist staggers each ticker randomly so members do not synchronise."""
         config, rng, schedule = self.config, self._rng, self._timers.schedule
@@ -350,7 +360,7 @@ class Membership:
     def _announce(self) -> None:
         """Announce ourselves: the first datagrams to any peer carry it (and our credential)."""
         me = self._me
-        announce = Alive(me.name, me.incarnation, me.addr, me.meta)
+        announce = self._own_alive(me.incarnation, me.meta)
         self._check_fits(announce)  # a bad name or address is the caller's error
         self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
         if self._signer is not None:
@@ -487,10 +497,11 @@ class Membership:
         me = self._me
         if me.incarnation >= MAX_COUNTER:
             raise CounterExhausted("incarnation at its maximum; restart with a new name")
-        announce = Alive(me.name, me.incarnation + 1, me.addr, meta)
+        announce = self._own_alive(me.incarnation + 1, meta)
         self._check_fits(announce)
         me.incarnation += 1
         me.meta = meta
+        me.sig = announce.sig
         self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
 
     def set_state(self, key: str, value: StateValue, now: float) -> None:
@@ -628,8 +639,7 @@ class Membership:
         """Our Alive, to put on an ack when the pinger still accuses an incarnation
         we already refuted: it missed our Alive (memberlist ignores this)."""
         if self._stale_accusation and self._lifeguard and not self._left:
-            me = self._me
-            return Alive(me.name, me.incarnation, me.addr, me.meta)
+            return self._own_alive(self._me.incarnation, self._me.meta)
         return None
 
     def handle_stream(self, data: bytes, src: Address, now: float) -> bytes | None:
@@ -977,6 +987,7 @@ class Membership:
             stats.unverified_evicted += 1
             self._forget(victim)
         node = table.add(a.name, a.addr, a.incarnation, a.meta, now, verified)
+        node.sig = a.sig
         self._prober.add(node)
         if not verified:
             self._verifier.learned(node, now)
@@ -1020,7 +1031,7 @@ class Membership:
 
     def _add_gone(self, r: MemberRecord, now: float) -> None:
         """Record a member first heard of as DEAD or LEFT (from a push-pull)."""
-        node = self._add_node(Alive(r.name, r.incarnation, r.addr, r.meta), now)
+        node = self._add_node(Alive(r.name, r.incarnation, r.addr, r.meta, r.sig), now)
         if node is not None:
             self._mark_gone(node, LEFT if r.state == LEFT else DEAD, now)
 
@@ -1055,7 +1066,53 @@ class Membership:
         self.stats.refutes += 1
         if self._lifeguard:
             self._awareness.apply_delta(1)  # being accused is a sign we are the slow one
-        self._enqueue(Alive(me.name, inc, me.addr, me.meta), me.name, PRIORITY_MEMBERSHIP)
+        self._enqueue(self._own_alive(inc, me.meta), me.name, PRIORITY_MEMBERSHIP)
+
+    def _own_alive(self, incarnation: int, meta: bytes) -> Alive:
+        """Our Alive at ``incarnation``, signed when we sign (the signature is kept on our
+        record for push-pulls, and reused while incarnation, address and meta stand)."""
+        me = self._me
+        if self._signer is None:
+            return Alive(me.name, incarnation, me.addr, meta)
+        key = (incarnation, me.addr, meta)
+        if self._own_alive_key != key:
+            data = canonical_alive(self.config.cluster_name, me.name, incarnation, me.addr, meta)
+            self._own_alive_sig = self._signer.sign(data)
+            self._own_alive_key = key
+        if incarnation == me.incarnation:
+            me.sig = self._own_alive_sig
+        return Alive(me.name, incarnation, me.addr, meta, self._own_alive_sig)
+
+    def _alive_authentic(self, a: Alive, credential: bytes) -> bool:
+        """Whether ``credential`` (trusted for ``a.name``) signed ``a``; verdicts cached."""
+        assert self._state_verifier is not None
+        data = canonical_alive(self.config.cluster_name, a.name, a.incarnation, a.addr, a.meta)
+        key = (credential, data, a.sig)
+        verdicts = self._alive_verdicts
+        verdict = verdicts.get(key)
+        if verdict is None:
+            verdict = bool(a.sig) and self._state_verifier.verify(a.name, credential, data, a.sig)
+            verdicts[key] = verdict
+            if len(verdicts) > ALIVE_VERDICTS_MAX:
+                verdicts.popitem(last=False)
+        if not verdict:
+            self.stats.alive_forged += 1
+        return verdict
+
+    def _alive_refused(self, a: Alive) -> bool:
+        """A verifier holds ``a.name``'s credential and it does not verify ``a`` (forged).
+        No credential yet: taken unverified, as before signing (startup converges)."""
+        if self._state_verifier is None:
+            return False
+        credential = self._credential_of(a.name)
+        return credential is not None and not self._alive_authentic(a, credential)
+
+    def _own_claim_forged(self, a: Alive) -> bool:
+        """A claim of our name that our credential does not verify: the CA issues a name
+        once, so nobody else can sign for it (a copy of our key can, and is a conflict)."""
+        if self._state_verifier is None or self._signer is None:
+            return False
+        return not self._alive_authentic(a, self._signer.credential)
 
     def _about_me(self, state: MemberState, incarnation: int, a: Alive | None = None) -> None:
         """News about ourselves never replaces our record: refute what needs it."""
@@ -1069,6 +1126,12 @@ class Membership:
             return
         if me.state == LEFT:
             return  # leave() marked us LEFT; we are not coming back in this life
+        if a is not None and a.addr != me.addr and self._own_claim_forged(a):
+            # Not signed by a holder of our certificate: no claim to the name. Dropped, not
+            # outbid: a flood of them must not cost a signature (and awareness) each; members
+            # that hold our credential refuse it too, the others are in the window every
+            # member's unverified Alive is (before its credential arrives).
+            return
         if a is not None and a.addr != me.addr:
             # Another address claims our name (memberlist NotifyConflict). Outbidding it would
             # make two live claimants flap for ever: report it once, the application decides.
@@ -1104,11 +1167,14 @@ class Membership:
             self._table.verify(node)
         if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
             return
+        if self._alive_refused(a):
+            return  # forged: it moves neither the address nor the incarnation
         node.suspicion = None
         old_state, old_meta, old_addr = node.state, node.meta, node.addr
         node.incarnation = a.incarnation
         node.meta = a.meta
         node.addr = a.addr
+        node.sig = a.sig
         self._enqueue(a, a.name, priority)
         if old_state != ALIVE:
             self._table.set_state(node, ALIVE, now)
@@ -1500,7 +1566,7 @@ class Membership:
                     node.state, node.incarnation, ALIVE, r.incarnation
                 ):
                     continue  # nothing new: skip building the message
-                alive = Alive(r.name, r.incarnation, r.addr, r.meta)
+                alive = Alive(r.name, r.incarnation, r.addr, r.meta, r.sig)
                 spread = node is not None or r.name == remote.source
                 self._on_alive(alive, now, PRIORITY_MERGED, spread_new=spread, verified=direct)
                 if not spread and r.name in by_name:

@@ -80,6 +80,7 @@ class Node:
 
     __slots__ = (
         "name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index", "verified", "learned",
+        "sig",
     )
 
     def __init__(self, name: str, addr: Address, incarnation: int, state: MemberState, meta: bytes, now: float):
@@ -93,6 +94,7 @@ class Node:
         self.index = -1  # position in MemberTable.others; -1 for ourselves or once removed
         self.verified = True  # heard from directly (verify.py); MemberTable.add decides for others
         self.learned = now  # when we first heard of it
+        self.sig = b""  # the member's signature of its current Alive (signing.canonical_alive), if any
 
     def snapshot(self) -> Member:
         return Member(self.name, self.addr, self.incarnation, self.state, self.meta, self.state_change)

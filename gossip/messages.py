@@ -72,10 +72,14 @@ class PingReq:
 
 @dataclass(frozen=True, slots=True)
 class Alive:
+    """``sig``: the member's signature over ``signing.canonical_alive`` (empty when the
+    cluster does not sign)."""
+
     name: str
     incarnation: int
     addr: Address
     meta: bytes
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +121,14 @@ class UserBroadcast:
 
 @dataclass(frozen=True, slots=True)
 class MemberRecord:
-    """One member as carried in a push-pull."""
+    """One member as carried in a push-pull (``sig``: the member's Alive signature, see Alive)."""
 
     name: str
     addr: Address
     incarnation: int
     state: MemberState
     meta: bytes
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

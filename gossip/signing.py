@@ -33,6 +33,16 @@ Policy, in the core:
 
 Each (owner, key, version) is verified at most once when valid: the core asks
 the store whether an entry is newer than what it holds before verifying it.
+
+Alive records are signed too, with the same key, over :func:`canonical_alive`
+(the cluster name, member name, incarnation, address and meta; the meta bears
+the node id). A receiver that holds the member's credential applies an Alive
+(or a push-pull member record) only if it verifies (``Stats.alive_forged``
+otherwise), so a cluster-key holder cannot move another member's address or
+bump its incarnation; without the credential yet, an Alive is taken unverified
+(startup must converge before credentials have spread). An Alive claiming our
+own name counts as a name conflict only when our credential verifies it: the
+CA issues a name once, so only a holder of a certificate naming us can claim us.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from .messages import StateValue
 CREDENTIAL_KEY = "_cert"
 # Domain separation: these bytes are never a valid signature input for anything else.
 SIGNING_DOMAIN = b"edgeagent-state-v1\x00"
+ALIVE_DOMAIN = b"edgeagent-alive-v1\x00"
 
 
 class StateSigner(Protocol):
@@ -84,3 +95,12 @@ def canonical_entry(
     """
     packed: bytes = msgpack.packb([cluster, owner, key, version, value, deleted], use_bin_type=True)
     return SIGNING_DOMAIN + packed
+
+
+def canonical_alive(cluster: str, name: str, incarnation: int, addr: tuple[str, int], meta: bytes) -> bytes:
+    """The bytes a member signs for one Alive about itself (its identity-bearing fields).
+
+    A domain of its own, so an Alive signature is never a valid state entry signature.
+    """
+    packed: bytes = msgpack.packb([cluster, name, incarnation, [addr[0], addr[1]], meta], use_bin_type=True)
+    return ALIVE_DOMAIN + packed

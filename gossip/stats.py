@@ -68,6 +68,10 @@ class Stats:
     # known yet (held until it arrives, or dropped for anti-entropy to repair).
     state_forged: int = 0
     state_unverified: int = 0
+    # Alive records (and push-pull member records) refused because the member's
+    # credential is known and does not verify them, or a claim of our own name
+    # that our credential does not verify (signing.canonical_alive).
+    alive_forged: int = 0
     pending_state: int = 0  # state entries of members not yet known, kept for a while
     kind_msgs_out: dict[str, int] = field(default_factory=_per_kind)
     kind_bytes_out: dict[str, int] = field(default_factory=_per_kind)

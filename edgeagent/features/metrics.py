@@ -47,6 +47,7 @@ _DROPS = (
     ("state_over_budget", "core", "state_rejected"),
     ("state_forged", "core", "state_forged"),
     ("state_unverified", "core", "state_unverified"),
+    ("alive_forged", "core", "alive_forged"),
     ("oversize", "driver", "datagrams_oversized"),
     ("sender_limited", "driver", "datagrams_limited"),
     ("oversize", "driver", "frames_oversized"),

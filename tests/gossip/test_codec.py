@@ -23,6 +23,7 @@ from gossip.codec import (
     MAX_PAYLOAD_BYTES,
     MAX_PUSHPULL_MEMBERS,
     MAX_SENDER_HEADER_BYTES,
+    MAX_SIG_BYTES,
     MAX_STATE_ENTRIES,
     MAX_UINT64,
     MAX_VALUE_BYTES,
@@ -68,6 +69,8 @@ uint64 = st.integers(min_value=0, max_value=2**64 - 1)
 counters = st.integers(min_value=0, max_value=MAX_COUNTER)  # incarnations, state versions
 addrs = st.tuples(hosts, st.integers(min_value=0, max_value=65_535))
 metas = st.binary(max_size=MAX_META_BYTES)
+# A member's signature of its Alive (absent, or any length the codec admits).
+sigs = st.just(b"") | st.binary(min_size=1, max_size=MAX_SIG_BYTES)
 
 
 def value_depth(value: Any) -> int:
@@ -116,14 +119,14 @@ datagram_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ack, uint64, names),
     st.builds(Nack, uint64, names),
     st.builds(PingReq, uint64, names, addrs, names, addrs, st.booleans()),
-    st.builds(Alive, names, counters, addrs, metas),
+    st.builds(Alive, names, counters, addrs, metas, sigs),
     st.builds(Suspect, names, counters, names),
     st.builds(Dead, names, counters, names),
     state_updates(),
     st.builds(UserBroadcast, names, uint64, st.binary(max_size=MAX_PAYLOAD_BYTES)),
 )
 
-member_records = st.builds(MemberRecord, names, addrs, counters, st.sampled_from(MemberState), metas)
+member_records = st.builds(MemberRecord, names, addrs, counters, st.sampled_from(MemberState), metas, sigs)
 push_pulls = st.builds(
     PushPull,
     names,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gossip.config import lan
 from gossip.core import Membership
 from gossip.messages import Alive, StateUpdate
-from gossip.signing import CREDENTIAL_KEY, canonical_entry
+from gossip.signing import CREDENTIAL_KEY, canonical_alive, canonical_entry
 from overlay import pki
 from overlay.state_signing import SIG_BYTES, CaVerifier, CertSigner
 from testbed.sim import make_keyring, seal, sent
@@ -149,3 +149,14 @@ def test_real_certificates_in_the_core_refuse_a_forged_claim() -> None:
     a.receive(seal([StateUpdate("b", 9, "ipam", forged_value, False, sig)], to=a.name), ("10.0.0.66", 7946), 2.0)
     assert a.state_of("b")["ipam"] == {"block": "10.99.1.0/28"}
     assert a.stats.state_forged == 1
+    # The same insider signs an Alive moving b to its own address: refused; b's own still moves b.
+    evil_alive = Alive("b", 5, ("10.0.0.66", 7946), b"", evil.sign(canonical_alive("edgeagent", "b", 5, ("10.0.0.66", 7946), b"")))
+    a.receive(seal([evil_alive], to=a.name), ("10.0.0.66", 7946), 3.0)
+    member = a.member("b")
+    assert member is not None and member.addr == ("10.0.0.2", 7946) and a.stats.alive_forged == 1
+    b.set_meta(b"m", 3.0)
+    b.handle_timeout(4.0)
+    for _, msgs in sent(b):
+        a.receive(seal(msgs, to=a.name), ("10.0.0.2", 7946), 4.0)
+    member = a.member("b")
+    assert member is not None and member.meta == b"m" and a.stats.alive_forged == 1
