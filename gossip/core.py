@@ -62,8 +62,9 @@ does not stick.
 Owner-signed state (``signing.py``): given a ``signer`` the core publishes
 its credential under ``signing.CREDENTIAL_KEY`` and signs every entry it
 stamps; given a ``verifier`` it applies a remote entry only if its owner
-signed it (unknown credential: held, bounded by ``HELD_MAX``), and re-stamps
-its own map only for entries about itself that it signed.
+signed it (unknown credential: held, bounded by ``HELD_MAX``, and asked of
+the owner by a push-pull: credentials are not gossiped), and re-stamps its
+own map only for entries about itself that it signed.
 
 Where we differ from memberlist, on purpose:
 
@@ -219,6 +220,13 @@ MERGE_REBROADCAST_MAX = 32
 # State updates held because their owner's credential is not known yet (signing.py):
 # released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
 HELD_MAX = 32
+# A credential is not gossiped (each is ~600 B, and every member needed every one
+# at startup): it travels in push-pulls, and a member holding an update whose
+# owner's credential it lacks asks the owner for that map at once, at most once
+# per CREDENTIAL_FETCH_RETRY seconds per owner and for CREDENTIAL_FETCH_MAX owners
+# at a time (beyond: the periodic push-pull brings it).
+CREDENTIAL_FETCH_RETRY = 2.0
+CREDENTIAL_FETCH_MAX = 64
 # State updates about members we do not know yet are kept this long, at most
 # this many and this much memory (state_store.entry_memory), then dropped: a
 # member's first update can overtake its Alive by a gossip hop or two.
@@ -348,6 +356,7 @@ class Membership:
         self._own_alive_key: tuple[int, Address, bytes] | None = None  # what _own_alive_sig signs
         self._own_alive_sig = b""
         self._alive_verdicts: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
+        self._fetched: dict[str, float] = {}  # owner -> when we last asked it for its credential
 
     def _start_tickers(self, now: float) -> None:
         """memberlist staggers each ticker randomly so members do not synchronise."""
@@ -364,10 +373,10 @@ class Membership:
         self._check_fits(announce)  # a bad name or address is the caller's error
         self._enqueue(announce, me.name, PRIORITY_MEMBERSHIP)
         if self._signer is not None:
-            # Our credential first: receivers need it to verify everything else we say.
+            # Our credential first (version 1): receivers need it to verify everything else
+            # we say. Not gossiped: it goes in push-pulls and to members that ask for it.
             update = self._store.set_local(CREDENTIAL_KEY, self._signer.credential)
-            self._check_fits(update)  # it must travel in one datagram too
-            self._enqueue(update, (me.name, CREDENTIAL_KEY), PRIORITY_STATE)
+            self._check_fits(update)  # it must travel in one datagram too (older peers gossip it)
     def _init_replay(self, name: str, epoch: int, max_members: int) -> int:
         """Anti-replay state (replay.py); returns the most bytes our DatagramHeader takes.
 
@@ -1302,9 +1311,13 @@ class Membership:
             if verdict is None:
                 self._hold(msg)
             if not verdict:
+                if msg.key != CREDENTIAL_KEY:
+                    # None: no credential yet. False: maybe a newer one (re-enrolled) we lack.
+                    self._fetch_credential(msg.owner, now)
                 return
         if self._store.apply(msg):
-            self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
+            if msg.key != CREDENTIAL_KEY:  # credentials travel by push-pull only
+                self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
             if msg.key == CREDENTIAL_KEY:
                 self._release(msg.owner, now)
@@ -1348,12 +1361,45 @@ class Membership:
         held.append(msg)
 
     def _release(self, owner: str, now: float) -> None:
-        """``owner``'s credential arrived: try the updates held for it again."""
+        """``owner``'s credential arrived: try the updates held for it again.
+
+        A held update the same push-pull already brought (same version) is still
+        gossiped on: it came by gossip, and holding it must not end its spread.
+        """
+        self._fetched.pop(owner, None)
         mine = [m for m in self._held if m.owner == owner]
         if mine:
             self._held = deque(m for m in self._held if m.owner != owner)
             for msg in mine:
-                self._on_state_update(msg, now)
+                held = self._store.get(owner, msg.key)
+                if held is not None and held.version == msg.version and held.sig == msg.sig:
+                    self._enqueue(msg, (owner, msg.key), PRIORITY_STATE)
+                else:
+                    self._on_state_update(msg, now)
+
+    def _fetch_credential(self, owner: str, now: float) -> None:
+        """Ask ``owner`` for what we lack of its map (its credential first of all).
+
+        A digest push-pull with only a Want: the owner answers with the entries
+        missing from what we hold. Rate-limited per owner and bounded in owners;
+        what is not asked for now comes with the periodic push-pull.
+        """
+        node = self._table.get(owner)
+        if node is None or node is self._me or node.state != ALIVE:
+            return
+        asked = self._fetched
+        last = asked.get(owner)
+        if last is not None and now - last < CREDENTIAL_FETCH_RETRY:
+            return
+        if owner not in asked and len(asked) >= CREDENTIAL_FETCH_MAX:
+            for name in [n for n, t in asked.items() if now - t >= CREDENTIAL_FETCH_RETRY]:
+                del asked[name]
+            if len(asked) >= CREDENTIAL_FETCH_MAX:
+                return
+        asked[owner] = now
+        want = Want((), ((owner, self._store.held(owner)),))
+        msg = PushPull(self.name, False, False, (), (), want=want, epoch=self._epoch)
+        self._start_stream(node.addr, self._seal_frame(msg, False, False))
 
     def _authentic_own(self, entries: Iterable[StateEntry]) -> list[StateEntry]:
         """The entries about us that may make us re-stamp: those we really signed.

@@ -160,7 +160,7 @@ class StateStore:
         current = self._maps[self._local].entries.get(key)
         if current is None:
             return None
-        return StateUpdate(self._local, current.version, key, current.value, current.deleted)
+        return StateUpdate(self._local, current.version, key, current.value, current.deleted, current.sig)
 
     def delete_local(self, key: str) -> StateUpdate | None:
         """Delete a local key (tombstone); None if there was nothing to delete."""

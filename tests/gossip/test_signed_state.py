@@ -351,3 +351,76 @@ def test_a_signed_cluster_converges_and_refuses_an_insider() -> None:
     sim.run_for(5.0)
     assert all(sim.nodes[n].core.state_of("n2")["ipam"] == CLAIM_B for n in names)
     assert sum(sim.nodes[n].core.stats.state_forged for n in names) == 38
+
+
+# --- credentials travel by push-pull and on demand, not by gossip (issue 13) -------
+
+
+def _updates(core: Membership) -> list[StateUpdate]:
+    return [m for _, msgs in sent(core) for m in msgs if isinstance(m, StateUpdate)]
+
+
+def test_a_rebroadcast_entry_keeps_its_signature() -> None:
+    authority = Authority()
+    core = make_core(authority)
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
+    core.set_state("ipam", CLAIM_A, 0.0)
+    core.handle_timeout(1.0)
+    first = [u for u in _updates(core) if u.key == "ipam"]
+    for t in range(2, 30):  # until the queue has forgotten it
+        core.handle_timeout(float(t))
+        sent(core)
+    core.rebroadcast_state("ipam", 30.0)
+    core.handle_timeout(31.0)
+    again = [u for u in _updates(core) if u.key == "ipam"]
+    assert first and again and again[0] == first[0]
+    u = again[0]
+    data = canonical_entry(CLUSTER, "a", "ipam", u.version, u.value, u.deleted)
+    assert authority.verifier().verify("a", core.state_of("a")[CREDENTIAL_KEY], data, u.sig)  # type: ignore[arg-type]
+
+
+def test_the_credential_is_not_gossiped_nor_relayed() -> None:
+    authority = Authority()
+    core = make_core(authority)
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
+    core.set_state("ipam", CLAIM_A, 0.0)
+    b = authority.issue("b")
+    core.receive(seal([b.entry("b", CREDENTIAL_KEY, 1, b.credential)], to=core.name), B, 0.1)
+    assert core.state_of("b") == {CREDENTIAL_KEY: b.credential}  # taken from an older peer
+    core.handle_timeout(1.0)
+    keys = [u.key for u in _updates(core)]
+    assert "ipam" in keys and CREDENTIAL_KEY not in keys
+
+
+def test_an_unknown_credential_is_fetched_from_its_owner_and_held_entries_spread_on() -> None:
+    authority = Authority()
+    a = make_core(authority)
+    b = make_core(authority, "b", B)
+    b.set_state("ipam", CLAIM_B, 0.0)
+    a.receive(seal([Alive("b", 1, B, b"")], to=a.name), B, 0.0)
+    b.receive(seal([Alive("a", 1, A, b"")], to=b.name), A, 0.0)
+    b.handle_timeout(1.0)
+    for _, msgs in sent(b):
+        a.receive(seal(msgs, to=a.name), B, 1.0)
+    assert "ipam" not in a.state_of("b") and a.stats.state_unverified >= 1
+    (dst, frame), = a.streams_to_send()
+    assert dst == B
+    a.receive(seal([b._store.local_update("ipam")], to=a.name), B, 1.5)  # type: ignore[list-item]
+    assert a.streams_to_send() == []  # one request per owner at a time
+    reply = b.handle_stream(frame, A, 1.1)
+    assert reply is not None
+    a.receive_stream_reply(reply, B, 1.2)
+    assert a.state_of("b") == {"ipam": CLAIM_B, CREDENTIAL_KEY: b.state_of("b")[CREDENTIAL_KEY]}
+    a.handle_timeout(2.0)
+    assert {u.key for u in _updates(a) if u.owner == "b"} == {"ipam"}  # the held claim spreads on
+
+
+def test_credential_requests_are_rate_limited_and_retried() -> None:
+    authority = Authority()
+    core = make_core(authority)
+    b = authority.issue("b")
+    core.receive(seal([Alive("b", 1, B, b"")], to=core.name), B, 0.0)
+    for i, t in enumerate((0.1, 0.5, 1.9, 2.2, 2.3)):
+        core.receive(seal([b.entry("b", f"k{i}", 2 + i, i)], to=core.name), B, t)
+    requests = core.streams_to_send()
+    assert [dst for dst, _ in requests] == [B, B]  # at 0.1 and again at 2.2, not in between

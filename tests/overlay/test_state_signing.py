@@ -140,7 +140,15 @@ def test_real_certificates_in_the_core_refuse_a_forged_claim() -> None:
     b.receive(seal([Alive("a", 0, ("10.0.0.1", 7946), b"")], to=b.name), ("10.0.0.1", 7946), 0.0)
     b.handle_timeout(1.0)
     for _, msgs in sent(b):
+        assert all(not (isinstance(m, StateUpdate) and m.key == CREDENTIAL_KEY) for m in msgs)
         a.receive(seal(msgs, to=a.name), ("10.0.0.2", 7946), 1.0)
+    assert a.state_of("b") == {}  # the claim is held: b's certificate is not gossiped
+    # a asks b for it (a push-pull with a Want); b's answer carries the certificate and the claim.
+    (dst, frame), = a.streams_to_send()
+    assert dst == ("10.0.0.2", 7946)
+    reply = b.handle_stream(frame, ("10.0.0.1", 7946), 1.1)
+    assert reply is not None
+    a.receive_stream_reply(reply, ("10.0.0.2", 7946), 1.2)
     assert a.state_of("b") == {"ipam": {"block": "10.99.1.0/28"}, CREDENTIAL_KEY: b_signer.credential}
     # An insider with its own valid certificate signs a claim in b's name.
     evil = CertSigner(*node(ca, "evil"))
