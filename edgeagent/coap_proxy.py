@@ -52,6 +52,7 @@ import aiocoap
 from aiocoap import error as coap_error
 from aiocoap.numbers import OptionNumber, Reliable, Unreliable
 from aiocoap.pipe import error_to_message, run_driving_pipe
+from aiocoap.transports import udp6
 
 from overlay import coap_route as cr
 from overlay.balancer import Balancer, Outcome, Pick, PickReason
@@ -71,6 +72,8 @@ RESOLVED_MAX = 1024  # (context, instance) addresses remembered at most
 AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up
 INTERNAL_ERROR = cr.code(5, 0)
+ADDRESS_CHECKS_MAX = 1024  # addresses whose multicast checks are remembered, at most
+ADDRESS_CHECKS: tuple[dict[Any, bool], dict[Any, bool]] = ({}, {})  # remote, local
 
 
 class ServiceDirectory(Protocol):
@@ -158,6 +161,44 @@ def bound_deduplication(ctx: aiocoap.Context) -> int:
         mman._deduplicate_message = types.MethodType(deduplicate, mman)
         bounded += 1
     return bounded
+
+
+def cached_address_checks() -> None:
+    """Memoise aiocoap's ``is_multicast`` / ``is_multicast_locally`` of UDP addresses (idempotent).
+
+    aiocoap answers both by formatting the address and parsing it again with
+    :mod:`ipaddress`, three times per upstream request and once per response to a local
+    client: a fifth of the owning agent's CPU per request at low load. Both depend only on
+    the address bytes (``sockaddr[0]``, the pktinfo), so they are kept in a bounded table
+    (:data:`ADDRESS_CHECKS_MAX`, cleared when full: a client sending from many addresses
+    costs the parse again, never memory).
+    """
+    cls = udp6.UDP6EndpointAddress
+    if getattr(cls, "_edgeagent_cached", False):
+        return
+    try:  # an aiocoap whose class has other shapes keeps its own checks: slower, still right
+        remote_check, local_check = cls.is_multicast.fget, cls.is_multicast_locally.fget
+    except AttributeError:
+        log.info("coap: aiocoap's address checks are not properties here; not memoised")
+        return
+    remote, local = ADDRESS_CHECKS
+
+    def cached(table: dict[Any, bool], key: Any, check: Any, address: Any) -> bool:
+        hit = table.get(key)
+        if hit is None:
+            hit = bool(check(address))
+            if len(table) >= ADDRESS_CHECKS_MAX:
+                table.clear()
+            table[key] = hit
+        return hit
+
+    cls.is_multicast = property(
+        lambda self: cached(remote, self.sockaddr[0], remote_check, self)
+    )
+    cls.is_multicast_locally = property(
+        lambda self: cached(local, self.pktinfo, local_check, self)
+    )
+    cls._edgeagent_cached = True
 
 
 def unnamed_render_tasks(ctx: aiocoap.Context) -> None:

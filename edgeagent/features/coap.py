@@ -46,6 +46,7 @@ from ..coap_proxy import (
     ServiceDirectory,
     Upstream,
     bound_deduplication,
+    cached_address_checks,
     unnamed_render_tasks,
 )
 from ..control import ControlError
@@ -82,6 +83,7 @@ class Coap:
     async def start(self, host: FeatureHost) -> None:
         directory = self._directory(host)
         chan = host.feature("channel")  # on whenever this feature is, and started before it
+        cached_address_checks()
         await self._upstream.start()
         self.router = Router(directory, host.identity.name, chan.peers, self._upstream)
         policy = host.feature("policy")  # on with [policy] trusted_keys, started before us

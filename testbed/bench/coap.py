@@ -18,7 +18,9 @@ median of its runs (the machine is usually shared: one run is noise).
 kind, concurrency and server; by Little's law it is mostly ``concurrency / rps``, i.e. a
 throughput number once the CPUs are busy), with its runs in ``mesh_added_p50_ms_runs``;
 ``idle_*_p50_ms`` the same paths with one request in flight and ``mesh_added_p50_ms_idle``
-(the latency the two agents add, without queueing). ``cpu_ms_per_request_ingress`` /
+(the latency the two agents add, without queueing; the idle runs come after the loaded ones,
+direct right before mesh, so that the load other programs put on a shared machine changes
+as little as possible between the two numbers of the difference). ``cpu_ms_per_request_ingress`` /
 ``_egress``: node1's / node2's CPU during (c) per request (``_idle``: with one in flight);
 ``cpu_ms_per_request_proxy``: the ForwardProxy's during (b);
 ``client_cpu_ms_per_request_*``: the load client's own, per path (does the client limit?).
@@ -122,6 +124,8 @@ def _one_round(
             res["cpu_ms_per_request_ingress"], res["cpu_ms_per_request_egress"] = ingress, egress
         if name == "proxy":
             res["cpu_ms_per_request_proxy"] = proxy
+    for name in ("direct", "mesh", "proxy"):  # back to back: the two of the difference
+        target, uri, extra = runs[name]
         idle = _measure(target, uri, extra, pids, "--requests", "300", "--concurrency", "1")
         res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
         res[f"idle_{name}_p99_ms"] = idle["p99_ms"]

@@ -218,3 +218,35 @@ def test_ingress_answers_503_without_live_instances_and_502_without_a_channel() 
 
 def test_upstream_module_constants_are_sane() -> None:
     assert coap_proxy.DEDUP_LIFETIME_S < 247 and coap_proxy.UPSTREAM_CONTEXTS >= 8
+
+
+def test_cached_address_checks_answer_as_aiocoap_and_stay_bounded() -> None:
+    from aiocoap.transports import udp6
+
+    class Iface:  # the address holds its interface by weakref only
+        pass
+
+    iface = Iface()
+
+    def pktinfo(addr: str) -> bytes:
+        return socket.inet_pton(socket.AF_INET6, addr) + struct.pack("I", 0)
+
+    cases = [  # (sockaddr host, pktinfo host, multicast, multicast locally)
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", False, False),
+        ("::ffff:224.0.1.187", "::ffff:224.0.1.187", True, True),
+        ("ff05::fd", "::1", True, False),
+        ("::1", "ff02::fd", False, True),
+    ]
+    coap_proxy.cached_address_checks()
+    coap_proxy.cached_address_checks()  # idempotent: not wrapped twice
+    for _ in range(2):  # the second round answers from the table
+        for host, local, multicast, locally in cases:
+            address = udp6.UDP6EndpointAddress((host, 5683, 0, 0), iface, pktinfo=pktinfo(local))
+            assert address.is_multicast is multicast, host
+            assert address.is_multicast_locally is locally, local
+            assert (address.as_response_address().pktinfo is None) is locally
+    for i in range(coap_proxy.ADDRESS_CHECKS_MAX + 10):  # many sources: the table is cleared
+        host = f"::ffff:10.0.{i // 256}.{i % 256}"
+        assert not udp6.UDP6EndpointAddress((host, 5683, 0, 0), iface).is_multicast
+        assert len(coap_proxy.ADDRESS_CHECKS[0]) <= coap_proxy.ADDRESS_CHECKS_MAX
+    assert "::ffff:10.0.4.9" in coap_proxy.ADDRESS_CHECKS[0]  # the latest are remembered
