@@ -76,6 +76,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .balancer import FaultPolicy as Fault  # a bundle's faults are the balancer's, as is
 from .catalog import CatalogError, check_service_name
 from .mqtt.topics import valid_filter
 
@@ -151,14 +152,6 @@ def _rank(rule: Rule, node: str, running: frozenset[str], dest: str) -> tuple[in
 @dataclass(frozen=True, slots=True)
 class Retry:
     attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    delay_s: float = 0.0
-    delay_percent: float = 0.0
-    abort_code: str = "5.03"
-    abort_percent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
