@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from overlay.mqtt.codec import check_topic_filter
-
 from ..errors import ConfigError
 from .checks import Invalid, check_listener, check_path, check_peer
 from .reader import TableReader
@@ -36,6 +34,8 @@ def check_attach_topic(value: object) -> AttachTopic:
     words = value.split()
     if not 1 <= len(words) <= 3:
         raise Invalid(expected)
+    from overlay.mqtt.codec import check_topic_filter  # only when [mqtt] attach_topics is set
+
     why = check_topic_filter(words[0])
     if why is not None or words[0].startswith("$share/"):
         raise Invalid(f"{expected} with a topic filter that is not $share ({why or 'shared'})")

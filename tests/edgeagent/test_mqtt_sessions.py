@@ -86,6 +86,9 @@ def test_sigkilled_subscriber_node_loses_no_qos1_message_of_a_persistent_session
     total = base + BEFORE + during
     cluster.wait_for(lambda: sent(cluster) >= total, TIMEOUT, "node1 delivered after the restart")
     assert node1.status()["mqtt_stats"]["mesh_lost"] == 0
+    # the control socket answers before the MQTT feature has started (and registered its
+    # status); a clean stop has nothing to wait for above, so wait for the feature here
+    cluster.wait_for(lambda: "mqtt_stats" in node2.status(), TIMEOUT, "node2's MQTT is up")
     restored = node2.status()["mqtt_stats"]["sessions_restored"]
     assert restored == 1
     out = mosquitto(
