@@ -26,7 +26,7 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # exposition format 0.0.4
@@ -150,6 +150,15 @@ class Counter(_Family):
         self._check_unlabelled()
         CounterChild(self, ()).inc(amount)
 
+    def follow(self, label: str, totals: Mapping[str, float]) -> None:
+        """Raise each child ``{label: name}`` to ``totals[name]``, a running total kept elsewhere
+        (a feature's own counts): the counter is the exported state, never lowered."""
+        with self._lock:
+            for name, total in totals.items():
+                key = self._key({label: name})
+                if total > self._values.get(key, 0.0):
+                    self._values[key] = float(total)
+
 
 class GaugeChild(_Child):
     __slots__ = ()
@@ -262,6 +271,15 @@ class Registry:
         """Register and return a counter."""
         family = Counter(name, documentation, labelnames)
         self._add(family)
+        return family
+
+    def counter_of(
+        self, name: str, documentation: str, label: str, totals: Callable[[], Mapping[str, float]]
+    ) -> Counter:
+        """A counter with one label that follows ``totals()`` (name -> running total) at each
+        render, for counts a feature keeps itself (see :meth:`Counter.follow`)."""
+        family = self.counter(name, documentation, [label])
+        self.on_collect(lambda: family.follow(label, totals()))
         return family
 
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
     from gossip.core import Membership
     from overlay.mdns import EnrollAdvert
 
-    from ..metrics import Counter as MetricCounter
-
 log = FeatureHost.logger("enroll")
 # Removed when a copied state dir becomes a new node (agent): tokens issued by the original
 # are the original's to honour (they name its address), never used twice through a copy.
@@ -65,7 +62,6 @@ class Enroll:
         self._server: EnrollmentServer | None = None
         self._store: TokenStore | None = None
         self._address: Address | None = None
-        self._exported: Counter[str] = Counter()
         self._advert: EnrollAdvert | None = None
         self._advertising: asyncio.Task[None] | None = None
 
@@ -97,12 +93,12 @@ class Enroll:
         host.register_command("token-revoke", self._cmd_revoke)
         host.add_status(self._status)
         if host.metrics is not None:
-            counter = host.metrics.counter(
+            host.metrics.counter_of(
                 "edgeagent_enrollments_total",
                 "Enrollment attempts at this issuer, by outcome (issued, expired, forged, ...).",
-                ["outcome"],
+                "outcome",
+                lambda: self._require_server().counts,
             )
-            host.metrics.on_collect(lambda: self._export(counter))
         log.info(f"enrollment listening on {format_addr(self._address)}")
         if config.mdns:
             self._advertising = asyncio.get_running_loop().create_task(self._advertise(host))
@@ -223,14 +219,6 @@ class Enroll:
         address = format_addr(self._address) if self._address is not None else None
         enroll = {"address": address, "tokens_usable": usable, **dict(server.counts)}
         return {"enroll": enroll, "enroll_mdns": self._advert is not None}
-
-    def _export(self, counter: MetricCounter) -> None:
-        counts = self._require_server().counts
-        for outcome, total in counts.items():
-            grown = total - self._exported[outcome]
-            if grown > 0:
-                counter.labels(outcome=outcome).inc(grown)
-                self._exported[outcome] = total
 
     def _require_host(self) -> FeatureHost:
         if self._host is None:

@@ -81,7 +81,6 @@ class Policy:
         self.high_water = 0
         self.refusals: dict[str, int] = dict.fromkeys(pol.REASONS, 0)
         self.last_refusal: str | None = None
-        self._exported: dict[str, int] = {}
         self.denied = 0  # channel requests refused by the intentions (CoAP 4.03)
         self._lock = asyncio.Lock()
 
@@ -112,12 +111,12 @@ class Policy:
         host.register_command("policy-status", lambda request: self.status())
         host.add_status(lambda: {"policy_version": self.version, "policy_refusals": dict(self.refusals)})
         if host.metrics is not None:
-            counter = host.metrics.counter(
+            host.metrics.counter_of(
                 "edgeagent_policy_refusals_total",
                 "Signed policy bundles refused, by reason (bad_signature, rollback, expired, ...).",
-                ["reason"],
+                "reason",
+                lambda: self.refusals,
             )
-            host.metrics.on_collect(lambda: self._export(counter))
 
     async def stop(self) -> None:
         return None
@@ -143,13 +142,6 @@ class Policy:
             return
         self.active, self.source, self.last_sync = decision.bundle, source, applied
         log.info("policy restored", extra=fields(version=self.version, source=source))
-
-    def _export(self, counter: Any) -> None:
-        for reason, count in self.refusals.items():
-            grown = count - self._exported.get(reason, 0)
-            if grown > 0:
-                counter.labels(reason=reason).inc(grown)
-                self._exported[reason] = count
 
     async def cmd_apply(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """``path``: a signed envelope file on this machine (the CLI sends its absolute path)."""

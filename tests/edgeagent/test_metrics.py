@@ -66,6 +66,20 @@ def test_counter_and_gauge_render_with_help_type_and_labels() -> None:
     assert drops.value(reason="decrypt") == 3
 
 
+def test_counter_of_follows_running_totals_and_never_goes_down() -> None:
+    registry = Registry()
+    totals = {"issued": 2, "forged": 0}
+    counter = registry.counter_of("edgeagent_x_total", "things", "outcome", lambda: totals)
+    registry.render()
+    registry.render()  # the same totals again add nothing
+    assert counter.value(outcome="issued") == 2 and counter.value(outcome="forged") == 0
+    totals["forged"] = 3
+    totals["issued"] = 1  # a source that went down (a restart of its owner) never lowers it
+    text = registry.render()
+    assert 'edgeagent_x_total{outcome="forged"} 3' in text
+    assert counter.value(outcome="issued") == 2
+
+
 def test_label_values_are_escaped() -> None:
     reg = Registry()
     g = reg.gauge("g", "x", ["node"])

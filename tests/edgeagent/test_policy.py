@@ -275,12 +275,14 @@ def test_refusals_reach_the_metrics_counter() -> None:
     from edgeagent.metrics import Registry
 
     registry = Registry()
-    counter = registry.counter("edgeagent_policy_refusals_total", "refusals", ["reason"])
     policy = Policy()
+    counter = registry.counter_of(
+        "edgeagent_policy_refusals_total", "refusals", "reason", lambda: policy.refusals
+    )
     key = Ed25519PrivateKey.generate()
     for data in (b"not json", pol.sign(b"version = 1\nissued = 1\n", key)):  # key not trusted
         policy._refuse(pol.decide(data, {}, 0, time.time()), "local")
-    policy._export(counter)
-    policy._export(counter)  # exported once, not again
+    registry.render()
+    registry.render()  # exported once, not again
     assert counter.value(reason="malformed") == 1 and counter.value(reason="unknown_key") == 1
     assert policy.last_refusal is not None and policy.last_refusal.startswith("unknown_key: ")
