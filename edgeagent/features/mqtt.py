@@ -235,6 +235,10 @@ class Endpoint:
         }
 
 
+class _CannotListen(Exception):
+    """A listener could not be had; ``str()`` says why (the OS reason alone)."""
+
+
 class Mqtt:
     """The MQTT listener of one agent and the broker behind it."""
 
@@ -279,43 +283,44 @@ class Mqtt:
         host.register_command("mqtt", lambda request: self.status_fields())
 
     async def _listen(self, host: FeatureHost) -> tuple[str, int] | None:
-        assert host.config.mqtt is not None and self.endpoint is not None
+        assert host.config.mqtt is not None
         where, port = host.config.mqtt
-        loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_server(self.endpoint.protocol, where, port)
-        except OSError as exc:  # asyncio's message repeats the address: say only why
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            address = await self._bind(where, port, None)
+        except _CannotListen as exc:
             if host.config.mqtt_explicit:
-                raise ConfigError(f"mqtt {where}:{port}: cannot listen: {why}") from None
+                raise ConfigError(f"mqtt {where}:{port}: cannot listen: {exc}") from None
             log.warning(
                 "mqtt: default port taken, no MQTT listener (set --mqtt HOST:PORT or off)",
-                extra=fields(addr=f"{where}:{port}", error=why),
+                extra=fields(addr=f"{where}:{port}", error=str(exc)),
             )
             return None
-        self._servers.append(server)
-        sock = server.sockets[0].getsockname()
-        log.info("mqtt listening", extra=fields(addr=f"{where}:{sock[1]}"))
-        return (where, int(sock[1]))
+        log.info("mqtt listening", extra=fields(addr=f"{where}:{address[1]}"))
+        return address
 
     async def _listen_tls(self, tls: MqttTls) -> tuple[str, int]:
         """The TLS listener: same broker, TLS >= 1.2, client certificates if ``tls.ca``."""
-        assert self.endpoint is not None
-        context = tls_context(tls)
         where, port = tls.listen
+        try:
+            address = await self._bind(where, port, tls_context(tls))
+        except _CannotListen as exc:
+            raise ConfigError(f"mqtt.tls_listen {where}:{port}: cannot listen: {exc}") from None
+        log.info(
+            "mqtt TLS listening",
+            extra=fields(addr=f"{where}:{address[1]}", client_certs=tls.ca is not None),
+        )
+        return address
+
+    async def _bind(self, where: str, port: int, context: ssl.SSLContext | None) -> tuple[str, int]:
+        """One listener of the broker (plain, or TLS with ``context``); the address it got."""
+        assert self.endpoint is not None
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(self.endpoint.protocol, where, port, ssl=context)
-        except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConfigError(f"mqtt.tls_listen {where}:{port}: cannot listen: {why}") from None
+        except OSError as exc:  # asyncio's message repeats the address: say only why
+            raise _CannotListen(os.strerror(exc.errno) if exc.errno else str(exc)) from None
         self._servers.append(server)
-        sock = server.sockets[0].getsockname()
-        log.info(
-            "mqtt TLS listening",
-            extra=fields(addr=f"{where}:{sock[1]}", client_certs=tls.ca is not None),
-        )
-        return (where, int(sock[1]))
+        return (where, int(server.sockets[0].getsockname()[1]))
 
     def status_fields(self) -> dict[str, Any]:
         where, tls = self.address, self.tls_address
