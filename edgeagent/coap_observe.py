@@ -43,7 +43,6 @@ from overlay.pki import CertIdentity
 from .channel import ChannelUnavailable
 from .coap_proxy import (
     CHANNEL_MARGIN_S,
-    FORBIDDEN,
     IngressSite,
     Router,
     endpoint_address,
@@ -257,10 +256,8 @@ class Observations:
                 ReplyStatus.REFUSED, co.final_failure(cr.Failure.MALFORMED, str(exc))
             )
             return
-        authorize = self.router.authorize
-        if authorize is not None and not authorize(peer, req.service):
-            self.router.stats["channel_forbidden"] += 1
-            denied = cr.Message(FORBIDDEN, (), b"denied by policy")
+        denied = self.router.forbidden(peer, req.service)
+        if denied is not None:
             yield co.encode_notification(ReplyStatus.ANSWERED, denied)
             return
         found = self._instance(req)

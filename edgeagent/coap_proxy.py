@@ -513,18 +513,25 @@ class Router:
             status, response = ReplyStatus.REFUSED, cr.Message(INTERNAL_ERROR, (), b"")
         return cr.encode_reply(status, response)
 
+    def forbidden(self, peer: str, service: str) -> cr.Message | None:
+        """The 4.03 for a peer's request (or observe registration) the intentions deny; None
+        when allowed. Answered, not refused: the ingress must not try another instance nor
+        count the instance as failing. Checked before the instance lookup, so a denied peer
+        learns nothing about what is served here."""
+        if self.authorize is None or self.authorize(peer, service):
+            return None
+        self.stats["channel_forbidden"] += 1
+        return cr.Message(FORBIDDEN, (), b"denied by policy")
+
     async def _serve(self, data: bytes, identity: CertIdentity) -> tuple[ReplyStatus, cr.Message]:
         try:
             req = cr.decode_request(data)
         except cr.CoapFormatError as exc:
             self.stats["channel_malformed"] += 1
             return ReplyStatus.REFUSED, _failure(cr.Failure.MALFORMED, str(exc))
-        if self.authorize is not None and not self.authorize(identity.name, req.service):
-            # Answered, not refused: the ingress must not try another instance nor count the
-            # instance as failing; the client gets 4.03 (checked before the instance lookup,
-            # so a denied peer learns nothing about what is served here).
-            self.stats["channel_forbidden"] += 1
-            return ReplyStatus.ANSWERED, cr.Message(FORBIDDEN, (), b"denied by policy")
+        denied = self.forbidden(identity.name, req.service)
+        if denied is not None:
+            return ReplyStatus.ANSWERED, denied
         inst = next(
             (
                 i

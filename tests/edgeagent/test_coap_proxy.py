@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import socket
 import struct
@@ -179,7 +180,8 @@ def _owner_router() -> Router:
     return Router(_Directory(catalog), "me", lambda name: None, Upstream())
 
 
-IDENTITY = CertIdentity.__new__(CertIdentity)
+# A peer as the channel authenticates it (the router reads its name for the intentions).
+IDENTITY = CertIdentity("peer", "0" * 32, dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
 
 
 def test_owner_refuses_malformed_unknown_and_spent_requests() -> None:
