@@ -408,6 +408,10 @@ class Catalog:
         """Every service name some node publishes, sorted."""
         return sorted(self._index())
 
+    def services_of(self, node: str) -> set[str]:
+        """The service names ``node`` publishes instances of (empty if none)."""
+        return {inst.name for inst in self._by_node.get(node, ())}
+
     def instances(self, service: str) -> list[Instance]:
         """Every published instance of ``service`` (whatever its health), in a stable order."""
         return list(self._index().get(service, ()))

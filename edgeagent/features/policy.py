@@ -210,8 +210,7 @@ class Policy:
         the ones it publishes in the catalog. Denials are counted (``policy_denied``)."""
         if self.active is None:
             return True
-        catalog = self.host.feature("services").catalog
-        running = {i.name for s in catalog.services() for i in catalog.instances(s) if i.node == node}
+        running = self.host.feature("services").catalog.services_of(node)
         allowed = self.allows(node, running, destination)
         if not allowed:
             self.denied += 1

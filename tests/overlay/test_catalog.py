@@ -249,6 +249,15 @@ def _catalog() -> Catalog:
     return cat
 
 
+def test_services_of_a_node_follow_what_it_publishes() -> None:
+    cat = _catalog()
+    assert cat.services_of("b") == {"temp", "hum"}
+    assert cat.on_state("b", encode_instances([make_instance("hum", "coap://10.0.2.1:5683")]))
+    assert cat.services_of("b") == {"hum"}
+    assert cat.on_state("b", None)
+    assert cat.services_of("b") == set() and cat.services_of("nobody") == set()
+
+
 def test_healthy_view_follows_member_states_and_ejections() -> None:
     cat = _catalog()
     assert cat.services() == ["hum", "temp"]
