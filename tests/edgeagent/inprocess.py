@@ -96,7 +96,13 @@ async def start(
     state_dir.mkdir(exist_ok=True)
     agent = make_agent(state_dir, name, *flags, shared=shared)
     task = asyncio.create_task(agent.run())
-    await call(state_dir, "status")  # the control socket answers from the start...
+    answered = asyncio.ensure_future(call(state_dir, "status"))
+    # the control socket answers from the start, unless the agent fails before it opens
+    await asyncio.wait({answered, task}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        answered.cancel()
+        raise AssertionError(f"the agent exited {task.result()} before its control socket answered")
+    await answered
     await wait_for(lambda: agent.started or task.done(), "the agent's features to start")
     if task.done():
         task.result()  # raise the agent's error
