@@ -1,4 +1,4 @@
-"""edgeagent.coap_proxy in one process: the deduplication bound, the upstream pool, the owner side."""
+"""edgeagent.coap_proxy in one process: the deduplication bound, the upstream client, the owner side."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import struct
 import aiocoap
 import aiocoap.resource as resource
 import pytest
-from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
 from edgeagent import coap_proxy
 from edgeagent.coap_proxy import DEDUP_MAX, Router, Upstream, bound_deduplication
@@ -24,20 +23,24 @@ from overlay.pki import CertIdentity
 
 
 class Counting(resource.Resource):
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         super().__init__()
+        self.delay = delay
         self.renders = 0
+        self.active = self.peak = 0
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         self.renders += 1
-        await asyncio.sleep(0.05 if request.opt.uri_path[-1:] == ("slow",) else 0)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(self.delay)
+        self.active -= 1
         return aiocoap.Message(payload=b"x")
 
 
 async def _server(site_resource: Counting) -> tuple[aiocoap.Context, int]:
     root = resource.Site()
     root.add_resource([], site_resource)
-    root.add_resource(["slow"], site_resource)
     port = free_port(["127.0.0.1"])
     ctx = await aiocoap.Context.create_server_context(
         root, bind=("127.0.0.1", port), transports=["udp6"]
@@ -77,58 +80,80 @@ def test_deduplication_is_bounded_and_still_catches_a_retransmission() -> None:
     assert before > DEDUP_MAX and after == before  # the duplicate was not rendered again
 
 
-def test_upstream_opens_contexts_for_concurrent_cons_to_one_instance() -> None:
-    async def run() -> tuple[list[cr.ReplyStatus], int]:
-        counting = Counting()
+def test_upstream_keeps_many_cons_in_flight_to_one_instance_on_one_socket() -> None:
+    """aiocoap's NSTART=1 made a slow instance a one-at-a-time pipe; our client does not."""
+
+    async def run() -> tuple[list[cr.ReplyStatus], int, int]:
+        counting = Counting(delay=0.05)
         ctx, port = await _server(counting)
-        upstream = Upstream(limit=8)
-        await upstream.start()
-        inst = make_instance("t", f"coap://127.0.0.1:{port}")
-        msg = cr.Message(1, ((cr.URI_PATH, b"slow"),), b"", cr.CON)
-        results = await asyncio.gather(*(upstream.forward(inst, msg, 5.0) for _ in range(12)))
-        contexts = upstream.stats["contexts"]
-        await upstream.close()
-        await ctx.shutdown()
-        return [status for status, _ in results], contexts
-
-    statuses, contexts = asyncio.run(run())
-    assert statuses == [cr.ReplyStatus.ANSWERED] * 12
-    assert contexts == 8  # grew to the limit instead of one CON at a time
-
-
-def _resolutions(ttl: float, monkeypatch: pytest.MonkeyPatch) -> int:
-    """How often aiocoap resolves an instance's address for 6 tries one after another."""
-    calls = 0
-    real = MessageInterfaceUDP6.determine_remote
-
-    async def counting(self: MessageInterfaceUDP6, request: aiocoap.Message) -> object:
-        nonlocal calls
-        calls += 1
-        return await real(self, request)
-
-    monkeypatch.setattr(MessageInterfaceUDP6, "determine_remote", counting)
-    monkeypatch.setattr(coap_proxy, "RESOLVED_TTL_S", ttl)
-
-    async def run() -> list[cr.ReplyStatus]:
-        ctx, port = await _server(Counting())
-        upstream = Upstream(limit=1)
+        upstream = Upstream()
         await upstream.start()
         inst = make_instance("t", f"coap://127.0.0.1:{port}")
         msg = cr.Message(1, (), b"", cr.CON)
-        statuses = [(await upstream.forward(inst, msg, 5.0))[0] for _ in range(6)]
+        results = await asyncio.gather(*(upstream.forward(inst, msg, 5.0) for _ in range(12)))
+        opened = upstream.stats["opened"]
         await upstream.close()
         await ctx.shutdown()
-        return statuses
+        return [status for status, _ in results], counting.peak, opened
 
-    assert asyncio.run(run()) == [cr.ReplyStatus.ANSWERED] * 6
-    return calls
+    statuses, peak, opened = asyncio.run(run())
+    assert statuses == [cr.ReplyStatus.ANSWERED] * 12
+    assert peak > 1 and opened == 1  # rendered side by side, all over one socket
 
 
-def test_upstream_resolves_an_instance_once_per_context_until_the_ttl(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert _resolutions(30.0, monkeypatch) == 1
-    assert _resolutions(0.0, monkeypatch) == 6  # expired at once: resolved every time
+def test_upstream_answers_with_the_instances_response() -> None:
+    async def run() -> tuple[cr.ReplyStatus, cr.Message]:
+        ctx, port = await _server(Counting())
+        upstream = Upstream()
+        await upstream.start()
+        inst = make_instance("t", f"coap://127.0.0.1:{port}")
+        result = await upstream.forward(inst, cr.Message(1, (), b"", cr.NON), 5.0)
+        await upstream.close()
+        await ctx.shutdown()
+        return result
+
+    status, response = asyncio.run(run())
+    assert status == cr.ReplyStatus.ANSWERED
+    assert (response.code, response.payload, response.token) == (cr.code(2, 5), b"x", b"")
+
+
+def test_upstream_reports_a_stopped_instance_unreachable_at_once() -> None:
+    """The ICMP port-unreachable fails the try (5.02, the balancer moves on): no timeout."""
+
+    async def run() -> tuple[cr.ReplyStatus, int]:
+        upstream = Upstream()
+        await upstream.start()
+        inst = make_instance("t", f"coap://127.0.0.1:{free_port(['127.0.0.1'])}")
+        status, _ = await upstream.forward(inst, cr.Message(1, (), b"", cr.CON), 30.0)
+        await upstream.close()
+        return status, upstream.stats["timeouts"]
+
+    assert asyncio.run(asyncio.wait_for(run(), 10.0)) == (cr.ReplyStatus.UNREACHABLE, 0)
+
+
+def _opened(host: str, ttl: float, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many sockets the upstream opens (and so name lookups) for 6 tries in a row."""
+    monkeypatch.setattr(coap_proxy, "RESOLVED_TTL_S", ttl)
+
+    async def run() -> int:
+        ctx, port = await _server(Counting())
+        upstream = Upstream()
+        await upstream.start()
+        inst = make_instance("t", f"coap://{host}:{port}")
+        msg = cr.Message(1, (), b"", cr.CON)
+        statuses = [(await upstream.forward(inst, msg, 5.0))[0] for _ in range(6)]
+        assert statuses == [cr.ReplyStatus.ANSWERED] * 6
+        await upstream.close()
+        await ctx.shutdown()
+        return upstream.stats["opened"]
+
+    return asyncio.run(run())
+
+
+def test_upstream_resolves_a_name_once_until_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _opened("localhost", 30.0, monkeypatch) == 1
+    assert _opened("localhost", 0.0, monkeypatch) == 6  # expired at once: resolved every time
+    assert _opened("127.0.0.1", 0.0, monkeypatch) == 1  # an address is never looked up
 
 
 def _reprs_while_serving(unnamed: bool, monkeypatch: pytest.MonkeyPatch) -> int:
@@ -219,7 +244,7 @@ def test_ingress_answers_503_without_live_instances_and_502_without_a_channel() 
 
 
 def test_upstream_module_constants_are_sane() -> None:
-    assert coap_proxy.DEDUP_LIFETIME_S < 247 and coap_proxy.UPSTREAM_CONTEXTS >= 8
+    assert coap_proxy.DEDUP_LIFETIME_S < 247 and coap_proxy.UPSTREAM_LINKS >= 8
 
 
 def test_cached_address_checks_answer_as_aiocoap_and_stay_bounded() -> None:
