@@ -85,7 +85,11 @@ PeerLookup = Callable[[str], Peer | None]  # node name -> where its channel list
 # (peer node by its mTLS identity, destination service) -> allowed; the policy feature's
 # intentions (edgeagent.features.policy). None: every peer is allowed.
 Authorize = Callable[[str, str], bool]
+# source node -> within the policy's rate limits (a token taken); None: no limits
+RateCheck = Callable[[str], bool]
 FORBIDDEN = cr.code(4, 3)
+TOO_MANY_REQUESTS = cr.code(4, 29)  # RFC 8516, with Max-Age: when to try again
+MAX_AGE = 14
 
 
 # -- aiocoap <-> overlay.coap_route.Message ------------------------------------------------
@@ -438,6 +442,7 @@ class Router:
         self.directory, self.local, self.peers = directory, local, peers
         self.upstream, self.channel = upstream, channel
         self.authorize: Authorize | None = None  # set by the coap feature when policy is on
+        self.rate_check: RateCheck | None = None  # likewise
         self.stats: Counter[str] = Counter()
         # Block-wise transfers in progress: (client, service, path) -> instance key, so that
         # every block of one transfer reaches the same instance (most recent last, bounded).
@@ -537,6 +542,9 @@ class Router:
         routed = cr.Message(msg.code, options, msg.payload, msg.mtype)
         if inst.node == self.local:
             self.stats["local_tries"] += 1
+            limited = self.limited(self.local)
+            if limited is not None:
+                return _Try(None, limited)
             status, response = await self.upstream.forward(inst, routed, budget)
             return _Try(_outcome_of(status, response), response)
         self.stats["remote_tries"] += 1
@@ -587,13 +595,21 @@ class Router:
         self.stats["channel_forbidden"] += 1
         return cr.Message(FORBIDDEN, (), b"denied by policy")
 
+    def limited(self, source: str) -> cr.Message | None:
+        """The 4.29 for a request from ``source`` over the policy's rate limit; None when
+        within it. Answered, like a 4.03: neither retried elsewhere nor an instance failure."""
+        if self.rate_check is None or self.rate_check(source):
+            return None
+        self.stats["rate_limited"] += 1
+        return cr.Message(TOO_MANY_REQUESTS, ((MAX_AGE, cr.uint_option(1)),), b"rate limited")
+
     async def _serve(self, data: bytes, identity: CertIdentity) -> tuple[ReplyStatus, cr.Message]:
         try:
             req = cr.decode_request(data)
         except cr.CoapFormatError as exc:
             self.stats["channel_malformed"] += 1
             return ReplyStatus.REFUSED, _failure(cr.Failure.MALFORMED, str(exc))
-        denied = self.forbidden(identity.name, req.service)
+        denied = self.forbidden(identity.name, req.service) or self.limited(identity.name)
         if denied is not None:
             return ReplyStatus.ANSWERED, denied
         inst = next(

@@ -55,6 +55,13 @@ failing service gets at most ~20% more load, not 3x). A retry waits a fully jitt
 exponential backoff and goes to another instance if there is one (``exclude``). Each try
 has its own timeout, ``per_try_timeout_s``.
 
+Version splits (``ServicePolicy.split``, a policy bundle's ``splits``): ``(version, weight)``
+pairs. Before locality, a try draws a version in proportion to the weights, among the
+versions that have a usable instance (a version with none gets no traffic and its share goes
+to the others, as a weighted cluster that has gone away); the tiers and the instance are then
+chosen among that version's instances (by ``version`` tag). When no instance carries any
+split version, the split is ignored and counted (``split_unmatched``).
+
 Fault injection (``FaultPolicy``): per request, delay by ``delay_s`` with
 ``delay_percent`` probability and abort with ``abort_code`` with ``abort_percent``.
 
@@ -151,6 +158,7 @@ class ServicePolicy:
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     fault: FaultPolicy | None = None
+    split: tuple[tuple[str, int], ...] = ()  # (version tag, weight): see "Version splits"
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +287,7 @@ class Balancer:
             "retries_refused_budget": 0,
             "faults_delayed": 0,
             "faults_aborted": 0,
+            "split_unmatched": 0,
             "pruned": 0,
         }
 
@@ -328,10 +337,41 @@ class Balancer:
             self.stats["no_healthy"] += 1
             return Pick(None, PickReason.NO_HEALTHY)
         policy = self.policy(service)
+        if policy.split:
+            published, usable = self._split(policy, published, usable, request_key)
         tier, members = self._choose_tier(policy, published, usable, request_key)
         self.stats["picks"] += 1
         return Pick(
             self._choose(policy, service, members, request_key, now), PickReason.PICKED, tier
+        )
+
+    def _split(
+        self,
+        policy: ServicePolicy,
+        published: list[Instance],
+        usable: list[Instance],
+        key: str | None,
+    ) -> tuple[list[Instance], list[Instance]]:
+        """The published and usable instances of the version the split draws."""
+        present = {inst.version for inst in usable}
+        weights = [(tag, w) for tag, w in policy.split if w > 0 and tag in present]
+        if not weights:
+            self.stats["split_unmatched"] += 1
+            return published, usable
+        total = sum(w for _, w in weights)
+        if policy.lb == Policy.HASH and key is not None:
+            draw = _hash64(key, b"split") / 2**64 * total
+        else:
+            draw = self.rng.random() * total
+        chosen = weights[-1][0]
+        for tag, w in weights:
+            if draw < w:
+                chosen = tag
+                break
+            draw -= w
+        return (
+            [i for i in published if i.version == chosen],
+            [i for i in usable if i.version == chosen],
         )
 
     def _tier_of(self, inst: Instance) -> Tier:

@@ -26,18 +26,20 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import aiocoap
 
 from overlay import coap_route as cr
+from overlay.balancer import Balancer
 from overlay.catalog import (
     CatalogError,
     Instance,
     make_instance,
 )
 from overlay.coap_observe import OBSERVE_ENVELOPE
+from overlay.policy_enforce import service_policies
 
 from ..channel import Channel
 from ..coap_observe import Observations, ObservingSite
@@ -53,6 +55,9 @@ from ..control import ControlError
 from ..errors import ConfigError
 from ..host import DEBUG_COMMANDS_ENV, FeatureHost
 from ..logs import fields
+
+if TYPE_CHECKING:  # not at run time: imported only when the policy feature is on
+    from overlay.policy import Bundle
 
 log = FeatureHost.logger("coap")
 
@@ -89,6 +94,8 @@ class Coap:
         policy = host.feature("policy")  # on with [policy] trusted_keys, started before us
         if policy is not None:
             self.router.authorize = policy.allows_peer
+            self.router.rate_check = policy.within_rate
+            policy.on_change(self._enforcer(directory.balancer))
         self.observations = Observations(self.router)
         await self.observations.start()
         chan.register(cr.ENVELOPE_VERSION, self.router.serve_channel)
@@ -108,6 +115,28 @@ class Coap:
         if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
             host.register_command("debug-coap-publish", lambda r: self._register(services, r))
         return services  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _enforcer(balancer: Balancer) -> Callable[[Bundle | None], None]:
+        """A policy listener: the bundle's splits, retries, timeouts and faults become the
+        balancer's per-service policies, at once; services it no longer names go back to the
+        default. A try in flight keeps the timeout it started with."""
+        applied: set[str] = set()
+
+        def enforce(bundle: Bundle | None) -> None:
+            policies = service_policies(bundle, balancer.default)
+            for name in applied - policies.keys():
+                balancer.set_policy(name, None)
+            for name, policy in policies.items():
+                balancer.set_policy(name, policy)
+            applied.clear()
+            applied.update(policies)
+            if bundle is not None:
+                log.info(
+                    "policy enforced", extra=fields(version=bundle.version, services=len(policies))
+                )
+
+        return enforce
 
     @staticmethod
     async def _register(services: Any, request: Mapping[str, Any]) -> Any:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from overlay import policy as pol
+from overlay.policy_enforce import RateLimiter
 
 from ..control import ControlError
 from ..errors import ConfigError
@@ -58,7 +59,9 @@ def load_store(path: Path) -> tuple[int, bytes | None, str | None, float | None]
     mark = doc.get("high_water") if ok else None
     envelope = doc.get("envelope") if ok else None
     if type(mark) is not int or mark < 0 or not isinstance(envelope, str):
-        raise ConfigError(f"{path}: corrupt: expected a policy store (v {FILE_VERSION}); restore it")
+        raise ConfigError(
+            f"{path}: corrupt: expected a policy store (v {FILE_VERSION}); restore it"
+        )
     source = doc.get("source") if isinstance(doc.get("source"), str) else None
     applied = doc.get("applied_at") if isinstance(doc.get("applied_at"), (int, float)) else None
     return mark, envelope.encode(), source, applied
@@ -82,6 +85,8 @@ class Policy:
         self.refusals: dict[str, int] = dict.fromkeys(pol.REASONS, 0)
         self.last_refusal: str | None = None
         self.denied = 0  # channel requests refused by the intentions (CoAP 4.03)
+        self.limiter = RateLimiter({})
+        self._listeners: list[Callable[[pol.Bundle | None], None]] = []
         self._lock = asyncio.Lock()
 
     @property
@@ -109,7 +114,9 @@ class Policy:
             await asyncio.wrap_future(host.set_state(STATE_KEY, version))
         host.register_command("policy-apply", self.cmd_apply)
         host.register_command("policy-status", lambda request: self.status())
-        host.add_status(lambda: {"policy_version": self.version, "policy_refusals": dict(self.refusals)})
+        host.add_status(
+            lambda: {"policy_version": self.version, "policy_refusals": dict(self.refusals)}
+        )
         if host.metrics is not None:
             host.metrics.counter_of(
                 "edgeagent_policy_refusals_total",
@@ -141,6 +148,7 @@ class Policy:
             )
             return
         self.active, self.source, self.last_sync = decision.bundle, source, applied
+        self._changed()
         log.info("policy restored", extra=fields(version=self.version, source=source))
 
     async def cmd_apply(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,12 +177,32 @@ class Policy:
             try:
                 await asyncio.wait_for(asyncio.shield(saved), SAVE_WAIT_S)
             except TimeoutError:
-                raise ControlError(f"policy version {version} not applied: {self.path} not saved") from None
+                raise ControlError(
+                    f"policy version {version} not applied: {self.path} not saved"
+                ) from None
             self.high_water = version
             self.active, self.source, self.last_sync = decision.bundle, source, applied_at
+            self._changed()
         await asyncio.wrap_future(self.host.set_state(STATE_KEY, version))
         log.info("policy applied", extra=fields(version=version, source=source))
         return {"accepted": True, "version": version, "reason": None, "detail": decision.detail}
+
+    def on_change(self, listener: Callable[[pol.Bundle | None], None]) -> None:
+        """Call ``listener`` with the active bundle now and after every change (the data
+        plane's enforcement: the balancer's per-service policies)."""
+        self._listeners.append(listener)
+        listener(self.active)
+
+    def _changed(self) -> None:
+        limits = self.active.rate_limits if self.active is not None else {}
+        limited = self.limiter.limited
+        self.limiter = RateLimiter(limits)
+        self.limiter.limited = limited  # the count is the agent's, not the bundle's
+        for listener in self._listeners:
+            try:
+                listener(self.active)
+            except Exception:  # a listener's bug must not undo an accepted, saved bundle
+                log.exception("policy listener failed")
 
     def _refuse(self, decision: pol.Decision, source: str) -> dict[str, Any]:
         reason = decision.reason or "invalid"
@@ -182,7 +210,9 @@ class Policy:
         self.last_refusal = f"{reason}: {decision.detail}"
         log.warning(
             "policy bundle refused",
-            extra=fields(reason=reason, detail=decision.detail, source=source, high_water=self.high_water),
+            extra=fields(
+                reason=reason, detail=decision.detail, source=source, high_water=self.high_water
+            ),
         )
         return {"accepted": False, "version": None, "reason": reason, "detail": decision.detail}
 
@@ -197,6 +227,7 @@ class Policy:
             "trusted_keys": sorted(self.trusted),
             "expires": self.active.expires if self.active is not None else None,
             "denied": self.denied,
+            "rate_limited": self.limiter.limited,
         }
 
     def allows(self, node: str, services: Iterable[str], destination: str) -> bool:
@@ -215,3 +246,11 @@ class Policy:
         if not allowed:
             self.denied += 1
         return allowed
+
+    def within_rate(self, node: str) -> bool:
+        """The bundle's ``rate_limits`` for one request from ``node`` (a peer's mTLS identity,
+        or this node for its own clients), whatever service it is for; a refusal is counted."""
+        if not self.limiter.limits:
+            return True
+        running = self.host.feature("services").catalog.services_of(node)
+        return self.limiter.allow(node, running, time.monotonic())

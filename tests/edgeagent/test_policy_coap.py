@@ -134,14 +134,21 @@ def test_real_agents_deny_with_403_then_allow_after_a_new_bundle(tmp_path: Path)
         return asyncio.run(run())
 
     deny = '{source = "node:node2", destination = "temperature", action = "deny"}'
-    with LoopbackCluster(2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]) as cluster:
+    with LoopbackCluster(
+        2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]
+    ) as cluster:
         cluster.wait_converged(30.0)
         owner, ingress = cluster.agents
         port = free_port([owner.host])
         server = start_server(owner.host, port, owner.name)
         try:
-            owner.call("debug-coap-publish", instances=[{"name": "temperature", "uri": f"coap://{owner.host}:{port}"}])
-            cluster.wait_for(lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance")
+            owner.call(
+                "debug-coap-publish",
+                instances=[{"name": "temperature", "uri": f"coap://{owner.host}:{port}"}],
+            )
+            cluster.wait_for(
+                lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance"
+            )
             assert str(get(ingress.host).code) == "2.05 Content"  # no policy yet
             assert owner.call("policy-apply", path=signed(1, deny))["accepted"]
             assert str(get(ingress.host).code) == "4.03 Forbidden"
@@ -149,6 +156,70 @@ def test_real_agents_deny_with_403_then_allow_after_a_new_bundle(tmp_path: Path)
             assert owner.call("status")["coap_stats"]["channel_forbidden"] == 1
             assert owner.call("policy-apply", path=signed(2, ""))["accepted"]
             assert str(get(ingress.host).code) == "2.05 Content"
+        finally:
+            server.kill()
+            server.wait()
+
+
+def test_real_agents_enforce_faults_and_rate_limits_without_a_restart(tmp_path: Path) -> None:
+    """Two agent processes, node1 serving ``temperature``, clients on node2. v1 injects an
+    abort at the caller (node2's balancer): 5.03. v2, on both nodes, drops the fault and
+    limits node2 to a burst of 2 at node1: 2.05, 2.05, then 4.29. No agent restarts."""
+    import base64
+
+    import aiocoap
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from testbed.loopback import LoopbackCluster, free_port
+    from tests.edgeagent.test_coap import start_server
+
+    key = Ed25519PrivateKey.generate()
+    conf = tmp_path / "agent.toml"
+    raw = base64.b64encode(pol.raw_public_key(key.public_key())).decode()
+    conf.write_text(f'[policy]\ntrusted_keys = ["{raw}"]\n')
+
+    def signed(version: int, sections: str) -> str:
+        path = tmp_path / f"v{version}.signed"
+        path.write_bytes(pol.sign(f"version = {version}\nissued = 1\n{sections}".encode(), key))
+        return str(path)
+
+    async def codes(host: str, n: int) -> list[str]:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        out = []
+        try:
+            for _ in range(n):
+                msg = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{host}/mesh/temperature/temp")
+                async with asyncio.timeout(15):
+                    out.append(str((await ctx.request(msg).response).code))
+        finally:
+            await ctx.shutdown()
+        return out
+
+    fault = '[faults.temperature]\nabort_percent = 100\nabort_code = "5.03"\n'
+    limit = '[rate_limits."node:node2"]\nrate = 0.001\nburst = 2\n'
+    with LoopbackCluster(
+        2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]
+    ) as cluster:
+        cluster.wait_converged(30.0)
+        owner, ingress = cluster.agents
+        port = free_port([owner.host])
+        server = start_server(owner.host, port, owner.name)
+        try:
+            owner.call(
+                "debug-coap-publish",
+                instances=[{"name": "temperature", "uri": f"coap://{owner.host}:{port}"}],
+            )
+            cluster.wait_for(
+                lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance"
+            )
+            assert ingress.call("policy-apply", path=signed(1, fault))["accepted"]
+            assert asyncio.run(codes(ingress.host, 1)) == ["5.03 Service Unavailable"]
+            for agent in (owner, ingress):
+                assert agent.call("policy-apply", path=signed(2, limit))["accepted"]
+            got = asyncio.run(codes(ingress.host, 3))
+            assert got == ["2.05 Content", "2.05 Content", "4.29 Too Many Requests"]
+            assert owner.call("policy-status")["rate_limited"] == 1
+            assert owner.call("status")["coap_stats"]["rate_limited"] == 1
         finally:
             server.kill()
             server.wait()
