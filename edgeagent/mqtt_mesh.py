@@ -41,6 +41,7 @@ import collections
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gossip import events as ev
@@ -95,10 +96,12 @@ class MeshLink:
         self.broker: Broker | None = None
         self.run: Any = None  # Endpoint.run, set by the feature
         self.durable: Any = None  # SessionStore.durable when sessions are saved (the feature)
+        # (peer, topic) -> the policy lets that peer's clients publish it (features/mqtt.py)
+        self.may_publish: Callable[[str, str], bool] | None = None
         self.stats = {
             "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
             "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
-            "retained_pulls": 0,
+            "retained_pulls": 0, "mesh_denied": 0,
         }  # fmt: skip
         self._pending: tuple[str, Plan] | None = None
         self._interest: Any = None
@@ -297,6 +300,10 @@ class MeshLink:
             self._warn.warn(f"impostor {identity.name}", time.monotonic(),
                             "mqtt mesh: envelope names another origin", peer=identity.name)  # fmt: skip
             return REFUSED
+        if self.may_publish is not None:
+            allowed = [env for env in envelopes if self.may_publish(identity.name, env.topic)]
+            self.stats["mesh_denied"] += len(envelopes) - len(allowed)
+            envelopes = allowed  # dropped, yet acknowledged: a retry would be refused again
         assert self.broker is not None
         version = self.broker.persist_version
         self._deliver(envelopes)
@@ -317,7 +324,9 @@ class MeshLink:
             if env.retain and env.stamp is not None:
                 self._merge_retained([(env.topic, env.payload, env.qos, env.stamp)], env.properties)
             if self.router.accept(env) and (env.plain or env.groups):
-                publish = Publish(env.topic, env.payload, env.qos, env.retain, properties=env.properties)
+                publish = Publish(
+                    env.topic, env.payload, env.qos, env.retain, properties=env.properties
+                )
                 todo.append((publish, env))
         if not todo:
             return
@@ -331,7 +340,9 @@ class MeshLink:
         self.run(None, deliver_all)
 
     def status(self) -> dict[str, Any]:
-        interested = sum(1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares))
+        interested = sum(
+            1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares)
+        )
         return {
             **self.stats,
             **{f"router_{k}": v for k, v in vars(self.router.stats).items()},

@@ -5,6 +5,7 @@
   tag), ``retries.attempts`` (the retries after the first try), ``timeouts`` (the per-try
   timeout, seconds) and ``faults`` (delay / abort injection), each over the agent's default for
   whatever the bundle leaves out. A service the bundle does not name keeps the default.
+- MQTT topic permissions: :mod:`overlay.mqtt.permissions` (imported only with MQTT on).
 - :class:`RateLimiter`: ``rate_limits``, a token bucket per source node for each selector
   (``node:NAME``, ``service:NAME``: any node running it, ``*``: every node); the most specific
   selector that matches the source decides (node, then service, then ``*``, like the

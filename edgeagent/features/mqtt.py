@@ -261,6 +261,7 @@ class Mqtt:
             config = BrokerConfig(share_here=self.mesh.share_here, retain_stamp=self.mesh.stamp)
         else:
             config = BrokerConfig()  # no channel: this node's clients only
+        config = self._with_permissions(host, config)
         self.endpoint = Endpoint(Broker(config))
         from ..mqtt_sessions import SessionStore
 
@@ -281,6 +282,41 @@ class Mqtt:
             self.attach.start()
         host.add_status(self.status_fields)
         host.register_command("mqtt", lambda request: self.status_fields())
+
+    def _with_permissions(self, host: FeatureHost, config: BrokerConfig) -> BrokerConfig:
+        """With the policy feature on, its bundle's ``mqtt.permissions`` decide what this
+        node's clients may publish and subscribe, and what a peer's messages may reach
+        them (``MeshLink.may_publish``, by the peer's mTLS identity); a new bundle applies
+        to the next packet."""
+        policy = host.feature("policy")
+        if policy is None:
+            return config
+        from overlay.mqtt.permissions import TopicPermissions
+
+        catalog = host.feature("services").catalog
+        me = host.identity.name
+        current = [TopicPermissions(())]
+        policy.on_change(
+            lambda bundle: current.__setitem__(
+                0, TopicPermissions(bundle.permissions if bundle else ())
+            )
+        )
+
+        def may_publish(node: str, topic: str) -> bool:
+            perms = current[0]
+            return not perms.entries or perms.may_publish(node, catalog.services_of(node), topic)
+
+        def may_subscribe(topic_filter: str) -> bool:
+            perms = current[0]
+            return not perms.entries or perms.may_subscribe(
+                me, catalog.services_of(me), topic_filter
+            )
+
+        if self.mesh is not None:
+            self.mesh.may_publish = may_publish
+        return dataclasses.replace(
+            config, may_publish=lambda topic: may_publish(me, topic), may_subscribe=may_subscribe
+        )
 
     async def _listen(self, host: FeatureHost) -> tuple[str, int] | None:
         assert host.config.mqtt is not None

@@ -174,6 +174,10 @@ class BrokerConfig:
     # Which share groups this broker serves for a message accepted here on a topic (None:
     # all of them). The mesh layer sets it so a group spanning agents gets a message once.
     share_here: Callable[[str], Collection[str] | None] | None = None
+    # This node's policy (overlay.mqtt.permissions), asked per PUBLISH topic and SUBSCRIBE
+    # filter of a local client; None: everything allowed. A refusal: "not authorized".
+    may_publish: Callable[[str], bool] | None = None
+    may_subscribe: Callable[[str], bool] | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -230,6 +234,7 @@ class BrokerStats:
     protocol_errors: int = 0
     wills_published: int = 0
     publishes_received: int = 0
+    publishes_denied: int = 0  # by the policy's mqtt.permissions
     publishes_from_mesh: int = 0
     mesh_publishes_refused: int = 0
     publishes_sent: int = 0
@@ -242,6 +247,7 @@ class BrokerStats:
     unknown_acks: int = 0
     packets_after_close: int = 0
     subscriptions_refused: int = 0
+    subscriptions_denied: int = 0  # by the policy's mqtt.permissions
     retained_set: int = 0
     retained_cleared: int = 0
     retained_refused: int = 0
@@ -738,6 +744,9 @@ class Broker:
             return
         if p.qos == 2 and len(s.incoming_qos2) >= self.config.receive_maximum:
             raise _Violation(Reason.RECEIVE_MAXIMUM_EXCEEDED)
+        if self.config.may_publish is not None and not self.config.may_publish(p.topic):
+            self._deny_publish(c, s, p, out)
+            return
         self.stats.publishes_received += 1
         if p.qos == 1:
             out.append(Send(c.conn, Puback(pid)))
@@ -746,6 +755,19 @@ class Broker:
             out.append(Send(c.conn, Puback(pid, PacketType.PUBREC)))
         msg = Message(p.topic, p.payload, p.qos, p.retain, p.properties, now, s.client_id)
         self._accept(msg, now, out)
+
+    def _deny_publish(self, c: _Conn, s: Session, p: Publish, out: list[Output]) -> None:
+        """A PUBLISH the policy refuses: dropped and counted; MQTT 5 learns why from the ack
+        (0x87), 3.1.1 has no way to say it and gets the usual ack (as mosquitto's ACLs)."""
+        self.stats.publishes_denied += 1
+        pid = p.packet_id or 0
+        reason = Reason.NOT_AUTHORIZED if c.level == MQTT5 else Reason.SUCCESS
+        if p.qos == 1:
+            out.append(Send(c.conn, Puback(pid, reason=reason)))
+        elif p.qos == 2:
+            if reason == Reason.SUCCESS:  # 3.1.1: the exchange goes on to PUBREL / PUBCOMP
+                s.incoming_qos2.add(pid)
+            out.append(Send(c.conn, Puback(pid, PacketType.PUBREC, reason)))
 
     def _accept(self, msg: Message, now: float, out: list[Output]) -> None:
         """A message accepted here: retained store, local delivery, then routed out."""
@@ -952,6 +974,11 @@ class Broker:
         if parsed is None:
             self.stats.subscriptions_refused += 1
             return Reason.TOPIC_FILTER_INVALID
+        if self.config.may_subscribe is not None and not self.config.may_subscribe(
+            sub.topic_filter
+        ):
+            self.stats.subscriptions_denied += 1
+            return Reason.NOT_AUTHORIZED
         new = sub.topic_filter not in s.subscriptions
         if new and len(s.subscriptions) >= self.config.max_subscriptions_per_session:
             self.stats.subscriptions_refused += 1
