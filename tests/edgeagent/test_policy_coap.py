@@ -4,7 +4,9 @@ a peer the active policy denies is answered 4.03 before any instance is looked u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,76 +100,12 @@ def test_denied_peer_cannot_register_an_observation() -> None:
     assert policy.denied == 1
 
 
-def test_real_agents_deny_with_403_then_allow_after_a_new_bundle(tmp_path: Path) -> None:
-    """Two agent processes: node1 serves ``temperature``, clients ask node2. A bundle denying
-    node2 makes node1 answer 4.03 (counted on node1); the next version, applied
-    without a restart, lets the request through."""
+@contextlib.contextmanager
+def _serving_pair(tmp_path: Path) -> Iterator[tuple[Any, Any, Callable[[int, str], str]]]:
+    """Two agent processes trusting one policy key, node1 serving ``temperature`` and node2
+    seeing it: (owner, ingress, signed) with ``signed(version, sections)`` an envelope path."""
     import base64
 
-    import aiocoap
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from testbed.loopback import LoopbackCluster, free_port
-    from tests.edgeagent.test_coap import start_server
-
-    key = Ed25519PrivateKey.generate()
-    conf = tmp_path / "agent.toml"
-    raw = base64.b64encode(pol.raw_public_key(key.public_key())).decode()
-    conf.write_text(f'[policy]\ntrusted_keys = ["{raw}"]\n')
-
-    def signed(version: int, rules: str) -> str:
-        path = tmp_path / f"v{version}.signed"
-        text = f"version = {version}\nissued = 1\n[intentions]\nrules = [{rules}]\n"
-        path.write_bytes(pol.sign(text.encode(), key))
-        return str(path)
-
-    def get(host: str) -> aiocoap.Message:
-        async def run() -> aiocoap.Message:
-            ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-            try:
-                msg = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{host}/mesh/temperature/temp")
-                async with asyncio.timeout(15):
-                    return await ctx.request(msg).response
-            finally:
-                await ctx.shutdown()
-
-        return asyncio.run(run())
-
-    deny = '{source = "node:node2", destination = "temperature", action = "deny"}'
-    with LoopbackCluster(
-        2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]
-    ) as cluster:
-        cluster.wait_converged(30.0)
-        owner, ingress = cluster.agents
-        port = free_port([owner.host])
-        server = start_server(owner.host, port, owner.name)
-        try:
-            owner.call(
-                "debug-coap-publish",
-                instances=[{"name": "temperature", "uri": f"coap://{owner.host}:{port}"}],
-            )
-            cluster.wait_for(
-                lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance"
-            )
-            assert str(get(ingress.host).code) == "2.05 Content"  # no policy yet
-            assert owner.call("policy-apply", path=signed(1, deny))["accepted"]
-            assert str(get(ingress.host).code) == "4.03 Forbidden"
-            assert owner.call("policy-status")["denied"] == 1
-            assert owner.call("status")["coap_stats"]["channel_forbidden"] == 1
-            assert owner.call("policy-apply", path=signed(2, ""))["accepted"]
-            assert str(get(ingress.host).code) == "2.05 Content"
-        finally:
-            server.kill()
-            server.wait()
-
-
-def test_real_agents_enforce_faults_and_rate_limits_without_a_restart(tmp_path: Path) -> None:
-    """Two agent processes, node1 serving ``temperature``, clients on node2. v1 injects an
-    abort at the caller (node2's balancer): 5.03. v2, on both nodes, drops the fault and
-    limits node2 to a burst of 2 at node1: 2.05, 2.05, then 4.29. No agent restarts."""
-    import base64
-
-    import aiocoap
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from testbed.loopback import LoopbackCluster, free_port
@@ -183,20 +121,6 @@ def test_real_agents_enforce_faults_and_rate_limits_without_a_restart(tmp_path: 
         path.write_bytes(pol.sign(f"version = {version}\nissued = 1\n{sections}".encode(), key))
         return str(path)
 
-    async def codes(host: str, n: int) -> list[str]:
-        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-        out = []
-        try:
-            for _ in range(n):
-                msg = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{host}/mesh/temperature/temp")
-                async with asyncio.timeout(15):
-                    out.append(str((await ctx.request(msg).response).code))
-        finally:
-            await ctx.shutdown()
-        return out
-
-    fault = '[faults.temperature]\nabort_percent = 100\nabort_code = "5.03"\n'
-    limit = '[rate_limits."node:node2"]\nrate = 0.001\nburst = 2\n'
     with LoopbackCluster(
         2, coap=True, debug_commands=True, extra_args=["--config", str(conf)]
     ) as cluster:
@@ -212,14 +136,56 @@ def test_real_agents_enforce_faults_and_rate_limits_without_a_restart(tmp_path: 
             cluster.wait_for(
                 lambda: len(ingress.call("coap")["instances"]) == 1, 30.0, "node2 sees the instance"
             )
-            assert ingress.call("policy-apply", path=signed(1, fault))["accepted"]
-            assert asyncio.run(codes(ingress.host, 1)) == ["5.03 Service Unavailable"]
-            for agent in (owner, ingress):
-                assert agent.call("policy-apply", path=signed(2, limit))["accepted"]
-            got = asyncio.run(codes(ingress.host, 3))
-            assert got == ["2.05 Content", "2.05 Content", "4.29 Too Many Requests"]
-            assert owner.call("policy-status")["rate_limited"] == 1
-            assert owner.call("status")["coap_stats"]["rate_limited"] == 1
+            yield owner, ingress, signed
         finally:
             server.kill()
             server.wait()
+
+
+def _codes(host: str, n: int = 1) -> list[str]:
+    """The response codes of ``n`` GETs of temperature through the agent at ``host``."""
+    import aiocoap
+
+    async def run() -> list[str]:
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        out = []
+        try:
+            for _ in range(n):
+                msg = aiocoap.Message(code=aiocoap.GET, uri=f"coap://{host}/mesh/temperature/temp")
+                async with asyncio.timeout(15):
+                    out.append(str((await ctx.request(msg).response).code))
+        finally:
+            await ctx.shutdown()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_real_agents_deny_with_403_then_allow_after_a_new_bundle(tmp_path: Path) -> None:
+    """node1 serves ``temperature``, clients ask node2. A bundle denying node2 makes node1
+    answer 4.03 (counted on node1); the next version, applied without a restart, lets the
+    request through."""
+    deny = '[intentions]\nrules = [{source = "node:node2", destination = "temperature", action = "deny"}]\n'
+    with _serving_pair(tmp_path) as (owner, ingress, signed):
+        assert _codes(ingress.host) == ["2.05 Content"]  # no policy yet
+        assert owner.call("policy-apply", path=signed(1, deny))["accepted"]
+        assert _codes(ingress.host) == ["4.03 Forbidden"]
+        assert owner.call("policy-status")["denied"] == 1
+        assert owner.call("status")["coap_stats"]["channel_forbidden"] == 1
+        assert owner.call("policy-apply", path=signed(2, ""))["accepted"]
+        assert _codes(ingress.host) == ["2.05 Content"]
+
+
+def test_real_agents_enforce_faults_and_rate_limits_without_a_restart(tmp_path: Path) -> None:
+    """v1 injects an abort at the caller (node2's balancer): 5.03. v2, on both nodes, drops
+    the fault and limits node2 to a burst of 2 at node1: 2.05, 2.05, then 4.29."""
+    fault = '[faults.temperature]\nabort_percent = 100\nabort_code = "5.03"\n'
+    limit = '[rate_limits."node:node2"]\nrate = 0.001\nburst = 2\n'
+    with _serving_pair(tmp_path) as (owner, ingress, signed):
+        assert ingress.call("policy-apply", path=signed(1, fault))["accepted"]
+        assert _codes(ingress.host) == ["5.03 Service Unavailable"]
+        for agent in (owner, ingress):
+            assert agent.call("policy-apply", path=signed(2, limit))["accepted"]
+        assert _codes(ingress.host, 3) == ["2.05 Content", "2.05 Content", "4.29 Too Many Requests"]
+        assert owner.call("policy-status")["rate_limited"] == 1
+        assert owner.call("status")["coap_stats"]["rate_limited"] == 1
