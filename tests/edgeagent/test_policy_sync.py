@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
+import hashlib
+import ipaddress
 import json
+import logging
+import random
+import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 from edgeagent.features.policy import Policy
 from edgeagent.localmesh import free_port
+from edgeagent.policy_sync import CloudPoll, Reporter
 from overlay import policy as pol
 from tests.edgeagent import inprocess
 from tests.edgeagent.inprocess import Running, call, wait_for
@@ -164,3 +177,277 @@ async def test_forged_or_rolled_back_bundles_from_a_peer_are_refused(base: Path)
         assert c.peers.backoff_of(12)[0] >= 1  # version 12 is backed off, not fetched in a loop
     finally:
         await mesh.stop_all()
+
+
+# -- the cloud endpoint ----------------------------------------------------------------------
+
+
+def _name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
+def make_ca(tmp: Path, label: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(label)).issuer_name(_name(label))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    path = tmp / f"{label}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert, path
+
+
+def server_cert(
+    tmp: Path, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name("policy-endpoint")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp / "server.pem", tmp / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class Endpoint:
+    """The cloud: GET /policy serves ``envelope`` with an ETag (304 on a match); POST /report
+    keeps each report. Stop and start again on the same port to simulate an outage."""
+
+    def __init__(self, tmp: Path) -> None:
+        ca_key, ca_cert, self.ca = make_ca(tmp, "cloud-ca")
+        self.cert, self.key = server_cert(tmp, ca_key, ca_cert)
+        self.envelope = b""
+        self.answers: list[int] = []  # status of each GET
+        self.reports: list[dict[str, Any]] = []
+        self.port = 0
+        self.server: ThreadingHTTPServer | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/policy"
+
+    @property
+    def report_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/report"
+
+    def start(self) -> None:
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = endpoint.envelope
+                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+                status = 304 if self.headers.get("If-None-Match") == etag else 200
+                endpoint.answers.append(status)
+                self.send_response(status)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", "0" if status == 304 else str(len(body)))
+                self.end_headers()
+                if status == 200:
+                    self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                endpoint.reports.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return None
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, self.key)
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        server.handle_error = lambda request, address: None  # type: ignore[method-assign]
+        self.port = server.server_address[1]
+        self.server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Endpoint]:
+    endpoint = Endpoint(tmp_path)
+    yield endpoint
+    endpoint.stop()
+
+
+class FakePolicy:
+    """The accept rule without an agent: :func:`overlay.policy.decide` and a mark."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self.trusted = pol.trusted_keys([key.public_key()])
+        self.high_water = 0
+        self.envelope: bytes | None = None
+        self.outcomes: list[tuple[str, str | None]] = []
+
+    async def offer(self, data: bytes, source: str) -> dict[str, Any]:
+        decision = pol.decide(data, self.trusted, self.high_water, time.time())
+        if decision.accepted:
+            assert decision.bundle is not None
+            self.high_water, self.envelope = decision.bundle.version, data
+        self.outcomes.append((source, decision.reason))
+        return {"accepted": decision.accepted, "reason": decision.reason}
+
+
+async def test_poll_takes_updates_uses_the_etag_and_refuses_a_tampered_bundle(
+    cloud: Endpoint,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    policy = FakePolicy(key)
+    poll = CloudPoll(policy, cloud.url, cloud.ca, interval=30.0)
+    cloud.envelope = envelope(key, 1)
+    assert await poll.poll_once() == 30.0
+    assert policy.high_water == 1 and policy.outcomes == [("cloud", None)]
+    await poll.poll_once()  # unchanged: 304, nothing offered
+    assert (
+        cloud.answers == [200, 304]
+        and poll.stats["not_modified"] == 1
+        and len(policy.outcomes) == 1
+    )
+    doc = json.loads(envelope(key, 2))
+    doc["bundle"] = base64.b64encode(pol.parse_envelope(envelope(key, 3)).bundle).decode()
+    cloud.envelope = json.dumps(doc).encode()
+    await poll.poll_once()
+    await poll.poll_once()  # the refused one is not offered again while its ETag holds
+    assert policy.outcomes[1:] == [("cloud", "bad_signature")] and cloud.answers[-1] == 304
+    cloud.envelope = envelope(key, 1)  # a replayed old bundle
+    await poll.poll_once()
+    cloud.envelope = envelope(key, 2)
+    await poll.poll_once()
+    assert [r for _, r in policy.outcomes[2:]] == ["rollback", None] and policy.high_water == 2
+    assert poll.status()["reachable"] and poll.status()["etag"]
+
+
+async def test_poll_outage_backs_off_logs_once_and_recovers(
+    cloud: Endpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    policy = FakePolicy(key)
+    poll = CloudPoll(policy, cloud.url, cloud.ca, interval=20.0, rng=random.Random(7))
+    cloud.stop()
+    caplog.set_level(logging.INFO, logger="edgeagent.policy")
+    delays = [await poll.poll_once() for _ in range(8)]
+    assert poll.stats["failures"] == 8 and not poll.status()["reachable"]
+    assert all(a <= b * 2 for a, b in zip(delays, delays[1:], strict=False))  # growing
+    assert max(delays) <= 20.0 and delays[0] <= 1.0 and len(set(delays)) == len(delays)  # jitter
+    assert "Connection" in (poll.status()["last_error"] or "")
+    cloud.envelope = envelope(key, 5)
+    cloud.start()
+    assert await poll.poll_once() == 20.0 and policy.high_water == 5
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgeagent.policy"]
+    assert lines == ["policy endpoint unreachable", "policy endpoint reachable again"]
+
+
+async def test_poll_refuses_an_endpoint_certificate_of_another_ca(
+    cloud: Endpoint, tmp_path: Path
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    policy = FakePolicy(key)
+    _, _, other = make_ca(tmp_path, "other-ca")
+    cloud.envelope = envelope(key, 1)
+    poll = CloudPoll(policy, cloud.url, other, interval=5.0)
+    await poll.poll_once()
+    assert policy.outcomes == [] and "CERTIFICATE_VERIFY_FAILED" in (
+        poll.status()["last_error"] or ""
+    )
+    assert cloud.answers == []  # no request got through
+
+
+async def test_report_is_sent_when_it_changes_and_rate_limited(cloud: Endpoint) -> None:
+    state = {"version": 1, "refusals": {"rollback": 0}}
+    reporter = Reporter(cloud.report_url, cloud.ca, interval=7.0, reported=lambda: dict(state))
+    assert await reporter.report_once() == 7.0  # sent; the next not before 7 s
+    assert await reporter.report_once() == 0.0  # unchanged: nothing sent
+    state["version"] = 2
+    assert await reporter.report_once() == 7.0
+    assert [r["version"] for r in cloud.reports] == [1, 2] and "reported_at" in cloud.reports[0]
+    cloud.stop()
+    state["version"] = 3
+    assert 0 < await reporter.report_once() <= 7.0 and reporter.stats["failures"] == 1
+    assert reporter.sent is not None and reporter.sent["version"] == 2  # retried, not dropped
+
+
+async def test_agent_polls_the_cloud_spreads_to_a_peer_and_reports(
+    base: Path, cloud: Endpoint
+) -> None:
+    """a polls the endpoint; b (no url) gets the bundle from a; a reports its state up."""
+    key = Ed25519PrivateKey.generate()
+    cloud.envelope = envelope(key, 3)
+    extra = f'url = "{cloud.url}"\nca = "{cloud.ca}"\ninterval = 0.3\nreport_url = "{cloud.report_url}"\n'
+    mesh = Mesh(base, write_config(base, key, extra))
+    try:
+        await mesh.start("a")
+        await enforcing(mesh, "a", 3)
+        mesh.conf = write_config(base, key)  # b has no cloud connection
+        await mesh.start("b", join="a")
+        await enforcing(mesh, "ab", 3)
+        status = await call(mesh.agents["a"].state_dir, "policy-status")
+        assert status["source"] == "cloud" and status["cloud"]["reachable"]
+        assert (await call(mesh.agents["b"].state_dir, "policy-status"))["source"] == "peer:a"
+        cloud.envelope = envelope(key, 4)
+        await enforcing(mesh, "ab", 4)
+        await wait_for(lambda: any(r.get("version") == 4 for r in cloud.reports), "a report of v4")
+        report = next(r for r in cloud.reports if r.get("version") == 4)
+        assert report["node"] == "a" and report["source"] == "cloud"
+        assert report["health"]["members_alive"] == 2 and "rollback" in report["refusals"]
+        await wait_for(lambda: 304 in cloud.answers, "a conditional poll answered 304")
+    finally:
+        await mesh.stop_all()
+
+
+def test_config_sync_keys_and_their_errors(tmp_path: Path) -> None:
+    import argparse
+
+    from edgeagent.commands.policy import render_status
+    from edgeagent.config import add_agent_arguments, load_config
+    from edgeagent.errors import ConfigError
+
+    key = Ed25519PrivateKey.generate()
+    parser = argparse.ArgumentParser()
+    add_agent_arguments(parser)
+
+    def load(extra: str) -> Any:
+        conf = write_config(tmp_path, key, extra)
+        return load_config(parser.parse_args(["--config", str(conf), "--state-dir", str(tmp_path)]))
+
+    config = load('url = "https://cloud.example:8443/p?site=1"\nca = "ca.pem"\ninterval = 5\n')
+    assert (
+        config.policy_url == "https://cloud.example:8443/p?site=1"
+        and config.policy_interval_s == 5.0
+    )
+    assert config.policy_ca == tmp_path / "ca.pem" and config.policy_report_url == ""
+    for bad, where in (('url = "http://cloud/p"', "policy.url"), ("interval = 0", "policy.interval"),
+                       ('report_url = "https://:99999/"', "policy.report_url")):  # fmt: skip
+        with pytest.raises(ConfigError, match=where):
+            load(bad + "\n")
+    text = render_status(
+        {
+            "version": 2,
+            "cloud": {"url": "https://c/p", "reachable": False, "last_error": "HTTP 503"},
+        }
+    )
+    assert "cloud: https://c/p unreachable (HTTP 503)" in text
