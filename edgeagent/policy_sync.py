@@ -52,6 +52,7 @@ from overlay.pki import CertIdentity
 
 from .channel import ChannelUnavailable
 from .control import ControlError
+from .errors import ConfigError
 from .host import FeatureHost
 from .logs import fields
 
@@ -220,8 +221,13 @@ class TooLarge(Exception):
 
 
 def tls_context(ca: Path | None) -> ssl.SSLContext:
-    """Verify the endpoint against ``ca`` (a PEM file), else the system's CAs; name checked."""
-    return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    """Verify the endpoint against ``ca`` (a PEM file), else the system's CAs; name checked.
+    A ``ca`` that cannot be read or holds no certificate is a ConfigError (one line)."""
+    try:
+        return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or "no PEM certificate in it"
+        raise ConfigError(f"policy.ca: {ca}: cannot load the endpoint's CA ({why})") from None
 
 
 def https(

@@ -89,7 +89,7 @@ def run_sim(nodes: int, seed: int) -> dict[str, Any]:
     version: dict[str, int] = {}
     fetching: set[str] = set()
     enforced: dict[str, float] = {}
-    state = {"t0": None}
+    state: dict[str, float | None] = {"t0": None}
 
     def done(name: str, v: int) -> None:
         fetching.discard(name)

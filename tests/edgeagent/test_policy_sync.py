@@ -451,3 +451,13 @@ def test_config_sync_keys_and_their_errors(tmp_path: Path) -> None:
         }
     )
     assert "cloud: https://c/p unreachable (HTTP 503)" in text
+
+
+def test_an_unreadable_endpoint_ca_is_one_config_error(tmp_path: Path) -> None:
+    from edgeagent.errors import ConfigError
+    from edgeagent.policy_sync import tls_context
+
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
+        with pytest.raises(ConfigError, match=r"policy.ca: .*cannot load the endpoint's CA"):
+            tls_context(path)
