@@ -461,3 +461,43 @@ def test_an_unreadable_endpoint_ca_is_one_config_error(tmp_path: Path) -> None:
     for path in (tmp_path / "missing.pem", tmp_path / "junk.pem"):
         with pytest.raises(ConfigError, match=r"policy.ca: .*cannot load the endpoint's CA"):
             tls_context(path)
+
+
+async def test_peer_fetch_runs_one_round_at_a_time_and_backs_off_a_version() -> None:
+    """Unit: three peers advertise versions above ours; one request at a time; junk from every
+    peer ends the round and backs the version off; a malformed request is answered empty."""
+    from edgeagent.policy_sync import PEER_SERVICE, PeerFetch
+
+    key = Ed25519PrivateKey.generate()
+    policy = FakePolicy(key)
+    gate = asyncio.Event()
+    asked: list[str] = []
+    in_flight = [0, 0]  # now, most ever
+
+    async def request(peer: str, data: bytes, timeout: float) -> bytes:
+        assert data == bytes([PEER_SERVICE])
+        asked.append(peer)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        await gate.wait()
+        in_flight[0] -= 1
+        return b'{"v": 1, "bundle": "x"}'  # malformed
+
+    fetch = PeerFetch(policy, request, lambda: {"p1", "p2", "p3"}, rng=random.Random(1))
+    for peer in ("p1", "p2", "p3"):
+        fetch.seen(peer, 7)
+    fetch.seen("p4", "seven")  # not a version: ignored
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert asked and in_flight[1] == 1 and fetch.wanted() == 7
+    gate.set()
+    while fetch.backoff_of(7)[0] == 0:
+        await asyncio.sleep(0.01)
+    assert sorted(asked) == ["p1", "p2", "p3"] and in_flight[1] == 1
+    assert [r for _, r in policy.outcomes] == ["malformed"] * 3
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(asked) == 3  # backed off: no new round yet
+    assert fetch.backoff_of(7)[1] > asyncio.get_running_loop().time()
+    assert await fetch.serve(None, b"P?") == b"" and fetch.stats["bad_requests"] == 1  # type: ignore[arg-type]
+    await fetch.stop()
