@@ -123,8 +123,8 @@ def _holds_ca_key(config: AgentConfig) -> bool:
 
 
 def _needs_channel(config: AgentConfig) -> bool:
-    """The agent channel: on when a feature that uses it (CoAP, MQTT) is."""
-    return config.coap is not None or config.mqtt is not None
+    """The agent channel: on when a feature that uses it (CoAP, MQTT, policy from peers) is."""
+    return config.coap is not None or config.mqtt is not None or bool(config.policy_trusted_keys)
 
 
 # Start order; they stop in reverse. Addresses before DNS only for the log order: DNS consults

@@ -55,7 +55,9 @@ def register(subparsers: Any) -> None:
     ops = parser.add_subparsers(dest="op", metavar="OP", required=True)
     p = ops.add_parser("keygen", help="write a new operator key pair",
                        description=f"Writes DIR/{PRIVATE_NAME} (0600) and DIR/{PUBLIC_NAME}.")  # fmt: skip
-    p.add_argument("--out", metavar="DIR", default=".", help="directory for the key files (default: .)")
+    p.add_argument(
+        "--out", metavar="DIR", default=".", help="directory for the key files (default: .)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p = ops.add_parser("sign", help="sign a bundle file (validated first)",
                        description="Prints (or writes) the signed envelope of a bundle file.")  # fmt: skip
@@ -194,6 +196,13 @@ def render_status(s: dict[str, Any]) -> str:
     ]
     if s.get("last_refusal"):
         lines.append(f"last refusal: {s['last_refusal']}")
+    for name in ("cloud", "report"):
+        part = s.get(name)
+        if part:
+            state = (
+                "reachable" if part.get("reachable") else f"unreachable ({part.get('last_error')})"
+            )
+            lines.append(f"{name}: {part.get('url')} {state}")
     return "\n".join(lines)
 
 

@@ -88,7 +88,10 @@ Tables::
                 certificates required); attach = "HOST:PORT", attach_topics =
                 ["FILTER [in|out|both [QOS]]"] (bridge to an existing broker); see mqtt_extra
     [policy]    trusted_keys = ["policy-signing.pub", "<base64 of 32 bytes>"]: operators'
-                Ed25519 public keys for signed policy bundles (at most 16; none: off)
+                Ed25519 public keys for signed policy bundles (at most 16; none: off);
+                url = "https://..." (poll for the signed envelope, ETag), ca = PATH (the
+                endpoint's CA; default: the system's), interval = seconds (60),
+                report_url = "https://..." (the node's reported state is sent there)
 
 Relative paths in the file are relative to the file's directory. Unknown keys
 are errors. Every error is one :class:`~edgeagent.errors.ConfigError` line

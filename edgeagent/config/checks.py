@@ -238,7 +238,6 @@ def check_prefix(value: object) -> str:
         raise Invalid("an IP network such as 10.99.0.0/16 (no host bits set)") from None
 
 
-
 # DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the raw key follows, 32 bytes.
 _ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
 
@@ -264,7 +263,9 @@ def check_trusted_key(value: object, base: Path | None) -> bytes:
     try:
         data = path.read_bytes()[:4096].decode("ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise Invalid(f"a readable key file ({path}: {getattr(exc, 'strerror', None) or exc})") from None
+        raise Invalid(
+            f"a readable key file ({path}: {getattr(exc, 'strerror', None) or exc})"
+        ) from None
     body = "".join(line for line in data.splitlines() if not line.startswith("-----"))
     try:
         raw = base64.b64decode(body, validate=True)
@@ -275,3 +276,27 @@ def check_trusted_key(value: object, base: Path | None) -> bytes:
     if len(raw) == 32:
         return raw
     raise Invalid(f"an Ed25519 public key in {path} (PEM or base64)")
+
+
+def check_https_url(value: object) -> str:
+    """An ``https://HOST[:PORT]/PATH`` URL (the policy endpoint and the report endpoint)."""
+    from urllib.parse import urlsplit
+
+    from .schema import MAX_URL_CHARS
+
+    expected = f"an https:// URL of at most {MAX_URL_CHARS} characters"
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_URL_CHARS
+        or not value.isprintable()
+        or " " in value
+    ):
+        raise Invalid(expected)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise Invalid(expected) from None
+    if parts.scheme != "https" or not parts.hostname:
+        raise Invalid(expected)
+    return value

@@ -25,6 +25,7 @@ from .checks import (
     check_bind,
     check_bool,
     check_choice,
+    check_https_url,
     check_join_list,
     check_listener,
     check_name,
@@ -91,6 +92,7 @@ class Layer:
     services_mdns_export: bool | None = None
     services_site: str | None = None
     policy_trusted_keys: tuple[bytes, ...] | None = None
+    policy_sync: dict[str, Any] = field(default_factory=dict)  # url, ca, interval, report_url
 
 
 def file_layer(path: Path) -> Layer:
@@ -149,7 +151,25 @@ def file_layer(path: Path) -> Layer:
     layer.services_mdns_export = switches.get("mdns_export")
     layer.services_site = switches.get("site")
     layer.policy_trusted_keys = _policy_keys(reader, base)
+    layer.policy_sync = _policy_sync(reader, base)
     return layer
+
+
+def _policy_sync(reader: TableReader, base: Path) -> dict[str, Any]:
+    """``[policy] url / ca / interval / report_url`` (only the ones set)."""
+    table = reader.table("policy")
+    checks: dict[str, Callable[[object], Any]] = {
+        "url": check_https_url,
+        "report_url": check_https_url,
+        "ca": lambda v: check_path(v, base),
+        "interval": check_positive_number,
+    }
+    out = {}
+    for key, check in checks.items():
+        value = reader.get(table, key, check, "policy.")
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _policy_keys(reader: TableReader, base: Path) -> tuple[bytes, ...] | None:
@@ -160,7 +180,9 @@ def _policy_keys(reader: TableReader, base: Path) -> tuple[bytes, ...] | None:
         return None
     value = table["trusted_keys"]
     if not isinstance(value, list) or len(value) > MAX_TRUSTED_KEYS:
-        raise reader.error("policy.trusted_keys", f"a list of at most {MAX_TRUSTED_KEYS} keys", value)
+        raise reader.error(
+            "policy.trusted_keys", f"a list of at most {MAX_TRUSTED_KEYS} keys", value
+        )
     return tuple(_one_key(reader, item, i, base) for i, item in enumerate(value))
 
 
@@ -173,6 +195,7 @@ def _one_key(reader: TableReader, item: object, index: int, base: Path) -> bytes
 
 def flag_layer(args: argparse.Namespace) -> Layer:
     """What the ``run`` flags set (attributes missing from ``args`` count as not given)."""
+
     def check_flag(option: str, value: object, check: Callable[[object], Any]) -> Any:
         try:
             return check(value)
@@ -233,4 +256,3 @@ def profile_layer(profile: Profile) -> Layer:
         gossip=dict(profile.gossip_overrides),
         limits=dataclasses.asdict(profile.limits),
     )
-

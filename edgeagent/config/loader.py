@@ -41,6 +41,7 @@ from .schema import (
     DEFAULT_MQTT_HOST,
     DEFAULT_MQTT_PORT,
     DEFAULT_OVERLAY_PREFIX,
+    DEFAULT_POLICY_INTERVAL_S,
     DEFAULT_PRESET,
     AgentConfig,
     Features,
@@ -88,7 +89,9 @@ def load_config(
         if pick("metrics_on", False)
         else None
     )
-    dns = pick("dns_addr", (DEFAULT_LOCAL_HOST, DEFAULT_DNS_PORT)) if pick("dns_on", False) else None
+    dns = (
+        pick("dns_addr", (DEFAULT_LOCAL_HOST, DEFAULT_DNS_PORT)) if pick("dns_on", False) else None
+    )
     coap_addr = pick("coap_addr", None)
     coap = (coap_addr or (DEFAULT_COAP_HOST, DEFAULT_COAP_PORT)) if pick("coap_on", True) else None
     mqtt_addr = pick("mqtt_addr", None)
@@ -125,18 +128,22 @@ def load_config(
         name_is_default=pick("name", None) is None,
         enroll_port=pick("enroll_port", default_enroll_port(bind[1])),
         cluster_source=_cluster_source(file, flags),
-        **_services_and_policy(pick),
+        **_services_and_policy(pick, file.policy_sync),
     )
 
 
-def _services_and_policy(pick: Callable[[str, Any], Any]) -> dict[str, Any]:
-    """The [services] and [policy] fields of AgentConfig."""
+def _services_and_policy(pick: Callable[[str, Any], Any], sync: dict[str, Any]) -> dict[str, Any]:
+    """The [services] and [policy] fields of AgentConfig (``sync``: the file's url, ca, ...)."""
     return {
         "services": pick("services", ()),
         "services_mdns_import": pick("services_mdns_import", True),
         "services_mdns_export": pick("services_mdns_export", True),
         "services_site": pick("services_site", ""),
         "policy_trusted_keys": pick("policy_trusted_keys", ()),
+        "policy_url": sync.get("url", ""),
+        "policy_ca": sync.get("ca"),
+        "policy_interval_s": sync.get("interval", DEFAULT_POLICY_INTERVAL_S),
+        "policy_report_url": sync.get("report_url", ""),
     }
 
 

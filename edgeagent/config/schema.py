@@ -73,8 +73,10 @@ SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
 MQTT_KEYS = (  # the [mqtt] table (all but listen: config/mqtt_extra.py)
     "listen", "tls_listen", "tls_cert", "tls_key", "tls_ca", "attach", "attach_topics",
 )  # fmt: skip
-POLICY_KEYS = ("trusted_keys",)  # the [policy] table
+POLICY_KEYS = ("trusted_keys", "url", "ca", "interval", "report_url")  # the [policy] table
 MAX_TRUSTED_KEYS = 16
+DEFAULT_POLICY_INTERVAL_S = 60.0
+MAX_URL_CHARS = 2048
 # The port plain mDNS clients are told to use for an exported mesh service when the agent
 # has no CoAP listener setting of its own: CoAP's registered port (RFC 7252).
 DEFAULT_COAP_PORT = 5683
@@ -221,6 +223,13 @@ class AgentConfig:
     # [policy] trusted_keys: the operators' Ed25519 public keys (raw 32 bytes each) whose
     # signed policy bundles this agent accepts; empty: the policy feature is off.
     policy_trusted_keys: tuple[bytes, ...] = ()
+    # [policy] url / ca / interval / report_url: the cloud endpoint the agent polls for the
+    # signed envelope (HTTPS, ETag), the CA file its certificate must chain to (None: the
+    # system's), seconds between polls, and where the reported state is sent. "": none.
+    policy_url: str = ""
+    policy_ca: Path | None = None
+    policy_interval_s: float = DEFAULT_POLICY_INTERVAL_S
+    policy_report_url: str = ""
 
     @property
     def keyring_path(self) -> Path:

@@ -25,6 +25,7 @@ is not applied (logged); the mark stays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -32,14 +33,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from gossip import events as ev
+from gossip.messages import MemberState
 from overlay import policy as pol
 from overlay.policy_enforce import RateLimiter
 
 from ..control import ControlError
+from ..driver import View
 from ..errors import ConfigError
 from ..host import FeatureHost
 from ..logs import fields
 from ..persist import load_json
+from ..policy_sync import MAX_DETAIL_CHARS, PEER_SERVICE, CloudPoll, PeerFetch, Reporter
 
 STATE_FILE = "policy.json"
 STATE_KEY = "pv"  # replicated state: the policy version this node enforces
@@ -87,7 +92,12 @@ class Policy:
         self.denied = 0  # channel requests refused by the intentions (CoAP 4.03)
         self.limiter = RateLimiter({})
         self._listeners: list[Callable[[pol.Bundle | None], None]] = []
+        self.envelope: bytes | None = None  # the active bundle's envelope, as received
         self._lock = asyncio.Lock()
+        self.peers: PeerFetch | None = None
+        self.cloud: CloudPoll | None = None
+        self.reporter: Reporter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def host(self) -> FeatureHost:
@@ -117,6 +127,7 @@ class Policy:
         host.add_status(
             lambda: {"policy_version": self.version, "policy_refusals": dict(self.refusals)}
         )
+        await self._start_sync(host)
         if host.metrics is not None:
             host.metrics.counter_of(
                 "edgeagent_policy_refusals_total",
@@ -125,8 +136,65 @@ class Policy:
                 lambda: self.refusals,
             )
 
+    async def _start_sync(self, host: FeatureHost) -> None:
+        """Peers (over the channel, when it is on), the cloud poll and the report, if set."""
+        config = host.config
+        channel = host.feature("channel")
+        if channel is not None:
+            self.peers = PeerFetch(self, channel.request, channel.peers.names)
+            channel.register(PEER_SERVICE, self.peers.serve)
+            host.add_listener(self._on_update)
+            for member, value in await host.member_states(STATE_KEY):
+                if member.name != host.identity.name:
+                    self.peers.seen(member.name, value)
+        if config.policy_url:
+            self.cloud = CloudPoll(
+                self, config.policy_url, config.policy_ca, config.policy_interval_s
+            )
+            self._tasks.append(asyncio.ensure_future(self.cloud.run()))
+        if config.policy_report_url:
+            url, ca, every = config.policy_report_url, config.policy_ca, config.policy_interval_s
+            self.reporter = Reporter(url, ca, every, self.reported)
+            self._tasks.append(asyncio.ensure_future(self.reporter.run()))
+
+    def _on_update(self, events: tuple[ev.Event, ...], view: View) -> None:
+        assert self.peers is not None
+        for event in events:
+            if (
+                isinstance(event, ev.StateChanged)
+                and event.key == STATE_KEY
+                and event.owner != view.local.name
+            ):
+                self.peers.seen(event.owner, None if event.deleted else event.value)
+
     async def stop(self) -> None:
-        return None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.peers is not None:
+            await self.peers.stop()
+
+    def reported(self) -> dict[str, Any]:
+        """This node's reported state (what :class:`~edgeagent.policy_sync.Reporter` sends)."""
+        view = self.host.view
+        alive = sum(1 for m in view.members if m.state == MemberState.ALIVE)
+        return {
+            "node": self.host.identity.name,
+            "version": self.version,
+            "high_water": self.high_water,
+            "source": self.source,
+            "last_sync": self.last_sync,
+            "refusals": dict(self.refusals),
+            "last_refusal": self.last_refusal[:MAX_DETAIL_CHARS] if self.last_refusal else None,
+            "denied": self.denied,
+            "health": {
+                "members_alive": alive,
+                "members": len(view.members),
+                "health_score": view.health_score,
+            },
+        }
 
     @property
     def version(self) -> int | None:
@@ -149,6 +217,7 @@ class Policy:
             return
         self.active, self.source, self.last_sync = decision.bundle, source, applied
         self._changed()
+        self.envelope = envelope
         log.info("policy restored", extra=fields(version=self.version, source=source))
 
     async def cmd_apply(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,7 +252,10 @@ class Policy:
             self.high_water = version
             self.active, self.source, self.last_sync = decision.bundle, source, applied_at
             self._changed()
+            self.envelope = envelope
         await asyncio.wrap_future(self.host.set_state(STATE_KEY, version))
+        if self.reporter is not None:
+            self.reporter.changed()
         log.info("policy applied", extra=fields(version=version, source=source))
         return {"accepted": True, "version": version, "reason": None, "detail": decision.detail}
 
@@ -208,6 +280,8 @@ class Policy:
         reason = decision.reason or "invalid"
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         self.last_refusal = f"{reason}: {decision.detail}"
+        if self.reporter is not None:
+            self.reporter.changed()
         log.warning(
             "policy bundle refused",
             extra=fields(
@@ -228,6 +302,9 @@ class Policy:
             "expires": self.active.expires if self.active is not None else None,
             "denied": self.denied,
             "rate_limited": self.limiter.limited,
+            "peers": self.peers.status() if self.peers is not None else None,
+            "cloud": self.cloud.status() if self.cloud is not None else None,
+            "report": self.reporter.status() if self.reporter is not None else None,
         }
 
     def allows(self, node: str, services: Iterable[str], destination: str) -> bool:

@@ -1,7 +1,7 @@
-"""mqtt.permissions with real agents and real clients: node2's clients may publish only
-``site/+/telemetry``; a denied publish is refused to an MQTT 5 client ("not authorized") and
-never reaches node1's subscriber. node1 also checks node2's messages itself: with node2
-running no policy at all, node1 drops what its own bundle does not let node2 publish."""
+"""mqtt.permissions with real agents and real clients. node1 holds a bundle; node2 runs with
+no policy at all (so it forwards everything and does not fetch the bundle from node1): node1
+refuses its own clients what the bundle does not allow them (MQTT 5: "not authorized") and
+drops node2's messages on topics node2 may not publish, by node2's mTLS identity."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ def test_real_agents_enforce_topic_permissions(tmp_path: Path) -> None:
     signed = tmp_path / "v1.signed"
     signed.write_bytes(pol.sign(f"version = 1\nissued = 1\n{PERMS}".encode(), key))
 
-    with LoopbackCluster(2, mqtt=True, extra_args=["--config", str(conf)]) as cluster:
+    cluster = LoopbackCluster(2, mqtt=True, extra_args=["--config", str(conf)])
+    plain = cluster.agents[1]
+    plain.argv = plain.argv[: plain.argv.index("--config")]  # node2: no [policy]
+    with cluster:
         cluster.wait_converged(TIMEOUT)
         node1, node2 = cluster.agents
         port = str(cluster.mqtt_port)
@@ -64,16 +67,14 @@ def test_real_agents_enforce_topic_permissions(tmp_path: Path) -> None:
             lambda: int(node2.status()["mqtt_stats"].get("router_interest_nodes", 0)) >= 1,
             TIMEOUT, "node2 sees node1's interest",
         )  # fmt: skip
-        # node2 has no bundle yet: it forwards everything, node1 drops what node2 may not send
-        assert pub(node2.host, "site/cmd/reboot").returncode == 0
+        assert pub(node2.host, "site/cmd/reboot").returncode == 0  # node2 forwards it
         cluster.wait_for(
             lambda: node1.status()["mqtt_stats"].get("mesh_denied", 0) >= 1, TIMEOUT,
             "node1 drops node2's denied message",
         )  # fmt: skip
-        assert node2.call("policy-apply", path=str(signed))["accepted"]
-        v5 = pub(node2.host, "site/cmd/reboot", "-V", "mqttv5")
+        v5 = pub(node1.host, "site/1/telemetry", "-V", "mqttv5")  # node1 may not publish
         assert "not authorized" in (v5.stdout + v5.stderr).lower(), v5
-        assert node2.status()["mqtt_stats"]["publishes_denied"] == 1
+        assert node1.status()["mqtt_stats"]["publishes_denied"] == 1
         assert pub(node2.host, "site/1/telemetry").returncode == 0
         assert pub(node2.host, "site/2/telemetry").returncode == 0
         out, _ = subscriber.communicate(timeout=60)
