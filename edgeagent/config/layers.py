@@ -50,7 +50,9 @@ from .schema import (
     OVERLAY_KEYS,
     POLICY_KEYS,
     HostPort,
+    UplinkSettings,
 )
+from .uplink import read_uplink
 
 
 @dataclass(slots=True)
@@ -91,6 +93,7 @@ class Layer:
     services_mdns_export: bool | None = None
     services_site: str | None = None
     policy_trusted_keys: tuple[bytes, ...] | None = None
+    uplink: UplinkSettings | None = None
 
 
 def file_layer(path: Path) -> Layer:
@@ -149,6 +152,7 @@ def file_layer(path: Path) -> Layer:
     layer.services_mdns_export = switches.get("mdns_export")
     layer.services_site = switches.get("site")
     layer.policy_trusted_keys = _policy_keys(reader, base)
+    layer.uplink = read_uplink(reader, base)
     return layer
 
 

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
     "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
     "scaling": "simulator dissemination and bandwidth against N (10..10000) beside the analytic SWIM model",
+    "uplink": "MQTT uplink to a cloud mosquitto: holder SIGKILLed mid-stream (failover, QoS 1 lost), cloud outage (spool drain, order)",
     "all": "every benchmark at a small size; one Markdown page with tables and plots (--report DIR)",
 }
 
