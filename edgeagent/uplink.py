@@ -129,7 +129,7 @@ class Uplink:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return True
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    def tls_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls:
             return None
         ctx = ssl.create_default_context(cafile=self.cfg.ca_file)
@@ -148,7 +148,7 @@ class Uplink:
             protocol=aiomqtt.ProtocolVersion.V5,
             username=self.cfg.username,
             password=self.cfg.password,
-            tls_context=self._tls_context(),
+            tls_context=self.tls_context(),
             timeout=10,
             keepalive=30,
         )

@@ -43,6 +43,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import ssl
 import time
 from typing import Any
 
@@ -55,6 +56,7 @@ from overlay.uplink_select import STATE_KEY, UplinkSelector, encode_capability
 from ..bridge import EventsDropped
 from ..config.schema import UplinkSettings, UplinkTopic
 from ..driver import View
+from ..errors import ConfigError
 from ..host import FeatureHost
 from ..logs import fields
 from ..mqtt_attach import BridgeClient
@@ -68,6 +70,7 @@ BRIDGE_CONN = -2  # attach mode's bridge is -1; real connections are >= 1
 HOLD_GRACE_S = 2.0
 CHECK_S = 1.0  # the mode is re-judged at least this often (spool drained, grace over)
 WRITE_BATCH = 256
+SPOOL_RETRY_S = 1.0
 
 
 def to_remote(topics: tuple[UplinkTopic, ...], topic: str) -> tuple[UplinkTopic, str] | None:
@@ -106,6 +109,15 @@ def transport_config(settings: UplinkSettings, node: str) -> UplinkConfig:
     )
 
 
+def _check_tls(up: Uplink) -> None:
+    """The TLS files load (else one ConfigError naming the keys, at start, not per connect)."""
+    try:
+        up.tls_context()
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"uplink.ca_file / cert_file / key_file: cannot load: {why}") from None
+
+
 class UplinkFeature:
     """The uplink of one agent: capability, holder choice, bridge, spool, cloud client."""
 
@@ -118,6 +130,7 @@ class UplinkFeature:
         self.stats = {
             "up_spooled": 0, "up_qos0": 0, "up_qos0_dropped": 0, "down": 0, "down_dropped": 0,
             "loops_dropped": 0, "standby_dropped": 0, "takeovers": 0, "bad_values": 0,
+            "spool_errors": 0, "client_failures": 0,
         }  # fmt: skip
         self._host: FeatureHost | None = None
         self._endpoint: Any = None
@@ -147,6 +160,7 @@ class UplinkFeature:
             Spool, host.state_dir / SPOOL_DIR, max_bytes=settings.spool_max_bytes
         )
         self.up = Uplink(transport_config(settings, node), self.spool, self._deliver_down)
+        _check_tls(self.up)
         self._join_broker(node)
         host.add_listener(self._on_update)
         await self._catch_up()
@@ -184,6 +198,7 @@ class UplinkFeature:
             "sent": up.stats.sent if up else 0,
             "received": up.stats.received if up else 0,
             "connects": up.stats.connects if up else 0,
+            "connect_failures": up.stats.connect_failures if up else 0,
             "standby": len(self._standby),
             **self.stats,
             "spool": self.spool.status() if self.spool else {},
@@ -241,6 +256,13 @@ class UplinkFeature:
                 await asyncio.wait_for(self._changed.wait(), CHECK_S)
 
     def _set_mode(self, mode: str) -> None:
+        client = self._client
+        if client is not None and client.done() and not client.cancelled():
+            log.error("uplink: client failed, restarting it", exc_info=client.exception())
+            self._client = None
+            self.stats["client_failures"] += 1
+            if mode != "off":
+                self._start_client(mode)
         if mode == self.mode:
             return
         assert self.up is not None and self.selector is not None
@@ -256,9 +278,14 @@ class UplinkFeature:
             self._take_standby()
         self.mode = mode
         if mode != "off":
-            full = transport_config(self.settings, self.selector.local)  # type: ignore[arg-type]
-            self.up.cfg = full if mode == "hold" else dataclasses.replace(full, down=())
-            self._client = asyncio.create_task(self.up.run(), name="uplink-client")
+            self._start_client(mode)
+
+    def _start_client(self, mode: str) -> None:
+        """The cloud client; a draining former holder subscribes to nothing down."""
+        assert self.up is not None and self.selector is not None and self.settings is not None
+        full = transport_config(self.settings, self.selector.local)
+        self.up.cfg = full if mode == "hold" else dataclasses.replace(full, down=())
+        self._client = asyncio.create_task(self.up.run(), name="uplink-client")
 
     def _take_standby(self) -> None:
         """Becoming the holder: what the candidate remembers goes to the spool first."""
@@ -334,7 +361,15 @@ class UplinkFeature:
             while self._writes:
                 n = min(len(self._writes), WRITE_BATCH)
                 batch = [self._writes.popleft() for _ in range(n)]
-                self.stats["up_spooled"] += await self.up.append_many(batch)
+                try:
+                    self.stats["up_spooled"] += await self.up.append_many(batch)
+                except OSError as exc:  # full or failing disk: keep them, retry
+                    self._writes.extendleft(reversed(batch))
+                    self.stats["spool_errors"] += 1
+                    log.warning(
+                        "uplink spool: cannot write, retrying", extra=fields(error=str(exc))
+                    )
+                    await asyncio.sleep(SPOOL_RETRY_S)
 
     async def _deliver_down(self, topic: str, payload: bytes, retain: bool) -> None:
         """A message from the cloud: into the local broker (and so the mesh), marked."""

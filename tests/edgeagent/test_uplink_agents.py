@@ -10,10 +10,14 @@ same runs the benchmark makes). The cloud outage lasts ``EDGEAGENT_UPLINK_DOWN_S
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +25,12 @@ from edgeagent.config import add_agent_arguments, load_config
 from edgeagent.config.schema import UplinkTopic
 from edgeagent.errors import ConfigError
 from edgeagent.features.uplink import to_local, to_remote
+from edgeagent.localmesh import free_port
 from testbed.bench import uplink as bench
 from testbed.loopback import LoopbackCluster
+from tests.edgeagent.inprocess import call, start, stop
 from tests.edgeagent.test_cli_errors import assert_one_line_usage_error, edgeagent
+from tests.edgeagent.test_mqtt_tls_attach import _cert, _write
 
 needs_mosquitto = pytest.mark.skipif(
     bench.MOSQUITTO is None, reason="needs the mosquitto broker (Debian package mosquitto)"
@@ -216,3 +223,93 @@ def test_spool_survives_kill_9_during_an_outage() -> None:
     result = asyncio.run(bench.outage(n=1, down_s=DOWN_S, rate=20.0, kill=True))
     assert result["outage_lost"] == 0, result
     assert result["spool_drained_in_order"], result
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """tmp/pki: ca.crt, server.crt/.key (IP 127.0.0.1), client.crt/.key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("cloud ca", ca_key, None, ca=True)
+    _write(d / "ca", ca, ca_key)
+    for name, ip in (("server", "127.0.0.1"), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(d / name, _cert(name, key, (ca.subject, ca_key), ip=ip), key)
+    return d
+
+
+@needs_mosquitto
+async def test_tls_client_certificate_and_password_to_the_cloud(tmp_path: Path, pki: Path) -> None:
+    """mosquitto with TLS, required client certificates and a password file: the agent's
+    uplink gets through with the right ones (a local QoS 1 publish reaches the cloud
+    subscriber), and a wrong password keeps it out."""
+    import aiomqtt
+
+    port = free_port(["127.0.0.1"])
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "site1", "s3cret"], check=True,
+                   capture_output=True)  # fmt: skip
+    conf = tmp_path / "cloud.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\ncafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\n"
+        f"keyfile {pki / 'server.key'}\nrequire_certificate true\npassword_file {passwords}\n"
+        f"allow_anonymous false\nuser {getpass.getuser()}\n"  # as root: read our 0700 tmp dir
+    )
+    assert bench.MOSQUITTO is not None
+    cloud = subprocess.Popen([bench.MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    await bench.poll(lambda: _listening(port) or cloud.poll() is not None, "mosquitto", 10)
+    assert cloud.poll() is None, "mosquitto did not start"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    try:
+        for password, reaches in (("wrong", False), ("s3cret", True)):
+            config = tmp_path / f"agent-{password}.toml"
+            config.write_text(
+                f'[uplink]\nbrokers = ["127.0.0.1:{port}"]\ntopics = [\'s/# out 1 "" cloud/\']\n'
+                f'ca_file = "{pki / "ca.crt"}"\ncert_file = "{pki / "client.crt"}"\n'
+                f'key_file = "{pki / "client.key"}"\nusername = "site1"\npassword = "{password}"\n'
+            )
+            state = tmp_path / f"s-{password}"
+            agent = await start(state, "n1", ["--config", str(config), "--mqtt", "127.0.0.1:0"])
+            try:
+                await _tls_round(state, port, ctx, reaches, aiomqtt)
+            finally:
+                await stop(agent)
+    finally:
+        cloud.terminate()
+        cloud.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _uplink_until(state: Path, key: str, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + 60
+    while not (await call(state, "uplink")).get(key):
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def _tls_round(
+    state: Path, port: int, ctx: ssl.SSLContext, reaches: bool, aiomqtt: Any
+) -> None:
+    if not reaches:
+        await _uplink_until(state, "connect_failures", "refused connects")
+        assert not (await call(state, "uplink"))["connected_to"]
+        return
+    await _uplink_until(state, "connected_to", "the uplink connected")
+    status = await call(state, "status")
+    mqtt_port = int(status["mqtt"].rsplit(":", 1)[1])
+    async with aiomqtt.Client("127.0.0.1", port, username="site1", password="s3cret",
+                              tls_context=ctx) as sub:  # fmt: skip
+        await sub.subscribe("cloud/#", qos=1)
+        async with aiomqtt.Client("127.0.0.1", mqtt_port) as local:
+            await local.publish("s/temp", b"21.5", qos=1)
+        msg = await asyncio.wait_for(anext(aiter(sub.messages)), 30)
+        assert (str(msg.topic), msg.payload) == ("cloud/s/temp", b"21.5")
