@@ -51,7 +51,7 @@ from gossip import events as ev
 from overlay.mqtt.codec import check_topic_name
 from overlay.mqtt.packets import MQTT5, Connect, Properties, Publish, Subscribe, Subscription
 from overlay.mqtt.topics import filter_matches
-from overlay.uplink_select import STATE_KEY, UplinkSelector, encode_capability
+from overlay.uplink_select import STATE_KEY, UplinkSelectError, UplinkSelector, encode_capability
 
 from ..bridge import EventsDropped
 from ..config.schema import UplinkSettings, UplinkTopic
@@ -155,10 +155,17 @@ class UplinkFeature:
         self._host, self._endpoint = host, mqtt.endpoint
         node = host.identity.name
         site = settings.site or host.config.services_site or "default"
-        self.selector = UplinkSelector(local=node, site=site)
-        self.spool = await asyncio.to_thread(
-            Spool, host.state_dir / SPOOL_DIR, max_bytes=settings.spool_max_bytes
-        )
+        try:
+            self.selector = UplinkSelector(local=node, site=site)
+        except UplinkSelectError as exc:  # a [services] site the uplink cannot use
+            raise ConfigError(f"uplink.site: {exc} (got {site!r}); set uplink.site") from None
+        path = host.state_dir / SPOOL_DIR
+        try:
+            self.spool = await asyncio.to_thread(Spool, path, max_bytes=settings.spool_max_bytes)
+        except OSError as exc:
+            raise ConfigError(
+                f"uplink: cannot open the spool {path}: {exc.strerror or exc}"
+            ) from None
         self.up = Uplink(transport_config(settings, node), self.spool, self._deliver_down)
         _check_tls(self.up)
         self._join_broker(node)

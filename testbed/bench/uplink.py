@@ -9,7 +9,9 @@ unreachable for the agents while the bench's own subscriber stays connected to m
 - **failover**: N agents (all uplink-capable); a client on a non-holder publishes QoS 1
   messages at a steady rate; the holder is SIGKILLed mid-stream. ``failover_s`` is the time
   from the kill until another agent reports ``mode = hold`` (the membership's failure
-  detection, then the takeover, until its client is connected); ``qos1_lost`` is how many
+  detection, then the takeover, until its client is connected), ``detection_s`` until every
+  survivor sees the killed holder DEAD (polled, so both are 0.1 s coarse and include the
+  control calls' time); ``qos1_lost`` is how many
   published (PUBACKed)
   messages never reached the cloud; ``failover_duplicates`` the copies beyond the first
   (at-least-once: the new holder re-sends its standby memory).
@@ -187,6 +189,19 @@ def holder_of(cluster: LoopbackCluster) -> LoopbackAgent | None:
     return holding[0] if stats[holding[0].name].get("connected_to") else None
 
 
+async def interest_everywhere(cluster: LoopbackCluster) -> None:
+    """Every agent routes to every other's MQTT interest (each candidate's bridge filters);
+    before that a mapped publish reaches only the agents whose interest is known, as any
+    MQTT subscriber's."""
+    n = len(cluster.agents)
+
+    def routed() -> bool:
+        return all(int(a.status()["mqtt_stats"].get("router_interest_nodes", 0)) >= n - 1
+                   for a in cluster.running())  # fmt: skip
+
+    await poll(routed, "every agent routes to every candidate")
+
+
 async def publish(host: str, port: int, payloads: list[bytes], rate: float,
                   on_sent: Callable[[int], None] | None = None) -> int:  # fmt: skip
     """QoS 1 ``s/bench`` publishes, each awaited (PUBACK); how many were acknowledged."""
@@ -226,8 +241,7 @@ async def failover(n: int = 3, count: int = 600, rate: float = 100.0, kill_at: i
             old = holder_of(cluster)
             assert old is not None
             pub_agent = next(a for a in cluster.agents if a is not old)
-            await poll(lambda: int(pub_agent.status()["mqtt_stats"].get("router_interest_nodes", 0)) >= n - 1,
-                       "the publisher's agent routes to every candidate")  # fmt: skip
+            await interest_everywhere(cluster)
             return await _failover_stream(cluster, old, pub_agent, collector, count, rate, kill_at)
         finally:
             await collector.stop()
@@ -257,7 +271,12 @@ async def _failover_stream(cluster: LoopbackCluster, old: LoopbackAgent, pub_age
             return True
         return False
 
+    def declared() -> bool:
+        return all(a.state_of(old.name) in ("dead", "left", None) for a in cluster.running())
+
+    detect = asyncio.create_task(poll(declared, "the holder declared dead everywhere"))
     failover_s = await poll(taken_over, "another agent holds the uplink")
+    detection_s = await detect
     sent = await pub
     want = set(payloads[:sent])
     with contextlib.suppress(TimeoutError):
@@ -267,6 +286,7 @@ async def _failover_stream(cluster: LoopbackCluster, old: LoopbackAgent, pub_age
         "nodes": len(cluster.agents),
         "published": sent,
         "failover_s": round(failover_s, 2),
+        "detection_s": round(detection_s, 2),
         "qos1_lost": len(want - set(got)),
         "failover_duplicates": len(got) - len(set(got)),
         "holder_before": old.name,
@@ -292,6 +312,7 @@ async def outage(
             await poll(lambda: holder_of(cluster) is not None, "one connected holder")
             holder = holder_of(cluster)
             assert holder is not None
+            await interest_everywhere(cluster)
             return await _outage_stream(cluster, holder, gate, collector, down_s, rate, kill)
         finally:
             await collector.stop()
