@@ -141,6 +141,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("channel", "edgeagent.features.channel", "ChannelFeature", _needs_channel),
     FeatureSpec("coap", "edgeagent.features.coap", "Coap", lambda c: c.coap is not None),
     FeatureSpec("mqtt", "edgeagent.features.mqtt", "Mqtt", lambda c: c.mqtt is not None),
+    FeatureSpec("uplink", "edgeagent.features.uplink", "UplinkFeature", lambda c: c.uplink is not None),
 )  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 ``[mqtt] attach = "HOST:PORT"`` and ``attach_topics`` (see ``config/mqtt_extra.py``). The
 agent connects to that broker (a site mosquitto) as an MQTT 5 client with aiomqtt (imported
 only here, and this module only when attach is configured), and is, on its own broker, one
-more client: :class:`_BridgeClient`, a connection without a socket that goes through the
+more client: :class:`BridgeClient`, a connection without a socket that goes through the
 broker's ordinary CONNECT / SUBSCRIBE / PUBLISH path (so the broker core needs nothing for
 it). Messages there that match an ``out`` / ``both`` filter, from local clients or from the
 mesh, are published to the attached broker; messages from the attached broker matching an
@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -71,10 +71,21 @@ def _marked(user_properties: Any) -> bool:
     return any(key == MARKER for key, _ in user_properties or ())
 
 
-class _BridgeClient:
-    """The bridge as a client of the agent's broker: packets in and out as values."""
+class BridgeOwner(Protocol):
+    """What a :class:`BridgeClient` hands its packets to (attach mode, the uplink)."""
 
-    def __init__(self, attach: Attach, conn: int) -> None:
+    def from_broker(self, publish: Publish) -> None: ...
+    def later(self, packet: Any) -> None: ...
+
+
+class BridgeClient:
+    """A bridge as a client of the agent's broker: packets in and out as values.
+
+    Shared by attach mode and the uplink (``features/uplink.py``): ``attach`` is the owner
+    that takes the delivered messages; QoS 1 / 2 deliveries are acknowledged at once.
+    """
+
+    def __init__(self, attach: BridgeOwner, conn: int) -> None:
         self.attach = attach
         self.conn = conn
         self.transport = None
@@ -116,7 +127,7 @@ class Attach:
         self._mqtt: aiomqtt.Client | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.cycle(range(1, 65536))
-        self._bridge: _BridgeClient | None = None
+        self._bridge: BridgeClient | None = None
 
     @property
     def broker(self) -> Broker:
@@ -150,7 +161,7 @@ class Attach:
     # The agent's side.
 
     def _join_broker(self) -> None:
-        bridge = self._bridge = _BridgeClient(self, -1)  # no real connection has id <= 0
+        bridge = self._bridge = BridgeClient(self, -1)  # no real connection has id <= 0
         self.endpoint.clients[bridge.conn] = bridge  # type: ignore[assignment]
         self.endpoint.run(None, lambda now: self.broker.connect(bridge.conn, now))
         connect = Connect(self.client_id, protocol_level=MQTT5, keep_alive=0)

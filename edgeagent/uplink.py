@@ -1,20 +1,9 @@
 """The MQTT uplink client: carries QoS 1 messages from the site to a cloud broker and back.
 
-Config (``[uplink]``)::
-
-    brokers = ["cloud-a.example:8883", "cloud-b.example:8883"]  # tried in order
-    tls = true                      # default true when any TLS file is given
-    ca_file = "cloud-ca.pem"        # else the system trust store
-    cert_file = "node.pem"          # client certificate (optional)
-    key_file = "node.key"
-    username = "site1"              # optional, with password
-    password = "..."
-    up = ["sensors/#"]              # local topic filters sent to the cloud
-    down = ["cmd/site1/#"]          # cloud topic filters delivered to the local broker
-    prefix = "site1/"               # prepended on the way up (not on the way down)
-    primary_retry_s = 30            # while on a secondary, try the primary this often
-    spool_max_bytes = 16777216      # the store-and-forward spool's bound
-    ttl_s = 86400                   # a spooled message is dropped after this (0 = never)
+:class:`UplinkConfig` is the transport's settings; the agent builds it from ``[uplink]``
+(``edgeagent/config/uplink.py``) in ``features/uplink.py``, which maps topics itself and
+hands this client cloud-side topics (``up = ("#",)``, no prefix, ``down`` = the cloud-side
+filters of the ``in`` mappings).
 
 Failover and back, as mosquitto's bridge ``address a b`` with ``round_robin false``: connect
 to the first broker that answers, in order; when the connection drops start again from the
@@ -40,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
 from .spool import DEFAULT_MAX_BYTES, Spool
 
 if TYPE_CHECKING:
@@ -69,68 +57,6 @@ class UplinkConfig:
     spool_max_bytes: int = DEFAULT_MAX_BYTES
     ttl_s: float = 86400.0
     client_id: str = ""
-
-
-def _broker(text: object) -> tuple[str, int]:
-    if not isinstance(text, str) or ":" not in text:
-        raise ConfigError(f"[uplink] brokers: {text!r} is not HOST:PORT")
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"[uplink] brokers: {text!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def _str_list(table: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    value = table.get(key, list(default))
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"[uplink] {key} must be a list of topic filters")
-    return tuple(value)
-
-
-def _number(table: dict[str, Any], key: str, default: float, low: float) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
-        raise ConfigError(f"[uplink] {key} must be a number >= {low}")
-    return float(value)
-
-
-def parse_config(table: dict[str, Any], client_id: str = "") -> UplinkConfig:
-    """The ``[uplink]`` table; ConfigError naming the key on bad input."""
-    known = set(UplinkConfig.__dataclass_fields__) - {"client_id"}
-    if unknown := sorted(set(table) - known):
-        raise ConfigError(f"[uplink] unknown key {unknown[0]!r}")
-    brokers = table.get("brokers")
-    if not isinstance(brokers, list) or not brokers:
-        raise ConfigError('[uplink] brokers must be a non-empty list of "HOST:PORT"')
-    files = {k: table.get(k) for k in ("ca_file", "cert_file", "key_file")}
-    for key, value in [
-        *files.items(),
-        ("username", table.get("username")),
-        ("password", table.get("password")),
-        ("prefix", table.get("prefix")),
-    ]:
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"[uplink] {key} must be a string")
-    if (files["cert_file"] is None) != (files["key_file"] is None):
-        raise ConfigError("[uplink] cert_file and key_file go together")
-    tls = table.get("tls", any(v is not None for v in files.values()))
-    if not isinstance(tls, bool):
-        raise ConfigError("[uplink] tls must be true or false")
-    return UplinkConfig(
-        brokers=tuple(_broker(b) for b in brokers),
-        tls=tls,
-        username=table.get("username"),
-        password=table.get("password"),
-        up=_str_list(table, "up", ("#",)),
-        down=_str_list(table, "down", ()),
-        prefix=table.get("prefix") or "",
-        primary_retry_s=_number(table, "primary_retry_s", 30.0, 0.1),
-        spool_max_bytes=int(_number(table, "spool_max_bytes", DEFAULT_MAX_BYTES, 65536)),
-        ttl_s=_number(table, "ttl_s", 86400.0, 0),
-        client_id=client_id,
-        **files,
-    )
 
 
 def topic_matches(filt: str, topic: str) -> bool:
@@ -165,6 +91,7 @@ class Uplink:
     deliver_down: Callable[[str, bytes, bool], Awaitable[None]] | None = None
     stats: UplinkStats = field(default_factory=UplinkStats)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _live: aiomqtt.Client | None = None  # the connection being drained into, if any
 
     def wants(self, topic: str) -> bool:
         """True if a local message on ``topic`` goes up."""
@@ -181,7 +108,28 @@ class Uplink:
         self._wake.set()
         return seq is not None
 
-    def _tls_context(self) -> ssl.SSLContext | None:
+    async def append_many(self, items: list[tuple[str, bytes, bool]]) -> int:
+        """Spool ``(cloud topic, payload, retain)`` records in order, in one thread hop;
+        how many were taken (the rest were too large, counted by the spool)."""
+        ttl = self.cfg.ttl_s or None
+
+        def write() -> int:
+            return sum(self.spool.append(t, p, retain=r, ttl=ttl) is not None for t, p, r in items)
+
+        taken = await asyncio.to_thread(write)
+        self._wake.set()
+        return taken
+
+    def send_now(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """QoS 0: publish at once on the live connection, not spooled (False: none, dropped)."""
+        client = self._live
+        if client is None:
+            return False
+        task = asyncio.ensure_future(client.publish(topic, payload, qos=0, retain=retain))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return True
+
+    def tls_context(self) -> ssl.SSLContext | None:
         if not self.cfg.tls:
             return None
         ctx = ssl.create_default_context(cafile=self.cfg.ca_file)
@@ -197,9 +145,10 @@ class Uplink:
             hostname=host,
             port=port,
             identifier=self.cfg.client_id or None,
+            protocol=aiomqtt.ProtocolVersion.V5,
             username=self.cfg.username,
             password=self.cfg.password,
-            tls_context=self._tls_context(),
+            tls_context=self.tls_context(),
             timeout=10,
             keepalive=30,
         )
@@ -251,11 +200,15 @@ class Uplink:
     ) -> tuple[aiomqtt.Client | None, int]:
         """Serve one connection; returns the primary's client when it failed back to it."""
         reader = asyncio.create_task(self._read_down(client))
+        self._live = client
         try:
-            for filt in self.cfg.down:
-                await client.subscribe(filt, qos=1)
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+
+            for filt in self.cfg.down:  # no_local: what we sent up does not come back down
+                await client.subscribe(filt, options=SubscribeOptions(qos=1, noLocal=True))
             return await self._drain(client, index, reader)
         finally:
+            self._live = None
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader

@@ -51,7 +51,9 @@ from .schema import (
     OVERLAY_KEYS,
     POLICY_KEYS,
     HostPort,
+    UplinkSettings,
 )
+from .uplink import read_uplink
 
 
 @dataclass(slots=True)
@@ -93,6 +95,7 @@ class Layer:
     services_site: str | None = None
     policy_trusted_keys: tuple[bytes, ...] | None = None
     policy_sync: dict[str, Any] = field(default_factory=dict)  # url, ca, interval, report_url
+    uplink: UplinkSettings | None = None
 
 
 def file_layer(path: Path) -> Layer:
@@ -152,6 +155,7 @@ def file_layer(path: Path) -> Layer:
     layer.services_site = switches.get("site")
     layer.policy_trusted_keys = _policy_keys(reader, base)
     layer.policy_sync = _policy_sync(reader, base)
+    layer.uplink = read_uplink(reader, base)
     return layer
 
 

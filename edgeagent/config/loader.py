@@ -265,7 +265,11 @@ def _node_name(name: str | None, hostname: str | None) -> str:
 
 
 def _mqtt_extra(layers: list[Layer], mqtt_on: bool) -> dict[str, Any]:
-    """The TLS listener and attach settings; none of them without the MQTT feature."""
+    """The TLS listener, attach and uplink settings; none of them without the MQTT feature
+    (an ``[uplink]`` with MQTT off is a ConfigError: its data path is the agent's broker)."""
     if not mqtt_on:
+        for layer in layers:
+            if layer.uplink is not None:
+                raise ConfigError(f"{layer.source}: uplink: needs the MQTT feature (mqtt is off)")
         return {}
-    return {k: _pick(layers, k, None) for k in ("mqtt_tls", "mqtt_attach")}
+    return {k: _pick(layers, k, None) for k in ("mqtt_tls", "mqtt_attach", "uplink")}

@@ -65,7 +65,7 @@ LOG_LEVELS = tuple(LEVELS)
 FILE_KEYS = (
     "name", "bind", "advertise", "join", "cluster", "key_file", "state_dir", "profile",
     "enroll_port", "log_format", "log_level", "metrics", "dns", "coap", "mdns", "gossip", "limits", "features", "overlay",
-    "service", "services", "mqtt", "policy",
+    "service", "services", "mqtt", "policy", "uplink",
 )  # fmt: skip
 OVERLAY_KEYS = ("prefix", "block_prefixlen", "dead_quarantine_s")
 SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
@@ -74,6 +74,11 @@ MQTT_KEYS = (  # the [mqtt] table (all but listen: config/mqtt_extra.py)
     "listen", "tls_listen", "tls_cert", "tls_key", "tls_ca", "attach", "attach_topics",
 )  # fmt: skip
 POLICY_KEYS = ("trusted_keys", "url", "ca", "interval", "report_url")  # the [policy] table
+UPLINK_KEYS = (  # the [uplink] table (config/uplink.py)
+    "brokers", "topics", "site", "tls", "ca_file", "cert_file", "key_file", "username",
+    "password", "client_id", "primary_retry_s", "spool_max_bytes", "ttl_s", "standby_s",
+    "standby_max",
+)  # fmt: skip
 MAX_TRUSTED_KEYS = 16
 DEFAULT_POLICY_INTERVAL_S = 60.0
 MAX_URL_CHARS = 2048
@@ -141,6 +146,59 @@ class AttachTopic:
 class MqttAttach:
     broker: HostPort
     topics: tuple[AttachTopic, ...]
+
+
+# [uplink] (read and checked by config/uplink.py; used by features/uplink.py).
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkTopic:
+    """One mapping, mosquitto bridge style: ``FILTER out|in|both QOS [LOCAL REMOTE]``.
+
+    The local filter is ``local_prefix + pattern``, the cloud's ``remote_prefix + pattern``;
+    a topic crossing swaps the one prefix for the other.
+    """
+
+    pattern: str
+    direction: str  # "out" (mesh -> cloud), "in" (cloud -> mesh), "both"
+    qos: int = 0
+    local_prefix: str = ""
+    remote_prefix: str = ""
+
+    @property
+    def outbound(self) -> bool:
+        return self.direction in ("out", "both")
+
+    @property
+    def inbound(self) -> bool:
+        return self.direction in ("in", "both")
+
+    @property
+    def local_filter(self) -> str:
+        return self.local_prefix + self.pattern
+
+    @property
+    def remote_filter(self) -> str:
+        return self.remote_prefix + self.pattern
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkSettings:
+    brokers: tuple[HostPort, ...]  # tried in order (mosquitto bridge: round_robin false)
+    topics: tuple[UplinkTopic, ...]
+    site: str = ""  # "": [services] site, else "default"
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str = ""  # "": edgeagent-uplink-NODE
+    primary_retry_s: float = 30.0
+    spool_max_bytes: int = 16 * 1024 * 1024
+    ttl_s: float = 86400.0  # 0: spooled messages never expire
+    standby_s: float = 30.0  # a candidate's memory of recent up-bound messages (takeover)
+    standby_max: int = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +288,8 @@ class AgentConfig:
     policy_ca: Path | None = None
     policy_interval_s: float = DEFAULT_POLICY_INTERVAL_S
     policy_report_url: str = ""
+    # [uplink]: the MQTT uplink to cloud brokers (features/uplink.py); None: off.
+    uplink: UplinkSettings | None = None
 
     @property
     def keyring_path(self) -> Path:

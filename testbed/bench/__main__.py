@@ -21,6 +21,7 @@ BENCHMARKS = {
     "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
     "scaling": "simulator dissemination and bandwidth against N (10..10000) beside the analytic SWIM model",
     "policy": "signed policy from a local HTTPS endpoint to every node enforcing it: simulator N=1000, real agents N=20",
+    "uplink": "MQTT uplink to a cloud mosquitto: holder SIGKILLed mid-stream (failover, QoS 1 lost), cloud outage (spool drain, order)",
     "all": "every benchmark at a small size; one Markdown page with tables and plots (--report DIR)",
 }
 
