@@ -119,6 +119,7 @@ def _agent(base: Path, host: str, port: int, key: bytes) -> LoopbackAgent:
         sys.executable, "-m", "edgeagent", "run", "--name", "target",
         "--bind", f"{host}:{port}", "--state-dir", str(state_dir), "--cluster", CLUSTER,
         "--preset", "local", "--metrics", "off", "--no-mdns",
+        "--coap", f"{host}:0", "--mqtt", f"{host}:0",  # never the wildcard defaults
     ]  # fmt: skip
     return LoopbackAgent("target", host, port, state_dir, argv, agent_env())
 

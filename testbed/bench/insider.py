@@ -117,6 +117,7 @@ def _agent(base: Path, host: str, port: int, ca: Any) -> LoopbackAgent:
         sys.executable, "-m", "edgeagent", "run", "--name", TARGET,
         "--bind", f"{host}:{port}", "--state-dir", str(state_dir), "--cluster", CLUSTER,
         "--metrics", f"{host}:0", "--no-mdns",
+        "--coap", f"{host}:0", "--mqtt", f"{host}:0",  # never the wildcard defaults
     ]  # fmt: skip
     return LoopbackAgent(TARGET, host, port, state_dir, argv, agent_env())
 
