@@ -57,6 +57,7 @@ START_TIMEOUT = 60.0  # one node started again
 STOP_TIMEOUT = 10  # seconds docker stop gives the agent to leave before SIGKILL
 EXEC_TIMEOUT = 30.0
 POLL_S = 1.0
+CONFIG_NAME = "agent.toml"  # the agents' config file in the shared dir (``config``)
 SUBNET_TRIES = 3  # compose up again on a fresh subnet when ours was taken meanwhile
 
 T = TypeVar("T")
@@ -86,6 +87,7 @@ class ContainerBackend:
     ``nodes``: number of agents (h1..hN). ``token_mode``: ``mdns`` (the join token names no
     address: enrollment finds the issuer by mDNS) or ``address``. ``broker``: also run the
     mosquitto "cloud" service. ``run_args``: more ``edgeagent run`` flags for every agent.
+    ``config``: TOML every agent reads as its config file (``/shared/agent.toml``; "" none).
     ``build``: build the images if missing or stale (else they must exist).
     """
 
@@ -97,6 +99,7 @@ class ContainerBackend:
         token_mode: str = "mdns",
         broker: bool = False,
         run_args: Sequence[str] = (),
+        config: str = "",
         build: bool = True,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -105,6 +108,7 @@ class ContainerBackend:
         self.token_mode = token_mode
         self.broker = broker
         self.run_args = tuple(run_args)
+        self.config = config
         self.build = build
         self.log = log
         self.id = ""
@@ -140,17 +144,22 @@ class ContainerBackend:
         if self.broker and not images.has_mosquitto(tag):
             raise ContainerError(f"{tag} has no mosquitto; rebuild the base image or drop --broker")
         self._new_workdir()
+        run_args = self.run_args
+        if self.config:
+            (self.workdir / "shared").mkdir()
+            (self.workdir / "shared" / CONFIG_NAME).write_text(self.config)
+            run_args = (*run_args, "--config", f"/shared/{CONFIG_NAME}")
         self.plan = Plan(
             project=f"{PROJECT_PREFIX}{self.id}", image=tag,
             subnet_prefix=pick_subnet(int(self.id, 16)), nodes=self.nodes_count,
             cluster=f"tb-{self.id}", token_mode=self.token_mode, broker=self.broker,
-            run_args=self.run_args,
+            run_args=run_args,
         )
         self.state = {
             "id": self.id, "project": self.plan.project, "image": tag,
             "subnet_prefix": self.plan.subnet_prefix, "nodes": self.nodes_count,
             "cluster": self.plan.cluster, "token_mode": self.token_mode, "broker": self.broker,
-            "run_args": list(self.run_args),
+            "run_args": list(run_args),
             "faults": {"partition": [], "oneway": False, "loss": {}, "isolated": []},
         }
         self._save()
@@ -276,6 +285,23 @@ class ContainerBackend:
             if time.monotonic() >= deadline:
                 raise ContainerError(f"timed out after {timeout:g} s waiting for {self.node(name)} to be healthy")
             time.sleep(POLL_S)
+
+    def cloud_running(self) -> bool:
+        """Whether the "cloud" broker container runs (ContainerError without a broker)."""
+        return self._inspect(self._cloud()).get("Running") is True
+
+    def cloud_stop(self) -> None:
+        """Stop the "cloud" broker (a cloud outage); the agents keep running."""
+        _docker("stop", "--time", "1", self._cloud(), timeout=40)
+
+    def cloud_start(self) -> None:
+        """Start the "cloud" broker again (same container, same address)."""
+        _docker("start", self._cloud())
+
+    def _cloud(self) -> str:
+        if not self.state.get("broker"):
+            raise ContainerError("this testbed has no cloud broker (up --broker)")
+        return self._plan.container("cloud")
 
     # -- observing ----------------------------------------------------------------------------
 
