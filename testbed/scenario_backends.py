@@ -600,33 +600,22 @@ class _ContainersAdapter(AgentsBackend):
         return cluster
 
     def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]:
-        """The envelope written to the shared dir (``/shared`` in every container), then
-        ``edgeagent policy apply`` in the node's container."""
+        """The envelope written to the shared dir (``/shared`` in every container), handed to
+        the node's agent (its control socket) by that path."""
         name = f"policy-{time.monotonic_ns()}.signed"
         (self.cluster.workdir / "shared" / name).write_bytes(envelope)
-        proc = self._call(self.cluster.exec, self.host(node), ["edgeagent", "policy", "apply", f"/shared/{name}"])
-        if proc.returncode == 0:
-            return {"accepted": True, "reason": None, "detail": proc.stdout.strip()}
-        line = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        reason = line.split("refused: ", 1)[1].split(":", 1)[0] if "refused: " in line else None
-        if proc.returncode == 1 and reason is not None:
-            return {"accepted": False, "reason": reason, "detail": line}
-        raise BackendError(f"{neutral(node)}: edgeagent policy apply failed: {line}")
+        return dict(self._call(lambda: self.cluster.call(self.host(node), "policy-apply", path=f"/shared/{name}")))
 
     def policy_versions(self) -> dict[str, int | None]:
-        """``edgeagent policy status --json`` in every running container at once."""
-
-        def one(i: int) -> tuple[str, int | None] | None:
+        """Every running node's ``policy-status`` (over the control sockets)."""
+        out: dict[str, int | None] = {}
+        for i in sorted(self.running()):
             try:
-                proc = self.cluster.exec(self.host(i), ["edgeagent", "policy", "status", "--json"])
-                version = json.loads(proc.stdout).get("version") if proc.returncode == 0 else None
-            except Exception:  # noqa: BLE001 - not answering now (or no JSON): no report
-                return None
-            return neutral(i), version if type(version) is int else None
-
-        nodes = sorted(self.running())
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-            return dict(r for r in pool.map(one, nodes) if r is not None)
+                version = self.cluster.call(self.host(i), "policy-status").get("version")
+            except Exception:  # noqa: BLE001 - not answering now: no report
+                continue
+            out[neutral(i)] = version if type(version) is int else None
+        return out
 
     def cloud(self, running: bool) -> None:
         self._call(self.cluster.cloud_start if running else self.cluster.cloud_stop)
@@ -658,13 +647,9 @@ class _ContainersAdapter(AgentsBackend):
     def overlay_addresses(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for i in sorted(self.running()):
-            proc = self.cluster.exec(self.host(i), ["edgeagent", "addresses", "--json"])
-            try:
-                rows = json.loads(proc.stdout) if proc.returncode == 0 else None
-            except ValueError:
-                rows = None
+            rows = self._call(self.cluster.call, self.host(i), "addresses")
             if not isinstance(rows, list):
-                raise BackendError(f"{neutral(i)}: edgeagent addresses --json failed")
+                raise BackendError(f"{neutral(i)}: addresses: not a list")
             own = [r for r in rows if r.get("node") == self.host(i) and r.get("state") == "active"]
             out[neutral(i)] = str(own[0]["block"]) if own else None
         return out

@@ -44,6 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgeagent.commands.members import pages
+from edgeagent.control import ControlClient, ControlError, socket_path
+from edgeagent.errors import AgentUnavailable
+
 from ..cluster import STATE_FILE, TestbedError, ids_under, pick_id
 from . import image as images
 from .compose import PROJECT_PREFIX, TESTBED_LABEL, Plan, write_compose
@@ -56,7 +60,8 @@ READY_TIMEOUT = 180.0  # seconds for every node's healthcheck to pass after comp
 START_TIMEOUT = 60.0  # one node started again
 STOP_TIMEOUT = 10  # seconds docker stop gives the agent to leave before SIGKILL
 EXEC_TIMEOUT = 30.0
-POLL_S = 1.0
+POLL_S = 0.5
+CALL_TIMEOUT = 5.0  # one control command over a node's socket
 CONFIG_NAME = "agent.toml"  # the agents' config file in the shared dir (``config``)
 SUBNET_TRIES = 3  # compose up again on a fresh subnet when ours was taken meanwhile
 
@@ -280,7 +285,7 @@ class ContainerBackend:
             if not state.get("Running"):
                 tail = self.logs(name, tail=1).strip() or f"exit code {state.get('ExitCode')}"
                 raise ContainerError(f"{self.node(name)}: container exited ({tail})")
-            if (state.get("Health") or {}).get("Status") == "healthy":
+            if (state.get("Health") or {}).get("Status") == "healthy" or self._answers(name):
                 return
             if time.monotonic() >= deadline:
                 raise ContainerError(f"timed out after {timeout:g} s waiting for {self.node(name)} to be healthy")
@@ -302,6 +307,16 @@ class ContainerBackend:
         if not self.state.get("broker"):
             raise ContainerError("this testbed has no cloud broker (up --broker)")
         return self._plan.container("cloud")
+
+    def _answers(self, name: str | int) -> bool:
+        """The agent answers ``status`` on its socket (sooner than docker's next healthcheck)."""
+        if not self.control_socket(name).is_socket():
+            return False
+        try:
+            self.call(name, "status")
+        except ContainerError:
+            return False
+        return True
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -327,9 +342,24 @@ class ContainerBackend:
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.stdout + proc.stderr
 
+    def control_socket(self, name: str | int) -> Path:
+        """The node's control socket on the host (its state dir is bind-mounted)."""
+        return socket_path(self.workdir / "state" / self.node(name))
+
+    def call(self, name: str | int, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
+        """One control command to the node's agent over its socket; ContainerError if it
+        does not answer or refuses."""
+        try:
+            return ControlClient(self.control_socket(name), timeout=timeout).call(cmd, **args)
+        except (AgentUnavailable, ControlError, OSError) as exc:
+            raise ContainerError(f"{self.node(name)}: {cmd}: {exc}") from None
+
     def members(self, name: str | int, timeout: float = EXEC_TIMEOUT) -> list[dict[str, Any]]:
-        """The node's membership list (``edgeagent members --json``); ContainerError if down."""
+        """The node's membership list (over its control socket, else ``edgeagent members
+        --json`` in the container); ContainerError if down."""
         node = self.node(name)
+        if self.control_socket(node).is_socket():
+            return list(pages(lambda **page: self.call(node, "members", timeout=min(timeout, CALL_TIMEOUT), **page)))
         proc = self.exec(node, ["edgeagent", "members", "--json"], timeout=timeout)
         if proc.returncode != 0:
             raise ContainerError(f"{node}: {images.last_line(proc.stderr) or 'members failed'}")
