@@ -12,8 +12,10 @@ a higher one) or ``wait`` seconds pass; the time each node first reported it is 
 
 ``policy-version`` holds when every node it names (default: every node running when the wait
 ended) reported the version within ``within`` seconds of the first apply. A node that already
-enforces the version (it arrived from a peer first) and so refuses it as a ``rollback`` counts
-as applied; any other refusal fails the step.
+enforces the version (it arrived from a peer first, or it is offered again) and so refuses it
+as a ``rollback`` counts as applied; any other refusal fails the step. An agent that has just
+started answers its socket before its policy command exists; the apply is retried for up to
+:data:`BOOT_RETRY_S` seconds while the command is unknown.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from overlay import policy as pol
 
 from .scenario import Step
-from .scenario_backends import neutral
+from .scenario_backends import BackendError, neutral
 
 if TYPE_CHECKING:
     from .scenario_run import Run
+
+BOOT_RETRY_S = 10.0  # how long an agent that just started may lack its policy command
 
 
 class Signer:
@@ -59,14 +63,17 @@ def publish(run: Run, step: Step, signer: Signer) -> str:
     version = a["version"] if a["version"] is not None else signer.last_version + 1
     envelope = signer.envelope(version)
     t_apply = round(b.now(), 3)
-    for node in a["nodes"]:
-        answer = b.policy_apply(node, envelope)
-        if not answer.get("accepted") and not (answer.get("reason") == "rollback"
-                                               and (b.policy_versions().get(neutral(node)) or 0) >= version):
-            raise StepFailed(f"{neutral(node)} refused version {version}: {answer.get('reason')}: "
-                             f"{answer.get('detail')}")  # fmt: skip
     record: dict[str, Any] = {"version": version, "t_apply": t_apply,
-                              "applied": [neutral(n) for n in a["nodes"]], "seen": {}}  # fmt: skip
+                              "applied": [neutral(n) for n in a["nodes"]], "had_it": [], "seen": {}}  # fmt: skip
+    for node in a["nodes"]:
+        answer = _apply(run, node, envelope)
+        if answer.get("accepted"):
+            continue
+        if answer.get("reason") == "rollback" and (b.policy_versions().get(neutral(node)) or 0) >= version:
+            record["had_it"].append(neutral(node))
+            continue
+        raise StepFailed(f"{neutral(node)} refused version {version}: {answer.get('reason')}: "
+                         f"{answer.get('detail')}")  # fmt: skip
     run.policies[step.label] = record
 
     def everyone(_views: dict[str, dict[str, str]]) -> bool:
@@ -79,10 +86,27 @@ def publish(run: Run, step: Step, signer: Signer) -> str:
     done = run.wait_until(everyone, a["wait"])
     record["running"] = sorted(neutral(i) for i in b.running())
     took = max((t - t_apply for t in record["seen"].values()), default=0.0)
+    head = f"version {version} on {', '.join(record['applied'])}"
+    if record["had_it"]:
+        head += f" ({', '.join(record['had_it'])} already enforced it: refused as a rollback)"
     if done:
-        return f"version {version} on {', '.join(record['applied'])}; every running node after {took:.1f} s"
+        return f"{head}; every running node after {took:.1f} s"
     missing = sorted(set(record["running"]) - set(record["seen"]))
-    return f"version {version} on {', '.join(record['applied'])}; not on {', '.join(missing)} after {a['wait']:g} s"
+    return f"{head}; not on {', '.join(missing)} after {a['wait']:g} s"
+
+
+def _apply(run: Run, node: int, envelope: bytes) -> dict[str, Any]:
+    """``policy_apply``, retried for a while when the agent has no policy command yet: an
+    agent answers its control socket (so a start returns) before every feature registered
+    its commands, so just after a (re)start ``policy-apply`` is briefly unknown."""
+    deadline = run.b.now() + BOOT_RETRY_S
+    while True:
+        try:
+            return run.b.policy_apply(node, envelope)
+        except BackendError as exc:
+            if "unknown command" not in str(exc) or run.b.now() >= deadline:
+                raise
+        run.b.advance(min(run.sc.poll, 0.2))
 
 
 def policy_version(run: Run, step: str, within: float, nodes: tuple[int, ...] | None) -> dict[str, Any]:
