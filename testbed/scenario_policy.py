@@ -69,7 +69,10 @@ def publish(run: Run, step: Step, signer: Signer) -> str:
         answer = _apply(run, node, envelope)
         if answer.get("accepted"):
             continue
-        if answer.get("reason") == "rollback" and (b.policy_versions().get(neutral(node)) or 0) >= version:
+        if (
+            answer.get("reason") == "rollback"
+            and (b.policy_versions().get(neutral(node)) or 0) >= version
+        ):
             record["had_it"].append(neutral(node))
             continue
         raise StepFailed(f"{neutral(node)} refused version {version}: {answer.get('reason')}: "
@@ -109,14 +112,18 @@ def _apply(run: Run, node: int, envelope: bytes) -> dict[str, Any]:
         run.b.advance(min(run.sc.poll, 0.2))
 
 
-def policy_version(run: Run, step: str, within: float, nodes: tuple[int, ...] | None) -> dict[str, Any]:
+def policy_version(
+    run: Run, step: str, within: float, nodes: tuple[int, ...] | None
+) -> dict[str, Any]:
     """Every named node (default: those running when the step's wait ended) reported the
     step's version within ``within`` s of the apply."""
     record = run.policies.get(step)
     if record is None:
         return {"measured": None, "unit": "s (slowest node)", "ok": False, "missing": None}
     wanted = [neutral(n) for n in nodes] if nodes is not None else record["running"]
-    delays = {n: round(record["seen"][n] - record["t_apply"], 3) for n in wanted if n in record["seen"]}
+    delays = {
+        n: round(record["seen"][n] - record["t_apply"], 3) for n in wanted if n in record["seen"]
+    }
     late = sorted(n for n in wanted if n not in delays or delays[n] > within)
     slowest = max(delays.values()) if len(delays) == len(wanted) and delays else None
     return {"measured": slowest, "unit": "s (slowest node)", "version": record["version"],
