@@ -216,6 +216,9 @@ def test_cloud_outage_stops_the_broker_container_and_starts_it_again(testbed: Co
     assert all(testbed.running(n) for n in testbed.names())  # the agents ride it out
     testbed.cloud_start()
     assert testbed.cloud_running()
+    where = ["--root", str(testbed.root), "--id", testbed.id]
+    assert cli_main(["cloud", "stop", *where]) == 0 and not testbed.cloud_running()
+    assert cli_main(["cloud", "start", *where]) == 0 and testbed.cloud_running()
 
 
 @pytest.mark.docker
