@@ -193,7 +193,7 @@ class ContainerBackend:
                                   timeout=180, check=False)
             remove_labelled(project)
             if self.workdir.is_dir():
-                shutil.rmtree(self.workdir)
+                _remove_run_dir(self.workdir, self.state.get("image"))
             self.state = {}
         if images_too:
             images.remove_images()
@@ -619,6 +619,25 @@ def remove_labelled(project: str) -> None:
     left = _labelled("ps", project) + _labelled("network", project)
     if left:
         raise ContainerError(f"could not remove {len(left)} docker objects of {project}")
+
+
+def _remove_run_dir(workdir: Path, image: str | None) -> None:
+    """Remove the run dir. The agents (root in their containers) wrote the bind-mounted state
+    and shared dirs; a user in the docker group who is not root cannot remove those, so then
+    a throwaway container of the node image removes them first."""
+    try:
+        shutil.rmtree(workdir)
+        return
+    except PermissionError:
+        if not image:
+            raise ContainerError(f"cannot remove {workdir}: files the containers wrote; remove it as root") from None
+    subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/rm",
+                    "-v", f"{workdir}:/run-dir", image, "-rf", "/run-dir/state", "/run-dir/shared"],
+                   capture_output=True, timeout=120)  # fmt: skip
+    try:
+        shutil.rmtree(workdir)
+    except PermissionError:
+        raise ContainerError(f"cannot remove {workdir}: files the containers wrote; remove it as root") from None
 
 
 def _docker(*args: str, timeout: float = 60) -> str:

@@ -118,6 +118,29 @@ def test_a_testbed_without_a_broker_refuses_cloud_verbs_in_one_line() -> None:
         _offline_backend().cloud_stop()
 
 
+def test_a_run_dir_the_user_cannot_remove_is_emptied_by_a_throwaway_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed.containers import backend
+
+    calls: list[object] = []
+
+    def rmtree(path: Path) -> None:
+        calls.append(("rmtree", path))
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backend.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(backend.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    backend._remove_run_dir(tmp_path, "edgeagent-node:0")
+    assert calls[0] == calls[2] == ("rmtree", tmp_path)
+    assert calls[1] == ["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/rm", "-v",
+                        f"{tmp_path}:/run-dir", "edgeagent-node:0", "-rf", "/run-dir/state", "/run-dir/shared"]
+    calls.clear()
+    with pytest.raises(ContainerError, match="remove it as root"):
+        backend._remove_run_dir(tmp_path, None)
+
+
 def test_cli_without_a_testbed_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["status", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
