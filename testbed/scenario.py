@@ -74,8 +74,10 @@ class Scenario:
     expects: tuple[Expect, ...]
 
     def needs(self) -> set[str]:
-        """Backend features the scenario uses beyond membership ("coap", "mqtt", "overlay")."""
+        """Backend features the scenario uses beyond membership ("coap", "mqtt", "overlay",
+        "policy", "cloud")."""
         needed = {s.action.split("-")[0] for s in self.steps if s.action.startswith(("coap-", "mqtt-"))}
+        needed |= {ACTION_FEATURES[s.action] for s in self.steps if s.action in ACTION_FEATURES}
         if any(e.check in ("no-duplicate-address", "same-address") for e in self.expects):
             needed.add("overlay")
         return needed
@@ -178,6 +180,7 @@ _COMMON: dict[str, tuple[Checker, bool, Any]] = {
     "label": (_name, False, None),
     "note": (_string, False, None),
 }
+ACTION_FEATURES = {"publish-policy": "policy", "cloud-outage": "cloud"}
 STEP_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
     "start": {"nodes": (_nodes, False, None), "node": (_node, False, None)},
     "converge": {"timeout": (POSITIVE, True, None), "groups": (_groups_any, False, None)},
@@ -215,6 +218,12 @@ STEP_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
         "drain": (_number(0.5, 30), False, 5.0),
     },
     "mqtt-wait": {"name": (_name, True, None)},
+    "publish-policy": {
+        "nodes": (_nodes, False, (1,)),
+        "version": (_number(1, 2**31, integer=True), False, None),
+        "wait": (_number(0, 600), False, 30.0),
+    },
+    "cloud-outage": {"seconds": (_number(0, 3600), True, None)},
 }
 EXPECT_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
     "converged": {"step": (_name, True, None), "within": (POSITIVE, True, None)},
@@ -227,6 +236,11 @@ EXPECT_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
         "load": (_name, True, None),
         "min": (_number(0, 1), True, None),
         "max-duplicates": (_number(0, 100_000, integer=True), False, None),
+    },
+    "policy-version": {
+        "step": (_name, True, None),
+        "within": (POSITIVE, True, None),
+        "nodes": (_nodes, False, None),
     },
 }
 SCENARIO_SPEC: dict[str, tuple[Checker, bool, Any]] = {
@@ -465,3 +479,7 @@ def _cross_check(
             raise fail(lines.key(exp.line, "node"), f"expect {exp.index}: node {a['node']} is never killed")
         elif exp.check == "same-address" and a["node"] not in rebooted:
             raise fail(lines.key(exp.line, "node"), f"expect {exp.index}: node {a['node']} is never rebooted")
+        elif exp.check == "policy-version":
+            target = labels.get(a["step"])
+            if target is None or target.action != "publish-policy":
+                raise fail(lines.key(exp.line, "step"), f"expect {exp.index}: no publish-policy step labelled {a['step']!r}")

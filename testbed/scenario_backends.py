@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from gossip.config import preset as gossip_preset
@@ -72,7 +73,10 @@ class ScenarioBackend(Protocol):
     name: str
     features: frozenset[str]  # beyond membership: "coap", "mqtt", "overlay"
 
-    def up(self, nodes: int, preset: str, seed: int) -> None: ...  # network, no agents yet
+    # network, no agents yet; policy_key: base64 Ed25519 key every agent trusts for policy
+    # bundles ("policy"); cloud: also run the "cloud" MQTT broker ("cloud")
+    def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
+           cloud: bool = False) -> None: ...  # fmt: skip
     def down(self) -> None: ...  # remove everything; safe to repeat
     def now(self) -> float: ...  # seconds since up (virtual for the simulator)
     def advance(self, seconds: float) -> None: ...  # let time pass
@@ -90,6 +94,10 @@ class ScenarioBackend(Protocol):
                   concurrency: int) -> LoadHandle: ...  # fmt: skip
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int,
                   drain: float) -> LoadHandle: ...  # fmt: skip
+    def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]: ...  # the agent's
+    # answer: accepted, version, reason, detail (as the control command policy-apply)
+    def policy_versions(self) -> dict[str, int | None]: ...  # running node -> version enforced
+    def cloud(self, running: bool) -> None: ...  # stop (False) or start (True) the cloud broker
 
 
 # --- the simulator ----------------------------------------------------------------------------
@@ -106,7 +114,8 @@ class SimBackend:
         self._t0 = 0.0
         self._names: list[str] = []
 
-    def up(self, nodes: int, preset: str, seed: int) -> None:
+    def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
+           cloud: bool = False) -> None:  # fmt: skip
         from testbed.ipam_mesh import IpamMesh, prefix_for
         from testbed.sim import Simulator
 
@@ -207,6 +216,15 @@ class SimBackend:
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
         raise BackendError("the simulator has no MQTT")
 
+    def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]:
+        raise BackendError("the simulator has no policy bundles")
+
+    def policy_versions(self) -> dict[str, int | None]:
+        raise BackendError("the simulator has no policy bundles")
+
+    def cloud(self, running: bool) -> None:
+        raise BackendError("the simulator has no cloud broker")
+
 
 # --- real agents: the namespace testbed and containers ----------------------------------------
 
@@ -289,11 +307,15 @@ class AgentsBackend:
         self.count = 0
         self._t0 = time.monotonic()
         self._down: set[int] = set()
+        self.policy_key: str | None = None
+        self.with_cloud = False
 
     def _make(self, nodes: int, preset: str) -> Any:
         raise NotImplementedError
 
-    def up(self, nodes: int, preset: str, seed: int) -> None:
+    def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
+           cloud: bool = False) -> None:  # fmt: skip
+        self.policy_key, self.with_cloud = policy_key, cloud
         self.count = nodes
         self._down = set(range(1, nodes + 1))
         try:
@@ -380,12 +402,21 @@ class AgentsBackend:
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
         raise BackendError(f"the {self.name} backend has no MQTT load support here")
 
+    def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]:
+        raise BackendError(f"the {self.name} backend has no policy support here")
+
+    def policy_versions(self) -> dict[str, int | None]:
+        raise BackendError(f"the {self.name} backend has no policy support here")
+
+    def cloud(self, running: bool) -> None:
+        raise BackendError(f"the {self.name} backend has no cloud broker")
+
 
 class NetnsBackend(AgentsBackend):
     """One real agent per network namespace (:class:`testbed.cluster.Testbed`; root)."""
 
     name = "netns"
-    features = frozenset({"coap", "mqtt", "overlay"})
+    features = frozenset({"coap", "mqtt", "overlay", "policy"})
 
     def __init__(self, root: Any = None) -> None:
         super().__init__()
@@ -403,10 +434,29 @@ class NetnsBackend(AgentsBackend):
         tb = Testbed(nodes, preset=preset, mdns=False, seeds=True, root=self.root, start_agents=False)
         try:
             tb.up()
+            if self.policy_key is not None:
+                for i in range(1, nodes + 1):
+                    with open(tb.host_dir(self.host(i)) / "agent.toml", "a") as config:
+                        config.write(policy_table(self.policy_key))
         except BaseException:
             tb.down()
             raise
         return tb
+
+    def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]:
+        """The envelope written to a file in the work dir, handed to the node's agent."""
+        path = self.cluster.workdir / f"policy-{time.monotonic_ns()}.signed"
+        path.write_bytes(envelope)
+        return dict(self._control(node, "policy-apply", path=str(path)))
+
+    def policy_versions(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for i in sorted(self.running()):
+            try:
+                out[neutral(i)] = self._control(i, "policy-status").get("version")
+            except BackendError:
+                continue  # not answering now: no report
+        return out
 
     def down(self) -> None:
         for load in self._loads:
@@ -493,18 +543,82 @@ class NetnsBackend(AgentsBackend):
         return load  # it subscribes and settles first: the runner waits for started, observing
 
 
+# The image ships the agent only (testbed/ is not in the wheel); a load client runs in a
+# container as its module's source piped to the image's python (``python - ARGS``).
+IMAGE_PYTHON = "/opt/edgeagent/bin/python"
+
+
 class _ContainersAdapter(AgentsBackend):
     name = "containers"
-    features = frozenset({"overlay"})
+    features = frozenset({"mqtt", "overlay", "policy", "cloud"})
 
     def __init__(self, cls: Any) -> None:
         super().__init__()
         self._cls = cls
+        self._loads: list[_Load] = []
+
+    def down(self) -> None:
+        for load in self._loads:
+            load.cancel()
+        self._loads.clear()
+        super().down()
+
+    def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
+        """:mod:`testbed.mqtt_load` inside the publisher's container (as on netns: it
+        publishes to its own agent's broker, its subscriber crosses the link to the sub node's),
+        its source on stdin of the image's python, which has paho-mqtt (aiomqtt's dependency)."""
+        pub_ip, sub_ip = (self.cluster.ip(self.host(n)) for n in (pub, sub))
+        argv = [IMAGE_PYTHON, "-", "--pub", f"{pub_ip}:{MQTT_PORT}", "--sub", f"{sub_ip}:{MQTT_PORT}",
+                "--count", str(count), "--rate", str(rate), "--qos", str(qos), "--timeout", str(drain),
+                "--settle", str(MQTT_SETTLE), "--topic", f"scenario/{time.monotonic_ns()}",
+                "--records"]  # fmt: skip
+        return self._piped_load(pub, "mqtt_load", argv, MQTT_SETTLE + count / rate + drain + 1.0, "MQTT")
+
+    def _piped_load(self, node: int, module: str, argv: list[str], seconds: float, what: str) -> _Load:
+        source = (Path(__file__).resolve().parent / f"{module}.py").read_text()
+        cmd = ["docker", "exec", "-i", self.cluster.container(self.host(node)), *argv]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(source)
+            proc.stdin.close()  # python - runs the script at EOF
+        except BrokenPipeError:
+            pass  # docker exec ended at once: the load's result says why
+        load = _Load(proc, self.now, seconds, what)
+        self._loads.append(load)
+        return load
 
     def _make(self, nodes: int, preset: str) -> Any:
-        cluster = self._cls(nodes, run_args=("--preset", preset))
-        cluster.up()
+        config = policy_table(self.policy_key) if self.policy_key is not None else ""
+        cluster = self._cls(nodes, run_args=("--preset", preset), broker=self.with_cloud, config=config)
+        try:
+            cluster.up()
+        except BaseException:
+            cluster.down()
+            raise
         return cluster
+
+    def policy_apply(self, node: int, envelope: bytes) -> dict[str, Any]:
+        """The envelope written to the shared dir (``/shared`` in every container), handed to
+        the node's agent (its control socket) by that path."""
+        name = f"policy-{time.monotonic_ns()}.signed"
+        (self.cluster.workdir / "shared" / name).write_bytes(envelope)
+        return dict(self._call(lambda: self.cluster.call(self.host(node), "policy-apply", path=f"/shared/{name}")))
+
+    def policy_versions(self) -> dict[str, int | None]:
+        """Every running node's ``policy-status`` (over the control sockets)."""
+        out: dict[str, int | None] = {}
+        for i in sorted(self.running()):
+            try:
+                version = self.cluster.call(self.host(i), "policy-status").get("version")
+            except Exception:  # noqa: BLE001 - not answering now: no report
+                continue
+            out[neutral(i)] = version if type(version) is int else None
+        return out
+
+    def cloud(self, running: bool) -> None:
+        self._call(self.cluster.cloud_start if running else self.cluster.cloud_stop)
 
     def start(self, nodes: Sequence[int]) -> None:
         for node in nodes:
@@ -513,7 +627,6 @@ class _ContainersAdapter(AgentsBackend):
             except Exception:  # noqa: BLE001 - not running yet: start it
                 super().start([node])
             self._down.discard(node)
-
 
     def views(self) -> dict[str, dict[str, str]]:
         """All running nodes at once: one ``docker exec`` takes ~0.5 s, so a sequential poll of
@@ -534,13 +647,9 @@ class _ContainersAdapter(AgentsBackend):
     def overlay_addresses(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for i in sorted(self.running()):
-            proc = self.cluster.exec(self.host(i), ["edgeagent", "addresses", "--json"])
-            try:
-                rows = json.loads(proc.stdout) if proc.returncode == 0 else None
-            except ValueError:
-                rows = None
+            rows = self._call(self.cluster.call, self.host(i), "addresses")
             if not isinstance(rows, list):
-                raise BackendError(f"{neutral(i)}: edgeagent addresses --json failed")
+                raise BackendError(f"{neutral(i)}: addresses: not a list")
             own = [r for r in rows if r.get("node") == self.host(i) and r.get("state") == "active"]
             out[neutral(i)] = str(own[0]["block"]) if own else None
         return out
@@ -556,6 +665,11 @@ def containers_backend() -> AgentsBackend:
                                      "(testbed.containers.backend is missing)") from None
         raise
     return _ContainersAdapter(module.ContainerBackend)
+
+
+def policy_table(key: str) -> str:
+    """The ``[policy]`` config table that trusts one base64 Ed25519 key."""
+    return f'\n[policy]\ntrusted_keys = ["{key}"]\n'
 
 
 def make_backend(name: str) -> ScenarioBackend:

@@ -33,7 +33,7 @@ STATE_LABELS = ["alive", "suspect", "dead", "left", "not in view", "observer dow
 GAP_POLLS = 3  # a pause longer than this many polls between an observer's samples is shown blank
 MAX_OBSERVERS_PLOTTED = 8  # one panel per observer; a bigger cluster shows the first eight
 MARKED = ("kill", "stop", "start", "partition", "heal", "loss", "loss-ramp", "coap-load", "reboot",
-          "mqtt-load")
+          "mqtt-load", "publish-policy", "cloud-outage")
 
 
 def write_report(folder: Path, record: dict[str, Any], *, plots: bool = True) -> list[Path]:

@@ -24,7 +24,9 @@ remaining steps are reported as skipped. Then each ``[[expect]]`` is judged from
   the same state: the backend's ``kill`` and ``start``), every address sample from its return
   to its next downtime shows the block it held just before the kill;
 - ``mqtt-delivered``: the named MQTT load's distinct messages received / published is at least
-  ``min`` (and its duplicates at most ``max-duplicates``).
+  ``min`` (and its duplicates at most ``max-duplicates``);
+- ``policy-version``: every named node reported the version of the labelled
+  ``publish-policy`` step within ``within`` seconds (:mod:`testbed.scenario_policy`).
 
 The report folder (:mod:`testbed.scenario_report`) gets ``report.json``, ``report.md`` and
 plots. Exit 0 only when every step ran and every clause holds, 1 otherwise.
@@ -51,6 +53,7 @@ from .scenario_backends import (
     make_backend,
     neutral,
 )
+from .scenario_policy import Signer, policy_version, publish
 
 INF = math.inf
 MAX_LISTED = 10  # offending events listed per clause in the report
@@ -78,6 +81,8 @@ class Run:
         self.reboots: list[dict[str, Any]] = []  # {node, t_down, t_up, block_before}
         self.converge: dict[str, dict[str, Any]] = {}
         self.error: str | None = None
+        self.policies: dict[str, dict[str, Any]] = {}  # publish-policy label -> what it saw
+        self.signer = Signer() if "policy" in scenario.needs() else None
         self._handles: dict[str, LoadHandle] = {}
 
     # -- time and observation -----------------------------------------------------------------
@@ -250,7 +255,23 @@ class Run:
         if step.action == "mqtt-wait":
             result = self.collect(a["name"])
             return f"{result['received']}/{self.loads[a['name']]['count']} delivered, {result['duplicates']} duplicates"
+        if step.action == "publish-policy":
+            assert self.signer is not None  # made for every scenario that publishes
+            return publish(self, step, self.signer)
+        if step.action == "cloud-outage":
+            return self.cloud_outage(a["seconds"])
         raise StepFailed(f"unknown action {step.action}")  # the parser refuses it first
+
+    def cloud_outage(self, seconds: float) -> str:
+        """Stop the cloud broker, ``seconds`` off (observing), start it again."""
+        self.b.cloud(False)
+        t0 = self.b.now()
+        fault: dict[str, Any] = {"kind": "cloud", "t0": t0, "t1": INF}
+        self.faults.append(fault)
+        self.wait(seconds)
+        self.b.cloud(True)
+        fault["t1"] = t1 = self.b.now()
+        return f"cloud broker back after {t1 - t0:.1f} s"
 
     def collect(self, name: str) -> dict[str, Any]:
         """Wait for a load while observing, then keep its result."""
@@ -430,6 +451,8 @@ def judge(run: Run) -> list[dict[str, Any]]:
             res |= same_address(run, neutral(a["node"]))
         elif exp.check == "mqtt-delivered":
             res |= mqtt_delivered(run, a["load"], a["min"], a["max-duplicates"])
+        elif exp.check == "policy-version":
+            res |= policy_version(run, a["step"], a["within"], a["nodes"])
         elif exp.check == "success-rate":
             result = run.loads.get(a["load"], {}).get("result")
             total = (result["ok"] + result["failed"]) if result else 0
@@ -476,7 +499,9 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
     """Up, steps, down; the record as one dict (what report.json holds)."""
     run = Run(scenario, backend, log)
     started = datetime.datetime.now(datetime.UTC)
-    backend.up(scenario.nodes, scenario.preset, scenario.seed)
+    backend.up(scenario.nodes, scenario.preset, scenario.seed,
+               policy_key=run.signer.public_b64 if run.signer is not None else None,
+               cloud="cloud" in scenario.needs())  # fmt: skip
     try:
         run.run_steps()
     finally:
@@ -500,6 +525,7 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
         "loads": run.loads,
         "addresses": run.addresses,
         "reboots": run.reboots,
+        "policies": run.policies,
         "timeline": [{"t": t, "observer": o, "view": v} for t, o, v in run.samples],
     }  # fmt: skip
 

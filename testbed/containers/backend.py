@@ -44,6 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edgeagent.commands.members import pages
+from edgeagent.control import ControlClient, ControlError, socket_path
+from edgeagent.errors import AgentUnavailable
+
 from ..cluster import STATE_FILE, TestbedError, ids_under, pick_id
 from . import image as images
 from .compose import PROJECT_PREFIX, TESTBED_LABEL, Plan, write_compose
@@ -56,7 +60,9 @@ READY_TIMEOUT = 180.0  # seconds for every node's healthcheck to pass after comp
 START_TIMEOUT = 60.0  # one node started again
 STOP_TIMEOUT = 10  # seconds docker stop gives the agent to leave before SIGKILL
 EXEC_TIMEOUT = 30.0
-POLL_S = 1.0
+POLL_S = 0.5
+CALL_TIMEOUT = 5.0  # one control command over a node's socket
+CONFIG_NAME = "agent.toml"  # the agents' config file in the shared dir (``config``)
 SUBNET_TRIES = 3  # compose up again on a fresh subnet when ours was taken meanwhile
 
 T = TypeVar("T")
@@ -86,6 +92,7 @@ class ContainerBackend:
     ``nodes``: number of agents (h1..hN). ``token_mode``: ``mdns`` (the join token names no
     address: enrollment finds the issuer by mDNS) or ``address``. ``broker``: also run the
     mosquitto "cloud" service. ``run_args``: more ``edgeagent run`` flags for every agent.
+    ``config``: TOML every agent reads as its config file (``/shared/agent.toml``; "" none).
     ``build``: build the images if missing or stale (else they must exist).
     """
 
@@ -97,6 +104,7 @@ class ContainerBackend:
         token_mode: str = "mdns",
         broker: bool = False,
         run_args: Sequence[str] = (),
+        config: str = "",
         build: bool = True,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -105,6 +113,7 @@ class ContainerBackend:
         self.token_mode = token_mode
         self.broker = broker
         self.run_args = tuple(run_args)
+        self.config = config
         self.build = build
         self.log = log
         self.id = ""
@@ -140,17 +149,22 @@ class ContainerBackend:
         if self.broker and not images.has_mosquitto(tag):
             raise ContainerError(f"{tag} has no mosquitto; rebuild the base image or drop --broker")
         self._new_workdir()
+        run_args = self.run_args
+        if self.config:
+            (self.workdir / "shared").mkdir()
+            (self.workdir / "shared" / CONFIG_NAME).write_text(self.config)
+            run_args = (*run_args, "--config", f"/shared/{CONFIG_NAME}")
         self.plan = Plan(
             project=f"{PROJECT_PREFIX}{self.id}", image=tag,
             subnet_prefix=pick_subnet(int(self.id, 16)), nodes=self.nodes_count,
             cluster=f"tb-{self.id}", token_mode=self.token_mode, broker=self.broker,
-            run_args=self.run_args,
+            run_args=run_args,
         )
         self.state = {
             "id": self.id, "project": self.plan.project, "image": tag,
             "subnet_prefix": self.plan.subnet_prefix, "nodes": self.nodes_count,
             "cluster": self.plan.cluster, "token_mode": self.token_mode, "broker": self.broker,
-            "run_args": list(self.run_args),
+            "run_args": list(run_args),
             "faults": {"partition": [], "oneway": False, "loss": {}, "isolated": []},
         }
         self._save()
@@ -179,7 +193,7 @@ class ContainerBackend:
                                   timeout=180, check=False)
             remove_labelled(project)
             if self.workdir.is_dir():
-                shutil.rmtree(self.workdir)
+                _remove_run_dir(self.workdir, self.state.get("image"))
             self.state = {}
         if images_too:
             images.remove_images()
@@ -271,11 +285,38 @@ class ContainerBackend:
             if not state.get("Running"):
                 tail = self.logs(name, tail=1).strip() or f"exit code {state.get('ExitCode')}"
                 raise ContainerError(f"{self.node(name)}: container exited ({tail})")
-            if (state.get("Health") or {}).get("Status") == "healthy":
+            if (state.get("Health") or {}).get("Status") == "healthy" or self._answers(name):
                 return
             if time.monotonic() >= deadline:
                 raise ContainerError(f"timed out after {timeout:g} s waiting for {self.node(name)} to be healthy")
             time.sleep(POLL_S)
+
+    def cloud_running(self) -> bool:
+        """Whether the "cloud" broker container runs (ContainerError without a broker)."""
+        return self._inspect(self._cloud()).get("Running") is True
+
+    def cloud_stop(self) -> None:
+        """Stop the "cloud" broker (a cloud outage); the agents keep running."""
+        _docker("stop", "--time", "1", self._cloud(), timeout=40)
+
+    def cloud_start(self) -> None:
+        """Start the "cloud" broker again (same container, same address)."""
+        _docker("start", self._cloud())
+
+    def _cloud(self) -> str:
+        if not self.state.get("broker"):
+            raise ContainerError("this testbed has no cloud broker (up --broker)")
+        return self._plan.container("cloud")
+
+    def _answers(self, name: str | int) -> bool:
+        """The agent answers ``status`` on its socket (sooner than docker's next healthcheck)."""
+        if not self.control_socket(name).is_socket():
+            return False
+        try:
+            self.call(name, "status")
+        except ContainerError:
+            return False
+        return True
 
     # -- observing ----------------------------------------------------------------------------
 
@@ -301,9 +342,24 @@ class ContainerBackend:
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.stdout + proc.stderr
 
+    def control_socket(self, name: str | int) -> Path:
+        """The node's control socket on the host (its state dir is bind-mounted)."""
+        return socket_path(self.workdir / "state" / self.node(name))
+
+    def call(self, name: str | int, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
+        """One control command to the node's agent over its socket; ContainerError if it
+        does not answer or refuses."""
+        try:
+            return ControlClient(self.control_socket(name), timeout=timeout).call(cmd, **args)
+        except (AgentUnavailable, ControlError, OSError) as exc:
+            raise ContainerError(f"{self.node(name)}: {cmd}: {exc}") from None
+
     def members(self, name: str | int, timeout: float = EXEC_TIMEOUT) -> list[dict[str, Any]]:
-        """The node's membership list (``edgeagent members --json``); ContainerError if down."""
+        """The node's membership list (over its control socket, else ``edgeagent members
+        --json`` in the container); ContainerError if down."""
         node = self.node(name)
+        if self.control_socket(node).is_socket():
+            return list(pages(lambda **page: self.call(node, "members", timeout=min(timeout, CALL_TIMEOUT), **page)))
         proc = self.exec(node, ["edgeagent", "members", "--json"], timeout=timeout)
         if proc.returncode != 0:
             raise ContainerError(f"{node}: {images.last_line(proc.stderr) or 'members failed'}")
@@ -563,6 +619,25 @@ def remove_labelled(project: str) -> None:
     left = _labelled("ps", project) + _labelled("network", project)
     if left:
         raise ContainerError(f"could not remove {len(left)} docker objects of {project}")
+
+
+def _remove_run_dir(workdir: Path, image: str | None) -> None:
+    """Remove the run dir. The agents (root in their containers) wrote the bind-mounted state
+    and shared dirs; a user in the docker group who is not root cannot remove those, so then
+    a throwaway container of the node image removes them first."""
+    try:
+        shutil.rmtree(workdir)
+        return
+    except PermissionError:
+        if not image:
+            raise ContainerError(f"cannot remove {workdir}: files the containers wrote; remove it as root") from None
+    subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/rm",
+                    "-v", f"{workdir}:/run-dir", image, "-rf", "/run-dir/state", "/run-dir/shared"],
+                   capture_output=True, timeout=120)  # fmt: skip
+    try:
+        shutil.rmtree(workdir)
+    except PermissionError:
+        raise ContainerError(f"cannot remove {workdir}: files the containers wrote; remove it as root") from None
 
 
 def _docker(*args: str, timeout: float = 60) -> str:

@@ -10,6 +10,7 @@
     python -m testbed containers partition h1,h2/h3,h4,h5 [--oneway]
     python -m testbed containers loss h4 20           # 20 % each way (0 clears)
     python -m testbed containers heal
+    python -m testbed containers cloud stop | cloud start   # the broker (up --broker): an outage
     python -m testbed containers down [--all] [--images]
 
 With one container testbed up, commands find it on their own; with several, pass ``--id``.
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("groups", help="groups of nodes separated by '/', nodes by ','")
     p.add_argument("--oneway", action="store_true", help="drop only traffic into the first group")
     sub.add_parser("heal", parents=[common], help="remove the partition and isolation")
+    p = sub.add_parser("cloud", parents=[common], help="stop or start the cloud broker (a cloud outage)")
+    p.add_argument("op", choices=("stop", "start"))
     p = sub.add_parser("loss", parents=[common], help="packet loss on a node, each direction")
     p.add_argument("node")
     p.add_argument("percent", type=int, help="0..100 (0 removes it)")
@@ -141,6 +144,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "heal":
         tb.heal()
+        return 0
+    if args.command == "cloud":
+        (tb.cloud_stop if args.op == "stop" else tb.cloud_start)()
         return 0
     actions = {"kill": tb.kill, "stop": tb.stop, "start": tb.start, "restart": tb.restart,
                "isolate": tb.isolate}

@@ -53,6 +53,8 @@ def test_compose_document_gives_each_node_an_address_the_issuer_role_and_the_lab
     assert doc["networks"]["mesh"]["labels"] == {TESTBED_LABEL: "edgeagent-tb-test"}
     assert services["h2"]["environment"]["EA_CLOUD_BROKER"] == "172.29.9.2:1883"
     assert "cloud" not in compose_document(_plan(3), Path("/tmp/x"))["services"]
+    with_state = compose_document(_plan(2), Path("/r/shared"), Path("/r/state"))["services"]
+    assert with_state["h2"]["volumes"] == ["/r/shared:/shared", "/r/state/h2:/var/lib/edgeagent"]
 
 
 def test_compose_document_refuses_bad_sizes_and_token_modes() -> None:
@@ -111,6 +113,34 @@ def test_bad_fault_arguments_are_one_error_each() -> None:
         tb.loss("h1", 101)
 
 
+def test_a_testbed_without_a_broker_refuses_cloud_verbs_in_one_line() -> None:
+    with pytest.raises(ContainerError, match="no cloud broker"):
+        _offline_backend().cloud_stop()
+
+
+def test_a_run_dir_the_user_cannot_remove_is_emptied_by_a_throwaway_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed.containers import backend
+
+    calls: list[object] = []
+
+    def rmtree(path: Path) -> None:
+        calls.append(("rmtree", path))
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(backend.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(backend.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    backend._remove_run_dir(tmp_path, "edgeagent-node:0")
+    assert calls[0] == calls[2] == ("rmtree", tmp_path)
+    assert calls[1] == ["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/rm", "-v",
+                        f"{tmp_path}:/run-dir", "edgeagent-node:0", "-rf", "/run-dir/state", "/run-dir/shared"]
+    calls.clear()
+    with pytest.raises(ContainerError, match="remove it as root"):
+        backend._remove_run_dir(tmp_path, None)
+
+
 def test_cli_without_a_testbed_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["status", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -138,7 +168,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerBacke
     reason = _docker_skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    tb = ContainerBackend(NODES, root=tmp_path_factory.mktemp("containers"), build=False)
+    tb = ContainerBackend(NODES, root=tmp_path_factory.mktemp("containers"), broker=True, build=False)
     try:
         tb.up()
         yield tb
@@ -162,6 +192,7 @@ def test_five_containers_converge_by_mdns_and_a_token(testbed: ContainerBackend)
         assert f"joined cluster '{cluster}' as '{name}'" in testbed.logs(name)
     members = testbed.members("h3")
     assert {m["name"]: m["address"] for m in members}["h2"] == f"{testbed.ip('h2')}:7946"
+    assert testbed.control_socket("h3").is_socket()  # read from the host, not by docker exec
 
 
 @pytest.mark.docker
@@ -201,6 +232,19 @@ def test_kill_then_start_rejoins_with_the_same_identity(testbed: ContainerBacken
 
 
 @pytest.mark.docker
+def test_cloud_outage_stops_the_broker_container_and_starts_it_again(testbed: ContainerBackend) -> None:
+    assert testbed.cloud_running()
+    testbed.cloud_stop()
+    assert not testbed.cloud_running() and testbed.status()["broker"]["state"] == "exited"
+    assert all(testbed.running(n) for n in testbed.names())  # the agents ride it out
+    testbed.cloud_start()
+    assert testbed.cloud_running()
+    where = ["--root", str(testbed.root), "--id", testbed.id]
+    assert cli_main(["cloud", "stop", *where]) == 0 and not testbed.cloud_running()
+    assert cli_main(["cloud", "start", *where]) == 0 and testbed.cloud_running()
+
+
+@pytest.mark.docker
 def test_down_removes_exactly_what_it_made(testbed: ContainerBackend) -> None:
     project = testbed.project
     workdir = testbed.workdir
@@ -210,7 +254,7 @@ def test_down_removes_exactly_what_it_made(testbed: ContainerBackend) -> None:
         return subprocess.run(["docker", *argv, "--filter", label, "-q"],
                               capture_output=True, text=True, check=True).stdout.split()
 
-    assert len(listed("ps", "-a")) == NODES and len(listed("network", "ls")) == 1
+    assert len(listed("ps", "-a")) == NODES + 1 and len(listed("network", "ls")) == 1  # + cloud
     testbed.down()
     assert listed("ps", "-a") == [] and listed("network", "ls") == []
     names = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"],

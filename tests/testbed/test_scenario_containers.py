@@ -1,4 +1,5 @@
-"""The shipped partition scenario on docker containers (the second real backend).
+"""The shipped scenarios on docker containers (the second real backend): partition, and
+reboot (a power cut mid MQTT load, the load client inside the pub container).
 
 Skipped with the reason when no docker daemon answers; a docker that cannot build the node
 image fails (see tests/testbed/test_containers.py). The runner takes its containers down
@@ -43,5 +44,28 @@ def test_partition_scenario_holds_in_containers(tmp_path: Path, monkeypatch: pyt
     assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
     assert record["backend"] == "containers"
     assert {s["observer"] for s in record["timeline"]} == {f"n{i}" for i in range(1, 6)}
+    for kind in ("container", "network"):
+        assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"
+
+
+def test_reboot_scenario_with_its_mqtt_load_holds_in_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = _docker_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("EDGEAGENT_CONTAINERS_DIR", str(tmp_path / "runs"))
+    before = {kind: _labelled(kind) for kind in ("container", "network")}
+    report = tmp_path / "report"
+    rc = run_cli(["scenario", str(SCENARIOS / "reboot.toml"), "--backend", "containers",
+                  "--report", str(report), "--no-plots"])  # fmt: skip
+    record = json.loads((report / "report.json").read_text())
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    (reboot,) = record["reboots"]
+    assert reboot["t_up"] - reboot["t_down"] >= 3 and reboot["block_before"]
+    assert not [s for s in record["timeline"]
+                if s["observer"] == "n2" and reboot["t_down"] < s["t"] < reboot["t_up"]]  # fmt: skip
+    result = record["loads"]["telemetry"]["result"]
+    assert (result["received"], result["lost"], result["duplicates"]) == (400, 0, 0)
+    published = [r[0] for r in result["records"]]
+    assert published[0] < reboot["t_down"] < published[-1], "the cut is mid-load"
     for kind in ("container", "network"):
         assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"

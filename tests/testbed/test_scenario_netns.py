@@ -71,3 +71,14 @@ def test_reboot_scenario_keeps_the_block_and_the_mqtt_load_on_real_agents(
     assert all(r[1] and r[3] is not None for r in result["records"])
     assert (tmp_path / "report" / "mqtt.png").stat().st_size > 10_000
     assert "## MQTT loads" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_policy_scenario_every_node_enforces_the_bundle_on_real_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc, record = _run(tmp_path, monkeypatch, "policy.toml")
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    policies = record["policies"]
+    assert [policies[k]["version"] for k in ("v1", "v1-again", "v2")] == [1, 1, 2]
+    assert set(policies["v1"]["seen"]) == set(policies["v2"]["seen"]) == {"n1", "n2", "n3"}
+    assert policies["v1-again"]["had_it"] == ["n3"]  # the reboot kept bundle and mark
