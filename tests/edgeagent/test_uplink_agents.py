@@ -29,7 +29,8 @@ from edgeagent.localmesh import free_port
 from testbed.bench import uplink as bench
 from testbed.loopback import LoopbackCluster
 from tests.edgeagent.inprocess import call, start, stop
-from tests.edgeagent.test_cli_errors import assert_one_line_usage_error, edgeagent
+from tests.edgeagent.test_cli_errors import assert_one_line_usage_error
+from tests.edgeagent.test_cli_errors import edgeagent as run_cli
 from tests.edgeagent.test_mqtt_tls_attach import _cert, _write
 
 needs_mosquitto = pytest.mark.skipif(
@@ -104,7 +105,7 @@ def test_uplink_needs_the_mqtt_feature(tmp_path: Path) -> None:
 def test_bad_uplink_config_is_one_line_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('[uplink]\nbrokers = ["h:1"]\ntopics = ["a sideways"]\n')
-    result = edgeagent("run", "--config", str(path), "--state-dir", str(tmp_path / "s"))
+    result = run_cli("run", "--config", str(path), "--state-dir", str(tmp_path / "s"))
     assert_one_line_usage_error(result, "uplink.topics")
 
 
