@@ -40,6 +40,7 @@ SMALL: dict[str, tuple[list[str], float, bool]] = {
     "coap": (["--requests", "300", "--concurrency", "10", "--soak-s", "0"], 240, False),
     "mqtt": (["--count", "1000", "--rate", "100"], 300, False),
     "mqtt-broker": ([], 120, False),
+    "uplink": (["--nodes", "3", "--count", "300", "--down-s", "10"], 300, False),
     "scaling": (["--sizes", "10,100,1000,10000", "--max-cpu-s", "400"], 900, False),
 }
 

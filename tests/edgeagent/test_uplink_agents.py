@@ -29,7 +29,8 @@ from edgeagent.localmesh import free_port
 from testbed.bench import uplink as bench
 from testbed.loopback import LoopbackCluster
 from tests.edgeagent.inprocess import call, start, stop
-from tests.edgeagent.test_cli_errors import assert_one_line_usage_error, edgeagent
+from tests.edgeagent.test_cli_errors import assert_one_line_usage_error
+from tests.edgeagent.test_cli_errors import edgeagent as run_cli
 from tests.edgeagent.test_mqtt_tls_attach import _cert, _write
 
 needs_mosquitto = pytest.mark.skipif(
@@ -104,7 +105,7 @@ def test_uplink_needs_the_mqtt_feature(tmp_path: Path) -> None:
 def test_bad_uplink_config_is_one_line_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('[uplink]\nbrokers = ["h:1"]\ntopics = ["a sideways"]\n')
-    result = edgeagent("run", "--config", str(path), "--state-dir", str(tmp_path / "s"))
+    result = run_cli("run", "--config", str(path), "--state-dir", str(tmp_path / "s"))
     assert_one_line_usage_error(result, "uplink.topics")
 
 
@@ -313,3 +314,52 @@ async def _tls_round(
             await local.publish("s/temp", b"21.5", qos=1)
         msg = await asyncio.wait_for(anext(aiter(sub.messages)), 30)
         assert (str(msg.topic), msg.payload) == ("cloud/s/temp", b"21.5")
+
+
+@needs_mosquitto
+def test_a_former_holder_drains_its_spool_after_a_takeover() -> None:
+    """The holder spools while the cloud is away; a higher-scoring candidate joins and takes
+    the uplink; the former holder keeps a connection only to drain (mode drain, then off):
+    nothing it spooled is stranded."""
+    asyncio.run(_handover())
+
+
+async def _handover() -> None:
+    import tempfile
+
+    from overlay.uplink_select import score
+
+    with tempfile.TemporaryDirectory(prefix="ea-uplink-") as tmp:
+        cloud = bench.Cloud(Path(tmp))
+        cloud.start()
+        gate = bench.Gate(cloud.port)  # closed until the end: the cloud is away
+        collector = bench.Collector(cloud.port)
+        cluster = LoopbackCluster(
+            2, mqtt=True, extra_args=["--config", str(bench.write_config(Path(tmp), gate.port))]
+        )
+        lo, hi = sorted(cluster.agents, key=lambda a: score("default", a.name))
+        try:
+            await collector.start()
+            await asyncio.to_thread(lo.start)
+            await bench.poll(lambda: bench.uplink_status(lo).get("mode") == "hold", "lo holds")
+            first = [b"first-%03d" % i for i in range(50)]
+            await bench.publish(lo.host, cluster.mqtt_port, first, 200.0)
+            await bench.poll(
+                lambda: bench.uplink_status(lo)["spool"]["pending"] == 50, "lo spooled"
+            )
+            await asyncio.to_thread(hi.start)
+            await bench.poll(lambda: bench.uplink_status(hi).get("mode") == "hold", "hi takes over")
+            await bench.poll(lambda: bench.uplink_status(lo).get("mode") == "drain", "lo drains")
+            await bench.interest_everywhere(cluster)
+            second = [b"second-%03d" % i for i in range(50)]
+            await bench.publish(lo.host, cluster.mqtt_port, second, 200.0)
+            await gate.open()
+            want = set(first + second)
+            await bench.poll(lambda: want <= set(collector.got), "everything in the cloud")
+            await bench.poll(lambda: bench.uplink_status(lo).get("mode") == "off", "lo done")
+            assert bench.uplink_status(lo)["spool"]["pending"] == 0
+        finally:
+            await collector.stop()
+            await asyncio.to_thread(cluster.stop)
+            await gate.close()
+            cloud.stop()
