@@ -45,11 +45,20 @@ import dataclasses
 import itertools
 import ssl
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from gossip import events as ev
 from overlay.mqtt.codec import check_topic_name
-from overlay.mqtt.packets import MQTT5, Connect, Properties, Publish, Subscribe, Subscription
+from overlay.mqtt.packets import (
+    MQTT5,
+    Connect,
+    Properties,
+    Publish,
+    Subscribe,
+    Subscription,
+    Unsubscribe,
+)
 from overlay.mqtt.topics import filter_matches
 from overlay.uplink_select import STATE_KEY, UplinkSelectError, UplinkSelector, encode_capability
 
@@ -62,6 +71,9 @@ from ..logs import fields
 from ..mqtt_attach import BridgeClient
 from ..spool import Spool
 from ..uplink import Uplink, UplinkConfig
+
+if TYPE_CHECKING:
+    from overlay.policy import Uplink as PolicyUplink
 
 log = FeatureHost.logger("uplink")
 MARKER = "edgeagent-uplink"  # user property on what came down from the cloud
@@ -89,8 +101,21 @@ def to_local(topics: tuple[UplinkTopic, ...], topic: str) -> tuple[UplinkTopic, 
     return None
 
 
-def transport_config(settings: UplinkSettings, node: str) -> UplinkConfig:
+def policy_topics(mappings: Iterable[PolicyUplink]) -> tuple[UplinkTopic, ...]:
+    """A policy bundle's ``mqtt.uplink`` mappings as this feature's: ``up`` sends a local
+    topic matching ``local`` to ``remote + topic``, ``down`` brings ``remote + T`` back as
+    T (for T matching ``local``); QoS 1, the message's own QoS if lower."""
+    return tuple(
+        UplinkTopic(m.local, "out" if m.direction == "up" else "in", 1, "", m.remote)
+        for m in mappings
+    )
+
+
+def transport_config(
+    settings: UplinkSettings, node: str, topics: tuple[UplinkTopic, ...] | None = None
+) -> UplinkConfig:
     """The client's settings: cloud-side topics only (this feature maps them)."""
+    topics = settings.topics if topics is None else topics
     return UplinkConfig(
         brokers=settings.brokers,
         tls=settings.tls,
@@ -100,7 +125,7 @@ def transport_config(settings: UplinkSettings, node: str) -> UplinkConfig:
         username=settings.username,
         password=settings.password,
         up=("#",),
-        down=tuple(dict.fromkeys(t.remote_filter for t in settings.topics if t.inbound)),
+        down=tuple(dict.fromkeys(t.remote_filter for t in topics if t.inbound)),
         prefix="",
         primary_retry_s=settings.primary_retry_s,
         spool_max_bytes=settings.spool_max_bytes,
@@ -144,6 +169,7 @@ class UplinkFeature:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = 0.0
         self._others_seen = False
+        self._policy_topics: tuple[UplinkTopic, ...] = ()  # the policy bundle's mappings
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,6 +195,9 @@ class UplinkFeature:
         self.up = Uplink(transport_config(settings, node), self.spool, self._deliver_down)
         _check_tls(self.up)
         self._join_broker(node)
+        policy = host.feature("policy")  # started before us when on
+        if policy is not None:
+            policy.on_change(lambda bundle: self.set_policy_topics(bundle.uplink if bundle else ()))
         host.add_listener(self._on_update)
         await self._catch_up()
         await asyncio.wrap_future(host.set_state(STATE_KEY, encode_capability(site)))
@@ -290,7 +319,7 @@ class UplinkFeature:
     def _start_client(self, mode: str) -> None:
         """The cloud client; a draining former holder subscribes to nothing down."""
         assert self.up is not None and self.selector is not None and self.settings is not None
-        full = transport_config(self.settings, self.selector.local)
+        full = transport_config(self.settings, self.selector.local, self.topics)
         self.up.cfg = full if mode == "hold" else dataclasses.replace(full, down=())
         self._client = asyncio.create_task(self.up.run(), name="uplink-client")
 
@@ -301,6 +330,39 @@ class UplinkFeature:
         self._writes.extendleft(reversed(recent))
         if recent:
             self._write_wake.set()
+
+    # -- topic mappings: the config's, then the policy's ----------------------------------------
+
+    @property
+    def topics(self) -> tuple[UplinkTopic, ...]:
+        assert self.settings is not None
+        return self.settings.topics + self._policy_topics
+
+    def set_policy_topics(self, mappings: Iterable[PolicyUplink]) -> None:
+        """A new bundle's mappings, at once: the bridge subscribes to new ``up`` filters and
+        drops the ones no mapping needs any more; a holder's cloud client reconnects when
+        the ``down`` filters changed (in-flight spool records stay in the spool)."""
+        new = policy_topics(mappings)
+        if new == self._policy_topics:
+            return
+        before_out = {t.local_filter for t in self.topics if t.outbound}
+        before_down = {t.remote_filter for t in self.topics if t.inbound}
+        self._policy_topics = new
+        after_out = {t.local_filter for t in self.topics if t.outbound}
+        added = tuple(
+            Subscription(t.local_filter, min(t.qos, 1), no_local=True, retain_as_published=True)
+            for t in new
+            if t.outbound and t.local_filter not in before_out
+        )
+        if added:
+            self._feed(Subscribe(next(self._ids), added))
+        if before_out - after_out:
+            self._feed(Unsubscribe(next(self._ids), tuple(sorted(before_out - after_out))))
+        if {t.remote_filter for t in self.topics if t.inbound} != before_down and self._client:
+            self._client.cancel()
+            self._client = None
+            self._start_client(self.mode)
+        log.info("uplink policy mappings", extra=fields(mappings=len(new)))
 
     # -- the local broker side ---------------------------------------------------------------
 
@@ -313,7 +375,7 @@ class UplinkFeature:
         self._feed(Connect(f"edgeagent-uplink-{node}", protocol_level=MQTT5, keep_alive=0))
         subs = tuple(
             Subscription(t.local_filter, min(t.qos, 1), no_local=True, retain_as_published=True)
-            for t in self.settings.topics
+            for t in self.topics
             if t.outbound
         )
         if subs:
@@ -335,7 +397,7 @@ class UplinkFeature:
         if any(k == MARKER for k, _ in publish.properties.user_properties or ()):
             self.stats["loops_dropped"] += 1
             return
-        found = to_remote(self.settings.topics, publish.topic)
+        found = to_remote(self.topics, publish.topic)
         if found is None:
             return
         mapping, remote = found
@@ -381,7 +443,7 @@ class UplinkFeature:
     async def _deliver_down(self, topic: str, payload: bytes, retain: bool) -> None:
         """A message from the cloud: into the local broker (and so the mesh), marked."""
         assert self.settings is not None and self.selector is not None
-        found = to_local(self.settings.topics, topic) if self.mode == "hold" else None
+        found = to_local(self.topics, topic) if self.mode == "hold" else None
         limits = self._endpoint.limits
         if (
             found is None

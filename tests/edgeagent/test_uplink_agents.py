@@ -10,6 +10,7 @@ same runs the benchmark makes). The cloud outage lasts ``EDGEAGENT_UPLINK_DOWN_S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import socket
@@ -363,3 +364,69 @@ async def _handover() -> None:
             await asyncio.to_thread(cluster.stop)
             await gate.close()
             cloud.stop()
+
+
+@needs_mosquitto
+def test_policy_uplink_mappings_apply_without_a_restart(tmp_path: Path) -> None:
+    """A bundle's ``mqtt.uplink`` mappings join the config's: after the apply, a local
+    publish on ``site/...`` reaches the cloud as ``tenants/acme/site/...`` and a cloud
+    message on ``tenants/acme/cmd/...`` reaches a local subscriber as ``cmd/...``; the
+    next bundle, without mappings, stops both."""
+    asyncio.run(_policy_mappings(tmp_path))
+
+
+async def _policy_mappings(tmp_path: Path) -> None:
+    import base64
+
+    import aiomqtt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from overlay import policy as pol
+
+    key = Ed25519PrivateKey.generate()
+    raw = base64.b64encode(pol.raw_public_key(key.public_key())).decode()
+    cloud = bench.Cloud(tmp_path)
+    cloud.start()
+    config = bench.write_config(tmp_path, cloud.port, topics=["other/# out 1"])
+    config.write_text(config.read_text() + f'[policy]\ntrusted_keys = ["{raw}"]\n')
+
+    def bundle(version: int, mappings: str) -> str:
+        path = tmp_path / f"v{version}.signed"
+        path.write_bytes(pol.sign(f"version = {version}\nissued = 1\n{mappings}".encode(), key))
+        return str(path)
+
+    maps = (
+        '[[mqtt.uplink]]\nlocal = "site/#"\nremote = "tenants/acme/"\ndirection = "up"\n'
+        '[[mqtt.uplink]]\nlocal = "cmd/#"\nremote = "tenants/acme/"\ndirection = "down"\n'
+    )
+    state = tmp_path / "s"
+    agent = await start(state, "n1", ["--config", str(config), "--mqtt", "127.0.0.1:0"])
+    try:
+        await _uplink_until(state, "connected_to", "the uplink connected")
+        port = int((await call(state, "status"))["mqtt"].rsplit(":", 1)[1])
+        assert (await call(state, "policy-apply", path=bundle(1, maps)))["accepted"]
+        async with (
+            aiomqtt.Client("127.0.0.1", cloud.port) as remote,
+            aiomqtt.Client("127.0.0.1", port) as local,
+        ):
+            await remote.subscribe("tenants/acme/site/#", qos=1)  # not its own cmd/ ones
+            await remote.subscribe("other/#", qos=1)
+            await local.subscribe("cmd/#", qos=1)
+            await local.publish("site/temp", b"21.5", qos=1)
+            msg = await asyncio.wait_for(anext(aiter(remote.messages)), 30)
+            assert (str(msg.topic), msg.payload) == ("tenants/acme/site/temp", b"21.5")
+            got = None
+            for _ in range(100):  # until the holder's cloud subscription is in
+                await remote.publish("tenants/acme/cmd/reboot", b"now", qos=1)
+                with contextlib.suppress(TimeoutError):
+                    got = await asyncio.wait_for(anext(aiter(local.messages)), 0.3)
+                    break
+            assert got is not None and (str(got.topic), got.payload) == ("cmd/reboot", b"now")
+            assert (await call(state, "policy-apply", path=bundle(2, "")))["accepted"]
+            await local.publish("site/temp", b"22.0", qos=1)
+            await local.publish("other/x", b"config", qos=1)  # the config's mapping stays
+            msg = await asyncio.wait_for(anext(aiter(remote.messages)), 30)
+            assert (str(msg.topic), msg.payload) == ("other/x", b"config")
+    finally:
+        await stop(agent)
+        cloud.stop()
