@@ -286,8 +286,9 @@ class Mqtt:
     def _with_permissions(self, host: FeatureHost, config: BrokerConfig) -> BrokerConfig:
         """With the policy feature on, its bundle's ``mqtt.permissions`` decide what this
         node's clients may publish and subscribe, and what a peer's messages may reach
-        them (``MeshLink.may_publish``, by the peer's mTLS identity); a new bundle applies
-        to the next packet."""
+        them (``MeshLink.may_publish``, by the peer's mTLS identity); its ``rate_limits``
+        for this node bound its clients' publishes (one token each, shared with CoAP
+        requests from this node); a new bundle applies to the next packet."""
         policy = host.feature("policy")
         if policy is None:
             return config
@@ -315,7 +316,10 @@ class Mqtt:
         if self.mesh is not None:
             self.mesh.may_publish = may_publish
         return dataclasses.replace(
-            config, may_publish=lambda topic: may_publish(me, topic), may_subscribe=may_subscribe
+            config,
+            may_publish=lambda topic: may_publish(me, topic),
+            may_subscribe=may_subscribe,
+            publish_quota=lambda: policy.within_rate(me),
         )
 
     async def _listen(self, host: FeatureHost) -> tuple[str, int] | None:

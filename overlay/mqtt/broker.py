@@ -178,6 +178,9 @@ class BrokerConfig:
     # filter of a local client; None: everything allowed. A refusal: "not authorized".
     may_publish: Callable[[str], bool] | None = None
     may_subscribe: Callable[[str], bool] | None = None
+    # This node's policy rate limit: a token for one local client's PUBLISH (False: over the
+    # limit, "quota exceeded"); None: no limit.
+    publish_quota: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -235,6 +238,7 @@ class BrokerStats:
     wills_published: int = 0
     publishes_received: int = 0
     publishes_denied: int = 0  # by the policy's mqtt.permissions
+    publishes_limited: int = 0  # by the policy's rate_limits
     publishes_from_mesh: int = 0
     mesh_publishes_refused: int = 0
     publishes_sent: int = 0
@@ -745,7 +749,12 @@ class Broker:
         if p.qos == 2 and len(s.incoming_qos2) >= self.config.receive_maximum:
             raise _Violation(Reason.RECEIVE_MAXIMUM_EXCEEDED)
         if self.config.may_publish is not None and not self.config.may_publish(p.topic):
-            self._deny_publish(c, s, p, out)
+            self.stats.publishes_denied += 1
+            self._deny_publish(c, s, p, Reason.NOT_AUTHORIZED, out)
+            return
+        if self.config.publish_quota is not None and not self.config.publish_quota():
+            self.stats.publishes_limited += 1
+            self._deny_publish(c, s, p, Reason.QUOTA_EXCEEDED, out)
             return
         self.stats.publishes_received += 1
         if p.qos == 1:
@@ -756,12 +765,13 @@ class Broker:
         msg = Message(p.topic, p.payload, p.qos, p.retain, p.properties, now, s.client_id)
         self._accept(msg, now, out)
 
-    def _deny_publish(self, c: _Conn, s: Session, p: Publish, out: list[Output]) -> None:
-        """A PUBLISH the policy refuses: dropped and counted; MQTT 5 learns why from the ack
-        (0x87), 3.1.1 has no way to say it and gets the usual ack (as mosquitto's ACLs)."""
-        self.stats.publishes_denied += 1
+    def _deny_publish(
+        self, c: _Conn, s: Session, p: Publish, why: int, out: list[Output]
+    ) -> None:
+        """A PUBLISH the policy refuses: dropped; MQTT 5 learns ``why`` from the ack (0x87,
+        0x97), 3.1.1 has no way to say it and gets the usual ack (as mosquitto's ACLs)."""
         pid = p.packet_id or 0
-        reason = Reason.NOT_AUTHORIZED if c.level == MQTT5 else Reason.SUCCESS
+        reason = why if c.level == MQTT5 else Reason.SUCCESS
         if p.qos == 1:
             out.append(Send(c.conn, Puback(pid, reason=reason)))
         elif p.qos == 2:

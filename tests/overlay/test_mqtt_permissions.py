@@ -85,3 +85,15 @@ def test_a_denied_subscription_is_refused_and_the_rest_granted() -> None:
     suback = net.subscribe("s5", Subscription("#", 1), Subscription("a/b", 1))
     assert suback.reasons == (Reason.NOT_AUTHORIZED, 1)
     assert net.broker.stats.subscriptions_denied == 1 and net.broker.filters() == {"a/b"}
+
+
+def test_over_the_rate_limit_a_publish_is_dropped_and_mqtt5_hears_quota_exceeded() -> None:
+    tokens = [True, False]
+    net = Net(BrokerConfig(publish_quota=lambda: tokens.pop(0) if tokens else False))
+    net.open("sub", c4("sub"))
+    net.subscribe("sub", Subscription("t", 1))
+    net.open("p5", c5("p5"))
+    net.send("p5", Publish("t", b"1", qos=1, packet_id=1))
+    net.send("p5", Publish("t", b"2", qos=1, packet_id=2))
+    assert net.take("p5") == [Puback(1), Puback(2, reason=Reason.QUOTA_EXCEEDED)]
+    assert payloads(net.publishes("sub")) == [b"1"] and net.broker.stats.publishes_limited == 1
