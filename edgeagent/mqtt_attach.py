@@ -78,6 +78,7 @@ class _BridgeClient:
         self.attach = attach
         self.conn = conn
         self.transport = None
+        self.paused = False
         self.peer = "attach"
         self.connected = False
 

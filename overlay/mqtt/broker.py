@@ -77,7 +77,12 @@ input from a client is a protocol error that closes its connection (level 5: DIS
 with the reason first); nothing a client sends raises.
 
 PUBACK and PUBREC to a client always say SUCCESS: whether anyone subscribes is known only
-across the mesh, so NO_MATCHING_SUBSCRIBERS is never sent. AUTH and topic aliases are not
+across the mesh, so NO_MATCHING_SUBSCRIBERS is never sent. With ``hold_acks`` a QoS 1
+PUBACK is not sent by the core: it rides in the message's `RouteOut` (``ack``, with
+``persisted`` when a local persistent session took the message) and the adapter sends it
+once the message is safe, so a crash of this agent before then makes the client resend
+(QoS 1 at-least-once through the publisher's agent). The adapter must keep the PUBACKs of
+one connection in the order of their PUBLISHes (MQTT 4.6). AUTH and topic aliases are not
 supported (CONNACK advertises topic alias maximum 0).
 """
 
@@ -174,6 +179,9 @@ class BrokerConfig:
     # Which share groups this broker serves for a message accepted here on a topic (None:
     # all of them). The mesh layer sets it so a group spanning agents gets a message once.
     share_here: Callable[[str], Collection[str] | None] | None = None
+    # Hold back a client's QoS 1 PUBACK: it travels in `RouteOut.ack` and the adapter sends it
+    # once the message is safe (other agents have it, local persistent sessions are saved).
+    hold_acks: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -208,6 +216,11 @@ class RouteOut:
     sender: str
     now: float
     retain_stamp: Stamp | None = None
+    # With `BrokerConfig.hold_acks`: the PUBACK owed to the publishing client, to send once
+    # the message is safe (None: nothing is owed, or it was sent already).
+    ack: Send | None = None
+    # The message went (queued or sent) to a session that outlives its connection here.
+    persisted: bool = False
 
 
 Output = Send | Close | RouteOut
@@ -739,15 +752,19 @@ class Broker:
         if p.qos == 2 and len(s.incoming_qos2) >= self.config.receive_maximum:
             raise _Violation(Reason.RECEIVE_MAXIMUM_EXCEEDED)
         self.stats.publishes_received += 1
+        ack: Send | None = None
         if p.qos == 1:
-            out.append(Send(c.conn, Puback(pid)))
+            ack = Send(c.conn, Puback(pid))
+            if not self.config.hold_acks:
+                out.append(ack)
+                ack = None
         elif p.qos == 2:
             s.incoming_qos2.add(pid)
             out.append(Send(c.conn, Puback(pid, PacketType.PUBREC)))
         msg = Message(p.topic, p.payload, p.qos, p.retain, p.properties, now, s.client_id)
-        self._accept(msg, now, out)
+        self._accept(msg, now, out, ack)
 
-    def _accept(self, msg: Message, now: float, out: list[Output]) -> None:
+    def _accept(self, msg: Message, now: float, out: list[Output], ack: Send | None = None) -> None:
         """A message accepted here: retained store, local delivery, then routed out."""
         stamp: Stamp | None = None
         if msg.retain:
@@ -755,9 +772,11 @@ class Broker:
             outcome = self.retained.put(msg.topic, msg.payload, msg.qos, stamp, now, msg.properties)
             self._count_retained(outcome)
         here = self.config.share_here
+        version = self.persist_version
         self._deliver(msg, now, out, True, None if here is None else here(msg.topic))
         publish = Publish(msg.topic, msg.payload, msg.qos, msg.retain, properties=msg.properties)
-        out.append(RouteOut(publish, msg.sender or "", now, stamp))
+        persisted = self.persist_version != version
+        out.append(RouteOut(publish, msg.sender or "", now, stamp, ack, persisted))
 
     def _count_retained(self, outcome: Outcome) -> None:
         if outcome is Outcome.SET:
