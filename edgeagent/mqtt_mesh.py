@@ -16,8 +16,12 @@ How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its do
   order they were accepted and a burst costs one request, not one each. A retained message
   goes to every reachable agent. A batch holding QoS 1 or 2 is retried (the receiver drops
   duplicates by origin and sequence number) up to :data:`RETRIES` times while the
-  destination is a reachable member, so a message is lost only when its destination agent
-  is gone (counted: ``mesh_lost``); QoS 0 is sent once. Outboxes are bounded.
+  destination is a reachable member; when it is gone, what its persistent sessions want
+  (interest key ``d``) goes to an on-disk spool for it (:class:`_Outbox`), sent when it is
+  back, and the rest is lost (counted: ``mesh_lost``); QoS 0 is sent once. Outboxes are
+  bounded. With a held PUBACK (``RouteOut.ack``) :meth:`MeshLink.route_out` returns one
+  future per destination, done once that destination acknowledged the batch (or the
+  envelope is spooled): the endpoint sends the PUBACK after all of them.
 - **A peer's batch** (:meth:`MeshLink.serve`): the origin must be the member the channel
   authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
   (last writer wins), then the message is delivered to the plain subscribers and the share
