@@ -38,7 +38,9 @@ def test_held_pubacks_go_out_in_publish_order_once_their_conditions_are_done() -
         client = FakeClient(1)
         endpoint.clients[1] = client  # type: ignore[assignment]
         endpoint.run(None, lambda now: endpoint.broker.connect(1, now))
-        endpoint.run(None, lambda now: endpoint.broker.receive(1, Connect("p", MQTT311, True, 0), now))
+        endpoint.run(
+            None, lambda now: endpoint.broker.receive(1, Connect("p", MQTT311, True, 0), now)
+        )
         for pid in (1, 2, 3):
             publish = Publish("t", b"x", qos=1, packet_id=pid)
             endpoint.run(None, lambda now, p=publish: endpoint.broker.receive(1, p, now))
