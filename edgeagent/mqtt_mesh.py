@@ -92,7 +92,8 @@ SPOOL_DIR = "mqtt-mesh-spool"  # under the state dir: one spool per destination 
 SPOOL_BYTES = 4 << 20  # per destination agent; beyond, the oldest segment goes (counted)
 SPOOL_TTL_S = 7 * 24 * 3600.0  # the broker's longest session expiry
 WARMUP_S = 5.0  # at most, after start, before clients are served (MeshLink.warm)
-PROBE_S = 2.0  # how often an away destination's spool is tried
+PROBE_S = 2.0
+PIPELINE = 2  # batches in flight to one destination (a held PUBACK waits one round trip)  # how often an away destination's spool is tried
 
 
 class MeshLink:
@@ -499,25 +500,43 @@ class _Outbox:
         return batch
 
     async def _drain(self) -> None:
-        batch: list[_Queued] = []
+        """Send the spool, then the memory queue: up to :data:`PIPELINE` batches in flight
+        (each with its own retries), settled in order; a batch that fails sends it and
+        every later one still unsettled to :meth:`_away`."""
+        inflight: collections.deque[tuple[list[_Queued], asyncio.Task[bool]]] = collections.deque()
         try:
-            while self.spooled or self.queue:
-                if self.spooled:
+            while self.spooled or self.queue or inflight:
+                if self.spooled and not inflight:
                     if not await self._drain_spool():
                         if not self.live():
                             self._away([])
                         return  # away still: the link's loop kicks us again (retry_at)
                     continue
-                batch = self._batch()
-                ok = await self._send(bytes([PUBLISH_PREFIX]) + encode_batch([d for _, d, _ in batch]),
-                                      any(env.qos for env, _, _ in batch))  # fmt: skip
+                while self.queue and not self.spooled and len(inflight) < PIPELINE:
+                    batch = self._batch()
+                    data = bytes([PUBLISH_PREFIX]) + encode_batch([d for _, d, _ in batch])
+                    send = asyncio.ensure_future(self._send(data, any(e.qos for e, _, _ in batch)))
+                    inflight.append((batch, send))
+                if not inflight:
+                    continue
+                batch, send = inflight[0]
+                ok = await send
+                inflight.popleft()
                 if ok:
                     self._settle(batch, True)
-                else:
-                    self._away(batch)
-                batch = []
+                    continue
+                failed = batch
+                while inflight:  # what was sent beside it: settled as it went
+                    later, send = inflight.popleft()
+                    if await send:
+                        self._settle(later, True)
+                    else:
+                        failed = failed + later
+                self._away(failed)
         finally:
-            self._settle(batch, False)  # cancelled (stop) mid-batch
+            for batch, send in inflight:  # cancelled (stop) mid-batch
+                send.cancel()
+                self._settle(batch, False)
             self.task = None
 
     def _away(self, batch: list[_Queued]) -> None:
