@@ -93,6 +93,7 @@ SPOOL_BYTES = 4 << 20  # per destination agent; beyond, the oldest segment goes 
 SPOOL_TTL_S = 7 * 24 * 3600.0  # the broker's longest session expiry
 WARMUP_S = 5.0  # at most, after start, before clients are served (MeshLink.warm)
 PROBE_S = 2.0
+MAX_REFUSALS = 5  # the destination refused the spool's head so often: dropped, not retried
 PIPELINE = 2  # batches in flight to one destination (a held PUBACK waits one round trip)  # how often an away destination's spool is tried
 
 
@@ -111,6 +112,7 @@ class MeshLink:
             "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
             "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
             "retained_pulls": 0, "mesh_spooled": 0, "mesh_unspooled": 0, "mesh_spool_dropped": 0,
+            "mesh_spool_refused": 0,
         }  # fmt: skip
         self.spool_dir = host.state_dir / SPOOL_DIR
         self._pending: tuple[str, Plan] | None = None
@@ -453,6 +455,7 @@ class _Outbox:
         self.to_spool: list[_Queued] = []
         self.writer: asyncio.Task[None] | None = None
         self.retry_at = 0.0  # monotonic: when to try the spool's head again after a failure
+        self.refusals = 0  # answers other than OK to the spool's head in a row
 
     def live(self) -> bool:
         return self.node in self.link.chan.peers.names()
@@ -534,9 +537,11 @@ class _Outbox:
                         failed = failed + later
                 self._away(failed)
         finally:
-            for batch, send in inflight:  # cancelled (stop) mid-batch
+            for batch, send in inflight:  # stopped mid-batch: no PUBACK for these (cancelled)
                 send.cancel()
-                self._settle(batch, False)
+                for _, _, done in batch:
+                    if done is not None:
+                        done.cancel()
             self.task = None
 
     def _away(self, batch: list[_Queued]) -> None:
@@ -619,11 +624,17 @@ class _Outbox:
             reply = REFUSED
         if reply != OK:
             self.retry_at = time.monotonic() + PROBE_S
-            return False
+            self.refusals += reply == REFUSED  # an answer, not an outage
+            if self.refusals < MAX_REFUSALS:
+                return False
+            self.link.stats["mesh_lost"] += len(records)  # refused again and again: drop it
+            self.link.stats["mesh_spool_refused"] += len(records)
+        self.refusals = 0
         await asyncio.to_thread(spool.ack, records[-1].seq)
         self.spooled = max(0, self.spooled - len(records))
-        self.link.stats["mesh_sent"] += len(records)
-        self.link.stats["mesh_unspooled"] += len(records)
+        if reply == OK:
+            self.link.stats["mesh_sent"] += len(records)
+            self.link.stats["mesh_unspooled"] += len(records)
         return True
 
     def tend(self) -> None:

@@ -267,7 +267,10 @@ class Endpoint:
             target.transport.pause_reading()
 
     def _settled(self, conn: Any, held: _HeldAck, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None or future.result() is False:
+        if future.cancelled():  # shutting down: the message may not be safe, so no PUBACK
+            self._held.pop(conn, None)  # for it or after it; the client resends them
+            return
+        if future.exception() is not None or future.result() is False:
             held.unsafe = True
         held.waiting -= 1
         if held.waiting == 0:
@@ -312,6 +315,8 @@ class Endpoint:
 
     def close_all(self) -> None:
         self._held.clear()
+        for client in self.gated or ():
+            client.close()
         if self._timer is not None:
             self._timer.cancel()
         for client in list(self.clients.values()):
