@@ -16,6 +16,8 @@ as duplicates of the previous run's).
 
 from __future__ import annotations
 
+import collections
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -85,7 +87,9 @@ def test_sigkilled_publisher_agent_loses_no_qos1_message(cluster: LoopbackCluste
             mids.append(pub.publish(TOPIC, f"m{i}", qos=1).mid)  # type: ignore[attr-defined]
 
     def stats(agent: object) -> dict[str, int]:
-        return agent.status()["mqtt_stats"]  # type: ignore[attr-defined, no-any-return]
+        # {} until the MQTT feature registered its status (the control socket answers first)
+        found = agent.status().get("mqtt_stats", {})  # type: ignore[attr-defined]
+        return collections.defaultdict(int, found)
 
     def all_acked() -> bool:
         return set(mids) <= acked
@@ -116,4 +120,35 @@ def test_sigkilled_publisher_agent_loses_no_qos1_message(cluster: LoopbackCluste
         assert sorted(want - sub.distinct()) == []
     finally:
         pub.loop_stop()  # type: ignore[attr-defined]
+        sub.close()
+
+
+def test_a_restarted_agent_serves_clients_only_once_it_knows_the_mesh_interest(
+    cluster: LoopbackCluster,
+) -> None:
+    """The first publish a just-restarted node1 accepts reaches node2's subscriber: node1
+    reads no client before the other agents' state arrived (``MeshLink.warm``). Served at
+    once, it would route that message by an empty interest table, to no one, and ack it
+    (without the gate this failed 1 run in 2 here: the window is the join's first exchange)."""
+    node1, node2 = cluster.agents
+    port = cluster.mqtt_port
+    sub = Subscriber(node2.host, port)
+    try:
+        cluster.wait_for(
+            lambda: node1.status().get("mqtt_stats", {}).get("router_interest_nodes", 0) >= 1,
+            TIMEOUT, "node1 sees node2's interest",
+        )  # fmt: skip
+        node1.terminate()
+        node1.start()
+        argv = ["mosquitto_pub", "-h", node1.host, "-p", str(port), "-t", TOPIC, "-q", "1",
+                "-m", "first"]  # fmt: skip
+        deadline = time.monotonic() + TIMEOUT
+        while subprocess.run(argv, capture_output=True, timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "node1's MQTT listener never opened"
+            time.sleep(0.02)  # connection refused: the listener is not open yet
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "first" not in sub.distinct():
+            time.sleep(0.1)
+        assert "first" in sub.distinct()
+    finally:
         sub.close()
