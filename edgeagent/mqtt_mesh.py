@@ -90,6 +90,7 @@ MAX_QUEUED_BYTES = 8 << 20  # ... and their bytes
 OK, REFUSED = b"\x00", b"\x01"
 SPOOL_DIR = "mqtt-mesh-spool"  # under the state dir: one spool per destination agent
 SPOOL_BYTES = 4 << 20  # per destination agent; beyond, the oldest segment goes (counted)
+MAX_SPOOLS = 16  # destination agents with a spool at once (disk: at most 64 MiB); others lose
 SPOOL_TTL_S = 7 * 24 * 3600.0  # the broker's longest session expiry
 WARMUP_S = 5.0  # at most, after start, before clients are served (MeshLink.warm)
 PROBE_S = 2.0
@@ -416,6 +417,9 @@ class MeshLink:
 
         self.run(None, deliver_all)
 
+    def spools(self) -> int:
+        return sum(1 for box in self._outboxes.values() if box.spool is not None)
+
     def status(self) -> dict[str, Any]:
         interested = sum(
             1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares)
@@ -424,6 +428,10 @@ class MeshLink:
             **self.stats,
             **{f"router_{k}": v for k, v in vars(self.router.stats).items()},
             "router_interest_nodes": interested,
+            "mesh_spool_pending": sum(box.spooled for box in self._outboxes.values()),
+            "mesh_spool_expired": sum(
+                box.spool.stats.dropped_expired for box in self._outboxes.values() if box.spool
+            ),
         }
 
 
@@ -461,7 +469,9 @@ class _Outbox:
         return self.node in self.link.chan.peers.names()
 
     def worth_spooling(self, env: Envelope) -> bool:
-        return env.qos > 0 and env.plain and self.link.router.keeps(self.node, env.topic)
+        if not (env.qos > 0 and env.plain and self.link.router.keeps(self.node, env.topic)):
+            return False
+        return self.spooled > 0 or self.spool is not None or self.link.spools() < MAX_SPOOLS
 
     def put(self, env: Envelope, tracked: bool = False) -> asyncio.Future[bool] | None:
         """Queue one envelope; ``tracked``: return a future, True once the destination

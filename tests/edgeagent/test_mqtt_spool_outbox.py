@@ -45,6 +45,10 @@ class FakeLink:
         self.chan = FakeChannel()
         self.router = FakeRouter()
         self.spool_dir = spool_dir
+        self.open_spools = 0  # other destinations' spools
+
+    def spools(self) -> int:
+        return self.open_spools
 
     def warn_spool(self, node: str, exc: OSError) -> None:
         raise AssertionError(f"spool failed: {exc}")
@@ -130,3 +134,16 @@ def test_a_spool_left_by_the_last_run_is_sent(tmp_path: Path) -> None:
 
     asyncio.run(first_run())
     assert asyncio.run(second_run()) == ["m0"]
+
+
+def test_no_new_spool_past_the_bound_on_spools(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        link = FakeLink(tmp_path)
+        link.open_spools = mqtt_mesh.MAX_SPOOLS
+        box = _Outbox(link, "dest")  # type: ignore[arg-type]
+        done = box.put(env(0), tracked=True)
+        await settle(box)
+        assert done is not None and done.result() is False
+        assert link.stats["mesh_lost"] == 1 and box.spool is None
+
+    asyncio.run(scenario())
