@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,6 +56,7 @@ from overlay.mqtt.packets import (
 from overlay.mqtt.topics import filter_matches
 
 from .config.schema import MqttAttach
+from .errors import ConfigError
 from .host import FeatureHost
 from .logs import fields
 
@@ -89,6 +91,7 @@ class BridgeClient:
         self.attach = attach
         self.conn = conn
         self.transport = None
+        self.paused = False
         self.peer = "attach"
         self.connected = False
 
@@ -114,6 +117,7 @@ class Attach:
         self.config = config
         self.node = node
         self.client_id = f"edgeagent-attach-{node}"
+        self.tls = attach_tls_context(config)  # None: plain TCP
         self.stats = {
             "in": 0,
             "out": 0,
@@ -233,7 +237,8 @@ class Attach:
             try:
                 async with aiomqtt.Client(
                     host, port, identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                    keepalive=30, timeout=10,
+                    keepalive=30, timeout=10, tls_context=self.tls,
+                    username=self.config.username, password=self.config.password,
                 ) as client:  # fmt: skip
                     await self._subscribe(client)
                     self._mqtt, delay, warned = client, BACKOFF_MIN, False
@@ -290,3 +295,25 @@ class Attach:
             return False
         self.stats["out"] += 1
         return True
+
+
+def attach_tls_context(config: MqttAttach) -> ssl.SSLContext | None:
+    """The client context for ``[mqtt] attach_tls_*`` (None without ``attach_tls_ca``): TLS
+    >= 1.2, the broker's certificate verified against the CA and its name (or IP) checked
+    against the ``attach`` host. A file that does not load is a ConfigError naming the key."""
+    if config.tls_ca is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(config.tls_ca))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"mqtt.attach_tls_ca: cannot load {config.tls_ca}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls_cert is not None:
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"mqtt.attach_tls_cert / mqtt.attach_tls_key: cannot load {config.tls_cert} "
+                f"with {config.tls_key}: {exc}"
+            ) from None
+    return context

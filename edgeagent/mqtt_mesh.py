@@ -16,8 +16,12 @@ How it works (the decisions are sans-IO in :mod:`overlay.mqtt.mesh`; read its do
   order they were accepted and a burst costs one request, not one each. A retained message
   goes to every reachable agent. A batch holding QoS 1 or 2 is retried (the receiver drops
   duplicates by origin and sequence number) up to :data:`RETRIES` times while the
-  destination is a reachable member, so a message is lost only when its destination agent
-  is gone (counted: ``mesh_lost``); QoS 0 is sent once. Outboxes are bounded.
+  destination is a reachable member; when it is gone, what its persistent sessions want
+  (interest key ``d``) goes to an on-disk spool for it (:class:`_Outbox`), sent when it is
+  back, and the rest is lost (counted: ``mesh_lost``); QoS 0 is sent once. Outboxes are
+  bounded. With a held PUBACK (``RouteOut.ack``) :meth:`MeshLink.route_out` returns one
+  future per destination, done once that destination acknowledged the batch (or the
+  envelope is spooled): the endpoint sends the PUBACK after all of them.
 - **A peer's batch** (:meth:`MeshLink.serve`): the origin must be the member the channel
   authenticated (mTLS: no agent can speak for another); retained values are merged by stamp
   (last writer wins), then the message is delivered to the plain subscribers and the share
@@ -45,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gossip import events as ev
+from gossip.messages import MemberState
 from overlay.mqtt.broker import Broker, Output, RouteOut
 from overlay.mqtt.mesh import (
     INTEREST_KEY,
@@ -71,6 +76,7 @@ from .channel import ChannelUnavailable
 from .driver import View
 from .host import FeatureHost
 from .ratelimit import WarnLimiter
+from .spool import Spool
 
 log = FeatureHost.logger("mqtt")
 PUBLISH_PREFIX = 0x10  # channel service byte: one routed message
@@ -83,6 +89,14 @@ RETRIES = 5
 MAX_QUEUED = 10_000  # envelopes waiting for one destination agent
 MAX_QUEUED_BYTES = 8 << 20  # ... and their bytes
 OK, REFUSED = b"\x00", b"\x01"
+SPOOL_DIR = "mqtt-mesh-spool"  # under the state dir: one spool per destination agent
+SPOOL_BYTES = 4 << 20  # per destination agent; beyond, the oldest segment goes (counted)
+MAX_SPOOLS = 16  # destination agents with a spool at once (disk: at most 64 MiB); others lose
+SPOOL_TTL_S = 7 * 24 * 3600.0  # the broker's longest session expiry
+WARMUP_S = 5.0  # at most, after start, before clients are served (MeshLink.warm)
+PROBE_S = 2.0
+MAX_REFUSALS = 5  # the destination refused the spool's head so often: dropped, not retried
+PIPELINE = 2  # batches in flight to one destination (a held PUBACK waits one round trip)  # how often an away destination's spool is tried
 
 
 class MeshLink:
@@ -101,8 +115,10 @@ class MeshLink:
         self.stats = {
             "mesh_sent": 0, "mesh_received": 0, "mesh_malformed": 0, "mesh_impostor": 0,
             "mesh_retries": 0, "mesh_lost": 0, "mesh_dropped_busy": 0, "retained_synced": 0,
-            "retained_pulls": 0, "mesh_denied": 0,
+            "retained_pulls": 0, "mesh_denied": 0, "mesh_spooled": 0, "mesh_unspooled": 0, "mesh_spool_dropped": 0,
+            "mesh_spool_refused": 0,
         }  # fmt: skip
+        self.spool_dir = host.state_dir / SPOOL_DIR
         self._pending: tuple[str, Plan] | None = None
         self._interest: Any = None
         self._digest: str | None = None
@@ -117,6 +133,7 @@ class MeshLink:
 
     async def start(self, broker: Broker, run: Any) -> None:
         self.broker, self.run = broker, run
+        self.router.start_seq(self.host.clock.tick(time.time()).wall_ms << 20)
         self.chan.register(PUBLISH_PREFIX, self.serve)
         self.chan.register(RETAINED_PREFIX, self.serve_retained)
         for member, value in await self.host.member_states(INTEREST_KEY):
@@ -126,7 +143,47 @@ class MeshLink:
             if member.name != self.me and isinstance(value, str):
                 self._peer_digests[member.name] = value
         self.host.add_listener(self._on_update)
+        await self._reopen_spools()
         self._spawn(self._loop())
+
+    async def _reopen_spools(self) -> None:
+        """Spools left by the last run (this agent was stopped or killed while a destination
+        was away): their messages are sent once that destination is reachable."""
+        try:
+            dirs = [d for d in self.spool_dir.iterdir() if d.is_dir()]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.warn_spool("*", exc)
+            return
+        for where in dirs:
+            try:
+                node = bytes.fromhex(where.name).decode()
+            except ValueError:
+                continue  # not ours
+            box = self._outbox(node)
+            try:
+                spool = await box._open_spool()
+            except OSError as exc:
+                self.warn_spool(node, exc)
+                continue
+            box.spooled = spool.pending
+
+    def warn_spool(self, node: str, exc: OSError) -> None:
+        self._warn.warn(f"spool {node}", time.monotonic(), "mqtt mesh: spool failed",
+                        peer=node, why=str(exc))  # fmt: skip
+
+    async def warm(self, joining: bool) -> None:
+        """Return once this agent knows the other agents' interest: when it joins a mesh,
+        every other ALIVE member has its retained digest here (its whole state arrived with
+        it), or after :data:`WARMUP_S` (members without MQTT never publish one)."""
+        deadline = time.monotonic() + WARMUP_S
+        while joining and time.monotonic() < deadline:
+            states = await self.host.member_states(RETAINED_KEY)
+            others = [v for m, v in states if m.name != self.me and m.state == MemberState.ALIVE]
+            if others and all(v is not None for v in others):
+                return
+            await asyncio.sleep(0.05)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -141,9 +198,17 @@ class MeshLink:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+        for box in self._outboxes.values():
+            if box.spool is not None:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(box.spool.close)
 
     def _on_update(self, events: tuple[ev.Event, ...], view: View) -> None:
         for event in events:
+            if isinstance(event, ev.MemberReaped):
+                # gone for good: nothing more is spooled for it
+                self.router.remove(event.member.name)
+                continue
             if not isinstance(event, ev.StateChanged) or event.owner == self.me:
                 continue
             value = None if event.deleted else event.value
@@ -161,10 +226,15 @@ class MeshLink:
             await asyncio.sleep(INTEREST_PERIOD_S)
             try:
                 self._publish_interest()
+                for box in self._outboxes.values():
+                    box.tend()
                 if time.monotonic() - last_digest >= DIGEST_PERIOD_S:
                     last_digest = time.monotonic()
                     self._publish_digest()
                     self._pull_retained()
+                    for box in self._outboxes.values():
+                        if box.spool is not None:  # the group fsync of an idle spool
+                            await asyncio.to_thread(box.spool.sync_if_due)
             except Exception:
                 log.exception("mqtt mesh: periodic work failed")
 
@@ -177,13 +247,17 @@ class MeshLink:
             return  # no subscription added or removed since: filters() is what we published
         self._seen_versions = (version, self._seen_versions[1])
         plain, shares = [], []
+        durable = [
+            text for session in self.broker.persistent_sessions()
+            for text in session.subscriptions if not text.startswith(SHARE_PREFIX)
+        ]  # fmt: skip
         for text in self.broker.filters():
             if text.startswith(SHARE_PREFIX):
                 group, _, topic_filter = text[len(SHARE_PREFIX) :].partition("/")
                 shares.append((group, topic_filter))
             else:
                 plain.append(text)
-        value = interest_value(plain, shares)
+        value = interest_value(plain, shares, durable)
         if value == self._interest:
             return
         self._interest = value
@@ -259,7 +333,10 @@ class MeshLink:
         self._pending = (topic, plan)
         return {g for g, node in plan.shares.items() if node == self.me}
 
-    def route_out(self, out: RouteOut) -> None:
+    def route_out(self, out: RouteOut) -> list[asyncio.Future[bool]]:
+        """Queue the message for every agent that needs it; with ``out.ack`` (a QoS 1 PUBACK
+        held by the broker), one future per destination, True once it acknowledged the batch
+        (False: lost, counted), for the endpoint to send the PUBACK after."""
         pub = out.publish
         pending, self._pending = self._pending, None
         plan = pending[1] if pending and pending[0] == pub.topic else None
@@ -267,18 +344,26 @@ class MeshLink:
             plan = self.router.plan(pub.topic, self.chan.peers.names())
         dests = plan.destinations(self.me)
         stamp = out.retain_stamp if pub.retain and isinstance(out.retain_stamp, tuple) else None
+        live = self.chan.peers.names()
         if stamp is not None:  # a retained value goes everywhere (late subscribers)
-            for node in self.chan.peers.names() - {self.me}:
+            for node in live - {self.me}:
                 dests.setdefault(node, (False, ()))
+        if pub.qos:  # persistent sessions on agents away: spooled until they are back
+            for node in self.router.absent_keepers(pub.topic, live):
+                dests.setdefault(node, (True, ()))
+        waits: list[asyncio.Future[bool]] = []
         if not dests:
-            return
+            return waits
         seq = self.router.next_seq()
         for node, (plain, groups) in dests.items():
             env = Envelope(
                 self.me, seq, pub.topic, pub.payload, pub.qos, pub.retain, plain, groups,
                 stamp, 1, out.sender or None, pub.properties,
             )  # fmt: skip
-            self._outbox(node).put(env)
+            done = self._outbox(node).put(env, out.ack is not None and pub.qos > 0)
+            if done is not None:
+                waits.append(done)
+        return waits
 
     def _outbox(self, node: str) -> _Outbox:
         box = self._outboxes.get(node)
@@ -339,6 +424,9 @@ class MeshLink:
 
         self.run(None, deliver_all)
 
+    def spools(self) -> int:
+        return sum(1 for box in self._outboxes.values() if box.spool is not None)
+
     def status(self) -> dict[str, Any]:
         interested = sum(
             1 for n, i in self.router.interest.items() if n != self.me and (i.plain or i.shares)
@@ -347,7 +435,14 @@ class MeshLink:
             **self.stats,
             **{f"router_{k}": v for k, v in vars(self.router.stats).items()},
             "router_interest_nodes": interested,
+            "mesh_spool_pending": sum(box.spooled for box in self._outboxes.values()),
+            "mesh_spool_expired": sum(
+                box.spool.stats.dropped_expired for box in self._outboxes.values() if box.spool
+            ),
         }
+
+
+_Queued = tuple[Envelope, bytes, "asyncio.Future[bool] | None"]  # envelope, bytes, who waits
 
 
 class _Outbox:
@@ -355,52 +450,219 @@ class _Outbox:
 
     Bounded by :data:`MAX_QUEUED` envelopes and :data:`MAX_QUEUED_BYTES`: beyond, the new
     envelope is dropped (QoS 0: ``mesh_dropped_busy``; QoS 1 and 2: ``mesh_lost``).
+
+    The spool (:class:`edgeagent.spool.Spool` in ``STATE_DIR/mqtt-mesh-spool/<node hex>/``,
+    opened when first needed): a QoS 1/2 envelope that a persistent session on the
+    destination wants (:meth:`MeshRouter.keeps`) goes there instead of being lost when the
+    destination is away (not a reachable member, or a batch failed after its retries); while
+    the spool holds anything, such envelopes are appended behind it (order kept), and the
+    drain sends the spool first, then the memory queue. A spooled envelope's future is done
+    once it is written (a plain write: kill -9 of this agent keeps it).
     """
 
     def __init__(self, link: MeshLink, node: str) -> None:
         self.link, self.node = link, node
-        self.queue: collections.deque[tuple[Envelope, bytes]] = collections.deque()
+        self.queue: collections.deque[_Queued] = collections.deque()
         self.bytes = 0
         self.task: asyncio.Task[None] | None = None
+        self.spool: Spool | None = None
+        self.spooled = 0  # records in the spool (or on their way there) not yet delivered
+        self.to_spool: list[_Queued] = []
+        self.writer: asyncio.Task[None] | None = None
+        self.retry_at = 0.0  # monotonic: when to try the spool's head again after a failure
+        self.refusals = 0  # answers other than OK to the spool's head in a row
 
-    def put(self, env: Envelope) -> None:
+    def live(self) -> bool:
+        return self.node in self.link.chan.peers.names()
+
+    def worth_spooling(self, env: Envelope) -> bool:
+        if not (env.qos > 0 and env.plain and self.link.router.keeps(self.node, env.topic)):
+            return False
+        return self.spooled > 0 or self.spool is not None or self.link.spools() < MAX_SPOOLS
+
+    def put(self, env: Envelope, tracked: bool = False) -> asyncio.Future[bool] | None:
+        """Queue one envelope; ``tracked``: return a future, True once the destination
+        acknowledged the batch holding it (or it is spooled), False when dropped or lost."""
         data = encode_envelope(env)
         stats = self.link.stats
-        if len(self.queue) >= MAX_QUEUED or self.bytes + len(data) > MAX_QUEUED_BYTES:
+        done = asyncio.get_running_loop().create_future() if tracked else None
+        if (self.spooled or not self.live()) and self.worth_spooling(env):
+            self._spool([(env, data, done)])
+            return done
+        if (
+            not self.live()
+            or len(self.queue) >= MAX_QUEUED
+            or self.bytes + len(data) > MAX_QUEUED_BYTES
+        ):
             stats["mesh_dropped_busy" if env.qos == 0 else "mesh_lost"] += 1
-            return
-        self.queue.append((env, data))
+            if done is not None:
+                done.set_result(False)
+            return done
+        self.queue.append((env, data, done))
         self.bytes += len(data)
+        self.kick()
+        return done
+
+    def kick(self) -> None:
         if self.task is None:
             self.task = asyncio.ensure_future(self._drain())
 
-    def _batch(self) -> list[tuple[Envelope, bytes]]:
-        batch: list[tuple[Envelope, bytes]] = []
+    def _batch(self) -> list[_Queued]:
+        batch: list[_Queued] = []
         size = 0
         while self.queue and len(batch) < MAX_BATCH:
-            env, data = self.queue[0]
+            data = self.queue[0][1]
             if batch and size + len(data) + 4 > MAX_BATCH_BYTES - 16:
                 break
-            self.queue.popleft()
+            batch.append(self.queue.popleft())
             self.bytes -= len(data)
-            batch.append((env, data))
             size += len(data) + 4
         return batch
 
     async def _drain(self) -> None:
+        """Send the spool, then the memory queue: up to :data:`PIPELINE` batches in flight
+        (each with its own retries), settled in order; a batch that fails sends it and
+        every later one still unsettled to :meth:`_away`."""
+        inflight: collections.deque[tuple[list[_Queued], asyncio.Task[bool]]] = collections.deque()
         try:
-            while self.queue:
-                batch = self._batch()
-                ok = await self._send(bytes([PUBLISH_PREFIX]) + encode_batch([d for _, d in batch]),
-                                      any(env.qos for env, _ in batch))  # fmt: skip
-                stats = self.link.stats
-                for env, _ in batch:
-                    if ok:
-                        stats["mesh_sent"] += 1
+            while self.spooled or self.queue or inflight:
+                if self.spooled and not inflight:
+                    if not await self._drain_spool():
+                        if not self.live():
+                            self._away([])
+                        return  # away still: the link's loop kicks us again (retry_at)
+                    continue
+                while self.queue and not self.spooled and len(inflight) < PIPELINE:
+                    batch = self._batch()
+                    data = bytes([PUBLISH_PREFIX]) + encode_batch([d for _, d, _ in batch])
+                    send = asyncio.ensure_future(self._send(data, any(e.qos for e, _, _ in batch)))
+                    inflight.append((batch, send))
+                if not inflight:
+                    continue
+                batch, send = inflight[0]
+                ok = await send
+                inflight.popleft()
+                if ok:
+                    self._settle(batch, True)
+                    continue
+                failed = batch
+                while inflight:  # what was sent beside it: settled as it went
+                    later, send = inflight.popleft()
+                    if await send:
+                        self._settle(later, True)
                     else:
-                        stats["mesh_lost" if env.qos else "mesh_dropped_busy"] += 1
+                        failed = failed + later
+                self._away(failed)
         finally:
+            for batch, send in inflight:  # stopped mid-batch: no PUBACK for these (cancelled)
+                send.cancel()
+                for _, _, done in batch:
+                    if done is not None:
+                        done.cancel()
             self.task = None
+
+    def _away(self, batch: list[_Queued]) -> None:
+        """The destination is away: what its persistent sessions want goes to the spool
+        (behind what is there), the rest is lost (counted)."""
+        rest = batch + list(self.queue)
+        self.queue.clear()
+        self.bytes = 0
+        self._settle([q for q in rest if not self.worth_spooling(q[0])], False)
+        self._spool([q for q in rest if self.worth_spooling(q[0])])
+        self.retry_at = time.monotonic() + PROBE_S
+
+    def _settle(self, batch: list[_Queued], ok: bool) -> None:
+        stats = self.link.stats
+        for env, _, done in batch:
+            if ok:
+                stats["mesh_sent"] += 1
+            else:
+                stats["mesh_lost" if env.qos else "mesh_dropped_busy"] += 1
+            if done is not None and not done.done():
+                done.set_result(ok)
+
+    # -- the spool -----------------------------------------------------------------------
+
+    def _spool(self, items: list[_Queued]) -> None:
+        if not items:
+            return
+        self.to_spool += items
+        self.spooled += len(items)
+        if self.writer is None:
+            self.writer = asyncio.ensure_future(self._write_spool())
+
+    async def _open_spool(self) -> Spool:
+        if self.spool is None:
+            where = self.link.spool_dir / self.node.encode().hex()
+            self.spool = await asyncio.to_thread(Spool, where, max_bytes=SPOOL_BYTES)
+        return self.spool
+
+    async def _write_spool(self) -> None:
+        """Append what waits for the spool, in order, one thread hop per run (not per message)."""
+        stats = self.link.stats
+        try:
+            while self.to_spool:
+                items, self.to_spool = self.to_spool, []
+                try:
+                    spool = await self._open_spool()
+                    before = spool.stats.dropped_full
+                    seqs = await asyncio.to_thread(_append_all, spool, [d for _, d, _ in items])
+                    stats["mesh_spool_dropped"] += spool.stats.dropped_full - before
+                except OSError as exc:
+                    self.link.warn_spool(self.node, exc)
+                    seqs = [None] * len(items)
+                for (_, _, done), seq in zip(items, seqs, strict=True):
+                    if seq is None:  # too large for the spool, or it cannot be written
+                        self.spooled -= 1
+                        stats["mesh_lost"] += 1
+                    else:
+                        stats["mesh_spooled"] += 1
+                    if done is not None and not done.done():
+                        done.set_result(seq is not None)
+        finally:
+            self.writer = None
+
+    async def _drain_spool(self) -> bool:
+        """One batch from the spool's head to the destination; False if it is away."""
+        if self.writer is not None or not self.live() or time.monotonic() < self.retry_at:
+            if self.writer is not None:
+                await asyncio.sleep(0.01)  # let the appends land first, then send them
+                return True
+            return False
+        spool = await self._open_spool()
+        records = await asyncio.to_thread(spool.peek, MAX_BATCH)
+        if not records:  # expired or dropped while away
+            self.spooled = len(self.to_spool) + (self.writer is not None)
+            return True
+        data = bytes([PUBLISH_PREFIX]) + encode_batch([r.payload for r in records])
+        try:
+            reply = await self.link.chan.request(self.node, data, SEND_TIMEOUT_S)
+        except (ChannelUnavailable, TimeoutError):
+            reply = REFUSED
+        if reply != OK:
+            self.retry_at = time.monotonic() + PROBE_S
+            self.refusals += reply == REFUSED  # an answer, not an outage
+            if self.refusals < MAX_REFUSALS:
+                return False
+            self.link.stats["mesh_lost"] += len(records)  # refused again and again: drop it
+            self.link.stats["mesh_spool_refused"] += len(records)
+        self.refusals = 0
+        await asyncio.to_thread(spool.ack, records[-1].seq)
+        self.spooled = max(0, self.spooled - len(records))
+        if reply == OK:
+            self.link.stats["mesh_sent"] += len(records)
+            self.link.stats["mesh_unspooled"] += len(records)
+        return True
+
+    def tend(self) -> None:
+        """The link's periodic loop: try the spool again when due; fail over what waits in
+        memory for a destination that went away meanwhile."""
+        if self.task is not None or not (self.spooled or self.queue):
+            return
+        if not self.live():
+            self._away([])
+        elif time.monotonic() >= self.retry_at:
+            self.kick()
 
     async def _send(self, data: bytes, reliable: bool) -> bool:
         """One batch; retried (QoS 1/2 in it) while the destination is a member we can reach."""
@@ -421,3 +683,10 @@ class _Outbox:
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        if self.writer is not None:
+            self.writer.cancel()
+
+
+def _append_all(spool: Spool, records: list[bytes]) -> list[int | None]:
+    """In a worker thread: append encoded envelopes (plain writes; fsync grouped by the spool)."""
+    return [spool.append("m", data, ttl=SPOOL_TTL_S) for data in records]

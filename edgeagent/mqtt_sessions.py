@@ -54,7 +54,7 @@ class SessionStore:
             "sessions_restored": 0, "session_saves": 0, "session_save_errors": 0,
             "session_messages_not_saved": 0,  # in the last save: over persist.MAX_SAVED_BYTES
         }  # fmt: skip
-        self._waiters: list[asyncio.Future[None]] = []
+        self._next: asyncio.Future[None] | None = None  # done at the next save (durable_future)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -90,15 +90,21 @@ class SessionStore:
     def _versions(self) -> tuple[int, int]:
         return (self.broker.persist_version, self.broker.subscriptions_version)
 
+    def durable_future(self) -> asyncio.Future[None]:
+        """Done once what the broker holds now is on disk (the next save); OSError if that
+        save fails or is not done within :data:`DURABLE_TIMEOUT_S`. Callers until that save
+        share one future (one timer a save, not one a message); do not cancel it."""
+        future = self._next
+        if future is None or future.done():
+            loop = asyncio.get_running_loop()
+            future = self._next = loop.create_future()
+            loop.call_later(DURABLE_TIMEOUT_S, _time_out, future)
+        self._wake.set()
+        return future
+
     async def durable(self) -> None:
         """Return once what the broker holds now is on disk (the next save)."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        self._wake.set()
-        try:
-            await asyncio.wait_for(future, DURABLE_TIMEOUT_S)
-        except TimeoutError:
-            raise OSError("sessions not saved in time") from None
+        await asyncio.shield(self.durable_future())
 
     async def _loop(self) -> None:
         while True:
@@ -110,7 +116,7 @@ class SessionStore:
             await self.save()
 
     async def save(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        waiting, self._next = self._next, None
         versions = self._versions()
         try:
             if versions != self.saved:
@@ -127,13 +133,11 @@ class SessionStore:
             log.warning(
                 "mqtt: cannot save sessions", extra=fields(path=str(self.path), error=str(exc))
             )
-            for future in waiters:
-                if not future.done():
-                    future.set_exception(OSError(f"sessions not saved: {exc}"))
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(OSError(f"sessions not saved: {exc}"))
             return
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -142,3 +146,8 @@ class SessionStore:
                 await self._task
         with contextlib.suppress(TimeoutError):  # the state writer's close flushes it later
             await asyncio.wait_for(self.save(), DURABLE_TIMEOUT_S)
+
+
+def _time_out(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(OSError("sessions not saved in time"))

@@ -86,7 +86,9 @@ Tables::
     [mqtt]      listen = "0.0.0.0:1883" (the local MQTT broker's TCP listener), or false
                 tls_listen, tls_cert, tls_key, tls_ca (a TLS listener; tls_ca: client
                 certificates required); attach = "HOST:PORT", attach_topics =
-                ["FILTER [in|out|both [QOS]]"] (bridge to an existing broker); see mqtt_extra
+                ["FILTER [in|out|both [QOS]]"] (bridge to an existing broker),
+                attach_tls_ca / attach_tls_cert / attach_tls_key (TLS to it),
+                attach_username / attach_password; see mqtt_extra
     [policy]    trusted_keys = ["policy-signing.pub", "<base64 of 32 bytes>"]: operators'
                 Ed25519 public keys for signed policy bundles (at most 16; none: off);
                 url = "https://..." (poll for the signed envelope, ETag), ca = PATH (the

@@ -6,7 +6,10 @@ required and verified against that CA bundle. ``attach = "127.0.0.1:1883"`` with
 ``attach_topics = ["sensors/# out 1", "cmd/# in", "state/# both 1"]`` (one
 ``FILTER [in|out|both [QOS]]`` a string, mosquitto bridge ``topic`` syntax, direction
 default ``out``, QoS default 0) bridges those filters to an existing broker
-(``edgeagent/mqtt_attach.py``). Every bad value is one ConfigError naming the key; the
+(``edgeagent/mqtt_attach.py``); ``attach_tls_ca`` (a CA bundle) makes that connection TLS
+(>= 1.2, the broker's certificate verified against it and its name or IP checked against
+the ``attach`` host), ``attach_tls_cert`` with ``attach_tls_key`` add a client certificate,
+``attach_username`` (with an optional ``attach_password``) is sent in CONNECT. Every bad value is one ConfigError naming the key; the
 certificate files are only checked to be readable here, their contents when the listener
 starts (also a ConfigError).
 """
@@ -90,11 +93,39 @@ def read_mqtt_extra(
         raise ConfigError(f"{src}: mqtt.tls_listen: required with mqtt.tls_cert / tls_key / tls_ca")
     broker = get("attach", check_peer)
     topics = get("attach_topics", _topics)
+    extra = _attach_extra(get, src, base)
     attach = None
     if broker is not None:
         if topics is None:
             raise ConfigError(f"{src}: mqtt.attach_topics: required with mqtt.attach")
-        attach = MqttAttach(broker, topics)
-    elif topics is not None:
-        raise ConfigError(f"{src}: mqtt.attach: required with mqtt.attach_topics")
+        attach = MqttAttach(broker, topics, *extra)
+    elif topics is not None or any(x is not None for x in extra):
+        given = "attach_topics" if topics is not None else "attach_tls_* / attach_username"
+        raise ConfigError(f"{src}: mqtt.attach: required with mqtt.{given}")
     return tls, attach
+
+
+def _attach_extra(get: Any, src: str, base: Path) -> tuple[Any, ...]:
+    """``attach_tls_ca``, ``attach_tls_cert``, ``attach_tls_key``, ``attach_username``,
+    ``attach_password``, checked together (a cert needs its key and a CA, a password a user)."""
+    ca, cert, key = (
+        get(f"attach_tls_{k}", lambda v: _readable(v, base)) for k in ("ca", "cert", "key")
+    )
+    username = get("attach_username", lambda v: _credential(v, "a user name"))
+    password = get("attach_password", lambda v: _credential(v, "a password"))
+    if (cert is None) != (key is None):
+        missing = "attach_tls_key" if key is None else "attach_tls_cert"
+        raise ConfigError(
+            f"{src}: mqtt.{missing}: required with mqtt.attach_tls_cert / attach_tls_key"
+        )
+    if cert is not None and ca is None:
+        raise ConfigError(f"{src}: mqtt.attach_tls_ca: required with mqtt.attach_tls_cert")
+    if password is not None and username is None:
+        raise ConfigError(f"{src}: mqtt.attach_username: required with mqtt.attach_password")
+    return ca, cert, key, username, password
+
+
+def _credential(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value.encode()) > 65535 or "\0" in value:
+        raise Invalid(f"{what}: a non-empty string (at most 65535 bytes, no NUL)")
+    return value

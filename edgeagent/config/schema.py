@@ -72,6 +72,7 @@ SERVICE_KEYS = ("name", "uri", "weight", "tags")  # one [[service]] table
 SERVICES_KEYS = ("site", "mdns_import", "mdns_export")  # the [services] table
 MQTT_KEYS = (  # the [mqtt] table (all but listen: config/mqtt_extra.py)
     "listen", "tls_listen", "tls_cert", "tls_key", "tls_ca", "attach", "attach_topics",
+    "attach_tls_ca", "attach_tls_cert", "attach_tls_key", "attach_username", "attach_password",
 )  # fmt: skip
 POLICY_KEYS = ("trusted_keys", "url", "ca", "interval", "report_url")  # the [policy] table
 UPLINK_KEYS = (  # the [uplink] table (config/uplink.py)
@@ -146,6 +147,11 @@ class AttachTopic:
 class MqttAttach:
     broker: HostPort
     topics: tuple[AttachTopic, ...]
+    tls_ca: Path | None = None  # set: TLS to the attached broker, verified against this CA
+    tls_cert: Path | None = None  # a client certificate for it (with tls_key)
+    tls_key: Path | None = None
+    username: str | None = None
+    password: str | None = None
 
 
 # [uplink] (read and checked by config/uplink.py; used by features/uplink.py).

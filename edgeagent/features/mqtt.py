@@ -27,15 +27,17 @@ runs without the listener (see the docs: attach mode is the way to use that brok
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from overlay.mqtt.broker import Broker, BrokerConfig, Close, Output, RouteOut, Send
+from overlay.mqtt.broker import Broker, BrokerConfig, Close, Output, Owed, RouteOut, Send
 from overlay.mqtt.codec import Decoder, MqttDecodeError, encode
 from overlay.mqtt.packets import MQTT5, MQTT311, Connack, Disconnect, Limits, Reason
 
@@ -52,6 +54,16 @@ if TYPE_CHECKING:
 
 log = FeatureHost.logger("mqtt")
 MAX_WRITE_BUFFER = 1 << 20  # bytes waiting for one client before it is cut off as too slow
+MAX_HELD_ACKS = 4096  # PUBACKs held for one client; above, reading it pauses until half are out
+
+
+class _HeldAck:
+    """A PUBACK owed to a client, waiting for ``waiting`` conditions (mesh batches, a save)."""
+
+    __slots__ = ("packet", "waiting", "unsafe")
+
+    def __init__(self, packet: Any, waiting: int) -> None:
+        self.packet, self.waiting, self.unsafe = packet, waiting, False
 
 
 class _Client(asyncio.Protocol):
@@ -65,6 +77,7 @@ class _Client(asyncio.Protocol):
         self.peer = "?"
         self.connected = False  # a successful CONNACK went out
         self.pending: list[bytes] = []  # encoded packets for the next flush (see write)
+        self.paused = False  # reading paused: too many PUBACKs held (Endpoint._hold)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -112,8 +125,16 @@ class Endpoint:
         self.broker = broker
         self.limits = limits or Limits()
         self.clients: dict[int, _Client] = {}
-        self.route_out: Callable[[RouteOut], None] = lambda out: None
-        self.stats = {"decode_errors": 0, "slow_clients": 0, "internal_errors": 0}
+        # The mesh's hook: route a message out; returns what its PUBACK must wait for.
+        self.route_out: Callable[[RouteOut], list[asyncio.Future[Any]]] = lambda out: []
+        # The session store's "done once the next save is written" (None: nothing is saved).
+        self.durable: Callable[[], asyncio.Future[Any]] | None = None
+        self.stats = {
+            "decode_errors": 0, "slow_clients": 0, "internal_errors": 0,
+            "acks_held": 0, "acks_unsafe": 0, "reads_paused": 0,
+        }  # fmt: skip
+        self._held: dict[Any, collections.deque[_HeldAck]] = {}
+        self.gated: list[_Client] | None = None  # a list: clients not served yet (open_gate)
         self._ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
@@ -126,7 +147,20 @@ class Endpoint:
     def now() -> float:
         return asyncio.get_running_loop().time()
 
+    def open_gate(self) -> None:
+        """Serve the clients that connected while the gate was closed, and all later ones."""
+        waiting, self.gated = self.gated, None
+        for client in waiting or ():
+            if client.transport is not None and not client.transport.is_closing():
+                self.accepted(client)
+                client.transport.resume_reading()
+
     def accepted(self, client: _Client) -> None:
+        if self.gated is not None:  # not serving yet: not read until open_gate
+            assert client.transport is not None
+            client.transport.pause_reading()
+            self.gated.append(client)
+            return
         self.clients[client.conn] = client
         self.run(client, lambda now: self.broker.connect(client.conn, now))
 
@@ -148,6 +182,7 @@ class Endpoint:
             self._cut(client, "client does not read (write buffer full)")
 
     def lost(self, client: _Client) -> None:
+        self._held.pop(client.conn, None)
         if self.clients.pop(client.conn, None) is not None:
             self.run(None, lambda now: self.broker.connection_lost(client.conn, now))
 
@@ -195,11 +230,73 @@ class Endpoint:
                     if isinstance(out.packet, Connack) and out.packet.reason == Reason.SUCCESS:
                         target.connected = True
             elif isinstance(out, Close):
+                self._held.pop(out.conn, None)
                 target = self.clients.pop(out.conn, None)  # type: ignore[call-overload]
                 if target is not None:
                     target.close()
+            elif isinstance(out, Owed):
+                self._hold(out.ack, [])  # after the client's earlier held PUBACKs
             elif isinstance(out, RouteOut):
-                self.route_out(out)
+                waits = self.route_out(out)
+                if out.ack is not None:
+                    if out.persisted and self.durable is not None:
+                        waits.append(self.durable())
+                    self._hold(out.ack, waits)
+
+    # -- held PUBACKs (BrokerConfig.hold_acks): sent once the message is safe, in order ------
+
+    def _hold(self, ack: Send, waits: list[asyncio.Future[Any]]) -> None:
+        target = self.clients.get(ack.conn)  # type: ignore[call-overload]
+        if target is None:
+            return  # gone: the client resends what it has no PUBACK for
+        queue = self._held.get(ack.conn)
+        if not waits and not queue:
+            target.write(ack.packet)
+            return
+        self.stats["acks_held"] += 1
+        held = _HeldAck(ack.packet, len(waits))
+        if queue is None:
+            queue = self._held[ack.conn] = collections.deque()
+        queue.append(held)
+        settled = functools.partial(self._settled, ack.conn, held)
+        for future in waits:
+            future.add_done_callback(settled)
+        if not waits:
+            self._release(ack.conn)
+        elif len(queue) > MAX_HELD_ACKS and target.transport is not None and not target.paused:
+            target.paused = True  # the client does not wait for its PUBACKs: stop reading it
+            self.stats["reads_paused"] += 1
+            target.transport.pause_reading()
+
+    def _settled(self, conn: Any, held: _HeldAck, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():  # shutting down: the message may not be safe, so no PUBACK
+            self._held.pop(conn, None)  # for it or after it; the client resends them
+            return
+        if future.exception() is not None or future.result() is False:
+            held.unsafe = True
+        held.waiting -= 1
+        if held.waiting == 0:
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        """Send the PUBACKs at the head of a connection's queue that are no longer waiting."""
+        queue = self._held.get(conn)
+        target = self.clients.get(conn)
+        if queue is None:
+            return
+        if target is None:
+            del self._held[conn]  # closed: its PUBACKs are not owed any more
+            return
+        while queue and queue[0].waiting <= 0:
+            held = queue.popleft()
+            if held.unsafe:
+                self.stats["acks_unsafe"] += 1
+            target.write(held.packet)
+        if not queue:
+            del self._held[conn]
+        if target.paused and len(queue) <= MAX_HELD_ACKS // 2 and target.transport is not None:
+            target.paused = False
+            target.transport.resume_reading()
 
     def _arm(self) -> None:
         deadline = self.broker.next_deadline()
@@ -219,6 +316,9 @@ class Endpoint:
         self.run(None, self.broker.handle_timeout)
 
     def close_all(self) -> None:
+        self._held.clear()
+        for client in self.gated or ():
+            client.close()
         if self._timer is not None:
             self._timer.cancel()
         for client in list(self.clients.values()):
@@ -250,6 +350,7 @@ class Mqtt:
         self.address: tuple[str, int] | None = None
         self.tls_address: tuple[str, int] | None = None
         self.attach: Attach | None = None
+        self._serving: asyncio.Future[None] | None = None
 
     async def start(self, host: FeatureHost) -> None:
         assert host.config.mqtt is not None
@@ -258,16 +359,20 @@ class Mqtt:
             from ..mqtt_mesh import MeshLink
 
             self.mesh = MeshLink(host, chan)
-            config = BrokerConfig(share_here=self.mesh.share_here, retain_stamp=self.mesh.stamp)
+            config = BrokerConfig(
+                share_here=self.mesh.share_here, retain_stamp=self.mesh.stamp, hold_acks=True
+            )
         else:
-            config = BrokerConfig()  # no channel: this node's clients only
+            config = BrokerConfig(hold_acks=True)  # no channel: this node's clients only
         config = self._with_permissions(host, config)
         self.endpoint = Endpoint(Broker(config))
+        self.endpoint.gated = []  # clients wait until the mesh is warm (_serve)
         from ..mqtt_sessions import SessionStore
 
         self.sessions = SessionStore(host.state_dir, self.endpoint.broker, host.saver.save)
         self.sessions.load()  # before the mesh publishes interest and clients connect
         self.sessions.start()
+        self.endpoint.durable = self.sessions.durable_future
         if self.mesh is not None:
             self.mesh.durable = self.sessions.durable
             self.endpoint.route_out = self.mesh.route_out
@@ -282,6 +387,18 @@ class Mqtt:
             self.attach.start()
         host.add_status(self.status_fields)
         host.register_command("mqtt", lambda request: self.status_fields())
+        self._serving = asyncio.ensure_future(self._serve(host))
+
+    async def _serve(self, host: FeatureHost) -> None:
+        """Accept clients once the mesh is warm: an agent that just (re)started and routed a
+        client's publish before it learned the others' interest would acknowledge it (held
+        PUBACK with nothing to wait for) and lose it. The sockets are bound from the start
+        (a port that cannot be had is a ConfigError); a connection accepted before then is not
+        read until then (`Endpoint.open_gate`)."""
+        if self.mesh is not None:
+            await self.mesh.warm(bool(host.config.join))
+        assert self.endpoint is not None
+        self.endpoint.open_gate()
 
     def _with_permissions(self, host: FeatureHost, config: BrokerConfig) -> BrokerConfig:
         """With the policy feature on, its bundle's ``mqtt.permissions`` decide what this
@@ -376,6 +493,10 @@ class Mqtt:
         }
 
     async def stop(self) -> None:
+        if self._serving is not None:
+            self._serving.cancel()
+            with contextlib.suppress(BaseException):
+                await self._serving
         if self.mesh is not None:
             await self.mesh.stop()
         if self.attach is not None:

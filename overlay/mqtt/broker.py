@@ -77,7 +77,12 @@ input from a client is a protocol error that closes its connection (level 5: DIS
 with the reason first); nothing a client sends raises.
 
 PUBACK and PUBREC to a client always say SUCCESS: whether anyone subscribes is known only
-across the mesh, so NO_MATCHING_SUBSCRIBERS is never sent. AUTH and topic aliases are not
+across the mesh, so NO_MATCHING_SUBSCRIBERS is never sent. With ``hold_acks`` a QoS 1
+PUBACK is not sent by the core: it rides in the message's `RouteOut` (``ack``, with
+``persisted`` when a local persistent session took the message) and the adapter sends it
+once the message is safe, so a crash of this agent before then makes the client resend
+(QoS 1 at-least-once through the publisher's agent). The adapter must keep the PUBACKs of
+one connection in the order of their PUBLISHes (MQTT 4.6). AUTH and topic aliases are not
 supported (CONNACK advertises topic alias maximum 0).
 """
 
@@ -181,6 +186,9 @@ class BrokerConfig:
     # This node's policy rate limit: a token for one local client's PUBLISH (False: over the
     # limit, "quota exceeded"); None: no limit.
     publish_quota: Callable[[], bool] | None = None
+    # Hold back a client's QoS 1 PUBACK: it travels in `RouteOut.ack` and the adapter sends it
+    # once the message is safe (other agents have it, local persistent sessions are saved).
+    hold_acks: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -215,9 +223,23 @@ class RouteOut:
     sender: str
     now: float
     retain_stamp: Stamp | None = None
+    # With `BrokerConfig.hold_acks`: the PUBACK owed to the publishing client, to send once
+    # the message is safe (None: nothing is owed, or it was sent already).
+    ack: Send | None = None
+    # The message went (queued or sent) to a session that outlives its connection here.
+    persisted: bool = False
 
 
-Output = Send | Close | RouteOut
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """With `BrokerConfig.hold_acks`: a PUBACK that waits for nothing but must not pass the
+    client's earlier held ones (MQTT 4.6: acknowledgements in the order of the PUBLISHes);
+    the PUBACK of a publish the policy refused."""
+
+    ack: Send
+
+
+Output = Send | Close | RouteOut | Owed
 
 
 @dataclass(slots=True)
@@ -757,13 +779,17 @@ class Broker:
             self._deny_publish(c, s, p, Reason.QUOTA_EXCEEDED, out)
             return
         self.stats.publishes_received += 1
+        ack: Send | None = None
         if p.qos == 1:
-            out.append(Send(c.conn, Puback(pid)))
+            ack = Send(c.conn, Puback(pid))
+            if not self.config.hold_acks:
+                out.append(ack)
+                ack = None
         elif p.qos == 2:
             s.incoming_qos2.add(pid)
             out.append(Send(c.conn, Puback(pid, PacketType.PUBREC)))
         msg = Message(p.topic, p.payload, p.qos, p.retain, p.properties, now, s.client_id)
-        self._accept(msg, now, out)
+        self._accept(msg, now, out, ack)
 
     def _deny_publish(
         self, c: _Conn, s: Session, p: Publish, why: int, out: list[Output]
@@ -773,13 +799,14 @@ class Broker:
         pid = p.packet_id or 0
         reason = why if c.level == MQTT5 else Reason.SUCCESS
         if p.qos == 1:
-            out.append(Send(c.conn, Puback(pid, reason=reason)))
+            ack = Send(c.conn, Puback(pid, reason=reason))
+            out.append(Owed(ack) if self.config.hold_acks else ack)
         elif p.qos == 2:
             if reason == Reason.SUCCESS:  # 3.1.1: the exchange goes on to PUBREL / PUBCOMP
                 s.incoming_qos2.add(pid)
             out.append(Send(c.conn, Puback(pid, PacketType.PUBREC, reason)))
 
-    def _accept(self, msg: Message, now: float, out: list[Output]) -> None:
+    def _accept(self, msg: Message, now: float, out: list[Output], ack: Send | None = None) -> None:
         """A message accepted here: retained store, local delivery, then routed out."""
         stamp: Stamp | None = None
         if msg.retain:
@@ -787,9 +814,11 @@ class Broker:
             outcome = self.retained.put(msg.topic, msg.payload, msg.qos, stamp, now, msg.properties)
             self._count_retained(outcome)
         here = self.config.share_here
+        version = self.persist_version
         self._deliver(msg, now, out, True, None if here is None else here(msg.topic))
         publish = Publish(msg.topic, msg.payload, msg.qos, msg.retain, properties=msg.properties)
-        out.append(RouteOut(publish, msg.sender or "", now, stamp))
+        persisted = self.persist_version != version
+        out.append(RouteOut(publish, msg.sender or "", now, stamp, ack, persisted))
 
     def _count_retained(self, outcome: Outcome) -> None:
         if outcome is Outcome.SET:

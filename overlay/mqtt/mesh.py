@@ -135,9 +135,14 @@ class Interest:
 
     plain: tuple[str, ...] = ()
     shares: tuple[tuple[str, str], ...] = ()
+    durable: tuple[str, ...] = ()  # plain filters of sessions that outlive their connection
 
     def wants(self, topic: str) -> bool:
         return any(filter_matches(f, topic) for f in self.plain)
+
+    def keeps(self, topic: str) -> bool:
+        """Whether a persistent session there wants ``topic`` (worth spooling while away)."""
+        return any(filter_matches(f, topic) for f in self.durable)
 
     def groups_for(self, topic: str) -> set[str]:
         return {g for g, f in self.shares if filter_matches(f, topic)}
@@ -146,13 +151,18 @@ class Interest:
 NO_INTEREST = Interest()
 
 
-def interest_value(plain: Iterable[str], shares: Iterable[tuple[str, str]]) -> Any:
+def interest_value(
+    plain: Iterable[str], shares: Iterable[tuple[str, str]], durable: Iterable[str] = ()
+) -> Any:
     """The replicated value for this agent's interest; None when it has none (delete the key).
 
     Share groups beyond :data:`MAX_GROUPS` (sorted by name) are left out: their members here
     are served by local publishes only (the caller counts them: :func:`groups_left_out`).
+    ``durable``: the plain filters of persistent sessions (key ``d``, aggregated like the
+    rest), what a sender spools for this agent while it is away.
     """
     flat = aggregate(plain, MAX_FILTERS)
+    kept_filters = aggregate(durable, MAX_FILTERS)
     by_group: dict[str, list[str]] = {}
     for group, topic_filter in shares:
         by_group.setdefault(group, []).append(topic_filter)
@@ -162,7 +172,10 @@ def interest_value(plain: Iterable[str], shares: Iterable[tuple[str, str]]) -> A
         pairs = sorted((g, f) for g in kept for f in aggregate(by_group[g], 1))
     if not flat and not pairs:
         return None
-    return {"v": 1, "f": flat, "s": [list(p) for p in pairs]}
+    value: dict[str, Any] = {"v": 1, "f": flat, "s": [list(p) for p in pairs]}
+    if kept_filters:
+        value["d"] = kept_filters
+    return value
 
 
 def groups_left_out(shares: Iterable[tuple[str, str]]) -> int:
@@ -174,12 +187,14 @@ def parse_interest(value: object) -> Interest | None:
     """A peer's interest value, checked; None when malformed (total: never raises)."""
     if not isinstance(value, dict) or value.get("v") != 1:
         return None
-    plain, shares = value.get("f", []), value.get("s", [])
-    if not isinstance(plain, list) or not isinstance(shares, list):
+    plain, shares, durable = value.get("f", []), value.get("s", []), value.get("d", [])
+    if not all(isinstance(x, list) for x in (plain, shares, durable)):
         return None
     if len(plain) > 2 * MAX_FILTERS or len(shares) > 2 * max(MAX_SHARES, MAX_GROUPS):
         return None
-    for f in plain:
+    if len(durable) > 2 * MAX_FILTERS:
+        return None
+    for f in (*plain, *durable):
         if not _ok_filter(f):
             return None
     pairs: list[tuple[str, str]] = []
@@ -189,7 +204,7 @@ def parse_interest(value: object) -> Interest | None:
         if not _ok_filter(pair[1]):
             return None
         pairs.append((pair[0], pair[1]))
-    return Interest(tuple(plain), tuple(pairs))
+    return Interest(tuple(plain), tuple(pairs), tuple(durable))
 
 
 def _ok_filter(f: object) -> bool:
@@ -439,6 +454,12 @@ class MeshRouter:
         self._seq += 1
         return self._seq
 
+    def start_seq(self, base: int) -> None:
+        """Number this run's envelopes from ``base`` (the caller passes its hybrid clock in
+        ms << 20): a restarted agent must not reuse the sequence numbers peers remember in
+        :class:`Seen`, or they would drop its new messages as duplicates."""
+        self._seq = max(self._seq, min(base, 2**62))
+
     def plan(self, topic: str, reachable: Iterable[str] | None = None) -> Plan:
         """Where a message accepted here on ``topic`` goes (``reachable``: live agents)."""
         self.stats.planned += 1
@@ -468,6 +489,17 @@ class MeshRouter:
                     members.setdefault(group, []).append(node)
         self._routes[topic] = (plain, members)
         return plain, members
+
+    def keeps(self, node: str, topic: str) -> bool:
+        """Whether a persistent session on ``node`` wants ``topic`` (spool it while away)."""
+        interest = self.interest.get(node)
+        return interest is not None and interest.keeps(topic)
+
+    def absent_keepers(self, topic: str, reachable: Iterable[str]) -> list[str]:
+        """Agents not in ``reachable`` whose persistent sessions want ``topic``: a QoS 1/2
+        message is spooled for them until they are back (departed or unreachable)."""
+        live = set(reachable) | {self.me}
+        return sorted(n for n, i in self.interest.items() if n not in live and i.keeps(topic))
 
     def _choose(self, nodes: list[str]) -> str:
         if self.me in nodes:

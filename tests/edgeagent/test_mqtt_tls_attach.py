@@ -250,14 +250,18 @@ def _mosquitto(tmp_path: Path, port: int) -> Iterator[int]:
     """A mosquitto on 127.0.0.1:port until the block ends (stopped by its pid)."""
     conf = tmp_path / f"mosquitto-{port}.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([str(BROKER), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BROKER), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         for _ in range(100):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             if proc.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {proc.stdout.read() if proc.stdout else ''!r}")
+                raise AssertionError(
+                    f"mosquitto exited: {proc.stdout.read() if proc.stdout else ''!r}"
+                )
             time.sleep(0.05)
         yield port
     finally:
@@ -390,3 +394,92 @@ def test_aiomqtt_is_not_imported_without_attach() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert out.stdout.strip() == "False", out
+
+
+@needs_broker
+async def test_attach_over_tls_with_username_and_password(tmp_path: Path, pki: Path) -> None:
+    """The site mosquitto listens on TLS only and refuses anonymous clients: the agent
+    attaches with ``attach_tls_ca`` and ``attach_username`` / ``attach_password``, and what
+    is published there (also over TLS, with the password) reaches the agent's subscriber."""
+    port = _free_port()
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "site-user", "s3cret"],
+                   check=True, capture_output=True)  # fmt: skip
+    conf = tmp_path / "tls-mosquitto.conf"
+    conf.write_text(
+        f"user root\nper_listener_settings false\nallow_anonymous false\n"
+        f"password_file {passwd}\npersistence false\nlistener {port} 127.0.0.1\n"
+        f"cafile {pki / 'ca.crt'}\ncertfile {pki / 'server.crt'}\nkeyfile {pki / 'server.key'}\n"
+    )
+    proc = subprocess.Popen(
+        [str(BROKER), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    site = ["-h", "127.0.0.1", "-p", str(port), "--cafile", str(pki / "ca.crt")]
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        code, out = await _run(["mosquitto_pub", *site, "-t", "site/x", "-m", "anon"])
+        assert code != 0, out  # the site broker really wants the password
+        config = _config(tmp_path, f"""[mqtt]
+attach = "127.0.0.1:{port}"
+attach_topics = ["site/# in 1"]
+attach_tls_ca = "{pki / "ca.crt"}"
+attach_username = "site-user"
+attach_password = "s3cret"
+""")  # fmt: skip
+        running = await start(
+            tmp_path / "a", "a", ["--mqtt", "127.0.0.1:0", "--config", str(config)]
+        )
+        try:
+            status = await _attach_status(running, True)
+            agent = int(status["mqtt"].rsplit(":", 1)[1])
+            on_agent = _sub(agent, "-t", "site/#", "-v", "-C", "1", "-q", "1")
+            await _wait_connections(running, 2)
+            code, out = await _run(["mosquitto_pub", *site, "-u", "site-user", "-P", "s3cret",
+                                    "-q", "1", "-t", "site/t", "-m", "over-tls"])  # fmt: skip
+            assert code == 0, out
+            got, _ = await asyncio.to_thread(on_agent.communicate, timeout=20)
+            assert got.strip() == "site/t over-tls", got
+        finally:
+            await stop(running)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ('attach_tls_ca = "CA"', "mqtt.attach: required with mqtt.attach_tls_* / attach_username"),
+        ('attach = "127.0.0.1:1883"\nattach_topics = ["a/#"]\nattach_tls_cert = "CRT"', "mqtt.attach_tls_key: required"),
+        ('attach = "127.0.0.1:1883"\nattach_topics = ["a/#"]\nattach_tls_cert = "CRT"\nattach_tls_key = "KEY"', "mqtt.attach_tls_ca: required"),
+        ('attach = "127.0.0.1:1883"\nattach_topics = ["a/#"]\nattach_password = "x"', "mqtt.attach_username: required"),
+        ('attach = "127.0.0.1:1883"\nattach_topics = ["a/#"]\nattach_username = ""', "mqtt.attach_username: expected a user name"),
+        ('attach = "127.0.0.1:1883"\nattach_topics = ["a/#"]\nattach_tls_ca = "/nonexistent.crt"', "mqtt.attach_tls_ca: expected a readable file"),
+    ],
+)  # fmt: skip
+def test_bad_attach_tls_and_credentials_config_names_the_key(
+    tmp_path: Path, pki: Path, body: str, names: str
+) -> None:
+    body = body.replace("CRT", str(pki / "client.crt")).replace("KEY", str(pki / "client.key"))
+    body = body.replace("CA", str(pki / "ca.crt"))
+    assert names in _load_error(tmp_path, "[mqtt]\n" + body)
+
+
+async def test_unloadable_attach_ca_is_a_config_error(tmp_path: Path, pki: Path) -> None:
+    config = _config(
+        tmp_path,
+        f"""[mqtt]
+attach = "127.0.0.1:1883"
+attach_topics = ["a/#"]
+attach_tls_ca = "{pki / "client.key"}"
+""",
+    )  # fmt: skip  (a key, not a CA certificate)
+    state_dir = tmp_path / "c"
+    state_dir.mkdir()
+    agent = make_agent(state_dir, "c", "--mqtt", "127.0.0.1:0", "--config", str(config))
+    with pytest.raises(ConfigError, match="^mqtt.attach_tls_ca: cannot load"):
+        await asyncio.wait_for(agent.run(), TIMEOUT)

@@ -366,6 +366,27 @@ def test_qos1_unacked_is_resent_with_dup_only_on_session_resume() -> None:
     assert net.broker.stats.resent == 1
 
 
+def test_hold_acks_puts_the_qos1_puback_in_the_route_out_not_on_the_wire() -> None:
+    net = Net(BrokerConfig(hold_acks=True))
+    net.open("keep", c5("keep", expiry=300))
+    net.subscribe("keep", Subscription("p/#", 1))
+    net.open("live", c4("live"))
+    net.subscribe("live", Subscription("c/#", 1))
+    net.open("pub", c4("pub", keep_alive=0))
+    net.send("pub", Publish("p/x", b"1", qos=1, packet_id=3))
+    net.send("pub", Publish("c/x", b"2", qos=1, packet_id=4))
+    net.send("pub", Publish("c/x", b"3", qos=0))
+    net.send("pub", Publish("c/x", b"4", qos=2, packet_id=5))
+    assert net.take("pub") == [Puback(5, PacketType.PUBREC)]  # QoS 2 is not held
+    acks = [(r.ack, r.persisted) for r in net.routed]
+    assert acks == [
+        (Send("pub", Puback(3)), True),  # a persistent session took it: save first
+        (Send("pub", Puback(4)), False),
+        (None, False),
+        (None, False),
+    ]
+
+
 def test_session_resume_delivers_queued_messages_in_order() -> None:
     net = Net()
     net.open("sub", c5("sub", expiry=300))

@@ -97,3 +97,16 @@ def test_over_the_rate_limit_a_publish_is_dropped_and_mqtt5_hears_quota_exceeded
     net.send("p5", Publish("t", b"2", qos=1, packet_id=2))
     assert net.take("p5") == [Puback(1), Puback(2, reason=Reason.QUOTA_EXCEEDED)]
     assert payloads(net.publishes("sub")) == [b"1"] and net.broker.stats.publishes_limited == 1
+
+
+def test_with_held_acks_a_denied_publishes_puback_waits_its_turn() -> None:
+    """The refusal's PUBACK must not overtake an earlier PUBACK the adapter still holds."""
+    from overlay.mqtt.broker import Owed
+
+    net = Net(BrokerConfig(hold_acks=True, may_publish=lambda t: t != "no"))
+    net.open("p5", c5("p5"))
+    net.send("p5", Publish("ok", b"1", qos=1, packet_id=1))
+    net.send("p5", Publish("no", b"2", qos=1, packet_id=2))
+    assert net.take("p5") == []  # both owed through the adapter, none sent directly
+    owed = [r for r in net.routed if isinstance(r, Owed)]
+    assert [o.ack.packet for o in owed] == [Puback(2, reason=Reason.NOT_AUTHORIZED)]
