@@ -349,6 +349,8 @@ def _describe(step: Step) -> str:
     for key, value in step.args.items():
         if value is None or key in ("label", "note"):
             continue
+        if key == "nodes" and step.args.get("via") == "cloud":
+            continue  # served at the endpoint: no node is handed the bundle
         if key == "groups":
             value = "/".join(",".join(str(n) for n in g) for g in value)
         elif isinstance(value, tuple):

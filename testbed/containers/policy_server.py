@@ -31,6 +31,9 @@ DEFAULT_PORT = 8443
 
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "edgeagent-testbed-policy/1"
+    timeout = (
+        10  # seconds a connection may stall (a handshake, a request line) before it is dropped
+    )
     root = Path(".")
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name

@@ -189,6 +189,18 @@ def test_scenario_keys_for_the_endpoint_and_their_one_line_errors() -> None:
         parse(SCENARIO_HEAD.format(extra="", service="mqtt"))
 
 
+def test_the_cli_refuses_a_bad_poll_interval_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from testbed.containers.cli import main as cli_main
+
+    assert cli_main(["up", "--policy-key", "AAAA", "--policy-interval", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "python -m testbed containers: error: --policy-interval must be 0.1..3600 s, not 0"
+    )
+
+
 def _labelled(kind: str) -> set[str]:
     out = subprocess.run(
         ["docker", kind, "ls", *(["-a"] if kind == "container" else []), "-q",
