@@ -72,12 +72,20 @@ class Scenario:
     grace: float
     steps: tuple[Step, ...]
     expects: tuple[Expect, ...]
+    policy_interval: float = 2.0  # the agents' [policy] interval when there is an endpoint
+    policy_pollers: tuple[int, ...] | None = None  # nodes that poll it (None: every node)
 
     def needs(self) -> set[str]:
         """Backend features the scenario uses beyond membership ("coap", "mqtt", "overlay",
-        "policy", "cloud")."""
+        "policy", "cloud", "policy-endpoint")."""
         needed = {s.action.split("-")[0] for s in self.steps if s.action.startswith(("coap-", "mqtt-"))}
         needed |= {ACTION_FEATURES[s.action] for s in self.steps if s.action in ACTION_FEATURES}
+        if any(s.action == "cloud-outage" and s.args.get("service") == "policy" for s in self.steps):
+            needed = (needed - {"cloud"}) | {"policy-endpoint"}
+            if any(s.action == "cloud-outage" and s.args.get("service") == "broker" for s in self.steps):
+                needed.add("cloud")
+        if any(s.action == "publish-policy" and s.args.get("via") == "cloud" for s in self.steps):
+            needed.add("policy-endpoint")
         if any(e.check in ("no-duplicate-address", "same-address") for e in self.expects):
             needed.add("overlay")
         return needed
@@ -98,6 +106,22 @@ def _number(lo: float, hi: float, *, integer: bool = False) -> Checker:
         return value
 
     return check
+
+
+def _choice(*options: str) -> Checker:
+    def check(value: Any, nodes: int) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _int_list(value: Any, nodes: int) -> list[int]:
+    """A list of integers; checked as nodes once the scenario's size is known."""
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise ValueError(f"expected a non-empty list of node numbers, got {value!r}")
+    return value
 
 
 def _string(value: Any, nodes: int) -> str:
@@ -222,8 +246,12 @@ STEP_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
         "nodes": (_nodes, False, (1,)),
         "version": (_number(1, 2**31, integer=True), False, None),
         "wait": (_number(0, 600), False, 30.0),
+        "via": (_choice("control", "cloud"), False, "control"),
     },
-    "cloud-outage": {"seconds": (_number(0, 3600), True, None)},
+    "cloud-outage": {
+        "seconds": (_number(0, 3600), True, None),
+        "service": (_choice("broker", "policy"), False, "broker"),
+    },
 }
 EXPECT_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
     "converged": {"step": (_name, True, None), "within": (POSITIVE, True, None)},
@@ -250,6 +278,8 @@ SCENARIO_SPEC: dict[str, tuple[Checker, bool, Any]] = {
     "seed": (_number(0, 2**31, integer=True), False, 1),
     "poll": (_number(0.1, 5.0), False, 0.5),
     "grace": (_number(0, 120.0), False, 5.0),
+    "policy-interval": (_number(0.1, 600), False, 2.0),
+    "policy-pollers": (_int_list, False, None),
 }
 
 
@@ -331,6 +361,12 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     head_line = lines.table("scenario")
     meta = _fields(head, SCENARIO_SPEC, 0, head_line, lines, fail, "[scenario]")
     nodes = int(meta["nodes"])
+    pollers = meta["policy-pollers"]
+    if pollers is not None:
+        try:
+            pollers = _nodes(pollers, nodes)
+        except ValueError as exc:
+            raise fail(lines.key(head_line, "policy-pollers"), f"[scenario]: policy-pollers: {exc}") from None
     steps = _steps(data.get("step"), nodes, lines, fail)
     expects = _expects(data.get("expect"), nodes, lines, fail)
     _cross_check(steps, expects, lines, fail)
@@ -338,6 +374,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         path=path, name=meta["name"], description=meta["description"], nodes=nodes,
         preset=meta["preset"], seed=int(meta["seed"]), poll=float(meta["poll"]),
         grace=float(meta["grace"]), steps=steps, expects=expects,
+        policy_interval=float(meta["policy-interval"]), policy_pollers=pollers,
     )  # fmt: skip
 
 

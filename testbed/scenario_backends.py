@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,15 @@ def neutral(i: int) -> str:
     return f"n{i}"
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyEndpoint:
+    """The HTTPS policy endpoint a scenario asks for: the pollers' ``[policy] interval`` and
+    which nodes poll it (the others get bundles from peers only)."""
+
+    interval: float
+    pollers: tuple[int, ...]
+
+
 class LoadHandle(Protocol):
     """A CoAP or MQTT load running in the background."""
 
@@ -74,9 +84,10 @@ class ScenarioBackend(Protocol):
     features: frozenset[str]  # beyond membership: "coap", "mqtt", "overlay"
 
     # network, no agents yet; policy_key: base64 Ed25519 key every agent trusts for policy
-    # bundles ("policy"); cloud: also run the "cloud" MQTT broker ("cloud")
+    # bundles ("policy"); cloud: also run the "cloud" MQTT broker ("cloud"); policy_endpoint:
+    # also run the HTTPS policy endpoint, polled by its pollers ("policy-endpoint")
     def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
-           cloud: bool = False) -> None: ...  # fmt: skip
+           cloud: bool = False, policy_endpoint: PolicyEndpoint | None = None) -> None: ...  # fmt: skip
     def down(self) -> None: ...  # remove everything; safe to repeat
     def now(self) -> float: ...  # seconds since up (virtual for the simulator)
     def advance(self, seconds: float) -> None: ...  # let time pass
@@ -98,6 +109,8 @@ class ScenarioBackend(Protocol):
     # answer: accepted, version, reason, detail (as the control command policy-apply)
     def policy_versions(self) -> dict[str, int | None]: ...  # running node -> version enforced
     def cloud(self, running: bool) -> None: ...  # stop (False) or start (True) the cloud broker
+    def policy_publish(self, envelope: bytes) -> None: ...  # serve it at the policy endpoint
+    def policy_endpoint(self, running: bool) -> None: ...  # stop or start the policy endpoint
 
 
 # --- the simulator ----------------------------------------------------------------------------
@@ -115,7 +128,7 @@ class SimBackend:
         self._names: list[str] = []
 
     def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
-           cloud: bool = False) -> None:  # fmt: skip
+           cloud: bool = False, policy_endpoint: PolicyEndpoint | None = None) -> None:  # fmt: skip
         from testbed.ipam_mesh import IpamMesh, prefix_for
         from testbed.sim import Simulator
 
@@ -225,6 +238,12 @@ class SimBackend:
     def cloud(self, running: bool) -> None:
         raise BackendError("the simulator has no cloud broker")
 
+    def policy_publish(self, envelope: bytes) -> None:
+        raise BackendError("the simulator has no policy endpoint")
+
+    def policy_endpoint(self, running: bool) -> None:
+        raise BackendError("the simulator has no policy endpoint")
+
 
 # --- real agents: the namespace testbed and containers ----------------------------------------
 
@@ -309,13 +328,14 @@ class AgentsBackend:
         self._down: set[int] = set()
         self.policy_key: str | None = None
         self.with_cloud = False
+        self.endpoint: PolicyEndpoint | None = None
 
     def _make(self, nodes: int, preset: str) -> Any:
         raise NotImplementedError
 
     def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
-           cloud: bool = False) -> None:  # fmt: skip
-        self.policy_key, self.with_cloud = policy_key, cloud
+           cloud: bool = False, policy_endpoint: PolicyEndpoint | None = None) -> None:  # fmt: skip
+        self.policy_key, self.with_cloud, self.endpoint = policy_key, cloud, policy_endpoint
         self.count = nodes
         self._down = set(range(1, nodes + 1))
         try:
@@ -410,6 +430,12 @@ class AgentsBackend:
 
     def cloud(self, running: bool) -> None:
         raise BackendError(f"the {self.name} backend has no cloud broker")
+
+    def policy_publish(self, envelope: bytes) -> None:
+        raise BackendError(f"the {self.name} backend has no policy endpoint")
+
+    def policy_endpoint(self, running: bool) -> None:
+        raise BackendError(f"the {self.name} backend has no policy endpoint")
 
 
 class NetnsBackend(AgentsBackend):
@@ -550,7 +576,7 @@ IMAGE_PYTHON = "/opt/edgeagent/bin/python"
 
 class _ContainersAdapter(AgentsBackend):
     name = "containers"
-    features = frozenset({"mqtt", "overlay", "policy", "cloud"})
+    features = frozenset({"mqtt", "overlay", "policy", "cloud", "policy-endpoint"})
 
     def __init__(self, cls: Any) -> None:
         super().__init__()
@@ -590,8 +616,15 @@ class _ContainersAdapter(AgentsBackend):
         return load
 
     def _make(self, nodes: int, preset: str) -> Any:
+        from testbed.containers.compose import policy_config
+
         config = policy_table(self.policy_key) if self.policy_key is not None else ""
-        cluster = self._cls(nodes, run_args=("--preset", preset), broker=self.with_cloud, config=config)
+        node_configs = {}
+        if self.endpoint is not None and self.policy_key is not None:
+            poll = policy_config([self.policy_key], poll=True, interval=self.endpoint.interval)
+            node_configs = {self.host(i): poll for i in self.endpoint.pollers}
+        cluster = self._cls(nodes, run_args=("--preset", preset), broker=self.with_cloud, config=config,
+                            policy=self.endpoint is not None, node_configs=node_configs)  # fmt: skip
         try:
             cluster.up()
         except BaseException:
@@ -619,6 +652,13 @@ class _ContainersAdapter(AgentsBackend):
 
     def cloud(self, running: bool) -> None:
         self._call(self.cluster.cloud_start if running else self.cluster.cloud_stop)
+
+    def policy_publish(self, envelope: bytes) -> None:
+        """Served at the endpoint; the pollers fetch it within their interval."""
+        self._call(self.cluster.policy_publish, envelope)
+
+    def policy_endpoint(self, running: bool) -> None:
+        self._call(self.cluster.policy_start if running else self.cluster.policy_stop)
 
     def start(self, nodes: Sequence[int]) -> None:
         for node in nodes:

@@ -5,7 +5,9 @@ How it works. A scenario that publishes policy gets a fresh Ed25519 key pair per
 their config, set at ``up``). ``publish-policy`` writes a minimal bundle (``version``,
 ``issued``: now, everything else the defaults), signs it (:func:`overlay.policy.sign`) and
 hands it to the agent of each listed node (the backend's ``policy_apply``: the control command
-``policy-apply`` on netns, ``edgeagent policy apply`` by ``docker exec`` on containers). Then
+``policy-apply``), or with ``via = "cloud"`` serves it at the backend's HTTPS policy endpoint
+(``policy_publish``: containers), where the nodes that poll it fetch it within their
+``[policy] interval`` and the others get it from peers (t_apply: the moment it is served). Then
 it polls every running node's enforced version (``policy_versions``: ``policy status``) every
 ``poll`` seconds, observing membership as every wait does, until each reports the version (or
 a higher one) or ``wait`` seconds pass; the time each node first reported it is kept.
@@ -63,9 +65,13 @@ def publish(run: Run, step: Step, signer: Signer) -> str:
     version = a["version"] if a["version"] is not None else signer.last_version + 1
     envelope = signer.envelope(version)
     t_apply = round(b.now(), 3)
-    record: dict[str, Any] = {"version": version, "t_apply": t_apply,
-                              "applied": [neutral(n) for n in a["nodes"]], "had_it": [], "seen": {}}  # fmt: skip
-    for node in a["nodes"]:
+    via_cloud = a["via"] == "cloud"
+    record: dict[str, Any] = {"version": version, "t_apply": t_apply, "via": a["via"],
+                              "applied": ["cloud"] if via_cloud else [neutral(n) for n in a["nodes"]],
+                              "had_it": [], "seen": {}}  # fmt: skip
+    if via_cloud:
+        b.policy_publish(envelope)  # the pollers fetch it; the others from peers
+    for node in () if via_cloud else a["nodes"]:
         answer = _apply(run, node, envelope)
         if answer.get("accepted"):
             continue
@@ -89,7 +95,8 @@ def publish(run: Run, step: Step, signer: Signer) -> str:
     done = run.wait_until(everyone, a["wait"])
     record["running"] = sorted(neutral(i) for i in b.running())
     took = max((t - t_apply for t in record["seen"].values()), default=0.0)
-    head = f"version {version} on {', '.join(record['applied'])}"
+    where = "served at the endpoint" if via_cloud else f"on {', '.join(record['applied'])}"
+    head = f"version {version} {where}"
     if record["had_it"]:
         head += f" ({', '.join(record['had_it'])} already enforced it: refused as a rollback)"
     if done:

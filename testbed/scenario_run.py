@@ -49,6 +49,7 @@ from .scenario_backends import (
     BackendError,
     BackendUnavailable,
     LoadHandle,
+    PolicyEndpoint,
     ScenarioBackend,
     make_backend,
     neutral,
@@ -259,19 +260,22 @@ class Run:
             assert self.signer is not None  # made for every scenario that publishes
             return publish(self, step, self.signer)
         if step.action == "cloud-outage":
-            return self.cloud_outage(a["seconds"])
+            return self.cloud_outage(a["seconds"], a["service"])
         raise StepFailed(f"unknown action {step.action}")  # the parser refuses it first
 
-    def cloud_outage(self, seconds: float) -> str:
-        """Stop the cloud broker, ``seconds`` off (observing), start it again."""
-        self.b.cloud(False)
+    def cloud_outage(self, seconds: float, service: str = "broker") -> str:
+        """Stop the cloud broker (or the policy endpoint), ``seconds`` off (observing), start
+        it again."""
+        switch = self.b.cloud if service == "broker" else self.b.policy_endpoint
+        switch(False)
         t0 = self.b.now()
-        fault: dict[str, Any] = {"kind": "cloud", "t0": t0, "t1": INF}
+        fault: dict[str, Any] = {"kind": "cloud", "service": service, "t0": t0, "t1": INF}
         self.faults.append(fault)
         self.wait(seconds)
-        self.b.cloud(True)
+        switch(True)
         fault["t1"] = t1 = self.b.now()
-        return f"cloud broker back after {t1 - t0:.1f} s"
+        what = "cloud broker" if service == "broker" else "policy endpoint"
+        return f"{what} back after {t1 - t0:.1f} s"
 
     def collect(self, name: str) -> dict[str, Any]:
         """Wait for a load while observing, then keep its result."""
@@ -345,6 +349,8 @@ def _describe(step: Step) -> str:
     for key, value in step.args.items():
         if value is None or key in ("label", "note"):
             continue
+        if key == "nodes" and step.args.get("via") == "cloud":
+            continue  # served at the endpoint: no node is handed the bundle
         if key == "groups":
             value = "/".join(",".join(str(n) for n in g) for g in value)
         elif isinstance(value, tuple):
@@ -495,13 +501,22 @@ def mqtt_delivered(run: Run, name: str, least: float, max_dup: int | None) -> di
             "lost": result["lost"] if result else None, "ok": ok}  # fmt: skip
 
 
+def policy_endpoint(scenario: Scenario) -> PolicyEndpoint | None:
+    """What the backend's policy endpoint needs (None: the scenario uses none)."""
+    if "policy-endpoint" not in scenario.needs():
+        return None
+    pollers = scenario.policy_pollers or tuple(range(1, scenario.nodes + 1))
+    return PolicyEndpoint(interval=scenario.policy_interval, pollers=pollers)
+
+
 def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], None]) -> dict[str, Any]:
     """Up, steps, down; the record as one dict (what report.json holds)."""
     run = Run(scenario, backend, log)
     started = datetime.datetime.now(datetime.UTC)
     backend.up(scenario.nodes, scenario.preset, scenario.seed,
                policy_key=run.signer.public_b64 if run.signer is not None else None,
-               cloud="cloud" in scenario.needs())  # fmt: skip
+               cloud="cloud" in scenario.needs(),
+               policy_endpoint=policy_endpoint(scenario))  # fmt: skip
     try:
         run.run_steps()
     finally:

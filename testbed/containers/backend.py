@@ -16,6 +16,11 @@ only what the first group receives from the others), loss drops PCT % of the pac
 (``numgen random``), isolate drops everything but loopback. A container that is started again
 gets a new namespace, so :meth:`start` applies its recorded faults again.
 
+With ``policy=True`` it also runs the HTTPS policy endpoint (service ``policy``): a CA and a
+server certificate made at ``up`` (:mod:`.policy_tls`), the CA in ``/shared/policy-ca.pem``
+for the agents' ``[policy] ca``; :meth:`policy_publish` serves an envelope,
+:meth:`policy_stop` / :meth:`policy_start` are an outage.
+
 ``down`` runs ``compose down`` and then removes whatever still carries the project's label
 (containers, the network), then the run dir; the images stay (``down(images=True)`` removes
 them too). It is idempotent and works from the label alone after a crash halfway through
@@ -39,7 +44,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,7 +55,18 @@ from edgeagent.errors import AgentUnavailable
 
 from ..cluster import STATE_FILE, TestbedError, ids_under, pick_id
 from . import image as images
-from .compose import PROJECT_PREFIX, TESTBED_LABEL, Plan, write_compose
+from .compose import (
+    POLICY_CA,
+    POLICY_FILE,
+    POLICY_HOST,
+    POLICY_PORT,
+    POLICY_URL,
+    PROJECT_PREFIX,
+    TESTBED_LABEL,
+    Plan,
+    write_compose,
+)
+from .policy_tls import write_tls
 
 DEFAULT_ROOT = Path("/tmp/edgeagent-containers")
 ROOT_ENV = "EDGEAGENT_CONTAINERS_DIR"
@@ -94,6 +110,9 @@ class ContainerBackend:
     mosquitto "cloud" service. ``run_args``: more ``edgeagent run`` flags for every agent.
     ``config``: TOML every agent reads as its config file (``/shared/agent.toml``; "" none).
     ``build``: build the images if missing or stale (else they must exist).
+    ``policy``: also run the HTTPS policy endpoint (service ``policy``; TLS made at ``up``).
+    ``node_configs``: node name -> TOML that node reads instead of ``config``
+    (``/shared/agent-hN.toml``), e.g. ``[policy] url`` on only some nodes.
     """
 
     def __init__(
@@ -105,6 +124,8 @@ class ContainerBackend:
         broker: bool = False,
         run_args: Sequence[str] = (),
         config: str = "",
+        policy: bool = False,
+        node_configs: Mapping[str, str] | None = None,
         build: bool = True,
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
@@ -114,6 +135,8 @@ class ContainerBackend:
         self.broker = broker
         self.run_args = tuple(run_args)
         self.config = config
+        self.policy = policy
+        self.node_configs = dict(node_configs or {})
         self.build = build
         self.log = log
         self.id = ""
@@ -149,22 +172,19 @@ class ContainerBackend:
         if self.broker and not images.has_mosquitto(tag):
             raise ContainerError(f"{tag} has no mosquitto; rebuild the base image or drop --broker")
         self._new_workdir()
-        run_args = self.run_args
-        if self.config:
-            (self.workdir / "shared").mkdir()
-            (self.workdir / "shared" / CONFIG_NAME).write_text(self.config)
-            run_args = (*run_args, "--config", f"/shared/{CONFIG_NAME}")
+        run_args, node_args = self._write_configs()
         self.plan = Plan(
             project=f"{PROJECT_PREFIX}{self.id}", image=tag,
             subnet_prefix=pick_subnet(int(self.id, 16)), nodes=self.nodes_count,
             cluster=f"tb-{self.id}", token_mode=self.token_mode, broker=self.broker,
-            run_args=run_args,
+            run_args=run_args, policy=self.policy, node_args=node_args,
         )
         self.state = {
             "id": self.id, "project": self.plan.project, "image": tag,
             "subnet_prefix": self.plan.subnet_prefix, "nodes": self.nodes_count,
             "cluster": self.plan.cluster, "token_mode": self.token_mode, "broker": self.broker,
-            "run_args": list(run_args),
+            "run_args": list(run_args), "policy": self.policy,
+            "node_args": [[n, list(a)] for n, a in node_args],
             "faults": {"partition": [], "oneway": False, "loss": {}, "isolated": []},
         }
         self._save()
@@ -183,6 +203,24 @@ class ContainerBackend:
                 self._save()
         for name in self.names():
             self.wait_ready(name, READY_TIMEOUT)
+
+    def _write_configs(self) -> tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]:
+        """The config files and the policy endpoint's TLS into the new run dir; the common
+        run flags and each node's own."""
+        shared = self.workdir / "shared"
+        shared.mkdir()
+        run_args = self.run_args
+        if self.config:
+            (shared / CONFIG_NAME).write_text(self.config)
+            run_args = (*run_args, "--config", f"/shared/{CONFIG_NAME}")
+        node_args = []
+        for name, text in sorted(self.node_configs.items()):
+            (shared / f"agent-{name}.toml").write_text(text)
+            node_args.append((name, ("--config", f"/shared/agent-{name}.toml")))
+        if self.policy:
+            ca = write_tls(self.workdir / "policy" / "tls", (POLICY_HOST,))
+            shutil.copyfile(ca, shared / Path(POLICY_CA).name)
+        return run_args, tuple(node_args)
 
     def down(self, images_too: bool = False) -> None:
         """Remove the containers, the network and the run dir (and the images if asked)."""
@@ -213,7 +251,9 @@ class ContainerBackend:
         tb.plan = Plan(project=state["project"], image=state["image"],
                        subnet_prefix=state["subnet_prefix"], nodes=state["nodes"],
                        cluster=state["cluster"], token_mode=state["token_mode"],
-                       broker=state["broker"], run_args=tuple(state["run_args"]))
+                       broker=state["broker"], run_args=tuple(state["run_args"]),
+                       policy=state.get("policy", False),
+                       node_args=tuple((n, tuple(a)) for n, a in state.get("node_args", [])))
         return tb
 
     # -- nodes --------------------------------------------------------------------------------
@@ -303,6 +343,33 @@ class ContainerBackend:
         """Start the "cloud" broker again (same container, same address)."""
         _docker("start", self._cloud())
 
+    def policy_running(self) -> bool:
+        """Whether the policy endpoint container runs (ContainerError without one)."""
+        return self._inspect(self._policy()).get("Running") is True
+
+    def policy_stop(self) -> None:
+        """Stop the policy endpoint (an outage); agents keep their last-known-good bundle."""
+        _docker("stop", "--time", "1", self._policy(), timeout=40)
+
+    def policy_start(self) -> None:
+        """Start the policy endpoint again (same container, same served dir)."""
+        _docker("start", self._policy())
+
+    def policy_publish(self, envelope: bytes) -> Path:
+        """Serve ``envelope`` as the endpoint's bundle (``POLICY_URL``): atomically replaced,
+        so a poll sees the old one or the new one. The file's path on the host."""
+        self._policy()
+        path = self.workdir / "policy" / "www" / POLICY_FILE
+        tmp = path.with_name(f".{POLICY_FILE}.tmp")
+        tmp.write_bytes(envelope)
+        os.replace(tmp, path)
+        return path
+
+    def _policy(self) -> str:
+        if not self.state.get("policy"):
+            raise ContainerError("this testbed has no policy endpoint (up --policy)")
+        return self._plan.container(POLICY_HOST)
+
     def _cloud(self) -> str:
         if not self.state.get("broker"):
             raise ContainerError("this testbed has no cloud broker (up --broker)")
@@ -336,8 +403,10 @@ class ContainerBackend:
     def logs(self, name: str | int, tail: int | None = None) -> str:
         """The node's container output (the agent's log lines), all or the last ``tail``;
         ``cloud`` is the broker's."""
-        container = (self._plan.container("cloud") if name == "cloud" and self.state.get("broker")
-                     else self.container(name))
+        if name in ("cloud", POLICY_HOST) and self.state.get("broker" if name == "cloud" else "policy"):
+            container = self._plan.container(str(name))
+        else:
+            container = self.container(name)
         argv = ["docker", "logs", *(["--tail", str(tail)] if tail else []), container]
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc.stdout + proc.stderr
@@ -420,6 +489,9 @@ class ContainerBackend:
         if self.state["broker"]:
             out["broker"] = {"address": f"{self._plan.broker_ip}:1883",
                              "state": self._inspect(self._plan.container("cloud")).get("Status", "missing")}
+        if self.state.get("policy"):
+            out["policy"] = {"url": POLICY_URL, "address": f"{self._plan.policy_ip}:{POLICY_PORT}",
+                             "state": self._inspect(self._policy()).get("Status", "missing")}
         return out
 
     # -- faults -------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
     python -m testbed containers loss h4 20           # 20 % each way (0 clears)
     python -m testbed containers heal
     python -m testbed containers cloud stop | cloud start   # the broker (up --broker): an outage
+    python -m testbed containers up --policy-key B64 [--policy-interval 5]  # HTTPS policy endpoint
+    python -m testbed containers policy publish bundle.signed | policy stop | policy start
     python -m testbed containers down [--all] [--images]
 
 With one container testbed up, commands find it on their own; with several, pass ``--id``.
@@ -29,6 +31,7 @@ from typing import NoReturn
 
 from . import image as images
 from .backend import ContainerBackend, ContainerError, default_root, list_ids
+from .compose import policy_config
 
 PROG = "python -m testbed containers"
 
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", action="store_true", help="also run a mosquitto 'cloud' broker")
     p.add_argument("--token-mode", choices=("mdns", "address"), default="mdns",
                    help="join token without the issuer's address (mdns, default) or with it")
+    p.add_argument("--policy-key", action="append", default=[], metavar="B64",
+                   help="run the HTTPS policy endpoint; every agent trusts this base64 Ed25519 "
+                        "key and polls the endpoint (repeatable)")
+    p.add_argument("--policy-interval", type=float, default=5.0, help="seconds between polls (5)")
     p.add_argument("--no-build", action="store_true", help="use the images as they are")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", parents=[common], help="nodes, health, faults, member counts")
@@ -78,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("heal", parents=[common], help="remove the partition and isolation")
     p = sub.add_parser("cloud", parents=[common], help="stop or start the cloud broker (a cloud outage)")
     p.add_argument("op", choices=("stop", "start"))
+    p = sub.add_parser("policy", parents=[common], help="the policy endpoint (up --policy-key)")
+    p.add_argument("op", choices=("publish", "stop", "start"))
+    p.add_argument("file", nargs="?", type=Path, help="publish: a signed envelope to serve")
     p = sub.add_parser("loss", parents=[common], help="packet loss on a node, each direction")
     p.add_argument("node")
     p.add_argument("percent", type=int, help="0..100 (0 removes it)")
@@ -148,15 +158,33 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "cloud":
         (tb.cloud_stop if args.op == "stop" else tb.cloud_start)()
         return 0
+    if args.command == "policy":
+        return _policy(tb, args.op, args.file)
     actions = {"kill": tb.kill, "stop": tb.stop, "start": tb.start, "restart": tb.restart,
                "isolate": tb.isolate}
     actions[args.command](args.node)
     return 0
 
 
+def _policy(tb: ContainerBackend, op: str, file: Path | None) -> int:
+    if op != "publish":
+        (tb.policy_stop if op == "stop" else tb.policy_start)()
+        return 0
+    if file is None:
+        raise ContainerError("policy publish needs the signed envelope's file")
+    data = file.read_bytes()
+    print(f"serving {file} ({len(data)} bytes) at {tb.policy_publish(data).name}")
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
+    if not 0.1 <= args.policy_interval <= 3600:
+        raise ContainerError(f"--policy-interval must be 0.1..3600 s, not {args.policy_interval:g}")
+    config = (policy_config(args.policy_key, poll=True, interval=args.policy_interval)
+              if args.policy_key else "")  # fmt: skip
     tb = ContainerBackend(args.nodes, root=args.root, token_mode=args.token_mode,
-                          broker=args.broker, build=not args.no_build,
+                          broker=args.broker, build=not args.no_build, config=config,
+                          policy=bool(args.policy_key),
                           log=lambda line: print(line, file=sys.stderr))
     try:
         tb.up()
@@ -191,4 +219,6 @@ def _status(tb: ContainerBackend, as_json: bool) -> int:
         print(f"  {name:<4} {n['ip']:<15} {state:<18} sees {seen:<28} {' '.join(faults)}")
     if "broker" in status:
         print(f"  cloud {status['broker']['address']:<15} {status['broker']['state']}")
+    if "policy" in status:
+        print(f"  policy {status['policy']['address']:<15} {status['policy']['state']} {status['policy']['url']}")
     return 0

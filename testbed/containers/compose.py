@@ -12,7 +12,12 @@ a second). Each node has a fixed address ``SUBNET.(10+i)``, ``NET_ADMIN`` (the f
 nftables rules inside its namespace), docker's init as PID 1 (signals reach the agent,
 orphans are reaped) and ``edgeagent status`` as its healthcheck. With a broker, service
 ``cloud`` runs mosquitto on ``SUBNET.2:1883`` (anonymous, the private network only) and each
-agent gets ``EA_CLOUD_BROKER``.
+agent gets ``EA_CLOUD_BROKER``. With a policy endpoint, service ``policy`` runs
+``policy_server.py`` (copied into the run dir's ``policy/``, mounted read-only at ``/policy``)
+on ``SUBNET.3:8443``, serving ``policy/www``; agents reach it as ``https://policy:8443/NAME``
+(docker's DNS on the project network) and trust ``/shared/policy-ca.pem``
+(:func:`policy_config`). A node listed in ``node_args`` gets those ``edgeagent run`` flags
+after the common ones (a config file of its own: ``--config`` again, the last one wins).
 
 Every container and the network carry the label ``org.edgeagent.testbed=<project>``, and the
 project name starts with ``edgeagent-tb-``, so cleanup finds exactly what a testbed made.
@@ -35,6 +40,13 @@ GOSSIP_PORT = 7946
 BROKER_PORT = 1883
 FIRST_HOST_OCTET = 10  # h1 is SUBNET.11, hN is SUBNET.(10+N)
 BROKER_OCTET = 2
+POLICY_OCTET = 3
+POLICY_PORT = 8443
+POLICY_HOST = "policy"  # the service's name: docker's DNS resolves it on the network
+POLICY_FILE = "bundle.signed"  # the served envelope
+POLICY_URL = f"https://{POLICY_HOST}:{POLICY_PORT}/{POLICY_FILE}"
+POLICY_CA = "/shared/policy-ca.pem"  # in every agent's container
+IMAGE_PYTHON = "/opt/edgeagent/bin/python"
 STATE_DIR = "/var/lib/edgeagent"  # the agent's state dir in the image
 MAX_NODES = 200
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -54,6 +66,8 @@ class Plan:
     token_mode: str = "mdns"  # or "address": the token names the issuer's address
     broker: bool = False
     run_args: tuple[str, ...] = ()
+    policy: bool = False  # the "policy" HTTPS endpoint service
+    node_args: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (node, more run flags)
 
     @property
     def subnet(self) -> str:
@@ -72,6 +86,13 @@ class Plan:
     def broker_ip(self) -> str:
         return f"{self.subnet_prefix}.{BROKER_OCTET}"
 
+    @property
+    def policy_ip(self) -> str:
+        return f"{self.subnet_prefix}.{POLICY_OCTET}"
+
+    def args_of(self, name: str) -> tuple[str, ...]:
+        return self.run_args + dict(self.node_args).get(name, ())
+
 
 def compose_document(plan: Plan, shared_dir: Path, state_root: Path | None = None) -> dict[str, Any]:
     """The compose file as data (``state_root``: bind-mount ``state_root/hN`` as each node's
@@ -88,7 +109,7 @@ def compose_document(plan: Plan, shared_dir: Path, state_root: Path | None = Non
             "EA_ROLE": "issuer" if name == "h1" else "member",
             "EA_CLUSTER": plan.cluster,
             "EA_TOKEN_MODE": plan.token_mode,
-            "EA_RUN_ARGS": " ".join(plan.run_args),
+            "EA_RUN_ARGS": " ".join(plan.args_of(name)),
         }
         if plan.broker:
             env["EA_CLOUD_BROKER"] = f"{plan.broker_ip}:{BROKER_PORT}"
@@ -118,6 +139,8 @@ def compose_document(plan: Plan, shared_dir: Path, state_root: Path | None = Non
             "labels": labels,
             "restart": "no",
         }
+    if plan.policy:
+        services[POLICY_HOST] = policy_service(plan, shared_dir.parent / "policy", labels)
     return {
         "version": "2.4",
         "services": services,
@@ -127,6 +150,32 @@ def compose_document(plan: Plan, shared_dir: Path, state_root: Path | None = Non
             "ipam": {"config": [{"subnet": plan.subnet}]},
         }},
     }
+
+
+def policy_service(plan: Plan, policy_dir: Path, labels: dict[str, str]) -> dict[str, Any]:
+    """The ``policy`` service: ``policy_server.py`` on the image's python, serving ``www``."""
+    return {
+        "image": plan.image,
+        "container_name": plan.container(POLICY_HOST),
+        "hostname": POLICY_HOST,
+        "init": True,
+        "entrypoint": [IMAGE_PYTHON, "/policy/policy_server.py", "--root", "/policy/www",
+                       "--cert", "/policy/tls/server.pem", "--key", "/policy/tls/server.key",
+                       "--port", str(POLICY_PORT)],  # fmt: skip
+        "volumes": [f"{policy_dir}:/policy:ro"],
+        "networks": {NETWORK: {"ipv4_address": plan.policy_ip}},
+        "labels": labels,
+        "restart": "no",
+    }
+
+
+def policy_config(keys: Sequence[str], *, poll: bool, interval: float) -> str:
+    """An agent's ``[policy]`` table: trust ``keys`` (base64 Ed25519) and, with ``poll``, poll
+    the testbed's endpoint every ``interval`` s (its CA: :data:`POLICY_CA`)."""
+    text = "\n[policy]\ntrusted_keys = [" + ", ".join(json.dumps(k) for k in keys) + "]\n"
+    if poll:
+        text += f"url = {json.dumps(POLICY_URL)}\nca = {json.dumps(POLICY_CA)}\ninterval = {float(interval)!r}\n"
+    return text
 
 
 MOSQUITTO_CONF = f"""\
@@ -139,7 +188,9 @@ log_dest stderr
 
 
 def write_compose(plan: Plan, run_dir: Path) -> Path:
-    """Write ``compose.yaml`` (and the broker's config) into ``run_dir``; return its path."""
+    """Write ``compose.yaml`` (and the broker's config, the policy server's source and its
+    served dir) into ``run_dir``; return its path. The policy endpoint's TLS files
+    (``policy/tls``, ``shared/policy-ca.pem``) are the caller's (:mod:`.policy_tls`)."""
     shared = run_dir / "shared"
     shared.mkdir(parents=True, exist_ok=True)
     states = run_dir / "state"
@@ -147,6 +198,11 @@ def write_compose(plan: Plan, run_dir: Path) -> Path:
         (states / name).mkdir(parents=True, exist_ok=True)
     if plan.broker:
         (shared / "mosquitto.conf").write_text(MOSQUITTO_CONF)
+    if plan.policy:
+        served = run_dir / "policy" / "www"
+        served.mkdir(parents=True, exist_ok=True)
+        source = Path(__file__).resolve().parent / "policy_server.py"
+        (run_dir / "policy" / "policy_server.py").write_text(source.read_text())
     path = run_dir / "compose.yaml"
     header = f"# Generated by testbed.containers.compose for testbed {plan.project}.\n"
     path.write_text(header + to_yaml(compose_document(plan, shared, states)))

@@ -20,7 +20,7 @@ import pytest
 from overlay import policy as pol
 from testbed.__main__ import main as run_cli
 from testbed.scenario import ScenarioError, parse
-from testbed.scenario_backends import BackendError
+from testbed.scenario_backends import BackendError, PolicyEndpoint
 from testbed.scenario_run import execute
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "testbed" / "scenarios"
@@ -48,7 +48,7 @@ within = 3
 
 class FakeBackend:
     name = "fake"
-    features = frozenset({"policy", "cloud"})
+    features = frozenset({"policy", "cloud", "policy-endpoint"})
 
     def __init__(self, spread: bool = False, booting: int = 0) -> None:
         self.spread, self.booting = spread, booting
@@ -57,13 +57,15 @@ class FakeBackend:
         self.marks: dict[int, int] = {}
         self.pending: list[tuple[float, int, int]] = []  # (when, node, version)
         self.cloud_calls: list[tuple[float, bool]] = []
+        self.endpoint_calls: list[tuple[float, bool]] = []
         self.count = 0
         self.up_args: dict[str, Any] = {}
 
     def up(self, nodes: int, preset: str, seed: int, *, policy_key: str | None = None,
-           cloud: bool = False) -> None:  # fmt: skip
+           cloud: bool = False, policy_endpoint: PolicyEndpoint | None = None) -> None:  # fmt: skip
         self.count = nodes
         self.up_args = {"policy_key": policy_key, "cloud": cloud}
+        self.endpoint = policy_endpoint
         if policy_key is not None:
             key = pol.load_public_key(policy_key.encode())
             self.trusted = pol.trusted_keys([key])
@@ -105,6 +107,19 @@ class FakeBackend:
 
     def cloud(self, running: bool) -> None:
         self.cloud_calls.append((self.t, running))
+
+    def policy_publish(self, envelope: bytes) -> None:
+        """The pollers have it one interval later; with spread the others SPREAD_S after."""
+        assert self.endpoint is not None
+        version = pol.decide(envelope, self.trusted, 0, time.time()).bundle.version  # type: ignore[union-attr]
+        at = self.t + self.endpoint.interval
+        self.pending += [(at, n, version) for n in self.endpoint.pollers]
+        if self.spread:
+            others = set(self.marks) - set(self.endpoint.pollers)
+            self.pending += [(at + SPREAD_S, n, version) for n in others]
+
+    def policy_endpoint(self, running: bool) -> None:
+        self.endpoint_calls.append((self.t, running))
 
 
 def _run(text: str, backend: FakeBackend) -> dict[str, Any]:
@@ -175,7 +190,7 @@ def test_cloud_outage_stops_the_broker_for_its_seconds_then_starts_it(tmp_path: 
     assert record["ok"] and backend.up_args == {"policy_key": None, "cloud": True}
     (t0, stopped), (t1, started) = backend.cloud_calls
     assert (stopped, started) == (False, True) and t1 - t0 == pytest.approx(4.0)
-    assert record["faults"] == [{"kind": "cloud", "t0": t0, "t1": t1}]
+    assert record["faults"] == [{"kind": "cloud", "service": "broker", "t0": t0, "t1": t1}]
     json.dumps(record)  # the report can hold it
 
 
@@ -211,3 +226,23 @@ def test_policy_and_cloud_scenarios_are_refused_on_the_simulator(
             f"{name}: needs {feature}, which the sim backend does not have"
             in capsys.readouterr().err
         )
+
+
+CLOUD = BASE.replace("nodes = NODES", 'via = "cloud"').replace(
+    "[scenario]", "[scenario]\npolicy-interval = 1\npolicy-pollers = [1]"
+) + '[[step]]\naction = "cloud-outage"\nservice = "policy"\nseconds = 2\n'
+
+
+def test_via_cloud_serves_the_bundle_and_measures_until_the_peers_have_it() -> None:
+    backend = FakeBackend(spread=True)
+    record = _run(CLOUD, backend)
+    assert record["ok"], record["error"] or record["expects"]
+    assert backend.endpoint == PolicyEndpoint(interval=1.0, pollers=(1,))
+    (check,) = record["expects"]
+    assert check["measured"] == pytest.approx(1.0 + SPREAD_S, abs=0.51)  # poll 0.5 s
+    assert record["policies"]["v1"]["applied"] == ["cloud"]
+    (t0, stopped), (t1, started) = backend.endpoint_calls
+    assert (stopped, started, backend.cloud_calls) == (False, True, [])
+    assert record["faults"] == [{"kind": "cloud", "service": "policy", "t0": t0, "t1": t1}]
+    stays = _run(CLOUD, FakeBackend(spread=False))  # only the poller: the check fails
+    assert not stays["ok"] and stays["expects"][0]["missing"] == ["n2", "n3"]
