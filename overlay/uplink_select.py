@@ -192,10 +192,13 @@ class Reach:
 
     ``success`` / ``failure`` are the outcomes of connect attempts to the cloud: the holder's
     client rounds (every broker tried once) and a non-holder's probes. The first success
-    gives level 1; level 2 ("up") needs ``up_after`` successes in a row unless the agent
-    holds (its client is connected: that is proof enough). Level 2 drops to 1 after
+    ever gives level 2 ("up"; at start-up every agent that reaches the cloud is up after its
+    first probe, so no takeover follows a second one). Level 2 drops to 1 after
     ``down_after`` failures in a row, or at once on a *conclusive* failure (a probe just
-    before taking the uplink over). Level 1 never drops to 0 in a run, so during a total
+    before taking the uplink over). Back from 1 to 2 needs ``up_after`` successes in a row
+    unless the agent holds (its connected client is proof enough): after a cloud outage the
+    holder, which kept the backlog in its spool, reconnects before a candidate's second
+    probe can take the uplink from it. Level 1 never drops to 0 in a run, so during a total
     cloud outage the agents that reached the cloud keep priority over those that never did.
     """
 
@@ -207,7 +210,8 @@ class Reach:
 
     def success(self, holding: bool = False) -> int:
         self._ok, self._fails = self._ok + 1, 0
-        self.level = UP if holding or self._ok >= self.up_after else max(self.level, 1)
+        if self.level == 0 or holding or self._ok >= self.up_after:
+            self.level = UP
         return self.level
 
     def failure(self, conclusive: bool = False) -> int:

@@ -6,11 +6,18 @@ only then. It needs the MQTT feature (the config refuses ``[uplink]`` with MQTT 
 
 How it works:
 
-- **Capability and holder.** The agent publishes ``uplink = {"v": 1, "site": S}`` in its
-  replicated state and feeds an :class:`overlay.uplink_select.UplinkSelector` from gossip
-  events (as the services feature feeds the catalog). Every capable agent computes the same
-  holder from its view (rendezvous hash over ALIVE / SUSPECT candidates); only the holder
-  runs the cloud client. The holder moves when it is declared DEAD or LEFT.
+- **Capability and holder.** The agent publishes ``uplink = {"v": 1, "site": S, "up": L}``
+  in its replicated state and feeds an :class:`overlay.uplink_select.UplinkSelector` from
+  gossip events (as the services feature feeds the catalog). Every capable agent computes
+  the same holder from its view (best reachability level, then rendezvous hash, over ALIVE /
+  SUSPECT candidates); only the holder runs the cloud client. The holder moves when it is
+  declared DEAD or LEFT or when the levels say another candidate reaches the cloud and it
+  does not.
+- **Reachability.** ``L`` comes from :class:`overlay.uplink_select.Reach`, fed by the
+  client's connect rounds (holder, drain) or by a probe every ``probe_s`` (an MQTT connect,
+  then leave) while the agent has no client; a candidate at level 2 probes once more before
+  it takes the uplink over, so a stale level does not move the uplink to an agent that
+  cannot reach the cloud either (a total outage).
 - **Data path, up.** Every capable agent is a socketless client of its own broker
   (:class:`edgeagent.mqtt_attach.BridgeClient`, conn id -2, client id
   ``edgeagent-uplink-NODE``) subscribed to the local filters of the ``out`` mappings, so the
@@ -315,7 +322,8 @@ class UplinkFeature:
                 if self.mode == "off" and self._client is None:
                     ok = await self._probe()
                     self._set_level(self.reach.success() if ok else self.reach.failure())
-            await asyncio.sleep(self.settings.probe_s * random.uniform(0.8, 1.0))
+            # never sooner than probe_s: after an outage the holder reconnects first
+            await asyncio.sleep(self.settings.probe_s * random.uniform(1.0, 1.2))
 
     def _on_round(self, ok: bool) -> None:
         """The cloud client's connect round (every broker tried once) succeeded or failed."""

@@ -187,13 +187,16 @@ def test_decode_capability_is_total() -> None:
 def test_reach_hysteresis() -> None:
     r = Reach(down_after=3, up_after=2)
     assert r.failure() == 0 and r.failure() == 0  # never reached: stays 0
-    assert r.success() == 1  # reached once: 1, not yet "up"
-    assert r.failure() == 1 and r.success() == 1  # the run of successes starts again
-    assert r.success() == 2  # two in a row: up
+    assert r.success() == 2  # the first success ever: up
     assert r.failure() == 2 and r.failure() == 2  # one or two failures do not withdraw
     assert r.success() == 2 and r.failure() == 2 and r.failure() == 2
     assert r.failure() == 1  # three in a row do
-    assert r.success(holding=True) == 2  # a connected holder is up at once
+    assert r.success() == 1  # back up only after two successes in a row
+    assert r.failure() == 1 and r.success() == 1  # the run of successes starts again
+    assert r.success() == 2
+    for _ in range(3):
+        r.failure()
+    assert r.level == 1 and r.success(holding=True) == 2  # a connected holder: at once
     assert r.failure(conclusive=True) == 1  # a failed probe before a takeover: at once
     for _ in range(10):
         assert r.failure() == 1  # never back to 0 in a run
@@ -237,7 +240,7 @@ def test_only_the_agent_with_a_route_holds_also_through_a_cloud_outage() -> None
     for n in names:
         _advertise(sels, n, reach[n].level)  # 0 everywhere: the top scorer holds
     assert {s.holder() for s in sels.values()} == {top}
-    for _ in range(3):  # probes: only `low` gets through
+    for _ in range(2):  # probes: only `low` gets through
         for n in names:
             _advertise(sels, n, reach[n].success() if n == low else reach[n].failure())
     assert {s.holder() for s in sels.values()} == {low} and sels[low].i_hold()
