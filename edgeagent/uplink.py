@@ -89,6 +89,7 @@ class Uplink:
     cfg: UplinkConfig
     spool: Spool
     deliver_down: Callable[[str, bytes, bool], Awaitable[None]] | None = None
+    on_round: Callable[[bool], None] | None = None  # each connect round: reached the cloud?
     stats: UplinkStats = field(default_factory=UplinkStats)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _live: aiomqtt.Client | None = None  # the connection being drained into, if any
@@ -168,6 +169,21 @@ class Uplink:
             return client, index
         return None
 
+    async def probe(self) -> bool:
+        """Whether a broker accepts an MQTT connection now (connects in order, then leaves).
+
+        Uses the client id of :meth:`run`: call it only while :meth:`run` is not running."""
+        got = await self._connect_first()
+        if got is None:
+            return False
+        with contextlib.suppress(Exception):
+            await got[0].__aexit__(None, None, None)
+        return True
+
+    def _round(self, ok: bool) -> None:
+        if self.on_round is not None:
+            self.on_round(ok)
+
     async def run(self) -> None:
         """Connect, drain, fail over and back, forever (cancel to stop)."""
         import aiomqtt
@@ -175,6 +191,7 @@ class Uplink:
         backoff = BACKOFF_MIN_S
         while True:
             got = await self._connect_first()
+            self._round(got is not None)
             if got is None:
                 self.stats.connected_to = ""
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))

@@ -78,7 +78,7 @@ POLICY_KEYS = ("trusted_keys", "url", "ca", "interval", "report_url")  # the [po
 UPLINK_KEYS = (  # the [uplink] table (config/uplink.py)
     "brokers", "topics", "site", "tls", "ca_file", "cert_file", "key_file", "username",
     "password", "client_id", "primary_retry_s", "spool_max_bytes", "ttl_s", "standby_s",
-    "standby_max",
+    "standby_max", "probe_s",
 )  # fmt: skip
 MAX_TRUSTED_KEYS = 16
 DEFAULT_POLICY_INTERVAL_S = 60.0
@@ -205,6 +205,7 @@ class UplinkSettings:
     ttl_s: float = 86400.0  # 0: spooled messages never expire
     standby_s: float = 30.0  # a candidate's memory of recent up-bound messages (takeover)
     standby_max: int = 10000
+    probe_s: float = 30.0  # a non-holder checks it reaches the cloud this often
 
 
 @dataclass(frozen=True, slots=True)

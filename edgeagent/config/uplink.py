@@ -20,6 +20,7 @@
     primary_retry_s = 30           # on a secondary broker, try the first this often
     standby_s = 30                 # what a non-holder remembers for a takeover, seconds
     standby_max = 10000            # ... and messages at most
+    probe_s = 30                   # a non-holder checks it reaches the cloud this often
 
 Every bad value is one ConfigError ``FILE: uplink.KEY: expected ...`` (exit 2). TLS is on
 when ``tls = true`` or any of the three files is given. Files are checked to be readable
@@ -156,6 +157,7 @@ def read_uplink(reader: TableReader, base: Path) -> UplinkSettings | None:
             "site": get("site", _site),
             "client_id": get("client_id", _text),
             "primary_retry_s": get("primary_retry_s", check_positive_number),
+            "probe_s": get("probe_s", check_positive_number),
             "spool_max_bytes": get("spool_max_bytes", _at_least(65536, integer=True)),
             "ttl_s": get("ttl_s", _at_least(0)),
             "standby_s": get("standby_s", _at_least(0)),

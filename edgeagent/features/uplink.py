@@ -6,11 +6,18 @@ only then. It needs the MQTT feature (the config refuses ``[uplink]`` with MQTT 
 
 How it works:
 
-- **Capability and holder.** The agent publishes ``uplink = {"v": 1, "site": S}`` in its
-  replicated state and feeds an :class:`overlay.uplink_select.UplinkSelector` from gossip
-  events (as the services feature feeds the catalog). Every capable agent computes the same
-  holder from its view (rendezvous hash over ALIVE / SUSPECT candidates); only the holder
-  runs the cloud client. The holder moves when it is declared DEAD or LEFT.
+- **Capability and holder.** The agent publishes ``uplink = {"v": 1, "site": S, "up": L}``
+  in its replicated state and feeds an :class:`overlay.uplink_select.UplinkSelector` from
+  gossip events (as the services feature feeds the catalog). Every capable agent computes
+  the same holder from its view (best reachability level, then rendezvous hash, over ALIVE /
+  SUSPECT candidates); only the holder runs the cloud client. The holder moves when it is
+  declared DEAD or LEFT or when the levels say another candidate reaches the cloud and it
+  does not.
+- **Reachability.** ``L`` comes from :class:`overlay.uplink_select.Reach`, fed by the
+  client's connect rounds (holder, drain) or by a probe every ``probe_s`` (an MQTT connect,
+  then leave) while the agent has no client; a candidate at level 2 probes once more before
+  it takes the uplink over, so a stale level does not move the uplink to an agent that
+  cannot reach the cloud either (a total outage).
 - **Data path, up.** Every capable agent is a socketless client of its own broker
   (:class:`edgeagent.mqtt_attach.BridgeClient`, conn id -2, client id
   ``edgeagent-uplink-NODE``) subscribed to the local filters of the ``out`` mappings, so the
@@ -43,6 +50,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import random
 import ssl
 import time
 from collections.abc import Iterable
@@ -60,7 +68,14 @@ from overlay.mqtt.packets import (
     Unsubscribe,
 )
 from overlay.mqtt.topics import filter_matches
-from overlay.uplink_select import STATE_KEY, UplinkSelectError, UplinkSelector, encode_capability
+from overlay.uplink_select import (
+    STATE_KEY,
+    UP,
+    Reach,
+    UplinkSelectError,
+    UplinkSelector,
+    encode_capability,
+)
 
 from ..bridge import EventsDropped
 from ..config.schema import UplinkSettings, UplinkTopic
@@ -155,8 +170,12 @@ class UplinkFeature:
         self.stats = {
             "up_spooled": 0, "up_qos0": 0, "up_qos0_dropped": 0, "down": 0, "down_dropped": 0,
             "loops_dropped": 0, "standby_dropped": 0, "takeovers": 0, "bad_values": 0,
-            "spool_errors": 0, "client_failures": 0,
+            "spool_errors": 0, "client_failures": 0, "probes": 0, "probe_failures": 0,
+            "level_changes": 0,
         }  # fmt: skip
+        self.reach = Reach()
+        self._site = ""
+        self._probe_lock = asyncio.Lock()
         self._host: FeatureHost | None = None
         self._endpoint: Any = None
         self._bridge: BridgeClient | None = None
@@ -193,18 +212,24 @@ class UplinkFeature:
                 f"uplink: cannot open the spool {path}: {exc.strerror or exc}"
             ) from None
         self.up = Uplink(transport_config(settings, node), self.spool, self._deliver_down)
+        self.up.on_round = self._on_round
         _check_tls(self.up)
+        self._site = site
+        self.selector.set_local_level(self.reach.level)
         self._join_broker(node)
         policy = host.feature("policy")  # started before us when on
         if policy is not None:
             policy.on_change(lambda bundle: self.set_policy_topics(bundle.uplink if bundle else ()))
         host.add_listener(self._on_update)
         await self._catch_up()
-        await asyncio.wrap_future(host.set_state(STATE_KEY, encode_capability(site)))
+        await asyncio.wrap_future(
+            host.set_state(STATE_KEY, encode_capability(site, self.reach.level))
+        )
         self._started = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="uplink-spool"),
             asyncio.create_task(self._mode_loop(), name="uplink-mode"),
+            asyncio.create_task(self._probe_loop(), name="uplink-probe"),
         ]
         host.add_status(lambda: {"uplink": self.status()})
         host.register_command("uplink", lambda request: self.status())
@@ -236,6 +261,7 @@ class UplinkFeature:
             "connects": up.stats.connects if up else 0,
             "connect_failures": up.stats.connect_failures if up else 0,
             "standby": len(self._standby),
+            "level": self.reach.level,
             **self.stats,
             "spool": self.spool.status() if self.spool else {},
         }
@@ -287,9 +313,63 @@ class UplinkFeature:
     async def _mode_loop(self) -> None:
         while True:
             self._changed.clear()
-            self._set_mode(self._wanted_mode())
+            async with self._probe_lock:
+                wanted = self._wanted_mode()
+                if wanted == "hold" and self.mode != "hold" and not await self._pre_probe():
+                    continue  # our level dropped: judge again at once
+                self._set_mode(wanted)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), CHECK_S)
+
+    # -- reachability (overlay.uplink_select.Reach) ------------------------------------------
+
+    async def _pre_probe(self) -> bool:
+        """Before taking the uplink as a reachable candidate, check the cloud answers now: a
+        stale level 2 must not take the uplink from a holder that is failing (in a total
+        cloud outage the uplink would only move to another agent that cannot reach it)."""
+        assert self.up is not None
+        if self.reach.level != UP:
+            return True  # no reachable candidate is left: hold in any case (and spool)
+        ok = bool(self.up.stats.connected_to) if self._client else await self._probe()
+        if not ok:
+            self._set_level(self.reach.failure(conclusive=True))
+        return ok
+
+    async def _probe(self) -> bool:
+        assert self.up is not None
+        self.stats["probes"] += 1
+        ok = await self.up.probe()
+        if not ok:
+            self.stats["probe_failures"] += 1
+        return ok
+
+    async def _probe_loop(self) -> None:
+        """A candidate without a cloud client probes it every ``probe_s`` (the first at once)."""
+        assert self.settings is not None
+        while True:
+            async with self._probe_lock:
+                if self.mode == "off" and self._client is None:
+                    ok = await self._probe()
+                    self._set_level(self.reach.success() if ok else self.reach.failure())
+            # never sooner than probe_s: after an outage the holder reconnects first
+            await asyncio.sleep(self.settings.probe_s * random.uniform(1.0, 1.2))
+
+    def _on_round(self, ok: bool) -> None:
+        """The cloud client's connect round (every broker tried once) succeeded or failed."""
+        level = self.reach.success(self.mode == "hold") if ok else self.reach.failure()
+        self._set_level(level)
+
+    def _set_level(self, level: int) -> None:
+        sel, host = self.selector, self._host
+        assert sel is not None and host is not None
+        if level == sel.level(sel.local):
+            return
+        log.info("uplink reachability", extra=fields(level=level, was=sel.level(sel.local)))
+        sel.set_local_level(level)
+        self.stats["level_changes"] += 1
+        done = host.set_state(STATE_KEY, encode_capability(self._site, level))
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._changed.set()
 
     def _set_mode(self, mode: str) -> None:
         client = self._client
@@ -327,7 +407,7 @@ class UplinkFeature:
         """Becoming the holder: what the candidate remembers goes to the spool first."""
         recent = [(t, p, r) for _, t, p, r in self._standby]
         self._standby.clear()
-        self._writes.extendleft(reversed(recent))
+        self._writes.extend(recent)  # after what a former hold left unwritten (older)
         if recent:
             self._write_wake.set()
 

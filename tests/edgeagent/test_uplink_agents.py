@@ -430,3 +430,52 @@ async def _policy_mappings(tmp_path: Path) -> None:
     finally:
         await stop(agent)
         cloud.stop()
+def test_a_total_cloud_outage_does_not_move_the_uplink() -> None:
+    """The cloud goes away for every agent: the holder's level drops to 1 and the other
+    candidate's stale level 2 would make it the holder, but it probes first, fails, drops to
+    1 too, and never holds: the uplink (and the backlog in its spool) stays where it was."""
+    asyncio.run(_total_outage())
+
+
+async def _total_outage() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ea-uplink-") as tmp:
+        cloud = bench.Cloud(Path(tmp))
+        cloud.start()
+        gate = bench.Gate(cloud.port)
+        await gate.open()
+        cluster = LoopbackCluster(
+            2, mqtt=True, extra_args=["--config", str(bench.write_config(Path(tmp), gate.port))]
+        )
+        try:
+            await asyncio.to_thread(cluster.start)
+            await asyncio.to_thread(cluster.wait_converged, bench.TIMEOUT)
+            await bench.poll(lambda: bench.holder_of(cluster) is not None, "one connected holder")
+            holder = bench.holder_of(cluster)
+            other = next(a for a in cluster.agents if a is not holder)
+            assert holder is not None
+            await bench.poll(lambda: bench.uplink_status(other).get("level") == 2, "other up")
+            before = bench.uplink_status(other)["takeovers"]
+            await gate.close()
+            pair = (holder, other)
+            await bench.poll(
+                lambda: [bench.uplink_status(a).get("level") for a in pair] == [1, 1],
+                "both at level 1",
+                30,
+            )
+
+            def still_held() -> bool:
+                ours = [bench.uplink_status(a) for a in (holder, other)]
+                return ours[0].get("mode") == "hold" and {s.get("holder") for s in ours} == {
+                    holder.name
+                }
+
+            await bench.poll(still_held, "the holder holding on", 10)
+            status = bench.uplink_status(other)
+            assert status["takeovers"] == before and status["mode"] == "off", status
+            assert status["probe_failures"] >= 1, status
+        finally:
+            await asyncio.to_thread(cluster.stop)
+            await gate.close()
+            cloud.stop()

@@ -9,11 +9,13 @@ import pytest
 
 from gossip.messages import MemberState
 from overlay.uplink_select import (
+    Reach,
     UplinkSelectError,
     UplinkSelector,
     choose_holder,
     decode_capability,
     encode_capability,
+    score,
 )
 
 A, S, D, L = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT
@@ -177,3 +179,83 @@ def test_decode_capability_is_total() -> None:
     assert accepted > 30 and refused > 1000
     with pytest.raises(UplinkSelectError):
         encode_capability("")
+
+
+# -- reachability levels: only agents that reach the cloud hold (issue 11) -------------------
+
+
+def test_reach_hysteresis() -> None:
+    r = Reach(down_after=3, up_after=2)
+    assert r.failure() == 0 and r.failure() == 0  # never reached: stays 0
+    assert r.success() == 2  # the first success ever: up
+    assert r.failure() == 2 and r.failure() == 2  # one or two failures do not withdraw
+    assert r.success() == 2 and r.failure() == 2 and r.failure() == 2
+    assert r.failure() == 1  # three in a row do
+    assert r.success() == 1  # back up only after two successes in a row
+    assert r.failure() == 1 and r.success() == 1  # the run of successes starts again
+    assert r.success() == 2
+    for _ in range(3):
+        r.failure()
+    assert r.level == 1 and r.success(holding=True) == 2  # a connected holder: at once
+    assert r.failure(conclusive=True) == 1  # a failed probe before a takeover: at once
+    for _ in range(10):
+        assert r.failure() == 1  # never back to 0 in a run
+
+
+def test_holder_is_the_best_reachable_candidate_then_by_score() -> None:
+    names = ["a", "b", "c"]
+    top, mid, low = sorted(names, key=lambda n: score("s1", n), reverse=True)
+    capable, states = view(names)
+    assert choose_holder("s1", capable, states) == top  # no levels: 2 each (older agents)
+    assert choose_holder("s1", capable, states, {top: 0, mid: 0, low: 2}) == low
+    assert choose_holder("s1", capable, states, {top: 0, mid: 1, low: 1}) == mid
+    assert choose_holder("s1", capable, states, {top: 1, mid: 1, low: 1}) == top
+    assert choose_holder("s1", capable, {**states, low: D}, {top: 0, mid: 0, low: 2}) == top
+
+
+def _mesh(names: list[str]) -> dict[str, UplinkSelector]:
+    sels = {n: UplinkSelector(n, "s1") for n in names}
+    for sel in sels.values():
+        for other in names:
+            sel.on_member(other, A)
+    return sels
+
+
+def _advertise(sels: dict[str, UplinkSelector], name: str, level: int) -> None:
+    for sel in sels.values():
+        if sel.local == name:
+            sel.set_local_level(level)
+        else:
+            assert sel.on_state(name, encode_capability("s1", level))
+
+
+def test_only_the_agent_with_a_route_holds_also_through_a_cloud_outage() -> None:
+    """The namespace test's story on views: the top scorer never reaches the cloud, the lowest
+    does; the lowest holds, and keeps holding (level 1) while the cloud is down for all."""
+    names = [f"n{i}" for i in range(5)]
+    ranked = sorted(names, key=lambda n: score("s1", n))
+    low, top = ranked[0], ranked[-1]
+    sels = _mesh(names)
+    reach = {n: Reach() for n in names}
+    for n in names:
+        _advertise(sels, n, reach[n].level)  # 0 everywhere: the top scorer holds
+    assert {s.holder() for s in sels.values()} == {top}
+    for _ in range(2):  # probes: only `low` gets through
+        for n in names:
+            _advertise(sels, n, reach[n].success() if n == low else reach[n].failure())
+    assert {s.holder() for s in sels.values()} == {low} and sels[low].i_hold()
+    for _ in range(5):  # the cloud is down for everyone
+        for n in names:
+            _advertise(sels, n, reach[n].failure())
+    assert reach[low].level == 1 and {s.holder() for s in sels.values()} == {low}
+
+
+def test_hostile_levels_are_dropped() -> None:
+    sel = UplinkSelector("me", "s1")
+    for bad in (True, 3, -1, "2", None, 1.0, [2]):
+        assert not sel.on_state("peer", {"v": 1, "site": "s1", "up": bad})
+    assert sel.stats["bad_values"] == 7 and list(sel.candidates()) == ["me"]
+    with pytest.raises(UplinkSelectError):
+        encode_capability("s1", 5)
+    with pytest.raises(UplinkSelectError):
+        sel.set_local_level(-1)
