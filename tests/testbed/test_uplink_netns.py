@@ -76,7 +76,10 @@ import aiomqtt
 async def main(host, port, prefix, count):
     async with aiomqtt.Client(host, int(port)) as pub:
         for i in range(int(count)):
-            await pub.publish("s/x", f"{prefix}-{i:04d}".encode(), qos=1, timeout=10)
+            # 30 s: a PUBACK is held until every destination agent has the message, and one
+            # cut off by the partition answers only when it is declared dead (detection + a
+            # channel timeout); the publisher must wait that out, not give up
+            await pub.publish("s/x", f"{prefix}-{i:04d}".encode(), qos=1, timeout=30)
             await asyncio.sleep(0.01)
     print("acked", count, flush=True)
 
