@@ -139,9 +139,15 @@ class SenderBudget:
     def admit(self, host: str, now: float) -> bool:
         """Whether to read a datagram from ``host`` now (False: drop it unread, counted)."""
         sender = self._senders.get(host)
-        if sender is not None and sender.bucket.refill(self._rate, self._burst, now) < 1.0:
-            self.dropped += 1
-            return False
+        if sender is not None and sender.limited:
+            tokens = sender.bucket.refill(self._rate, self._burst, now)
+            if tokens >= self._burst:  # it stayed under the rate for a whole burst: released
+                sender.limited = False
+            elif tokens < 1.0:
+                self.dropped += 1
+                return False
+            else:  # on probation: every datagram read costs a token, good or bad
+                sender.bucket.tokens -= 1.0
         if self._total.refill(self._total_rate, self._total_burst, now) < 1.0 and (
             sender is None or now - sender.good_at > GOOD_MEMORY
         ):
@@ -164,13 +170,12 @@ class SenderBudget:
         sender.failed += 1
         self._total.refill(self._total_rate, self._total_burst, now)
         self._total.tokens -= 1.0
-        bucket = sender.bucket
-        bucket.refill(self._rate, self._burst, now)
-        bucket.tokens -= 1.0
-        if bucket.tokens >= 1.0:
-            sender.limited = False
-            return
-        if not sender.limited:
+        if not sender.limited:  # (on probation, admit() charged this datagram already)
+            bucket = sender.bucket
+            bucket.refill(self._rate, self._burst, now)
+            bucket.tokens -= 1.0
+            if bucket.tokens >= 1.0:
+                return
             sender.limited = True
             self.limited += 1
         logged = self._warnings.warn(  # once per interval while it goes on
