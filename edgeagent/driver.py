@@ -73,7 +73,7 @@ T = TypeVar("T")
 MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
-UDP_BUFFER_BYTES = 1 << 20  # SO_RCVBUF / SO_SNDBUF request; the kernel may cap it
+UDP_BUFFER_BYTES = 1 << 22  # SO_RCVBUF / SO_SNDBUF request, capped by net.core.[rw]mem_max
 
 
 # DriverStats field counting each drop reason (stream_limits.DESCRIPTIONS, streams.Served).

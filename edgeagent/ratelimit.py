@@ -12,7 +12,12 @@ How it works.
   validation (the driver sees one of the core's refusal counters grow while handling it)
   costs its sender one token; a sender with no token left has its datagrams dropped unread
   (counted) until the bucket refills, so its flood costs a ``recvfrom`` each, not a decrypt,
-  a decode and handling. Good datagrams cost nothing: an honest member is never limited. A
+  a decode and handling. Once limited, a sender is on probation: every datagram read from
+  it costs a token, good or bad, until its bucket is full again (it stayed under
+  :data:`BAD_RATE` for ``BAD_BURST / BAD_RATE`` s), so it is read at most ~:data:`BAD_RATE`
+  a second however few of its datagrams fail (the insider fuzzer fails one in eight; before
+  probation each token let ~8 through). Good datagrams from a sender that is not limited
+  cost nothing: an honest member is never limited. A
   flood from many (spoofed) source hosts is bounded too: every bad datagram also costs one
   token of a shared bucket (:data:`TOTAL_BAD_RATE`, :data:`TOTAL_BAD_BURST`); while that one
   is empty, only senders that sent a good datagram within :data:`GOOD_MEMORY` are read, so
