@@ -35,6 +35,7 @@ bounded memory): probes, acks and timers keep running here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
+MAX_BACKLOG = 1024  # tainted senders' datagrams read but not yet handled; the oldest are shed
+BACKLOG_SLICE = 0.005  # s of handling them per turn of the loop, before reading the socket again
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
 UDP_BUFFER_BYTES = 1 << 22  # SO_RCVBUF / SO_SNDBUF request, capped by net.core.[rw]mem_max
@@ -290,6 +293,8 @@ class GossipDriver(Generic[C]):
         self._stats = DriverStats()
         self._undecryptable = UndecryptableLog()
         self._senders = SenderBudget(WarnLimiter(log))
+        self._backlog: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._backlog_scheduled = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -475,8 +480,8 @@ class GossipDriver(Generic[C]):
 
     def _on_readable(self) -> None:
         assert self._udp is not None and self._core is not None
-        core, udp, limit = self._core, self._udp, self._max_datagram
-        senders, now = self._senders, self._now()
+        udp, limit = self._udp, self._max_datagram
+        senders, now, backlog = self._senders, self._now(), self._backlog
         for _ in range(MAX_DRAIN):
             try:
                 data, src = udp.recvfrom(limit + 1)
@@ -490,12 +495,42 @@ class GossipDriver(Generic[C]):
             host = unmap(src[0])
             if not senders.admit(host, now):  # its sender keeps failing validation
                 continue
-            refused = _refusals(core)
-            self._feed(core.receive, data, (host, src[1]), DATAGRAM)
-            senders.outcome(host, _refusals(core) != refused, now)
-        self._stats.datagrams_limited = senders.dropped
-        self._stats.senders_limited = senders.limited
+            if senders.tainted(host, now):  # handled after the clean ones, shed if too many
+                backlog.append((data, (host, src[1])))
+                if len(backlog) > MAX_BACKLOG:
+                    backlog.popleft()
+                    senders.shed()
+            else:
+                self._receive(data, (host, src[1]), now)
+        self._drain_backlog()
+
+    def _receive(self, data: bytes, src: Address, now: float) -> None:
+        """One admitted datagram to the core; its outcome to the sender's budget."""
+        core = self._core
+        assert core is not None
+        refused = _refusals(core)
+        self._feed(core.receive, data, src, DATAGRAM)
+        self._senders.outcome(src[0], _refusals(core) != refused, now)
+
+    def _drain_backlog(self) -> None:
+        """Handle tainted senders' datagrams for at most :data:`BACKLOG_SLICE` s, then let
+        the loop read the socket (and answer the clean senders) before going on."""
+        self._backlog_scheduled = False
+        backlog, start = self._backlog, self._now()
+        while backlog and (now := self._now()) - start < BACKLOG_SLICE:
+            data, src = backlog.popleft()
+            self._receive(data, src, now)
+        if backlog:
+            assert self._loop is not None
+            self._backlog_scheduled = True
+            self._loop.call_soon(self._drain_backlog_later)
+        self._stats.datagrams_limited = self._senders.dropped
+        self._stats.senders_limited = self._senders.limited
         self._after_input()
+
+    def _drain_backlog_later(self) -> None:
+        if self._backlog_scheduled:
+            self._drain_backlog()
 
     def _on_timer(self) -> None:
         assert self._core is not None

@@ -160,6 +160,19 @@ class SenderBudget:
             return False
         return True
 
+    def tainted(self, host: str, now: float) -> bool:
+        """Whether ``host`` sent a datagram that failed validation within the last
+        ``BAD_BURST / BAD_RATE`` s (its bucket is not full): the driver handles its datagrams
+        after those of clean senders, so a flood's backlog does not delay their pings."""
+        sender = self._senders.get(host)
+        return sender is not None and (
+            sender.limited or sender.bucket.refill(self._rate, self._burst, now) < self._burst
+        )
+
+    def shed(self) -> None:
+        """A tainted sender's datagram, read but not handled (the backlog was full)."""
+        self.dropped += 1
+
     def outcome(self, host: str, bad: bool, now: float) -> None:
         """A datagram from ``host`` was handled; ``bad``: it failed validation."""
         sender = self._senders.get(host)
