@@ -13,7 +13,8 @@ times out while its ack waits in the socket buffer. A sender whose datagrams kee
 validation (one of the core's refusal counters grew) runs out of its budget and is then read
 only a few times a second (:class:`edgeagent.ratelimit.SenderBudget`; the rest dropped unread,
 counted, one warning a minute), so its flood cannot starve the pings and acks of the others.
-Until its budget is full again a sender that failed validation is *tainted*: its datagrams are
+For :data:`~edgeagent.ratelimit.TAINT_S` after a datagram of it failed validation (and while it
+is limited) a sender is *tainted*: its datagrams are
 read but queued (at most :data:`MAX_BACKLOG`, the oldest shed and counted with the limited
 ones) and handled :data:`BACKLOG_SLICE` s per turn of the loop, after the clean senders'
 datagrams of the same drain, so a ping queued behind a flood is answered at once.

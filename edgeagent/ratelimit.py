@@ -44,6 +44,7 @@ BAD_BURST = 100  # bad datagrams a sender may send before it is limited
 BAD_RATE = 10.0  # bad datagrams a second a limited sender gets read
 TOTAL_BAD_BURST = 1000  # the same, over all senders (a spoofed-source flood)
 TOTAL_BAD_RATE = 200.0
+TAINT_S = BAD_BURST / BAD_RATE  # s a failure marks its sender (handled after the clean ones)
 GOOD_MEMORY = 60.0  # s a sender that sent a good datagram stays trusted while the total is spent
 MAX_SENDERS = 4096  # senders remembered (least recently seen forgotten first)
 WARN_INTERVAL_S = 60.0  # one warning per key per minute
@@ -68,6 +69,7 @@ class _Bucket:
 class _Sender:
     bucket: _Bucket
     good_at: float = float("-inf")
+    bad_at: float = float("-inf")  # its last datagram that failed validation
     failed: int = 0  # bad datagrams since its last warning
     limited: bool = False  # out of tokens (the warning was given)
 
@@ -161,13 +163,11 @@ class SenderBudget:
         return True
 
     def tainted(self, host: str, now: float) -> bool:
-        """Whether ``host`` sent a datagram that failed validation within the last
-        ``BAD_BURST / BAD_RATE`` s (its bucket is not full): the driver handles its datagrams
+        """Whether ``host`` is limited or sent a datagram that failed validation within the
+        last :data:`TAINT_S`: the driver handles its datagrams
         after those of clean senders, so a flood's backlog does not delay their pings."""
         sender = self._senders.get(host)
-        return sender is not None and (
-            sender.limited or sender.bucket.refill(self._rate, self._burst, now) < self._burst
-        )
+        return sender is not None and (sender.limited or now - sender.bad_at < TAINT_S)
 
     def shed(self) -> None:
         """A tainted sender's datagram, read but not handled (the backlog was full)."""
@@ -186,6 +186,7 @@ class SenderBudget:
             sender.good_at = now
             return
         sender.failed += 1
+        sender.bad_at = now
         self._total.refill(self._total_rate, self._total_burst, now)
         self._total.tokens -= 1.0
         if not sender.limited:  # (on probation, admit() charged this datagram already)

@@ -481,3 +481,40 @@ async def test_a_clean_senders_ping_is_answered_ahead_of_a_tainted_senders_backl
     # Read in one drain after the hold: the clean ping first, the tainted backlog after it.
     assert order.index(b"ping") < order.index(b"x0")
     assert order[order.index(b"x0") :] == [b"x%d" % i for i in range(50)]
+
+
+async def test_a_limited_senders_datagrams_never_reach_the_core() -> None:
+    # The limiter works on the source address before the core decrypts anything; on
+    # probation, the datagrams that pass validation do not buy the sender more reads.
+    from edgeagent.ratelimit import BAD_BURST, BAD_RATE
+
+    cores: list[GatedCore] = []
+    driver = GossipDriver(
+        lambda addr, now: cores.append(GatedCore(addr, now)) or cores[0],
+        ("127.0.0.1", 0), main_loop=asyncio.get_running_loop(),
+        on_update=lambda events, view: None, stream_auth=AUTH,
+    )  # fmt: skip
+    addr = driver.start()
+    start = time.monotonic()
+    try:
+        with udp_client() as flood:
+            for _ in range(BAD_BURST + 1):
+                flood.sendto(b"bad", addr)
+            await wait_until(lambda: cores[0].bad == BAD_BURST + 1)
+            for i in range(2000):  # paced over ~1 s: tokens refill meanwhile
+                flood.sendto(b"x", addr)
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+
+            async def limited() -> int:
+                return (await driver.snapshot()).driver_stats["datagrams_limited"]
+
+            received = lambda: sum(1 for kind, _ in cores[0].log if kind == "datagram")  # noqa: E731
+            deadline = time.monotonic() + WAIT
+            while received() - (BAD_BURST + 1) + await limited() < 2000:
+                assert time.monotonic() < deadline, "the driver did not read every datagram"
+                await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - start
+    finally:
+        driver.stop()
+    assert received() <= BAD_BURST + 1 + BAD_RATE * elapsed + 1  # one read per refilled token
