@@ -13,6 +13,11 @@ times out while its ack waits in the socket buffer. A sender whose datagrams kee
 validation (one of the core's refusal counters grew) runs out of its budget and is then read
 only a few times a second (:class:`edgeagent.ratelimit.SenderBudget`; the rest dropped unread,
 counted, one warning a minute), so its flood cannot starve the pings and acks of the others.
+For :data:`~edgeagent.ratelimit.TAINT_S` after a datagram of it failed validation (and while it
+is limited) a sender is *tainted*: its datagrams are
+read but queued (at most :data:`MAX_BACKLOG`, the oldest shed and counted with the limited
+ones) and handled :data:`BACKLOG_SLICE` s per turn of the loop, after the clean senders'
+datagrams of the same drain, so a ping queued behind a flood is answered at once.
 
 Streams: one push-pull per TCP connection, in the format of :mod:`edgeagent.streams` (a
 sealed header is read and opened before any body, within a short header timeout; the body is
@@ -35,6 +40,7 @@ bounded memory): probes, acks and timers keep running here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -71,9 +77,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
+MAX_BACKLOG = 1024  # tainted senders' datagrams read but not yet handled; the oldest are shed
+BACKLOG_SLICE = 0.005  # s of handling them per turn of the loop, before reading the socket again
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
-UDP_BUFFER_BYTES = 1 << 20  # SO_RCVBUF / SO_SNDBUF request; the kernel may cap it
+MIN_VIEW_GAP = 0.05  # s: events closer than this after a View wait for the next one (a View
+# snapshots every member: one per event batch cost ~17 ms each with 5,000 phantoms, issue 14)
+UDP_BUFFER_BYTES = 1 << 22  # SO_RCVBUF / SO_SNDBUF request, capped by net.core.[rw]mem_max
 
 
 # DriverStats field counting each drop reason (stream_limits.DESCRIPTIONS, streams.Served).
@@ -290,6 +300,11 @@ class GossipDriver(Generic[C]):
         self._stats = DriverStats()
         self._undecryptable = UndecryptableLog()
         self._senders = SenderBudget(WarnLimiter(log))
+        self._backlog: collections.deque[tuple[bytes, Address]] = collections.deque()
+        self._backlog_scheduled = False
+        self._pending_events: list[Event] = []  # not yet handed to the application
+        self._publish_handle: asyncio.TimerHandle | None = None
+        self._published_at = float("-inf")
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -401,6 +416,8 @@ class GossipDriver(Generic[C]):
             await self._stopping.wait()
         finally:
             periodic.cancel()
+            if self._publish_handle is not None:
+                self._publish_handle.cancel()
             loop.remove_reader(udp.fileno())
             if self._timer is not None:
                 self._timer.cancel()
@@ -475,8 +492,8 @@ class GossipDriver(Generic[C]):
 
     def _on_readable(self) -> None:
         assert self._udp is not None and self._core is not None
-        core, udp, limit = self._core, self._udp, self._max_datagram
-        senders, now = self._senders, self._now()
+        udp, limit = self._udp, self._max_datagram
+        senders, now, backlog = self._senders, self._now(), self._backlog
         for _ in range(MAX_DRAIN):
             try:
                 data, src = udp.recvfrom(limit + 1)
@@ -490,12 +507,42 @@ class GossipDriver(Generic[C]):
             host = unmap(src[0])
             if not senders.admit(host, now):  # its sender keeps failing validation
                 continue
-            refused = _refusals(core)
-            self._feed(core.receive, data, (host, src[1]), DATAGRAM)
-            senders.outcome(host, _refusals(core) != refused, now)
-        self._stats.datagrams_limited = senders.dropped
-        self._stats.senders_limited = senders.limited
+            if senders.tainted(host, now):  # handled after the clean ones, shed if too many
+                backlog.append((data, (host, src[1])))
+                if len(backlog) > MAX_BACKLOG:
+                    backlog.popleft()
+                    senders.shed()
+            else:
+                self._receive(data, (host, src[1]), now)
+        self._drain_backlog()
+
+    def _receive(self, data: bytes, src: Address, now: float) -> None:
+        """One admitted datagram to the core; its outcome to the sender's budget."""
+        core = self._core
+        assert core is not None
+        refused = _refusals(core)
+        self._feed(core.receive, data, src, DATAGRAM)
+        self._senders.outcome(src[0], _refusals(core) != refused, now)
+
+    def _drain_backlog(self) -> None:
+        """Handle tainted senders' datagrams for at most :data:`BACKLOG_SLICE` s, then let
+        the loop read the socket (and answer the clean senders) before going on."""
+        self._backlog_scheduled = False
+        backlog, start = self._backlog, self._now()
+        while backlog and (now := self._now()) - start < BACKLOG_SLICE:
+            data, src = backlog.popleft()
+            self._receive(data, src, now)
+        if backlog:
+            assert self._loop is not None
+            self._backlog_scheduled = True
+            self._loop.call_soon(self._drain_backlog_later)
+        self._stats.datagrams_limited = self._senders.dropped
+        self._stats.senders_limited = self._senders.limited
         self._after_input()
+
+    def _drain_backlog_later(self) -> None:
+        if self._backlog_scheduled:
+            self._drain_backlog()
 
     def _on_timer(self) -> None:
         assert self._core is not None
@@ -542,11 +589,15 @@ class GossipDriver(Generic[C]):
                 self._stats.send_errors += 1
         for dst, data in core.streams_to_send():
             self._spawn(self._push_pull(dst, data))
-        events: list[Event] = []
+        pending = self._pending_events
         while (event := core.next_event()) is not None:
-            events.append(event)
-        if events:
-            self._publish(tuple(events))
+            pending.append(event)
+        if pending and self._publish_handle is None:
+            wait = self._published_at + MIN_VIEW_GAP - loop.time()
+            if wait <= 0:
+                self._publish_pending()
+            else:  # events in quick succession share one View (a snapshot of every member)
+                self._publish_handle = loop.call_later(wait, self._publish_pending)
         deadline = core.get_timer()
         if deadline != self._timer_deadline or self._timer is None:
             if self._timer is not None:
@@ -556,14 +607,22 @@ class GossipDriver(Generic[C]):
             if deadline is not None:
                 self._timer = loop.call_at(deadline, self._on_timer)
 
+    def _publish_pending(self) -> None:
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self._publish_handle = None
+        events, self._pending_events = tuple(self._pending_events), []
+        self._publish(events)
+
     def _publish(self, events: tuple[Event, ...]) -> None:
         assert self._core is not None
+        self._published_at = self._now()
         view = take_view(self._core, self._stats, self._now(), self._undecryptable.report())
         self._stats.events_dropped += self.bridge.put(events, view)
 
     def _publish_periodic(self) -> None:
         assert self._loop is not None
-        self._publish(())
+        self._publish_pending()
         self._loop.call_later(VIEW_INTERVAL, self._publish_periodic)
 
     def _spawn(self, coro: Any) -> None:

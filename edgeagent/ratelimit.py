@@ -12,7 +12,12 @@ How it works.
   validation (the driver sees one of the core's refusal counters grow while handling it)
   costs its sender one token; a sender with no token left has its datagrams dropped unread
   (counted) until the bucket refills, so its flood costs a ``recvfrom`` each, not a decrypt,
-  a decode and handling. Good datagrams cost nothing: an honest member is never limited. A
+  a decode and handling. Once limited, a sender is on probation: every datagram read from
+  it costs a token, good or bad, until its bucket is full again (it stayed under
+  :data:`BAD_RATE` for ``BAD_BURST / BAD_RATE`` s), so it is read at most ~:data:`BAD_RATE`
+  a second however few of its datagrams fail (the insider fuzzer fails one in eight; before
+  probation each token let ~8 through). Good datagrams from a sender that is not limited
+  cost nothing: an honest member is never limited. A
   flood from many (spoofed) source hosts is bounded too: every bad datagram also costs one
   token of a shared bucket (:data:`TOTAL_BAD_RATE`, :data:`TOTAL_BAD_BURST`); while that one
   is empty, only senders that sent a good datagram within :data:`GOOD_MEMORY` are read, so
@@ -39,6 +44,7 @@ BAD_BURST = 100  # bad datagrams a sender may send before it is limited
 BAD_RATE = 10.0  # bad datagrams a second a limited sender gets read
 TOTAL_BAD_BURST = 1000  # the same, over all senders (a spoofed-source flood)
 TOTAL_BAD_RATE = 200.0
+TAINT_S = BAD_BURST / BAD_RATE  # s a failure marks its sender (handled after the clean ones)
 GOOD_MEMORY = 60.0  # s a sender that sent a good datagram stays trusted while the total is spent
 MAX_SENDERS = 4096  # senders remembered (least recently seen forgotten first)
 WARN_INTERVAL_S = 60.0  # one warning per key per minute
@@ -63,6 +69,7 @@ class _Bucket:
 class _Sender:
     bucket: _Bucket
     good_at: float = float("-inf")
+    bad_at: float = float("-inf")  # its last datagram that failed validation
     failed: int = 0  # bad datagrams since its last warning
     limited: bool = False  # out of tokens (the warning was given)
 
@@ -139,15 +146,32 @@ class SenderBudget:
     def admit(self, host: str, now: float) -> bool:
         """Whether to read a datagram from ``host`` now (False: drop it unread, counted)."""
         sender = self._senders.get(host)
-        if sender is not None and sender.bucket.refill(self._rate, self._burst, now) < 1.0:
-            self.dropped += 1
-            return False
+        if sender is not None and sender.limited:
+            tokens = sender.bucket.refill(self._rate, self._burst, now)
+            if tokens >= self._burst:  # it stayed under the rate for a whole burst: released
+                sender.limited = False
+            elif tokens < 1.0:
+                self.dropped += 1
+                return False
+            else:  # on probation: every datagram read costs a token, good or bad
+                sender.bucket.tokens -= 1.0
         if self._total.refill(self._total_rate, self._total_burst, now) < 1.0 and (
             sender is None or now - sender.good_at > GOOD_MEMORY
         ):
             self.dropped += 1
             return False
         return True
+
+    def tainted(self, host: str, now: float) -> bool:
+        """Whether ``host`` is limited or sent a datagram that failed validation within the
+        last :data:`TAINT_S`: the driver handles its datagrams
+        after those of clean senders, so a flood's backlog does not delay their pings."""
+        sender = self._senders.get(host)
+        return sender is not None and (sender.limited or now - sender.bad_at < TAINT_S)
+
+    def shed(self) -> None:
+        """A tainted sender's datagram, read but not handled (the backlog was full)."""
+        self.dropped += 1
 
     def outcome(self, host: str, bad: bool, now: float) -> None:
         """A datagram from ``host`` was handled; ``bad``: it failed validation."""
@@ -162,15 +186,15 @@ class SenderBudget:
             sender.good_at = now
             return
         sender.failed += 1
+        sender.bad_at = now
         self._total.refill(self._total_rate, self._total_burst, now)
         self._total.tokens -= 1.0
-        bucket = sender.bucket
-        bucket.refill(self._rate, self._burst, now)
-        bucket.tokens -= 1.0
-        if bucket.tokens >= 1.0:
-            sender.limited = False
-            return
-        if not sender.limited:
+        if not sender.limited:  # (on probation, admit() charged this datagram already)
+            bucket = sender.bucket
+            bucket.refill(self._rate, self._burst, now)
+            bucket.tokens -= 1.0
+            if bucket.tokens >= 1.0:
+                return
             sender.limited = True
             self.limited += 1
         logged = self._warnings.warn(  # once per interval while it goes on

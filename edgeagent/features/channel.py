@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gossip import events as ev
-from gossip.messages import MemberState
+from gossip.messages import Address, MemberState
 from overlay.pki import CertIdentity
 
 from ..channel import Channel, ChannelUnavailable, Peer
@@ -47,16 +47,28 @@ class Peers:
 
     def __init__(self) -> None:
         self._peers: dict[str, Peer] = {}
+        self._parsed: dict[str, tuple[bytes, Address, Peer]] = {}  # name -> (meta, addr, peer)
 
     def update(self, view: View) -> None:
-        peers = {}
+        # A member whose meta and address did not change keeps its Peer: parsing every
+        # member's meta on every view was most of the main loop's work under a phantom
+        # flood (thousands of members, a view per event batch), and it starved the gossip
+        # thread of the GIL (issue 14).
+        peers, parsed, old = {}, {}, self._parsed
         for m in view.members:
             if m.state in (MemberState.ALIVE, MemberState.SUSPECT):
-                port = default_channel_port(m.addr[1])
-                if port:
+                known = old.get(m.name)
+                if known is not None and known[0] == m.meta and known[1] == m.addr:
+                    peer = known[2]
+                else:
+                    port = default_channel_port(m.addr[1])
+                    if not port:
+                        continue
                     node_id = claimant(m.meta, m.addr).node_id or None
-                    peers[m.name] = Peer(m.name, node_id, m.addr[0], port)
-        self._peers = peers
+                    peer = Peer(m.name, node_id, m.addr[0], port)
+                peers[m.name] = peer
+                parsed[m.name] = (m.meta, m.addr, peer)
+        self._peers, self._parsed = peers, parsed
 
     def __call__(self, name: str) -> Peer | None:
         return self._peers.get(name)

@@ -172,11 +172,13 @@ async def _measure(agent: LoopbackAgent, net: str, key: bytes, args: argparse.Na
         before = _rss_mb(pid)
         incarnation = [await driver.acall(lambda core, now: core.incarnation)]
         stop = threading.Event()
-        idle = _Pinger(net + "4", target, keyring)  # the machine's own noise, no flood
+        # The machine's own noise, no flood. Its own sender name: with one name for both, the
+        # flood pinger's counters restarted at 1 and its first ~250 pings were dropped as replays.
+        idle = _Pinger(net + "4", target, keyring, "idle-pinger")
         idle.start()
         await asyncio.sleep(IDLE_PINGS_S)
         idle.stop()
-        pinger = _Pinger(net + "3", target, keyring)
+        pinger = _Pinger(net + "3", target, keyring, "pinger")
         fuzz = threading.Thread(
             target=_fuzz, args=(target, [f"{net}{10 + i}" for i in range(args.sources)], keyring, args, incarnation, stop)
         )
@@ -336,12 +338,12 @@ class _Sampler:
 class _Pinger:
     """Sealed pings to the agent every :data:`PING_EVERY` s; Ack round trips, on a thread."""
 
-    def __init__(self, host: str, target: Address, keyring: Keyring) -> None:
+    def __init__(self, host: str, target: Address, keyring: Keyring, name: str) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.sock.settimeout(PING_EVERY)
         self.addr = (host, self.sock.getsockname()[1])
-        self.target, self.keyring = target, keyring
+        self.target, self.keyring, self.name = target, keyring, name
         self.rtts: list[float] = []
         self.lost = 0
         self._stop = threading.Event()
@@ -368,8 +370,8 @@ class _Pinger:
             now = time.monotonic()
             if now >= next_ping:
                 seq += 1
-                ping = Ping(seq, TARGET, "pinger", self.addr)
-                header = DatagramHeader("pinger", 1, seq, destination_tag(TARGET))
+                ping = Ping(seq, TARGET, self.name, self.addr)
+                header = DatagramHeader(self.name, 1, seq, destination_tag(TARGET))
                 self.sock.sendto(self.keyring.encrypt(encode_datagram([ping], header), aad), self.target)
                 sent[seq] = now
                 next_ping += PING_EVERY

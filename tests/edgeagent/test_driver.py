@@ -421,3 +421,100 @@ async def test_commands_after_stop_fail_cleanly(harness: Harness) -> None:
     harness.driver.stop()
     with pytest.raises(RuntimeError):
         await harness.driver.acall(lambda core, now: None)
+
+
+class GatedCore(ScriptedCore):
+    """Counts b"bad" as a decode error (a refusal) and blocks on b"hold" until ``gate`` is set."""
+
+    def __init__(self, addr: Address, now: float) -> None:
+        super().__init__(addr, now)
+        self.gate = threading.Event()
+        self.bad = 0
+
+    def receive(self, data: bytes, src: Address, now: float) -> None:
+        super().receive(data, src, now)
+        if data == b"bad":
+            self.bad += 1
+        elif data == b"hold":
+            self.gate.wait(WAIT)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {**super().stats, "decode_errors": self.bad}
+
+
+async def test_a_clean_senders_ping_is_answered_ahead_of_a_tainted_senders_backlog() -> None:
+    cores: list[GatedCore] = []
+
+    def make_core(addr: Address, now: float) -> GatedCore:
+        cores.append(GatedCore(addr, now))
+        return cores[0]
+
+    driver = GossipDriver(
+        make_core, ("127.0.0.1", 0), main_loop=asyncio.get_running_loop(),
+        on_update=lambda events, view: None, stream_auth=AUTH,
+    )  # fmt: skip
+    addr = driver.start()
+    core = cores[0]
+    flood, clean = udp_client(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        clean.bind(("127.0.0.2", 0))
+        clean.settimeout(WAIT)
+        flood.sendto(b"bad", addr)  # the flood's host failed validation once: tainted
+        await wait_until(lambda: core.bad == 1)
+        flood.sendto(b"hold", addr)  # keeps the gossip thread busy while the socket fills
+        await wait_until(lambda: ("datagram", b"hold") in core.log)
+        for i in range(50):
+            flood.sendto(b"x%d" % i, addr)
+        clean.sendto(b"ping", addr)
+        await asyncio.sleep(0.05)  # (only lets the datagrams reach the socket buffer)
+        core.gate.set()
+        reply = await asyncio.get_running_loop().run_in_executor(None, clean.recv, 100)
+        await wait_until(lambda: ("datagram", b"x49") in core.log)
+    finally:
+        core.gate.set()
+        flood.close()
+        clean.close()
+        driver.stop()
+    assert reply == b"pong"
+    order = [data for kind, data in core.log if kind == "datagram"]
+    # Read in one drain after the hold: the clean ping first, the tainted backlog after it.
+    assert order.index(b"ping") < order.index(b"x0")
+    assert order[order.index(b"x0") :] == [b"x%d" % i for i in range(50)]
+
+
+async def test_a_limited_senders_datagrams_never_reach_the_core() -> None:
+    # The limiter works on the source address before the core decrypts anything; on
+    # probation, the datagrams that pass validation do not buy the sender more reads.
+    from edgeagent.ratelimit import BAD_BURST, BAD_RATE
+
+    cores: list[GatedCore] = []
+    driver = GossipDriver(
+        lambda addr, now: cores.append(GatedCore(addr, now)) or cores[0],
+        ("127.0.0.1", 0), main_loop=asyncio.get_running_loop(),
+        on_update=lambda events, view: None, stream_auth=AUTH,
+    )  # fmt: skip
+    addr = driver.start()
+    start = time.monotonic()
+    try:
+        with udp_client() as flood:
+            for _ in range(BAD_BURST + 1):
+                flood.sendto(b"bad", addr)
+            await wait_until(lambda: cores[0].bad == BAD_BURST + 1)
+            for i in range(2000):  # paced over ~1 s: tokens refill meanwhile
+                flood.sendto(b"x", addr)
+                if i % 10 == 0:
+                    await asyncio.sleep(0.005)
+
+            async def limited() -> int:
+                return (await driver.snapshot()).driver_stats["datagrams_limited"]
+
+            received = lambda: sum(1 for kind, _ in cores[0].log if kind == "datagram")  # noqa: E731
+            deadline = time.monotonic() + WAIT
+            while received() - (BAD_BURST + 1) + await limited() < 2000:
+                assert time.monotonic() < deadline, "the driver did not read every datagram"
+                await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - start
+    finally:
+        driver.stop()
+    assert received() <= BAD_BURST + 1 + BAD_RATE * elapsed + 1  # one read per refilled token

@@ -47,6 +47,26 @@ def test_the_sender_is_read_again_once_it_behaves() -> None:
     budget = SenderBudget(WarnLimiter(log))
     flood(budget, "10.0.0.66", 1_000, 0.0, 1_000.0)
     assert budget.dropped > 800
+def test_a_limited_sender_is_read_at_its_rate_even_when_most_of_its_datagrams_pass() -> None:
+    # The insider bench's fuzzer: one message in eight fails validation, the other seven
+    # (forged Alives, state the signature check sets aside) pass. Once limited, a sender is on
+    # probation: every datagram read costs a token, so it is read ~BAD_RATE a second, not
+    # ~8 datagrams per token (which kept the agent decrypting and handling ~80 a second per
+    # source and let the kernel drop the pings of the real members).
+    budget = SenderBudget(WarnLimiter(log))
+    read = 0
+    for i in range(240_000):  # 60 s at 4,000 a second
+        now = i / 4_000
+        if budget.admit("10.0.0.66", now):
+            read += 1
+            budget.outcome("10.0.0.66", i % 8 == 3, now)
+    assert read <= BAD_BURST * 8 + BAD_RATE * 60 + 20  # (its burst refills a little meanwhile)
+    assert budget.limited == 1  # one limiting, kept while the flood goes on
+    # It is released once it stayed under the rate for a whole burst.
+    later = 60.0 + BAD_BURST / BAD_RATE
+    assert flood(budget, "10.0.0.66", 500, later, 100.0, bad=False) == 500
+
+
     later = 1.0 + BAD_BURST / BAD_RATE
     assert flood(budget, "10.0.0.66", 500, later, 100.0, bad=False) == 500
 
