@@ -47,6 +47,7 @@ import dataclasses
 import logging
 import queue
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_DRAIN = 256  # datagrams read per readiness callback; bounds one turn of the loop
+FAST_SWITCH_INTERVAL_S = 0.0005  # the GIL switch interval while hostile senders are read
+FAST_HOLD_S = 10.0  # ... and for this long after the last of their datagrams
 MAX_BACKLOG = 1024  # tainted senders' datagrams read but not yet handled; the oldest are shed
 BACKLOG_SLICE = 0.005  # s of handling them per turn of the loop, before reading the socket again
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
@@ -302,6 +305,8 @@ class GossipDriver(Generic[C]):
         self._senders = SenderBudget(WarnLimiter(log))
         self._backlog: collections.deque[tuple[bytes, Address]] = collections.deque()
         self._backlog_scheduled = False
+        self._fast, self._fast_until = False, 0.0
+        self._default_switch = sys.getswitchinterval()
         self._pending_events: list[Event] = []  # not yet handed to the application
         self._publish_handle: asyncio.TimerHandle | None = None
         self._published_at = float("-inf")
@@ -380,6 +385,9 @@ class GossipDriver(Generic[C]):
                 pass
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._fast:  # the interval is the process's: give it back
+            self._fast = False
+            sys.setswitchinterval(self._default_switch)
 
     # -- gossip thread ---------------------------------------------------------------------
 
@@ -490,6 +498,25 @@ class GossipDriver(Generic[C]):
             self._undecryptable.record(src, kind, now)
         return result
 
+    def _hostile(self, now: float) -> None:
+        """A tainted or limited sender's datagram: shorten the GIL switch interval.
+
+        The gossip thread gives up the GIL at every recvfrom; while the main loop runs Python,
+        getting it back takes up to the switch interval (5 ms by default), so under a flood
+        the thread read ~200 datagrams a second and the kernel dropped the rest, pings
+        included (issue 14). 0.5 ms bounds that wait, but costs the main loop forced
+        switches on every request (the CoAP mesh's idle latency rose ~0.9 ms with it always
+        on), so it holds only while hostile datagrams come, and :data:`FAST_HOLD_S` after."""
+        self._fast_until = now + FAST_HOLD_S
+        if not self._fast:
+            self._fast = True
+            sys.setswitchinterval(FAST_SWITCH_INTERVAL_S)
+
+    def _calm(self, now: float) -> None:
+        if self._fast and now >= self._fast_until:
+            self._fast = False
+            sys.setswitchinterval(self._default_switch)
+
     def _on_readable(self) -> None:
         assert self._udp is not None and self._core is not None
         udp, limit = self._udp, self._max_datagram
@@ -506,14 +533,17 @@ class GossipDriver(Generic[C]):
                 continue
             host = unmap(src[0])
             if not senders.admit(host, now):  # its sender keeps failing validation
+                self._hostile(now)
                 continue
             if senders.tainted(host, now):  # handled after the clean ones, shed if too many
+                self._hostile(now)
                 backlog.append((data, (host, src[1])))
                 if len(backlog) > MAX_BACKLOG:
                     backlog.popleft()
                     senders.shed()
             else:
                 self._receive(data, (host, src[1]), now)
+        self._calm(now)
         self._drain_backlog()
 
     def _receive(self, data: bytes, src: Address, now: float) -> None:
@@ -549,6 +579,7 @@ class GossipDriver(Generic[C]):
         self._timer = None
         self._timer_deadline = None
         core, now = self._core, self._now()
+        self._calm(now)
         self._guard(core.handle_timeout, now)
         self._after_input()
 

@@ -8,7 +8,6 @@ once enrolled the token is not needed and is ignored.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -36,9 +35,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-GIL_SWITCH_INTERVAL_S = 0.0005  # see run()
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -57,11 +53,6 @@ def run(args: argparse.Namespace) -> int:
         fresh = load_config(args)
         setup_logging(fresh.log_format, fresh.log_level)
 
-    # The gossip thread gives up the GIL at every recvfrom and sendto; while the main loop
-    # runs Python, getting it back took up to the default 5 ms switch interval, so the
-    # gossip thread read at most ~200 datagrams a second and the kernel dropped the rest,
-    # pings included (issue 14). 0.5 ms bounds that wait.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     return asyncio.run(Agent(config, reload=reload_logging).run())
 
 

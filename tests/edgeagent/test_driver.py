@@ -10,6 +10,7 @@ import asyncio
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import tracemalloc
@@ -518,3 +519,32 @@ async def test_a_limited_senders_datagrams_never_reach_the_core() -> None:
     finally:
         driver.stop()
     assert received() <= BAD_BURST + 1 + BAD_RATE * elapsed + 1  # one read per refilled token
+
+
+async def test_the_gil_switch_interval_is_short_only_while_hostile_senders_are_read() -> None:
+    """Short while a tainted sender's datagrams come (the gossip thread must get the GIL back
+    fast under a flood), the default otherwise (short always costs every request the main
+    loop serves) and again once the driver stops."""
+    from edgeagent import driver as driver_module
+
+    default = sys.getswitchinterval()
+    cores: list[GatedCore] = []
+    driver = GossipDriver(
+        lambda addr, now: cores.append(GatedCore(addr, now)) or cores[0],
+        ("127.0.0.1", 0), main_loop=asyncio.get_running_loop(),
+        on_update=lambda events, view: None, stream_auth=AUTH,
+    )  # fmt: skip
+    addr = driver.start()
+    try:
+        with udp_client() as flood:
+            flood.sendto(b"x", addr)  # a clean datagram: nothing changes
+            await wait_until(lambda: ("datagram", b"x") in cores[0].log)
+            assert sys.getswitchinterval() == default
+            flood.sendto(b"bad", addr)  # fails validation: the sender is tainted
+            await wait_until(lambda: cores[0].bad == 1)
+            flood.sendto(b"y", addr)
+            await wait_until(lambda: ("datagram", b"y") in cores[0].log)
+            assert sys.getswitchinterval() == driver_module.FAST_SWITCH_INTERVAL_S
+    finally:
+        driver.stop()
+    assert sys.getswitchinterval() == default
