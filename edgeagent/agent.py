@@ -588,6 +588,7 @@ class Agent:
             **view.undecryptable.status(view.taken_at),
             "stream_drops": stream_drops(view.driver_stats),
             "events_dropped": view.driver_stats.get("events_dropped", 0),
+            "gil_fast_periods": view.driver_stats.get("gil_fast_periods", 0),
             **(self._saver.status().status() if self._saver is not None else {}),
             **(self._host.status_fields() if self._host is not None else {}),
         }

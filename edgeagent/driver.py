@@ -163,6 +163,7 @@ class DriverStats:
     stream_errors: int = 0  # short or late bodies, resets, failed outbound push-pulls
     datagrams_limited: int = 0  # dropped unread: their sender keeps failing validation (ratelimit)
     senders_limited: int = 0  # times a sender ran out of its budget for bad datagrams
+    gil_fast_periods: int = 0  # times the short GIL switch interval went on (hostile senders)
     remote_errors: int = 0  # RemoteError raised by the core (normally it counts them itself)
     internal_errors: int = 0  # any other exception from the core: a bug, logged
     events_dropped: int = 0  # events the stalled main loop never saw (bridge queue full)
@@ -510,6 +511,7 @@ class GossipDriver(Generic[C]):
         self._fast_until = now + FAST_HOLD_S
         if not self._fast:
             self._fast = True
+            self._stats.gil_fast_periods += 1
             sys.setswitchinterval(FAST_SWITCH_INTERVAL_S)
 
     def _calm(self, now: float) -> None:
