@@ -52,11 +52,11 @@ TIMEOUT = 90.0
 class Cloud:
     """mosquitto on a loopback port, anonymous."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         if MOSQUITTO is None:
             raise RuntimeError("needs the mosquitto broker (Debian package mosquitto)")
-        self.port = free_port(["127.0.0.1"])
-        self.conf = workdir / "cloud.conf"
+        self.port = port or free_port(["127.0.0.1"])  # a given port: restarts keep it
+        self.conf = workdir / f"cloud-{self.port}.conf"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from edgeagent.spool import Spool
 from edgeagent.uplink import Uplink, UplinkConfig, topic_matches
+from testbed.bench.uplink import Cloud
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -33,38 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Broker:
-    def __init__(self, tmp: Path, port: int) -> None:
-        self.port = port
-        self.conf = tmp / f"mosquitto-{port}.conf"
-        self.conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        assert MOSQUITTO is not None
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture
-def brokers(tmp_path: Path) -> Iterator[list[Broker]]:
-    made = [Broker(tmp_path, free_port()) for _ in range(2)]
+def brokers(tmp_path: Path) -> Iterator[list[Cloud]]:
+    made = [Cloud(tmp_path, free_port()) for _ in range(2)]  # fixed ports: restarts keep them
     yield made
     for b in made:
         b.stop()
@@ -101,7 +72,7 @@ async def wait_until(cond: object, timeout: float = 20) -> None:
 
 @needs_mosquitto
 async def test_broker_down_spool_grows_then_drains_in_order(
-    tmp_path: Path, brokers: list[Broker]
+    tmp_path: Path, brokers: list[Cloud]
 ) -> None:
     b = brokers[0]
     cfg = UplinkConfig((("127.0.0.1", b.port),), up=("s/#",), prefix="cloud/")
@@ -128,7 +99,7 @@ async def test_broker_down_spool_grows_then_drains_in_order(
 
 
 @needs_mosquitto
-async def test_failover_to_secondary_and_back(tmp_path: Path, brokers: list[Broker]) -> None:
+async def test_failover_to_secondary_and_back(tmp_path: Path, brokers: list[Cloud]) -> None:
     primary, secondary = brokers
     secondary.start()
     cfg = UplinkConfig(
@@ -156,7 +127,7 @@ def test_topic_matches() -> None:
 
 
 @needs_mosquitto
-async def test_down_mapping_delivers_cloud_messages(tmp_path: Path, brokers: list[Broker]) -> None:
+async def test_down_mapping_delivers_cloud_messages(tmp_path: Path, brokers: list[Cloud]) -> None:
     b = brokers[0]
     b.start()
     down: list[tuple[str, bytes]] = []
@@ -191,7 +162,7 @@ async def collect_any(port: int, got: list[bytes], ready: asyncio.Event) -> None
 
 
 @needs_mosquitto
-async def test_primary_dies_mid_stream_none_lost(tmp_path: Path, brokers: list[Broker]) -> None:
+async def test_primary_dies_mid_stream_none_lost(tmp_path: Path, brokers: list[Cloud]) -> None:
     primary, secondary = brokers
     primary.start()
     secondary.start()
