@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +222,11 @@ def _cluster(n: int, config: Path) -> LoopbackCluster:
     return LoopbackCluster(n, mqtt=True, extra_args=["--config", str(config)])
 
 
-async def failover(n: int = 3, count: int = 600, rate: float = 100.0, kill_at: int = 200,
-                   **config: object) -> dict[str, Any]:  # fmt: skip
-    """SIGKILL the holder while a non-holder's client publishes QoS 1 (see the docstring);
-    ``config``: more ``[uplink]`` keys (a test turns the standby memory off with it)."""
+@contextlib.asynccontextmanager
+async def _site(n: int, **config: object) -> AsyncIterator[tuple[LoopbackCluster, Gate, Collector, LoopbackAgent]]:  # fmt: skip
+    """``n`` agents with ``[uplink]`` (plus ``config``) to a mosquitto cloud behind a gate,
+    converged, with a connected holder and mesh interest everywhere: (cluster, gate, the
+    cloud-side collector, the holder); everything stopped after."""
     with tempfile.TemporaryDirectory(prefix="ea-uplink-") as tmp:
         cloud = Cloud(Path(tmp))
         cloud.start()
@@ -238,16 +239,24 @@ async def failover(n: int = 3, count: int = 600, rate: float = 100.0, kill_at: i
             await asyncio.to_thread(cluster.wait_converged, TIMEOUT)
             await collector.start()
             await poll(lambda: holder_of(cluster) is not None, "one connected holder")
-            old = holder_of(cluster)
-            assert old is not None
-            pub_agent = next(a for a in cluster.agents if a is not old)
+            holder = holder_of(cluster)
+            assert holder is not None
             await interest_everywhere(cluster)
-            return await _failover_stream(cluster, old, pub_agent, collector, count, rate, kill_at)
+            yield cluster, gate, collector, holder
         finally:
             await collector.stop()
             await asyncio.to_thread(cluster.stop)
             await gate.close()
             cloud.stop()
+
+
+async def failover(n: int = 3, count: int = 600, rate: float = 100.0, kill_at: int = 200,
+                   **config: object) -> dict[str, Any]:  # fmt: skip
+    """SIGKILL the holder while a non-holder's client publishes QoS 1 (see the docstring);
+    ``config``: more ``[uplink]`` keys (a test turns the standby memory off with it)."""
+    async with _site(n, **config) as (cluster, _, collector, old):
+        pub_agent = next(a for a in cluster.agents if a is not old)
+        return await _failover_stream(cluster, old, pub_agent, collector, count, rate, kill_at)
 
 
 async def _failover_stream(cluster: LoopbackCluster, old: LoopbackAgent, pub_agent: LoopbackAgent,
@@ -298,27 +307,8 @@ async def outage(
     n: int = 2, down_s: float = 10.0, rate: float = 20.0, kill: bool = False
 ) -> dict[str, Any]:
     """The cloud unreachable for ``down_s`` while QoS 1 is published (see the docstring)."""
-    with tempfile.TemporaryDirectory(prefix="ea-uplink-") as tmp:
-        cloud = Cloud(Path(tmp))
-        cloud.start()
-        gate = Gate(cloud.port)
-        await gate.open()
-        collector = Collector(cloud.port)
-        cluster = _cluster(n, write_config(Path(tmp), gate.port))
-        try:
-            await asyncio.to_thread(cluster.start)
-            await asyncio.to_thread(cluster.wait_converged, TIMEOUT)
-            await collector.start()
-            await poll(lambda: holder_of(cluster) is not None, "one connected holder")
-            holder = holder_of(cluster)
-            assert holder is not None
-            await interest_everywhere(cluster)
-            return await _outage_stream(cluster, holder, gate, collector, down_s, rate, kill)
-        finally:
-            await collector.stop()
-            await asyncio.to_thread(cluster.stop)
-            await gate.close()
-            cloud.stop()
+    async with _site(n) as (cluster, gate, collector, holder):
+        return await _outage_stream(cluster, holder, gate, collector, down_s, rate, kill)
 
 
 async def _outage_stream(cluster: LoopbackCluster, holder: LoopbackAgent, gate: Gate, collector: Collector,
