@@ -210,7 +210,10 @@ async def publish(host: str, port: int, payloads: list[bytes], rate: float,
     done = 0
     async with aiomqtt.Client(host, port, identifier=f"bench-pub-{time.monotonic_ns()}") as pub:
         for payload in payloads:
-            await pub.publish("s/bench", payload, qos=1, timeout=10)
+            # 30 s: the agent holds a QoS 1 PUBACK until every destination agent has the
+            # message; one just SIGKILLed answers only once declared dead (detection plus a
+            # channel timeout), which a 10 s client timeout cut short under load
+            await pub.publish("s/bench", payload, qos=1, timeout=30)
             done += 1
             if on_sent is not None:
                 on_sent(done)
