@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from gossip.core import Membership
 
 KEYS_STATE_KEY = "keys"  # replicated state: this node's key fingerprints, primary first
+RESEND_S = 5.0  # the issuer re-sends its last operation this often while members differ
+MAX_RESENDS = 12  # ... this many times at most (a minute), then a person looks at keys list
+REPAIR_TASK = "keys-repair"
 KEY_OP_PREFIX = b"edgeagent/keys\0"  # user-broadcast payloads carrying a keyring operation
 KEY_OPS = ("install", "use", "remove")
 FINGERPRINT_BYTES = 8  # of SHA-256: identifies a key without revealing it
@@ -114,7 +117,11 @@ class Keys:
         # Rotations heard from others are hostile input: one warning per origin a minute.
         self._warnings = WarnLimiter(log)
         self.generation = 0  # the keyring's, as saved (main loop only)
-        self.replays_ignored = 0  # heard operations of a generation not above ours
+        self.replays_ignored = 0  # heard operations of a generation below ours
+        self.repeats_ignored = 0  # heard again at our own generation (a resend: silent)
+        self.resent = 0  # our last operation broadcast again (a member had missed it)
+        self._resend: tuple[bytes, int, int] | None = None  # (payload, generation, resends)
+        self._applied: tuple[str, bytes] | None = None  # (op, key) of our generation's op
         self._lock = asyncio.Lock()  # one operation at a time: check, apply and save together
 
     @property
@@ -135,12 +142,19 @@ class Keys:
         )
         host.register_command("keys", self.cmd_keys)
         host.add_status(
-            lambda: {"keyring_generation": self.generation, "key_ops_replayed": self.replays_ignored}
+            lambda: {
+                "keyring_generation": self.generation,
+                "key_ops_replayed": self.replays_ignored,
+                "key_ops_resent": self.resent,
+            }
         )
         host.add_listener(self._on_update)
+        self._spawn(self._repair(), REPAIR_TASK)
 
     async def stop(self) -> None:
         """Let key operations in progress finish (they are short and save the keyring)."""
+        for task in [t for t in self._tasks if t.get_name() == REPAIR_TASK]:
+            task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -163,7 +177,9 @@ class Keys:
             generation = self.generation + 1
             keys = await self.apply(op, key, generation)
         payload = {"op": op, "key": base64.b64encode(key).decode(), "gen": generation}
-        await self.host.broadcast(KEY_OP_PREFIX + json.dumps(payload).encode())
+        data = KEY_OP_PREFIX + json.dumps(payload).encode()
+        await self.host.broadcast(data)
+        self._resend = (data, generation, 0)
         members = await self.host.num_alive()
         return {"op": op, "fingerprint": fp, "keys": len(keys), "members": members}
 
@@ -230,6 +246,7 @@ class Keys:
             f"keyring {op}", extra=fields(key=fingerprint(key), keys=len(keys), generation=generation)
         )
         self.generation = generation  # applied: the writer keeps retrying until it is on disk
+        self._applied = (op, key)
         path = self.host.config.keyring_path
         saved = asyncio.wrap_future(self.host.saver.save(path, keyring_bytes(list(keys), generation)))
         try:  # the writer keeps retrying after a timeout: the newest keyring wins on disk
@@ -254,6 +271,9 @@ class Keys:
             if op not in KEY_OPS or type(generation) is not int:
                 raise ValueError(op)
             async with self._lock:
+                if generation == self.generation and (op, key) == self._applied:
+                    self.repeats_ignored += 1  # the issuer's resend of what we applied
+                    return
                 if generation <= self.generation:
                     self._ignore(origin, op, generation)
                     return
@@ -275,7 +295,32 @@ class Keys:
             extra=fields(origin=origin, op=op, generation=generation, ours=self.generation),
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    async def _repair(self) -> None:
+        """Key operations go by user broadcast, which a member can miss (a few sends each,
+        no anti-entropy), and then it never gets the key. So the issuer of the last
+        operation sends it again every :data:`RESEND_S` while an alive member publishes
+        other fingerprints than ours, at most :data:`MAX_RESENDS` times, and stops once a
+        newer operation is applied here. Members that have it ignore it silently."""
+        while True:
+            await asyncio.sleep(RESEND_S)
+            pending = self._resend
+            if pending is None:
+                continue
+            data, generation, sent = pending
+            if generation != self.generation or sent >= MAX_RESENDS:
+                self._resend = None
+                continue
+            listing = await self.listing()
+            if all(r["installed"] == listing["alive"] for r in listing["keys"]) and all(
+                r["primary"] in (0, listing["alive"]) for r in listing["keys"]
+            ):
+                self._resend = None  # every alive member holds what we hold
+                continue
+            self._resend = (data, generation, sent + 1)
+            self.resent += 1
+            await self.host.broadcast(data)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -191,3 +191,39 @@ def test_generate_to_a_file_is_0600_and_never_overwrites(tmp_path: Path) -> None
     again = cli("keys", "generate", "--file", str(path))
     assert again.returncode == 2 and "cannot create the key file" in again.stderr
     assert out.stdout.strip() == fingerprint(path.read_text().strip())
+
+
+async def test_a_member_that_missed_a_key_operation_gets_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """User broadcasts can be missed and nothing repaired them: a member that missed an
+    ``install`` stayed without the key for good (seen in CI). The issuer now sends its last
+    operation again while an alive member publishes other fingerprints than its own."""
+    from edgeagent.features import keys as keys_module
+    from gossip.keyring import Keyring
+    from tests.edgeagent.inprocess import call, start, stop, wait_for
+    from tests.edgeagent.test_replay_agents import keys_of
+
+    monkeypatch.setattr(keys_module, "RESEND_S", 0.5)
+    a = await start(tmp_path / "a", "a", shared=tmp_path)
+    host, port = a.agent.driver.address
+    b = await start(tmp_path / "b", "b", ["--join", f"{host}:{port}"], shared=tmp_path)
+    await wait_for(lambda: len(b.agent.host.view.members) == 2, "b to join a")
+    b_keys = b.agent.feature("keys")
+    hear = b_keys._on_update
+    missed: list[object] = []
+
+    def deaf_once(events: tuple[object, ...], view: object) -> None:
+        if not missed and any(getattr(e, "payload", b"").startswith(keys_module.KEY_OP_PREFIX) for e in events):
+            missed.append(events)  # b misses the first broadcast of the operation
+            return
+        hear(events, view)  # type: ignore[arg-type]
+
+    b.agent.host._listeners = [deaf_once if f == hear else f for f in b.agent.host._listeners]
+    new = Keyring.generate_key()
+    await call(a.state_dir, "keys", op="install", key=base64.b64encode(new).decode())
+    await wait_for(lambda: bool(missed), "b to miss the install")
+    await wait_for(lambda: fingerprint(base64.b64encode(new).decode()) in keys_of(b), "b to get it")
+    assert a.agent.feature("keys").resent >= 1
+    await stop(b)
+    await stop(a)
