@@ -105,6 +105,12 @@ DEFAULT_REVIVE_GRACE_S = 1.0
 # +3 s after every new claim, because the core dropped state of members it did not
 # know yet; it now keeps it, and a re-announcement keeps the version.)
 DEFAULT_REANNOUNCE_DELAY_S = 0.5
+# New members arriving in a burst within this long after we published our claim do not make
+# us re-announce it: the claim is still being spread by gossip, and every one of them got it
+# or gets it in a join exchange. That is a cold start (a site-wide power cut: every member is
+# new and every claim a second old), where the re-announcement doubled a claim's sends. A
+# member back from DEAD or LEFT (a heal) still re-announces at once (issue 13).
+FRESH_CLAIM_S = 10.0
 FIRST_HOST_OFFSET = 1  # the node's own address: the first usable address of its block
 MAX_LOCAL_ADDRESSES = 64  # named local allocations kept (persisted state stays small)
 MAX_NAME_LEN = 64
@@ -311,6 +317,7 @@ class Allocator:
         self._settle_at: float | None = now + settle_s
         self._reannounce: list[float] = []  # pending re-announcement times, ascending
         self._arrival_window_end: float | None = None  # a second new member soon is a burst
+        self._claimed_at: float | None = None  # when we last published a claim of our own
         if persisted is not None:
             self._restore(persisted, now)
 
@@ -520,6 +527,9 @@ class Allocator:
         """A member arrived (new, or back): schedule a re-publish if it is a burst."""
         if self._own is None or self._reannounce:
             return
+        fresh = self._claimed_at is not None and now - self._claimed_at < FRESH_CLAIM_S
+        if fresh and not burst:
+            return  # new members while our claim still spreads: see FRESH_CLAIM_S
         window = self._arrival_window_end
         if burst or (window is not None and now <= window):
             self._reannounce = [now + DEFAULT_REANNOUNCE_DELAY_S]
@@ -744,6 +754,7 @@ class Allocator:
             time = max(known).successor()
         self._own = Claim(self.node, self.node_id, self._block_at(index), index, time)
         self._publish = ClaimUpdate(self._own.to_value())
+        self._claimed_at = now
         self._persist_due = True
         address = self._own.block[FIRST_HOST_OFFSET]
         self._events.append(BlockClaimed(str(self._own.block), str(address), time))

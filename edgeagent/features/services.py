@@ -100,7 +100,11 @@ class Services:
         self._balancer: Balancer | None = None
         self._registered: list[Instance] = []
         self._imported: list[Instance] = []
-        self._published: StateValue | None = None
+        # What our replicated state says; no key at all means no instances (the gossip core
+        # tombstones a key left over from an earlier life), so an agent without services
+        # publishes nothing at start: one signed update fewer for every member to spread
+        # after a site-wide power cut (issue 13).
+        self._published: StateValue | None = encode_instances([])
         self._lock = asyncio.Lock()
         self._mdns: Any = None  # services_mdns.ServicesMdns when mDNS import/export is on
         self.stats: dict[str, int] = {"publish_failed": 0, "imports_over_budget": 0}

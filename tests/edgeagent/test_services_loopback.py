@@ -119,3 +119,13 @@ def test_register_kill_restart_deregister_across_processes(cluster: LoopbackClus
     result = edgeagent("service", "deregister", "temperature", "coap://127.0.0.1:5684/sensors",
                        "--state-dir", str(a.state_dir))  # fmt: skip
     assert result.returncode == 2 and "not registered" in result.stderr
+
+    # Restarted with no registration left (the file is gone): an agent without services
+    # publishes no instance list at start, so its last life's list must still be withdrawn
+    # (the gossip core tombstones the key it no longer has).
+    assert a.kill()
+    (a.state_dir / "services.json").unlink()
+    a.start()
+    cluster.wait_converged(TIMEOUT)
+    cluster.wait_for(lambda: services_json(b) == [], TIMEOUT, "the old life's list withdrawn on b")
+    assert services_json(a) == []

@@ -576,6 +576,24 @@ def test_burst_of_new_members_makes_node_republish_but_single_join_does_not() ->
     assert a.claim_to_publish() is not None
 
 
+def test_cold_start_burst_of_new_members_does_not_re_announce_a_fresh_claim() -> None:
+    """A site-wide restart: every member is new while our claim is seconds old and still
+    spreading; re-announcing it would double its sends (issue 13). A comeback still does."""
+    a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
+    a.synced(0.0)
+    a.handle_timeout(0.0)
+    assert a.claim_to_publish() is not None
+    for i, name in enumerate(("p", "q", "r")):
+        a.on_member(name, MemberState.ALIVE, 1.0 + i * 0.1)
+    a.handle_timeout(2.0)
+    assert a.claim_to_publish() is None and a.get_timer() is None
+    a.on_member("p", MemberState.DEAD, 3.0)
+    a.on_member("p", MemberState.ALIVE, 4.0)  # back from DEAD: a heal, however fresh
+    a.handle_timeout(4.5)
+    again = a.claim_to_publish()
+    assert again is not None and again.again
+
+
 def test_new_claim_is_published_once() -> None:
     a = Allocator("a", "id-a", PREFIX, 28, Q, 0.0)
     a.synced(0.0)
