@@ -517,9 +517,11 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
                policy_key=run.signer.public_b64 if run.signer is not None else None,
                cloud="cloud" in scenario.needs(),
                policy_endpoint=policy_endpoint(scenario))  # fmt: skip
+    agent_logs: dict[str, str] = {}
     try:
         run.run_steps()
     finally:
+        agent_logs = _agent_logs(backend)
         backend.down()
     expects = judge(run)
     ok = run.error is None and all(e["ok"] for e in expects)
@@ -542,7 +544,19 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
         "reboots": run.reboots,
         "policies": run.policies,
         "timeline": [{"t": t, "observer": o, "view": v} for t, o, v in run.samples],
+        "agent_logs": agent_logs,
     }  # fmt: skip
+
+
+def _agent_logs(backend: ScenarioBackend) -> dict[str, str]:
+    """Each node's agent log, taken before the backend goes down (a backend that keeps none: {})."""
+    logs = getattr(backend, "agent_logs", None)
+    if logs is None:
+        return {}
+    try:
+        return dict(logs())
+    except Exception:  # noqa: BLE001 - the run's record matters more than its logs
+        return {}
 
 
 def _finite(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
