@@ -320,6 +320,7 @@ class AgentsBackend:
 
     name = "agents"
     features: frozenset[str] = frozenset()
+    wall_clock = True  # actions take real time: the runner observes the others meanwhile
 
     def __init__(self) -> None:
         self.cluster: Any = None

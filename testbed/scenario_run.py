@@ -38,6 +38,7 @@ import argparse
 import datetime
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,34 @@ class Run:
             if left <= 0:
                 return
             self.b.advance(min(self.sc.poll, left))
+
+    def acting(self, fn: Callable[..., Any], *args: Any) -> int:
+        """Run the backend action ``fn(*args)``; on a wall-clock backend in a thread while the
+        running nodes are observed every ``poll`` (a container start takes 2-4 s: unobserved,
+        every node's timeline had that hole). Returns how many rounds were observed meanwhile;
+        ``fn``'s exception is raised here."""
+        if not getattr(self.b, "wall_clock", False):
+            fn(*args)
+            return 0
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the runner's thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="scenario-action", daemon=True)
+        worker.start()
+        rounds = 0
+        worker.join(self.sc.poll)
+        while worker.is_alive():
+            self.observe()
+            rounds += 1
+            worker.join(self.sc.poll)
+        if failure:
+            raise failure[0]
+        return rounds
 
     def wait_until(self, cond: Callable[[dict[str, dict[str, str]]], bool], timeout: float) -> bool:
         end = self.b.now() + timeout
@@ -180,16 +209,17 @@ class Run:
         if step.action == "start":
             nodes = [a["node"]] if a["node"] else a["nodes"] or sorted(
                 set(range(1, self.sc.nodes + 1)) - b.running())
-            b.start(nodes)
+            rounds = self.acting(b.start, nodes)
             for n in nodes:
                 self._up(neutral(n), now())
-            return f"started {', '.join(neutral(n) for n in nodes)}"
+            return f"started {', '.join(neutral(n) for n in nodes)}" + _observed(rounds)
         if step.action in ("kill", "stop"):
-            getattr(b, step.action)(a["node"])
-            self.downtime.setdefault(neutral(a["node"]), []).append([now(), INF])
+            t_call = now()  # the node may go down any time during the call: excused from here
+            rounds = self.acting(getattr(b, step.action), a["node"])
+            self.downtime.setdefault(neutral(a["node"]), []).append([t_call, INF])
             if step.action == "kill":
                 self.kills.append((neutral(a["node"]), now()))
-            return ""
+            return _observed(rounds).strip()
         if step.action == "partition":
             b.partition(a["groups"])
             self._close("partition", now())
@@ -300,7 +330,7 @@ class Run:
         self.reboots.append(record)
         self.downtime.setdefault(name, []).append([self.b.now(), INF])
         self.wait(down)
-        self.b.start([node])
+        self.acting(self.b.start, [node])
         self._up(name, self.b.now())
         record["t_up"] = t_up = round(self.b.now(), 3)
         return f"back after {t_up - t_down:.1f} s"
@@ -342,6 +372,11 @@ class Run:
         for fault in self.faults:
             if fault["kind"] == kind and fault["t1"] == INF:
                 fault["t1"] = t
+
+
+def _observed(rounds: int) -> str:
+    """What a step's detail says of the observation while its action ran."""
+    return f" (the others observed {rounds}x meanwhile)" if rounds else ""
 
 
 def _describe(step: Step) -> str:
