@@ -19,7 +19,8 @@ a JSON object whose ``node`` is a string of at most :data:`MAX_NODE_NAME` charac
 new one beyond that is 503). 204 when kept. ``GET /reports`` answers them as JSON,
 ``{node: {"count": N, "last": REPORT}}`` (so ``reports`` is never a served file's name).
 Every GET's status is counted too (:class:`State`: the last :data:`MAX_ANSWERS` and a total),
-which the host-side users (the tests, ``testbed.bench policy``) read.
+and the last :data:`MAX_RECENT` reports kept in arrival order, which the host-side users (the
+tests, ``testbed.bench policy``: one handler for all three) read.
 
 The file runs inside the node image (python 3.11 with no ``testbed/``): the testbed copies it
 into the run dir, bind-mounted read-only at ``/policy`` in the ``policy`` service. Also used
@@ -47,6 +48,7 @@ MAX_REPORT_BYTES = 64 * 1024  # an agent's report is well under 2 KiB
 MAX_NODE_NAME = 256
 MAX_REPORTERS = 1024
 MAX_ANSWERS = 1000  # GET statuses remembered
+MAX_RECENT = 100  # reports remembered in arrival order (over all nodes)
 
 
 class State:
@@ -57,6 +59,7 @@ class State:
         self.answers: collections.deque[int] = collections.deque(maxlen=MAX_ANSWERS)
         self.gets = 0  # every GET of a file, ever
         self.reports: dict[str, dict[str, Any]] = {}  # node -> {"count", "last"}
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_RECENT)
 
     def answered(self, status: int) -> None:
         with self.lock:
@@ -73,6 +76,7 @@ class State:
                 held = self.reports[node] = {"count": 0, "last": None}
             held["count"] += 1
             held["last"] = report
+            self.recent.append(report)
             return True
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
