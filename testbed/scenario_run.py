@@ -221,13 +221,13 @@ class Run:
                 self.kills.append((neutral(a["node"]), now()))
             return _observed(rounds).strip()
         if step.action == "partition":
-            b.partition(a["groups"])
+            self.acting(b.partition, a["groups"])
             self._close("partition", now())
             self.faults.append({"kind": "partition", "t0": now(), "t1": INF,
                                 "groups": [[neutral(n) for n in g] for g in a["groups"]]})
             return ""
         if step.action == "heal":
-            b.heal()
+            self.acting(b.heal)
             self._close("partition", now())
             return ""
         if step.action == "loss":
@@ -339,7 +339,7 @@ class Run:
         return bool({"no-duplicate-address", "same-address"} & {e.check for e in self.sc.expects})
 
     def set_loss(self, node: int, percent: int) -> None:
-        self.b.loss(node, percent)
+        self.acting(self.b.loss, node, percent)
         name, now = neutral(node), self.b.now()
         open_ = [f for f in self.faults if f["kind"] == "loss" and f["node"] == name and f["t1"] == INF]
         if percent and not open_:
