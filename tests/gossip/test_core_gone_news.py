@@ -1,7 +1,7 @@
 """A member that missed every copy of a Dead is told directly (core._tell_gone).
 
 In a 5-node cluster a Dead is sent RetransmitMult * ceil(log10 N) = 2 times per holder, some
-of them to the dead member itself, so one member in ~30 hears none and, with nobody left to
+of them to the dead member itself, so in ~4 % of crashes one member hears none and, nobody left to
 confirm its suspicion, waits the longest one: suspicion_max_timeout_mult (6) x 3 s = 18 s
 (the containers' churn scenario failed on that: n2 kept n3 suspect for 18 s). Its Suspect, or
 the PingReq it sends when it probes the dead member again, now reaches members that hold the
