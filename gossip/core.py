@@ -77,6 +77,9 @@ Where we differ from memberlist, on purpose:
   live member dead (seen at 5% loss, and with starved members);
 - a Suspect at a higher incarnation than the suspicion we hold restarts the
   suspicion (memberlist counts it as a confirmation of the refuted one);
+- a member still suspecting (or probing through us) one we hold DEAD or LEFT
+  missed every copy of the news: we send it our Suspect, a confirmation, or the
+  member's own leave (``_tell_gone``, once per member per probe interval);
 - a push-pull merges before it replies, so the reply carries any refutation;
   a DEAD member that announces its leave is recorded LEFT;
 - of the members a push-pull teaches us, at most ``MERGE_REBROADCAST_MAX`` are
@@ -739,7 +742,9 @@ class Membership:
             case ProbeEnd(seq):
                 prober.on_end(seq, now)
             case RelayTimeout(seq):
-                prober.on_relay_timeout(seq)
+                lost = prober.on_relay_timeout(seq)
+                if lost is not None:
+                    self._relay_lost(lost[0], lost[1], now)
             case GossipTick():
                 self._on_gossip_tick(deadline, now)
             case PushPullTick():
@@ -1218,6 +1223,8 @@ class Membership:
                 # confirmations flow even to members that already suspect.
                 self._enqueue(s, s.name, PRIORITY_MEMBERSHIP)
                 self._arm_suspicion(node, susp, now)
+            elif node.state >= DEAD and s.incarnation <= node.incarnation:
+                self._tell_gone(node, s.sender, now)
             return
         if node.state == SUSPECT:
             # A Suspect at a higher incarnation implies the member refuted the
@@ -1273,6 +1280,39 @@ class Membership:
         self._mark_gone(node, state, now)
         if d.sender != self.name and node.verified and self._verifier.may_recheck(node, now):
             self._recheck_gone(node, d)
+
+    def _relay_lost(self, target: str, origin: str, now: float) -> None:
+        """Neither ``origin``'s probe nor our ping for it reached ``target``: if we hold it
+        gone, ``origin`` is behind us."""
+        gone = self._table.get(target)
+        if gone is not None and gone.state >= DEAD:
+            self._tell_gone(gone, origin, now)
+
+    def _tell_gone(self, node: Node, to: str, now: float) -> None:
+        """``to`` still suspects or probes ``node`` (its Suspect, or its PingReq that our own
+        ping did not answer either), which we hold DEAD or LEFT: it may have missed every copy
+        of the news (``RetransmitMult * log10 N`` sends, some spent on the dead member itself)
+        and, nobody left to confirm its suspicion, wait out the longest one
+        (``suspicion_max_timeout_mult`` x the shortest). Tell it directly, once per member per
+        probe interval (our addition to memberlist).
+
+        A death is told as our Suspect, an independent confirmation: it ends a suspicion
+        older than the shortest timeout at once and shortens a younger one, so a live member
+        still has time to refute (after a partition heals, the far side holds the near side
+        dead; a Dead would kill live members the stale node just started to suspect). A
+        leave is told as the member's own Dead: it is final anyway."""
+        peer = self._table.get(to)
+        if peer is None or peer is self._me or peer.state > SUSPECT:
+            return
+        if now < node.told + self.config.probe_interval:
+            return  # bounded: a flood of stale Suspects costs at most this one datagram
+        node.told = now
+        self.stats.gone_told += 1
+        if node.state == LEFT:
+            news: Message = Dead(node.name, node.incarnation, node.name)
+        else:
+            news = Suspect(node.name, node.incarnation, self.name)
+        self._send(peer.addr, peer.name, [news])
 
     def _recheck_gone(self, node: Node, news: Dead) -> None:
         """In a flood: forged? Tell ``node`` what we heard, with a ping: a live member refutes on the ack."""

@@ -80,7 +80,7 @@ class Node:
 
     __slots__ = (
         "name", "addr", "incarnation", "state", "meta", "state_change", "suspicion", "index", "verified", "learned",
-        "sig",
+        "sig", "told",
     )
 
     def __init__(self, name: str, addr: Address, incarnation: int, state: MemberState, meta: bytes, now: float):
@@ -95,6 +95,7 @@ class Node:
         self.verified = True  # heard from directly (verify.py); MemberTable.add decides for others
         self.learned = now  # when we first heard of it
         self.sig = b""  # the member's signature of its current Alive (signing.canonical_alive), if any
+        self.told = float("-inf")  # when we last told a member that still suspects this one it is gone
 
     def snapshot(self) -> Member:
         return Member(self.name, self.addr, self.incarnation, self.state, self.meta, self.state_change)

@@ -62,13 +62,14 @@ class _Probe:
 class _Relay:
     """A ping we send for someone else's PingReq: forward the ack, or nack."""
 
-    __slots__ = ("nack", "origin", "origin_name", "origin_seq")
+    __slots__ = ("nack", "origin", "origin_name", "origin_seq", "target")
 
-    def __init__(self, origin: Address, origin_name: str, origin_seq: int, nack: bool) -> None:
+    def __init__(self, origin: Address, origin_name: str, origin_seq: int, nack: bool, target: str) -> None:
         self.origin = origin
         self.origin_name = origin_name
         self.origin_seq = origin_seq
         self.nack = nack
+        self.target = target
 
 
 def _unscaled(timeout: float) -> float:
@@ -248,17 +249,20 @@ class Prober:
     def on_ping_req(self, msg: PingReq, src: Address, now: float) -> None:
         me = self._table.me
         seq = self.next_seq()
-        self._acks[seq] = _Relay(src, msg.source, msg.seq, msg.nack)
+        self._acks[seq] = _Relay(src, msg.source, msg.seq, msg.nack, msg.target)
         self._send(msg.target_addr, msg.target, [Ping(seq, msg.target, me.name, me.addr)])
         self._schedule(now + self._config.probe_timeout, RelayTimeout(seq))
 
-    def on_relay_timeout(self, seq: int) -> None:
+    def on_relay_timeout(self, seq: int) -> tuple[str, str] | None:
+        """Our ping for someone's PingReq got no ack: nack if asked to. Returns (target,
+        origin) of the relay that timed out, None for a relay already answered."""
         relay = self._acks.get(seq)
         if not isinstance(relay, _Relay):
-            return
+            return None
         del self._acks[seq]
         if relay.nack:
             self._send(relay.origin, relay.origin_name, [Nack(relay.origin_seq, self._table.me.name)])
+        return relay.target, relay.origin_name
 
     # ------------------------------------------------------------ buddy re-check
 

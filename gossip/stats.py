@@ -51,6 +51,7 @@ class Stats:
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
+    gone_told: int = 0  # a Dead sent straight to a member that still suspected a gone one
     # Records about us, or state entries, whose incarnation / version jumps more
     # than codec.MAX_COUNTER_STEP ahead: forged, refused.
     out_of_range: int = 0

@@ -320,6 +320,7 @@ class AgentsBackend:
 
     name = "agents"
     features: frozenset[str] = frozenset()
+    wall_clock = True  # actions take real time: the runner observes the others meanwhile
 
     def __init__(self) -> None:
         self.cluster: Any = None
@@ -683,6 +684,12 @@ class _ContainersAdapter(AgentsBackend):
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
             return dict(r for r in pool.map(one, nodes) if r is not None)
+
+    def agent_logs(self) -> dict[str, str]:
+        """Every node's container output (its agent's log), running or not, before ``down``."""
+        if self.cluster is None:
+            return {}
+        return {neutral(i): self.cluster.logs(self.host(i)) for i in range(1, self.count + 1)}
 
     def overlay_addresses(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}

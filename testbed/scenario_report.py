@@ -40,7 +40,10 @@ def write_report(folder: Path, record: dict[str, Any], *, plots: bool = True) ->
     """Write the folder; return the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [folder / "report.json"]
+    record = dict(record)
+    agent_logs = record.pop("agent_logs", None) or {}
+    written = _write_logs(folder, agent_logs)
+    written.append(folder / "report.json")
     (folder / "report.json").write_text(json.dumps(record, indent=1, default=_json_default))
     images: list[str] = []
     note = ""
@@ -52,6 +55,19 @@ def write_report(folder: Path, record: dict[str, Any], *, plots: bool = True) ->
     written += [folder / name for name in images]
     (folder / "report.md").write_text(render_markdown(record, images, note))
     written.append(folder / "report.md")
+    return written
+
+
+def _write_logs(folder: Path, logs: dict[str, str]) -> list[Path]:
+    """``logs/NODE.log`` per node (the backend's agent logs; none on the simulator)."""
+    written = []
+    for node, text in sorted(logs.items()):
+        if not node.replace("-", "").isalnum():
+            continue  # names come from the backend; never a path
+        (folder / "logs").mkdir(exist_ok=True)
+        path = folder / "logs" / f"{node}.log"
+        path.write_text(text)
+        written.append(path)
     return written
 
 

@@ -38,6 +38,7 @@ import argparse
 import datetime
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,34 @@ class Run:
             if left <= 0:
                 return
             self.b.advance(min(self.sc.poll, left))
+
+    def acting(self, fn: Callable[..., Any], *args: Any) -> int:
+        """Run the backend action ``fn(*args)``; on a wall-clock backend in a thread while the
+        running nodes are observed every ``poll`` (a container start takes 2-4 s: unobserved,
+        every node's timeline had that hole). Returns how many rounds were observed meanwhile;
+        ``fn``'s exception is raised here."""
+        if not getattr(self.b, "wall_clock", False):
+            fn(*args)
+            return 0
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the runner's thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="scenario-action", daemon=True)
+        worker.start()
+        rounds = 0
+        worker.join(self.sc.poll)
+        while worker.is_alive():
+            self.observe()
+            rounds += 1
+            worker.join(self.sc.poll)
+        if failure:
+            raise failure[0]
+        return rounds
 
     def wait_until(self, cond: Callable[[dict[str, dict[str, str]]], bool], timeout: float) -> bool:
         end = self.b.now() + timeout
@@ -180,24 +209,25 @@ class Run:
         if step.action == "start":
             nodes = [a["node"]] if a["node"] else a["nodes"] or sorted(
                 set(range(1, self.sc.nodes + 1)) - b.running())
-            b.start(nodes)
+            rounds = self.acting(b.start, nodes)
             for n in nodes:
                 self._up(neutral(n), now())
-            return f"started {', '.join(neutral(n) for n in nodes)}"
+            return f"started {', '.join(neutral(n) for n in nodes)}" + _observed(rounds)
         if step.action in ("kill", "stop"):
-            getattr(b, step.action)(a["node"])
-            self.downtime.setdefault(neutral(a["node"]), []).append([now(), INF])
+            t_call = now()  # the node may go down any time during the call: excused from here
+            rounds = self.acting(getattr(b, step.action), a["node"])
+            self.downtime.setdefault(neutral(a["node"]), []).append([t_call, INF])
             if step.action == "kill":
                 self.kills.append((neutral(a["node"]), now()))
-            return ""
+            return _observed(rounds).strip()
         if step.action == "partition":
-            b.partition(a["groups"])
+            self.acting(b.partition, a["groups"])
             self._close("partition", now())
             self.faults.append({"kind": "partition", "t0": now(), "t1": INF,
                                 "groups": [[neutral(n) for n in g] for g in a["groups"]]})
             return ""
         if step.action == "heal":
-            b.heal()
+            self.acting(b.heal)
             self._close("partition", now())
             return ""
         if step.action == "loss":
@@ -300,7 +330,7 @@ class Run:
         self.reboots.append(record)
         self.downtime.setdefault(name, []).append([self.b.now(), INF])
         self.wait(down)
-        self.b.start([node])
+        self.acting(self.b.start, [node])
         self._up(name, self.b.now())
         record["t_up"] = t_up = round(self.b.now(), 3)
         return f"back after {t_up - t_down:.1f} s"
@@ -309,7 +339,7 @@ class Run:
         return bool({"no-duplicate-address", "same-address"} & {e.check for e in self.sc.expects})
 
     def set_loss(self, node: int, percent: int) -> None:
-        self.b.loss(node, percent)
+        self.acting(self.b.loss, node, percent)
         name, now = neutral(node), self.b.now()
         open_ = [f for f in self.faults if f["kind"] == "loss" and f["node"] == name and f["t1"] == INF]
         if percent and not open_:
@@ -342,6 +372,11 @@ class Run:
         for fault in self.faults:
             if fault["kind"] == kind and fault["t1"] == INF:
                 fault["t1"] = t
+
+
+def _observed(rounds: int) -> str:
+    """What a step's detail says of the observation while its action ran."""
+    return f" (the others observed {rounds}x meanwhile)" if rounds else ""
 
 
 def _describe(step: Step) -> str:
@@ -517,9 +552,11 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
                policy_key=run.signer.public_b64 if run.signer is not None else None,
                cloud="cloud" in scenario.needs(),
                policy_endpoint=policy_endpoint(scenario))  # fmt: skip
+    agent_logs: dict[str, str] = {}
     try:
         run.run_steps()
     finally:
+        agent_logs = _agent_logs(backend)
         backend.down()
     expects = judge(run)
     ok = run.error is None and all(e["ok"] for e in expects)
@@ -542,7 +579,19 @@ def execute(scenario: Scenario, backend: ScenarioBackend, log: Callable[[str], N
         "reboots": run.reboots,
         "policies": run.policies,
         "timeline": [{"t": t, "observer": o, "view": v} for t, o, v in run.samples],
+        "agent_logs": agent_logs,
     }  # fmt: skip
+
+
+def _agent_logs(backend: ScenarioBackend) -> dict[str, str]:
+    """Each node's agent log, taken before the backend goes down (a backend that keeps none: {})."""
+    logs = getattr(backend, "agent_logs", None)
+    if logs is None:
+        return {}
+    try:
+        return dict(logs())
+    except Exception:  # noqa: BLE001 - the run's record matters more than its logs
+        return {}
 
 
 def _finite(faults: list[dict[str, Any]]) -> list[dict[str, Any]]:

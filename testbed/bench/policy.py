@@ -222,50 +222,40 @@ def _measure(
 
 
 class Endpoint:
-    """A stdlib HTTPS server on 127.0.0.1 serving ``envelope`` at /policy with an ETag."""
+    """The container testbed's HTTPS endpoint (:mod:`testbed.containers.policy_server`) on
+    127.0.0.1, serving ``envelope`` at /policy with an ETag."""
 
     def __init__(self, tmp: Path) -> None:
-        import hashlib
-        import ssl
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from testbed.containers.policy_server import make_server
 
         self.ca, cert, key = _make_tls(tmp)
-        self._envelope = b""
-        self.gets_since_change = 0
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                body = endpoint._envelope
-                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                endpoint.gets_since_change += 1
-                status = 304 if self.headers.get("If-None-Match") == etag else 200
-                self.send_response(status)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", "0" if status == 304 else str(len(body)))
-                self.end_headers()
-                if status == 200:
-                    self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return None
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key)
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self._www = tmp / "www"
+        self._www.mkdir(exist_ok=True)
+        self._gets_at_change = 0
+        self.server = make_server(self._www, cert, key, "127.0.0.1", 0)
+        self.server.RequestHandlerClass.log_message = lambda *args: None  # type: ignore[assignment]
+        self._state = self.server.RequestHandlerClass.state  # type: ignore[attr-defined]
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}/policy"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
+    def gets_since_change(self) -> int:
+        """GETs of the bundle answered since it last changed."""
+        return int(self._state.gets) - self._gets_at_change
+
+    @property
     def envelope(self) -> bytes:
-        return self._envelope
+        path = self._www / "policy"
+        return path.read_bytes() if path.exists() else b""
 
     @envelope.setter
     def envelope(self, data: bytes) -> None:
-        self._envelope = data
-        self.gets_since_change = 0
+        tmp = self._www / ".policy.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(self._www / "policy")  # atomically: a poll sees the old one or the new one
+        self._gets_at_change = int(self._state.gets)
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -56,10 +56,12 @@ from edgeagent.errors import AgentUnavailable
 from ..cluster import STATE_FILE, TestbedError, ids_under, pick_id
 from . import image as images
 from .compose import (
+    IMAGE_PYTHON,
     POLICY_CA,
     POLICY_FILE,
     POLICY_HOST,
     POLICY_PORT,
+    POLICY_REPORT_URL,
     POLICY_URL,
     PROJECT_PREFIX,
     TESTBED_LABEL,
@@ -364,6 +366,26 @@ class ContainerBackend:
         tmp.write_bytes(envelope)
         os.replace(tmp, path)
         return path
+
+    def policy_reports(self) -> dict[str, Any]:
+        """The endpoint's kept reports, ``{node: {"count", "last"}}`` (``GET /reports`` from a
+        node's container, which resolves ``policy`` and trusts its CA)."""
+        self._policy()
+        script = ("import json,ssl,sys,urllib.request as u;"
+                  "c=ssl.create_default_context(cafile=sys.argv[2]);"
+                  "sys.stdout.write(u.urlopen(sys.argv[1],context=c,timeout=5).read(1<<22).decode())")  # fmt: skip
+        url = POLICY_REPORT_URL + "s"  # /reports
+        node = next((n for n in self.names() if self.running(n)), None)
+        if node is None:
+            raise ContainerError("no node runs to ask the policy endpoint")
+        proc = self.exec(node, [IMAGE_PYTHON, "-c", script, url, POLICY_CA], timeout=EXEC_TIMEOUT)
+        try:
+            doc = json.loads(proc.stdout) if proc.returncode == 0 else None
+        except json.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise ContainerError(f"policy reports: {images.last_line(proc.stderr) or 'no JSON'}")
+        return doc
 
     def _policy(self) -> str:
         if not self.state.get("policy"):

@@ -45,6 +45,7 @@ POLICY_PORT = 8443
 POLICY_HOST = "policy"  # the service's name: docker's DNS resolves it on the network
 POLICY_FILE = "bundle.signed"  # the served envelope
 POLICY_URL = f"https://{POLICY_HOST}:{POLICY_PORT}/{POLICY_FILE}"
+POLICY_REPORT_URL = f"https://{POLICY_HOST}:{POLICY_PORT}/report"  # policy_server.REPORT_PATH
 POLICY_CA = "/shared/policy-ca.pem"  # in every agent's container
 IMAGE_PYTHON = "/opt/edgeagent/bin/python"
 STATE_DIR = "/var/lib/edgeagent"  # the agent's state dir in the image
@@ -171,10 +172,12 @@ def policy_service(plan: Plan, policy_dir: Path, labels: dict[str, str]) -> dict
 
 def policy_config(keys: Sequence[str], *, poll: bool, interval: float) -> str:
     """An agent's ``[policy]`` table: trust ``keys`` (base64 Ed25519) and, with ``poll``, poll
-    the testbed's endpoint every ``interval`` s (its CA: :data:`POLICY_CA`)."""
+    the testbed's endpoint every ``interval`` s (its CA: :data:`POLICY_CA`) and report its
+    policy state there (:data:`POLICY_REPORT_URL`; read back with ``policy_reports``)."""
     text = "\n[policy]\ntrusted_keys = [" + ", ".join(json.dumps(k) for k in keys) + "]\n"
     if poll:
         text += f"url = {json.dumps(POLICY_URL)}\nca = {json.dumps(POLICY_CA)}\ninterval = {float(interval)!r}\n"
+        text += f"report_url = {json.dumps(POLICY_REPORT_URL)}\n"
     return text
 
 

@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import logging
 import random
-import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from edgeagent.features.policy import Policy
 from edgeagent.localmesh import free_port
 from edgeagent.policy_sync import CloudPoll, Reporter
 from overlay import policy as pol
+from testbed.containers.policy_server import REPORT_PATH, State, make_server
 from tests.edgeagent import inprocess
 from tests.edgeagent.inprocess import Running, call, wait_for
 
@@ -226,15 +225,16 @@ def server_cert(
 
 
 class Endpoint:
-    """The cloud: GET /policy serves ``envelope`` with an ETag (304 on a match); POST /report
-    keeps each report. Stop and start again on the same port to simulate an outage."""
+    """The cloud: the container testbed's HTTPS endpoint (``policy_server``: GET /policy with
+    an ETag, 304 on a match; POST /report keeps each report) on loopback. Stop and start
+    again on the same port to simulate an outage; what it counted survives that."""
 
     def __init__(self, tmp: Path) -> None:
         ca_key, ca_cert, self.ca = make_ca(tmp, "cloud-ca")
         self.cert, self.key = server_cert(tmp, ca_key, ca_cert)
-        self.envelope = b""
-        self.answers: list[int] = []  # status of each GET
-        self.reports: list[dict[str, Any]] = []
+        self.www = tmp / "www"
+        self.www.mkdir()
+        self.state = State()
         self.port = 0
         self.server: ThreadingHTTPServer | None = None
         self.start()
@@ -245,37 +245,32 @@ class Endpoint:
 
     @property
     def report_url(self) -> str:
-        return f"https://127.0.0.1:{self.port}/report"
+        return f"https://127.0.0.1:{self.port}{REPORT_PATH}"
+
+    @property
+    def envelope(self) -> bytes:
+        path = self.www / "policy"
+        return path.read_bytes() if path.exists() else b""
+
+    @envelope.setter
+    def envelope(self, data: bytes) -> None:
+        tmp = self.www / ".policy.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(self.www / "policy")  # atomically, as the testbed publishes
+
+    @property
+    def answers(self) -> list[int]:
+        """The status of each GET."""
+        return list(self.state.answers)
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        return list(self.state.recent)
 
     def start(self) -> None:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                body = endpoint.envelope
-                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                status = 304 if self.headers.get("If-None-Match") == etag else 200
-                endpoint.answers.append(status)
-                self.send_response(status)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", "0" if status == 304 else str(len(body)))
-                self.end_headers()
-                if status == 200:
-                    self.wfile.write(body)
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length", "0"))
-                endpoint.reports.append(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return None
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.cert, self.key)
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        server = make_server(self.www, self.cert, self.key, "127.0.0.1", self.port)
+        server.RequestHandlerClass.state = self.state  # type: ignore[attr-defined]
+        server.RequestHandlerClass.log_message = lambda *args: None  # type: ignore[assignment]
         server.handle_error = lambda request, address: None  # type: ignore[method-assign]
         self.port = server.server_address[1]
         self.server = server
@@ -378,7 +373,7 @@ async def test_poll_refuses_an_endpoint_certificate_of_another_ca(
 
 
 async def test_report_is_sent_when_it_changes_and_rate_limited(cloud: Endpoint) -> None:
-    state = {"version": 1, "refusals": {"rollback": 0}}
+    state = {"node": "a", "version": 1, "refusals": {"rollback": 0}}
     reporter = Reporter(cloud.report_url, cloud.ca, interval=7.0, reported=lambda: dict(state))
     assert await reporter.report_once() == 7.0  # sent; the next not before 7 s
     assert await reporter.report_once() == 0.0  # unchanged: nothing sent

@@ -26,13 +26,14 @@ from edgeagent.policy_sync import https, tls_context
 from overlay import policy as pol
 from testbed.containers.compose import (
     POLICY_CA,
+    POLICY_REPORT_URL,
     POLICY_URL,
     Plan,
     compose_document,
     policy_config,
     write_compose,
 )
-from testbed.containers.policy_server import serve
+from testbed.containers.policy_server import MAX_REPORT_BYTES, serve
 from testbed.containers.policy_tls import write_tls
 from testbed.scenario import ScenarioError, parse
 from testbed.scenario_run import policy_endpoint
@@ -92,6 +93,7 @@ def test_policy_config_is_what_the_agent_reads(tmp_path: Path) -> None:
             (POLICY_URL, 1.5) if poll else ("", 60.0)
         )
         assert cfg.policy_ca == (Path(POLICY_CA) if poll else None)
+        assert cfg.policy_report_url == (POLICY_REPORT_URL if poll else "")
 
 
 @pytest.fixture
@@ -122,6 +124,23 @@ def test_the_endpoint_answers_the_agents_client_with_an_etag_and_304(
     (www / ".hidden").write_bytes(b"x")
     for path in ("/.hidden", "/../tls/server.key", "/", "/nothing"):
         assert https(base + path, ctx).status == 404, path
+
+
+def test_the_endpoint_keeps_each_nodes_newest_report_and_refuses_bad_ones(
+    endpoint: tuple[str, ssl.SSLContext, Path],
+) -> None:
+    base, ctx, _ = endpoint
+    post = {"method": "POST", "headers": {"Content-Type": "application/json"}}
+    for version in (1, 2):
+        doc = json.dumps({"node": "h1", "version": version}).encode()
+        assert https(f"{base}/report", ctx, body=doc, **post).status == 204  # type: ignore[arg-type]
+    too_big = json.dumps({"node": "h2", "pad": "x" * MAX_REPORT_BYTES}).encode()
+    bad = [(b"not json", 400), (b'["node"]', 400), (b'{"node": 7}', 400), (too_big, 413)]
+    for body, status in bad:
+        assert https(f"{base}/report", ctx, body=body, **post).status == status  # type: ignore[arg-type]
+    assert https(f"{base}/elsewhere", ctx, body=b"{}", **post).status == 405  # type: ignore[arg-type]
+    kept = json.loads(https(f"{base}/reports", ctx).body)
+    assert kept == {"h1": {"count": 2, "last": {"node": "h1", "version": 2}}}
 
 
 def test_the_certificate_names_the_host_and_chains_only_to_its_own_ca(

@@ -394,3 +394,11 @@ def test_a_load_process_is_read_in_the_background_and_its_records_shifted() -> N
     garbled = _load_process("import sys; print('started', file=sys.stderr, flush=True); print('[1, 2')")
     with pytest.raises(BackendError, match="the CoAP load failed"):
         _Load(garbled, lambda: 0.0, 5.0).result()
+
+
+def test_agent_logs_are_one_file_per_node_and_never_a_path(tmp_path: Path) -> None:
+    from testbed.scenario_report import _write_logs
+
+    written = _write_logs(tmp_path, {"n1": "line\n", "../n2": "escape", "n3": ""})
+    assert written == [tmp_path / "logs" / "n1.log", tmp_path / "logs" / "n3.log"]
+    assert (tmp_path / "logs" / "n1.log").read_text() == "line\n" and not (tmp_path / "n2.log").exists()
