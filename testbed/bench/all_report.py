@@ -20,7 +20,7 @@ BENCH_HELP = {
     "hostile": "one live agent under hostile streams and datagrams",
     "insider": "one live agent fed validly sealed hostile messages",
     "coap": "CoAP direct vs proxy vs mesh, failover",
-    "scaling": "simulator convergence and bandwidth against N beside the SWIM model",
+    "scaling": "convergence and bandwidth against N: real core and Monte-Carlo model beside the SWIM model",
 }
 
 
