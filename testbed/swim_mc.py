@@ -1,7 +1,7 @@
 """A Monte-Carlo model of the SWIM protocol as our core runs it -- a model, not the core.
 
 Why: the simulator (``testbed/sim.py``) runs the real core, one mutable member record per
-(node, member): ~240 bytes each, 24 GB at N = 10,000. This model keeps a few numbers per
+(node, member): ~215-240 bytes each, ~21 GB at N = 10,000. This model keeps a few numbers per
 node instead and replays only what decides the two figures the scaling benchmark reports
 (``testbed/bench/scaling.py``), so it reaches N = 10,000 in seconds. It is validated against
 the real core at the sizes both can run (the benchmark reports the agreement); beyond those

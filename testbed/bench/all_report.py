@@ -85,7 +85,7 @@ def _scaling_section(entry: dict[str, Any], images: list[str], note: str) -> lis
         f"probe every {res['probe_interval_s']:g} s, push-pull every {res['push_pull_interval_s']:g} s "
         "(scaled above 32 members). Engines: **core** = the real gossip core in the simulator "
         f"(up to N = {res.get('core_max', '-')}, {res.get('start', 'bootstrap')} start; its member "
-        "records, ~240 B per node per member, cap it); **Monte-Carlo model** = "
+        "records, ~215-240 B per node per member, cap it: ~21 GB at N = 10,000); **Monte-Carlo model** = "
         "`testbed/swim_mc.py`, a model of the protocol (not the core) with the real config, "
         "retransmit limit and codec sizes: the median of its runs, [5th..95th percentile]. "
         "Analytic model: dissemination rounds = log_(k+1) N + ln N / k times the gossip "

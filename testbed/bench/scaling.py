@@ -10,8 +10,8 @@ Two engines, every row labelled with the one that made it (``engine``):
   bootstrap`` simulates the join storm instead (O(N^2) deliveries: 265 s CPU at N = 1,000,
   hours at 10,000; such sizes are skipped when the predicted bootstrap CPU, extrapolated as
   N^a from the two largest sizes run, exceeds ``--max-cpu-s``). Its ceiling is memory: one
-  mutable member record per (node, member), ~240 bytes each: 1 GB at N = 2,000, 24 GB at
-  10,000.
+  mutable member record per (node, member), ~215-240 bytes each (peak RSS 0.96 GB at
+  N = 2,000, 3.4 GB at 4,000): ~21 GB at 10,000.
 - ``montecarlo``: :mod:`testbed.swim_mc`, a Monte-Carlo model of the protocol (not the core:
   the real config, ``retransmit_limit`` and ``push_pull_scale``, message sizes from the real
   codec, random peers per round), ``--model-runs`` runs per size (median, and the
@@ -65,8 +65,9 @@ from testbed.swim_mc import MIN_SETTLE, run_model
 
 PUSH_PULL_EXCHANGE_BYTES = 320  # settled digest push-pull, both ways (docs/architecture.md)
 DEFAULT_SIZES = "10,100,1000,10000"
-DEFAULT_CORE_MAX = 2000  # ~1 GB of member records (N^2 x ~240 B) and ~1 min CPU, warm
+DEFAULT_CORE_MAX = 2000  # ~1 GB of member records (N^2 x ~215-240 B) and ~1 min CPU, warm
 DEFAULT_MODEL_RUNS = 20
+RECORD_BYTES = 215  # memory per (node, member) in the warm-started simulator (3.4 GB at N=4000)
 LATENCY, JITTER = 0.001, 0.0005  # s, one way (the gossip benchmark's defaults)
 
 
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--core-max", type=int, default=DEFAULT_CORE_MAX,
                         help="largest size run on the real core in the simulator; larger ones "
                         f"run on the Monte-Carlo model only (default {DEFAULT_CORE_MAX}: "
-                        "~240 bytes per node per member, 1 GB)")  # fmt: skip
+                        "~215 bytes per node per member, 1 GB)")  # fmt: skip
     parser.add_argument("--start", choices=("warm", "bootstrap"), default="warm",
                         help="the core's cluster: start converged (warm, default) or simulate "
                         "the join storm (bootstrap: O(N^2), ~265 s CPU at N=1000)")  # fmt: skip
@@ -136,6 +137,11 @@ def _predict(done: list[dict[str, Any]], n: int) -> float | None:
     (n1, c1), (n2, c2) = [(r["nodes"], r["bootstrap_cpu_s"]) for r in runs[-2:]]
     exponent = max(1.0, math.log(c2 / c1) / math.log(n2 / n1)) if c1 > 0 and n2 > n1 else 2.0
     return float(c2 * (n / n2) ** exponent)
+
+
+def _core_gb(n: int) -> float:
+    """Roughly what the simulator's member records take at ``n``: every node holds every member."""
+    return n * n * RECORD_BYTES / 1e9
 
 
 def _peak_rss_mb() -> float:
@@ -250,8 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             skipped.append({"nodes": n, "predicted_bootstrap_cpu_s": round(predicted)} | model(config, n))
             continue
         rows.append(core_row(config, n, args))
-    skipped += [{"nodes": n, "reason": f"above --core-max {args.core_max}"} | model(config, n)
-                for n in sizes if n > args.core_max]  # fmt: skip
+    skipped += [{"nodes": n, "reason": f"above --core-max {args.core_max}; ~{_core_gb(n):.3g} GB "
+                 "of member records"} | model(config, n) for n in sizes if n > args.core_max]  # fmt: skip
     if args.model_runs:
         rows += [montecarlo_row(config, n, args) for n in sizes]
     rows.sort(key=lambda r: (r["nodes"], r["engine"]))
