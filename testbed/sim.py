@@ -293,6 +293,38 @@ class Simulator:
         self.run_until(end)
         return added
 
+    def add_converged_cluster(
+        self, count: int, *, prefix: str = "n", meta: bytes = b"", width: int | None = None
+    ) -> list[SimNode]:
+        """Add ``count`` nodes now that already know each other: a warm start.
+
+        Each core's member table is filled directly with every other member ALIVE at
+        incarnation 0 and verified, through the core's own path for a verified Alive
+        (``Membership._add_node``: the table, and a random place in the probe list), as
+        after a settled bootstrap; no join storm is simulated (that is O(N^2) deliveries,
+        hours of CPU at N = 10,000). What is not skipped: every core still has its own
+        Alive queued from its start (a few seconds of gossip drain it) and its tickers
+        staggered from now, so run some settle time before measuring. Names as in
+        :meth:`add_cluster`. Needs the real core (``gossip.core.Membership``).
+        """
+        from gossip.messages import Alive  # the record a verified member arrives as
+
+        if width is None:
+            width = max(3, len(str(count - 1)))
+        added = [self.add_node(f"{prefix}{i:0{width}d}", meta=meta) for i in range(count)]
+        alives = [Alive(n.name, n.core.incarnation, n.addr, meta) for n in added]
+        now = self.now
+        for node in added:
+            add = getattr(node.core, "_add_node", None)
+            if add is None:
+                raise SimulationError("add_converged_cluster needs gossip.core.Membership cores")
+            me = node.name
+            for alive in alives:
+                if alive.name != me and add(alive, now, True) is None:
+                    raise SimulationError(f"{me}: member table full (config.max_members)")
+            self._flush(node)
+        return added
+
     def converge_cluster(self, count: int, *, timeout: float = 60.0, **kwargs: Any) -> list[str]:
         """:meth:`add_cluster` (``kwargs`` go there), then run until :meth:`converged`.
 

@@ -19,7 +19,7 @@ BENCHMARKS = {
     "mqtt": "MQTT messages/s and latency: one mosquitto, two bridged mosquittos, two agents; share groups; QoS 1 across a restart",
     "insider": "one live agent fed validly sealed hostile messages by a fuzzer holding the cluster key",
     "mqtt-broker": "the sans-IO MQTT broker core: publish, fan-out, $share, subscribe, session resume (µs)",
-    "scaling": "simulator dissemination and bandwidth against N (10..10000) beside the analytic SWIM model",
+    "scaling": "dissemination and bandwidth against N (10..10000): the real core in the simulator (warm start, up to --core-max) and a Monte-Carlo protocol model, beside the analytic SWIM model",
     "policy": "signed policy from a local HTTPS endpoint to every node enforcing it: simulator N=1000, real agents N=20",
     "uplink": "MQTT uplink to a cloud mosquitto: holder SIGKILLed mid-stream (failover, QoS 1 lost), cloud outage (spool drain, order)",
     "all": "every benchmark at a small size; one Markdown page with tables and plots (--report DIR)",

@@ -41,7 +41,7 @@ SMALL: dict[str, tuple[list[str], float, bool]] = {
     "mqtt": (["--count", "1000", "--rate", "100"], 300, False),
     "mqtt-broker": ([], 120, False),
     "uplink": (["--nodes", "3", "--count", "300", "--down-s", "10"], 300, False),
-    "scaling": (["--sizes", "10,100,1000,10000", "--max-cpu-s", "400"], 900, False),
+    "scaling": (["--sizes", "10,100,1000,10000", "--core-max", "1000", "--model-runs", "10"], 600, False),
 }
 
 

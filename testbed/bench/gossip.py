@@ -168,8 +168,14 @@ def run_once(
     converge_timeout: float,
     latency: float,
     jitter: float,
+    warm: bool = False,
 ) -> RunResult:
-    """One run of the scenario described in the module docstring."""
+    """One run of the scenario described in the module docstring.
+
+    ``warm``: instead of step 1's join storm, start the cluster already converged
+    (:meth:`testbed.sim.Simulator.add_converged_cluster`; ``converge_s`` is then 0) and
+    only settle; the steps from 2 on are the same.
+    """
     sim = Simulator(seed, config, latency=latency, jitter=jitter, loss=0.0)
     pick = sim.rng  # node picks come from the same seeded stream, after bootstrap
     measuring = False
@@ -197,9 +203,12 @@ def run_once(
 
     sim.on_event(on_event)
     cpu_started = time.process_time()
-    sim.add_cluster(nodes, seeds=BOOTSTRAP_SEEDS, spacing=BOOTSTRAP_SPACING)
-    converged = bootstrap(sim, nodes, converge_timeout)
-    converge_s = sim.now if converged else None
+    if warm:
+        sim.add_converged_cluster(nodes)
+        converge_s: float | None = 0.0
+    else:
+        sim.add_cluster(nodes, seeds=BOOTSTRAP_SEEDS, spacing=BOOTSTRAP_SPACING)
+        converge_s = sim.now if bootstrap(sim, nodes, converge_timeout) else None
     sim.run_for(settle)
     bootstrap_cpu_s = time.process_time() - cpu_started
 

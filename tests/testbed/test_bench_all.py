@@ -1,4 +1,5 @@
-"""``python -m testbed.bench all`` and ``scaling``: the page, the plots, the SWIM model, the cap."""
+"""``python -m testbed.bench all`` and ``scaling``: the page, the plots, the SWIM model, the cap,
+the two engines (real core, Monte-Carlo model) and their comparison."""
 
 from __future__ import annotations
 
@@ -52,10 +53,16 @@ def test_all_writes_one_page_with_tables_and_plots(tmp_path: Path) -> None:
     assert summary["ok"] == ["scaling", "signing"] and summary["not_ok"] == []
     page = (out / "bench.md").read_text()
     assert "## scaling" in page and "## signing" in page and "| sign_us |" in page
-    assert page.count("| 5 |") == 1 and "| 10 |" in page
+    assert page.count("| 5 | core (simulator, warm start)") == 1 and "| 10 | Monte-Carlo model" in page
     results = json.loads((out / "results.json").read_text())["results"]
-    sizes = results["scaling"]["result"]["sizes"]
-    assert [r["nodes"] for r in sizes] == [5, 10] and all(r["bytes_per_node_s"] > 0 for r in sizes)
+    scaling = results["scaling"]["result"]
+    sizes = scaling["sizes"]
+    assert [(r["nodes"], r["engine"]) for r in sizes] == [
+        (5, "core"), (5, "montecarlo"), (10, "core"), (10, "montecarlo")
+    ]
+    assert all(r["bytes_per_node_s"] > 0 for r in sizes)
+    # Where both engines ran, the page compares them.
+    assert [v["nodes"] for v in scaling["validation"]] == [5, 10] and "Model against the core" in page
     for name in ("scaling_dissemination.png", "scaling_bandwidth.png"):
         assert f"![{name}]({name})" in page
         pixels = matplotlib.image.imread(out / name)
