@@ -83,7 +83,9 @@ Where we differ from memberlist, on purpose:
 - a push-pull merges before it replies, so the reply carries any refutation;
   a DEAD member that announces its leave is recorded LEFT;
 - of the members a push-pull teaches us, at most ``MERGE_REBROADCAST_MAX`` are
-  re-broadcast (memberlist: all); the push-pull period is jittered +-50%;
+  re-broadcast (memberlist: all), and none from a join exchange: instead a joiner
+  push-pulls once more with a random member ``JOIN_SETTLE_GOSSIP_INTERVALS`` later
+  (``SettleTick``); the push-pull period is jittered +-50%;
 - a leave is also sent straight to ``LEAVE_DIRECT_FANOUT`` live members, and a
   member that is itself leaving still records and forwards others' leaves
   (several members stopped at once were otherwise recorded DEAD);
@@ -196,6 +198,7 @@ from .timers import (
     Recheck,
     ReconnectTick,
     RelayTimeout,
+    SettleTick,
     SuspicionTimeout,
     Timer,
     TimerHeap,
@@ -220,6 +223,12 @@ PRIORITY_MERGED = PRIORITY_USER + 1
 # and a random sample of at most this many of the others: identical to
 # memberlist up to this size, bounded beyond.
 MERGE_REBROADCAST_MAX = 32
+# A join exchange re-broadcasts none of them (issue 13): after a site-wide power cut every
+# joiner learnt the whole cluster from its seed and re-gossiped it: 145 sends per Alive at
+# N = 20 in the simulator instead of 82. What that flood repaired -- joins that overlapped
+# and missed each other's Alive -- one more push-pull with a random member, this many gossip
+# intervals after our join (1 s on LAN), repairs at the cost of one digest exchange.
+JOIN_SETTLE_GOSSIP_INTERVALS = 5
 # State updates held because their owner's credential is not known yet (signing.py):
 # released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
 HELD_MAX = 32
@@ -360,6 +369,7 @@ class Membership:
         self._own_alive_sig = b""
         self._alive_verdicts: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._fetched: dict[str, float] = {}  # owner -> when we last asked it for its credential
+        self._settle_armed = False  # the one SettleTick after our first join exchange
 
     def _start_tickers(self, now: float) -> None:
         """memberlist staggers each ticker randomly so members do not synchronise."""
@@ -691,6 +701,10 @@ class Membership:
             self.stats.dropped += 1
             return
         self._merge(remote, now, src[0])
+        if remote.join and not self._settle_armed:
+            self._settle_armed = True
+            settle = JOIN_SETTLE_GOSSIP_INTERVALS * self.config.gossip_interval
+            self._timers.schedule(now + settle, SettleTick())
         followups = self._followups.get(src, 0)
         if followups:
             # The reply to a follow-up ends the exchange (bounds a peer's lists to one round).
@@ -751,6 +765,8 @@ class Membership:
                 self._on_push_pull_tick(deadline, now)
             case ReconnectTick():
                 self._on_reconnect_tick(deadline, now)
+            case SettleTick():
+                self._on_settle_tick()
             case SuspicionTimeout(node, susp):
                 self._on_suspicion_timeout(node, susp, now)
             case Reap(node, stamp):
@@ -1608,6 +1624,14 @@ class Membership:
         if peers:
             self._request_push_pull(peers[0].addr, join=False)
 
+    def _on_settle_tick(self) -> None:
+        """One push-pull with a random live member, a while after our join (JOIN_SETTLE_GOSSIP_INTERVALS)."""
+        if self._left:
+            return
+        peers = self._table.k_random(1, lambda n: n.state == ALIVE, self._rng)
+        if peers:
+            self._request_push_pull(peers[0].addr, join=False)
+
     def _on_reconnect_tick(self, deadline: float, now: float) -> None:
         if self._left:
             return
@@ -1671,6 +1695,8 @@ class Membership:
             else:
                 # A remote DEAD is only a suspicion here (memberlist mergeState).
                 self._on_suspect(Suspect(r.name, r.incarnation, self.name), now)
+        if remote.join:
+            fresh = []  # see JOIN_SETTLE_GOSSIP_INTERVALS
         if len(fresh) > MERGE_REBROADCAST_MAX:
             fresh = self._rng.sample(fresh, MERGE_REBROADCAST_MAX)
         for alive in fresh:

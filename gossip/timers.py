@@ -63,6 +63,11 @@ class ReconnectTick:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleTick:
+    """Once, ``JOIN_SETTLE_S`` after our join exchange: one push-pull with a random member."""
+
+
+@dataclass(frozen=True, slots=True)
 class SuspicionTimeout:
     """``suspicion`` of ``node`` may have expired: declare it DEAD."""
 
@@ -94,6 +99,7 @@ Timer = (
     | GossipTick
     | PushPullTick
     | ReconnectTick
+    | SettleTick
     | SuspicionTimeout
     | Recheck
     | Reap

@@ -8,7 +8,12 @@ import pytest
 
 from gossip.codec import decode_frame, encode_frame
 from gossip.config import lan
-from gossip.core import MERGE_REBROADCAST_MAX, Membership, push_pull_scale
+from gossip.core import (
+    JOIN_SETTLE_GOSSIP_INTERVALS,
+    MERGE_REBROADCAST_MAX,
+    Membership,
+    push_pull_scale,
+)
 from gossip.events import MemberFailed
 from gossip.messages import Dead, MemberRecord, MemberState, PushPull
 from testbed.sim import Simulator, drain_events, make_keyring, seal, sent
@@ -150,3 +155,37 @@ def test_members_learned_by_push_pull_are_rebroadcast_up_to_a_bound() -> None:
     assert len(small.members()) == 6 and len(large.members()) == 101
     assert small.pending_broadcasts == 1 + 5  # our own Alive, and every new member
     assert large.pending_broadcasts == 1 + MERGE_REBROADCAST_MAX
+
+
+def test_members_learned_in_a_join_exchange_are_not_rebroadcast() -> None:
+    """Issue 13: after a site-wide restart every joiner re-gossiped the whole cluster it had
+    just learnt from its seed; its own push-pull a moment later repairs overlapping joins."""
+    core = make_core()
+    ring = make_keyring(random.Random(2))
+    few = [MemberRecord(f"m{i}", (f"10.0.3.{i}", 7946), 1, MemberState.ALIVE, b"") for i in range(5)]
+    join = PushPull("r", True, False, (MemberRecord("r", SRC, 1, MemberState.ALIVE, b""), *few), ())
+    assert core.handle_stream(ring.encrypt(encode_frame(join), b"edgeagent"), SRC, 1.0) is not None
+    assert len(core.members()) == 7
+    assert core.pending_broadcasts == 2  # our own Alive and the joiner's: not the 5 it knew
+
+
+def test_a_joiner_push_pulls_once_more_a_moment_after_its_join() -> None:
+    core = make_core()
+    sent(core)
+    core.join([SRC], 0.0)
+    assert [addr for addr, _ in core.streams_to_send()] == [SRC]
+    ring = make_keyring(random.Random(2))
+    others = [MemberRecord(f"m{i}", (f"10.0.3.{i}", 7946), 1, MemberState.ALIVE, b"") for i in range(3)]
+    reply = PushPull("r", True, True, (MemberRecord("r", SRC, 1, MemberState.ALIVE, b""), *others), ())
+    core.receive_stream_reply(ring.encrypt(encode_frame(reply), b"edgeagent"), SRC, 0.1)
+    settle = JOIN_SETTLE_GOSSIP_INTERVALS * core.config.gossip_interval
+
+    def streams_until(t: float) -> list[tuple[str, int]]:
+        while (deadline := core.get_timer()) is not None and deadline <= t:
+            core.handle_timeout(deadline)
+        return [addr for addr, _ in core.streams_to_send()]
+
+    assert streams_until(0.1 + settle - 0.01) == []
+    (addr,) = streams_until(0.1 + settle + 0.01)
+    assert addr in {r.addr for r in reply.members}
+    assert streams_until(0.1 + 3 * settle) == []  # once, not a ticker
