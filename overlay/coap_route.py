@@ -294,7 +294,10 @@ class Refusal:
 
 def next_hop_limit(msg: Message) -> int | Refusal:
     """The Hop-Limit to forward with (RFC 8768), or the refusal (4.00, 5.08)."""
-    values = msg.values(HOP_LIMIT)
+    return _hop_limit(msg.values(HOP_LIMIT))
+
+
+def _hop_limit(values: Sequence[bytes]) -> int | Refusal:
     if not values:
         hops = DEFAULT_HOP_LIMIT
     elif len(values) > 1 or len(values[0]) != 1 or values[0][0] == 0:
@@ -394,47 +397,66 @@ def split_proxy_uri(uri: str) -> SplitUri | Refusal:
     return SplitUri(scheme.lower(), host_text, tuple(parts), tuple(queries))
 
 
-def _check_options(msg: Message) -> Refusal | None:
+Groups = dict[int, list[bytes]]  # option number -> its values, in order
+_SINGLE = (URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME, OBSERVE)  # may not repeat
+
+
+def _check_options(msg: Message) -> Groups | Refusal:
+    """The options by number, in one pass; or why they cannot be routed."""
+    groups: Groups = {}
     for number, value in msg.options:
         if len(value) > MAX_OPTION_BYTES:
             return Refusal(Failure.MALFORMED, f"option {number} is too long")
         if number & 2 and number not in KNOWN_UNSAFE:
             return Refusal(Failure.BAD_OPTION, f"unsafe option {number} not understood")
-    for number in (URI_HOST, URI_PORT, PROXY_URI, PROXY_SCHEME, OBSERVE):
-        if len(msg.values(number)) > 1:
+        if number in groups:
+            groups[number].append(value)
+        else:
+            groups[number] = [value]
+    for number in _SINGLE:
+        if len(groups.get(number, ())) > 1:
             return Refusal(Failure.MALFORMED, f"option {number} repeated")
-    return None
+    return groups
 
 
 def classify(msg: Message) -> Route | Refusal:
     """Which service a request is for, in which form, with what path and Hop-Limit."""
     if msg.code not in METHODS:
         return Refusal(Failure.MALFORMED, "not a request")
-    bad = _check_options(msg)
-    if bad is not None:
-        return bad
-    found = _locate(msg)
+    groups = _check_options(msg)
+    if isinstance(groups, Refusal):
+        return groups
+    found = _locate(groups)
     if isinstance(found, Refusal):
         return found
     form, service, path, query = found
-    hops = next_hop_limit(msg)
+    hops = _hop_limit(groups.get(HOP_LIMIT, ()))
     if isinstance(hops, Refusal):
         return hops
     return Route(form, service, path, query, hops)
 
 
-def _locate(msg: Message) -> tuple[Form, str, tuple[str, ...], tuple[str, ...]] | Refusal:
-    texts = {n: _texts(msg.values(n), f"option {n}") for n in (URI_HOST, URI_PATH, URI_QUERY)}
-    texts[PROXY_URI] = _texts(msg.values(PROXY_URI), "Proxy-Uri")
-    texts[PROXY_SCHEME] = _texts(msg.values(PROXY_SCHEME), "Proxy-Scheme")
-    for value in texts.values():
-        if isinstance(value, Refusal):
-            return value
-    host, path, query, proxy_uri, scheme = (
-        _as_tuple(texts[n]) for n in (URI_HOST, URI_PATH, URI_QUERY, PROXY_URI, PROXY_SCHEME)
-    )
+_TEXT_OPTIONS = (
+    (URI_HOST, f"option {URI_HOST}"),
+    (URI_PATH, f"option {URI_PATH}"),
+    (URI_QUERY, f"option {URI_QUERY}"),
+    (PROXY_URI, "Proxy-Uri"),
+    (PROXY_SCHEME, "Proxy-Scheme"),
+)
+
+
+def _locate(groups: Groups) -> tuple[Form, str, tuple[str, ...], tuple[str, ...]] | Refusal:
+    texts: dict[int, tuple[str, ...]] = {}
+    for number, what in _TEXT_OPTIONS:
+        values = groups.get(number)
+        found = _texts(values, what) if values else ()
+        if isinstance(found, Refusal):
+            return found
+        texts[number] = found
+    host, path, query = texts[URI_HOST], texts[URI_PATH], texts[URI_QUERY]
+    proxy_uri, scheme = texts[PROXY_URI], texts[PROXY_SCHEME]
     if proxy_uri:
-        if host or path or query or scheme or msg.values(URI_PORT):
+        if host or path or query or scheme or groups.get(URI_PORT):
             return Refusal(Failure.MALFORMED, "Proxy-Uri together with Uri-* or Proxy-Scheme")
         split = split_proxy_uri(proxy_uri[0])
         if isinstance(split, Refusal):
@@ -456,11 +478,6 @@ def _locate(msg: Message) -> tuple[Form, str, tuple[str, ...], tuple[str, ...]] 
             return service
         return Form.PATH, service, path[2:], query
     return Refusal(Failure.NOT_MESH, "not a mesh resource: use SERVICE.mesh or /mesh/SERVICE")
-
-
-def _as_tuple(value: tuple[str, ...] | Refusal) -> tuple[str, ...]:
-    assert not isinstance(value, Refusal)
-    return value
 
 
 def _proxied(
