@@ -581,6 +581,10 @@ def encode_reply(status: ReplyStatus, msg: Message) -> bytes:
 
 def decode_reply(data: bytes) -> tuple[ReplyStatus, Message]:
     """A channel reply. Total: only CoapFormatError escapes."""
-    if not data or data[0] not in set(ReplyStatus):
+    status = _REPLY_STATUSES.get(data[0]) if data else None
+    if status is None:
         raise CoapFormatError("bad reply status")
-    return ReplyStatus(data[0]), decode_message(data[1:])
+    return status, decode_message(data[1:])
+
+
+_REPLY_STATUSES = {int(s): s for s in ReplyStatus}  # not set(ReplyStatus) per reply
