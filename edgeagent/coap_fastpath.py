@@ -60,6 +60,7 @@ class FastPath:
         self.tasks: set[asyncio.Task[None]] = set()
         self.timers: dict[tuple[Any, int], asyncio.TimerHandle] = {}
         self.loop = asyncio.get_running_loop()
+        self.closed = False
 
     def datagram_msg_received(self, data: bytes, ancdata: Any, flags: int, address: Any) -> None:
         pktinfo = None
@@ -78,7 +79,7 @@ class FastPath:
 
     def _send(self, datagram: bytes, address: Any, pktinfo: bytes | None) -> None:
         transport = getattr(self.interface, "transport", None)
-        if transport is None:
+        if transport is None or self.closed:
             return
         anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)] if pktinfo else []
         transport.sendmsg(datagram, anc, 0, address)
@@ -111,12 +112,14 @@ class FastPath:
         timer: asyncio.TimerHandle | None,
     ) -> None:
         req = exchange.request
-        # the client key is the socket address, as IngressSite's (block-wise affinity)
-        response = await self.router.handle(
-            cr.Message(req.code, req.options, req.payload, req.mtype), address
-        )
-        if timer is not None:
-            timer.cancel()
+        try:
+            # the client key is the socket address, as IngressSite's (block-wise affinity)
+            response = await self.router.handle(
+                cr.Message(req.code, req.options, req.payload, req.mtype), address
+            )
+        finally:  # also when cancelled at shutdown: no empty ACK after that
+            if timer is not None:
+                timer.cancel()
         self._answer(exchange, response, address, pktinfo)
 
     def _answer(
@@ -140,6 +143,7 @@ class FastPath:
             self._arm(key, again[1], pktinfo)
 
     def close(self) -> None:
+        self.closed = True
         for task in self.tasks:
             task.cancel()
         for timer in self.timers.values():

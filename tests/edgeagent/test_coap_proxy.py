@@ -330,6 +330,17 @@ def test_fast_path_answers_on_aiocoaps_socket_and_leaves_blocks_to_aiocoap() -> 
     assert (stats["fast"], stats["duplicates"], stats["delegated"]) == (1, 1, 1)
 
 
+def test_fast_path_answers_5_03_when_too_many_requests_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgeagent import coap_fastpath
+
+    monkeypatch.setattr(coap_fastpath, "IN_FLIGHT_MAX", 0)
+    got, stats = _fast_path_run(0.0, [_con_get(3)])
+    assert [(m.mtype, m.code, m.mid) for m in got] == [(cr.ACK, cr.SERVICE_UNAVAILABLE, 3)]
+    assert stats["fast_busy"] == 1
+
+
 def test_fast_path_sends_an_empty_ack_then_a_separate_con_response() -> None:
     got, stats = _fast_path_run(0.3, [_con_get(5)])
     assert (got[0].mtype, got[0].code, got[0].mid) == (cr.ACK, 0, 5)  # empty ACK at 0.1 s
