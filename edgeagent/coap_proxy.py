@@ -657,9 +657,11 @@ class IngressSite:
         if msg is None:
             response = cr.refusal_message(cr.Refusal(cr.Failure.MALFORMED, "bad options"))
         else:
-            # the address itself (hashable by its socket address): str() of it costs more
-            # than the router's whole decision (ipaddress parsing and formatting)
-            response = await self.router.handle(msg, pipe.request.remote)
+            # the socket address (str() of the remote costs more than the router's whole
+            # decision); the fast path (coap_fastpath) keys the same client the same way,
+            # so a block-wise transfer it started keeps its instance here
+            remote = pipe.request.remote
+            response = await self.router.handle(msg, getattr(remote, "sockaddr", remote))
         try:
             out = to_aiocoap(response)
         except Exception:

@@ -9,7 +9,9 @@ How it works. On start the feature
    :data:`overlay.coap_route.ENVELOPE_VERSION`, and routes with its peers; without a node
    certificate there is no channel and it routes to local instances only;
 3. serves CoAP on UDP ``config.coap`` (``--coap``, default ``0.0.0.0:5683``) with aiocoap,
-   every path to :class:`edgeagent.coap_proxy.Router`. A port given with ``--coap`` that
+   every path to :class:`edgeagent.coap_proxy.Router`; the common request (no blocks, no
+   Observe) is answered by the fast path of :mod:`edgeagent.coap_fastpath` on aiocoap's own
+   socket, the rest by aiocoap. A port given with ``--coap`` that
    cannot be had is one ConfigError (exit 2); when the default port is taken (another CoAP
    server on the device) it logs one line and the agent runs without the listener;
 4. carries CoAP Observe (RFC 7641) through the mesh: :mod:`edgeagent.coap_observe` takes
@@ -42,6 +44,7 @@ from overlay.coap_observe import OBSERVE_ENVELOPE
 from overlay.policy_enforce import service_policies
 
 from ..channel import Channel
+from ..coap_fastpath import FastPath, install
 from ..coap_observe import Observations, ObservingSite
 from ..coap_proxy import (
     Router,
@@ -80,6 +83,7 @@ class Coap:
         self.router: Router | None = None
         self.observations: Observations | None = None
         self._server: aiocoap.Context | None = None
+        self._fast: FastPath | None = None
         self._channel: Channel | None = None
         self._upstream = Upstream()
         self._tasks: set[asyncio.Future[None]] = set()
@@ -176,6 +180,7 @@ class Coap:
         )
         bound_deduplication(self._server)
         unnamed_render_tasks(self._server)
+        self._fast = install(self._server, router)
         self.coap_address = (where, port)
         log.info("coap listening", extra=fields(addr=f"{where}:{port}"))
 
@@ -192,12 +197,16 @@ class Coap:
         return {
             "coap": f"{where[0]}:{where[1]}" if where else None,
             "coap_stats": self.router.status() if self.router else {},
+            "coap_fast_stats": dict(self._fast.stats) if self._fast else {},
             "observe_stats": self.observations.status() if self.observations else {},
         }
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.shutdown()

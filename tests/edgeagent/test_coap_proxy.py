@@ -277,3 +277,73 @@ def test_cached_address_checks_answer_as_aiocoap_and_stay_bounded() -> None:
         assert not udp6.UDP6EndpointAddress((host, 5683, 0, 0), iface).is_multicast
         assert len(coap_proxy.ADDRESS_CHECKS[0]) <= coap_proxy.ADDRESS_CHECKS_MAX
     assert "::ffff:10.0.4.9" in coap_proxy.ADDRESS_CHECKS[0]  # the latest are remembered
+
+
+class _StubRouter:
+    """What the fast path needs of a Router: ``handle``, here slow on request."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.clients: list[object] = []
+
+    async def handle(self, msg: cr.Message, client: object) -> cr.Message:
+        self.clients.append(client)
+        await asyncio.sleep(self.delay)
+        return cr.Message(cr.code(2, 5), (), b"fast")
+
+
+def _fast_path_run(delay: float, datagrams: list[bytes]) -> tuple[list[cr.Message], dict[str, int]]:
+    """Send ``datagrams`` one after another to an aiocoap server with the fast path in front;
+    every datagram that comes back, decoded, and the fast path's counters."""
+    from edgeagent.coap_fastpath import install
+
+    async def run() -> tuple[list[cr.Message], dict[str, int]]:
+        ctx, port = await _server(Counting())
+        fast = install(ctx, _StubRouter(delay))  # type: ignore[arg-type]
+        assert fast is not None
+        got: list[cr.Message] = []
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.connect(("127.0.0.1", port))
+            for data in datagrams:
+                await loop.sock_sendall(sock, data)
+                await asyncio.sleep(delay + 0.15)
+                while True:
+                    try:
+                        got.append(cr.decode_message(sock.recv(2048)))
+                    except BlockingIOError:
+                        break
+        fast.close()
+        await ctx.shutdown()
+        return got, dict(fast.stats)
+
+    return asyncio.run(run())
+
+
+def test_fast_path_answers_on_aiocoaps_socket_and_leaves_blocks_to_aiocoap() -> None:
+    block2 = cr.encode_message(cr.Message(1, ((cr.BLOCK2, b"\x02"),), b"", cr.CON, 2, b"b"))
+    got, stats = _fast_path_run(0.0, [_con_get(1), _con_get(1), block2])
+    assert [(m.mtype, m.mid, m.payload) for m in got[:2]] == [(cr.ACK, 1, b"fast")] * 2
+    assert (got[2].mtype, got[2].mid, got[2].token) == (cr.ACK, 2, b"b")
+    assert got[2].payload == b"x"  # aiocoap's site answered the block request
+    assert (stats["fast"], stats["duplicates"], stats["delegated"]) == (1, 1, 1)
+
+
+def test_fast_path_answers_5_03_when_too_many_requests_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgeagent import coap_fastpath
+
+    monkeypatch.setattr(coap_fastpath, "IN_FLIGHT_MAX", 0)
+    got, stats = _fast_path_run(0.0, [_con_get(3)])
+    assert [(m.mtype, m.code, m.mid) for m in got] == [(cr.ACK, cr.SERVICE_UNAVAILABLE, 3)]
+    assert stats["fast_busy"] == 1
+
+
+def test_fast_path_sends_an_empty_ack_then_a_separate_con_response() -> None:
+    got, stats = _fast_path_run(0.3, [_con_get(5)])
+    assert (got[0].mtype, got[0].code, got[0].mid) == (cr.ACK, 0, 5)  # empty ACK at 0.1 s
+    separate = got[1]
+    assert (separate.mtype, separate.token, separate.payload) == (cr.CON, b"\x00\x05", b"fast")
+    assert stats["empty_acks"] == 1 and stats["separate"] == 1

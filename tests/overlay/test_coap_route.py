@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 
@@ -205,3 +206,78 @@ def test_decoders_are_total_under_mutation() -> None:
             if isinstance(decoded, Message):  # whatever decodes can be classified
                 cr.classify(decoded)
     assert ran == 60_000 and 0 < rejected < ran
+
+
+def _reference_decode(data: bytes) -> Message:
+    """The first, plain decoder (before it was written for speed): the differential oracle."""
+    if not 4 <= len(data) <= cr.MAX_MESSAGE_BYTES:
+        raise cr.CoapFormatError("size")
+    first, code_byte, mid = data[0], data[1], struct.unpack_from("!H", data, 2)[0]
+    tkl = first & 0x0F
+    if first >> 6 != 1 or tkl > 8 or 4 + tkl > len(data):
+        raise cr.CoapFormatError("version")
+    token, pos, number = data[4 : 4 + tkl], 4 + tkl, 0
+    options: list[cr.Option] = []
+    payload = b""
+
+    def ext(nibble: int, pos: int) -> tuple[int, int]:
+        if nibble < 13:
+            return nibble, pos
+        width = {13: 1, 14: 2}.get(nibble)
+        if width is None or pos + width > len(data):
+            raise cr.CoapFormatError("nibble")
+        return int.from_bytes(data[pos : pos + width], "big") + (
+            13 if width == 1 else 269
+        ), pos + width
+
+    while pos < len(data):
+        byte = data[pos]
+        pos += 1
+        if byte == 0xFF:
+            payload = data[pos:]
+            if not payload:
+                raise cr.CoapFormatError("marker")
+            break
+        delta, pos = ext(byte >> 4, pos)
+        length, pos = ext(byte & 0x0F, pos)
+        if pos + length > len(data) or len(options) >= cr.MAX_OPTIONS:
+            raise cr.CoapFormatError("truncated")
+        number += delta
+        options.append((number, bytes(data[pos : pos + length])))
+        pos += length
+    return Message(code_byte, tuple(options), bytes(payload), (first >> 4) & 3, mid, bytes(token))
+
+
+def test_the_codec_agrees_with_the_plain_reference_on_10000_mutated_messages() -> None:
+    rng = random.Random(12)
+    seeds = [
+        cr.encode_message(req((URI_HOST, "t.mesh"), (HOP_LIMIT, b"\x03"), payload=b"p")),
+        cr.encode_message(Message(2, ((cr.ETAG, b"e" * 20), (cr.SIZE1, b"\x01" * 3)), b"x", 0, 9)),
+        cr.encode_message(Message(69, ((cr.NO_RESPONSE, b"\x02"), (2000, b"y" * 300)), b"", 2)),
+    ]
+    agreed = decoded = 0
+    for i in range(10_000):
+        data = (
+            bytearray(rng.choice(seeds)) if i % 5 else bytearray(rng.randbytes(rng.randrange(40)))
+        )
+        for _ in range(rng.randrange(1, 4)):
+            if data and rng.random() < 0.7:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            else:
+                del data[rng.randrange(len(data) + 1) :]
+        try:
+            want: Message | None = _reference_decode(bytes(data))
+        except cr.CoapFormatError:
+            want = None
+        try:
+            got: Message | None = cr.decode_message(bytes(data))
+        except cr.CoapFormatError:
+            got = None
+        assert got == want
+        if got is not None:
+            decoded += 1
+            again = cr.decode_message(cr.encode_message(got))
+            assert again == Message(got.code, tuple(sorted(got.options, key=lambda o: o[0])),
+                                    got.payload, got.mtype, got.mid, got.token)  # fmt: skip
+        agreed += 1
+    assert agreed == 10_000 and decoded > 1000
