@@ -14,7 +14,9 @@ namespace testbed, ``n{i}`` in the simulator) and answers in the neutral names `
   server (the host crashed); ``stop`` stops only the agent.
 - :func:`containers_backend`: the same adapter over ``testbed.containers.backend.
   ContainerBackend`` (built elsewhere, imported only when asked for; without it
-  :class:`BackendUnavailable`).
+  :class:`BackendUnavailable`). CoAP as on netns, but the server and the load client run in
+  the node's container as their module's source piped to the image's python (the image has
+  aiocoap, not ``testbed/``); ``kill`` and ``stop`` both end the server (the container goes).
 
 Errors a backend raises for an action that cannot be done are :class:`BackendError` (one line);
 the runner records them as a failed step.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import json
+import select
 import subprocess
 import sys
 import threading
@@ -330,6 +333,8 @@ class AgentsBackend:
         self.policy_key: str | None = None
         self.with_cloud = False
         self.endpoint: PolicyEndpoint | None = None
+        self._servers: dict[int, subprocess.Popen[str]] = {}  # node -> its CoAP server
+        self._loads: list[_Load] = []
 
     def _make(self, nodes: int, preset: str) -> Any:
         raise NotImplementedError
@@ -348,6 +353,12 @@ class AgentsBackend:
         self._t0 = time.monotonic()
 
     def down(self) -> None:
+        for load in self._loads:
+            load.cancel()
+        self._loads.clear()
+        for proc in self._servers.values():
+            _end(proc)
+        self._servers.clear()
         if self.cluster is not None:
             self.cluster.down()
         self.cluster = None
@@ -378,8 +389,15 @@ class AgentsBackend:
             self._down.discard(node)
 
     def kill(self, node: int) -> None:
+        """SIGKILL; the node's CoAP server goes too (the host crashed)."""
         self._call(self.cluster.kill, self.host(node))
         self._down.add(node)
+        self._end_server(node)
+
+    def _end_server(self, node: int) -> None:
+        server = self._servers.pop(node, None)
+        if server is not None:
+            _end(server)
 
     def stop(self, node: int) -> None:
         self._call(self.cluster.stop, self.host(node))
@@ -412,13 +430,54 @@ class AgentsBackend:
     def overlay_addresses(self) -> dict[str, str | None]:
         raise BackendError(f"the {self.name} backend cannot read overlay addresses")
 
-    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+    # The CoAP steps over three hooks: a node's address, a control command to its agent, and a
+    # testbed module (coap_server, coap_load) run inside the node.
+    def _ip(self, node: int) -> str:
         raise BackendError(f"the {self.name} backend has no CoAP support here")
+
+    def _agent(self, node: int, cmd: str, **args: Any) -> Any:
+        raise BackendError(f"the {self.name} backend has no control commands here")
+
+    def _spawn(self, node: int, module: str, args: list[str], *, stderr: bool = True) -> subprocess.Popen[str]:
+        raise BackendError(f"the {self.name} backend cannot run {module} here")
+
+    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+        """A :mod:`testbed.coap_server` beside each node's agent (its address, SERVER_PORT),
+        registered as ``service`` with that agent; waits until every running node sees them
+        all healthy."""
+        for node in nodes:
+            ip = self._ip(node)
+            proc = self._spawn(node, "coap_server", [ip, str(SERVER_PORT), neutral(node)], stderr=False)
+            if not _printed_ready(proc, SERVE_READY_TIMEOUT):
+                _end(proc)
+                raise BackendError(f"{neutral(node)}: the CoAP server did not start")
+            self._servers[node] = proc
+            self._agent(node, "service", op="register", name=service, uri=f"coap://{ip}:{SERVER_PORT}")
+        deadline = time.monotonic() + SERVE_READY_TIMEOUT
+        while not all(self._healthy(i, service) >= len(nodes) for i in self.running()):
+            if time.monotonic() > deadline:
+                raise BackendError(f"{service}: not every node saw {len(nodes)} healthy instances "
+                                   f"within {SERVE_READY_TIMEOUT:g} s")
+            time.sleep(0.5)
+
+    def _healthy(self, node: int, service: str) -> int:
+        rows = self._agent(node, "coap")["instances"]
+        return sum(r.get("state") == "healthy" and r.get("name", service) == service for r in rows)
 
     def coap_load(
         self, ingress: int, service: str, seconds: float, rate: float, concurrency: int
     ) -> LoadHandle:
-        raise BackendError(f"the {self.name} backend has no CoAP support here")
+        """:mod:`testbed.coap_load` inside the ingress node against its own agent's
+        ``/mesh/SERVICE/temp``; returns once the client says it started."""
+        ip = self._ip(ingress)
+        args = [f"{ip}:{COAP_PORT}", f"coap://{ip}:{COAP_PORT}/mesh/{service}/temp", "--seconds", str(seconds),
+                "--rate", str(rate), "--concurrency", str(concurrency), "--records"]  # fmt: skip
+        load = _Load(self._spawn(ingress, "coap_load", args), self.now, seconds)
+        self._loads.append(load)
+        if not load.wait_started(LOAD_TIMEOUT_EXTRA):
+            load.cancel()
+            raise BackendError("the CoAP load client did not start")
+        return load
 
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
         raise BackendError(f"the {self.name} backend has no MQTT load support here")
@@ -448,8 +507,6 @@ class NetnsBackend(AgentsBackend):
     def __init__(self, root: Any = None) -> None:
         super().__init__()
         self.root = root
-        self._servers: dict[int, subprocess.Popen[str]] = {}
-        self._loads: list[_Load] = []
 
     def _make(self, nodes: int, preset: str) -> Any:
         from testbed.cluster import Testbed
@@ -485,19 +542,16 @@ class NetnsBackend(AgentsBackend):
                 continue  # not answering now: no report
         return out
 
-    def down(self) -> None:
-        for load in self._loads:
-            load.cancel()
-        for proc in self._servers.values():
-            _end(proc)
-        self._servers.clear()
-        super().down()
+    def _ip(self, node: int) -> str:
+        return str(self.cluster.host(self.host(node)).ip)
 
-    def kill(self, node: int) -> None:
-        super().kill(node)
-        server = self._servers.pop(node, None)
-        if server is not None:
-            _end(server)
+    def _agent(self, node: int, cmd: str, **args: Any) -> Any:
+        return self._control(node, cmd, **args)
+
+    def _spawn(self, node: int, module: str, args: list[str], *, stderr: bool = True) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", f"testbed.{module}", *args]
+        return subprocess.Popen(self.cluster.exec_argv(self.host(node), argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE if stderr else subprocess.DEVNULL, text=True)  # fmt: skip
 
     def _control(self, node: int, cmd: str, **args: Any) -> Any:
         from edgeagent.control import ControlClient, socket_path
@@ -515,45 +569,6 @@ class NetnsBackend(AgentsBackend):
             own = [r for r in rows if r.get("node") == self.host(i) and r.get("state") == "active"]
             out[neutral(i)] = str(own[0]["block"]) if own else None
         return out
-
-    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
-        for node in nodes:
-            ip = self.cluster.host(self.host(node)).ip
-            argv = [sys.executable, "-m", "testbed.coap_server", ip, str(SERVER_PORT), neutral(node)]
-            proc = subprocess.Popen(self.cluster.exec_argv(self.host(node), argv),
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                _end(proc)
-                raise BackendError(f"{neutral(node)}: the CoAP server did not start")
-            self._servers[node] = proc
-            self._control(node, "service", op="register", name=service, uri=f"coap://{ip}:{SERVER_PORT}")
-        deadline = time.monotonic() + SERVE_READY_TIMEOUT
-        while not all(self._healthy(i, service) >= len(nodes) for i in self.running()):
-            if time.monotonic() > deadline:
-                raise BackendError(f"{service}: not every node saw {len(nodes)} healthy instances "
-                                   f"within {SERVE_READY_TIMEOUT:g} s")
-            time.sleep(0.5)
-
-    def _healthy(self, node: int, service: str) -> int:
-        rows = self._control(node, "coap")["instances"]
-        return sum(r.get("state") == "healthy" and r.get("name", service) == service for r in rows)
-
-    def coap_load(
-        self, ingress: int, service: str, seconds: float, rate: float, concurrency: int
-    ) -> LoadHandle:
-        ip = self.cluster.host(self.host(ingress)).ip
-        argv = [sys.executable, "-m", "testbed.coap_load", f"{ip}:{COAP_PORT}",
-                f"coap://{ip}:{COAP_PORT}/mesh/{service}/temp", "--seconds", str(seconds),
-                "--rate", str(rate), "--concurrency", str(concurrency), "--records"]  # fmt: skip
-        proc = subprocess.Popen(self.cluster.exec_argv(self.host(ingress), argv),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        load = _Load(proc, self.now, seconds)
-        self._loads.append(load)
-        if not load.wait_started(LOAD_TIMEOUT_EXTRA):
-            load.cancel()
-            raise BackendError("the CoAP load client did not start")
-        return load
 
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
         """:mod:`testbed.mqtt_load` inside the publisher's namespace: it publishes to its own
@@ -577,44 +592,50 @@ IMAGE_PYTHON = "/opt/edgeagent/bin/python"
 
 class _ContainersAdapter(AgentsBackend):
     name = "containers"
-    features = frozenset({"mqtt", "overlay", "policy", "cloud", "policy-endpoint"})
+    features = frozenset({"coap", "mqtt", "overlay", "policy", "cloud", "policy-endpoint"})
 
     def __init__(self, cls: Any) -> None:
         super().__init__()
         self._cls = cls
-        self._loads: list[_Load] = []
 
-    def down(self) -> None:
-        for load in self._loads:
-            load.cancel()
-        self._loads.clear()
-        super().down()
+    def stop(self, node: int) -> None:
+        """``docker stop``: the container goes, and the CoAP server in it."""
+        super().stop(node)
+        self._end_server(node)
+
+    def _ip(self, node: int) -> str:
+        return str(self.cluster.ip(self.host(node)))
+
+    def _agent(self, node: int, cmd: str, **args: Any) -> Any:
+        return self._call(lambda: self.cluster.call(self.host(node), cmd, **args))
 
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int, drain: float) -> LoadHandle:
         """:mod:`testbed.mqtt_load` inside the publisher's container (as on netns: it
         publishes to its own agent's broker, its subscriber crosses the link to the sub node's),
         its source on stdin of the image's python, which has paho-mqtt (aiomqtt's dependency)."""
         pub_ip, sub_ip = (self.cluster.ip(self.host(n)) for n in (pub, sub))
-        argv = [IMAGE_PYTHON, "-", "--pub", f"{pub_ip}:{MQTT_PORT}", "--sub", f"{sub_ip}:{MQTT_PORT}",
+        args = ["--pub", f"{pub_ip}:{MQTT_PORT}", "--sub", f"{sub_ip}:{MQTT_PORT}",
                 "--count", str(count), "--rate", str(rate), "--qos", str(qos), "--timeout", str(drain),
                 "--settle", str(MQTT_SETTLE), "--topic", f"scenario/{time.monotonic_ns()}",
                 "--records"]  # fmt: skip
-        return self._piped_load(pub, "mqtt_load", argv, MQTT_SETTLE + count / rate + drain + 1.0, "MQTT")
+        load = _Load(self._spawn(pub, "mqtt_load", args), self.now, MQTT_SETTLE + count / rate + drain + 1.0, "MQTT")
+        self._loads.append(load)
+        return load
 
-    def _piped_load(self, node: int, module: str, argv: list[str], seconds: float, what: str) -> _Load:
+    def _spawn(self, node: int, module: str, args: list[str], *, stderr: bool = True) -> subprocess.Popen[str]:
+        """``testbed/MODULE.py`` in the node's container: its source on stdin of the image's
+        python (``python - ARGS``; the image has aiocoap and paho-mqtt, not ``testbed/``)."""
         source = (Path(__file__).resolve().parent / f"{module}.py").read_text()
-        cmd = ["docker", "exec", "-i", self.cluster.container(self.host(node)), *argv]
+        cmd = ["docker", "exec", "-i", self.cluster.container(self.host(node)), IMAGE_PYTHON, "-", *args]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                stderr=subprocess.PIPE if stderr else subprocess.DEVNULL, text=True)  # fmt: skip
         assert proc.stdin is not None
         try:
             proc.stdin.write(source)
             proc.stdin.close()  # python - runs the script at EOF
         except BrokenPipeError:
-            pass  # docker exec ended at once: the load's result says why
-        load = _Load(proc, self.now, seconds, what)
-        self._loads.append(load)
-        return load
+            pass  # docker exec ended at once: the caller sees it end
+        return proc
 
     def _make(self, nodes: int, preset: str) -> Any:
         from testbed.containers.compose import policy_config
@@ -727,6 +748,13 @@ def make_backend(name: str) -> ScenarioBackend:
     if name == "containers":
         return containers_backend()
     raise BackendUnavailable(f"unknown backend {name!r} (sim, netns, containers)")
+
+
+def _printed_ready(proc: subprocess.Popen[str], timeout: float) -> bool:
+    """The process printed ``ready`` as its first stdout line within ``timeout`` s."""
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    return bool(readable) and proc.stdout.readline().strip() == "ready"
 
 
 def _end(proc: subprocess.Popen[str]) -> None:

@@ -343,9 +343,7 @@ def plot_coap(plt: Any, record: dict[str, Any], kind: str = "coap") -> Any:
         middle.plot(xs, [_median(answered[s]) for s in secs], marker=".", label=f"{name}: p50")
         middle.plot(xs, [answered[s][-1] if answered[s] else math.nan for s in secs],
                     marker=".", linestyle=":", label=f"{name}: max")  # fmt: skip
-        bottom.bar(xs, [len(bins[s]) for s in secs], width=0.9, alpha=0.35, label=f"{name}: {w['sent']}")
-        bottom.bar(xs, [sum(not ok for ok, _ in bins[s]) for s in secs], width=0.9,
-                   color="#d62728", label=f"{name}: {w['failed']}")  # fmt: skip
+        _count_bars(bottom, name, result["records"] if kind == "coap" else [], bins, w)
     for ax in (top, middle, bottom):
         _mark_steps(ax, record, label=ax is top)
         ax.grid(True, alpha=0.3)
@@ -363,6 +361,35 @@ def plot_coap(plt: Any, record: dict[str, Any], kind: str = "coap") -> Any:
     fig.suptitle(f"{record['scenario']['name']}: {w['title']} through the mesh", y=0.99)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
+
+
+ANSWERERS_SHOWN = 6  # instances told apart in coap.png's bottom panel (the most frequent)
+
+
+def _count_bars(ax: Any, name: str, records: list[list[Any]], bins: dict[int, list[tuple[bool, float]]],
+                w: dict[str, str]) -> None:  # fmt: skip
+    """Per second: what was sent and what failed; when the answers came from two or more
+    instances (CoAP records: the payload names the answering server), the answered requests
+    stacked by instance instead, so a failover shows as one colour handing over to another."""
+    secs = sorted(bins)
+    xs = [s + 0.5 for s in secs]
+    by: dict[str, dict[int, int]] = {}
+    for rec in records:
+        if rec[1] and isinstance(rec[2], str):
+            per = by.setdefault(rec[2][:20], {})
+            per[int(rec[0])] = per.get(int(rec[0]), 0) + 1
+    shown = sorted(by, key=lambda who: -sum(by[who].values()))[:ANSWERERS_SHOWN]
+    failed = [sum(not ok for ok, _ in bins[s]) for s in secs]
+    if len(shown) < 2:
+        ax.bar(xs, [len(bins[s]) for s in secs], width=0.9, alpha=0.35, label=f"{name}: {w['sent']}")
+        ax.bar(xs, failed, width=0.9, color="#d62728", label=f"{name}: {w['failed']}")
+        return
+    base = [0] * len(secs)
+    for who in sorted(shown):
+        heights = [by[who].get(s, 0) for s in secs]
+        ax.bar(xs, heights, width=0.9, bottom=base, alpha=0.6, label=f"{name}: answered by {who}")
+        base = [b + h for b, h in zip(base, heights, strict=True)]
+    ax.bar(xs, failed, width=0.9, bottom=base, color="#d62728", label=f"{name}: {w['failed']}")
 
 
 def _median(values: list[float]) -> float:

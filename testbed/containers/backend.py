@@ -437,9 +437,10 @@ class ContainerBackend:
         """The node's control socket on the host (its state dir is bind-mounted)."""
         return socket_path(self.workdir / "state" / self.node(name))
 
-    def call(self, name: str | int, cmd: str, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
+    def call(self, name: str | int, cmd: str, /, timeout: float = CALL_TIMEOUT, **args: Any) -> Any:
         """One control command to the node's agent over its socket; ContainerError if it
-        does not answer or refuses."""
+        does not answer or refuses. ``name`` and ``cmd`` are positional only, so a command's
+        own ``name`` argument (``service register``) goes to the agent."""
         try:
             return ControlClient(self.control_socket(name), timeout=timeout).call(cmd, **args)
         except (AgentUnavailable, ControlError, OSError) as exc:

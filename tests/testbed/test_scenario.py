@@ -402,3 +402,30 @@ def test_agent_logs_are_one_file_per_node_and_never_a_path(tmp_path: Path) -> No
     written = _write_logs(tmp_path, {"n1": "line\n", "../n2": "escape", "n3": ""})
     assert written == [tmp_path / "logs" / "n1.log", tmp_path / "logs" / "n3.log"]
     assert (tmp_path / "logs" / "n1.log").read_text() == "line\n" and not (tmp_path / "n2.log").exists()
+
+
+class _Bars:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], dict[str, object]]] = []
+
+    def bar(self, xs: list[float], heights: list[int], **kw: object) -> None:
+        self.calls.append((list(heights), kw))
+
+
+def test_coap_bars_stack_answers_by_instance_so_a_failover_shows() -> None:
+    from testbed.scenario_report import _WORDS, _count_bars, _per_second
+
+    # second 0: n2 answers twice, n3 once; second 1: one fails, n3 answers the rest
+    records = [[0.1, True, "n2", 1.0], [0.2, True, "n2", 1.0], [0.3, True, "n3", 1.0],
+               [1.1, False, "", 5000.0], [1.2, True, "n3", 2.0], [1.3, True, "n3", 2.0]]  # fmt: skip
+    ax = _Bars()
+    _count_bars(ax, "m", records, _per_second(records), _WORDS["coap"])
+    assert [(h, kw["label"], kw.get("bottom")) for h, kw in ax.calls] == [
+        ([2, 0], "m: answered by n2", [0, 0]),
+        ([1, 2], "m: answered by n3", [2, 0]),
+        ([0, 1], "m: failed", [3, 2]),
+    ]
+    one = [r for r in records if r[2] != "n2"]  # a single instance: sent and failed, as before
+    ax = _Bars()
+    _count_bars(ax, "m", one, _per_second(one), _WORDS["coap"])
+    assert [(h, kw["label"]) for h, kw in ax.calls] == [([1, 3], "m: sent"), ([0, 1], "m: failed")]

@@ -1,5 +1,6 @@
-"""The shipped scenarios on docker containers (the second real backend): partition, and
-reboot (a power cut mid MQTT load, the load client inside the pub container).
+"""The shipped scenarios on docker containers (the second real backend): partition,
+reboot (a power cut mid MQTT load, the load client inside the pub container) and
+coap-failover (CoAP servers and the load client inside the containers; about 30 s).
 
 Skipped with the reason when no docker daemon answers; a docker that cannot build the node
 image fails (see tests/testbed/test_containers.py). The runner takes its containers down
@@ -67,5 +68,26 @@ def test_reboot_scenario_with_its_mqtt_load_holds_in_containers(tmp_path: Path, 
     assert (result["received"], result["lost"], result["duplicates"]) == (400, 0, 0)
     published = [r[0] for r in result["records"]]
     assert published[0] < reboot["t_down"] < published[-1], "the cut is mid-load"
+    for kind in ("container", "network"):
+        assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"
+
+
+def test_coap_failover_scenario_holds_in_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = _docker_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("EDGEAGENT_CONTAINERS_DIR", str(tmp_path / "runs"))
+    before = {kind: _labelled(kind) for kind in ("container", "network")}
+    report = tmp_path / "report"
+    rc = run_cli(["scenario", str(SCENARIOS / "coap-failover.toml"), "--backend", "containers",
+                  "--report", str(report), "--no-plots"])  # fmt: skip
+    record = json.loads((report / "report.json").read_text())
+    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    (kill,) = [s for s in record["steps"] if s["action"] == "kill"]
+    records = record["loads"]["main"]["result"]["records"]
+    assert records[0][0] < kill["t_start"] < records[-1][0], "the crash is mid-load"
+    after = [r[2] for r in records if r[0] > kill["t_end"] and r[1]]
+    assert after and set(after) == {"n3"}, "after the crash only n3 answers (n2's server went with it)"
+    assert {r[2] for r in records if r[1]} <= {"n2", "n3"}
     for kind in ("container", "network"):
         assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"
