@@ -8,6 +8,7 @@ anyone observes), and for the tests two counters that are not counted themselves
 ``/observers`` (how many observe ``/obs`` now) and ``/hits`` (requests to every other path).
 It prints ``ready`` on stdout once bound.
 
+``--delay-ms MS`` makes GET ``/temp`` answer MS late (a slower instance for the balancer).
 ``--mdns LABEL`` also announces it as a plain LAN device would, with python-zeroconf on
 HOST only: ``LABEL._coap._udp.local.`` at HOST:PORT (no TXT, so the service is LABEL).
 """
@@ -28,11 +29,14 @@ UNCOUNTED = (("hits",), ("observers",))
 
 
 class Temp(resource.Resource):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, delay_s: float = 0.0) -> None:
         super().__init__()
         self.name = name
+        self.delay_s = delay_s
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return aiocoap.Message(
             payload=self.name.encode(), content_format=0, etag=self.name.encode()
         )
@@ -138,13 +142,13 @@ async def announce(host: str, port: int, label: str) -> Any:
     return zc
 
 
-async def main(host: str, port: int, name: str, mdns: str | None = None) -> None:
+async def main(host: str, port: int, name: str, mdns: str | None = None, delay_ms: int = 0) -> None:
     root = CountingSite()
     obs = Obs(name)
     root.add_resource(["obs"], obs)
     root.add_resource(["observers"], Count(lambda: len(obs._observations)))
     root.add_resource(["hits"], Count(lambda: root.hits))
-    root.add_resource(["temp"], Temp(name))
+    root.add_resource(["temp"], Temp(name, delay_ms / 1000))
     root.add_resource(["big"], Big())
     root.add_resource(["slow"], Slow())
     root.add_resource(["upload"], Upload(name))
@@ -158,4 +162,5 @@ async def main(host: str, port: int, name: str, mdns: str | None = None) -> None
 if __name__ == "__main__":
     args = sys.argv[1:]
     label = args[args.index("--mdns") + 1] if "--mdns" in args else None
-    asyncio.run(main(args[0], int(args[1]), args[2], label))
+    delay = int(args[args.index("--delay-ms") + 1]) if "--delay-ms" in args else 0
+    asyncio.run(main(args[0], int(args[1]), args[2], label, delay))

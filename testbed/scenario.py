@@ -221,7 +221,8 @@ STEP_SPECS: dict[str, dict[str, tuple[Checker, bool, Any]]] = {
         "every": (POSITIVE, True, None),
     },
     "sleep": {"seconds": (POSITIVE, True, None)},
-    "coap-serve": {"service": (_name, True, None), "nodes": (_nodes, True, None)},
+    "coap-serve": {"service": (_name, True, None), "nodes": (_nodes, True, None),
+                   "slow": (_nodes, False, ())},  # fmt: skip
     "coap-load": {
         "name": (_name, True, None),
         "ingress": (_node, True, None),
@@ -446,6 +447,8 @@ def _steps(
             # namespace testbed lets them reach everyone), so a scenario names every node
             raise fail(lines.key(line, "groups"), f"step {i + 1} (partition): groups must name "
                        f"every node 1..{nodes} once")  # fmt: skip
+        if action == "coap-serve" and not set(args["slow"]) <= set(args["nodes"]):
+            raise fail(lines.key(line, "slow"), f"step {i + 1} (coap-serve): slow names a node not in nodes")
         if action == "loss-ramp" and args["from"] == args["to"]:
             raise fail(lines.key(line, "to"), f"step {i + 1} (loss-ramp): from and to are equal")
         steps.append(Step(i + 1, action, line, args))

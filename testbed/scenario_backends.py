@@ -44,6 +44,7 @@ LOAD_TIMEOUT_EXTRA = 30.0  # seconds past a load's own length before it is kille
 SERVE_READY_TIMEOUT = 30.0  # a CoAP server prints "ready", its instance turns healthy
 COAP_PORT = 5683  # each agent's own CoAP listener (the default, one per namespace)
 SERVER_PORT = 5700  # the plain CoAP server beside an agent, inside the same namespace
+SLOW_MS = 20  # how late a "slow" coap-serve instance answers GET /temp
 MQTT_PORT = 1883  # each agent's own MQTT listener (the default, one per namespace)
 MQTT_SETTLE = 2.0  # seconds between subscribing and the first publish: interest spreads
 
@@ -103,7 +104,7 @@ class ScenarioBackend(Protocol):
     def running(self) -> set[int]: ...
     def views(self) -> dict[str, dict[str, str]]: ...  # observer -> member -> state
     def overlay_addresses(self) -> dict[str, str | None]: ...  # running node -> own block
-    def coap_serve(self, service: str, nodes: Sequence[int]) -> None: ...
+    def coap_serve(self, service: str, nodes: Sequence[int], slow: Sequence[int] = ()) -> None: ...
     def coap_load(self, ingress: int, service: str, seconds: float, rate: float,
                   concurrency: int) -> LoadHandle: ...  # fmt: skip
     def mqtt_load(self, pub: int, sub: int, count: int, rate: float, qos: int,
@@ -221,7 +222,7 @@ class SimBackend:
             out[neutral(i)] = None if block is None else str(block)
         return out
 
-    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+    def coap_serve(self, service: str, nodes: Sequence[int], slow: Sequence[int] = ()) -> None:
         raise BackendError("the simulator has no CoAP")
 
     def coap_load(
@@ -441,13 +442,15 @@ class AgentsBackend:
     def _spawn(self, node: int, module: str, args: list[str], *, stderr: bool = True) -> subprocess.Popen[str]:
         raise BackendError(f"the {self.name} backend cannot run {module} here")
 
-    def coap_serve(self, service: str, nodes: Sequence[int]) -> None:
+    def coap_serve(self, service: str, nodes: Sequence[int], slow: Sequence[int] = ()) -> None:
         """A :mod:`testbed.coap_server` beside each node's agent (its address, SERVER_PORT),
         registered as ``service`` with that agent; waits until every running node sees them
-        all healthy."""
+        all healthy. The servers of ``slow`` nodes answer SLOW_MS late (the balancer then
+        prefers the others, so a scenario knows which instance serves)."""
         for node in nodes:
             ip = self._ip(node)
-            proc = self._spawn(node, "coap_server", [ip, str(SERVER_PORT), neutral(node)], stderr=False)
+            extra = ["--delay-ms", str(SLOW_MS)] if node in slow else []
+            proc = self._spawn(node, "coap_server", [ip, str(SERVER_PORT), neutral(node), *extra], stderr=False)
             if not _printed_ready(proc, SERVE_READY_TIMEOUT):
                 _end(proc)
                 raise BackendError(f"{neutral(node)}: the CoAP server did not start")

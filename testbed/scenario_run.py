@@ -259,7 +259,7 @@ class Run:
         if step.action == "reboot":
             return self.reboot(a["node"], a["down"])
         if step.action == "coap-serve":
-            b.coap_serve(a["service"], a["nodes"])
+            b.coap_serve(a["service"], a["nodes"], a["slow"])
             return f"{a['service']} on {', '.join(neutral(n) for n in a['nodes'])}"
         if step.action == "coap-load":
             self._handles[a["name"]] = b.coap_load(

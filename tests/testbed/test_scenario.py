@@ -70,6 +70,8 @@ def test_every_shipped_scenario_parses() -> None:
         (('action = "start"', 'action = "partition"\ngroups = "1,2/2,3"'), "groups", "a node is in two groups"),
         (('action = "start"', 'action = "partition"\ngroups = "1,x"'), "groups", "bad node 'x'"),
         (('action = "start"', 'action = "partition"\ngroups = "1/2"'), "groups", "must name every node 1..3"),
+        (('action = "start"', 'action = "coap-serve"\nservice = "t"\nnodes = [2]\nslow = [3]'), "slow",
+         "slow names a node not in nodes"),
         (("within = 20\n", "within = 20\n\n[[expect]]\ncheck = \"detected\"\nnode = 2\nwithin = 5\n"),
          "node = 2", "node 2 is never killed"),
     ],

@@ -86,6 +86,8 @@ def test_coap_failover_scenario_holds_in_containers(tmp_path: Path, monkeypatch:
     (kill,) = [s for s in record["steps"] if s["action"] == "kill"]
     records = record["loads"]["main"]["result"]["records"]
     assert records[0][0] < kill["t_start"] < records[-1][0], "the crash is mid-load"
+    serving = [r[2] for r in records if kill["t_start"] - 2 < r[0] < kill["t_start"] and r[1]]
+    assert serving.count("n2") > len(serving) / 2, "n2 (n3 is slow) was serving when it crashed"
     after = [r[2] for r in records if r[0] > kill["t_end"] and r[1]]
     assert after and set(after) == {"n3"}, "after the crash only n3 answers (n2's server went with it)"
     assert {r[2] for r in records if r[1]} <= {"n2", "n3"}

@@ -47,6 +47,8 @@ def test_coap_failover_scenario_holds_on_real_agents(tmp_path: Path, monkeypatch
     assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
     result = record["loads"]["main"]["result"]
     kill = next(k["t"] for k in record["kills"] if k["node"] == "n2")
+    serving = [r[2] for r in result["records"] if kill - 2 < r[0] < kill and r[1]]
+    assert serving.count("n2") > len(serving) / 2, "n2 (n3 is slow) was serving when it crashed"
     after = [r for r in result["records"] if r[0] > kill + 2]
     assert after and all(r[2] == "n3" for r in after if r[1]), "answers after the kill come from n3"
     assert (tmp_path / "report" / "coap.png").stat().st_size > 10_000
