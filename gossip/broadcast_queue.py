@@ -17,6 +17,13 @@ member makes the older Suspect pointless (memberlist's NamedBroadcast
 invalidation). Beyond ``max_items`` the item that would be sent last -- lowest
 class, then most transmitted, then oldest -- is dropped and counted.
 
+Each item also remembers members known to hold it (not memberlist): the
+member it is about and the one we heard it from (``push(known=...)``), any
+member that sent us the same update again (``heard``), and every member we
+sent it to. A ``take`` for member ``to`` skips what ``to`` holds, and an item
+held by every other member (``peers``) is retired unsent: after a site-wide
+restart the sends no longer go to members that told us the news themselves.
+
 Items live in buckets keyed by (priority, transmits): a sorted list of
 insertion ids plus a count of item sizes. A ``take`` sorts only the few bucket
 keys, skips a bucket whose smallest item cannot fit, and scans a bucket only
@@ -26,7 +33,7 @@ until the budget is spent, so it never re-sorts the whole queue.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from .messages import Message
@@ -34,6 +41,7 @@ from .messages import Message
 PRIORITY_MEMBERSHIP = 0  # Alive / Suspect / Dead: failure detection depends on them
 PRIORITY_STATE = 1  # StateUpdate: replicated per-node maps (services, address claims)
 PRIORITY_USER = 2  # UserBroadcast: application payloads, first to yield
+MAX_KNOWN = 128  # members remembered per item as holding it (beyond: no early retirement)
 
 
 def retransmit_limit(mult: int, n: int) -> int:
@@ -55,6 +63,7 @@ class _Item:
     priority: int
     size: int
     transmits: int = 0
+    known: set[str] = field(default_factory=set)  # members known to hold it (bounded)
 
 
 @dataclass(slots=True)
@@ -87,6 +96,7 @@ class BroadcastQueue:
             raise ValueError("max_items must be at least 1")
         self.max_items = max_items
         self.dropped = 0  # items evicted because the queue was full
+        self.retired_known = 0  # items retired early: every other member was known to hold them
         self._items: dict[int, _Item] = {}
         self._by_key: dict[Hashable, int] = {}
         self._buckets: dict[tuple[int, int], _Bucket] = {}
@@ -95,7 +105,9 @@ class BroadcastQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, msg: Message, *, key: Hashable | None, priority: int, size: int) -> None:
+    def push(
+        self, msg: Message, *, key: Hashable | None, priority: int, size: int, known: tuple[str, ...] = ()
+    ) -> None:
         """Queue ``msg`` (``size`` bytes on the wire), replacing any item with the same ``key``.
 
         ``key=None`` never supersedes anything. Lower ``priority`` is sent first
@@ -108,7 +120,7 @@ class BroadcastQueue:
             if old is not None:
                 self._remove(self._items[old])
             self._by_key[key] = self._next_id
-        item = _Item(self._next_id, msg, key, priority, size)
+        item = _Item(self._next_id, msg, key, priority, size, known=set(known[:MAX_KNOWN]))
         self._next_id += 1
         self._items[item.ident] = item
         self._file(item)
@@ -117,11 +129,29 @@ class BroadcastQueue:
             self._remove(self._items[worst.ids[0]])
             self.dropped += 1
 
-    def take(self, budget_bytes: int, retransmit_limit: int) -> list[Message]:
-        """Pick messages whose sizes fit ``budget_bytes``, most valuable first.
+    def heard(self, key: Hashable, msg: Message, name: str) -> None:
+        """Member ``name`` sent us ``msg``: if that is the update queued under ``key``, it holds it."""
+        ident = self._by_key.get(key)
+        if ident is not None:
+            item = self._items[ident]
+            if item.msg == msg and len(item.known) < MAX_KNOWN:
+                item.known.add(name)
+
+    def take(
+        self,
+        budget_bytes: int,
+        retransmit_limit: int,
+        to: str | None = None,
+        peers: int = 0,
+        live: Callable[[str], bool] | None = None,
+    ) -> list[Message]:
+        """Pick messages whose sizes fit ``budget_bytes``, most valuable first, for member ``to``.
 
         Each picked item counts one more transmit and is retired once it has
         been sent ``retransmit_limit`` times (at least once, as in memberlist).
+        An item ``to`` is known to hold is not sent to it; an item known to be
+        held by ``peers`` members (all the others; ``live`` tells a current member
+        from one gone since) is retired unsent.
         """
         items = self._items
         remaining = budget_bytes
@@ -134,6 +164,15 @@ class BroadcastQueue:
             ids = bucket.ids
             for index in range(len(ids) - 1, -1, -1):  # newest first
                 item = items[ids[index]]
+                known = item.known
+                if peers and len(known) >= peers and (live is None or sum(map(live, known)) >= peers):
+                    del ids[index]  # every other member holds it: done
+                    bucket.discard_size(item.size)
+                    self._forget(item)
+                    self.retired_known += 1
+                    continue
+                if to is not None and to in known:
+                    continue
                 if item.size <= remaining:
                     picked.append(item)
                     remaining -= item.size
@@ -146,6 +185,8 @@ class BroadcastQueue:
         # Re-file survivors one tier up, oldest first so most land by a plain append.
         for item in sorted(picked, key=_ident):
             item.transmits += 1
+            if to is not None and len(item.known) < MAX_KNOWN:
+                item.known.add(to)
             if item.transmits >= retransmit_limit:
                 self._forget(item)
             else:
@@ -166,13 +207,16 @@ class BroadcastQueue:
         bucket.add(item)
 
     def _remove(self, item: _Item) -> None:
+        self._remove_from_bucket(item)
+        self._forget(item)
+
+    def _remove_from_bucket(self, item: _Item) -> None:
         tier = (item.priority, item.transmits)
         bucket = self._buckets[tier]
         del bucket.ids[bisect.bisect_left(bucket.ids, item.ident)]
         bucket.discard_size(item.size)
         if not bucket.ids:
             del self._buckets[tier]
-        self._forget(item)
 
     def _forget(self, item: _Item) -> None:
         """Drop ``item`` from the indexes other than its bucket."""

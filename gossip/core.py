@@ -330,6 +330,7 @@ class Membership:
         # Reaped names -> last incarnation, oldest first, at most max_members (see _on_alive).
         self._reaped: dict[str, int] = {}
         self._stale_accusation = False  # this datagram accused an older incarnation of us
+        self._rx_sender: str | None = None  # the member whose datagram is being read
         self._conflicts: set[Address] = set()  # addresses that claimed our name, reported once
 
         self._queue = BroadcastQueue(config.max_broadcast_queue)
@@ -600,6 +601,7 @@ class Membership:
             return
         if not self._fresh(header):
             return
+        self._rx_sender = header.sender
         for msg in msgs:
             stats.count(False, _KIND[type(msg)], encoded_size(msg))
         pings: list[Ping] = []
@@ -612,6 +614,7 @@ class Membership:
                 self._dispatch(msg, src, now)
             if type(msg) is Ping or type(msg) is Ack or type(msg) is Nack or type(msg) is PingReq:
                 self._heard_from(msg.source, src)
+        self._rx_sender = None
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
@@ -830,9 +833,20 @@ class Membership:
             self._limit_cache = (n, limit)
         return limit
 
-    def _enqueue(self, msg: Message, key: object, priority: int) -> None:
-        self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg))
+    def _enqueue(self, msg: Message, key: object, priority: int, known: tuple[str, ...] = ()) -> None:
+        """Queue ``msg`` for piggybacking; ``known``: members that hold it already (not sent to)."""
+        self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg), known=known)
         self._wake_gossip()
+
+    def _is_peer(self, name: str) -> bool:
+        """``name`` is another member, ALIVE or SUSPECT (one that n_estimate counts)."""
+        node = self._table.by_name.get(name)
+        return node is not None and node is not self._me and node.state <= SUSPECT
+
+    def _holders(self, subject: str) -> tuple[str, ...]:
+        """Who holds an update about ``subject`` we just received: it, and the datagram's sender."""
+        sender = self._rx_sender
+        return (subject,) if sender is None or sender == subject else (subject, sender)
 
     def _wake_gossip(self) -> None:
         """Something was queued: re-arm a parked gossip ticker on its old phase (due at once if late)."""
@@ -841,20 +855,21 @@ class Membership:
             self._gossip_parked = None
             self._timers.schedule(parked + self.config.gossip_interval, GossipTick())
 
-    def _take_broadcasts(self, budget: int) -> list[Message]:
+    def _take_broadcasts(self, budget: int, to: str) -> list[Message]:
         limit = self._retransmit_limit()
-        msgs: list[Message] = self._queue.take(budget, limit) if self._queue else []
+        peers, live = self._table.n_estimate() - 1, self._is_peer
+        msgs: list[Message] = self._queue.take(budget, limit, to, peers, live) if self._queue else []
         if self._user_queue:
             # User broadcasts fill what membership and state updates leave.
             budget -= sum(encoded_size(m) for m in msgs)
-            msgs.extend(self._user_queue.take(budget, limit))
+            msgs.extend(self._user_queue.take(budget, limit, to, peers, live))
         return msgs
 
     def _send(self, addr: Address, to: str, msgs: list[Message]) -> None:
         """Seal ``msgs`` plus as many piggybacked broadcasts as fit, queue for member ``to`` at ``addr``."""
         used = sum(encoded_size(m) for m in msgs)
         if used < self._budget:
-            msgs.extend(self._take_broadcasts(self._budget - used))
+            msgs.extend(self._take_broadcasts(self._budget - used, to))
         self._seal(addr, to, msgs)
 
     def _seal(self, addr: Address, to: str, msgs: list[Message]) -> None:
@@ -1186,7 +1201,7 @@ class Membership:
             node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
-                    self._enqueue(a, a.name, priority)
+                    self._enqueue(a, a.name, priority, self._holders(a.name))
                 self._emit(MemberJoined(node.snapshot()))
                 self._apply_pending(a.name, now)
             return
@@ -1196,6 +1211,8 @@ class Membership:
         if verified:
             self._table.verify(node)
         if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
+            if self._rx_sender is not None:
+                self._queue.heard(a.name, a, self._rx_sender)
             return
         if self._alive_refused(a):
             return  # forged: it moves neither the address nor the incarnation
@@ -1205,7 +1222,7 @@ class Membership:
         node.meta = a.meta
         node.addr = a.addr
         node.sig = a.sig
-        self._enqueue(a, a.name, priority)
+        self._enqueue(a, a.name, priority, self._holders(a.name))
         if old_state != ALIVE:
             self._table.set_state(node, ALIVE, now)
         if old_state in (DEAD, LEFT):
@@ -1361,6 +1378,7 @@ class Membership:
             return
         if self._state_verifier is not None:
             if not self._store.is_newer(msg.owner, msg.key, msg.version):
+                self._heard_state(msg)
                 return  # held already (or older): nothing to verify
             entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted, msg.sig)
             verdict = self._authentic(msg.owner, entry, self._credential_of(msg.owner))
@@ -1373,11 +1391,17 @@ class Membership:
                 return
         if self._store.apply(msg):
             if msg.key != CREDENTIAL_KEY:  # credentials travel by push-pull only
-                self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE)
+                self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE, self._holders(msg.owner))
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
             if msg.key == CREDENTIAL_KEY:
                 self._release(msg.owner, now)
+        else:
+            self._heard_state(msg)
         self._count_store()
+
+    def _heard_state(self, msg: StateUpdate) -> None:
+        if self._rx_sender is not None:
+            self._queue.heard((msg.owner, msg.key), msg, self._rx_sender)
 
     # --- owner signatures (signing.py)
 
@@ -1606,9 +1630,9 @@ class Membership:
             return n.state <= SUSPECT or (n.state == DEAD and n.state_change >= dead_horizon)
 
         for node in self._table.k_random(config.gossip_nodes, worth_gossip, self._rng):
-            msgs = self._take_broadcasts(self._budget)
+            msgs = self._take_broadcasts(self._budget, node.name)
             if not msgs:
-                return
+                continue
             self._seal(node.addr, node.name, msgs)
 
     def _on_push_pull_tick(self, deadline: float, now: float) -> None:

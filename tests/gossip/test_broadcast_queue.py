@@ -264,3 +264,21 @@ def test_queue_behaves_like_the_naive_sorted_model(max_items: int, ops: list[Any
             assert q.take(budget, limit) == model.take(budget, limit)
         assert len(q) == len(model.items)
         assert q.dropped == model.dropped
+
+
+def test_an_item_is_skipped_for_a_holder_and_retired_once_every_peer_holds_it() -> None:
+    q = BroadcastQueue(10)
+    q.push(UserBroadcast("o", 1, b"x"), key="k", priority=0, size=10, known=("a",))
+    assert q.take(100, 8, to="a", peers=3) == []  # a holds it: not sent, not counted
+    assert len(q.take(100, 8, to="b", peers=3)) == 1  # b now holds it too
+    q.heard("k", UserBroadcast("o", 1, b"x"), "c")
+    q.heard("k", UserBroadcast("o", 2, b"y"), "d")  # another update: says nothing about ours
+    assert q.take(100, 8, to="d", peers=3) == [] and len(q) == 0  # a, b, c: all three peers
+    assert q.retired_known == 1
+
+
+def test_a_holder_that_is_gone_does_not_count_towards_every_peer() -> None:
+    q = BroadcastQueue(10)
+    q.push(UserBroadcast("o", 1, b"x"), key="k", priority=0, size=10, known=("a", "gone"))
+    assert len(q.take(100, 8, to="b", peers=3, live=lambda n: n != "gone")) == 1
+    assert len(q) == 1  # a and b of the three live peers: c still lacks it

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from gossip.codec import DatagramHeader, destination_tag
 from gossip.config import lan
 from gossip.core import InvalidArgument, Membership
 from gossip.errors import BroadcastTooLarge
@@ -64,7 +65,24 @@ def test_newer_update_about_a_member_supersedes_the_queued_one() -> None:
     assert core.pending_broadcasts == 1
     out = run(core, 30.0, 60.0)
     assert not any(isinstance(m, Suspect) for msgs in out for m in msgs)
-    assert sum(Alive("p1", 2, ("10.0.1.1", 7946), b"") in msgs for msgs in out) == 4
+    # p1 holds its own Alive: it goes to the three others once each, then every other
+    # member is known to hold it and it retires before the limit of 4 (issue 13).
+    assert sum(Alive("p1", 2, ("10.0.1.1", 7946), b"") in msgs for msgs in out) == 3
+    assert core.pending_broadcasts == 0
+
+
+def test_an_update_is_not_sent_to_members_known_to_hold_it() -> None:
+    core = make_core(peers=4)
+    run(core, 0.0, 30.0)
+    news = Alive("p1", 2, ("10.0.1.1", 7946), b"")
+    core.receive(seal([news], to=core.name), SRC, 30.0)  # from TEST_SENDER, about p1
+    core.receive(seal([news], header=DatagramHeader("p2", 0, 1, destination_tag(core.name)), to=core.name), SRC, 30.0)
+    for i in range(10):
+        for peer in ("p1", "p2"):  # the subject and a member that told us: never sent to
+            core._send(("10.0.1.9", 7946), peer, [Ack(i, core.name)])
+    assert news not in [m for _, msgs in sent(core) for m in msgs]
+    core._send(("10.0.1.3", 7946), "p3", [Ack(99, core.name)])
+    assert news in [m for _, msgs in sent(core) for m in msgs]
 
 
 def test_membership_updates_go_before_state_and_user_payloads() -> None:

@@ -187,6 +187,7 @@ def test_a_genuine_update_still_applies_and_spreads_signed() -> None:
     core = make_core(authority)
     b = authority.issue("b")
     with_signed_peer(core, b)
+    core.receive(seal([Alive("c", 1, C, b"")], to=core.name), C, 0.5)  # someone to relay it to
     newer = b.entry("b", "ipam", 3, {"v": 1, "block": "10.99.2.0/28", "t": [6, 0], "id": "b-id"})
     core.receive(seal([newer], to=core.name), B, 1.0)
     assert core.state_of("b")["ipam"]["block"] == "10.99.2.0/28"
