@@ -14,7 +14,6 @@ import argparse
 import base64
 import json
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from testbed.containers.policy_server import MAX_REPORT_BYTES, serve
 from testbed.containers.policy_tls import write_tls
 from testbed.scenario import ScenarioError, parse
 from testbed.scenario_run import policy_endpoint
-
-SCENARIOS = Path(__file__).resolve().parents[2] / "testbed" / "scenarios"
 
 
 def _plan(**kw: object) -> Plan:
@@ -220,34 +217,13 @@ def test_the_cli_refuses_a_bad_poll_interval_in_one_line(
     )
 
 
-def _labelled(kind: str) -> set[str]:
-    out = subprocess.run(
-        ["docker", kind, "ls", *(["-a"] if kind == "container" else []), "-q",
-         "--filter", "label=org.edgeagent.testbed"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return set(out.stdout.split())
-
-
 @pytest.mark.docker
 def test_policy_cloud_scenario_every_node_enforces_what_the_endpoint_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from testbed.__main__ import main as run_cli
-    from tests.testbed.test_containers import _docker_skip_reason
+    from tests.testbed.test_scenario_containers import run_in_containers
 
-    reason = _docker_skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    monkeypatch.setenv("EDGEAGENT_CONTAINERS_DIR", str(tmp_path / "runs"))
-    before = {kind: _labelled(kind) for kind in ("container", "network")}
-    report = tmp_path / "report"
-    rc = run_cli(["scenario", str(SCENARIOS / "policy-cloud.toml"), "--backend", "containers",
-                  "--report", str(report), "--no-plots"])  # fmt: skip
-    record = json.loads((report / "report.json").read_text())
-    assert rc == 0, [e for e in record["expects"] if not e["ok"]] or record["error"]
+    record = run_in_containers(tmp_path, monkeypatch, "policy-cloud.toml", "--no-plots")
     versions = [e for e in record["expects"] if e["check"] == "policy-version"]
     assert [(e["version"], e["nodes"], e["missing"]) for e in versions] == [(1, 3, []), (2, 3, [])]
     assert [f["service"] for f in record["faults"] if f["kind"] == "cloud"] == ["policy"]
-    for kind in ("container", "network"):
-        assert _labelled(kind) <= before[kind], f"the run left a {kind} behind"
