@@ -83,7 +83,11 @@ FAST_HOLD_S = 10.0  # ... and for this long after the last of their datagrams
 MAX_BACKLOG = 1024  # tainted senders' datagrams read but not yet handled; the oldest are shed
 BACKLOG_SLICE = 0.005  # s of handling them per turn of the loop, before reading the socket again
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
-VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots (metrics freshness)
+VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots while metrics are served
+# ... and without metrics: nothing then reads the counters between events but the forged-input
+# log and the incarnation save, and each snapshot woke the main loop and every listener; at 1 s
+# it was ~0.03 % of a core of a settled agent (N = 20, issue 13).
+IDLE_VIEW_INTERVAL = 5.0
 MIN_VIEW_GAP = 0.05  # s: events closer than this after a View wait for the next one (a View
 # snapshots every member: one per event batch cost ~17 ms each with 5,000 phantoms, issue 14)
 UDP_BUFFER_BYTES = 1 << 22  # SO_RCVBUF / SO_SNDBUF request, capped by net.core.[rw]mem_max
@@ -262,7 +266,8 @@ class GossipDriver(Generic[C]):
     and that thread's clock.
 
     ``on_update(events, view)`` is called on ``main_loop`` after inputs that produced events,
-    and every :data:`VIEW_INTERVAL` seconds with no events (fresh counters for metrics); a
+    and every ``view_interval`` seconds with no events (:data:`IDLE_VIEW_INTERVAL`, or
+    :data:`VIEW_INTERVAL` once :meth:`want_fresh_views`: fresh counters for metrics); a
     stalled main loop gets the latest view and at most ``max_queued_events`` events
     (:mod:`edgeagent.bridge`; the first may be an ``EventsDropped``).
     ``advertise`` is the address the core announces (port 0: the bound port); by default the
@@ -289,6 +294,7 @@ class GossipDriver(Generic[C]):
         self._make_core = make_core
         self._bind = bind
         self._advertise = advertise
+        self.view_interval = IDLE_VIEW_INTERVAL  # unsolicited View period (want_fresh_views)
         self.bridge: UpdateBridge[View] = UpdateBridge(
             main_loop, on_update, max_events=max_queued_events
         )
@@ -419,7 +425,7 @@ class GossipDriver(Generic[C]):
         self._server = await asyncio.start_server(self._serve_stream, sock=tcp)
         loop.add_reader(udp.fileno(), self._on_readable)
         self._ready.set()
-        periodic = loop.call_later(VIEW_INTERVAL, self._publish_periodic)
+        periodic = loop.call_later(self.view_interval, self._publish_periodic)
         self._after_input()
         try:
             await self._stopping.wait()
@@ -656,7 +662,11 @@ class GossipDriver(Generic[C]):
     def _publish_periodic(self) -> None:
         assert self._loop is not None
         self._publish_pending()
-        self._loop.call_later(VIEW_INTERVAL, self._publish_periodic)
+        self._loop.call_later(self.view_interval, self._publish_periodic)
+
+    def want_fresh_views(self) -> None:
+        """Unsolicited views every VIEW_INTERVAL instead of IDLE_VIEW_INTERVAL (any thread)."""
+        self.view_interval = VIEW_INTERVAL
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None

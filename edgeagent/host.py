@@ -126,6 +126,10 @@ class FeatureHost:
         """The gossip address this node advertises."""
         return self._driver.address
 
+    def want_fresh_views(self) -> None:
+        """Counters at most a second old in :attr:`view` even with no events (metrics)."""
+        self._driver.want_fresh_views()
+
     @property
     def view(self) -> View:
         """The latest snapshot of the core the main loop has seen."""

@@ -178,6 +178,7 @@ class Metrics:
                 f"metrics {format_addr(where)}: cannot listen: {exc.strerror or exc}"
             ) from None
         self._feed.update(host.view)
+        host.want_fresh_views()
         host.add_listener(lambda events, view: self._update(view))
         host.add_status(self.status_fields)
 

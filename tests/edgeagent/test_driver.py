@@ -548,3 +548,23 @@ async def test_the_gil_switch_interval_is_short_only_while_hostile_senders_are_r
     finally:
         driver.stop()
     assert sys.getswitchinterval() == default
+
+
+async def test_unsolicited_views_are_rare_until_someone_wants_fresh_counters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13: a snapshot a second woke the main loop and every listener of a settled agent
+    for nothing; without metrics it comes every IDLE_VIEW_INTERVAL, with them every second."""
+    import edgeagent.driver as driver_mod
+
+    monkeypatch.setattr(driver_mod, "IDLE_VIEW_INTERVAL", 0.6)
+    monkeypatch.setattr(driver_mod, "VIEW_INTERVAL", 0.05)
+    h = Harness()
+    try:
+        await asyncio.sleep(0.4)
+        idle = len(h.updates)
+        assert idle <= 1  # the start-up view at most: not one per VIEW_INTERVAL
+        h.driver.want_fresh_views()
+        await wait_until(lambda: len(h.updates) >= idle + 6, 5.0)
+    finally:
+        h.driver.stop()
