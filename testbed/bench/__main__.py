@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from testbed.bench import UsageError
+
 BENCHMARKS = {
     "gossip": "simulated SWIM/Lifeguard cluster: detection, false deaths, dissemination, bandwidth",
     "ipam": "overlay address allocation under partitions and churn (simulated)",
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(p)
         modules[name] = module
     args = parser.parse_args(argv)
-    result = modules[args.bench].run(args)
+    try:
+        result = modules[args.bench].run(args)
+    except UsageError as exc:
+        print(f"python -m testbed.bench {exc.message}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.bench import UsageError
+
 # name -> (flags, timeout s, needs root)
 SMALL: dict[str, tuple[list[str], float, bool]] = {
     "gossip": (["--nodes", "50", "--duration", "30", "--settle", "10"], 300, False),
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     chosen = list(SMALL) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in chosen if n not in SMALL]
     if unknown:
-        raise SystemExit(f"all: unknown benchmark {unknown[0]!r} (known: {', '.join(SMALL)})")
+        raise UsageError(f"all: unknown benchmark {unknown[0]!r} (known: {', '.join(SMALL)})")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = args.report or Path.cwd() / f"bench-report-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ import sys
 import time
 from typing import Any
 
+from testbed.bench import UsageError
 from testbed.bench.procs import cpu_seconds, stop_process
 from testbed.loopback import LoopbackCluster, free_port
 
@@ -221,9 +222,9 @@ def _healthy(cluster: LoopbackCluster, n: int) -> bool:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.concurrency <= 200 or not 1 <= args.requests <= 10**6:
-        raise SystemExit("coap: --concurrency 1..200, --requests 1..1000000")
+        raise UsageError("coap: --concurrency 1..200, --requests 1..1000000")
     if not 1 <= args.repeat <= 20:
-        raise SystemExit("coap: --repeat 1..20")
+        raise UsageError("coap: --repeat 1..20")
     procs: list[subprocess.Popen[str]] = []
     with LoopbackCluster(3, coap=True, coap_port=None, debug_commands=True) as cluster:
         try:

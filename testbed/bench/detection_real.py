@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.bench import UsageError
 from testbed.bench.stats import nearest_rank
 from testbed.cluster import Testbed, TestbedError
 from testbed.netns import is_root
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not is_root():
         raise SystemExit("detection-real: needs root (network namespaces); try the gossip benchmark instead")
     if args.hosts < 3:
-        raise SystemExit("detection-real: --hosts must be at least 3")
+        raise UsageError("detection-real: --hosts must be at least 3")
     rng = random.Random(args.seed)
     samples: list[float] = []
     undetected = 0

@@ -33,6 +33,7 @@ from typing import Any
 
 from edgeagent import streams
 from edgeagent.onboarding import ClusterCA, new_ca, provision_member
+from testbed.bench import UsageError
 from testbed.bench.procs import cpu_seconds, stop_process
 
 AGENT_IP = "127.77.0.1"
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Start the peers and the agent, measure the agent, stop everything."""
     if not 2 <= args.members <= 255:
-        raise SystemExit("footprint: --members must be 2..255")
+        raise UsageError("footprint: --members must be 2..255")
     ca = new_ca(CLUSTER)  # the measured agent is a provisioned member; peers share its key
     key = ca.keys[0]
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-footprint-"))

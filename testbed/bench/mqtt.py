@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from testbed.bench import UsageError
 from testbed.bench.procs import cpu_seconds, stop_process
 from testbed.loopback import LoopbackCluster, free_port
 
@@ -149,7 +150,7 @@ def _rss_100_clients(cluster: LoopbackCluster) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 100 <= args.count <= 10**6:
-        raise SystemExit("mqtt: --count 100..1000000")
+        raise UsageError("mqtt: --count 100..1000000")
     result: dict[str, Any] = {"count": args.count, "rate": args.rate}
     with tempfile.TemporaryDirectory(prefix="ea-mqtt-bench-") as tmp:
         workdir = Path(tmp)

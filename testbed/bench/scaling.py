@@ -59,6 +59,7 @@ from gossip.config import GossipConfig, preset
 from gossip.core import push_pull_scale
 from gossip.keyring import Keyring
 from gossip.messages import Ack, Ping
+from testbed.bench import UsageError
 from testbed.bench.gossip import run_once
 from testbed.bench.stats import nearest_rank
 from testbed.swim_mc import MIN_SETTLE, run_model
@@ -233,15 +234,15 @@ def _sizes(args: argparse.Namespace) -> list[int]:
     try:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     except ValueError:
-        raise SystemExit(f"scaling: --sizes: expected numbers like 10,100,1000, got {args.sizes!r}") from None
+        raise UsageError(f"scaling: --sizes: expected numbers like 10,100,1000, got {args.sizes!r}") from None
     if not sizes or sizes[0] < 2 or sizes[-1] > 100_000:
-        raise SystemExit("scaling: --sizes must be between 2 and 100000")
+        raise UsageError("scaling: --sizes must be between 2 and 100000")
     if args.model_runs < 0 or args.core_max < 0:
-        raise SystemExit("scaling: --model-runs and --core-max cannot be negative")
+        raise UsageError("scaling: --model-runs and --core-max cannot be negative")
     if args.model_runs and args.settle < MIN_SETTLE:
-        raise SystemExit(f"scaling: --settle must be at least {MIN_SETTLE:g} s for the model")
+        raise UsageError(f"scaling: --settle must be at least {MIN_SETTLE:g} s for the model")
     if args.duration <= 0:
-        raise SystemExit("scaling: --duration must be positive")
+        raise UsageError("scaling: --duration must be positive")
     return sizes
 
 

@@ -72,6 +72,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from testbed.bench import UsageError
 from testbed.bench.procs import cpu_seconds, stop_process
 
 CLUSTER = "bench-traffic"
@@ -121,10 +122,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from testbed.netns import is_root
 
     if not 2 <= args.nodes <= 250:
-        raise SystemExit("traffic: --nodes must be 2..250")
+        raise UsageError("traffic: --nodes must be 2..250")
     for name in ("startup_window", "settle", "window"):
         if getattr(args, name) <= 0:
-            raise SystemExit(f"traffic: --{name.replace('_', '-')} must be positive")
+            raise UsageError(f"traffic: --{name.replace('_', '-')} must be positive")
     method = "nftables" if is_root() and not args.no_netns else "metrics"
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

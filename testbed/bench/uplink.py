@@ -40,6 +40,7 @@ from typing import Any
 
 from edgeagent.errors import AgentUnavailable
 from edgeagent.localmesh import free_port
+from testbed.bench import UsageError
 from testbed.loopback import LoopbackAgent, LoopbackCluster
 
 MOSQUITTO = shutil.which("mosquitto") or (
@@ -375,7 +376,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 2 <= args.nodes <= 20 or not 100 <= args.count <= 100_000 or args.down_s <= 0:
-        raise SystemExit("uplink: --nodes 2..20, --count 100..100000, --down-s > 0")
+        raise UsageError("uplink: --nodes 2..20, --count 100..100000, --down-s > 0")
 
     async def both() -> dict[str, Any]:
         result = await failover(args.nodes, args.count, args.rate, kill_at=args.count // 3)
