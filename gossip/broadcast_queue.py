@@ -207,16 +207,13 @@ class BroadcastQueue:
         bucket.add(item)
 
     def _remove(self, item: _Item) -> None:
-        self._remove_from_bucket(item)
-        self._forget(item)
-
-    def _remove_from_bucket(self, item: _Item) -> None:
         tier = (item.priority, item.transmits)
         bucket = self._buckets[tier]
         del bucket.ids[bisect.bisect_left(bucket.ids, item.ident)]
         bucket.discard_size(item.size)
         if not bucket.ids:
             del self._buckets[tier]
+        self._forget(item)
 
     def _forget(self, item: _Item) -> None:
         """Drop ``item`` from the indexes other than its bucket."""

@@ -768,8 +768,8 @@ class Membership:
                 self._on_push_pull_tick(deadline, now)
             case ReconnectTick():
                 self._on_reconnect_tick(deadline, now)
-            case SettleTick():
-                self._on_settle_tick()
+            case SettleTick():  # a while after our join (JOIN_SETTLE_GOSSIP_INTERVALS)
+                self._push_pull_random()
             case SuspicionTimeout(node, susp):
                 self._on_suspicion_timeout(node, susp, now)
             case Reap(node, stamp):
@@ -842,6 +842,11 @@ class Membership:
         """``name`` is another member, ALIVE or SUSPECT (one that n_estimate counts)."""
         node = self._table.by_name.get(name)
         return node is not None and node is not self._me and node.state <= SUSPECT
+
+    def _heard(self, key: object, msg: Message) -> None:
+        """The datagram's sender sent us ``msg`` again: it holds the update queued under ``key``."""
+        if self._rx_sender is not None:
+            self._queue.heard(key, msg, self._rx_sender)
 
     def _holders(self, subject: str) -> tuple[str, ...]:
         """Who holds an update about ``subject`` we just received: it, and the datagram's sender."""
@@ -1211,8 +1216,7 @@ class Membership:
         if verified:
             self._table.verify(node)
         if not can_change(node.state, node.incarnation, ALIVE, a.incarnation):
-            if self._rx_sender is not None:
-                self._queue.heard(a.name, a, self._rx_sender)
+            self._heard(a.name, a)
             return
         if self._alive_refused(a):
             return  # forged: it moves neither the address nor the incarnation
@@ -1378,7 +1382,7 @@ class Membership:
             return
         if self._state_verifier is not None:
             if not self._store.is_newer(msg.owner, msg.key, msg.version):
-                self._heard_state(msg)
+                self._heard((msg.owner, msg.key), msg)
                 return  # held already (or older): nothing to verify
             entry = StateEntry(msg.key, msg.version, msg.value, msg.deleted, msg.sig)
             verdict = self._authentic(msg.owner, entry, self._credential_of(msg.owner))
@@ -1396,12 +1400,8 @@ class Membership:
             if msg.key == CREDENTIAL_KEY:
                 self._release(msg.owner, now)
         else:
-            self._heard_state(msg)
+            self._heard((msg.owner, msg.key), msg)
         self._count_store()
-
-    def _heard_state(self, msg: StateUpdate) -> None:
-        if self._rx_sender is not None:
-            self._queue.heard((msg.owner, msg.key), msg, self._rx_sender)
 
     # --- owner signatures (signing.py)
 
@@ -1644,12 +1644,10 @@ class Membership:
         # start times differing).
         interval *= 0.5 + self._rng.random()
         self._timers.schedule(next_tick(deadline, interval, now), PushPullTick())
-        peers = self._table.k_random(1, lambda n: n.state == ALIVE, self._rng)
-        if peers:
-            self._request_push_pull(peers[0].addr, join=False)
+        self._push_pull_random()
 
-    def _on_settle_tick(self) -> None:
-        """One push-pull with a random live member, a while after our join (JOIN_SETTLE_GOSSIP_INTERVALS)."""
+    def _push_pull_random(self) -> None:
+        """Push-pull with one random ALIVE member (the periodic one, and the SettleTick)."""
         if self._left:
             return
         peers = self._table.k_random(1, lambda n: n.state == ALIVE, self._rng)

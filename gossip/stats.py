@@ -51,7 +51,7 @@ class Stats:
     probes: int = 0
     probe_failures: int = 0
     refutes: int = 0
-    gone_told: int = 0  # a Dead sent straight to a member that still suspected a gone one
+    gone_told: int = 0  # our Suspect (or its own leave) sent straight to a member still suspecting a gone one
     # Records about us, or state entries, whose incarnation / version jumps more
     # than codec.MAX_COUNTER_STEP ahead: forged, refused.
     out_of_range: int = 0

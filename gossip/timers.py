@@ -64,7 +64,8 @@ class ReconnectTick:
 
 @dataclass(frozen=True, slots=True)
 class SettleTick:
-    """Once, ``JOIN_SETTLE_S`` after our join exchange: one push-pull with a random member."""
+    """Once, ``JOIN_SETTLE_GOSSIP_INTERVALS`` gossip intervals after our join exchange: one
+    push-pull with a random member."""
 
 
 @dataclass(frozen=True, slots=True)
