@@ -54,6 +54,7 @@ from overlay.balancer import Balancer, Outcome, Pick, PickReason
 from overlay.catalog import Catalog, Instance
 from overlay.coap_client import Answer, Busy, Exchanges, Reset
 from overlay.coap_route import ReplyStatus
+from overlay.coap_server import DEDUP_LIFETIME_S, DEDUP_MAX  # one table size for both paths
 from overlay.pki import CertIdentity
 
 from .channel import Channel, ChannelUnavailable, Peer
@@ -61,8 +62,6 @@ from .channel import Channel, ChannelUnavailable, Peer
 log = logging.getLogger("edgeagent.coap")
 
 UPSTREAM_LINKS = 64  # UDP sockets toward local instances (one per address), at most
-DEDUP_MAX = 2048  # requests remembered for deduplication at most
-DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
 RESOLVED_TTL_S = 30.0  # an instance given by name is resolved again after this (names move)
 AFFINITY_MAX = 1024  # block-wise transfers tracked for instance affinity
 CHANNEL_MARGIN_S = 0.05  # the owning agent answers this much before the caller gives up

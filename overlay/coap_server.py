@@ -36,9 +36,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from . import coap_route as cr
+from .coap_client import ACK_RANDOM_FACTOR, ACK_TIMEOUT, MAX_RETRANSMIT  # RFC 7252 4.8
 
 EMPTY_ACK_DELAY = 0.1  # s before an unanswered CON gets an empty ACK (aiocoap's default)
-ACK_TIMEOUT, ACK_RANDOM_FACTOR, MAX_RETRANSMIT = 2.0, 1.5, 4  # RFC 7252 4.8
 DEDUP_MAX = 2048  # requests remembered for deduplication, at most
 DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
 SEPARATE_MAX = 1024  # separate CON responses awaiting the client's ACK, at most
