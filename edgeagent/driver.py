@@ -85,8 +85,9 @@ BACKLOG_SLICE = 0.005  # s of handling them per turn of the loop, before reading
 STREAM_TIMEOUT = 10.0  # connect / read-a-body deadline: memberlist DefaultLANConfig TCPTimeout
 VIEW_INTERVAL = 1.0  # seconds between unsolicited View snapshots while metrics are served
 # ... and without metrics: nothing then reads the counters between events but the forged-input
-# log and the incarnation save, and each snapshot woke the main loop and every listener; at 1 s
-# it was ~0.03 % of a core of a settled agent (N = 20, issue 13).
+# log (a new incarnation, which the main loop saves, gets its View at once: _after_input), and
+# each snapshot woke the main loop and every listener; at 1 s it was ~0.03 % of a core of a
+# settled agent (N = 20, issue 13).
 IDLE_VIEW_INTERVAL = 5.0
 MIN_VIEW_GAP = 0.05  # s: events closer than this after a View wait for the next one (a View
 # snapshots every member: one per event batch cost ~17 ms each with 5,000 phantoms, issue 14)
@@ -317,6 +318,7 @@ class GossipDriver(Generic[C]):
         self._pending_events: list[Event] = []  # not yet handed to the application
         self._publish_handle: asyncio.TimerHandle | None = None
         self._published_at = float("-inf")
+        self._published_incarnation: int | None = None  # of the last View handed over
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -631,7 +633,10 @@ class GossipDriver(Generic[C]):
         pending = self._pending_events
         while (event := core.next_event()) is not None:
             pending.append(event)
-        if pending and self._publish_handle is None:
+        # A new incarnation (a refutation) is persistent: the main loop saves it from the View,
+        # so it gets one at once, event or not (not after IDLE_VIEW_INTERVAL).
+        moved = core.incarnation != self._published_incarnation
+        if (pending or moved) and self._publish_handle is None:
             wait = self._published_at + MIN_VIEW_GAP - loop.time()
             if wait <= 0:
                 self._publish_pending()
@@ -657,6 +662,7 @@ class GossipDriver(Generic[C]):
         assert self._core is not None
         self._published_at = self._now()
         view = take_view(self._core, self._stats, self._now(), self._undecryptable.report())
+        self._published_incarnation = view.incarnation
         self._stats.events_dropped += self.bridge.put(events, view)
 
     def _publish_periodic(self) -> None:

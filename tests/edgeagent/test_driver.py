@@ -568,3 +568,25 @@ async def test_unsolicited_views_are_rare_until_someone_wants_fresh_counters(
         await wait_until(lambda: len(h.updates) >= idle + 6, 5.0)
     finally:
         h.driver.stop()
+
+
+async def test_a_new_incarnation_reaches_the_main_loop_at_once_without_an_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The main loop saves a refuted incarnation from the View: it must not wait for the
+    next unsolicited one (a kill meanwhile restarted a member at its old incarnation)."""
+    import edgeagent.driver as driver_mod
+
+    monkeypatch.setattr(driver_mod, "IDLE_VIEW_INTERVAL", 60.0)
+    h = Harness()
+    try:
+        await wait_until(lambda: len(h.updates) >= 1, 5.0)  # the start-up view
+        seen = len(h.updates)
+
+        def refute(core: Any, now: float) -> None:
+            core.incarnation = 2  # as a refutation does: no event of its own
+
+        await asyncio.wrap_future(h.driver.call(refute))
+        await wait_until(lambda: any(v.incarnation == 2 for _, v, _ in h.updates[seen:]), 5.0)
+    finally:
+        h.driver.stop()
