@@ -296,6 +296,7 @@ class GossipDriver(Generic[C]):
         self._bind = bind
         self._advertise = advertise
         self.view_interval = IDLE_VIEW_INTERVAL  # unsolicited View period (want_fresh_views)
+        self._periodic: asyncio.TimerHandle | None = None
         self.bridge: UpdateBridge[View] = UpdateBridge(
             main_loop, on_update, max_events=max_queued_events
         )
@@ -427,12 +428,12 @@ class GossipDriver(Generic[C]):
         self._server = await asyncio.start_server(self._serve_stream, sock=tcp)
         loop.add_reader(udp.fileno(), self._on_readable)
         self._ready.set()
-        periodic = loop.call_later(self.view_interval, self._publish_periodic)
+        self._periodic = loop.call_later(self.view_interval, self._publish_periodic)
         self._after_input()
         try:
             await self._stopping.wait()
         finally:
-            periodic.cancel()
+            self._periodic.cancel()
             if self._publish_handle is not None:
                 self._publish_handle.cancel()
             loop.remove_reader(udp.fileno())
@@ -668,11 +669,25 @@ class GossipDriver(Generic[C]):
     def _publish_periodic(self) -> None:
         assert self._loop is not None
         self._publish_pending()
-        self._loop.call_later(self.view_interval, self._publish_periodic)
+        self._periodic = self._loop.call_later(self.view_interval, self._publish_periodic)
 
     def want_fresh_views(self) -> None:
-        """Unsolicited views every VIEW_INTERVAL instead of IDLE_VIEW_INTERVAL (any thread)."""
+        """Unsolicited views every VIEW_INTERVAL instead of IDLE_VIEW_INTERVAL (any thread).
+
+        The next one is brought forward too: a feature that starts after the driver would
+        otherwise see its first fresh counters only when the idle wait already armed ends.
+        """
         self.view_interval = VIEW_INTERVAL
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed: the driver has stopped
+                loop.call_soon_threadsafe(self._rearm_periodic)
+
+    def _rearm_periodic(self) -> None:
+        assert self._loop is not None
+        if self._periodic is not None and not self._periodic.cancelled():
+            self._periodic.cancel()
+            self._periodic = self._loop.call_later(self.view_interval, self._publish_periodic)
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
