@@ -233,8 +233,9 @@ JOIN_SETTLE_GOSSIP_INTERVALS = 5
 # released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
 HELD_MAX = 32
 # A credential is not gossiped (each is ~600 B, and every member needed every one
-# at startup): it travels in push-pulls, and a member holding an update whose
-# owner's credential it lacks asks the owner for that map at once, at most once
+# at startup): it travels in push-pulls, and a member that learns of a member
+# without its credential (_fetch_uncredentialed), or holds an update whose
+# owner's credential it lacks, asks the owner for that map at once, at most once
 # per CREDENTIAL_FETCH_RETRY seconds per owner and for CREDENTIAL_FETCH_MAX owners
 # at a time (beyond: the periodic push-pull brings it).
 CREDENTIAL_FETCH_RETRY = 2.0
@@ -370,6 +371,7 @@ class Membership:
         self._own_alive_sig = b""
         self._alive_verdicts: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._fetched: dict[str, float] = {}  # owner -> when we last asked it for its credential
+        self._uncredentialed: list[str] = []  # members new to us this input (fetch_uncredentialed)
         self._settle_armed = False  # the one SettleTick after our first join exchange
 
     def _start_tickers(self, now: float) -> None:
@@ -618,6 +620,8 @@ class Membership:
         for ping in pings:
             self._prober.on_ping(ping, src, self._current_alive())
         self._stale_accusation = False
+        if self._uncredentialed:
+            self._fetch_uncredentialed(now)
 
     def _fresh(self, header: DatagramHeader) -> bool:
         """Anti-replay (replay.py): False, and counted, for a datagram addressed to another
@@ -1209,6 +1213,8 @@ class Membership:
                     self._enqueue(a, a.name, priority, self._holders(a.name))
                 self._emit(MemberJoined(node.snapshot()))
                 self._apply_pending(a.name, now)
+                if self._state_verifier is not None:
+                    self._uncredentialed.append(a.name)
             return
         if node is self._me:
             self._about_me(ALIVE, a.incarnation, a)
@@ -1443,8 +1449,10 @@ class Membership:
     def _release(self, owner: str, now: float) -> None:
         """``owner``'s credential arrived: try the updates held for it again.
 
-        A held update the same push-pull already brought (same version) is still
-        gossiped on: it came by gossip, and holding it must not end its spread.
+        A held update the same push-pull already brought (same version) is not gossiped
+        on: every member that lacked the owner's credential asks the owner itself, as we
+        did, from the moment it learns of it (_fetch_uncredentialed), and the members that
+        held the credential verified the update when it reached them and spread it then.
         """
         self._fetched.pop(owner, None)
         mine = [m for m in self._held if m.owner == owner]
@@ -1452,10 +1460,15 @@ class Membership:
             self._held = deque(m for m in self._held if m.owner != owner)
             for msg in mine:
                 held = self._store.get(owner, msg.key)
-                if held is not None and held.version == msg.version and held.sig == msg.sig:
-                    self._enqueue(msg, (owner, msg.key), PRIORITY_STATE)
-                else:
+                if held is None or held.version != msg.version or held.sig != msg.sig:
                     self._on_state_update(msg, now)
+
+    def _fetch_uncredentialed(self, now: float) -> None:
+        """Ask each member new to us whose credential this input did not bring for its map."""
+        names, self._uncredentialed = self._uncredentialed, []
+        for name in names:
+            if self._credential_of(name) is None:
+                self._fetch_credential(name, now)
 
     def _fetch_credential(self, owner: str, now: float) -> None:
         """Ask ``owner`` for what we lack of its map (its credential first of all).
@@ -1724,6 +1737,8 @@ class Membership:
         for alive in fresh:
             self._enqueue(alive, alive.name, PRIORITY_MERGED)
         self._merge_states(remote.states, now)
+        if self._uncredentialed:
+            self._fetch_uncredentialed(now)
 
     def _merge_states(
         self, states: tuple[tuple[str, tuple[StateEntry, ...]], ...], now: float

@@ -15,7 +15,8 @@ key) and a :class:`StateVerifier` (the trust anchor) and knows nothing of what
 a credential is. The credential itself travels in the owner's own map, under
 :data:`CREDENTIAL_KEY`, as a state value (for the daemon: the node
 certificate in DER), though by push-pull only, never gossiped: a member that
-needs it asks the owner (``Membership._fetch_credential``). The entry carrying it is verified with the
+learns of a member without it, or needs it, asks the owner
+(``Membership._fetch_uncredentialed``, ``Membership._fetch_credential``). The entry carrying it is verified with the
 credential it carries, so the verifier accepts it only if the credential is
 trusted for that owner (the certificate chains to the mesh CA and names the
 owner) and the owner's key signed the entry. Every other entry of that owner is
