@@ -17,6 +17,18 @@ member makes the older Suspect pointless (memberlist's NamedBroadcast
 invalidation). Beyond ``max_items`` the item that would be sent last -- lowest
 class, then most transmitted, then oldest -- is dropped and counted.
 
+A repeat of a queued update pushed with ``feedback`` heard from another member
+counts as one send (``heard``; not memberlist, which counts only its own sends). The
+core asks for it only for news of a start: the Alive of a member new to us and the
+first value of an owner's key, what a site-wide restart floods. It is the rumour-mongering
+feedback of Demers et al. Early in an epidemic repeats are rare and an update
+goes out the full ``retransmit_limit`` times; once most members hold it, every
+member hears it back from several and stops sooner. Without it, the updates of
+a site-wide restart were still being re-sent for a second after every member
+held them (issue 13). An update is still sent at least ``MIN_SENT`` times by
+each member that queued it; what fewer sends leave unreached (the epidemic's
+residue) the core repairs by asking (core.UNKNOWN_SENDER_GRACE) and push-pull.
+
 Each item also remembers members known to hold it (not memberlist): the
 member it is about and the one we heard it from (``push(known=...)``), any
 member that sent us the same update again (``heard``), and every member we
@@ -41,6 +53,7 @@ from .messages import Message
 PRIORITY_MEMBERSHIP = 0  # Alive / Suspect / Dead: failure detection depends on them
 PRIORITY_STATE = 1  # StateUpdate: replicated per-node maps (services, address claims)
 PRIORITY_USER = 2  # UserBroadcast: application payloads, first to yield
+MIN_SENT = 2  # own sends before repeats heard may retire an item (see heard)
 MAX_KNOWN = 128  # members remembered per item as holding it (beyond: no early retirement)
 
 
@@ -62,7 +75,9 @@ class _Item:
     key: Hashable | None
     priority: int
     size: int
-    transmits: int = 0
+    transmits: int = 0  # sends plus repeats heard (heard)
+    sent: int = 0  # our own sends
+    feedback: bool = False  # repeats heard count as sends (heard)
     known: set[str] = field(default_factory=set)  # members known to hold it (bounded)
 
 
@@ -97,6 +112,7 @@ class BroadcastQueue:
         self.max_items = max_items
         self.dropped = 0  # items evicted because the queue was full
         self.retired_known = 0  # items retired early: every other member was known to hold them
+        self.retired_heard = 0  # items retired early: sends and repeats heard reached the limit
         self._items: dict[int, _Item] = {}
         self._by_key: dict[Hashable, int] = {}
         self._buckets: dict[tuple[int, int], _Bucket] = {}
@@ -106,7 +122,14 @@ class BroadcastQueue:
         return len(self._items)
 
     def push(
-        self, msg: Message, *, key: Hashable | None, priority: int, size: int, known: tuple[str, ...] = ()
+        self,
+        msg: Message,
+        *,
+        key: Hashable | None,
+        priority: int,
+        size: int,
+        known: tuple[str, ...] = (),
+        feedback: bool = False,
     ) -> None:
         """Queue ``msg`` (``size`` bytes on the wire), replacing any item with the same ``key``.
 
@@ -120,7 +143,7 @@ class BroadcastQueue:
             if old is not None:
                 self._remove(self._items[old])
             self._by_key[key] = self._next_id
-        item = _Item(self._next_id, msg, key, priority, size, known=set(known[:MAX_KNOWN]))
+        item = _Item(self._next_id, msg, key, priority, size, known=set(known[:MAX_KNOWN]), feedback=feedback)
         self._next_id += 1
         self._items[item.ident] = item
         self._file(item)
@@ -134,8 +157,13 @@ class BroadcastQueue:
         ident = self._by_key.get(key)
         if ident is not None:
             item = self._items[ident]
-            if item.msg == msg and len(item.known) < MAX_KNOWN:
-                item.known.add(name)
+            if item.msg == msg:
+                if len(item.known) < MAX_KNOWN:
+                    item.known.add(name)
+                if item.feedback:
+                    self._unfile(item)  # a repeat heard counts as a send (see the module's doc)
+                    item.transmits += 1
+                    self._file(item)
 
     def take(
         self,
@@ -165,6 +193,12 @@ class BroadcastQueue:
             for index in range(len(ids) - 1, -1, -1):  # newest first
                 item = items[ids[index]]
                 known = item.known
+                if item.transmits > item.sent and item.sent and _spent(item, retransmit_limit):
+                    del ids[index]  # sent, and heard again often enough: spread
+                    bucket.discard_size(item.size)
+                    self._forget(item)
+                    self.retired_heard += 1
+                    continue
                 if peers and len(known) >= peers and (live is None or sum(map(live, known)) >= peers):
                     del ids[index]  # every other member holds it: done
                     bucket.discard_size(item.size)
@@ -185,9 +219,10 @@ class BroadcastQueue:
         # Re-file survivors one tier up, oldest first so most land by a plain append.
         for item in sorted(picked, key=_ident):
             item.transmits += 1
+            item.sent += 1
             if to is not None and len(item.known) < MAX_KNOWN:
                 item.known.add(to)
-            if item.transmits >= retransmit_limit:
+            if _spent(item, retransmit_limit):
                 self._forget(item)
             else:
                 self._file(item)
@@ -206,13 +241,16 @@ class BroadcastQueue:
             bucket = self._buckets[tier] = _Bucket()
         bucket.add(item)
 
-    def _remove(self, item: _Item) -> None:
+    def _unfile(self, item: _Item) -> None:
         tier = (item.priority, item.transmits)
         bucket = self._buckets[tier]
         del bucket.ids[bisect.bisect_left(bucket.ids, item.ident)]
         bucket.discard_size(item.size)
         if not bucket.ids:
             del self._buckets[tier]
+
+    def _remove(self, item: _Item) -> None:
+        self._unfile(item)
         self._forget(item)
 
     def _forget(self, item: _Item) -> None:
@@ -220,6 +258,12 @@ class BroadcastQueue:
         del self._items[item.ident]
         if item.key is not None and self._by_key.get(item.key) == item.ident:
             del self._by_key[item.key]
+
+
+def _spent(item: _Item, limit: int) -> bool:
+    """Sends plus repeats heard reached ``limit``, and we sent it ourselves at least
+    MIN_SENT times (fewer if the limit is lower; always at least once)."""
+    return item.transmits >= limit and item.sent >= max(1, min(MIN_SENT, limit))
 
 
 def _ident(item: _Item) -> int:

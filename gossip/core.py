@@ -229,6 +229,11 @@ MERGE_REBROADCAST_MAX = 32
 # and missed each other's Alive -- one more push-pull with a random member, this many gossip
 # intervals after our join (1 s on LAN), repairs at the cost of one digest exchange.
 JOIN_SETTLE_GOSSIP_INTERVALS = 5
+# While members new to us keep arriving (others joining at the same time: a site-wide
+# restart), the settle push-pull is repeated one interval later, JOIN_SETTLES times in all:
+# the last one comes after the joins stopped and repairs what the epidemic missed (repeats
+# heard now count as sends, broadcast_queue.py, so it misses a little more often).
+JOIN_SETTLES = 3
 # State updates held because their owner's credential is not known yet (signing.py):
 # released when it arrives, the oldest dropped beyond this (anti-entropy repairs them).
 HELD_MAX = 32
@@ -240,6 +245,16 @@ HELD_MAX = 32
 # at a time (beyond: the periodic push-pull brings it).
 CREDENTIAL_FETCH_RETRY = 2.0
 CREDENTIAL_FETCH_MAX = 64
+# A member we do not know that sends us datagrams, or whose state a member gossips to us:
+# the epidemic that spread its Alive may have missed us (gossip's residue, likelier since
+# repeats heard count as sends, broadcast_queue.py). Gossip brings a new member within a second or two;
+# after UNKNOWN_SENDER_GRACE we ask the sender for its record (a Want, not a full
+# push-pull), at most once per grace, UNKNOWN_SENDER_ASKS times, for at most
+# UNKNOWN_SENDERS_MAX members at a time: a key holder inventing senders costs a few
+# bounded connections, not a stream of them.
+UNKNOWN_SENDER_GRACE = 2.0
+UNKNOWN_SENDER_ASKS = 3
+UNKNOWN_SENDERS_MAX = 64
 # State updates about members we do not know yet are kept this long, at most
 # this many and this much memory (state_store.entry_memory), then dropped: a
 # member's first update can overtake its Alive by a gossip hop or two.
@@ -372,7 +387,11 @@ class Membership:
         self._alive_verdicts: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._fetched: dict[str, float] = {}  # owner -> when we last asked it for its credential
         self._uncredentialed: list[str] = []  # members new to us this input (fetch_uncredentialed)
-        self._settle_armed = False  # the one SettleTick after our first join exchange
+        self._unknown_senders: dict[str, tuple[float, int, Address]] = {}  # member -> (noted, asks, whom to ask)
+        self._rx_src: Address | None = None  # the address of the datagram being read
+        self._settle_armed = False  # the SettleTicks after our first join exchange
+        self._settles_left = 0  # SettleTicks still allowed (JOIN_SETTLES)
+        self._learnt_since_settle = False  # a member new to us since the last SettleTick
 
     def _start_tickers(self, now: float) -> None:
         """memberlist staggers each ticker randomly so members do not synchronise."""
@@ -603,7 +622,7 @@ class Membership:
             return
         if not self._fresh(header):
             return
-        self._rx_sender = header.sender
+        self._rx_sender, self._rx_src = header.sender, src
         for msg in msgs:
             stats.count(False, _KIND[type(msg)], encoded_size(msg))
         pings: list[Ping] = []
@@ -622,6 +641,32 @@ class Membership:
         self._stale_accusation = False
         if self._uncredentialed:
             self._fetch_uncredentialed(now)
+        if header.sender not in self._table.by_name:
+            self._unknown_member(header.sender, src, now)
+
+    def _unknown_member(self, name: str, ask: Address, now: float) -> None:
+        """Someone spoke of (or as) ``name``, a member we do not know; ``ask`` knows it.
+
+        Noted, and asked for the member's record on a probe tick if gossip has not
+        brought it within UNKNOWN_SENDER_GRACE (see the constant)."""
+        seen = self._unknown_senders
+        if name not in seen and name != self.name and len(seen) < UNKNOWN_SENDERS_MAX:
+            seen[name] = (now, 0, ask)
+
+    def _ask_unknown(self, now: float) -> None:
+        """Probe tick: ask for the record of each member still unknown after the grace,
+        once per grace, UNKNOWN_SENDER_ASKS times at most (then push-pull's to repair)."""
+        seen = self._unknown_senders
+        by_name = self._table.by_name
+        for name, (noted, asks, ask) in list(seen.items()):
+            if name in by_name or self._left or asks >= UNKNOWN_SENDER_ASKS:
+                del seen[name]
+            elif now - noted >= (asks + 1) * UNKNOWN_SENDER_GRACE:
+                seen[name] = (noted, asks + 1, ask)
+                self.stats.unknown_sender_asks += 1
+                want = Want((name,), ((name, self._store.held(name)),))
+                msg = PushPull(self.name, False, False, (), (), want=want, epoch=self._epoch)
+                self._start_stream(ask, self._seal_frame(msg, False, False))
 
     def _fresh(self, header: DatagramHeader) -> bool:
         """Anti-replay (replay.py): False, and counted, for a datagram addressed to another
@@ -710,6 +755,7 @@ class Membership:
         self._merge(remote, now, src[0])
         if remote.join and not self._settle_armed:
             self._settle_armed = True
+            self._settles_left, self._learnt_since_settle = JOIN_SETTLES, False
             settle = JOIN_SETTLE_GOSSIP_INTERVALS * self.config.gossip_interval
             self._timers.schedule(now + settle, SettleTick())
         followups = self._followups.get(src, 0)
@@ -750,6 +796,8 @@ class Membership:
         match timer:
             case ProbeTick():
                 prober.on_tick(deadline, now)
+                if self._unknown_senders:
+                    self._ask_unknown(now)
                 if self._verifier and not self._left:
                     self._verifier.pressure(self._table.unverified, self._pressure_mark(), now)
                     for node in self._verifier.due_rechecks(now):
@@ -774,6 +822,11 @@ class Membership:
                 self._on_reconnect_tick(deadline, now)
             case SettleTick():  # a while after our join (JOIN_SETTLE_GOSSIP_INTERVALS)
                 self._push_pull_random()
+                self._settles_left -= 1
+                if self._settles_left > 0 and self._learnt_since_settle:  # others were joining too
+                    self._learnt_since_settle = False
+                    settle = JOIN_SETTLE_GOSSIP_INTERVALS * self.config.gossip_interval
+                    self._timers.schedule(now + settle, SettleTick())
             case SuspicionTimeout(node, susp):
                 self._on_suspicion_timeout(node, susp, now)
             case Reap(node, stamp):
@@ -837,9 +890,12 @@ class Membership:
             self._limit_cache = (n, limit)
         return limit
 
-    def _enqueue(self, msg: Message, key: object, priority: int, known: tuple[str, ...] = ()) -> None:
-        """Queue ``msg`` for piggybacking; ``known``: members that hold it already (not sent to)."""
-        self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg), known=known)
+    def _enqueue(
+        self, msg: Message, key: object, priority: int, known: tuple[str, ...] = (), feedback: bool = False
+    ) -> None:
+        """Queue ``msg`` for piggybacking; ``known``: members that hold it already (not sent to);
+        ``feedback``: news of a start, sent fewer times as we hear it back (broadcast_queue.py)."""
+        self._queue.push(msg, key=key, priority=priority, size=encoded_size(msg), known=known, feedback=feedback)
         self._wake_gossip()
 
     def _is_peer(self, name: str) -> bool:
@@ -1043,6 +1099,7 @@ class Membership:
         node = table.add(a.name, a.addr, a.incarnation, a.meta, now, verified)
         node.sig = a.sig
         self._prober.add(node)
+        self._learnt_since_settle = True
         if not verified:
             self._verifier.learned(node, now)
         return node
@@ -1210,7 +1267,7 @@ class Membership:
             node = self._add_node(a, now, verified)
             if node is not None:
                 if spread_new:
-                    self._enqueue(a, a.name, priority, self._holders(a.name))
+                    self._enqueue(a, a.name, priority, self._holders(a.name), feedback=True)
                 self._emit(MemberJoined(node.snapshot()))
                 self._apply_pending(a.name, now)
                 if self._state_verifier is not None:
@@ -1385,6 +1442,8 @@ class Membership:
             return
         if msg.owner not in self._table.by_name:
             self._keep_pending(msg, now)  # its Alive may be a hop behind: applied when it arrives
+            if self._rx_sender is not None and self._rx_src is not None:
+                self._unknown_member(msg.owner, self._rx_src, now)  # the sender knows the owner
             return
         if self._state_verifier is not None:
             if not self._store.is_newer(msg.owner, msg.key, msg.version):
@@ -1399,9 +1458,10 @@ class Membership:
                     # None: no credential yet. False: maybe a newer one (re-enrolled) we lack.
                     self._fetch_credential(msg.owner, now)
                 return
+        first = self._store.get(msg.owner, msg.key) is None  # news of a start (broadcast_queue.py)
         if self._store.apply(msg):
             if msg.key != CREDENTIAL_KEY:  # credentials travel by push-pull only
-                self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE, self._holders(msg.owner))
+                self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE, self._holders(msg.owner), feedback=first)
             self._emit(StateChanged(msg.owner, msg.key, msg.value, msg.version, msg.deleted))
             if msg.key == CREDENTIAL_KEY:
                 self._release(msg.owner, now)

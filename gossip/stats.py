@@ -74,6 +74,7 @@ class Stats:
     # that our credential does not verify (signing.canonical_alive).
     alive_forged: int = 0
     pending_state: int = 0  # state entries of members not yet known, kept for a while
+    unknown_sender_asks: int = 0  # records asked of a member gossip had not told us of (core.UNKNOWN_SENDER_GRACE)
     kind_msgs_out: dict[str, int] = field(default_factory=_per_kind)
     kind_bytes_out: dict[str, int] = field(default_factory=_per_kind)
     kind_msgs_in: dict[str, int] = field(default_factory=_per_kind)

@@ -282,3 +282,55 @@ def test_a_holder_that_is_gone_does_not_count_towards_every_peer() -> None:
     q.push(UserBroadcast("o", 1, b"x"), key="k", priority=0, size=10, known=("a", "gone"))
     assert len(q.take(100, 8, to="b", peers=3, live=lambda n: n != "gone")) == 1
     assert len(q) == 1  # a and b of the three live peers: c still lacks it
+
+
+def test_a_repeat_heard_counts_as_a_send_once_we_sent_it_ourselves_twice() -> None:
+    """Rumour-mongering feedback (issue 13): repeats heard retire an update sooner, but
+    only after MIN_SENT sends of our own."""
+    q = BroadcastQueue(10)
+    x = UserBroadcast("o", 1, b"x")
+    q.push(x, key="k", priority=0, size=10, feedback=True)
+    for name in "abcdefgh":  # eight repeats: the limit, but we have not sent it yet
+        q.heard("k", x, name)
+    assert len(q) == 1
+    assert q.take(100, 8) == [x]  # sent once: still below MIN_SENT
+    assert q.take(100, 8) == [x]  # twice: now spent
+    assert len(q) == 0 and q.retired_heard == 0
+
+
+def test_repeats_heard_after_our_sends_retire_it_unsent() -> None:
+    q = BroadcastQueue(10)
+    x = UserBroadcast("o", 1, b"x")
+    q.push(x, key="k", priority=0, size=10, feedback=True)
+    assert q.take(100, 8) == [x] and q.take(100, 8) == [x]  # 2 of 8
+    for name in "abcde":
+        q.heard("k", x, name)  # 7 of 8
+    assert q.take(100, 8) == [x]  # 8 of 8: retired after this send
+    assert len(q) == 0
+    q.push(x, key="k", priority=0, size=10, feedback=True)
+    assert q.take(100, 4) == [x] and q.take(100, 4) == [x]
+    for name in "abc":
+        q.heard("k", x, name)  # 5 of 4: over the limit before the next send
+    assert q.take(100, 4) == [] and len(q) == 0 and q.retired_heard == 1
+
+
+def test_a_different_update_heard_counts_nothing() -> None:
+    q = BroadcastQueue(10)
+    x = UserBroadcast("o", 1, b"x")
+    q.push(x, key="k", priority=0, size=10, feedback=True)
+    q.take(100, 3), q.take(100, 3)
+    for name in "abc":
+        q.heard("k", UserBroadcast("o", 2, b"y"), name)
+    assert q.take(100, 3) == [x]  # the third send is ours to make
+
+
+def test_a_repeat_counts_nothing_without_feedback() -> None:
+    """Only news of a start is pushed with feedback: a refutation or a Suspect goes out the
+    full limit however often it comes back."""
+    q = BroadcastQueue(10)
+    x = UserBroadcast("o", 1, b"x")
+    q.push(x, key="k", priority=0, size=10)
+    q.take(100, 3), q.take(100, 3)
+    for name in "abc":
+        q.heard("k", x, name)
+    assert q.take(100, 3) == [x]
