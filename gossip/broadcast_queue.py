@@ -20,8 +20,8 @@ class, then most transmitted, then oldest -- is dropped and counted.
 A repeat of a queued update pushed with ``feedback`` heard from another member
 counts as one send (``heard``; not memberlist, which counts only its own sends). The
 core asks for it only for news of a start: the Alive of a member new to us and the
-first value of an owner's key, what a site-wide restart floods. It is the rumour-mongering
-feedback of Demers et al. Early in an epidemic repeats are rare and an update
+first value of a new member's key (core.START_NEWS_S), what a site-wide restart
+floods. It is the rumour-mongering feedback of Demers et al. Early in an epidemic repeats are rare and an update
 goes out the full ``retransmit_limit`` times; once most members hold it, every
 member hears it back from several and stops sooner. Without it, the updates of
 a site-wide restart were still being re-sent for a second after every member

@@ -253,6 +253,12 @@ CREDENTIAL_FETCH_MAX = 64
 # UNKNOWN_SENDERS_MAX members at a time: a key holder inventing senders costs a few
 # bounded connections, not a stream of them.
 UNKNOWN_SENDER_GRACE = 2.0
+# The first value of a key is news of a start (sent with feedback, broadcast_queue.py)
+# only while its owner is this new to us: a starting agent publishes its claims and key
+# fingerprint in its first seconds. A key first published later (a service registered on
+# a settled mesh) is an ordinary update and goes out the full retransmit limit, so it
+# reaches every member in the first burst, not at the next push-pull.
+START_NEWS_S = 10.0
 UNKNOWN_SENDER_ASKS = 3
 UNKNOWN_SENDERS_MAX = 64
 # State updates about members we do not know yet are kept this long, at most
@@ -1458,7 +1464,9 @@ class Membership:
                     # None: no credential yet. False: maybe a newer one (re-enrolled) we lack.
                     self._fetch_credential(msg.owner, now)
                 return
-        first = self._store.get(msg.owner, msg.key) is None  # news of a start (broadcast_queue.py)
+        first = (  # news of a start (broadcast_queue.py, START_NEWS_S)
+            now - self._table.by_name[msg.owner].learned < START_NEWS_S and self._store.get(msg.owner, msg.key) is None
+        )
         if self._store.apply(msg):
             if msg.key != CREDENTIAL_KEY:  # credentials travel by push-pull only
                 self._enqueue(msg, (msg.owner, msg.key), PRIORITY_STATE, self._holders(msg.owner), feedback=first)

@@ -13,7 +13,13 @@ import statistics
 
 from gossip.codec import DatagramHeader, destination_tag
 from gossip.config import lan
-from gossip.core import UNKNOWN_SENDER_ASKS, UNKNOWN_SENDER_GRACE, UNKNOWN_SENDERS_MAX, Membership
+from gossip.core import (
+    START_NEWS_S,
+    UNKNOWN_SENDER_ASKS,
+    UNKNOWN_SENDER_GRACE,
+    UNKNOWN_SENDERS_MAX,
+    Membership,
+)
 from gossip.messages import Alive, MemberState, StateUpdate
 from testbed.sim import Simulator, make_keyring, seal
 
@@ -67,6 +73,26 @@ def test_asks_are_bounded_in_count_and_in_members() -> None:
         a.streams_to_send()
     assert a.stats.unknown_sender_asks == UNKNOWN_SENDERS_MAX * UNKNOWN_SENDER_ASKS
     assert a._unknown_senders == {}
+
+
+def _queued_with_feedback(a: Membership, key: tuple[str, str]) -> bool:
+    return a._queue._items[a._queue._by_key[key]].feedback
+
+
+def test_only_a_new_members_first_values_are_news_of_a_start() -> None:
+    """A starting member's first values (claims, key fingerprint) are sent fewer times as
+    they are heard back; a key a settled member publishes later (a service registered)
+    goes out the full limit, so it reaches everyone in the first burst. With feedback for
+    every first value, seed 10 of the N = 50 warm cluster left one member without it
+    (tests/testbed/test_scaling_engines.py)."""
+    a = make("a", A)
+    a.receive(from_("c", "a", [Alive("c", 1, C, b"")]), C, 0.0)
+    a.receive(from_("c", "a", [StateUpdate("c", 1, "ipam", {"v": 1}, False)]), C, 1.0)
+    assert _queued_with_feedback(a, ("c", "ipam"))
+    a.receive(from_("c", "a", [StateUpdate("c", 2, "ipam", {"v": 2}, False)]), C, 2.0)
+    assert not _queued_with_feedback(a, ("c", "ipam"))  # a later value: the full limit
+    a.receive(from_("c", "a", [StateUpdate("c", 3, "svc", {"v": 1}, False)]), C, START_NEWS_S + 1.0)
+    assert not _queued_with_feedback(a, ("c", "svc"))  # first value, but c is settled
 
 
 def _cold_start_converged(seed: int, n: int) -> float:
