@@ -12,8 +12,9 @@ The rules, the stream format and the bounds are sans-IO in :mod:`overlay.coap_ob
 - :meth:`Observations.ingress` picks an instance with the balancer (retrying the
   registration like a GET while nothing was answered), then relays the source's frames to
   the client, renumbered (:class:`overlay.coap_observe.Sequence`), the last one without
-  Observe; a source that ends without a last frame (the channel or the peer died) becomes a
-  final 5.02.
+  Observe. When the path fails once notifications flow (a failure frame, or a source that
+  ends without a last frame: the channel or the peer died), the observation moves to another
+  instance (:class:`overlay.coap_observe.Moves`); with no move left, a final 5.02.
 - A source is an async iterator of ``(ReplyStatus, Message)``: :func:`observe_upstream`
   for an instance of ours (one aiocoap client context of its own), or
   :meth:`Observations._remote` over :meth:`edgeagent.channel.Channel.stream`.
@@ -143,50 +144,73 @@ class Observations:
             self.clients.release(client)
 
     async def _relay(self, pipe: Any, msg: cr.Message, route: cr.Route) -> None:
-        sequence = co.Sequence()
-        source = await self._register(msg, route)
-        async with contextlib.aclosing(source):
-            try:
-                async for status, note in source:
-                    last = co.ends_observation(status, note)
-                    out = co.for_client(note, None if last else sequence.next())
-                    pipe.add_response(to_aiocoap(out), is_last=last)
-                    if last:
-                        return
-                    self.stats["observe_notifications"] += 1
-            except cr.CoapFormatError:
-                self.stats["observe_bad_frames"] += 1
+        """Relay the source's frames; when the path to its instance fails, move (co.Moves)."""
+        sequence, moves = co.Sequence(), co.Moves()
+        inst, source = await self._register(msg, route)
+        while True:
+            async with contextlib.aclosing(source):
+                try:
+                    async for status, note in source:
+                        if moves.should_move(status, inst is not None):
+                            break  # the path failed, not the resource: register elsewhere
+                        last = co.ends_observation(status, note)
+                        out = co.for_client(note, None if last else sequence.next())
+                        pipe.add_response(to_aiocoap(out), is_last=last)
+                        if last:
+                            return
+                        moves.delivered()
+                        self.stats["observe_notifications"] += 1
+                except cr.CoapFormatError:
+                    self.stats["observe_bad_frames"] += 1
+            if inst is None or not moves.may_move():
+                break
+            self._failed(inst)
+            self.stats["observe_moved"] += 1
+            await asyncio.sleep(moves.move())
+            inst, source = await self._register(msg, route, avoid=inst.key)
         self.stats["observe_lost"] += 1
         lost = co.final_failure(cr.Failure.UNREACHABLE, "observation lost")
         pipe.add_response(to_aiocoap(lost), is_last=True)
 
-    async def _register(self, msg: cr.Message, route: cr.Route) -> Frames:
-        """The first try whose instance answered (or the last failure), as a source."""
+    def _failed(self, inst: Instance) -> None:
+        """The path to ``inst`` failed under an observation: tell the balancer, as for a try."""
+        balancer, now = self.router.directory.balancer, self.router.now()
+        balancer.on_start(inst, now, retry=True)
+        balancer.on_failure(inst, 0.0, now, Outcome.UNREACHABLE)
+        log.info("observation of %s on %s lost its path: moving it", inst.name, inst.node)
+
+    async def _register(
+        self, msg: cr.Message, route: cr.Route, avoid: str | None = None
+    ) -> tuple[Instance | None, Frames]:
+        """The first try whose instance answered, and its source (or None and the failure).
+
+        ``avoid``: an instance whose path just failed, picked only if nothing else is usable.
+        """
         balancer = self.router.directory.balancer
-        tried: list[str] = []
+        tried: list[str] = [] if avoid is None else [avoid]
         for attempt in range(1, 16):  # bounded; should_retry ends it sooner
             now = self.router.now()
             pick = balancer.pick(route.service, "/".join(route.path), now, exclude=tried)
             if pick.instance is None:
                 failure = cr.Failure(pick.reason.value) if not tried else cr.Failure.UNREACHABLE
-                return _single(*_failure(failure, f"{route.service}: {failure}"))
+                return None, _single(*_failure(failure, f"{route.service}: {failure}"))
             inst = pick.instance
-            balancer.on_start(inst, now, retry=attempt > 1)
+            balancer.on_start(inst, now, retry=attempt > 1 or avoid is not None)
             source = self._source(inst, msg, route, balancer.per_try_timeout(route.service))
             status, first = await anext(source, _failure(cr.Failure.UNREACHABLE, "no answer"))
             done = self.router.now()
             outcome = _FAILED.get(status)
             if outcome is None:
                 balancer.on_success(inst, done - now, done)
-                return _chain((status, first), source)
+                return inst, _chain((status, first), source)
             await source.aclose()
             balancer.on_failure(inst, done - now, done, outcome)
             decision = balancer.should_retry(route.service, "GET", attempt, outcome, done)
             if not decision.retry:
-                return _single(status, first)
+                return None, _single(status, first)
             tried.append(inst.key)
             await asyncio.sleep(decision.delay_s)
-        return _single(*_failure(cr.Failure.UNREACHABLE, "no try succeeded"))
+        return None, _single(*_failure(cr.Failure.UNREACHABLE, "no try succeeded"))
 
     def _source(self, inst: Instance, msg: cr.Message, route: cr.Route, budget: float) -> Frames:
         prefix = cr.instance_path(inst.path)

@@ -29,8 +29,15 @@ Ends, and what the client gets:
 - the client deregisters (a RST to a notification, or a GET with ``Observe: 1``, which
   aiocoap reports as loss of interest): the ingress RESETs the stream, the owner cancels
   its upstream observation (aiocoap RSTs the next notification, which frees the server's);
-- the channel or the peer dies (the stream is reset, the connection ends): the client gets
-  a final 5.02 without Observe (:func:`final_failure`), so it knows to register again.
+- the path fails once notifications flow (the channel or the owner dies, the owner's
+  upstream observation ends without a last message, a failure frame): the ingress moves the
+  observation (:class:`Moves`): it registers again with the balancer, the failed instance
+  picked only if nothing else is usable, and relays the new instance's first response as the
+  next notification, so the client sees one observation go on (the reason the ingress does
+  its own numbering). At most :data:`MAX_MOVES` moves in a row with no notification
+  between them, the first at once, then after :data:`MOVE_BACKOFF_S` doubling; when no move
+  is left, or no instance answers the new registration, the client gets a final 5.02
+  without Observe (:func:`final_failure`), so it knows to register again itself.
 
 Bounds (:class:`Registry`): at most :data:`MAX_PER_CLIENT` observations per local client
 address at the ingress, :data:`MAX_PER_PEER` per channel peer at the owner, and
@@ -54,6 +61,8 @@ MAX_PER_PEER = 16  # observations one channel peer holds at this owner
 MAX_OBSERVATIONS = 128  # per agent, each side (the channel serves 256 streams at once)
 MAX_FRAME = 1 + cr.MAX_MESSAGE_BYTES  # status byte + one CoAP message
 SEQUENCE_MODULUS = 1 << 24  # RFC 7641 4.4: Observe values are 24 bits
+MAX_MOVES = 3  # moves of one observation in a row with no notification between (Moves)
+MOVE_BACKOFF_S = 0.5  # wait before the second move in a row; doubles after
 _LEN = struct.Struct("!I")
 
 
@@ -137,6 +146,33 @@ class Sequence:
         value = self._next
         self._next = (self._next + 1) % SEQUENCE_MODULUS
         return value
+
+
+class Moves:
+    """When one observation moves to another instance (see the module docstring)."""
+
+    def __init__(self, limit: int = MAX_MOVES, backoff_s: float = MOVE_BACKOFF_S) -> None:
+        self.limit, self.backoff_s = limit, backoff_s
+        self.in_a_row = 0  # moves since the last notification delivered
+        self.total = 0
+
+    def may_move(self) -> bool:
+        return self.in_a_row < self.limit
+
+    def should_move(self, status: cr.ReplyStatus, registered: bool) -> bool:
+        """This frame is a failure of the path (not the resource's answer) and we may move."""
+        return registered and status != cr.ReplyStatus.ANSWERED and self.may_move()
+
+    def delivered(self) -> None:
+        """A notification reached the client: the path works again."""
+        self.in_a_row = 0
+
+    def move(self) -> float:
+        """Count one move; the seconds to wait before registering again."""
+        delay = 0.0 if self.in_a_row == 0 else self.backoff_s * 2 ** (self.in_a_row - 1)
+        self.in_a_row += 1
+        self.total += 1
+        return delay
 
 
 def for_client(msg: cr.Message, observe: int | None) -> cr.Message:

@@ -134,3 +134,15 @@ def test_registry_bounds_per_key_and_in_total() -> None:
     assert reg.held() == 0
     with pytest.raises(ValueError):
         co.Registry(0, 1)
+
+
+def test_moves_are_bounded_in_a_row_and_back_off() -> None:
+    moves = co.Moves(limit=3, backoff_s=0.5)
+    failed, answered = cr.ReplyStatus.UNREACHABLE, cr.ReplyStatus.ANSWERED
+    assert not moves.should_move(answered, True)  # the resource's own answer is passed on
+    assert not moves.should_move(failed, False)  # nothing registered: the failure is final
+    assert moves.should_move(cr.ReplyStatus.TIMEOUT, True)
+    assert [moves.move() for _ in range(3)] == [0.0, 0.5, 1.0]
+    assert not moves.may_move() and not moves.should_move(failed, True)  # the failure goes out
+    moves.delivered()  # a notification came through the new path: moves are allowed again
+    assert moves.may_move() and moves.move() == 0.0 and moves.total == 4
