@@ -20,7 +20,10 @@ throughput number once the CPUs are busy), with its runs in ``mesh_added_p50_ms_
 ``idle_*_p50_ms`` the same paths with one request in flight and ``mesh_added_p50_ms_idle``
 (the latency the two agents add, without queueing; the idle runs come after the loaded ones,
 direct right before mesh, so that the load other programs put on a shared machine changes
-as little as possible between the two numbers of the difference). ``cpu_ms_per_request_ingress`` /
+as little as possible between the two numbers of the difference); ``rated_*_p50_ms`` and
+``mesh_added_p50_ms_at_rate`` the same for direct and mesh paced at ``--soak-rate``
+(``rate_rps``, 200/s) for 5 s with up to ``--concurrency`` in flight: the added latency under
+a load both paths can carry, with the concurrency allowed. ``cpu_ms_per_request_ingress`` /
 ``_egress``: node1's / node2's CPU during (c) per request (``_idle``: with one in flight);
 ``cpu_ms_per_request_proxy``: the ForwardProxy's during (b);
 ``client_cpu_ms_per_request_*``: the load client's own, per path (does the client limit?).
@@ -134,8 +137,13 @@ def _one_round(
             ingress, egress, _ = idle["agent_cpu_ms"]
             res["cpu_ms_per_request_ingress_idle"] = ingress
             res["cpu_ms_per_request_egress_idle"] = egress
+    rated = ("--requests", str(int(args.soak_rate * 5)), "--rate", str(args.soak_rate), "--concurrency", c)
+    for name in ("direct", "mesh"):  # paced below both paths' capacity, up to c in flight
+        target, uri, extra = runs[name]
+        res[f"rated_{name}_p50_ms"] = _measure(target, uri, extra, pids, *rated)["p50_ms"]
     res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
     res["mesh_added_p50_ms_idle"] = round(res["idle_mesh_p50_ms"] - res["idle_direct_p50_ms"], 3)
+    res["mesh_added_p50_ms_at_rate"] = round(res["rated_mesh_p50_ms"] - res["rated_direct_p50_ms"], 3)
     return res
 
 
@@ -159,6 +167,8 @@ def _throughput(
     }
     res["mesh_added_p50_ms_runs"] = [r["mesh_added_p50_ms"] for r in rounds]
     res["mesh_added_p50_ms_idle_runs"] = [r["mesh_added_p50_ms_idle"] for r in rounds]
+    res["mesh_added_p50_ms_at_rate_runs"] = [r["mesh_added_p50_ms_at_rate"] for r in rounds]
+    res["rate_rps"] = args.soak_rate
     res["mesh_vs_proxy"] = (
         round(res["mesh_rps"] / res["proxy_rps"], 3) if res["proxy_rps"] else None
     )
