@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiocoap
 import pytest
@@ -41,12 +41,18 @@ class Scene:
         return found
 
 
-@pytest.fixture(scope="module")
-def scene() -> Iterator[Scene]:
-    cluster = LoopbackCluster(2, coap=True)
+def coap_on_one_port(n: int) -> tuple[LoopbackCluster, int]:
+    """``n`` agents (not started) whose CoAP listeners share one free port."""
+    cluster = LoopbackCluster(n, coap=True)
     coap_port = free_port([a.host for a in cluster.agents])  # not 5683: others' agents hold it
     for agent in cluster.agents:
         agent.argv[agent.argv.index("--coap") + 1] = f"{agent.host}:{coap_port}"
+    return cluster, coap_port
+
+
+@pytest.fixture(scope="module")
+def scene() -> Iterator[Scene]:
+    cluster, coap_port = coap_on_one_port(2)
     with cluster:
         cluster.wait_converged(TIMEOUT)
         node1 = cluster.agents[0]
@@ -109,6 +115,40 @@ async def observe(uri: str, notifications: int) -> tuple[aiocoap.Message, list[a
             request.observation.cancel()
         await asyncio.sleep(1.0)  # let the next notification come and be RST (the deregistration)
         return first, seen
+    finally:
+        await ctx.shutdown()
+
+
+async def observe_through_a_kill(
+    uri: str, victim: Callable[[list[aiocoap.Message]], LoopbackAgent], after: int | None
+) -> list[aiocoap.Message]:
+    """Register at ``uri``; after the first response and two notifications SIGKILL the agent
+    ``victim(seen)`` names; return what came until ``after`` more arrived or an error ended
+    it (``after`` None: wait for the error).
+
+    Callbacks, not ``async for``: aiocoap's iterator is a lossy one-slot queue, and the
+    error that follows the last notification at once overwrites it.
+    """
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    seen: list[aiocoap.Message] = []
+    ended = asyncio.Event()
+    try:
+        request = ctx.request(aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            request.observation.register_callback(seen.append)
+            request.observation.register_errback(lambda _e: ended.set())
+        async with asyncio.timeout(TIMEOUT):
+            seen.insert(0, await request.response)
+            while len(seen) < 3:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(victim(seen).kill)
+            killed_at = len(seen)
+            while not ended.is_set() and (after is None or len(seen) < killed_at + after):
+                await asyncio.sleep(0.05)
+        if not request.observation.cancelled:  # an error (a 5.02) ended it already
+            request.observation.cancel()
+        return seen
     finally:
         await ctx.shutdown()
 
@@ -203,35 +243,9 @@ def test_libcoap_client_observes_through_the_mesh(scene: Scene) -> None:
 
 
 def test_the_owner_dying_ends_the_observation_with_5_02(scene: Scene) -> None:
-    """Must be last: SIGKILLs node1 (its server keeps running).
-
-    Callbacks, not ``async for``: aiocoap's iterator is a lossy one-slot queue, and the
-    error that follows the last notification at once overwrites it.
-    """
-
-    async def run() -> list[aiocoap.Message]:
-        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-        seen: list[aiocoap.Message] = []
-        ended = asyncio.Event()
-        try:
-            request = ctx.request(
-                aiocoap.Message(code=aiocoap.GET, uri=scene.uri(scene.node2), observe=0)
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                request.observation.register_callback(seen.append)
-                request.observation.register_errback(lambda _e: ended.set())
-            async with asyncio.timeout(TIMEOUT):
-                seen.insert(0, await request.response)
-                while len(seen) < 3:
-                    await asyncio.sleep(0.05)
-                await asyncio.to_thread(scene.node1.kill)
-                await ended.wait()
-            return seen
-        finally:
-            await ctx.shutdown()
-
-    seen = asyncio.run(run())
+    """Must be last: SIGKILLs node1 (its server keeps running). The only instance is gone,
+    so the observation cannot move (test_coap_observe_move.py): it ends with a 5.02."""
+    seen = asyncio.run(observe_through_a_kill(scene.uri(scene.node2), lambda _: scene.node1, None))
     assert all(m.code == aiocoap.CONTENT for m in seen[:-1]) and len(seen) >= 4
     assert seen[-1].code == aiocoap.BAD_GATEWAY and seen[-1].opt.observe is None, seen[-1]
     stats = scene.stats(scene.node2)

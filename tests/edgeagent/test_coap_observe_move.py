@@ -11,24 +11,21 @@ final 5.02, is in test_coap_observe.py).
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import Iterator
 
 import aiocoap
 import pytest
 
-from testbed.loopback import LoopbackCluster, free_port
+from testbed.loopback import LoopbackAgent, LoopbackCluster, free_port
 from tests.edgeagent.test_coap import start_server
+from tests.edgeagent.test_coap_observe import coap_on_one_port, observe_through_a_kill
 
 TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[LoopbackCluster, int]]:
-    cluster = LoopbackCluster(3, coap=True)
-    coap_port = free_port([a.host for a in cluster.agents])  # not 5683: others' agents hold it
-    for agent in cluster.agents:
-        agent.argv[agent.argv.index("--coap") + 1] = f"{agent.host}:{coap_port}"
+    cluster, coap_port = coap_on_one_port(3)
     with cluster:
         cluster.wait_converged(TIMEOUT)
         owners = cluster.agents[:2]
@@ -56,33 +53,11 @@ def test_the_owner_dying_moves_the_observation_to_the_other_instance(
     ingress = mesh.agents[2]
     by_name = {a.name: a for a in mesh.agents}
 
-    async def run() -> list[aiocoap.Message]:
-        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-        seen: list[aiocoap.Message] = []
-        ended = asyncio.Event()
-        uri = f"coap://{ingress.host}:{coap_port}/mesh/sensor/obs"
-        try:
-            request = ctx.request(aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0))
-            with warnings.catch_warnings():  # callbacks: aiocoap's iterator is a lossy slot
-                warnings.simplefilter("ignore", DeprecationWarning)
-                request.observation.register_callback(seen.append)
-                request.observation.register_errback(lambda _e: ended.set())
-            async with asyncio.timeout(TIMEOUT):
-                seen.insert(0, await request.response)
-                while len(seen) < 3:
-                    await asyncio.sleep(0.05)
-                owner = seen[-1].payload.decode().partition(":")[0]
-                await asyncio.to_thread(by_name[owner].kill)
-                killed_at = len(seen)
-                while len(seen) < killed_at + 5 and not ended.is_set():
-                    await asyncio.sleep(0.05)
-            if not request.observation.cancelled:  # an error (the 5.02) ended it already
-                request.observation.cancel()
-            return seen
-        finally:
-            await ctx.shutdown()
+    def owner(seen: list[aiocoap.Message]) -> LoopbackAgent:
+        return by_name[seen[-1].payload.decode().partition(":")[0]]
 
-    seen = asyncio.run(run())
+    uri = f"coap://{ingress.host}:{coap_port}/mesh/sensor/obs"
+    seen = asyncio.run(observe_through_a_kill(uri, owner, 5))
     assert all(m.code == aiocoap.CONTENT for m in seen), [(m.code, m.payload) for m in seen]
     owners = [m.payload.decode().partition(":")[0] for m in seen]
     first, last = owners[0], owners[-1]
