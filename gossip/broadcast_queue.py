@@ -21,9 +21,10 @@ A repeat of a queued update pushed with ``feedback`` heard from another member
 counts as one send (``heard``; not memberlist, which counts only its own sends). The
 core asks for it only for news of a start: the Alive of a member new to us and the
 first value of a new member's key (core.START_NEWS_S), what a site-wide restart
-floods. It is the rumour-mongering feedback of Demers et al. Early in an epidemic repeats are rare and an update
-goes out the full ``retransmit_limit`` times; once most members hold it, every
-member hears it back from several and stops sooner. Without it, the updates of
+floods. It is the rumour-mongering feedback of Demers et al. Early in an epidemic
+repeats are rare and an update goes out the full ``retransmit_limit`` times; once
+most members hold it, every member hears it back from several and stops sooner.
+Without it, the updates of
 a site-wide restart were still being re-sent for a second after every member
 held them (issue 13). An update is still sent at least ``MIN_SENT`` times by
 each member that queued it; what fewer sends leave unreached (the epidemic's
