@@ -12,7 +12,13 @@ client context per worker) measures ``--requests`` GETs of ``/temp`` on each pat
   server (the service published on node2 only for this part).
 
 The three paths are measured ``--repeat`` times (default 3) in turn, and every number is the
-median of its runs (the machine is usually shared: one run is noise).
+median of its runs (the machine is usually shared: one run is noise). Every measured run
+meets a freshly started server beside node2, so that no path pays for the requests of the
+runs before it: aiocoap's server keeps every message it received for ~247 s (for
+deduplication), and its generation-2 garbage collections stop the process longer as they
+grow (35 ms, then 60, 100, 120 and 180 ms, over 20,000 requests: gc callbacks in the server,
+every in-flight request waiting each time), which had made the later paths' p99 mostly the
+server's own pauses.
 ``*_rps``, ``*_p50_ms``, ``*_p99_ms`` per path; ``mesh_vs_proxy`` = mesh_rps / proxy_rps;
 ``mesh_added_p50_ms`` = mesh p50 - direct p50 at that concurrency (the same client process
 kind, concurrency and server; by Little's law it is mostly ``concurrency / rps``, i.e. a
@@ -88,6 +94,18 @@ def _spawn(argv: list[str]) -> subprocess.Popen[str]:
     return proc
 
 
+class _Server:
+    """The server beside node2: started afresh before each measured run (see the docstring)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = _spawn(argv)
+
+    def fresh(self) -> None:
+        stop_process(self.proc)
+        self.proc = _spawn(self.argv)  # the same port: UDP has no TIME_WAIT to wait out
+
+
 def _load(target: str, uri: str, *extra: str) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "testbed.coap_load", target, uri, *extra],
@@ -98,9 +116,10 @@ def _load(target: str, uri: str, *extra: str) -> dict[str, Any]:
 
 
 def _measure(
-    target: str, uri: str, extra: list[str], pids: list[int], *load: str
+    target: str, uri: str, extra: list[str], pids: list[int], server: _Server, *load: str
 ) -> dict[str, Any]:
-    """One load run; the agents' CPU per answered request during it."""
+    """One load run on a fresh server; the agents' CPU per answered request during it."""
+    server.fresh()
     cpu0 = [cpu_seconds(p) for p in pids]
     r = _load(target, uri, *load, *extra)
     cpu1 = [cpu_seconds(p) for p in pids]
@@ -110,12 +129,15 @@ def _measure(
 
 
 def _one_round(
-    args: argparse.Namespace, runs: dict[str, tuple[str, str, list[str]]], pids: list[int]
+    args: argparse.Namespace,
+    runs: dict[str, tuple[str, str, list[str]]],
+    pids: list[int],
+    server: _Server,
 ) -> dict[str, float]:
     n, c = str(args.requests), str(args.concurrency)
     res: dict[str, float] = {}
     for name, (target, uri, extra) in runs.items():
-        r = _measure(target, uri, extra, pids, "--requests", n, "--concurrency", c)
+        r = _measure(target, uri, extra, pids, server, "--requests", n, "--concurrency", c)
         res |= {
             f"{name}_rps": r["rps"],
             f"{name}_p50_ms": r["p50_ms"],
@@ -130,7 +152,7 @@ def _one_round(
             res["cpu_ms_per_request_proxy"] = proxy
     for name in ("direct", "mesh", "proxy"):  # back to back: the two of the difference
         target, uri, extra = runs[name]
-        idle = _measure(target, uri, extra, pids, "--requests", "300", "--concurrency", "1")
+        idle = _measure(target, uri, extra, pids, server, "--requests", "300", "--concurrency", "1")
         res[f"idle_{name}_p50_ms"] = idle["p50_ms"]
         res[f"idle_{name}_p99_ms"] = idle["p99_ms"]
         if name == "mesh":
@@ -140,7 +162,7 @@ def _one_round(
     rated = ("--requests", str(int(args.soak_rate * 5)), "--rate", str(args.soak_rate), "--concurrency", c)
     for name in ("direct", "mesh"):  # paced below both paths' capacity, up to c in flight
         target, uri, extra = runs[name]
-        res[f"rated_{name}_p50_ms"] = _measure(target, uri, extra, pids, *rated)["p50_ms"]
+        res[f"rated_{name}_p50_ms"] = _measure(target, uri, extra, pids, server, *rated)["p50_ms"]
     res["mesh_added_p50_ms"] = round(res["mesh_p50_ms"] - res["direct_p50_ms"], 3)
     res["mesh_added_p50_ms_idle"] = round(res["idle_mesh_p50_ms"] - res["idle_direct_p50_ms"], 3)
     res["mesh_added_p50_ms_at_rate"] = round(res["rated_mesh_p50_ms"] - res["rated_direct_p50_ms"], 3)
@@ -154,6 +176,7 @@ def _throughput(
     ingress: str,
     cluster: LoopbackCluster,
     proxy_pid: int,
+    server: _Server,
 ) -> dict[str, Any]:
     runs = {
         "direct": (direct, f"coap://{direct}/temp", []),
@@ -161,7 +184,7 @@ def _throughput(
         "mesh": (ingress, f"coap://{ingress}/mesh/temperature/temp", []),
     }
     pids = [cluster.agents[0].pid or 0, cluster.agents[1].pid or 0, proxy_pid]
-    rounds = [_one_round(args, runs, pids) for _ in range(args.repeat)]
+    rounds = [_one_round(args, runs, pids, server) for _ in range(args.repeat)]
     res: dict[str, Any] = {
         key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]
     }
@@ -194,9 +217,7 @@ def _soak(args: argparse.Namespace, ingress: str, cluster: LoopbackCluster) -> d
     }
 
 
-def _failover(
-    ingress: str, cluster: LoopbackCluster, server2: subprocess.Popen[str]
-) -> dict[str, Any]:
+def _failover(ingress: str, cluster: LoopbackCluster, server2: _Server) -> dict[str, Any]:
     uri = f"coap://{ingress}/mesh/temperature/temp"
     proc = subprocess.Popen(
         [sys.executable, "-m", "testbed.coap_load", ingress, uri, "--seconds", "8", "--rate", "100",
@@ -208,7 +229,7 @@ def _failover(
     start = time.monotonic()
     time.sleep(2.0)
     cluster.agents[1].kill()
-    server2.kill()
+    server2.proc.kill()
     killed_at = time.monotonic() - start
     out, _ = proc.communicate(timeout=60)
     r = json.loads(out)
@@ -236,19 +257,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.repeat <= 20:
         raise UsageError("coap: --repeat 1..20")
     procs: list[subprocess.Popen[str]] = []
+    server2: _Server | None = None
     with LoopbackCluster(3, coap=True, coap_port=None, debug_commands=True) as cluster:
         try:
             cluster.wait_converged(60)
             hosts = [a.host for a in cluster.agents]
             port = free_port(hosts)
-            server2 = _spawn(
+            server2 = _Server(
                 [sys.executable, "-m", "testbed.coap_server", hosts[1], str(port), "node2"]
             )
             server3 = _spawn(
                 [sys.executable, "-m", "testbed.coap_server", hosts[2], str(port), "node3"]
             )
             proxy = _spawn([sys.executable, "-c", PROXY_SOURCE, hosts[0], str(port)])
-            procs += [server2, server3, proxy]
+            procs += [server3, proxy]
             cluster.agents[1].call(
                 "debug-coap-publish",
                 instances=[{"name": "temperature", "uri": f"coap://{hosts[1]}:{port}"}],
@@ -256,8 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.wait_for(lambda: _healthy(cluster, 1), 30, "node1 sees node2's instance")
             ingress = f"{hosts[0]}:{cluster.coap_port}"
             result = _throughput(
-                args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster, proxy.pid
-            )
+                args, f"{hosts[1]}:{port}", f"{hosts[0]}:{port}", ingress, cluster, proxy.pid,
+                server2,
+            )  # fmt: skip
             result |= _soak(args, ingress, cluster)
             cluster.agents[2].call(
                 "debug-coap-publish",
@@ -272,5 +295,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             return result
         finally:
-            for proc in procs:
+            for proc in procs + ([server2.proc] if server2 else []):
                 stop_process(proc)
