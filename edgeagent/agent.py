@@ -168,9 +168,11 @@ class Agent:
         extra_features: Mapping[str, Feature] | None = None,
         reload: Callable[[], None] | None = None,
         restart: Callable[[], None] = reexec,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._reload = reload  # SIGHUP: re-read and apply the log settings
+        self._on_started = on_started  # once start-up is over (the process's own tuning)
         self._restart = restart
         if debug_commands is None:
             debug_commands = os.environ.get(DEBUG_COMMANDS_ENV) == "1"
@@ -233,6 +235,8 @@ class Agent:
             if config.join:
                 await self._host.call(lambda core, now: core.join(list(config.join), now))
             self._started = True
+            if self._on_started is not None:
+                self._on_started()
             self._log_started(identity)
             systemd.notify("READY=1", f"STATUS=serving as {identity.name}")
             await self._stop.wait()
