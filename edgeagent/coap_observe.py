@@ -14,7 +14,10 @@ The rules, the stream format and the bounds are sans-IO in :mod:`overlay.coap_ob
   the client, renumbered (:class:`overlay.coap_observe.Sequence`), the last one without
   Observe. When the path fails once notifications flow (a failure frame, or a source that
   ends without a last frame: the channel or the peer died), the observation moves to another
-  instance (:class:`overlay.coap_observe.Moves`); with no move left, a final 5.02.
+  instance (:class:`overlay.coap_observe.Moves`); with no move left, a final 5.02. When
+  nothing comes within the last frame's Max-Age and a margin
+  (:func:`overlay.coap_observe.silence_limit`), it registers again (counted
+  ``observe_refreshed``).
 - A source is an async iterator of ``(ReplyStatus, Message)``: :func:`observe_upstream`
   for an instance of ours (one aiocoap client context of its own), or
   :meth:`Observations._remote` over :meth:`edgeagent.channel.Channel.stream`.
@@ -144,24 +147,22 @@ class Observations:
             self.clients.release(client)
 
     async def _relay(self, pipe: Any, msg: cr.Message, route: cr.Route) -> None:
-        """Relay the source's frames; when the path to its instance fails, move (co.Moves)."""
+        """Relay the sources' frames: when the path to the instance fails, move (co.Moves);
+        when it is silent past the last frame's freshness, register again."""
         sequence, moves = co.Sequence(), co.Moves()
         inst, source = await self._register(msg, route)
         while True:
-            async with contextlib.aclosing(source):
-                try:
-                    async for status, note in source:
-                        if moves.should_move(status, inst is not None):
-                            break  # the path failed, not the resource: register elsewhere
-                        last = co.ends_observation(status, note)
-                        out = co.for_client(note, None if last else sequence.next())
-                        pipe.add_response(to_aiocoap(out), is_last=last)
-                        if last:
-                            return
-                        moves.delivered()
-                        self.stats["observe_notifications"] += 1
-                except cr.CoapFormatError:
-                    self.stats["observe_bad_frames"] += 1
+            end = await self._pass_on(pipe, inst, source, sequence, moves)
+            if end == "last":
+                return
+            if end == "silent" and inst is not None:
+                self.stats["observe_refreshed"] += 1
+                log.info(
+                    "observation of %s on %s silent past its Max-Age: registering again",
+                    inst.name, inst.node,
+                )  # fmt: skip
+                inst, source = await self._register(msg, route)
+                continue
             if inst is None or not moves.may_move():
                 break
             self._failed(inst)
@@ -171,6 +172,42 @@ class Observations:
         self.stats["observe_lost"] += 1
         lost = co.final_failure(cr.Failure.UNREACHABLE, "observation lost")
         pipe.add_response(to_aiocoap(lost), is_last=True)
+
+    async def _pass_on(
+        self,
+        pipe: Any,
+        inst: Instance | None,
+        source: Frames,
+        sequence: co.Sequence,
+        moves: co.Moves,
+    ) -> str:
+        """Relay one source's frames to the client, renumbered. ``"last"``: the client had
+        the last one; ``"failed"``: the path failed (a failure frame, a bad frame, the source
+        ended without a last one); ``"silent"``: no frame within co.silence_limit."""
+        limit: float | None = None  # the first frame is at hand (_register waited for it)
+        async with contextlib.aclosing(source):
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(limit):
+                            status, note = await anext(source)
+                    except StopAsyncIteration:
+                        return "failed"
+                    except TimeoutError:
+                        return "silent"
+                    if moves.should_move(status, inst is not None):
+                        return "failed"  # the path failed, not the resource
+                    last = co.ends_observation(status, note)
+                    out = co.for_client(note, None if last else sequence.next())
+                    pipe.add_response(to_aiocoap(out), is_last=last)
+                    if last:
+                        return "last"
+                    moves.delivered()
+                    self.stats["observe_notifications"] += 1
+                    limit = co.silence_limit(note)
+            except cr.CoapFormatError:
+                self.stats["observe_bad_frames"] += 1
+                return "failed"
 
     def _failed(self, inst: Instance) -> None:
         """The path to ``inst`` failed under an observation: tell the balancer, as for a try."""

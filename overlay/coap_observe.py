@@ -37,7 +37,13 @@ Ends, and what the client gets:
   its own numbering). At most :data:`MAX_MOVES` moves in a row with no notification
   between them, the first at once, then after :data:`MOVE_BACKOFF_S` doubling; when no move
   is left, or no instance answers the new registration, the client gets a final 5.02
-  without Observe (:func:`final_failure`), so it knows to register again itself.
+  without Observe (:func:`final_failure`), so it knows to register again itself;
+- the path goes silent: no frame within the last one's freshness (:func:`silence_limit`: its
+  Max-Age, 60 s when absent, plus :data:`SILENCE_MARGIN_S`). A server keeps what it sent
+  fresh (RFC 7641 4.3.1); one that stopped, say restarted and so forgot its observers while
+  its node's agent lives on, is registered at again, as a client re-registers once its
+  notification is stale (3.3.1): the balancer picks again (the same instance is fine, nothing
+  failed), and the first response is relayed as the next notification.
 
 Bounds (:class:`Registry`): at most :data:`MAX_PER_CLIENT` observations per local client
 address at the ingress, :data:`MAX_PER_PEER` per channel peer at the owner, and
@@ -63,6 +69,9 @@ MAX_FRAME = 1 + cr.MAX_MESSAGE_BYTES  # status byte + one CoAP message
 SEQUENCE_MODULUS = 1 << 24  # RFC 7641 4.4: Observe values are 24 bits
 MAX_MOVES = 3  # moves of one observation in a row with no notification between (Moves)
 MOVE_BACKOFF_S = 0.5  # wait before the second move in a row; doubles after
+DEFAULT_MAX_AGE_S = 60  # RFC 7252 5.10.5: a response's freshness when it has no Max-Age
+MAX_AGE_MAX_S = 0xFFFFFFFF  # the option is at most 4 bytes; a longer value counts as this
+SILENCE_MARGIN_S = 2.0  # past the last frame's Max-Age before an observation counts as silent
 _LEN = struct.Struct("!I")
 
 
@@ -134,6 +143,13 @@ class NotificationReader:
 def ends_observation(status: cr.ReplyStatus, msg: cr.Message) -> bool:
     """This frame is the last (RFC 7641 3.2: an error, or a response without Observe)."""
     return status != cr.ReplyStatus.ANSWERED or msg.code >> 5 != 2 or not msg.values(cr.OBSERVE)
+
+
+def silence_limit(msg: cr.Message) -> float:
+    """Seconds without a frame after ``msg`` before its observation counts as silent."""
+    values = msg.values(cr.MAX_AGE)
+    age = min(int.from_bytes(values[0], "big"), MAX_AGE_MAX_S) if values else DEFAULT_MAX_AGE_S
+    return age + SILENCE_MARGIN_S
 
 
 class Sequence:

@@ -9,6 +9,7 @@ anyone observes), and for the tests two counters that are not counted themselves
 It prints ``ready`` on stdout once bound.
 
 ``--delay-ms MS`` makes GET ``/temp`` answer MS late (a slower instance for the balancer).
+``--max-age S`` gives ``/obs``'s responses and notifications Max-Age S (default: none, so 60).
 ``--mdns LABEL`` also announces it as a plain LAN device would, with python-zeroconf on
 HOST only: ``LABEL._coap._udp.local.`` at HOST:PORT (no TXT, so the service is LABEL).
 """
@@ -82,9 +83,9 @@ class Slow(resource.Resource):
 class Obs(resource.ObservableResource):
     """``NAME:N``; N grows by one per notification, sent every OBS_INTERVAL_S while observed."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_age: int | None = None) -> None:
         super().__init__()
-        self.name, self.n = name, 0
+        self.name, self.n, self.max_age = name, 0, max_age
         self.ticker: asyncio.Task[None] | None = None
 
     def update_observation_count(self, count: int) -> None:
@@ -101,7 +102,10 @@ class Obs(resource.ObservableResource):
             self.updated_state()
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(payload=f"{self.name}:{self.n}".encode(), content_format=0)
+        msg = aiocoap.Message(payload=f"{self.name}:{self.n}".encode(), content_format=0)
+        if self.max_age is not None:
+            msg.opt.max_age = self.max_age
+        return msg
 
 
 class Count(resource.Resource):
@@ -142,9 +146,16 @@ async def announce(host: str, port: int, label: str) -> Any:
     return zc
 
 
-async def main(host: str, port: int, name: str, mdns: str | None = None, delay_ms: int = 0) -> None:
+async def main(
+    host: str,
+    port: int,
+    name: str,
+    mdns: str | None = None,
+    delay_ms: int = 0,
+    max_age: int | None = None,
+) -> None:
     root = CountingSite()
-    obs = Obs(name)
+    obs = Obs(name, max_age)
     root.add_resource(["obs"], obs)
     root.add_resource(["observers"], Count(lambda: len(obs._observations)))
     root.add_resource(["hits"], Count(lambda: root.hits))
@@ -163,4 +174,5 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     label = args[args.index("--mdns") + 1] if "--mdns" in args else None
     delay = int(args[args.index("--delay-ms") + 1]) if "--delay-ms" in args else 0
-    asyncio.run(main(args[0], int(args[1]), args[2], label, delay))
+    age = int(args[args.index("--max-age") + 1]) if "--max-age" in args else None
+    asyncio.run(main(args[0], int(args[1]), args[2], label, delay, age))

@@ -146,3 +146,15 @@ def test_moves_are_bounded_in_a_row_and_back_off() -> None:
     assert not moves.may_move() and not moves.should_move(failed, True)  # the failure goes out
     moves.delivered()  # a notification came through the new path: moves are allowed again
     assert moves.may_move() and moves.move() == 0.0 and moves.total == 4
+
+
+def test_silence_limit_is_the_last_frames_max_age_and_a_margin() -> None:
+    def note(*options: cr.Option) -> cr.Message:
+        return cr.Message(0x45, ((cr.OBSERVE, b"\x05"), *options), b"x")  # 2.05
+
+    margin = co.SILENCE_MARGIN_S
+    assert co.silence_limit(note()) == 60 + margin  # RFC 7252: no Max-Age is 60 s
+    assert co.silence_limit(note((cr.MAX_AGE, cr.uint_option(5)))) == 5 + margin
+    assert co.silence_limit(note((cr.MAX_AGE, b""))) == margin  # 0: stale at once
+    hostile = note((cr.MAX_AGE, b"\xff" * 64))  # longer than the option may be: capped
+    assert co.silence_limit(hostile) == co.MAX_AGE_MAX_S + margin
