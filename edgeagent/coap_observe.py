@@ -210,10 +210,8 @@ class Observations:
                 return "failed"
 
     def _failed(self, inst: Instance) -> None:
-        """The path to ``inst`` failed under an observation: tell the balancer, as for a try."""
-        balancer, now = self.router.directory.balancer, self.router.now()
-        balancer.on_start(inst, now, retry=True)
-        balancer.on_failure(inst, 0.0, now, Outcome.UNREACHABLE)
+        """The path to ``inst`` failed under an observation: tell the balancer."""
+        self.router.directory.balancer.on_lost(inst, self.router.now())
         log.info("observation of %s on %s lost its path: moving it", inst.name, inst.node)
 
     async def _register(

@@ -519,9 +519,18 @@ class Balancer:
         self, inst: Instance, latency: float, now: float, outcome: Outcome = Outcome.TIMEOUT
     ) -> bool:
         """The try to ``inst`` failed; True if this ejected it."""
-        policy = self.policy(inst.name)
         ep = self._endpoint(inst, now)
         ep.outstanding = max(0, ep.outstanding - 1)
+        return self._failed(inst, ep, latency, now)
+
+    def on_lost(self, inst: Instance, now: float) -> bool:
+        """A path to ``inst`` failed outside any try (an observation's stream or upstream
+        ended without its last message): counted towards ejection as a failed try is, with
+        no try to end; True if this ejected it."""
+        return self._failed(inst, self._endpoint(inst, now), 0.0, now)
+
+    def _failed(self, inst: Instance, ep: _Endpoint, latency: float, now: float) -> bool:
+        policy = self.policy(inst.name)
         ep.observe(max(latency, policy.retry.per_try_timeout_s), now, policy.decay_s)
         if ep.ejected_until > now:
             return False

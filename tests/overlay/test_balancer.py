@@ -333,3 +333,14 @@ def test_per_instance_records_stay_bounded_under_churn(monkeypatch: pytest.Monke
             bal.on_success(inst, 0.01, float(round_))
         assert len(bal._endpoints) <= 50
     assert bal.stats["pruned"] > 0
+
+
+def test_a_path_lost_outside_a_try_counts_towards_ejection_and_ends_no_try() -> None:
+    cat, insts = flat(3)
+    bal = Balancer(cat, random.Random(8), default=ServicePolicy(locality=False))
+    bad = insts[0]
+    bal.on_start(bad, 0.0)  # one try of an ordinary request in flight meanwhile
+    assert not any(bal.on_lost(bad, 0.1 * k) for k in range(4))
+    assert bal.on_lost(bad, 0.5)  # the 5th failure in a row, as on_failure counts them
+    assert bad.key in bal.ejected(0.5)
+    assert bal._endpoints[bad.key].outstanding == 1  # the try in flight is still counted
