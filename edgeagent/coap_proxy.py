@@ -54,7 +54,7 @@ from overlay.balancer import Balancer, Outcome, Pick, PickReason
 from overlay.catalog import Catalog, Instance
 from overlay.coap_client import Answer, Busy, Exchanges, Reset
 from overlay.coap_route import ReplyStatus
-from overlay.coap_server import DEDUP_LIFETIME_S, DEDUP_MAX  # one table size for both paths
+from overlay.coap_server import DEDUP_LIFETIME_S, DEDUP_MAX, Recent  # one table for both paths
 from overlay.pki import CertIdentity
 
 from .channel import Channel, ChannelUnavailable, Peer
@@ -114,28 +114,6 @@ def endpoint_address(inst: Instance) -> str:
 # -- deduplication bound -------------------------------------------------------------------
 
 
-class _Recent(collections.OrderedDict[Any, Any]):
-    """aiocoap's ``_recent_messages`` with a size cap and times instead of one timer each."""
-
-    def __init__(self, cap: int, lifetime: float) -> None:
-        super().__init__()
-        self.cap, self.lifetime = cap, lifetime
-        self.stamps: dict[Any, float] = {}
-
-    def admit(self, key: Any, now: float) -> None:
-        self[key] = None
-        self.stamps[key] = now
-        while self and (
-            len(self) > self.cap or self.stamps[next(iter(self))] < now - self.lifetime
-        ):
-            old, _ = self.popitem(last=False)
-            del self.stamps[old]
-
-    def pop(self, key: Any, default: Any = None) -> Any:  # aiocoap's own timers (none here)
-        self.stamps.pop(key, None)
-        return super().pop(key, default)
-
-
 def bound_deduplication(ctx: aiocoap.Context) -> int:
     """Bound the request-deduplication memory of ``ctx``'s message managers; how many."""
     bounded = 0
@@ -143,17 +121,17 @@ def bound_deduplication(ctx: aiocoap.Context) -> int:
         mman = getattr(tman, "token_interface", None)
         if mman is None or not hasattr(mman, "_recent_messages"):
             continue
-        recent = _Recent(DEDUP_MAX, DEDUP_LIFETIME_S)
+        recent = Recent(DEDUP_MAX, DEDUP_LIFETIME_S)
         mman._recent_messages = recent
 
-        def deduplicate(self: Any, message: aiocoap.Message, recent: _Recent = recent) -> bool:
+        def deduplicate(self: Any, message: aiocoap.Message, recent: Recent = recent) -> bool:
             key = (message.remote, message.mid)
             if key in recent:
                 stored = recent[key]
                 if message.mtype is aiocoap.CON and stored is not None:
                     self._send_initially(stored)
                 return True
-            recent.admit(key, self.loop.time())
+            recent.admit(key, None, self.loop.time())
             return False
 
         mman._deduplicate_message = types.MethodType(deduplicate, mman)

@@ -34,6 +34,7 @@ import random
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import coap_route as cr
 from .coap_client import ACK_RANDOM_FACTOR, ACK_TIMEOUT, MAX_RETRANSMIT  # RFC 7252 4.8
@@ -44,6 +45,31 @@ DEDUP_LIFETIME_S = 47.0  # MAX_TRANSMIT_SPAN (45 s) + a LAN's latency, both ways
 SEPARATE_MAX = 1024  # separate CON responses awaiting the client's ACK, at most
 DELEGATED_OPTIONS = frozenset({cr.BLOCK1, cr.BLOCK2, cr.OBSERVE, cr.NO_RESPONSE})
 EMPTY = 0
+
+
+class Recent(collections.OrderedDict[Any, Any]):
+    """What was received lately, by key, oldest first: at most ``cap`` entries, none older
+    than ``lifetime`` (each admission evicts from the old end; no timer per entry). The
+    table of :class:`Server` and, in aiocoap's place, of the agent's aiocoap server context
+    (:func:`edgeagent.coap_proxy.bound_deduplication`, which relies on it being a dict)."""
+
+    def __init__(self, cap: int, lifetime: float) -> None:
+        super().__init__()
+        self.cap, self.lifetime = cap, lifetime
+        self.stamps: dict[Any, float] = {}
+
+    def admit(self, key: Any, value: Any, now: float) -> None:
+        self[key] = value
+        self.stamps[key] = now
+        while self and (
+            len(self) > self.cap or self.stamps[next(iter(self))] < now - self.lifetime
+        ):
+            old, _ = self.popitem(last=False)
+            del self.stamps[old]
+
+    def pop(self, key: Any, default: Any = None) -> Any:
+        self.stamps.pop(key, None)
+        return super().pop(key, default)
 
 
 @dataclass(slots=True)
@@ -98,9 +124,7 @@ class Server:
 
     def __post_init__(self) -> None:
         self._mid = self.rng.randrange(1 << 16)
-        self._recent: collections.OrderedDict[tuple[Hashable, int], Exchange] = (
-            collections.OrderedDict()
-        )
+        self._recent = Recent(self.cap, self.lifetime)  # (remote, Message ID) -> Exchange
         self._separate: collections.OrderedDict[tuple[Hashable, int], _Separate] = (
             collections.OrderedDict()
         )
@@ -132,17 +156,8 @@ class Server:
             self.stats["duplicates"] += 1
             return Send(seen.reply if msg.mtype == cr.CON else None)
         exchange = Exchange(remote, msg, now)
-        self._admit(key, exchange, now)
+        self._recent.admit(key, exchange, now)
         return Handle(exchange)
-
-    def _admit(self, key: tuple[Hashable, int], exchange: Exchange, now: float) -> None:
-        recent = self._recent
-        recent[key] = exchange
-        while recent:
-            oldest = next(iter(recent.values()))
-            if len(recent) <= self.cap and oldest.stamp >= now - self.lifetime:
-                break
-            recent.popitem(last=False)
 
     def empty_ack(self, exchange: Exchange) -> bytes | None:
         """The empty ACK for a CON still unanswered after :data:`EMPTY_ACK_DELAY`."""
