@@ -17,11 +17,12 @@ demo: $(BIN)/edgeagent
 test: $(BIN)/edgeagent
 	$(BIN)/python -m pytest -q
 
-# ruff; mypy (strict on gossip and overlay, see pyproject.toml); the rules a machine checks:
+# ruff; mypy (strict on gossip and overlay, see pyproject.toml; its defaults on edgeagent);
+# the rules a machine checks:
 # the import contract and the function-length limit (tests/test_rules.py, also in `make test`).
 lint: $(BIN)/edgeagent
 	$(BIN)/ruff check .
-	$(BIN)/mypy gossip overlay
+	$(BIN)/mypy gossip overlay edgeagent
 	$(BIN)/python -m pytest -q tests/test_rules.py
 
 clean:

@@ -380,7 +380,7 @@ class _Link:
 
     async def request(self, data: bytes) -> bytes:
         """Send one request on a new stream and wait for its reply (the caller times out)."""
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         stream_id = await self._open(data, _Inbox(done=done))
         try:
             if len(data) > mux.FLOOR_MAX_FRAME:
@@ -521,8 +521,9 @@ class Channel:
             )
         pending = self._dialing.get(peer.key)
         if pending is None:
-            pending = self._dialing[peer.key] = asyncio.ensure_future(self._dial(peer))
-            pending.add_done_callback(lambda _f, key=peer.key: self._dialing.pop(key, None))
+            key = peer.key
+            pending = self._dialing[key] = asyncio.ensure_future(self._dial(peer))
+            pending.add_done_callback(lambda _f: self._dialing.pop(key, None))
         return await asyncio.shield(pending)
 
     async def _dial(self, peer: Peer) -> _Link:

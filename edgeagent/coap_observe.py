@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiocoap
@@ -56,7 +56,7 @@ from .coap_proxy import (
 
 log = logging.getLogger("edgeagent.coap")
 
-Frames = AsyncIterator[tuple[ReplyStatus, cr.Message]]
+Frames = AsyncGenerator[tuple[ReplyStatus, cr.Message], None]
 _FAILED = {
     ReplyStatus.TIMEOUT: Outcome.TIMEOUT,
     ReplyStatus.UNREACHABLE: Outcome.UNREACHABLE,
@@ -381,7 +381,7 @@ async def _chain(first: tuple[ReplyStatus, cr.Message], rest: Frames) -> Frames:
         async for frame in rest:
             yield frame
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        await rest.aclose()
 
 
 class ObservingSite(IngressSite):

@@ -183,7 +183,7 @@ def unnamed_render_tasks(ctx: aiocoap.Context) -> None:
     def render_to_pipe(self: aiocoap.Context, pipe: Any) -> None:
         run_driving_pipe(error_to_message(pipe, self.log), self._render_to_pipe(pipe))
 
-    ctx.render_to_pipe = types.MethodType(render_to_pipe, ctx)  # type: ignore[method-assign]
+    ctx.render_to_pipe = types.MethodType(render_to_pipe, ctx)
 
 
 # -- upstream: local instances -------------------------------------------------------------
@@ -255,7 +255,8 @@ class _Link(asyncio.DatagramProtocol):
             self.stats["busy"] += 1
             return _unreachable("too many requests outstanding to the instance")
         loop = asyncio.get_running_loop()
-        future = self.waiting[token] = loop.create_future()
+        future: asyncio.Future[tuple[ReplyStatus, cr.Message]] = loop.create_future()
+        self.waiting[token] = future
         self.transport.sendto(datagram)
         if delay is not None:
             self.timers[token] = loop.call_later(delay, self._retransmit, token)

@@ -677,7 +677,7 @@ class _Outbox:
                 reply = await link.chan.request(self.node, data, SEND_TIMEOUT_S)
             except (ChannelUnavailable, TimeoutError):
                 continue
-            return reply == OK
+            return bool(reply == OK)
         return False
 
     def close(self) -> None:

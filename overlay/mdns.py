@@ -397,7 +397,7 @@ class TokenBucket:
 class _Resolver:
     """Bounded resolution of announced instances: concurrency cap, rate limit, TXT size cap."""
 
-    def __init__(self, on_info: Callable[[AsyncServiceInfo], None], on_refused: Callable[[str], None]) -> None:
+    def __init__(self, on_info: Callable[[AsyncServiceInfo], None], on_refused: Callable[[str], object]) -> None:
         self.aiozc: AsyncZeroconf | None = None
         self.own_name = ""
         self._on_info = on_info
@@ -464,7 +464,7 @@ class MdnsDiscovery:
         addr: Address,
         on_peer: Callable[[Peer], None],
         links: Callable[[], Links],
-        on_refused: Callable[[str], None] = lambda reason: None,
+        on_refused: Callable[[str], object] = lambda reason: None,
         interfaces: list[str] | None = None,
     ) -> None:
         self._node_id = node_id

@@ -39,7 +39,7 @@ from .checks import (
     check_trusted_key,
     show,
 )
-from .mqtt_extra import MqttAttach, MqttTls, read_mqtt_extra
+from .mqtt_extra import read_mqtt_extra
 from .profiles import Profile
 from .reader import TableReader, read_toml
 from .schema import (
@@ -51,6 +51,8 @@ from .schema import (
     OVERLAY_KEYS,
     POLICY_KEYS,
     HostPort,
+    MqttAttach,
+    MqttTls,
     UplinkSettings,
 )
 from .uplink import read_uplink

@@ -107,7 +107,7 @@ class Coap:
         self._channel = chan.channel
         self.router.channel = self._channel
         if host.config.coap is not None:
-            await self._serve_coap(host, self.router)
+            await self._serve_coap(host, self.router, self.observations)
         host.add_status(self.status_fields)
         host.register_command("coap", lambda request: self.cmd_coap(directory))
 
@@ -163,7 +163,9 @@ class Coap:
         except CatalogError as exc:
             raise ControlError(str(exc)) from None
 
-    async def _serve_coap(self, host: FeatureHost, router: Router) -> None:
+    async def _serve_coap(
+        self, host: FeatureHost, router: Router, observations: Observations
+    ) -> None:
         assert host.config.coap is not None
         where, port = host.config.coap
         taken = _port_taken(where, port) if port else None
@@ -176,7 +178,7 @@ class Coap:
             )
             return
         self._server = await aiocoap.Context.create_server_context(
-            ObservingSite(router, self.observations), bind=(where, port), transports=["udp6"]
+            ObservingSite(router, observations), bind=(where, port), transports=["udp6"]
         )
         bound_deduplication(self._server)
         unnamed_render_tasks(self._server)

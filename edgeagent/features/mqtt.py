@@ -171,11 +171,11 @@ class Endpoint:
             packets = client.decoder.feed(data)
         except MqttDecodeError as exc:
             for packet in exc.packets:
-                self.run(client, lambda now, p=packet: self.broker.receive(client.conn, p, now))
+                self.run(client, functools.partial(self.broker.receive, client.conn, packet))
             self._refuse(client, exc)
             return
         for packet in packets:
-            self.run(client, lambda now, p=packet: self.broker.receive(client.conn, p, now))
+            self.run(client, functools.partial(self.broker.receive, client.conn, packet))
         transport = client.transport
         if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self.stats["slow_clients"] += 1

@@ -29,7 +29,8 @@ import asyncio
 import contextlib
 import functools
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -213,7 +214,8 @@ class ServicesMdns:
             return
         now = asyncio.get_running_loop().time()
         found = classify_device(
-            name, info.properties or {}, info.parsed_addresses(), info.port,
+            name, cast(Mapping[object, object], info.properties or {}), info.parsed_addresses(),
+            info.port,
             links=self.links(now), node=self._node,
         )  # fmt: skip
         if isinstance(found, str):
