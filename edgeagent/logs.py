@@ -50,6 +50,10 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+# aiocoap's contexts log every unmatched response and RST at info ("Response ... could not
+# be matched", "sending RST": a notification after an observation ended), which reads like
+# a fault in an agent's log: below debug, only their warnings and errors are shown.
+QUIET_LIBRARY_LOGGERS = ("coap", "coap-server")
 JOURNAL_STREAM_ENV = "JOURNAL_STREAM"  # "DEVICE:INODE" of the stream systemd connected to journald
 # syslog(3) priorities, as sd-daemon(3)'s SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG prefixes.
 JOURNAL_PRIORITIES = {
@@ -222,4 +226,6 @@ def setup_logging(
     handler._edgeagent = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
     return handler

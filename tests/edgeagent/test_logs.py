@@ -75,6 +75,17 @@ def test_level_filters_and_setup_replaces_its_own_handler(stream: io.StringIO) -
     assert sum(getattr(h, "_edgeagent", False) for h in logging.getLogger().handlers) == 1
 
 
+def test_aiocoaps_info_lines_show_only_at_debug(stream: io.StringIO) -> None:
+    for level, shown in (("info", ["warn"]), ("debug", ["note", "warn"])):
+        stream.seek(0)
+        stream.truncate()
+        setup_logging("text", level, stream)
+        for name in ("coap", "coap-server"):  # aiocoap's contexts' loggers
+            logging.getLogger(name).info("note")
+            logging.getLogger(name).warning("warn")
+        assert re.findall(r"msg=(\w+)", stream.getvalue()) == shown * 2, (level, stream.getvalue())
+
+
 def test_bad_format_or_level_is_value_error() -> None:
     with pytest.raises(ValueError):
         setup_logging("xml", "info")
