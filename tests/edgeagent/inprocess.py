@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from edgeagent.host import Feature
 from edgeagent.onboarding import ClusterCA, existing_material, new_ca, provision_member
 
 TIMEOUT = 60.0  # generous: the machine is shared
+PORTS = range(20000, 32760)  # below Linux's ephemeral range (32768-60999): no socket gets one unasked
 _CLUSTERS: dict[Path, ClusterCA] = {}  # shared dir -> its cluster's CA and keyring
 
 
@@ -42,7 +45,7 @@ def make_agent(
     """An agent on 127.0.0.1 with an ephemeral port, LOCAL timing, mDNS and metrics off."""
     parser = argparse.ArgumentParser()
     add_agent_arguments(parser)
-    argv = ["--name", name, "--bind", "127.0.0.1:0", "--no-mdns", "--preset", "local",
+    argv = ["--name", name, "--bind", f"127.0.0.1:{agent_port()}", "--no-mdns", "--preset", "local",
             "--state-dir", str(state_dir), "--metrics", "off", "--coap", "off", "--mqtt", "off", *flags]  # fmt: skip
     config = load_config(parser.parse_args(argv))
     if config.key_file is None and not existing_material(state_dir):
@@ -52,6 +55,30 @@ def make_agent(
             ca = _CLUSTERS[key] = new_ca(config.cluster)
         provision_member(ca, state_dir, config.name)
     return Agent(config, extra_features=extra_features)
+
+
+def agent_port(host: str = "127.0.0.1") -> int:
+    """A gossip port whose neighbours + 1 and + 2 (enrollment, channel) are free too.
+
+    Not port 0: the kernel then picks the gossip port from the ephemeral range, and the two
+    beside it may be held by any socket it handed out (a CI run lost a test to a channel port
+    in use). Picked below that range and checked for UDP and TCP.
+    """
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.choice(PORTS)
+        if all(_free(host, port + k, kind) for k in range(3) for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM)):
+            return port
+    raise OSError(f"no three free ports side by side on {host}")
+
+
+def _free(host: str, port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def cluster_ca(state_dir: Path, shared: Path | None = None) -> ClusterCA:

@@ -11,6 +11,7 @@ observation with a final 5.02. The kill must stay the last test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
@@ -50,27 +51,41 @@ def coap_on_one_port(n: int) -> tuple[LoopbackCluster, int]:
     return cluster, coap_port
 
 
-@pytest.fixture(scope="module")
-def scene() -> Iterator[Scene]:
+@contextlib.contextmanager
+def sensor_beside_node1(
+    start: Callable[[str, int], subprocess.Popen[str]],
+) -> Iterator[tuple[LoopbackCluster, int, int, list[subprocess.Popen[str]]]]:
+    """Two agents on one CoAP port; the server ``start(host, port)`` beside node1, published
+    as ``sensor`` and healthy at node2. Yields the cluster, the CoAP port, the server's port
+    and the servers (a test may replace the one in the list); they are killed at the end."""
     cluster, coap_port = coap_on_one_port(2)
     with cluster:
         cluster.wait_converged(TIMEOUT)
         node1 = cluster.agents[0]
         port = free_port([node1.host])
-        server = start_server(node1.host, port, "node1")
+        servers = [start(node1.host, port)]
         try:
             node1.call("service", op="register", name="sensor", uri=f"coap://{node1.host}:{port}")
             cluster.wait_for(
                 lambda: any(
-                    r["name"] == "sensor" for r in cluster.agents[1].call("coap")["instances"]
+                    r["name"] == "sensor" and r["state"] == "healthy"
+                    for r in cluster.agents[1].call("services")
                 ),
                 TIMEOUT,
                 "node2 sees the sensor",
             )
-            yield Scene(cluster, port, coap_port)
+            yield cluster, coap_port, port, servers
         finally:
-            server.kill()
-            server.wait()
+            for proc in servers:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def scene() -> Iterator[Scene]:
+    with sensor_beside_node1(lambda host, port: start_server(host, port, "node1")) as found:
+        cluster, coap_port, port, _ = found
+        yield Scene(cluster, port, coap_port)
 
 
 async def get(uri: str) -> aiocoap.Message:

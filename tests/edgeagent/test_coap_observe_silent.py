@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import aiocoap
 import pytest
 
-from testbed.loopback import LoopbackCluster, free_port
-from tests.edgeagent.test_coap_observe import coap_on_one_port, observe_through_a_kill
+from testbed.loopback import LoopbackCluster
+from tests.edgeagent.test_coap_observe import observe_through_a_kill, sensor_beside_node1
 
 TIMEOUT = 30.0
 MAX_AGE_S = 1
@@ -63,27 +63,8 @@ class Scene:
 
 @pytest.fixture(scope="module")
 def scene() -> Iterator[Scene]:
-    cluster, coap_port = coap_on_one_port(2)
-    with cluster:
-        cluster.wait_converged(TIMEOUT)
-        node1 = cluster.agents[0]
-        port = free_port([node1.host])
-        servers = [start_server(node1.host, port, "first")]
-        try:
-            node1.call("service", op="register", name="sensor", uri=f"coap://{node1.host}:{port}")
-            cluster.wait_for(
-                lambda: any(
-                    r["name"] == "sensor" and r["state"] == "healthy"
-                    for r in cluster.agents[1].call("services")
-                ),
-                TIMEOUT,
-                "node2 sees the sensor",
-            )
-            yield Scene(cluster, coap_port, port, servers)
-        finally:
-            for proc in servers:
-                proc.kill()
-                proc.wait()
+    with sensor_beside_node1(lambda host, port: start_server(host, port, "first")) as found:
+        yield Scene(*found)
 
 
 @pytest.mark.parametrize("ingress", [0, 1], ids=["local-instance", "over-the-channel"])
