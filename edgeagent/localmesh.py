@@ -54,7 +54,7 @@ def free_port(hosts: Sequence[str]) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.bind((hosts[0], 0))
             port = int(probe.getsockname()[1])
-        if all(_port_free(host, port) for host in hosts):
+        if all(port_free(host, port) for host in hosts):
             return port
     raise OSError("no free port found on the loopback hosts")
 
@@ -68,7 +68,8 @@ def _other_port(hosts: Sequence[str], port: int) -> int:
     raise OSError("no free port found on the loopback hosts")
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Can ``port`` be bound on ``host`` for both UDP and TCP now (checked, then released)?"""
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_INET, kind) as sock:
             try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from edgeagent.config import add_agent_arguments, load_config
 from edgeagent.control import ControlClient, socket_path
 from edgeagent.errors import AgentUnavailable
 from edgeagent.host import Feature
+from edgeagent.localmesh import port_free
 from edgeagent.onboarding import ClusterCA, existing_material, new_ca, provision_member
 
 TIMEOUT = 60.0  # generous: the machine is shared
@@ -67,18 +67,9 @@ def agent_port(host: str = "127.0.0.1") -> int:
     rng = random.Random()
     for _ in range(500):
         port = rng.choice(PORTS)
-        if all(_free(host, port + k, kind) for k in range(3) for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM)):
+        if all(port_free(host, port + k) for k in range(3)):
             return port
     raise OSError(f"no three free ports side by side on {host}")
-
-
-def _free(host: str, port: int, kind: int) -> bool:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def cluster_ca(state_dir: Path, shared: Path | None = None) -> ClusterCA:
