@@ -78,7 +78,6 @@ class Exchange:
 
     remote: Hashable
     request: cr.Message  # as received: its type, Message ID and token are the reply's keys
-    stamp: float
     acked: bool = False  # the empty ACK went out: the response is a separate one
     reply: bytes | None = None  # what a repeated CON gets (the ACK we sent), once sent
     done: bool = False
@@ -155,7 +154,7 @@ class Server:
         if seen is not None:
             self.stats["duplicates"] += 1
             return Send(seen.reply if msg.mtype == cr.CON else None)
-        exchange = Exchange(remote, msg, now)
+        exchange = Exchange(remote, msg)
         self._recent.admit(key, exchange, now)
         return Handle(exchange)
 

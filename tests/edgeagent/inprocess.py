@@ -42,7 +42,7 @@ def make_agent(
     extra_features: Mapping[str, Feature] | None = None,
     shared: Path | None = None,
 ) -> Agent:
-    """An agent on 127.0.0.1 with an ephemeral port, LOCAL timing, mDNS and metrics off."""
+    """An agent on 127.0.0.1 at :func:`agent_port`, LOCAL timing, mDNS and metrics off."""
     parser = argparse.ArgumentParser()
     add_agent_arguments(parser)
     argv = ["--name", name, "--bind", f"127.0.0.1:{agent_port()}", "--no-mdns", "--preset", "local",

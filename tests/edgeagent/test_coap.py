@@ -40,9 +40,9 @@ class Mesh:
         return rows
 
 
-def start_server(host: str, port: int, name: str) -> subprocess.Popen[str]:
+def start_server(host: str, port: int, name: str, *extra: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.coap_server", host, str(port), name],
+        [sys.executable, "-m", "testbed.coap_server", host, str(port), name, *extra],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import aiocoap
 import pytest
 
 from testbed.loopback import LoopbackCluster
+from tests.edgeagent import test_coap
 from tests.edgeagent.test_coap_observe import observe_through_a_kill, sensor_beside_node1
 
 TIMEOUT = 30.0
@@ -28,13 +28,7 @@ MAX_AGE_S = 1
 
 
 def start_server(host: str, port: int, name: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.coap_server", host, str(port), name,
-         "--max-age", str(MAX_AGE_S)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+    return test_coap.start_server(host, port, name, "--max-age", str(MAX_AGE_S))
 
 
 @dataclass
